@@ -1,0 +1,28 @@
+# Quick start: `make demo` and `make test`. Each target sets up what it needs, idempotently.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cmkit-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data test demo clean-demo
+
+setup: $(STAMP)
+
+# torch==2.13.0 first, so pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian (the IDX files land in /usr/share/datasets/fashion-mnist).
+data:
+	@test -f $(FMNIST) || (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
+	  || echo "note: could not install dataset-fashion-mnist with apt; Fashion-MNIST presets will ask for --data.root")
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP) data
+	$(PY) -m cmkit.demo

@@ -1,0 +1,68 @@
+"""What every training objective shares: the loss interface, λ(σ) weightings and shared dropout RNG."""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class Loss(Protocol):
+    """A training objective. ``__call__`` returns per-sample losses (B,).
+
+    ``target_mu(step)``: the target network's EMA rate μ, or ``None`` when the target is
+    stopgrad(θ), i.e. the online network evaluated without gradients (iCT, ECT, CM CIFAR-10 CD).
+    ``uses_target``: False for objectives with no second network pass at all (EDM).
+    """
+
+    uses_target: bool
+    needs_teacher: bool
+
+    def target_mu(self, step: int) -> float | None: ...
+
+    def stats(self, step: int) -> dict[str, float]: ...
+
+    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
+                 teacher: nn.Module | None = None, **cond: Any) -> Tensor: ...
+
+
+def weighting(name: str, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """λ(σ) from the CM code's ``get_weightings`` (snr = σ^-2), evaluated at the larger σ."""
+    snr = sigma.float() ** -2
+    if name == "uniform":
+        return torch.ones_like(snr)
+    if name == "snr":
+        return snr
+    if name == "snr+1":
+        return snr + 1
+    if name == "karras":
+        return snr + 1 / sigma_data**2
+    if name == "truncated-snr":
+        return snr.clamp(min=1)
+    raise ValueError(f"unknown weighting {name!r}; expected uniform, snr, snr+1, karras or truncated-snr")
+
+
+def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Capture the RNG that drives dropout on ``device`` (CPU, plus CUDA when used; CM gotcha §15.5)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def paired_passes(model: nn.Module, target: nn.Module, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor],
+                  **cond: Any) -> tuple[Tensor, Tensor]:
+    """Student f_θ(*a) with gradients and target stopgrad f_θ⁻(*b), with the *same* dropout masks.
+
+    The RNG is restored between the passes, so dropout>0 (iCT, ECT) draws identical masks in both.
+    """
+    state = get_rng_state(a[0].device)
+    pred = model(*a, **cond)
+    set_rng_state(a[0].device, state)
+    with torch.no_grad():
+        tgt = target(*b, **cond)
+    return pred, tgt.detach()

@@ -1,0 +1,48 @@
+"""Consistency training (Song et al. 2023, Alg. 3) with the adaptive N(k), μ(k) of the reference code."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..distances import get_distance
+from ..schedules import ct_adaptive_schedule, karras_sigmas
+from ..utils import append_dims
+from .base import paired_passes, weighting
+
+
+class CTLoss:
+    """L = λ(t)·d(f_θ(x0 + t·z, t), f_θ⁻(x0 + t2·z, t2)): CD with the Euler step and D = x0."""
+
+    uses_target, needs_teacher = True, False
+
+    def __init__(self, total_steps: int = 800_000, s0: int = 2, s1: int = 150, mu0: float = 0.9,
+                 distance: str = "l2", weighting: str = "uniform", huber_c: float | None = None,
+                 lpips_weights: str | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0, **_: Any):
+        self.K, self.s0, self.s1, self.mu0 = total_steps, s0, s1, mu0
+        self.grid = (sigma_min, sigma_max, rho)
+        self.weighting = weighting
+        self.distance = get_distance(distance, huber_c, lpips_weights)
+
+    def schedule(self, step: int) -> tuple[int, float]:
+        return ct_adaptive_schedule(step, self.K, self.s0, self.s1, self.mu0)
+
+    def target_mu(self, step: int) -> float | None:
+        return self.schedule(step)[1]
+
+    def stats(self, step: int) -> dict[str, float]:
+        N, mu = self.schedule(step)
+        return {"N": N, "mu": mu}
+
+    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
+                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+        N, _ = self.schedule(step)
+        sigmas = karras_sigmas(N, *self.grid).to(x0.device)
+        i = torch.randint(0, N - 1, (x0.shape[0],), device=x0.device)
+        t, t2 = sigmas[i], sigmas[i + 1]
+        z = torch.randn_like(x0)
+        x_t, x_t2 = x0 + append_dims(t, x0.ndim) * z, x0 + append_dims(t2, x0.ndim) * z
+        pred, tgt = paired_passes(model, target or model, (x_t, t), (x_t2, t2), **cond)
+        return weighting(self.weighting, t) * self.distance(pred, tgt)

@@ -1,0 +1,59 @@
+"""Easy Consistency Tuning (Geng et al. 2024, "Consistency Models Made Easy"; ``ECMLoss``).
+
+Continuous t ~ lognormal and r = r(t, stage) with Δt = t - r shrinking at every stage, starting from a
+trained diffusion model. The target is f_{sg(θ)}(x_r, r) with the same noise and dropout mask, or the
+clean data when r = 0 (the boundary condition enforced through the loss).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..distances import default_huber_c, pseudo_huber
+from ..schedules import ect_r_of_t
+from ..utils import append_dims
+from .base import paired_passes
+
+
+class ECTLoss:
+    """L = w(t, r)·(sqrt(||f_θ(x_t, t) - f_sg(x_r, r)||² + c²) - c), w = 1/(t - r) (or ``snrpk``)."""
+
+    uses_target, needs_teacher = True, False
+
+    def __init__(self, total_steps: int = 200_000, double_steps: int = 25_000, P_mean: float = -1.1,
+                 P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, huber_c: float | None = None,
+                 weighting: str = "inv_dt", sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 sigma_data: float = 0.5, **_: Any):
+        if weighting not in ("inv_dt", "snrpk"):
+            raise ValueError(f"unknown ECT weighting {weighting!r}; expected 'inv_dt' or 'snrpk'")
+        self.double_steps, self.P_mean, self.P_std = double_steps, P_mean, P_std
+        self.q, self.k, self.b, self.huber_c, self.weighting = q, k, b, huber_c, weighting
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+
+    def stage(self, step: int) -> int:
+        return step // self.double_steps
+
+    def target_mu(self, step: int) -> float | None:
+        return None
+
+    def stats(self, step: int) -> dict[str, float]:
+        t1 = ect_r_of_t(torch.tensor([1.0]), self.stage(step), self.q, self.k, self.b)
+        return {"stage": self.stage(step), "r/t@1": float(t1)}
+
+    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
+                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+        B = x0.shape[0]
+        t = (torch.randn(B, device=x0.device) * self.P_std + self.P_mean).exp().clamp(self.sigma_min, self.sigma_max)
+        r = ect_r_of_t(t, self.stage(step), self.q, self.k, self.b)
+        r = torch.where(r < self.sigma_min, torch.zeros_like(r), r)  # below σ_min the target is the data
+        e = torch.randn_like(x0)
+        x_t, x_r = x0 + append_dims(t, x0.ndim) * e, x0 + append_dims(r, x0.ndim) * e
+        pred, tgt = paired_passes(model, target or model, (x_t, t), (x_r, r.clamp(min=self.sigma_min)), **cond)
+        tgt = torch.where(append_dims(r, x0.ndim) > 0, torch.nan_to_num(tgt), x0)
+        c = default_huber_c(x0.shape[1:]) if self.huber_c is None else self.huber_c
+        dist = pseudo_huber(pred, tgt, c)
+        if self.weighting == "snrpk":
+            return dist * (1 / self.sigma_data**2 + 1 / t**2)
+        return dist / (t - r)

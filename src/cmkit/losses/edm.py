@@ -1,0 +1,31 @@
+"""EDM denoising loss for diffusion teachers (Karras et al. 2022, Eq. 2 with Table 1 weighting)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..utils import append_dims
+
+
+class EDMLoss:
+    """ln σ ~ N(P_mean, P_std²); λ(σ) = (σ² + σ_d²)/(σ·σ_d)²; loss = λ·mean((D(x0 + σn, σ) - x0)²)."""
+
+    uses_target, needs_teacher = False, False
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, **_: Any):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+    def target_mu(self, step: int) -> float | None:
+        return None
+
+    def stats(self, step: int) -> dict[str, float]:
+        return {}
+
+    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
+                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+        sigma = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp()
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        D = model(x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0), sigma, **cond)
+        return weight * (D - x0).square().flatten(1).mean(1)

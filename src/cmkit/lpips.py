@@ -1,0 +1,85 @@
+"""VGG16 LPIPS distance (Zhang et al. 2018) as used by the CM code (``piq.LPIPS(replace_pooling=True)``).
+
+Max-pooling is replaced by average pooling, inputs in [-1, 1] are mapped to [0, 1] and normalised
+with the ImageNet statistics, and images smaller than 256 px are bilinearly upsampled to 224 (CM §2.2).
+Weights are never downloaded: pass a ``.safetensors`` (or plain tensor ``.pth``) file holding the 13
+VGG16 convolutions as ``features.{i}.weight/bias`` (torchvision's numbering) and the five LPIPS linear
+heads as ``lin{k}.weight`` of shape (1, C_k, 1, 1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .distances import downsample_for_metric, require_file
+
+VGG_CFG = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512]
+TAPS = (3, 8, 15, 22, 29)          # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision numbering
+TAP_CHANNELS = (64, 128, 256, 512, 512)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def vgg16_features() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    cin = 3
+    for v in VGG_CFG:
+        if v == "P":
+            layers.append(nn.AvgPool2d(2, 2))  # replace_pooling=True
+        else:
+            layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.ReLU()]
+            cin = int(v)
+    return nn.Sequential(*layers)
+
+
+class LPIPS(nn.Module):
+    """LPIPS(a, b) -> (B,) for images in [-1, 1]; grey images are repeated to 3 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = vgg16_features()
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in TAP_CHANNELS)
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> "LPIPS":
+        p = require_file(path, "LPIPS weights", "set loss.lpips_weights=PATH to a VGG16+LPIPS safetensors file")
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(p)
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        model = cls()
+        mapped = {k.replace("lin", "lins.", 1) if k.startswith("lin") else k: v for k, v in sd.items()}
+        missing, unexpected = model.load_state_dict(mapped, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"LPIPS weights {p}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+        return model
+
+    def _taps(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in TAPS:
+                out.append(x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10))
+            if i == TAPS[-1]:
+                break
+        return out
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        def prep(x: Tensor) -> Tensor:
+            x = x.float()
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            if x.shape[-1] < 256:
+                x = downsample_for_metric(x, 224)
+            return ((x + 1) / 2 - MEAN.to(x.device)) / STD.to(x.device)
+
+        with torch.autocast(a.device.type, enabled=False):
+            fa, fb = self._taps(prep(a)), self._taps(prep(b))
+            return sum(lin((x - y).square()).mean((1, 2, 3)) for lin, x, y in zip(self.lins, fa, fb))
+
+

@@ -1,0 +1,41 @@
+"""Noise-level embeddings, always computed in fp32 (sCM / rCM report instabilities otherwise)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of 1000·c_noise (ADM ``timestep_embedding``, max_period 10000)."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0, scale: float = 1000.0):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.scale = scale
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        args = (self.scale * c_noise.float())[:, None] * self.freqs[None]
+        return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Gaussian Fourier features [cos 2πWc, sin 2πWc], W ~ N(0, scale²) fixed (NCSN++; iCT uses scale 0.02)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("W", torch.randn(dim // 2) * scale)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        args = 2 * math.pi * c_noise.float()[:, None] * self.W[None]
+        return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+def make_embedding(kind: str, dim: int, fourier_scale: float) -> nn.Module:
+    if kind == "positional":
+        return PositionalEmbedding(dim)
+    if kind == "fourier":
+        return FourierEmbedding(dim, fourier_scale)
+    raise ValueError(f"unknown noise embedding {kind!r}; expected 'positional' or 'fourier'")
