@@ -99,7 +99,8 @@ class UNet(nn.Module):
     def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None,
                  model_channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2), num_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, num_classes: int = 0,
-                 embedding: str = "positional", fourier_scale: float = 16.0, head_channels: int = 64):
+                 embedding: str = "positional", fourier_scale: float = 16.0, head_channels: int = 64,
+                 **_: object):
         super().__init__()
         C, emb_dim = model_channels, 4 * model_channels
         self.emb = make_embedding(embedding, C, fourier_scale)

@@ -1,0 +1,199 @@
+"""Image data sets held in memory as uint8 (N, C, H, W), served as [-1, 1] batches.
+
+Sources: scikit-learn's 8×8 digits (bundled), Fashion-MNIST / MNIST IDX files (default location: the
+Debian package ``dataset-fashion-mnist``), an image folder, or an ``.npz`` of uint8 NHWC images
+(``arr_0``, optional labels ``arr_1``). Batches are a pure function of (seed, step, rank), which makes
+resumed and multi-process training exactly reproducible.
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import CmkitError
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+HOW_TO_GET = {
+    "fashion_mnist": "install it with `apt-get install dataset-fashion-mnist` or set data.root to a folder "
+                     "holding train-images-idx3-ubyte.gz etc.",
+    "mnist": "set data.root to a folder holding the MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
+}
+
+
+@dataclass
+class ImageData:
+    """uint8 images (N, C, H, W) and optional integer labels (N,)."""
+
+    images: Tensor
+    labels: Tensor | None = None
+    num_classes: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+
+# --- readers ---------------------------------------------------------------------------------------
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic 0x0000 08 ndim, big-endian dims, uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise CmkitError(f"cannot read IDX file {path}: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise CmkitError(f"{path} is not a uint8 IDX file (expected magic 0x00 0x00 0x08 <ndim>)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data[4 + 4 * ndim:], np.uint8)
+    if len(data) < 4 + 4 * ndim or body.size != int(np.prod(dims)):
+        raise CmkitError(f"{path}: IDX header says {dims} but the file holds {body.size} values (truncated?)")
+    return body.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_idx_dataset(name: str, root: str, split: str) -> ImageData:
+    """Fashion-MNIST or MNIST from the standard IDX files in ``root``; split 'train' or 'test'."""
+    if not root and name == "mnist":
+        raise CmkitError(f"data.root is not set; {HOW_TO_GET[name]}")
+    base = Path(root or FASHION_MNIST_ROOT)
+    if split not in ("train", "test"):
+        raise CmkitError(f"unknown split {split!r}; expected 'train' or 'test'")
+    prefix = "train" if split == "train" else "t10k"
+    img_path = _find(base, f"{prefix}-images-idx3-ubyte")
+    lab_path = _find(base, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lab_path is None:
+        raise CmkitError(f"{name} not found: expected {prefix}-images-idx3-ubyte[.gz] and "
+                         f"{prefix}-labels-idx1-ubyte[.gz] in '{base}'; {HOW_TO_GET[name]}")
+    images, labels = read_idx(img_path), read_idx(lab_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise CmkitError(f"{img_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
+    return ImageData(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)), 10)
+
+
+def load_digits() -> ImageData:
+    """scikit-learn's 1797 8×8 digits (bundled; 0..16 grey levels rescaled to 0..255)."""
+    with resources.files("cmkit").joinpath("assets/digits8x8.npz").open("rb") as f:
+        z = np.load(f)
+        images, labels = z["images"], z["labels"]
+    return ImageData(torch.from_numpy(images)[:, None], torch.from_numpy(labels.astype(np.int64)), 10)
+
+
+def load_npz(path: str) -> ImageData:
+    """uint8 images NHWC (or NHW) under ``arr_0`` (or ``images``), labels optional under ``arr_1``/``labels``."""
+    p = Path(path)
+    if not p.is_file():
+        raise CmkitError(f"npz data set not found: {p} (expected an .npz with uint8 NHWC images under arr_0)")
+    try:
+        z = np.load(p)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
+        raise CmkitError(f"cannot read {p} as .npz: {e}") from None
+    key = "arr_0" if "arr_0" in z.files else "images" if "images" in z.files else None
+    if key is None:
+        raise CmkitError(f"{p}: no image array; expected uint8 NHWC images under 'arr_0' (found {z.files})")
+    a = z[key]
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] not in (1, 3):
+        raise CmkitError(f"{p}: expected uint8 images of shape (N, H, W, 1|3), got {a.dtype} {a.shape}")
+    lab_key = "arr_1" if "arr_1" in z.files else "labels" if "labels" in z.files else None
+    labels = torch.from_numpy(z[lab_key].astype(np.int64)) if lab_key else None
+    images = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
+    return ImageData(images, labels, int(labels.max()) + 1 if labels is not None else 0)
+
+
+def load_folder(path: str, resolution: int, channels: int) -> ImageData:
+    """Every image file under ``path`` (recursively), centre-cropped to a square and resized."""
+    from PIL import Image
+
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    if not files:
+        raise CmkitError(f"no images found in folder '{root}' (expected .png/.jpg files; set data.root)")
+    out = []
+    for f in files:
+        im = Image.open(f).convert("L" if channels == 1 else "RGB")
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+        a = np.asarray(im, np.uint8)
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return ImageData(torch.from_numpy(np.stack(out)))
+
+
+DATASETS = ("digits", "fashion_mnist", "mnist", "folder", "npz")
+
+
+def load_dataset(name: str, root: str = "", split: str = "train", resolution: int = 0, channels: int = 0) -> ImageData:
+    """Load a data set by name (``digits``, ``fashion_mnist``, ``mnist``, ``folder``, ``npz``)."""
+    if name == "digits":
+        data = load_digits()
+    elif name in ("fashion_mnist", "mnist"):
+        data = load_idx_dataset(name, root, split)
+    elif name == "npz":
+        data = load_npz(root)
+    elif name == "folder":
+        data = load_folder(root, resolution, channels or 3)
+    else:
+        raise CmkitError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
+    if resolution and data.shape[1] != resolution:
+        raise CmkitError(f"data set {name!r} has {data.shape[1]}×{data.shape[2]} images but the model expects "
+                         f"{resolution}×{resolution} (set model.img_resolution={data.shape[1]})")
+    if channels and data.shape[0] != channels:
+        raise CmkitError(f"data set {name!r} has {data.shape[0]} channels but the model expects {channels} "
+                         f"(set model.in_channels={data.shape[0]})")
+    return data
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+class Batches:
+    """Deterministic batches: batch ``step`` is a function of (seed, step) only; rank r gets its slice."""
+
+    def __init__(self, data: ImageData, batch_size: int, seed: int = 0, flip: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise CmkitError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
+        if batch_size > len(data):
+            raise CmkitError(f"train.batch_size={batch_size} is larger than the data set ({len(data)} images)")
+        self.data, self.batch_size, self.seed, self.flip = data, batch_size, seed, flip
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = len(data) // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> Tensor:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.data), generator=g)
+        idx = self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+        return idx.chunk(self.world_size)[self.rank]
+
+    def get(self, step: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
+        """(images in [-1, 1] as float32 (b, C, H, W), labels (b,) or None) for this rank at ``step``."""
+        idx = self.indices(step)
+        x = self.data.images[idx].float() / 127.5 - 1
+        if self.flip:
+            g = torch.Generator().manual_seed(self.seed * 7_919 + step)
+            mask = torch.rand(self.batch_size, generator=g).chunk(self.world_size)[self.rank] < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+        labels = self.data.labels[idx] if self.data.labels is not None else None
+        return x.to(device), (labels.to(device) if labels is not None else None)

@@ -1,0 +1,125 @@
+"""``cmkit decode`` and ``cmkit convert-decoder``: argparse subcommands registered by ``add_cli(subparsers)``.
+
+    cmkit decode LATENTS.{npy,pt,safetensors} --weights PATH -o out.png [--steps N | --schedule 1.0,0.5]
+                 [--tile 64 --tile-overlap 16] [--dtype bf16] [--seed 0] [--latents auto|raw|scaled]
+    cmkit convert-decoder SRC -o OUT_DIR [--dtype fp16] [--no-verify]
+
+Each handler returns an exit status and raises ``CmkitError`` (one line) for user errors.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from ..errors import CmkitError
+from .config import SD_SCALING_FACTOR, DecoderConfig
+from .decoder import ConsistencyDecoder
+from .files import read_latents, write_images
+from .latents import check_latents, looks_scaled
+from .schedule import steps_to_schedule
+from .weights import convert_decoder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """'1.0,0.5' → (1.0, 0.5)."""
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise CmkitError(f"--schedule must be comma-separated fractions like 1.0,0.5; got {text!r}") from None
+    if not values:
+        raise CmkitError("--schedule is empty; give fractions like 1.0,0.5")
+    return values
+
+
+def resolve_schedule(args: argparse.Namespace) -> tuple[float, ...]:
+    if args.schedule is not None and args.steps is not None:
+        raise CmkitError("give either --steps or --schedule, not both")
+    if args.schedule is not None:
+        return parse_schedule(args.schedule)
+    return steps_to_schedule(args.steps if args.steps is not None else 2)
+
+
+def resolve_scaled(latents: torch.Tensor, mode: str, scaling_factor: float) -> bool:
+    """Whether to divide the latents by the scaling factor; ``auto`` refuses latents that look pre-scaled."""
+    if mode != "auto":
+        return mode == "scaled"
+    if looks_scaled(latents):
+        std = latents.float().std().item()
+        raise CmkitError(f"these latents look already multiplied by {scaling_factor} (std {std:.2f}, raw SD latents "
+                         "have std ≈ 5): pass --latents scaled if they come from a pipeline's output_type='latent', "
+                         "or --latents raw to decode them as they are")
+    return False
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    """Handler of ``cmkit decode``."""
+    schedule = resolve_schedule(args)
+    latents = read_latents(args.latents)
+    check_latents(latents, DecoderConfig())  # fail fast, before loading 2.5 GB of weights
+    scaled = resolve_scaled(latents, args.latents_mode, SD_SCALING_FACTOR)
+    decoder = ConsistencyDecoder.from_pretrained(args.weights, device=args.device, dtype=DTYPES[args.dtype],
+                                                 channels_last=not args.no_channels_last, verify=not args.no_verify)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    images = decoder.decode(latents, schedule, generator, clamp=not args.no_clamp, tile=args.tile,
+                            tile_overlap=args.tile_overlap, scaled=scaled)
+    seconds = time.perf_counter() - start
+    paths = write_images(images, args.output, grid=args.grid)
+    print(f"decoded {tuple(latents.shape)} -> {tuple(images.shape)} with t={decoder.timesteps(schedule)} "
+          f"in {seconds:.1f}s; wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Handler of ``cmkit convert-decoder``."""
+    out = convert_decoder(args.src, args.output, dtype=DTYPES[args.dtype] if args.dtype else None,
+                          verify=not args.no_verify)
+    print(f"wrote {out}/decoder.safetensors and {out}/config.json")
+    return 0
+
+
+def _add_decode(subparsers: Any) -> None:
+    p = subparsers.add_parser("decode", help="decode SD latents to images with the consistency decoder",
+                              description="Decode raw SD-1.x/2.x VAE latents with OpenAI's consistency decoder.")
+    p.add_argument("latents", help="latent file (.npy, .pt, .safetensors) of shape (B, 4, h, w)")
+    p.add_argument("--weights", required=True, help="decoder.pt, diffusers safetensors (file or dir) or cmkit dir")
+    p.add_argument("-o", "--output", required=True, help="output .png (batches: out_0.png, out_1.png, ...)")
+    p.add_argument("--steps", type=int, default=None, help="number of steps (default 2: t = 1008, 512)")
+    p.add_argument("--schedule", default=None, help="explicit fractions, e.g. 1.0,0.5 (OpenAI's default)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile side for bounded memory (e.g. 64)")
+    p.add_argument("--tile-overlap", type=int, default=None, help="latent overlap of tiles (default tile/4)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="network precision (default fp32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--latents", dest="latents_mode", choices=("auto", "raw", "scaled"), default="auto",
+                   help="raw VAE latents (OpenAI's convention), already scaled by 0.18215, or auto-detect")
+    p.add_argument("--no-clamp", action="store_true", help="do not clamp x0 estimates (diffusers' behaviour)")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW convolutions")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of OpenAI's decoder.pt")
+    p.add_argument("--grid", action="store_true", help="write a batch as one grid image")
+    p.set_defaults(func=run_decode)
+
+
+def _add_convert(subparsers: Any) -> None:
+    p = subparsers.add_parser("convert-decoder", help="convert consistency decoder weights to cmkit's format",
+                              description="Convert diffusers safetensors or OpenAI's decoder.pt to "
+                                          "cmkit's format (decoder.safetensors + config.json).")
+    p.add_argument("src", help="decoder.pt, diffusers safetensors (file or dir) or a cmkit dir")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of OpenAI's decoder.pt")
+    p.set_defaults(func=run_convert)
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``decode`` and ``convert-decoder`` on an ``argparse`` subparsers object."""
+    _add_decode(subparsers)
+    _add_convert(subparsers)

@@ -1,0 +1,90 @@
+"""Batched generation from a loaded model with any sampler, for the CLI, grids and evaluation."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import Config
+from .errors import CmkitError
+from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_heun,
+                       sample_multistep, validate_sigmas)
+
+SAMPLERS = ("onestep", "multistep", "heun", "euler")
+
+
+def default_sampler(cfg: Config) -> tuple[str, list[float], int]:
+    """(sampler, σ list, steps) the model was trained for: Heun for EDM, 1-step for consistency models."""
+    if cfg.model.precond == "edm":
+        return cfg.sample.sampler if cfg.sample.sampler in ("heun", "euler") else "heun", [], cfg.sample.steps
+    return "onestep", [cfg.model.sigma_max], 1
+
+
+def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas: Sequence[float] | None) -> tuple[str, list[float], int]:
+    """Turn CLI choices into (sampler, σ list, steps); consistency models take ``steps`` = 1, 2 or a σ list."""
+    c = cfg.model
+    if sampler is None:
+        if sigmas:
+            sampler = "multistep"
+        elif c.precond == "cm":
+            sampler = "onestep" if (steps or 1) == 1 else "multistep"
+        else:
+            sampler = default_sampler(cfg)[0]
+    if sampler not in SAMPLERS:
+        raise CmkitError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if c.precond == "edm" and sampler in ("onestep", "multistep"):
+        raise CmkitError("this is a diffusion (EDM) model: use --sampler heun or euler")
+    if c.precond == "cm" and sampler in ("heun", "euler"):
+        raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
+    if sampler == "onestep":
+        return sampler, [c.sigma_max], 1
+    if sampler == "multistep":
+        if not sigmas:
+            sigmas = multistep_sigmas(cfg, steps or 2)
+        try:
+            return sampler, validate_sigmas(sigmas, c.sigma_min, c.sigma_max), len(sigmas)
+        except ValueError as e:
+            raise CmkitError(str(e)) from None
+    return sampler, [], steps or cfg.sample.steps
+
+
+def multistep_sigmas(cfg: Config, steps: int) -> list[float]:
+    """σ levels for a k-step sampler: the model's own 2-step list if it has one, else σ_max followed by
+    k-1 levels spaced on the Karras grid between σ_max and the 2-step middle point."""
+    c, own = cfg.model, list(cfg.sample.sigmas)
+    if len(own) == steps:
+        return own
+    if steps == 1:
+        return [c.sigma_max]
+    mid = own[1] if len(own) >= 2 else 0.8
+    from .schedules import karras_sigmas
+
+    return [c.sigma_max] + karras_sigmas(steps, mid, c.sigma_max).tolist()[1:]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, cfg: Config, n: int, sampler: str, sigmas: Sequence[float], steps: int,
+             seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu", progress: bool = True,
+             labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """n samples in [-1, 1] (n, C, H, W); sample i uses seed ``seed + i`` whatever the batch size."""
+    c = cfg.model
+    out, out_labels = [], []
+    for start in tqdm(range(0, n, batch_size), desc=f"{sampler} ({nfe(sampler, steps)} NFE)", disable=not progress):
+        b = min(batch_size, n - start)
+        gens = per_sample_generators(range(seed + start, seed + start + b))
+        cond = {}
+        if c.num_classes:
+            y = labels[start:start + b].to(device) if labels is not None else random_labels(b, c.num_classes, gens, device)
+            cond["class_labels"] = y
+            out_labels.append(y.cpu())
+        shape = (b, c.in_channels, c.img_resolution, c.img_resolution)
+        kw = dict(generator=gens, device=device, **cond)
+        if sampler in ("onestep", "multistep"):
+            x = sample_multistep(model, shape, sigmas, sigma_min=c.sigma_min, sigma_max=c.sigma_max, **kw)
+        else:
+            fn = sample_heun if sampler == "heun" else sample_euler
+            x = fn(model, shape, edm_sigmas(steps, c.sigma_min, c.sigma_max), **kw)
+        out.append(x.cpu())
+    return torch.cat(out), (torch.cat(out_labels) if out_labels else None)

@@ -1,0 +1,83 @@
+"""``cmkit eval``: FD, KID and precision/recall of samples against a reference, with the real-vs-real floor.
+
+Registered on the main parser by ``add_cli(subparsers)``. The handler only parses and prints; the work is done
+by :func:`cmkit.metrics.evaluate.evaluate_images`, so other sources of images (e.g. ``--model``) can reuse it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import CmkitError
+from .evaluate import FEATURE_SPACES, evaluate_images
+from .images import load_images_npz
+
+_ROWS = (("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register the ``eval`` subcommand on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "eval", help="FD, KID, precision/recall of samples against a reference",
+        description="Fréchet distance, KID and precision/recall (k=3) of samples against a reference set, "
+                    "with the real-vs-real floor (Fashion-MNIST train vs test) beside them.")
+    p.add_argument("--samples", metavar="S.npz", help="samples as uint8 NHWC images under arr_0")
+    p.add_argument("--ref", default="fmnist-test", metavar="R.npz|fmnist-test|fmnist-train",
+                   help="reference: an .npz of images (arr_0) or of statistics (mu, sigma[, features]), "
+                        "or a Fashion-MNIST split (default: fmnist-test)")
+    p.add_argument("--features", choices=FEATURE_SPACES, default="fmnist",
+                   help="feature space: the shipped Fashion-MNIST classifier (reported as 'FD (Fashion-MNIST "
+                        "classifier features)') or the FID Inception (reported as 'FID'); default fmnist")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (or set CMKIT_INCEPTION_WEIGHTS)")
+    p.add_argument("--out", metavar="results.json", default=None, help="also write the results as JSON")
+    p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor")
+    p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX .gz files")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets (default 100)")
+    p.set_defaults(func=run_eval)
+
+
+def format_results(result: dict[str, Any]) -> str:
+    """A small table: the samples' metrics and the real-vs-real floor side by side."""
+    floor = result.get("floor")
+    head = (f"{result['label']}  |  reference {result['reference']} ({result['n_reference']} images)  |  "
+            f"{result['n_samples']} samples")
+    lines = [head, f"{'':<10} {'samples':>22} {'real-vs-real floor':>22}"]
+
+    def cell(r: dict[str, Any] | None, key: str) -> str:
+        if r is None:
+            return "n/a"
+        if key == "kid":
+            return "n/a" if r["kid_mean"] is None else f"{r['kid_mean']:.5f} ± {r['kid_std']:.5f}"
+        return "n/a" if r[key] is None else f"{r[key]:.4f}"
+
+    for key, name in _ROWS:
+        lines.append(f"{name:<10} {cell(result, key):>22} {cell(floor, key):>22}")
+    if floor is not None:
+        lines.append(f"floor: {floor['description']}")
+    else:
+        lines.append("floor: n/a (defined for the fmnist-test and fmnist-train references)")
+    if result["kid_mean"] is None:
+        lines.append("KID and precision/recall need reference features (the reference .npz holds only mu/sigma)")
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace, images: Any = None) -> int:
+    """Handler of ``cmkit eval``: load the samples (or take ``images``), evaluate, print, write JSON."""
+    if images is None:
+        if not getattr(args, "samples", None):
+            raise CmkitError("cmkit eval: give --samples S.npz (uint8 NHWC images under arr_0)")
+        images = load_images_npz(args.samples)
+    result = evaluate_images(images, args.ref, args.features, inception_weights=args.inception_weights,
+                             floor=not args.no_floor, data_root=args.data_root, device=args.device,
+                             kid_subsets=args.kid_subsets)
+    print(format_results(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0

@@ -1,0 +1,123 @@
+"""Named recipes. CPU presets train on 8×8 digits or 28×28 Fashion-MNIST in minutes to hours; paper
+presets carry the published hyperparameters (Song et al. 2023 Table 3 / reference ``launch.sh``; iCT;
+ECT ``run_ecm.sh``) with the published FID in their description. Paper backbones are approximated by
+cmkit's UNet (NCSN++ → DDPM++-style UNet with Fourier embedding); data must be given as data.root.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config, set_value
+from .errors import CmkitError
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    values: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+
+
+DIGITS_NET = {"model.img_resolution": 8, "model.in_channels": 1, "model.model_channels": 32,
+              "model.channel_mult": (1, 2), "model.num_blocks": 1, "data.name": "digits",
+              "train.batch_size": 64, "train.log_every": 10, "train.sample_every": 250, "train.ckpt_every": 250}
+FMNIST_NET = {"model.img_resolution": 28, "model.in_channels": 1, "model.model_channels": 32,
+              "model.channel_mult": (1, 2, 2), "model.num_blocks": 2, "model.attn_resolutions": (7,),
+              "data.name": "fashion_mnist", "train.batch_size": 64, "train.bf16": True,
+              "train.log_every": 25, "train.sample_every": 1000, "train.ckpt_every": 500}
+CIFAR_NET = {"model.img_resolution": 32, "model.in_channels": 3, "model.model_channels": 128,
+             "model.channel_mult": (2, 2, 2), "model.num_blocks": 4, "model.attn_resolutions": (16,),
+             "model.embedding": "fourier", "model.fourier_scale": 16.0, "data.name": "npz", "data.flip": True,
+             "train.log_every": 100, "train.sample_every": 10_000, "train.ckpt_every": 10_000}
+IMAGENET64_NET = {"model.img_resolution": 64, "model.in_channels": 3, "model.model_channels": 192,
+                  "model.channel_mult": (1, 2, 3, 4), "model.num_blocks": 3, "model.attn_resolutions": (32, 16, 8),
+                  "model.num_classes": 1000, "model.head_channels": 64, "data.name": "folder", "data.flip": True,
+                  "train.bf16": True, "train.log_every": 100, "train.sample_every": 10_000,
+                  "train.ckpt_every": 10_000, "train.ema_rates": (0.999, 0.9999, 0.9999432189950708)}
+
+PRESETS: dict[str, Preset] = {
+    # --- 8×8 digits: minutes on a laptop CPU ---------------------------------------------------------
+    "digits-edm": Preset("8×8 digits EDM diffusion teacher (Heun 18 steps = 35 NFE); ~3 min on 2 CPU cores", {
+        **DIGITS_NET, "model.precond": "edm", "loss.method": "edm", "train.steps": 1500, "train.lr": 1e-3,
+        "train.optimizer": "adam", "train.ema_rates": (0.995,), "sample.sampler": "heun", "sample.steps": 18}),
+    "digits-cd": Preset("8×8 digits consistency distillation from digits-edm (Heun teacher, N=18, μ=0, l2)", {
+        **DIGITS_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "l2",
+        "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm",
+        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
+    "digits-ct": Preset("8×8 digits original consistency training (adaptive N(k), μ(k); s0=2, s1=150, μ0=0.9)", {
+        **DIGITS_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 1500, "train.lr": 4e-4,
+        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
+    "digits-ict": Preset("8×8 digits improved CT from scratch (pseudo-Huber, lognormal σ, N(k) doubling 10→1280)", {
+        **DIGITS_NET, "loss.method": "ict", "train.steps": 1500, "train.lr": 4e-4, "train.optimizer": "adam",
+        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
+    "digits-ect": Preset("8×8 digits easy consistency tuning from digits-edm (t→r sigmoid map, q=2)", {
+        **DIGITS_NET, "loss.method": "ect", "loss.double_steps": 250, "train.steps": 1000, "train.lr": 2e-4,
+        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
+    # --- 28×28 Fashion-MNIST: the shipped models (about 1-2 hours each on 2 CPU cores, bf16) -----------
+    "fmnist-edm": Preset("28×28 Fashion-MNIST EDM teacher (Heun 18 steps = 35 NFE), 1.7M-param UNet", {
+        **FMNIST_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "train.steps": 6_000,
+        "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 300, "train.ema_rates": (0.999,),
+        "sample.sampler": "heun", "sample.steps": 18}),
+    "fmnist-cd": Preset("28×28 Fashion-MNIST consistency distillation from fmnist-edm (Heun, N=18, μ=0, pseudo-Huber)", {
+        **FMNIST_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "pseudo_huber",
+        "train.steps": 8_000, "train.lr": 1e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
+        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
+    "fmnist-ct": Preset("28×28 Fashion-MNIST original consistency training from scratch (adaptive N(k), μ(k))", {
+        **FMNIST_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 12_000, "train.lr": 4e-4,
+        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
+    "fmnist-ict": Preset("28×28 Fashion-MNIST improved CT from scratch (pseudo-Huber, lognormal, dropout 0.2)", {
+        **FMNIST_NET, "model.dropout": 0.2, "loss.method": "ict", "train.steps": 12_000, "train.lr": 4e-4,
+        "train.optimizer": "adam", "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
+    "fmnist-ect": Preset("28×28 Fashion-MNIST easy consistency tuning from fmnist-edm (dropout 0.1, q=2)", {
+        **FMNIST_NET, "model.dropout": 0.1, "loss.method": "ect", "loss.double_steps": 1000, "train.steps": 6_000,
+        "train.lr": 1e-4, "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.999,),
+        "sample.sigmas": (80.0, 0.8)}),
+    # --- paper recipes (GPU scale) -------------------------------------------------------------------
+    "cifar10-edm": Preset("CIFAR-10 EDM teacher (NCSN++-like, dropout 0.13, Adam 1e-3); paper FID 2.04 at 35 NFE", {
+        **CIFAR_NET, "model.precond": "edm", "model.dropout": 0.13, "loss.method": "edm", "train.steps": 400_000,
+        "train.batch_size": 512, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 19_500,
+        "train.ema_rates": (0.99929,), "sample.sampler": "heun", "sample.steps": 18}),
+    "cifar10-cd": Preset("CIFAR-10 CD (LPIPS, Heun, N=18, μ=0, RAdam 4e-4, batch 512, 800k); paper FID 3.55 (1-step), 2.93 (2-step)", {
+        **CIFAR_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "lpips",
+        "loss.solver": "heun", "train.steps": 800_000, "train.batch_size": 512, "train.lr": 4e-4,
+        "train.ema_rates": (0.9999,), "train.teacher": "runs/cifar10-edm", "train.init_from": "runs/cifar10-edm",
+        "sample.sigmas": (80.0, 0.5853)}),
+    "cifar10-ct": Preset("CIFAR-10 CT (LPIPS, s0=2, s1=150, μ0=0.9, RAdam 4e-4, batch 512, 800k, random init); paper FID 8.70 / 5.83", {
+        **CIFAR_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 150, "loss.mu0": 0.9, "loss.distance": "lpips",
+        "train.steps": 800_000, "train.batch_size": 512, "train.lr": 4e-4, "train.ema_rates": (0.9999,),
+        "sample.sigmas": (80.0, 0.5853)}),
+    "cifar10-ict": Preset("CIFAR-10 iCT (pseudo-Huber, Fourier scale 0.02, dropout 0.3, Adam 1e-4, batch 1024, 400k); paper FID 2.83 / 2.46", {
+        **CIFAR_NET, "model.fourier_scale": 0.02, "model.dropout": 0.3, "loss.method": "ict", "loss.s0": 10,
+        "loss.s1": 1280, "train.steps": 400_000, "train.batch_size": 1024, "train.lr": 1e-4,
+        "train.optimizer": "adam", "train.ema_rates": (0.99993,), "sample.sigmas": (80.0, 0.821)}),
+    "cifar10-ect": Preset("CIFAR-10 ECT (DDPM++, dropout 0.2, RAdam 1e-4, batch 128, 400k, double 25k, c=0); paper FID 3.60 / 2.11", {
+        **CIFAR_NET, "model.embedding": "positional", "model.dropout": 0.2, "data.flip": False, "loss.method": "ect",
+        "loss.double_steps": 25_000, "loss.huber_c": 0.0, "train.steps": 400_000, "train.batch_size": 128,
+        "train.lr": 1e-4, "train.ema_rates": (0.9999,), "train.init_from": "runs/cifar10-edm",
+        "sample.sigmas": (80.0, 0.821)}),
+    "imagenet64-edm": Preset("ImageNet-64 EDM teacher (ADM 192ch, class-cond, dropout 0.1, RAdam 1e-4, batch 4096); paper FID 2.44 at 79 NFE", {
+        **IMAGENET64_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "loss.P_mean": -1.2,
+        "loss.P_std": 1.2, "train.steps": 600_000, "train.batch_size": 4096, "train.lr": 1e-4,
+        "sample.sampler": "heun", "sample.steps": 40}),
+    "imagenet64-cd": Preset("ImageNet-64 CD (LPIPS, Heun, N=40, μ=0.95, RAdam 8e-6, batch 2048, 600k); paper FID 6.20 / 4.70", {
+        **IMAGENET64_NET, "loss.method": "cd", "loss.num_scales": 40, "loss.mu": 0.95, "loss.distance": "lpips",
+        "train.steps": 600_000, "train.batch_size": 2048, "train.lr": 8e-6, "train.teacher": "runs/imagenet64-edm",
+        "train.init_from": "runs/imagenet64-edm", "sample.sigmas": (80.0, 1.3824)}),
+    "imagenet64-ct": Preset("ImageNet-64 CT (LPIPS, s0=2, s1=200, μ0=0.95, RAdam 1e-4, batch 2048, 800k); paper FID 13.0 / 11.1", {
+        **IMAGENET64_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 200, "loss.mu0": 0.95, "loss.distance": "lpips",
+        "train.steps": 800_000, "train.batch_size": 2048, "train.lr": 1e-4, "sample.sigmas": (80.0, 1.9128)}),
+}
+
+
+def get_config(preset: str, overrides: list[str] | None = None) -> Config:
+    """The resolved config of a preset, with ``key=value`` overrides applied; out_dir defaults to runs/NAME."""
+    from .config import apply_overrides
+
+    if preset not in PRESETS:
+        raise CmkitError(f"unknown preset {preset!r}; run `cmkit presets` to list them")
+    cfg = Config()
+    for key, value in PRESETS[preset].values.items():
+        set_value(cfg, key, value)
+    cfg.train.out_dir = f"runs/{preset}"
+    return apply_overrides(cfg, overrides or [])

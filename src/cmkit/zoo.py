@@ -1,0 +1,19 @@
+"""Models shipped with cmkit (under ``cmkit/assets/models/NAME``), loadable by name."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def models_root() -> Path:
+    return Path(str(resources.files("cmkit").joinpath("assets/models")))
+
+
+def shipped_models() -> list[str]:
+    root = models_root()
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+
+
+def shipped_model_dir(name: str) -> Path | None:
+    p = models_root() / name
+    return p if (p / "config.json").is_file() and (p / "model.safetensors").is_file() else None

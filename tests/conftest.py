@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny configs on the bundled 8×8 digits, and a tiny trained EDM teacher."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1", "train.batch_size=32",
+        "train.log_every=5", "train.sample_every=0", "train.ckpt_every=0", "sample.grid_size=4"]
+
+
+def tiny_config(preset: str, out_dir, *overrides: str):
+    from cmkit.presets import get_config
+
+    return get_config(preset, TINY + [f"train.out_dir={out_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny digits EDM teacher trained for 60 steps (shared by CD/ECT tests)."""
+    from cmkit.train import train
+
+    out = tmp_path_factory.mktemp("teacher")
+    train(tiny_config("digits-edm", out, "train.steps=60"), progress=False)
+    return out

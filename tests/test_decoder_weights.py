@@ -1,0 +1,221 @@
+"""Decoder weights: key mapping, diffusers safetensors, OpenAI TorchScript (read without running it, SHA-256),
+cmkit's format and the converter, and clear errors for anything else."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from cmkit.decoder import ConsistencyDecoder, DecoderConfig, DecoderUNet, convert_decoder, load_weights
+from cmkit.decoder.keys import cmkit_to_openai, openai_to_cmkit
+from cmkit.decoder.testing import (
+    openai_module, random_decoder, raw_latents, write_diffusers_checkpoint, write_openai_torchscript,
+)
+from cmkit.decoder.torchscript import OPENAI_DECODER_SHA256, read_torch_zip, sha256_of
+from cmkit.errors import CmkitError
+
+TINY = DecoderConfig.tiny()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random decoder and its state dict (cmkit names)."""
+    dec = random_decoder(TINY, seed=11)
+    return dec, {k: v.clone() for k, v in dec.unet.state_dict().items()}
+
+
+def assert_same_state(state, ref, atol=0.0):
+    assert set(state) == set(ref)
+    for k in ref:
+        assert state[k].shape == ref[k].shape
+        assert (state[k].float() - ref[k].float()).abs().max().item() <= atol, k
+
+
+def test_openai_key_mapping_examples_and_round_trip():
+    """The two worked examples of reference §2.4 and a bijection over all 621M-parameter keys."""
+    assert openai_to_cmkit("blocks.down_1_conv_0.gn_1.g") == "down_blocks.1.resnets.0.norm1.weight"
+    assert openai_to_cmkit("blocks.up_3_upsamp.f_2.w") == "up_blocks.0.upsamplers.0.conv2.weight"
+    assert openai_to_cmkit("blocks.embed_time.emb") == "time_proj.weight"
+    assert openai_to_cmkit("blocks.output.gn.g") == "conv_norm_out.weight"
+    assert openai_to_cmkit("blocks.up_0_conv_3.f_s.b") == "up_blocks.3.resnets.3.conv_shortcut.bias"
+    with torch.device("meta"):
+        keys = list(DecoderUNet().state_dict())
+    openai = [cmkit_to_openai(k) for k in keys]
+    assert len(set(openai)) == len(keys)
+    assert [openai_to_cmkit(k) for k in openai] == keys
+    with pytest.raises(CmkitError, match="unexpected OpenAI decoder parameter"):
+        openai_to_cmkit("blocks.down_0_conv_0.attn.w")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("with_encoder", [True, False])
+def test_diffusers_vae_safetensors(tmp_path, tiny, dtype, with_encoder):
+    dec, state = tiny
+    path = write_diffusers_checkpoint(state, TINY, tmp_path, dtype=dtype, with_encoder=with_encoder)
+    for where in (path, tmp_path):  # the file, or its directory
+        w = load_weights(where)
+        assert w.source_format == "diffusers" and w.config == TINY
+        assert_same_state(w.state_dict, state, atol=0.0 if dtype == torch.float32 else 2e-3)
+
+
+def test_diffusers_unet_only_file_with_unet_config(tmp_path, tiny):
+    """williamberman/consistency-decoder/unet layout: un-prefixed keys + a UNet2DModel config.json."""
+    from safetensors.torch import save_file
+
+    dec, state = tiny
+    save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    unet_cfg = {"_class_name": "UNet2DModel", "block_out_channels": list(TINY.block_out_channels),
+                "layers_per_block": 1, "norm_num_groups": 4, "in_channels": 7, "out_channels": 6,
+                "time_embedding_type": "learned", "resnet_time_scale_shift": "scale_shift", "add_attention": False,
+                "num_train_timesteps": 1024, "down_block_types": ["ResnetDownsampleBlock2D"] * 4,
+                "up_block_types": ["ResnetUpsampleBlock2D"] * 4}
+    (tmp_path / "config.json").write_text(json.dumps(unet_cfg))
+    w = load_weights(tmp_path)
+    assert w.config == TINY
+    assert_same_state(w.state_dict, state)
+    unet_cfg["time_embedding_type"] = "positional"
+    (tmp_path / "config.json").write_text(json.dumps(unet_cfg))
+    with pytest.raises(CmkitError, match="time_embedding_type='positional'.*'learned'"):
+        load_weights(tmp_path)
+
+
+def test_config_is_inferred_for_full_width_and_refused_for_tiny(tmp_path, tiny):
+    _, state = tiny
+    path = write_diffusers_checkpoint(state, TINY, tmp_path, with_config=False)
+    with pytest.raises(CmkitError, match="need a config.json"):
+        load_weights(path)
+    assert load_weights(path, config=TINY).config == TINY
+
+
+def test_openai_torchscript_is_read_without_running_it(tmp_path, tiny):
+    """A real torch.jit.script archive named like decoder.pt whose forward pins cuda:0 (no GPU here)."""
+    dec, state = tiny
+    path = write_openai_torchscript(state, tmp_path / "decoder.pt")
+    tensors, is_script = read_torch_zip(path)
+    assert is_script and "blocks.down_0_conv_0.gn_1.g" in tensors
+    w = load_weights(path, config=TINY, verify=False)
+    assert w.source_format == "openai-torchscript"
+    assert_same_state(w.state_dict, state)
+    # the hash check: OpenAI's release hash by default, any given one on request
+    with pytest.raises(CmkitError, match=r"SHA-256 .* does not match .*c9cebd3132dd9c42.*--no-verify"):
+        load_weights(path, config=TINY)
+    ok = load_weights(path, config=TINY, expected_sha256=sha256_of(path))
+    assert_same_state(ok.state_dict, state)
+    # and the decoder built from it decodes like the original
+    loaded = ConsistencyDecoder.from_weights(w, channels_last=False)
+    z = raw_latents(1, 4, 4)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(loaded.decode(z, generator=g()), dec.decode(z, generator=g()))
+
+
+def test_openai_time_table_stored_as_graph_constant(tmp_path, tiny):
+    """If the 1024×320 table is not an attribute (reference §1.2: "stored separately"), the lone constant is used."""
+    _, state = tiny
+    table = state["time_proj.weight"]
+    module = openai_module({k: v for k, v in state.items() if k != "time_proj.weight"})
+
+    class WithConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module.blocks
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.embedding(t, table)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(WithConstant(), torch.tensor([3]), check_trace=False)
+    traced.save(str(tmp_path / "decoder.pt"))
+    tensors, _ = read_torch_zip(tmp_path / "decoder.pt")
+    assert any(k.startswith("CONSTANTS.") for k in tensors)
+    tensors = {k.replace("inner.", "blocks.", 1): v for k, v in tensors.items()}
+    from cmkit.decoder.weights import to_cmkit_names
+
+    renamed, layout = to_cmkit_names(tensors)
+    assert layout == "openai" and torch.equal(renamed["time_proj.weight"], table)
+
+
+def test_torch_save_state_dicts_in_any_layout(tmp_path, tiny):
+    _, state = tiny
+    openai_state = {cmkit_to_openai(k): v for k, v in state.items()}
+    for name, sd in [("openai.pt", openai_state), ("cmkit.pt", state),
+                     ("vae.pt", {"decoder_unet." + k: v for k, v in state.items()})]:
+        torch.save(sd, tmp_path / name)
+        w = load_weights(tmp_path / name, config=TINY)
+        assert w.source_format == "torch-state-dict"
+        assert_same_state(w.state_dict, state)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickles_that_run_code_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    Exploit.marker = marker
+    torch.save({"x": Exploit()}, tmp_path / "evil.pt", pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(CmkitError, match=r"refusing to load (posix|os|nt)\.system"):
+        load_weights(tmp_path / "evil.pt", config=TINY)
+    assert not marker.exists()
+
+
+def test_cmkit_format_round_trip_and_converter(tmp_path, tiny):
+    dec, state = tiny
+    dec.save_pretrained(tmp_path / "cm")
+    assert json.loads((tmp_path / "cm" / "config.json").read_text())["config"]["block_out_channels"] == [8, 16, 16, 16]
+    for where in (tmp_path / "cm", tmp_path / "cm" / "decoder.safetensors", tmp_path / "cm" / "config.json"):
+        w = load_weights(where)
+        assert w.source_format == "cmkit" and w.config == TINY
+        assert_same_state(w.state_dict, state)
+    # converter: OpenAI TorchScript (checked against its own hash here) -> cmkit fp16 -> loads
+    src = write_openai_torchscript(state, tmp_path / "decoder.pt")
+    with pytest.raises(CmkitError, match="need a config.json"):
+        convert_decoder(src, tmp_path / "out", verify=False)
+    out = convert_decoder(src, tmp_path / "from_openai", verify=False, config=TINY)
+    assert_same_state(load_weights(out).state_dict, state)
+    diffusers_dir = write_diffusers_checkpoint(state, TINY, tmp_path / "diff", dtype=torch.float32).parent
+    out = convert_decoder(diffusers_dir, tmp_path / "out", dtype=torch.float16)
+    w = load_weights(out)
+    assert w.config == TINY and next(iter(w.state_dict.values())).dtype == torch.float16
+    assert_same_state(w.state_dict, state, atol=2e-3)
+    assert json.loads((out / "config.json").read_text())["source"]["format"] == "diffusers"
+
+
+def test_anything_else_is_a_clear_one_line_error(tmp_path, tiny):
+    _, state = tiny
+    expected = "expected a diffusers ConsistencyDecoderVAE"
+    with pytest.raises(CmkitError, match="no such file"):
+        load_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    for bad in ("notes.txt", "img.png"):
+        with pytest.raises(CmkitError, match=f"unrecognised file format; {expected}") as e:
+            load_weights(tmp_path / bad)
+        assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CmkitError, match="no decoder.safetensors"):
+        load_weights(tmp_path / "empty")
+    from safetensors.torch import save_file
+
+    broken = {k: v for k, v in state.items() if k != "conv_out.bias"}
+    broken["extra.weight"] = torch.zeros(1)
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(CmkitError, match=r"1 missing \(e.g. \['conv_out.bias'\]\); 1 unexpected"):
+        load_weights(tmp_path / "broken.safetensors", config=TINY)
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, str(tmp_path / "sd_vae.safetensors"))
+    with pytest.raises(CmkitError, match="no consistency decoder weights"):
+        load_weights(tmp_path / "sd_vae.safetensors")
+    assert OPENAI_DECODER_SHA256 == "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb"
