@@ -128,7 +128,7 @@ def test_precision_recall_batching_and_partial_overlap():
     fake = np.concatenate([real[:150], rng.normal(size=(150, 6)) + 50.0])
     p, r = precision_recall(real, fake, batch_size=1000)
     assert p == pytest.approx(0.5)
-    assert precision_recall(real, fake, batch_size=37) == (p, r)
+    assert precision_recall(real, fake, batch_size=70) == (p, r)
     with pytest.raises(CmkitError):
         precision_recall(real, rng.normal(size=(10, 5)))
 

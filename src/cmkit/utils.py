@@ -36,7 +36,7 @@ def from_uint8(a: np.ndarray) -> Tensor:
     """uint8 NHWC (or NHW) -> float (B, C, H, W) in [-1, 1]."""
     if a.ndim == 3:
         a = a[..., None]
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(a, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:

@@ -7,7 +7,8 @@ diffusers ``decoder_unet`` state dict loads with only its prefix removed; OpenAI
 are mapped in ``keys.py``.
 
 Inference needs no autograd, so with gradients disabled the blocks work in place (GroupNorm output,
-scale-shift, SiLU, residual add) and every skip tensor is released as soon as it is consumed.
+scale-shift, SiLU, residual add), every skip tensor is released as soon as it is consumed, and an up
+block's concatenated input is released right after its shortcut conv (``ResBlock.forward_parts``).
 """
 from __future__ import annotations
 
@@ -46,16 +47,26 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         """``temb_act`` is SiLU(time embedding), computed once per network call."""
+        return self.forward_parts([x], temb_act)
+
+    def forward_parts(self, parts: list[Tensor], temb_act: Tensor) -> Tensor:
+        """The block on ``cat(parts, dim=1)``; empties ``parts`` so the (large) input can be freed early.
+
+        With gradients off, the 1×1 shortcut is computed first and the concatenated input is released
+        before conv1/conv2 run (same arithmetic as diffusers, in a different order: results are identical).
+        """
         inplace = not torch.is_grad_enabled()
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        parts.clear()
         h = F.silu(self.norm1(x), inplace=inplace)
         x, h = self._resample(x), self._resample(h)
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
         h = self.conv1(h)
         scale, shift = self.time_emb_proj(temb_act)[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h)
         h = h.mul_(1 + scale).add_(shift) if inplace else h * (1 + scale) + shift
         h = self.conv2(F.silu(h, inplace=inplace))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
         return h.add_(x) if inplace else x + h
 
 
@@ -120,7 +131,9 @@ class UpBlock(nn.Module):
 
     def forward(self, h: Tensor, temb_act: Tensor, skips: list[Tensor]) -> Tensor:
         for block in self.resnets:
-            h = block(torch.cat([h, skips.pop()], dim=1), temb_act)
+            parts = [h, skips.pop()]
+            del h  # the block frees the pair once concatenated
+            h = block.forward_parts(parts, temb_act)
         for block in self.upsamplers or ():
             h = block(h, temb_act)
         return h

@@ -55,7 +55,8 @@ def metrics_from_features(features: np.ndarray, reference: Reference, *, kid_sub
     if reference.features is not None:
         out["kid_mean"], out["kid_std"] = kernel_inception_distance(
             features, reference.features, n_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
-        out["precision"], out["recall"] = precision_recall(reference.features, features, k=k)
+        out["precision"], out["recall"] = precision_recall(reference.features, features, k=k,
+                                                            real_radii=reference.radii(k))
     return out
 
 

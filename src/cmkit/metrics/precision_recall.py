@@ -28,7 +28,7 @@ def manifold_radii(features: np.ndarray, k: int = 3, batch_size: int = 5000) -> 
     for i in range(0, f.shape[0], batch_size):
         rows = f[i:i + batch_size]
         d = torch.cat([_sq_dists(rows, f[j:j + batch_size]) for j in range(0, f.shape[0], batch_size)], dim=1)
-        radii[i:i + batch_size] = d.kthvalue(k + 1, dim=1).values  # index 0 is the point itself
+        radii[i:i + batch_size] = d.topk(k + 1, dim=1, largest=False).values[:, k]  # index 0: the point itself
     return radii.numpy()
 
 
@@ -43,16 +43,22 @@ def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, 
     return inside.numpy()
 
 
-def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
-                     batch_size: int = 5000) -> tuple[float, float]:
-    """(precision, recall) of ``fake_features`` against ``real_features`` (Kynkäänniemi et al. 2019, k = 3)."""
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, batch_size: int = 5000,
+                     real_radii: np.ndarray | None = None) -> tuple[float, float]:
+    """(precision, recall) of ``fake_features`` against ``real_features`` (Kynkäänniemi et al. 2019, k = 3).
+
+    ``real_radii`` may pass precomputed :func:`manifold_radii` of the real set (they depend only on it and k).
+    """
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise CmkitError(f"precision/recall need feature arrays (N, D) of the same D, got {tuple(real.shape)} "
                          f"and {tuple(fake.shape)}")
-    real_radii = torch.from_numpy(manifold_radii(real.numpy(), k, batch_size))
+    if real_radii is None:
+        real_radii = manifold_radii(real.numpy(), k, batch_size)
+    if len(real_radii) != real.shape[0]:
+        raise CmkitError(f"got {len(real_radii)} radii for {real.shape[0]} real feature vectors")
     fake_radii = torch.from_numpy(manifold_radii(fake.numpy(), k, batch_size))
-    precision = _coverage(fake, real, real_radii, batch_size).mean()
+    precision = _coverage(fake, real, torch.as_tensor(real_radii, dtype=torch.float32), batch_size).mean()
     recall = _coverage(real, fake, fake_radii, batch_size).mean()
     return float(precision), float(recall)

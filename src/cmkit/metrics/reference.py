@@ -9,7 +9,7 @@ precomputed statistics ``mu``, ``sigma`` (optionally ``features`` for KID and pr
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from ..errors import CmkitError
 from .features import FeatureExtractor
 from .frechet import FeatureStats, feature_statistics
 from .idx import load_fmnist
+from .precision_recall import manifold_radii
 
 FMNIST_SPLITS = {"fmnist-test": "test", "fmnist-train": "train"}
 
@@ -30,6 +31,15 @@ class Reference:
     stats: FeatureStats
     feature_space: str
     features: np.ndarray | None = None  # needed for KID and precision/recall
+    _radii: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def radii(self, k: int = 3) -> np.ndarray:
+        """k-NN radii of the reference features (computed once per k; Kynkäänniemi et al. 2019)."""
+        if self.features is None:
+            raise CmkitError(f"reference {self.name!r} holds only mu/sigma; precision/recall need its features")
+        if k not in self._radii:
+            self._radii[k] = manifold_radii(self.features, k)
+        return self._radii[k]
 
     @property
     def n(self) -> int:

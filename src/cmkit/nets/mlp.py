@@ -17,6 +17,7 @@ class MLPNet(nn.Module):
                  num_classes: int = 0, dropout: float = 0.0, **_: object):
         super().__init__()
         d = in_channels * img_resolution**2
+        self.img_resolution, self.in_channels = img_resolution, in_channels
         self.out_shape: Sequence[int] = ((out_channels or in_channels), img_resolution, img_resolution)
         self.emb = make_embedding(embedding, hidden, fourier_scale)
         self.emb_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU())

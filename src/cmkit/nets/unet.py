@@ -103,6 +103,7 @@ class UNet(nn.Module):
                  **_: object):
         super().__init__()
         C, emb_dim = model_channels, 4 * model_channels
+        self.img_resolution, self.in_channels = img_resolution, in_channels
         self.emb = make_embedding(embedding, C, fourier_scale)
         self.emb_mlp = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None

@@ -1,0 +1,140 @@
+"""Editing tasks built on Algorithm 4: inpainting, colorization, super-resolution, stroke-guided
+generation, denoising and interpolation. All take a consistency model ``model(x, sigma) -> x0`` and
+images in [-1, 1] of the model's shape (B, C, R, R).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CmkitError
+from ..sampling import NoiseSource, randn
+from ..schedules import SIGMA_MAX, SIGMA_MIN
+from .editor import default_edit_sigmas, edit
+from .transforms import ColorBasis, Identity, PatchBasis
+
+
+def model_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, R, R) the model was built for, when its backbone records it."""
+    net = getattr(model, "net", None)
+    if net is None or not hasattr(net, "img_resolution"):
+        return None
+    return (net.in_channels, net.img_resolution, net.img_resolution)
+
+
+def check_images(model: nn.Module, x: Tensor, what: str = "input") -> None:
+    """Reject images whose (C, H, W) differ from the model's, with one clear message."""
+    shape = model_shape(model)
+    if shape is None:
+        return
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+        got = "×".join(map(str, x.shape[1:])) if x.ndim == 4 else str(tuple(x.shape))
+        raise CmkitError(f"{what} images are {got} but the model expects {'×'.join(map(str, shape))} "
+                         f"(channels×height×width)")
+
+
+def inpaint(model: nn.Module, y: Tensor, mask: Tensor, sigmas: Sequence[float] | None = None, *,
+            generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+    """Fill the pixels where ``mask`` = 1 (unknown; shape (H, W), (1|B, 1|C, H, W)); keep the others."""
+    check_images(model, y)
+    if mask.shape[-2:] != y.shape[-2:]:
+        raise CmkitError(f"mask is {mask.shape[-2]}×{mask.shape[-1]} but the image is {y.shape[-2]}×{y.shape[-1]}")
+    omega = (mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim == 2 else mask).float()
+    return edit(model, y, sigmas or default_edit_sigmas(), Identity(), omega, generator=generator,
+                sigma_min=sigma_min, **cond)
+
+
+def colorize(model: nn.Module, gray: Tensor, sigmas: Sequence[float] | None = None, *,
+             generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+    """Colour a grey image: luminance is kept, chroma generated. ``gray`` is (B, 1|3, H, W)."""
+    y = to_gray3(gray)
+    check_images(model, y)
+    A = ColorBasis()
+    return edit(model, y, sigmas or default_edit_sigmas(), A, A.unknown_mask(y.shape), generator=generator,
+                sigma_min=sigma_min, **cond)
+
+
+def to_gray3(x: Tensor) -> Tensor:
+    """A grey image as 3 equal channels whose luminance equals that of ``x`` (1 or 3 channels)."""
+    if x.shape[1] == 1:
+        return x.repeat(1, 3, 1, 1)
+    if x.shape[1] != 3:
+        raise CmkitError(f"expected a grey or RGB image, got {x.shape[1]} channels")
+    A = ColorBasis()
+    c = A.forward(x)
+    return A.inverse(torch.cat([c[:, :1], torch.zeros_like(c[:, 1:])], 1))
+
+
+def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[float] | None = None, *,
+                  generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+    """×factor super-resolution of ``low`` (B, C, H/p, W/p): patch means are kept, details generated.
+
+    avg_pool(output, p) equals ``low`` up to float error (the consistency check).
+    """
+    A = PatchBasis(factor)
+    y = F.interpolate(low, scale_factor=factor, mode="nearest")
+    check_images(model, y, f"low-resolution input ×{factor}: the")
+    return edit(model, y, sigmas or default_edit_sigmas(), A, A.unknown_mask(y.shape), generator=generator,
+                sigma_min=sigma_min, **cond)
+
+
+def stroke_guided(model: nn.Module, strokes: Tensor, sigma_start: float = 20.0, steps: int = 3,
+                  sigmas: Sequence[float] | None = None, *, generator: NoiseSource = None,
+                  sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+    """SDEdit-like generation from a coarse stroke painting (CM §7.6): x = strokes + σ_1·z, then
+    multistep consistency sampling over σ_1 > σ_2 > … (Alg. 4 with A = I and Ω = 1 everywhere)."""
+    if sigmas is None:
+        sigmas = default_edit_sigmas(steps, sigma_min, sigma_start) if steps > 1 else [sigma_start]
+    check_images(model, strokes)
+    A = Identity()
+    return edit(model, strokes, sigmas, A, torch.ones(1, 1, *strokes.shape[-2:]), start=strokes,
+                generator=generator, sigma_min=sigma_min, sigma_max=max(SIGMA_MAX, sigmas[0]), **cond)
+
+
+@torch.no_grad()
+def denoise(model: nn.Module, noisy: Tensor, sigma: float, **cond: Any) -> Tensor:
+    """One evaluation at the known noise level: clamp(f_θ(y, σ)), valid for σ in [σ_min, σ_max]."""
+    check_images(model, noisy)
+    return model(noisy, torch.full((noisy.shape[0],), float(sigma), device=noisy.device), **cond).clamp(-1, 1)
+
+
+def slerp(z1: Tensor, z2: Tensor, alpha: float) -> Tensor:
+    """Spherical interpolation of the un-normalised noises z1, z2 (per sample; CM §7.8)."""
+    u1, u2 = F.normalize(z1.flatten(1), dim=1), F.normalize(z2.flatten(1), dim=1)
+    theta = torch.arccos((u1 * u2).sum(1).clamp(-1, 1)).reshape(-1, *[1] * (z1.ndim - 1))
+    if alpha == 0:
+        return z1.clone()
+    if alpha == 1:
+        return z2.clone()
+    sin = torch.sin(theta).clamp(min=1e-8)
+    return torch.sin((1 - alpha) * theta) / sin * z1 + torch.sin(alpha * theta) / sin * z2
+
+
+@torch.no_grad()
+def interpolate_noise(model: nn.Module, z1: Tensor, z2: Tensor, frames: int = 9, sigma_max: float = SIGMA_MAX,
+                      **cond: Any) -> Tensor:
+    """One-step samples f(T·slerp(z1, z2, α), T) for α in linspace(0, 1, frames) → (frames, B, C, H, W)."""
+    out = []
+    for a in torch.linspace(0, 1, frames).tolist():
+        z = slerp(z1, z2, a)
+        out.append(model(sigma_max * z, torch.full((z.shape[0],), sigma_max, device=z.device), **cond).clamp(-1, 1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def interpolate_images(model: nn.Module, x1: Tensor, x2: Tensor, frames: int = 9, sigma: float = 2.0, *,
+                       generator: NoiseSource = None, **cond: Any) -> Tensor:
+    """Interpolate two images through their noised versions: n(α) = lerp(x1, x2, α) + σ·slerp(z1, z2, α),
+    then one evaluation f(n(α), σ) → (frames, B, C, H, W)."""
+    check_images(model, x1)
+    check_images(model, x2)
+    z1, z2 = randn(x1.shape, generator, x1.device), randn(x1.shape, generator, x1.device)
+    out = []
+    for a in torch.linspace(0, 1, frames).tolist():
+        n = torch.lerp(x1, x2, a) + sigma * slerp(z1, z2, a)
+        out.append(denoise(model, n, sigma, **cond))
+    return torch.stack(out)
