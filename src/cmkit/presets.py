@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
         **FMNIST_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 12_000, "train.lr": 4e-4,
         "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
     "fmnist-ict": Preset("28×28 Fashion-MNIST improved CT from scratch (pseudo-Huber, lognormal, dropout 0.2)", {
-        **FMNIST_NET, "model.dropout": 0.2, "loss.method": "ict", "train.steps": 12_000, "train.lr": 4e-4,
+        **FMNIST_NET, "model.dropout": 0.2, "loss.method": "ict", "train.steps": 6_000, "train.lr": 2e-4,
         "train.optimizer": "adam", "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
     "fmnist-ect": Preset("28×28 Fashion-MNIST easy consistency tuning from fmnist-edm (dropout 0.1, q=2)", {
         **FMNIST_NET, "model.dropout": 0.1, "loss.method": "ect", "loss.double_steps": 1000, "train.steps": 6_000,
