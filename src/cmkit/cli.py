@@ -91,6 +91,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's weights (EMA by default) as a compact model directory with its recipe."""
+    import platform
+
+    import torch
+
+    from .checkpoint import build_model, load_weights, read_config, save_model_dir
+
+    run = Path(args.run)
+    ckpt = run / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        raise CmkitError(f"{run} is not a training run directory (no checkpoint/state.json)")
+    if Path(args.out).exists() and not args.overwrite:
+        raise CmkitError(f"{args.out} exists; pass --overwrite to replace it")
+    cfg, _ = read_config(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    weights = args.weights or (f"ema_{cfg.train.ema_rates[0]:g}" if cfg.train.ema_rates else "model")
+    model = build_model(cfg.model)
+    load_weights(model, ckpt / f"{weights}.safetensors")
+    recipe = {"run": str(run), "weights": weights, "steps": state["step"], "wall_s": state.get("wall_s"),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "note": args.note or ""}
+    meta = {"description": args.description or "", "recipe": recipe}
+    save_model_dir(args.out, model, cfg, meta, dtype=torch.float16 if args.fp16 else None)
+    print(f"wrote {args.out} ({weights}, step {state['step']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmkit", description="Consistency models: train, sample, edit, evaluate.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--npz", help="also write uint8 NHWC samples to this .npz (arr_0; labels in arr_1)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("export", help="export a run's EMA weights as a model directory (optionally fp16)")
+    s.add_argument("run", help="training run directory")
+    s.add_argument("-o", "--out", required=True, help="output model directory")
+    s.add_argument("--weights", help="checkpoint weights to export: ema_RATE (default: first EMA) or model (online)")
+    s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
+    s.add_argument("--description", help="one-line description stored in config.json")
+    s.add_argument("--note", help="free-text note stored in the recipe")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export)
 
     for module in ("cmkit.metrics.cli", "cmkit.editing.cli", "cmkit.decoder.cli"):
         try:

@@ -72,7 +72,7 @@ class Trainer:
         has_target = self.loss.uses_target and self.loss.target_mu(0) is not None
         self.target = make_copy(self.model) if has_target else None
         self.opt = make_optimizer(list(self.model.parameters()), cfg)
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self._check_out_dir()
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -139,6 +139,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not (main and self.progress), dynamic_ncols=True,
                    desc=f"{self.cfg.loss.method}")
         start, start_step, last = time.time(), self.step, {}
+        self._run_start = start
         tick, tick_step = time.time(), self.step
         while self.step < t.steps:
             last = self.train_step()
@@ -154,6 +155,7 @@ class Trainer:
                 tick, tick_step = now, self.step
                 rec = {"step": self.step, "loss": last["loss"], "grad_norm": last["grad_norm"],
                        "lr": self.lr_at(self.step - 1), "img_per_s": ips, "skipped": self.skipped,
+                       "wall_s": round(self.wall_s(), 1),
                        **self.loss.stats(self.step)}
                 bar.set_postfix(loss=f"{last['loss']:.4g}", img_s=f"{ips:.0f}")
                 if main:
@@ -170,6 +172,10 @@ class Trainer:
         wall = time.time() - start
         return {"steps": self.step, "final_loss": last.get("loss"), "wall_s": wall, "skipped": self.skipped,
                 "steps_run": self.step - start_step}
+
+    def wall_s(self) -> float:
+        """Training wall time in seconds, summed over resumed sessions."""
+        return self.wall_before + (time.time() - getattr(self, "_run_start", time.time()))
 
     # --- samples ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -210,7 +216,8 @@ class Trainer:
             tensors, meta = optimizer_to_flat(self.opt)
             save_file(tensors, tmp / "optimizer.safetensors")
             save_file({f"rank{r}": s for r, s in enumerate(rng)}, tmp / "rng.safetensors")
-            state = {"step": self.step, "skipped": self.skipped, "world_size": self.world, "optimizer": meta}
+            state = {"step": self.step, "skipped": self.skipped, "world_size": self.world,
+                     "wall_s": self.wall_s(), "optimizer": meta}
             (tmp / "state.json").write_text(json.dumps(state))
             (tmp / "config.json").write_text(json.dumps({"cmkit_config": self.cfg.to_dict()}, indent=2))
             commit_dir(tmp, self.out / "checkpoint")
@@ -235,6 +242,7 @@ class Trainer:
         optimizer_from_flat(self.opt, load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
         torch.set_rng_state(load_file(ckpt / "rng.safetensors")[f"rank{self.rank}"])
         self.step, self.skipped = state["step"], state["skipped"]
+        self.wall_before = state.get("wall_s", 0.0)
         self._truncate_log()
 
     def _truncate_log(self) -> None:

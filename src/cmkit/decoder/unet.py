@@ -45,6 +45,13 @@ class ResBlock(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
+    @staticmethod
+    def _add_upsampled_(h: Tensor, x: Tensor) -> Tensor:
+        """h += nearest-×2(x) without materialising the upsampled x (a broadcast over 2×2 views of h)."""
+        B, C, H, W = h.shape
+        h.unflatten(2, (H // 2, 2)).unflatten(4, (W // 2, 2)).add_(x[:, :, :, None, :, None])
+        return h
+
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         """``temb_act`` is SiLU(time embedding), computed once per network call."""
         return self.forward_parts([x], temb_act)
@@ -58,8 +65,10 @@ class ResBlock(nn.Module):
         inplace = not torch.is_grad_enabled()
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         parts.clear()
-        h = F.silu(self.norm1(x), inplace=inplace)
-        x, h = self._resample(x), self._resample(h)
+        h = self._resample(F.silu(self.norm1(x), inplace=inplace))
+        defer_up = inplace and self.resample == "up"  # add the ×2 skip lazily: saves one upsampled tensor
+        if not defer_up:
+            x = self._resample(x)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         h = self.conv1(h)
@@ -67,6 +76,8 @@ class ResBlock(nn.Module):
         h = self.norm2(h)
         h = h.mul_(1 + scale).add_(shift) if inplace else h * (1 + scale) + shift
         h = self.conv2(F.silu(h, inplace=inplace))
+        if defer_up:
+            return self._add_upsampled_(h, x)
         return h.add_(x) if inplace else x + h
 
 
@@ -129,7 +140,9 @@ class UpBlock(nn.Module):
         else:
             self.upsamplers = None
 
-    def forward(self, h: Tensor, temb_act: Tensor, skips: list[Tensor]) -> Tensor:
+    def forward(self, carry: list[Tensor], temb_act: Tensor, skips: list[Tensor]) -> Tensor:
+        """``carry`` = [h], emptied here so that h can be freed as soon as it is concatenated."""
+        h = carry.pop()
         for block in self.resnets:
             parts = [h, skips.pop()]
             del h  # the block frees the pair once concatenated
@@ -178,6 +191,8 @@ class DecoderUNet(nn.Module):
             h = block(h, temb_act, skips)
         h = self.mid_block(h, temb_act)
         for block in self.up_blocks:
-            h = block(h, temb_act, skips)
+            carry = [h]
+            del h  # only ``carry`` holds the block input now
+            h = block(carry, temb_act, skips)
         h = F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled())
         return self.conv_out(h)

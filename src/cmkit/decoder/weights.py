@@ -127,18 +127,28 @@ def expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _config_beside(path: Path) -> DecoderConfig | None:
-    """A cmkit or diffusers ``config.json`` next to a weights file, if any."""
+    """A cmkit or diffusers decoder ``config.json`` next to a weights file, if there is one."""
     cfg_path = path.parent / CONFIG_NAME
     if not cfg_path.is_file():
         return None
-    return config_from_json(json.loads(cfg_path.read_text()), cfg_path)
+    try:
+        d = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config_from_json(d, cfg_path) if is_decoder_config(d) else None
+
+
+def is_decoder_config(d: dict[str, Any]) -> bool:
+    """cmkit's config, a diffusers ``ConsistencyDecoderVAE`` config, or a ``UNet2DModel`` config."""
+    return isinstance(d, dict) and (d.get("format") == CMKIT_FORMAT or "decoder_block_out_channels" in d
+                                    or d.get("_class_name") == "UNet2DModel")
 
 
 def config_from_json(d: dict[str, Any], where: Path | str) -> DecoderConfig:
-    """A cmkit config file (``{"format": ..., "config": {...}}``) or a diffusers one."""
+    """A ``DecoderConfig`` from cmkit's ``{"format": ..., "config": {...}}`` or a diffusers config dict."""
     if d.get("format") == CMKIT_FORMAT:
         return DecoderConfig.from_dict(d["config"])
-    if "decoder_block_out_channels" in d or "block_out_channels" in d and "time_embedding_type" in d:
+    if is_decoder_config(d):
         return DecoderConfig.from_diffusers(d)
     raise CmkitError(f"{where}: not a consistency decoder config (expected cmkit's or a diffusers "
                      "ConsistencyDecoderVAE/UNet2DModel config.json)")
@@ -164,30 +174,38 @@ def load_weights(path: str | Path, *, config: DecoderConfig | None = None, verif
     Raises:
         CmkitError: missing path, unsupported format, hash mismatch, or missing/unexpected/mis-shaped keys.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CmkitError(f"{path}: no such file or directory; expected {EXPECTED}")
-    if path.is_dir():
-        path = _resolve_directory(path)
-    if path.name == CONFIG_NAME:
-        path = _resolve_directory(path.parent)
-    if is_safetensors(path):
-        raw, meta = _read_safetensors(path)
-        if meta.get("format") == CMKIT_FORMAT:
-            found, kind = DecoderConfig.from_dict(json.loads(meta["config"])), "cmkit"
-        else:
-            found, kind = _config_beside(path), "diffusers"
-    elif is_torch_zip(path):
-        script = is_torchscript(path)
-        raw, _ = read_torch_zip(path, expected_sha256 if (verify and script) else None)
-        found, kind = _config_beside(path), "openai-torchscript" if script else "torch-state-dict"
-    else:
-        raise CmkitError(f"{path}: unrecognised file format; expected {EXPECTED}")
-    state, _ = to_cmkit_names(raw, len(config.block_out_channels) if config else
-                                   len(found.block_out_channels) if found else None)
+    path = _weights_file(Path(path).expanduser())
+    raw, found, kind = _read(path, verify, expected_sha256)
+    num_levels = len((config or found).block_out_channels) if (config or found) else None
+    state, _ = to_cmkit_names(raw, num_levels)
     cfg = config or found or infer_config(state, str(path))
     check_keys(state, expected_shapes(cfg), str(path))
     return DecoderWeights(state, cfg, kind, path)
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights file a user path designates: itself, or the one in its (or its config.json's) directory."""
+    if not path.exists():
+        raise CmkitError(f"{path}: no such file or directory; expected {EXPECTED}")
+    if path.is_dir():
+        return _resolve_directory(path)
+    if path.name == CONFIG_NAME:
+        return _resolve_directory(path.parent)
+    return path
+
+
+def _read(path: Path, verify: bool, expected_sha256: str) -> tuple[dict[str, Tensor], DecoderConfig | None, str]:
+    """Raw tensors, the config stored with them (if any), and the format name."""
+    if is_safetensors(path):
+        raw, meta = _read_safetensors(path)
+        if meta.get("format") == CMKIT_FORMAT:
+            return raw, DecoderConfig.from_dict(json.loads(meta["config"])), "cmkit"
+        return raw, _config_beside(path), "diffusers"
+    if is_torch_zip(path):
+        script = is_torchscript(path)
+        raw, _ = read_torch_zip(path, expected_sha256 if (verify and script) else None)
+        return raw, _config_beside(path), "openai-torchscript" if script else "torch-state-dict"
+    raise CmkitError(f"{path}: unrecognised file format; expected {EXPECTED}")
 
 
 def save_cmkit(state_dict: dict[str, Tensor], config: DecoderConfig, out_dir: str | Path,

@@ -1,0 +1,137 @@
+"""Quality benchmark (issue: measured quality): every shipped Fashion-MNIST model and sampler setting.
+
+For each setting: network evaluations (NFE), FD / KID / precision / recall (k=3) in the feature space of
+the project's Fashion-MNIST classifier on N samples against the test split, and images per second, plus
+the real-vs-real floor (N training images vs the test split). The 2-step middle σ of each consistency
+model is chosen by golden-section search on FD (with fewer samples), as the CM paper did by ternary search.
+Writes benchmarks/results/quality.md, quality.json and sample grids under benchmarks/results/quality/.
+
+    python benchmarks/quality.py                 # N = 10,000 (about an hour on 2 CPU cores)
+    python benchmarks/quality.py --n 2000 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cmkit.checkpoint import load_model
+from cmkit.generate import generate, multistep_sigmas
+from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extractor, load_reference
+from cmkit.metrics.evaluate import evaluate, real_floor
+from cmkit.metrics.schedule_search import search_sigma_mid
+from cmkit.sampling import nfe
+from cmkit.utils import save_grid, to_uint8
+from cmkit.zoo import shipped_model_dir
+
+RESULTS = Path(__file__).parent / "results"
+TEACHER = "fmnist-edm"
+STUDENTS = ("fmnist-cd", "fmnist-ict", "fmnist-ect")
+
+
+def settings(quick: bool) -> list[tuple[str, str, int]]:
+    """(model, sampler, steps): the teacher at 35 NFE and lower budgets; each CM at 1, 2 and 4 steps."""
+    heun = [18, 9, 5] if not quick else [18, 5]
+    rows = [(TEACHER, "heun", s) for s in heun]
+    for name in STUDENTS:
+        rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
+    return rows
+
+
+def timed_generate(model, cfg, n, sampler, sigmas, steps, batch):
+    t0 = time.perf_counter()
+    x, _ = generate(model, cfg, n, sampler, sigmas, steps, seed=0, batch_size=batch, progress=False)
+    return x, n / (time.perf_counter() - t0)
+
+
+def search_mid(model, cfg, reference, extractor, n: int, iters: int) -> float:
+    """Golden-section search of the 2-step middle σ on FD with ``n`` samples."""
+    def score(sigmas: list[float]) -> float:
+        x, _ = generate(model, cfg, n, "multistep", sigmas, 2, seed=10_000, progress=False)
+        feats = extractor.extract(to_uint8(x), progress=False)
+        return frechet_distance_stats(feature_statistics(feats), reference.stats)
+
+    return search_sigma_mid(score, 0.1, 10.0, iters).sigmas[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--search-n", type=int, default=2000, help="samples per probe of the σ_mid search")
+    ap.add_argument("--search-iters", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    extractor = get_extractor("fmnist")
+    reference = load_reference("fmnist-test", extractor)
+    floor = real_floor(reference, extractor, args.n, progress=False)
+    grids = RESULTS / "quality"
+    rows, mids = [], {}
+    for name, sampler, steps in settings(args.quick):
+        path = shipped_model_dir(name)
+        if path is None:
+            print(f"skip {name}: not shipped yet")
+            continue
+        model, cfg = load_model(path)
+        sigmas: list[float] = []
+        if sampler == "onestep":
+            sigmas = [cfg.model.sigma_max]
+        elif sampler == "multistep":
+            if name not in mids:
+                mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters)
+                print(f"{name}: searched σ_mid = {mids[name]:.3f}")
+            cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
+            sigmas = multistep_sigmas(cfg, steps)
+        x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch)
+        m = evaluate(to_uint8(x), reference, extractor, progress=False)
+        label = f"{name} {sampler} {steps}" if sampler != "onestep" else f"{name} 1-step"
+        save_grid(x[:64], grids / f"{label.replace(' ', '_')}.png", nrow=8)
+        row = {"model": name, "sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps),
+               "sigmas": [round(s, 4) for s in sigmas], "fd": m["fd"], "kid": m["kid_mean"],
+               "precision": m["precision"], "recall": m["recall"], "img_per_s": ips}
+        rows.append(row)
+        print(json.dumps(row))
+    write(rows, floor, args)
+
+
+def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    teacher = next((r for r in rows if r["model"] == TEACHER and r["nfe"] == 35), None)
+    for r in rows:
+        r["fd_vs_teacher35"] = r["fd"] / teacher["fd"] if teacher else None
+        r["speedup_vs_teacher35"] = r["img_per_s"] / teacher["img_per_s"] if teacher else None
+    machine = f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}"
+    meta = {"n_samples": args.n, "feature_space": "FD (Fashion-MNIST classifier features)", "reference":
+            "Fashion-MNIST test split (10,000)", "machine": machine, "command": "python benchmarks/quality.py"
+            + (f" --n {args.n}" if args.n != 10_000 else "") + (" --quick" if args.quick else "")}
+    (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "floor": floor, "rows": rows}, indent=2))
+    lines = [f"# Quality on Fashion-MNIST ({args.n:,} samples vs the test split)", "",
+             f"Feature space: **FD (Fashion-MNIST classifier features)** — not FID. Machine: {machine}.",
+             f"Command: `{meta['command']}`.", "",
+             "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s | speed-up vs teacher-35 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {', '.join(map(str, r['sigmas'])) or '—'} | "
+                     f"{r['fd']:.3f} | {_f(r['fd_vs_teacher35'], 2)} | {r['kid']:.5f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['img_per_s']:.1f} | {_f(r['speedup_vs_teacher35'], 1)}× |")
+    if floor:
+        lines.append(f"| real vs real (floor) | — | — | — | {floor['fd']:.3f} | — | {floor['kid_mean']:.5f} | "
+                     f"{floor['precision']:.3f} | {floor['recall']:.3f} | — | — |")
+        lines += ["", f"Floor: {floor['description']}."]
+    lines += ["", "Sample grids (first 64 samples of each setting) are in `benchmarks/results/quality/`."]
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _f(v: float | None, digits: int) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+if __name__ == "__main__":
+    main()
