@@ -15,11 +15,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-# Fashion-MNIST from Debian (the IDX files land in /usr/share/datasets/fashion-mnist).
+# Fashion-MNIST and the colour emoji font from Debian (IDX files in /usr/share/datasets/fashion-mnist).
+DEBS := dataset-fashion-mnist fonts-noto-color-emoji
+EMOJI := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 data:
-	@test -f $(FMNIST) || (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
-	  || echo "note: could not install dataset-fashion-mnist with apt; Fashion-MNIST presets will ask for --data.root")
+	@(test -f $(FMNIST) && test -f $(EMOJI)) || (apt-get install -y -q $(DEBS) >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(DEBS) >/dev/null 2>&1) \
+	  || echo "note: could not install $(DEBS) with apt; those presets will ask for data.root")
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -219,3 +219,16 @@ def test_anything_else_is_a_clear_one_line_error(tmp_path, tiny):
     with pytest.raises(CmkitError, match="no consistency decoder weights"):
         load_weights(tmp_path / "sd_vae.safetensors")
     assert OPENAI_DECODER_SHA256 == "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb"
+
+
+def test_full_size_config_is_inferred_from_openai_and_diffusers_names():
+    """The released files carry no cmkit config: decoder.pt alone, or a diffusers file without config.json."""
+    from cmkit.decoder.weights import expected_shapes, infer_config, to_cmkit_names
+
+    with torch.device("meta"):
+        state = DecoderUNet().state_dict()
+    openai_state = {cmkit_to_openai(k): v for k, v in state.items()}
+    for raw in (openai_state, {"decoder_unet." + k: v.half() for k, v in state.items()}):
+        renamed, _ = to_cmkit_names(raw)
+        assert infer_config(renamed, "file") == DecoderConfig()
+        assert {k: tuple(v.shape) for k, v in renamed.items()} == expected_shapes(DecoderConfig())

@@ -1,7 +1,8 @@
 """Image data sets held in memory as uint8 (N, C, H, W), served as [-1, 1] batches.
 
 Sources: scikit-learn's 8×8 digits (bundled), Fashion-MNIST / MNIST IDX files (default location: the
-Debian package ``dataset-fashion-mnist``), an image folder, or an ``.npz`` of uint8 NHWC images
+Debian package ``dataset-fashion-mnist``), colour emoji rendered from Debian's ``fonts-noto-color-emoji``,
+an image folder, or an ``.npz`` of uint8 NHWC images
 (``arr_0``, optional labels ``arr_1``). Batches are a pure function of (seed, step, rank), which makes
 resumed and multi-process training exactly reproducible.
 """
@@ -19,6 +20,8 @@ from torch import Tensor
 from .errors import CmkitError
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+EMOJI_RANGES = ((0x1F300, 0x1F650), (0x1F680, 0x1F700), (0x1F900, 0x1FA00), (0x1FA70, 0x1FB00), (0x2600, 0x27C0))
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 HOW_TO_GET = {
     "fashion_mnist": "install it with `apt-get install dataset-fashion-mnist` or set data.root to a folder "
@@ -139,7 +142,57 @@ def load_folder(path: str, resolution: int, channels: int) -> ImageData:
     return ImageData(torch.from_numpy(np.stack(out)))
 
 
-DATASETS = ("digits", "fashion_mnist", "mnist", "folder", "npz")
+def render_emoji(font_path: str, size: int = 32) -> np.ndarray:
+    """Every colour glyph of the Noto Color Emoji font in EMOJI_RANGES, cropped, centred on white, resized.
+
+    Returns uint8 (N, size, size, 3); code points without a glyph render empty and are skipped.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(font_path, 109)  # the font's only bitmap strike
+    out = []
+    for lo, hi in EMOJI_RANGES:
+        for cp in range(lo, hi):
+            im = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
+            ImageDraw.Draw(im).text((10, 10), chr(cp), font=font, embedded_color=True)
+            box = im.getbbox()
+            if box is None:
+                continue
+            im = im.crop(box)
+            side = max(im.size)
+            canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+            canvas.alpha_composite(im, ((side - im.width) // 2, (side - im.height) // 2))
+            out.append(np.asarray(canvas.convert("RGB").resize((size, size), Image.LANCZOS)))
+    return np.stack(out)
+
+
+def load_emoji(root: str, split: str, resolution: int) -> ImageData:
+    """Noto colour emoji rendered at ``resolution`` (Debian ``fonts-noto-color-emoji``); every 10th glyph
+    is the held-out ``test`` split. Rendered once and cached under ~/.cache/cmkit."""
+    import hashlib
+    import os
+
+    font = Path(root or EMOJI_FONT)
+    if not font.is_file():
+        raise CmkitError(f"emoji font not found: {font}; install it with `apt-get install fonts-noto-color-emoji` "
+                         f"or set data.root to NotoColorEmoji.ttf")
+    if split not in ("train", "test"):
+        raise CmkitError(f"unknown split {split!r}; expected 'train' or 'test'")
+    size = resolution or 32
+    key = hashlib.sha1(f"{font.stat().st_size}-{font.stat().st_mtime_ns}-{size}".encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("CMKIT_CACHE", Path.home() / ".cache" / "cmkit")) / f"emoji{size}-{key}.npz"
+    if cache.is_file():
+        images = np.load(cache)["arr_0"]
+    else:
+        images = render_emoji(str(font), size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(cache, arr_0=images)
+    test = np.arange(len(images)) % 10 == 9
+    picked = images[test] if split == "test" else images[~test]
+    return ImageData(torch.from_numpy(picked).permute(0, 3, 1, 2).contiguous())
+
+
+DATASETS = ("digits", "fashion_mnist", "mnist", "emoji", "folder", "npz")
 
 
 def load_dataset(name: str, root: str = "", split: str = "train", resolution: int = 0, channels: int = 0) -> ImageData:
@@ -148,6 +201,8 @@ def load_dataset(name: str, root: str = "", split: str = "train", resolution: in
         data = load_digits()
     elif name in ("fashion_mnist", "mnist"):
         data = load_idx_dataset(name, root, split)
+    elif name == "emoji":
+        data = load_emoji(root, split, resolution)
     elif name == "npz":
         data = load_npz(root)
     elif name == "folder":

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CmkitError
-from .config import SD_SCALING_FACTOR, DecoderConfig
+from .config import DecoderConfig
 from .decoder import ConsistencyDecoder
 from .files import read_latents, write_images
 from .latents import check_latents, looks_scaled
@@ -60,10 +60,12 @@ def run_decode(args: argparse.Namespace) -> int:
     """Handler of ``cmkit decode``."""
     schedule = resolve_schedule(args)
     latents = read_latents(args.latents)
-    check_latents(latents, DecoderConfig())  # fail fast, before loading 2.5 GB of weights
-    scaled = resolve_scaled(latents, args.latents_mode, SD_SCALING_FACTOR)
+    if latents.ndim != 4:
+        check_latents(latents, DecoderConfig())  # fail fast (3-D input), before loading 2.5 GB of weights
     decoder = ConsistencyDecoder.from_pretrained(args.weights, device=args.device, dtype=DTYPES[args.dtype],
                                                  channels_last=not args.no_channels_last, verify=not args.no_verify)
+    check_latents(latents, decoder.config)
+    scaled = resolve_scaled(latents, args.latents_mode, decoder.config.scaling_factor)
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
