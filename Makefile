@@ -23,7 +23,7 @@ data:
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(DEBS) >/dev/null 2>&1) \
 	  || echo "note: could not install $(DEBS) with apt; those presets will ask for data.root")
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest
 
 demo: $(STAMP) data
