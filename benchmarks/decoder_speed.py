@@ -6,6 +6,7 @@ decodes while a thread samples the RSS every 5 ms (``/proc/self/statm``); ``ru_m
 "extra peak" = peak RSS during decoding − RSS after building, i.e. activation memory (reference doc §3.3).
 
     .venv/bin/python benchmarks/decoder_speed.py            # full size: 256², 512², tiled 256²–1024² (~1.5 h on 2 cores)
+    .venv/bin/python benchmarks/decoder_speed.py --repeats 1 --no-fidelity   # the same, ~50 min
     .venv/bin/python benchmarks/decoder_speed.py --quick    # reduced width and sizes (~2 min), to check it works
 
 Writes ``benchmarks/results/decoder_speed.md`` and ``.json`` (``--out`` to change).
@@ -175,8 +176,9 @@ def plan(args: argparse.Namespace) -> list[dict]:
         for impl, dtype, layout in [("diffusers", "fp32", "nchw"), ("cmkit", "fp32", "channels_last"),
                                     ("cmkit", "fp32", "nchw"), ("diffusers", "bf16", "nchw"),
                                     ("cmkit", "bf16", "channels_last")]:
-            if impl == "diffusers" and args.skip_diffusers or dtype == "bf16" and res != args.sizes[0]:
-                continue
+            secondary = dtype == "bf16" or layout == "nchw" and impl == "cmkit"
+            if impl == "diffusers" and args.skip_diffusers or secondary and res != args.sizes[0]:
+                continue  # bf16 and cmkit-NCHW rows only at the first size
             specs.append({**base, "task": "decode", "impl": impl, "dtype": dtype, "layout": layout, "res": res})
     for res in args.tiled_sizes:
         specs.append({**base, "task": "tiled", "impl": "cmkit", "dtype": "fp32", "layout": "channels_last",
@@ -186,6 +188,16 @@ def plan(args: argparse.Namespace) -> list[dict]:
         specs.append({**base, "task": "tiling-diff", "impl": "cmkit", "dtype": "fp32", "layout": "channels_last",
                       "res": bigger[0], "tile": args.tile, "tile_overlap": args.tile_overlap, "repeats": 1})
     return specs
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def summarize(results: list[dict], args: argparse.Namespace) -> str:
@@ -203,7 +215,7 @@ def summarize(results: list[dict], args: argparse.Namespace) -> str:
         f"Mode: **{mode}**. Network widths {results[0]['widths'] if results else '-'}"
         f" ({'621,277,702 parameters' if not args.quick else 'reduced'}), random weights, batch 1, "
         f"schedule (1.0, 0.5) = 2 steps, `torch.inference_mode()`.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+        f"Machine: {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
         f"diffusers {dv}, Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}.",
         f"Load average (1 min) before/after: {args.load_before:.2f} / {os.getloadavg()[0]:.2f} "
         "(other processes on the CPU make timings noisy). Threads: "
@@ -236,7 +248,8 @@ def summarize(results: list[dict], args: argparse.Namespace) -> str:
                   f"same weights, latents and noise; random weights): max |Δ| = {r['max_abs_diff']:.4f}, "
                   f"mean |Δ| = {r['mean_abs_diff']:.4f}, RMSE = {r['rmse']:.4f} (images in [−1, 1])."]
     lines += ["", "Ratio = cmkit best wall time / diffusers best wall time at the same size and dtype (< 1: cmkit faster).",
-              "Tiled rows: tile side / overlap in latents (×8 pixels); their extra peak should not grow with the image."]
+              "Tiled rows: tile side / overlap in latents (×8 pixels); their extra peak should not grow with the image.",
+              "diffusers' weights column includes the SD encoder of ConsistencyDecoderVAE (34M parameters, unused by decode)."]
     return "\n".join(lines) + "\n"
 
 

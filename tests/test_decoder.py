@@ -175,3 +175,18 @@ def test_scaled_latents_are_detected():
     a = dec.decode(raw[:, :, :4, :4], generator=torch.Generator().manual_seed(0))
     b = dec.decode(raw[:, :, :4, :4] * 0.18215, generator=torch.Generator().manual_seed(0), scaled=True)
     assert (a - b).abs().max().item() < 1e-5
+
+
+def test_training_path_matches_inference_path_and_has_gradients():
+    """With gradients on, the blocks avoid in-place ops; the output is the same and backpropagates."""
+    dec = random_decoder(seed=8)
+    dec.unet.requires_grad_(True)
+    x = torch.randn(2, 7, 32, 24, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1008, 512])
+    with torch.inference_mode():
+        fast = dec.unet(x, t)
+    with torch.enable_grad():
+        out = dec.unet(x, t)
+        out.square().mean().backward()
+    assert torch.equal(out.detach(), fast)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dec.unet.parameters())

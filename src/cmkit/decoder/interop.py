@@ -66,7 +66,10 @@ class DiffusersDecoderAdapter(nn.Module):
     def decode(self, z: Tensor, generator: torch.Generator | None = None, return_dict: bool = True,
                num_inference_steps: int | None = None) -> Any:
         """diffusers' ``ConsistencyDecoderVAE.decode`` signature; ``num_inference_steps`` picks N even steps."""
-        from diffusers.models.autoencoders.vae import DecoderOutput
+        try:
+            from diffusers.models.autoencoders.vae import DecoderOutput
+        except ImportError:  # diffusers < 0.26
+            from diffusers.models.vae import DecoderOutput
 
         schedule = self.schedule if num_inference_steps is None else steps_to_schedule(num_inference_steps)
         sample = self.decoder.decode(z, schedule, generator, clamp=self.clamp, tile=self.tile,

@@ -7,8 +7,10 @@ diffusers ``decoder_unet`` state dict loads with only its prefix removed; OpenAI
 are mapped in ``keys.py``.
 
 Inference needs no autograd, so with gradients disabled the blocks work in place (GroupNorm output,
-scale-shift, SiLU, residual add), every skip tensor is released as soon as it is consumed, and an up
-block's concatenated input is released right after its shortcut conv (``ResBlock.forward_parts``).
+scale-shift, SiLU, residual add), every skip tensor is released as soon as it is consumed, an up
+block's concatenated input is released right after its shortcut conv (``ResBlock.forward_parts``), and
+the ×2 skip of an upsampling block is added through a broadcast view. With gradients enabled (training)
+the same blocks take the plain out-of-place path; both give identical results.
 """
 from __future__ import annotations
 
