@@ -190,18 +190,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return specs
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def summarize(results: list[dict], args: argparse.Namespace) -> str:
     import torch
+
+    from cmkit.utils import cpu_name
 
     try:
         import diffusers

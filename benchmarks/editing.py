@@ -15,7 +15,6 @@ import json
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

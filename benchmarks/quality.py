@@ -6,14 +6,18 @@ the real-vs-real floor (N training images vs the test split). The 2-step middle 
 model is chosen by golden-section search on FD (with fewer samples), as the CM paper did by ternary search.
 Writes benchmarks/results/quality.md, quality.json and sample grids under benchmarks/results/quality/.
 
-    python benchmarks/quality.py                 # N = 10,000 (about an hour on 2 CPU cores)
+    python benchmarks/quality.py                 # N = 10,000, every shipped model (bf16 autocast)
+    python benchmarks/quality.py --only fmnist-edm   # one model; its rows replace those in quality.json
     python benchmarks/quality.py --n 2000 --quick
+
+Sampling runs the network under bf16 autocast by default (about 2× faster on this CPU; the sampler state
+and preconditioning stay fp32); ``--fp32`` turns it off. The table says which was used.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extrac
 from cmkit.metrics.evaluate import evaluate, real_floor
 from cmkit.metrics.schedule_search import search_sigma_mid
 from cmkit.sampling import nfe
-from cmkit.utils import save_grid, to_uint8
+from cmkit.utils import cpu_name, save_grid, to_uint8
 from cmkit.zoo import shipped_model_dir
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,16 +46,16 @@ def settings(quick: bool) -> list[tuple[str, str, int]]:
     return rows
 
 
-def timed_generate(model, cfg, n, sampler, sigmas, steps, batch):
+def timed_generate(model, cfg, n, sampler, sigmas, steps, batch, bf16):
     t0 = time.perf_counter()
-    x, _ = generate(model, cfg, n, sampler, sigmas, steps, seed=0, batch_size=batch, progress=False)
+    x, _ = generate(model, cfg, n, sampler, sigmas, steps, seed=0, batch_size=batch, progress=False, bf16=bf16)
     return x, n / (time.perf_counter() - t0)
 
 
-def search_mid(model, cfg, reference, extractor, n: int, iters: int) -> float:
-    """Golden-section search of the 2-step middle σ on FD with ``n`` samples."""
+def search_mid(model, cfg, reference, extractor, n: int, iters: int, bf16: bool) -> float:
+    """Golden-section search of the 2-step middle σ on FD with ``n`` samples (seeds apart from the table's)."""
     def score(sigmas: list[float]) -> float:
-        x, _ = generate(model, cfg, n, "multistep", sigmas, 2, seed=10_000, progress=False)
+        x, _ = generate(model, cfg, n, "multistep", sigmas, 2, seed=10_000, progress=False, bf16=bf16)
         feats = extractor.extract(to_uint8(x), progress=False)
         return frechet_distance_stats(feature_statistics(feats), reference.stats)
 
@@ -61,12 +65,15 @@ def search_mid(model, cfg, reference, extractor, n: int, iters: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--search-n", type=int, default=2000, help="samples per probe of the σ_mid search")
-    ap.add_argument("--search-iters", type=int, default=8)
+    ap.add_argument("--search-n", type=int, default=1000, help="samples per probe of the σ_mid search")
+    ap.add_argument("--search-iters", type=int, default=7)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
+    ap.add_argument("--only", action="append", help="benchmark only this model (repeatable); other rows are kept")
+    ap.add_argument("--fp32", action="store_true", help="sample in fp32 instead of bf16 autocast")
     args = ap.parse_args()
+    args.bf16 = not args.fp32
     torch.set_num_threads(args.threads)
     extractor = get_extractor("fmnist")
     reference = load_reference("fmnist-test", extractor)
@@ -74,6 +81,8 @@ def main() -> None:
     grids = RESULTS / "quality"
     rows, mids = [], {}
     for name, sampler, steps in settings(args.quick):
+        if args.only and name not in args.only:
+            continue
         path = shipped_model_dir(name)
         if path is None:
             print(f"skip {name}: not shipped yet")
@@ -84,11 +93,12 @@ def main() -> None:
             sigmas = [cfg.model.sigma_max]
         elif sampler == "multistep":
             if name not in mids:
-                mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters)
+                mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters,
+                                        args.bf16)
                 print(f"{name}: searched σ_mid = {mids[name]:.3f}")
             cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
             sigmas = multistep_sigmas(cfg, steps)
-        x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch)
+        x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch, args.bf16)
         m = evaluate(to_uint8(x), reference, extractor, progress=False)
         label = f"{name} {sampler} {steps}" if sampler != "onestep" else f"{name} 1-step"
         save_grid(x[:64], grids / f"{label.replace(' ', '_')}.png", nrow=8)
@@ -100,20 +110,43 @@ def main() -> None:
     write(rows, floor, args)
 
 
+def commands(args: argparse.Namespace) -> list[str]:
+    """The command lines whose rows the table holds (several with --only)."""
+    this = "python " + " ".join(["benchmarks/quality.py", *sys.argv[1:]])
+    old = RESULTS / "quality.json"
+    prev = json.loads(old.read_text())["meta"].get("commands", []) if args.only and old.is_file() else []
+    return [c for c in prev if c != this] + [this]
+
+
+def merge(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """With --only, keep the other models' rows from the existing quality.json (same n and precision)."""
+    old = RESULTS / "quality.json"
+    if not args.only or not old.is_file():
+        return rows
+    prev = json.loads(old.read_text())
+    if prev["meta"]["n_samples"] != args.n or prev["meta"].get("bf16") != args.bf16:
+        raise SystemExit(f"{old} was written with other settings (n, bf16); rerun without --only")
+    kept = [r for r in prev["rows"] if r["model"] not in args.only]
+    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS))}
+    return sorted(kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] != TEACHER else -r["nfe"]))
+
+
 def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = merge(rows, args)
     teacher = next((r for r in rows if r["model"] == TEACHER and r["nfe"] == 35), None)
     for r in rows:
         r["fd_vs_teacher35"] = r["fd"] / teacher["fd"] if teacher else None
         r["speedup_vs_teacher35"] = r["img_per_s"] / teacher["img_per_s"] if teacher else None
-    machine = f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}"
-    meta = {"n_samples": args.n, "feature_space": "FD (Fashion-MNIST classifier features)", "reference":
-            "Fashion-MNIST test split (10,000)", "machine": machine, "command": "python benchmarks/quality.py"
-            + (f" --n {args.n}" if args.n != 10_000 else "") + (" --quick" if args.quick else "")}
+    machine = f"{cpu_name()}, {args.threads} torch threads, torch {torch.__version__}"
+    precision = "bf16 autocast (fp32 sampler state)" if args.bf16 else "fp32"
+    meta = {"n_samples": args.n, "bf16": args.bf16, "precision": precision, "feature_space": "FD (Fashion-MNIST classifier features)", "reference":
+            "Fashion-MNIST test split (10,000)", "machine": machine, "commands": commands(args)}
     (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "floor": floor, "rows": rows}, indent=2))
     lines = [f"# Quality on Fashion-MNIST ({args.n:,} samples vs the test split)", "",
-             f"Feature space: **FD (Fashion-MNIST classifier features)** — not FID. Machine: {machine}.",
-             f"Command: `{meta['command']}`.", "",
+             f"Feature space: **FD (Fashion-MNIST classifier features)** — not FID. Machine: {machine}. "
+             f"Network precision while sampling: {precision}.",
+             "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + ".", "",
              "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s | speed-up vs teacher-35 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

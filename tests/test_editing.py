@@ -147,3 +147,24 @@ def test_edit_cli_inpaint_and_errors(tmp_path, capsys):
         assert main(["edit", args[0], "--model", str(tmp_path / "m"), *args[1:], "-o", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stroke_painting_is_blockwise_flat_and_quantised():
+    from cmkit.editing.gallery import stroke_painting
+
+    s = stroke_painting(images(size=8), block=4, levels=4)
+    assert torch.equal(s, F.interpolate(s[..., ::4, ::4], scale_factor=4, mode="nearest"))  # flat 4×4 blocks
+    assert set(((s + 1) / 2 * 3).round().unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    assert torch.allclose((s + 1) / 2 * 3, ((s + 1) / 2 * 3).round(), atol=1e-6)
+
+
+def test_gallery_writes_every_task_with_panel_layout(tmp_path):
+    from PIL import Image
+
+    from cmkit.editing.gallery import COLUMNS, write_gallery
+
+    written = write_gallery(tmp_path, (model(), images(b=4)), (model(3), images(b=2, c=3)), log=lambda s: None)
+    assert set(written) == set(COLUMNS)
+    w, h = Image.open(written["inpaint"]).size  # 3 columns × 4 rows of 8×8 images, 2 px padding, all ×8
+    assert (w, h) == ((3 * (8 + 2) + 2) * 8, (4 * (8 + 2) + 2) * 8)
+    assert Image.open(written["interpolate"]).size == ((9 * (8 + 2) + 2) * 8, (2 * (8 + 2) + 2) * 8)

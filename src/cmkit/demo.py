@@ -1,7 +1,9 @@
 """``make demo``: train a small digits teacher and distil it into a consistency model, then write grids.
 
 Runs in a few minutes on a 2-core CPU. Re-running resumes finished runs instantly. Outputs:
-demo/teacher_heun35.png (35 evaluations), demo/cd_1step.png (1 evaluation), demo/cd_2step.png.
+demo/teacher_heun35.png (35 evaluations), demo/cd_1step.png (1 evaluation), demo/cd_2step.png, and an
+editing gallery (``demo/gallery/TASK.png``) made with the shipped Fashion-MNIST CD model and colour emoji
+model on held-out images.
 """
 from __future__ import annotations
 
@@ -53,6 +55,34 @@ def main() -> None:
     for (path, sec), nfe in zip(rows, (35, 1, 2)):
         print(f"  {path}  ({nfe:>2} network evaluations, {1000 * sec:.2f} ms/image)")
     print(f"one-step speed-up over the 35-evaluation teacher: {rows[0][1] / rows[1][1]:.0f}x")
+    editing_gallery()
+
+
+def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """A shipped model and ``n`` images of the held-out split it was not trained on, or None if missing."""
+    from .datasets import load_dataset
+    from .errors import CmkitError
+    from .zoo import shipped_model_dir
+
+    path = shipped_model_dir(model_name)
+    if path is None:
+        print(f"  (skipped {model_name}: not shipped)")
+        return None
+    model, cfg = load_model(path)
+    try:
+        data = load_dataset(dataset, split="test", resolution=cfg.model.img_resolution)
+    except CmkitError as e:
+        print(f"  (skipped {model_name}: {e})")
+        return None
+    return model, data.images[:n].float() / 127.5 - 1
+
+
+def editing_gallery() -> None:
+    from .editing.gallery import write_gallery
+
+    print("\nzero-shot editing gallery (held-out images):")
+    with torch.no_grad():
+        write_gallery(OUT / "gallery", held_out("fmnist-cd", "fashion_mnist", 8), held_out("emoji-ict", "emoji", 8))
 
 
 if __name__ == "__main__":

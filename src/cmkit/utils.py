@@ -78,3 +78,16 @@ def save_npz(x: Tensor | np.ndarray, path: str | Path, labels: Tensor | None = N
         arrays["arr_1"] = labels.cpu().numpy()
     np.savez(path, **arrays)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` is empty on Linux), for benchmark records."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

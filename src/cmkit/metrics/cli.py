@@ -45,6 +45,7 @@ def add_cli(subparsers: Any) -> None:
     g.add_argument("--sampler", choices=["onestep", "multistep", "heun", "euler"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=500)
+    g.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast (faster on CPU)")
     p.set_defaults(func=run_eval_cli)
 
 
@@ -60,7 +61,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         model, cfg = load_model(args.model, device=args.device)
         sigmas = [float(v) for v in args.sigmas.split(",")] if args.sigmas else None
         sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
-        x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device)
+        x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
+                        bf16=args.bf16)
         return run_eval(args, to_uint8(x))
     return run_eval(args)
 
