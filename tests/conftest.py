@@ -27,3 +27,12 @@ def teacher_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     train(tiny_config("digits-edm", out, "train.steps=60"), progress=False)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks gain nothing from 2 threads, and lose a lot when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,13 +12,7 @@ from cmkit.decoder.testing import random_decoder, raw_latents
 from cmkit.errors import CmkitError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from 2 threads, and lose a lot when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_full_size_parameter_count_matches_release():

@@ -14,12 +14,7 @@ from cmkit.decoder.testing import random_decoder, raw_latents, write_openai_torc
 from cmkit.errors import CmkitError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*argv: str) -> int:

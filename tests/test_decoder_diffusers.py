@@ -16,12 +16,7 @@ from cmkit.decoder.weights import expected_shapes, to_cmkit_names  # noqa: E402
 TINY = DecoderConfig.tiny()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae(seed: int = 0):

@@ -14,13 +14,7 @@ from cmkit.decoder.tiling import blend_window, plan_tiles, spans
 from cmkit.errors import CmkitError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from 2 threads, and lose a lot when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen() -> torch.Generator:

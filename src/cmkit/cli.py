@@ -94,11 +94,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's weights (EMA by default) as a compact model directory with its recipe."""
-    import platform
+    import os
 
     import torch
 
     from .checkpoint import build_model, load_weights, read_config, save_model_dir
+    from .utils import cpu_name
 
     run = Path(args.run)
     ckpt = run / "checkpoint"
@@ -112,7 +113,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = build_model(cfg.model)
     load_weights(model, ckpt / f"{weights}.safetensors")
     recipe = {"run": str(run), "weights": weights, "steps": state["step"], "wall_s": state.get("wall_s"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, train.num_threads={cfg.train.num_threads}, "
+                         f"torch {torch.__version__}",
               "note": args.note or ""}
     meta = {"description": args.description or "", "recipe": recipe}
     save_model_dir(args.out, model, cfg, meta, dtype=torch.float16 if args.fp16 else None)
