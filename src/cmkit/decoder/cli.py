@@ -3,12 +3,15 @@
     cmkit decode LATENTS.{npy,pt,safetensors} --weights PATH -o out.png [--steps N | --schedule 1.0,0.5]
                  [--tile 64 --tile-overlap 16] [--dtype bf16] [--seed 0] [--latents auto|raw|scaled]
     cmkit convert-decoder SRC -o OUT_DIR [--dtype fp16] [--no-verify]
+    cmkit train-autoencoder --preset fmnist-ae [key=value ...] [--out DIR] [--dry-run] [--no-progress]
+    cmkit train-decoder --preset fmnist-cdec [autoencoder=runs/fmnist-ae] [key=value ...] [--out DIR] [--dry-run]
 
 Each handler returns an exit status and raises ``CmkitError`` (one line) for user errors.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Any
 
@@ -45,9 +48,14 @@ def resolve_schedule(args: argparse.Namespace) -> tuple[float, ...]:
 
 
 def resolve_scaled(latents: torch.Tensor, mode: str, scaling_factor: float) -> bool:
-    """Whether to divide the latents by the scaling factor; ``auto`` refuses latents that look pre-scaled."""
+    """Whether to divide the latents by the scaling factor; ``auto`` refuses latents that look pre-scaled.
+
+    With a scaling factor of 1 (decoders trained by ``cmkit train-decoder``) raw and scaled latents coincide.
+    """
     if mode != "auto":
         return mode == "scaled"
+    if scaling_factor == 1.0:
+        return False
     if looks_scaled(latents):
         std = latents.float().std().item()
         raise CmkitError(f"these latents look already multiplied by {scaling_factor} (std {std:.2f}, raw SD latents "
@@ -87,6 +95,50 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_autoencoder(args: argparse.Namespace) -> int:
+    """Handler of ``cmkit train-autoencoder``."""
+    from .train_config import autoencoder_config, to_dict
+
+    cfg = autoencoder_config(args.preset, args.overrides)
+    if args.out:
+        cfg.out_dir = args.out
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    from .train import train_autoencoder
+
+    print(json.dumps(train_autoencoder(cfg, progress=not args.no_progress)))
+    return 0
+
+
+def run_train_decoder(args: argparse.Namespace) -> int:
+    """Handler of ``cmkit train-decoder``."""
+    from .train_config import decoder_config, to_dict
+
+    cfg = decoder_config(args.preset, args.overrides)
+    if args.out:
+        cfg.out_dir = args.out
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    from .train import train_decoder
+
+    print(json.dumps(train_decoder(cfg, progress=not args.no_progress)))
+    return 0
+
+
+def _add_train(subparsers: Any, name: str, presets: dict, default: str, handler: Any, help_text: str,
+               description: str) -> None:
+    listing = "; ".join(f"{k}: {p.description}" for k, p in presets.items())
+    p = subparsers.add_parser(name, help=help_text, description=f"{description} Presets: {listing}.")
+    p.add_argument("--preset", default=default, choices=sorted(presets), help=f"preset (default {default})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see --dry-run for the keys)")
+    p.add_argument("--out", help="run directory (same as out_dir=...; default runs/PRESET)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=handler)
+
+
 def _add_decode(subparsers: Any) -> None:
     p = subparsers.add_parser("decode", help="decode SD latents to images with the consistency decoder",
                               description="Decode raw SD-1.x/2.x VAE latents with OpenAI's consistency decoder.")
@@ -122,6 +174,15 @@ def _add_convert(subparsers: Any) -> None:
 
 
 def add_cli(subparsers: Any) -> None:
-    """Register ``decode`` and ``convert-decoder`` on an ``argparse`` subparsers object."""
+    """Register ``decode``, ``convert-decoder``, ``train-autoencoder`` and ``train-decoder``."""
+    from .train_config import AE_PRESETS, DECODER_PRESETS
+
     _add_decode(subparsers)
     _add_convert(subparsers)
+    _add_train(subparsers, "train-autoencoder", AE_PRESETS, "fmnist-ae", run_train_autoencoder,
+               "train a small KL autoencoder (the latent space for train-decoder)",
+               "Train a KL autoencoder (L1/L2 reconstruction + KL). Runs go to runs/PRESET; resume=true continues.")
+    _add_train(subparsers, "train-decoder", DECODER_PRESETS, "fmnist-cdec", run_train_decoder,
+               "train a consistency decoder for an autoencoder's latents",
+               "Consistency-train a decoder UNet on the latents of autoencoder=DIR (a train-autoencoder run). "
+               "Runs go to runs/PRESET; model/ loads with ConsistencyDecoder.from_pretrained or cmkit decode.")

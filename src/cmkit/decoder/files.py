@@ -68,5 +68,5 @@ def write_images(images: Tensor, out: str | Path, grid: bool = False) -> list[Pa
     arrays = to_uint8(images)
     paths = [out] if len(arrays) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(arrays))]
     for arr, p in zip(arrays, paths):
-        Image.fromarray(arr).save(p)
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(p)  # grey decoders: (H, W)
     return paths
