@@ -62,8 +62,8 @@ PRESETS: dict[str, Preset] = {
         "sample.sampler": "heun", "sample.steps": 18}),
     "fmnist-cd": Preset("28×28 Fashion-MNIST consistency distillation from fmnist-edm (Heun, N=18, μ=0, pseudo-Huber)", {
         **FMNIST_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "pseudo_huber",
-        "train.steps": 3_000, "train.lr": 1e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
-        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
+        "train.steps": 1_400, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
+        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 0.8)}),
     "fmnist-ct": Preset("28×28 Fashion-MNIST original consistency training from scratch (adaptive N(k), μ(k))", {
         **FMNIST_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 12_000, "train.lr": 4e-4,
         "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
@@ -71,8 +71,8 @@ PRESETS: dict[str, Preset] = {
         **FMNIST_NET, "model.dropout": 0.2, "loss.method": "ict", "train.steps": 3_000, "train.lr": 2e-4,
         "train.optimizer": "adam", "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
     "fmnist-ect": Preset("28×28 Fashion-MNIST easy consistency tuning from fmnist-edm (dropout 0.1, q=2)", {
-        **FMNIST_NET, "model.dropout": 0.1, "loss.method": "ect", "loss.double_steps": 500, "train.steps": 3_000,
-        "train.lr": 1e-4, "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.999,),
+        **FMNIST_NET, "model.dropout": 0.1, "loss.method": "ect", "loss.double_steps": 400, "train.steps": 1_500,
+        "train.lr": 2e-4, "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.995, 0.999),
         "sample.sigmas": (80.0, 0.8)}),
     # --- 32×32 colour emoji (Noto Color Emoji from Debian): the colour model for colorization ---------
     "emoji-ict": Preset("32×32 colour emoji improved CT from scratch (for colorization and colour editing)", {
