@@ -61,6 +61,24 @@ def search_mid(model, cfg, reference, extractor, n: int, iters: int, bf16: bool)
     return search_sigma_mid(score, 0.1, 10.0, iters).sigmas[1]
 
 
+def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
+    """Replace each row's img/s by the best of ``args.repeats`` timings of ``args.speed_n`` images, all taken
+    in this process, the rows interleaved within each repeat."""
+    models: dict[str, tuple] = {}
+    best: dict[int, float] = {}
+    for _ in range(args.repeats):
+        for i, r in enumerate(rows):
+            if r["model"] not in models:
+                models[r["model"]] = load_model(shipped_model_dir(r["model"]))
+            model, cfg = models[r["model"]]
+            _, ips = timed_generate(model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"],
+                                    args.speed_n, args.bf16)
+            best[i] = max(best.get(i, 0.0), ips)
+            print(f"{r['model']} {r['sampler']} {r['steps']}: {ips:.1f} img/s")
+    for i, r in enumerate(rows):
+        r["img_per_s"] = best[i]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000)
@@ -71,9 +89,19 @@ def main() -> None:
     ap.add_argument("--heun-steps", default="18,9,5", help="teacher Heun levels (NFE = 2·levels − 1)")
     ap.add_argument("--only", action="append", help="benchmark only this model (repeatable); other rows are kept")
     ap.add_argument("--fp32", action="store_true", help="sample in fp32 instead of bf16 autocast")
+    ap.add_argument("--speed", action="store_true",
+                    help="only re-time every row of quality.json in this one process (best of --repeats on "
+                         "--speed-n images), so that the speed-ups compare runs under the same load")
+    ap.add_argument("--speed-n", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     args.bf16 = not args.fp32
     torch.set_num_threads(args.threads)
+    if args.speed:
+        prev = json.loads((RESULTS / "quality.json").read_text())
+        measure_speed(prev["rows"], args)
+        write(prev["rows"], prev["floor"], args)
+        return
     extractor = get_extractor("fmnist")
     reference = load_reference("fmnist-test", extractor)
     floor = real_floor(reference, extractor, args.n, progress=False)
@@ -113,7 +141,8 @@ def commands(args: argparse.Namespace) -> list[str]:
     """The command lines whose rows the table holds (several with --only)."""
     this = "python " + " ".join(["benchmarks/quality.py", *sys.argv[1:]])
     old = RESULTS / "quality.json"
-    prev = json.loads(old.read_text())["meta"].get("commands", []) if args.only and old.is_file() else []
+    keep = args.only or args.speed
+    prev = json.loads(old.read_text())["meta"].get("commands", []) if keep and old.is_file() else []
     return [c for c in prev if c != this] + [this]
 
 
@@ -139,12 +168,16 @@ def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> Non
         r["speedup_vs_teacher35"] = r["img_per_s"] / teacher["img_per_s"] if teacher else None
     machine = f"{cpu_name()}, {args.threads} torch threads, torch {torch.__version__}"
     precision = "bf16 autocast (fp32 sampler state)" if args.bf16 else "fp32"
-    meta = {"n_samples": args.n, "bf16": args.bf16, "precision": precision, "feature_space": "FD (Fashion-MNIST classifier features)", "reference":
-            "Fashion-MNIST test split (10,000)", "machine": machine, "commands": commands(args)}
+    timing = (f"img/s: best of {args.repeats} timings of {args.speed_n} images per row, all rows in one process "
+              f"({args.threads} threads, batch {args.speed_n})" if args.speed else
+              "img/s: timed while generating the N samples, one process per --only group (load differs between groups)")
+    meta = {"n_samples": args.n, "bf16": args.bf16, "precision": precision, "timing": timing,
+            "feature_space": "FD (Fashion-MNIST classifier features)", "reference": "Fashion-MNIST test split (10,000)",
+            "machine": machine, "commands": commands(args)}
     (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "floor": floor, "rows": rows}, indent=2))
     lines = [f"# Quality on Fashion-MNIST ({args.n:,} samples vs the test split)", "",
              f"Feature space: **FD (Fashion-MNIST classifier features)** — not FID. Machine: {machine}. "
-             f"Network precision while sampling: {precision}.",
+             f"Network precision while sampling: {precision}. {timing}.",
              "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + ".", "",
              "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s | speed-up vs teacher-35 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

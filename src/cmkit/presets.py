@@ -62,7 +62,7 @@ PRESETS: dict[str, Preset] = {
         "sample.sampler": "heun", "sample.steps": 18}),
     "fmnist-cd": Preset("28×28 Fashion-MNIST consistency distillation from fmnist-edm (Heun, N=18, μ=0, pseudo-Huber)", {
         **FMNIST_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "pseudo_huber",
-        "train.steps": 1_400, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
+        "train.steps": 2_000, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
         "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 0.8)}),
     "fmnist-ct": Preset("28×28 Fashion-MNIST original consistency training from scratch (adaptive N(k), μ(k))", {
         **FMNIST_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 12_000, "train.lr": 4e-4,
