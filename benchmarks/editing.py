@@ -97,7 +97,8 @@ def write(table: list[dict], consistency: float, args: argparse.Namespace, cfg) 
             "feature_space": "FD (Fashion-MNIST classifier features)", "reference": "Fashion-MNIST train split",
             "sr_consistency_max_abs": consistency, "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}",
             "network_precision": "bf16 autocast" if args.bf16 else "fp32",
-            "command": f"python benchmarks/editing.py --model {args.model} --n {args.n}" + (" --bf16" if args.bf16 else "")}
+            "command": f"python benchmarks/editing.py --model {args.model} --n {args.n}"
+            + (f" --steps {args.steps}" if args.steps != 18 else "") + (" --bf16" if args.bf16 else "")}
     (RESULTS / "editing.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
     lines = [f"# Zero-shot editing on {args.n:,} held-out Fashion-MNIST test images", "",
              f"Model `{args.model}` ({meta['network_precision']}), Algorithm 4 with {args.steps} σ levels. FD in the Fashion-MNIST classifier "
