@@ -77,12 +77,13 @@ def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, to
     return model, data.images[:n].float() / 127.5 - 1
 
 
-def editing_gallery() -> None:
+def editing_gallery(out: Path = OUT / "gallery") -> None:
+    """One panel per editing task with the shipped models on held-out images (also the README's pictures)."""
     from .editing.gallery import write_gallery
 
     print("\nzero-shot editing gallery (held-out images):")
     with torch.no_grad():
-        write_gallery(OUT / "gallery", held_out("fmnist-cd", "fashion_mnist", 8), held_out("emoji-ict", "emoji", 8))
+        write_gallery(out, held_out("fmnist-cd", "fashion_mnist", 8), held_out("emoji-ict", "emoji", 8))
 
 
 if __name__ == "__main__":
