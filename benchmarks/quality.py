@@ -79,6 +79,16 @@ def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
         r["img_per_s"] = best[i]
 
 
+def printed_rows(log: str) -> dict[tuple[str, str, int], dict]:
+    """The result rows (one JSON object per line) that an earlier run of this script printed."""
+    rows = {}
+    for line in Path(log).read_text().splitlines():
+        if line.startswith('{"model"'):
+            r = json.loads(line)
+            rows[(r["model"], r["sampler"], r["steps"])] = r
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000)
@@ -93,6 +103,7 @@ def main() -> None:
                     help="only re-time every row of quality.json in this one process (best of --repeats on "
                          "--speed-n images), so that the speed-ups compare runs under the same load")
     ap.add_argument("--speed-n", type=int, default=500)
+    ap.add_argument("--resume-log", help="stdout of an interrupted run: the rows it printed are reused, not recomputed")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     args.bf16 = not args.fp32
@@ -107,8 +118,13 @@ def main() -> None:
     floor = real_floor(reference, extractor, args.n, progress=False)
     grids = RESULTS / "quality"
     rows, mids = [], {}
+    done = printed_rows(args.resume_log) if args.resume_log else {}
     for name, sampler, steps in settings([int(v) for v in args.heun_steps.split(",")]):
         if args.only and name not in args.only:
+            continue
+        if (name, sampler, steps) in done:
+            rows.append(done[(name, sampler, steps)])
+            print(f"reused from {args.resume_log}: {name} {sampler} {steps}")
             continue
         path = shipped_model_dir(name)
         if path is None:
