@@ -95,36 +95,30 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_train_autoencoder(args: argparse.Namespace) -> int:
-    """Handler of ``cmkit train-autoencoder``."""
-    from .train_config import autoencoder_config, to_dict
+def _run_training(args: argparse.Namespace, build: str, train: str) -> int:
+    """Resolve a training config (``train_config.<build>``), print it for --dry-run, else run ``train.<train>``."""
+    from . import train_config
 
-    cfg = autoencoder_config(args.preset, args.overrides)
+    cfg = getattr(train_config, build)(args.preset, args.overrides)
     if args.out:
         cfg.out_dir = args.out
     if args.dry_run:
-        print(json.dumps(to_dict(cfg), indent=2))
+        print(json.dumps(train_config.to_dict(cfg), indent=2))
         return 0
-    from .train import train_autoencoder
+    from . import train as trainer
 
-    print(json.dumps(train_autoencoder(cfg, progress=not args.no_progress)))
+    print(json.dumps(getattr(trainer, train)(cfg, progress=not args.no_progress)))
     return 0
+
+
+def run_train_autoencoder(args: argparse.Namespace) -> int:
+    """Handler of ``cmkit train-autoencoder``."""
+    return _run_training(args, "autoencoder_config", "train_autoencoder")
 
 
 def run_train_decoder(args: argparse.Namespace) -> int:
     """Handler of ``cmkit train-decoder``."""
-    from .train_config import decoder_config, to_dict
-
-    cfg = decoder_config(args.preset, args.overrides)
-    if args.out:
-        cfg.out_dir = args.out
-    if args.dry_run:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return 0
-    from .train import train_decoder
-
-    print(json.dumps(train_decoder(cfg, progress=not args.no_progress)))
-    return 0
+    return _run_training(args, "decoder_config", "train_decoder")
 
 
 def _add_train(subparsers: Any, name: str, presets: dict, default: str, handler: Any, help_text: str,
