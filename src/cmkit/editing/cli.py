@@ -84,7 +84,7 @@ def run_edit(args: argparse.Namespace) -> int:
             panel = [torch.nn.functional.interpolate(low, scale_factor=args.factor, mode="nearest"), out]
         elif args.task == "stroke":
             y = load_images(args.input, C, R, args.index)
-            out = tasks.stroke_guided(model, y, args.sigma or 20.0, args.steps or 3, generator=g)
+            out = tasks.stroke_guided(model, y, args.sigma or tasks.STROKE_SIGMA, args.steps or 3, generator=g)
             panel = [y, out]
         elif args.task == "denoise":
             y = load_images(args.input, C, R, args.index)
@@ -139,7 +139,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--box", help="inpaint: box x0,y0,x1,y1 to generate")
     p.add_argument("--builtin", help="inpaint: built-in mask center|left|right|top|bottom|border (default center)")
     p.add_argument("--factor", type=int, default=4, help="superres: factor p (2, 4, 8)")
-    p.add_argument("--sigma", type=float, help="stroke: starting σ (default 20); denoise: noise level (0.3); "
+    p.add_argument("--sigma", type=float, help="stroke: starting σ (default 5 = tasks.STROKE_SIGMA); denoise: noise level (0.3); "
                                                "interpolate images: σ of the noised versions (2)")
     p.add_argument("--add-noise", action="store_true", help="denoise: add N(0, σ²) noise to a clean input first")
     p.add_argument("--steps", type=int, help="number of σ levels (default 18; stroke default 3)")

@@ -21,7 +21,7 @@ from .masks import builtin_mask
 COLUMNS = {
     "inpaint": "input | masked (grey = to generate) | output",
     "superres": "ground truth | ×4 low-res input (nearest) | output",
-    "stroke": "ground truth | stroke painting | output (σ_start = 5, 3 steps)",
+    "stroke": f"ground truth | stroke painting | output (σ_start = {tasks.STROKE_SIGMA:g}, 3 steps)",
     "denoise": "clean | noisy (σ = 0.5) | output (1 evaluation)",
     "interpolate": "rows: image A | 7 interpolated frames | image B",
     "colorize": "ground truth | grey input | output",
@@ -57,7 +57,7 @@ def grey_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0) -> dict[
         written["superres"] = _panel([x, F.interpolate(low, scale_factor=4, mode="nearest"),
                                       tasks.super_resolve(model, low, 4, generator=g())], out / "superres.png")
     strokes = stroke_painting(x)
-    written["stroke"] = _panel([x, strokes, tasks.stroke_guided(model, strokes, 5.0, 3, generator=g())],
+    written["stroke"] = _panel([x, strokes, tasks.stroke_guided(model, strokes, tasks.STROKE_SIGMA, 3, generator=g())],
                                out / "stroke.png")
     noisy = x + 0.5 * torch.randn(x.shape, generator=g())
     written["denoise"] = _panel([x, noisy, tasks.denoise(model, noisy, 0.5)], out / "denoise.png")
