@@ -17,7 +17,7 @@ Weights are ``autoencoder.safetensors`` + ``config.json`` (no pickles), written 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .checkpoint import load_weights
+from .config import dataclass_from_dict
 from .errors import CmkitError
 
 AE_FORMAT = "cmkit.kl_autoencoder"
@@ -72,11 +73,7 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CmkitError(f"unknown autoencoder config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "autoencoder")
 
 
 class ResBlock(nn.Module):

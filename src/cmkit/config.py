@@ -10,9 +10,11 @@ import difflib
 import json
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from .errors import CmkitError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -136,6 +138,15 @@ class Config:
 SECTIONS = ("model", "data", "loss", "train", "sample")
 
 
+def dataclass_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
+    """``cls(**d)`` for a flat config dataclass, with one clear error naming any unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CmkitError(f"unknown {what} config keys {unknown}; expected a subset of {sorted(known)}")
+    return cls(**d)
+
+
 # --- overrides -------------------------------------------------------------------------------------
 
 def _all_keys() -> list[str]:
@@ -197,13 +208,21 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     setattr(obj, name, _coerce(full, value, hints[name]))
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``key=value`` strings in order."""
+def parse_overrides(overrides: list[str], example: str = "train.steps=2000") -> list[tuple[str, str]]:
+    """``["key=value", ...]`` → ``[(key, value), ...]``; anything without ``=`` is one clear error."""
+    pairs = []
     for item in overrides:
         if "=" not in item:
-            raise CmkitError(f"expected key=value, got {item!r} (e.g. train.steps=2000)")
+            raise CmkitError(f"expected key=value, got {item!r} (e.g. {example})")
         key, value = item.split("=", 1)
-        set_value(cfg, key.strip(), value.strip())
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings in order."""
+    for key, value in parse_overrides(overrides):
+        set_value(cfg, key, value)
     return cfg
 
 

@@ -7,9 +7,10 @@ The defaults are OpenAI's released decoder (openai/consistencydecoder, 2023), as
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..config import dataclass_from_dict
 from ..errors import CmkitError
 
 #: SD-1.x/2.x VAE latent scale: OpenAI multiplies the *raw* latent by this itself (§1.3).
@@ -90,11 +91,7 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CmkitError(f"unknown decoder config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "decoder")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -13,23 +13,17 @@ import typing
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from ..config import _coerce
+from ..config import _coerce, parse_overrides
 from ..errors import CmkitError
 
 
 @dataclass
-class AutoencoderTrainConfig:
-    """A KL autoencoder run (``cmkit.autoencoder``): data, network, objective and loop settings."""
+class RunConfig:
+    """What every run of these two trainers has: its data, and the settings of the training loop."""
 
     data: str = "fashion_mnist"
     data_root: str = ""
     image_size: int = 32              # images are padded with black (−1) to this side
-    channels: tuple[int, ...] = (16, 32, 64)
-    num_res_blocks: int = 1
-    latent_channels: int = 2
-    norm_groups: int = 8
-    reconstruction: str = "l1"        # l1 | l2
-    kl_weight: float = 1e-3           # β, nats per pixel
     steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
@@ -41,17 +35,26 @@ class AutoencoderTrainConfig:
     sample_every: int = 1000
     num_threads: int = 0
     resume: bool = False
-    out_dir: str = ""
+    out_dir: str = ""                 # "" = runs/PRESET
 
 
 @dataclass
-class DecoderTrainConfig:
+class AutoencoderTrainConfig(RunConfig):
+    """A KL autoencoder run (``cmkit.autoencoder``): the network and its objective."""
+
+    channels: tuple[int, ...] = (16, 32, 64)
+    num_res_blocks: int = 1
+    latent_channels: int = 2
+    norm_groups: int = 8
+    reconstruction: str = "l1"        # l1 | l2
+    kl_weight: float = 1e-3           # β, nats per pixel
+
+
+@dataclass
+class DecoderTrainConfig(RunConfig):
     """A consistency-decoder run (``consistency.py``) on the latents of a trained autoencoder."""
 
     autoencoder: str = "runs/fmnist-ae"
-    data: str = "fashion_mnist"
-    data_root: str = ""
-    image_size: int = 32
     block_out_channels: tuple[int, ...] = (16, 32, 32, 32)
     layers_per_block: int = 1
     norm_num_groups: int = 8
@@ -61,17 +64,7 @@ class DecoderTrainConfig:
     index_sampling: str = "uniform"   # uniform | lognormal
     stats_images: int = 5000          # training images for the latent mean/std
     steps: int = 10000
-    batch_size: int = 64
     lr: float = 2e-4
-    grad_clip: float = 1.0
-    ema_rate: float = 0.999
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 1000
-    sample_every: int = 1000
-    num_threads: int = 0
-    resume: bool = False
-    out_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,7 +88,7 @@ DECODER_PRESETS: dict[str, Preset] = {
                                sample_every=100, log_every=10)),
 }
 
-C = TypeVar("C", AutoencoderTrainConfig, DecoderTrainConfig)
+C = TypeVar("C", bound=RunConfig)
 
 
 def set_field(cfg: C, key: str, value: Any) -> None:
@@ -111,11 +104,8 @@ def set_field(cfg: C, key: str, value: Any) -> None:
 
 def apply_overrides(cfg: C, overrides: list[str]) -> C:
     """``key=value`` strings, in order."""
-    for item in overrides:
-        if "=" not in item:
-            raise CmkitError(f"expected key=value, got {item!r} (e.g. steps=2000)")
-        key, value = item.split("=", 1)
-        set_field(cfg, key.strip(), value.strip())
+    for key, value in parse_overrides(overrides, "steps=2000"):
+        set_field(cfg, key, value)
     return cfg
 
 
@@ -143,12 +133,12 @@ def decoder_config(preset: str = "fmnist-cdec", overrides: list[str] | None = No
     return _resolve(DECODER_PRESETS, DecoderTrainConfig, preset, overrides or [])
 
 
-def to_dict(cfg: AutoencoderTrainConfig | DecoderTrainConfig) -> dict[str, Any]:
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """JSON-ready dict (tuples as lists)."""
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def check_common(cfg: AutoencoderTrainConfig | DecoderTrainConfig) -> None:
+def check_common(cfg: RunConfig) -> None:
     """One-line errors for loop settings that cannot work."""
     for key in ("steps", "batch_size", "log_every", "image_size"):
         if getattr(cfg, key) < 1:
