@@ -55,6 +55,14 @@ def test_inpainting_preserves_known_pixels_exactly():
     assert not torch.allclose(out[..., ~known], y[..., ~known])
 
 
+def test_gray_input_has_equal_channels_and_the_luminance_of_the_colour_image():
+    x = images(c=3)
+    gray = to_gray3(x)
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    A = ColorBasis()
+    torch.testing.assert_close(A.forward(gray)[:, 0], A.forward(x)[:, 0], atol=1e-6, rtol=0)
+
+
 def test_colorization_preserves_luminance():
     m, x = model(channels=3), images(c=3)
     gray = to_gray3(x)

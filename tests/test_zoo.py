@@ -1,4 +1,5 @@
-"""The shipped Fashion-MNIST models: present, loadable by name, documented, and sampling correctly."""
+"""The shipped models (four Fashion-MNIST, one colour emoji): present, loadable by name, documented, and
+sampling and editing correctly."""
 import json
 
 import pytest
@@ -8,10 +9,10 @@ from cmkit.checkpoint import load_model
 from cmkit.cli import main
 from cmkit.zoo import shipped_model_dir, shipped_models
 
-SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect")
+SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect", "emoji-ect")
 
 
-def test_the_four_fashion_mnist_models_are_shipped_with_recipes_under_40_mb():
+def test_the_models_are_shipped_with_recipes_under_40_mb():
     assert set(SHIPPED) <= set(shipped_models())
     total = 0
     for name in SHIPPED:
@@ -27,7 +28,8 @@ def test_the_four_fashion_mnist_models_are_shipped_with_recipes_under_40_mb():
 def test_shipped_consistency_models_keep_the_boundary_condition(name):
     model, cfg = load_model(name)
     assert cfg.model.precond == "cm"
-    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    C, R = cfg.model.in_channels, cfg.model.img_resolution
+    x = torch.rand(2, C, R, R, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         out = model(x, torch.full((2,), cfg.model.sigma_min))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
@@ -41,3 +43,20 @@ def test_sample_cli_takes_a_shipped_name(tmp_path):
 
     a = np.load(tmp_path / "s.npz")["arr_0"]
     assert a.shape == (4, 28, 28, 1) and a.dtype == np.uint8 and a.std() > 10  # real images, not a constant
+
+
+def test_the_colour_model_colorizes_keeping_the_luminance():
+    """Colorization with the shipped emoji model: the input's luminance is kept exactly (Algorithm 4 with
+    the luminance-axis Q) and the model puts colour into the chroma channels, which are zero in the input."""
+    from cmkit.editing import colorize, to_gray3
+
+    model, cfg = load_model("emoji-ect")
+    assert cfg.model.in_channels == 3
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    disc = ((xx ** 2 + yy ** 2) < 0.6).float()  # a bright disc on black, like an emoji
+    gray = to_gray3((disc * 1.6 - 0.8).expand(2, 3, 32, 32) + 0.05 * torch.randn(2, 3, 32, 32, generator=g))
+    out = colorize(model, gray, generator=g)
+    torch.testing.assert_close(to_gray3(out), gray, atol=1e-4, rtol=0)
+    chroma = out - to_gray3(out)
+    assert chroma.abs().mean() > 0.02  # not left grey

@@ -83,7 +83,7 @@ def editing_gallery(out: Path = OUT / "gallery") -> None:
 
     print("\nzero-shot editing gallery (held-out images):")
     with torch.no_grad():
-        write_gallery(out, held_out("fmnist-cd", "fashion_mnist", 8), held_out("emoji-ict", "emoji", 8))
+        write_gallery(out, held_out("fmnist-cd", "fashion_mnist", 8), held_out("emoji-ect", "emoji", 8))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from ..errors import CmkitError
 from ..sampling import NoiseSource, randn
 from ..schedules import SIGMA_MAX, SIGMA_MIN
 from .editor import default_edit_sigmas, edit
-from .transforms import ColorBasis, Identity, PatchBasis
+from .transforms import LUMA, ColorBasis, Identity, PatchBasis
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int] | None:
@@ -64,9 +64,10 @@ def to_gray3(x: Tensor) -> Tensor:
         return x.repeat(1, 3, 1, 1)
     if x.shape[1] != 3:
         raise CmkitError(f"expected a grey or RGB image, got {x.shape[1]} channels")
-    A = ColorBasis()
-    c = A.forward(x)
-    return A.inverse(torch.cat([c[:, :1], torch.zeros_like(c[:, 1:])], 1))
+    # L = w·x with w = LUMA / ΣLUMA. Since the weights sum to 1, (L, L, L) has the same luminance coordinate
+    # q₁·x = LUMA·x / |LUMA| as x, so colorizing it keeps x's luminance.
+    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device)
+    return torch.einsum("c,bchw->bhw", w / w.sum(), x)[:, None].repeat(1, 3, 1, 1)
 
 
 def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[float] | None = None, *,
