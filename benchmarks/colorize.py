@@ -1,8 +1,8 @@
 """Colorization benchmark (issue: zero-shot editing) on the held-out emoji split.
 
-Every held-out emoji (the split no model was trained on) is turned grey (luminance kept, chroma zeroed,
+Every held-out emoji (the split no model was trained on) is turned grey (R = G = B = its luminance,
 ``cmkit.editing.to_gray3``) and coloured again by Algorithm 4 with the luminance-axis Q. Baselines: the grey
-image itself (chroma 0) and the grey image plus the training split's mean chroma image. Reported:
+image itself (colourfulness 0) and the grey image plus the training split's mean chroma image. Reported:
 
 * PSNR of the RGB result against the ground truth (a plausible but different colour loses here; shown anyway);
 * chroma RMSE (the two chroma coordinates of Q, in image units);
@@ -66,7 +66,7 @@ def main() -> None:
         out = colorize(model, gray, default_edit_sigmas(args.steps), generator=torch.Generator().manual_seed(0))
     lum_err = float((ColorBasis().forward(out)[:, :1] - ColorBasis().forward(gray)[:, :1]).abs().max())
     rows = []
-    for name, im in [("ground truth", x), ("grey input (chroma 0)", gray),
+    for name, im in [("ground truth", x), ("grey input", gray),
                      ("grey + mean training chroma", mean_chroma), (f"cmkit colorize ({args.model})", out)]:
         rows.append({"method": name, "psnr": None if im is x else psnr(im, x),
                      "chroma_rmse": None if im is x else float((chroma(im) - chroma(x)).square().mean().sqrt()),
