@@ -2,7 +2,7 @@
 
 Runs in a few minutes on a 2-core CPU. Re-running resumes finished runs instantly. Outputs:
 demo/teacher_heun35.png (35 evaluations), demo/cd_1step.png (1 evaluation), demo/cd_2step.png, and an
-editing gallery (``demo/gallery/TASK.png``) made with the shipped Fashion-MNIST CD model and colour emoji
+editing gallery (``demo/gallery/TASK.png``) made with the shipped Fashion-MNIST CD model and the colour emoji (``emoji-ect``)
 model on held-out images.
 """
 from __future__ import annotations
