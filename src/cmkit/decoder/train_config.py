@@ -63,7 +63,7 @@ class DecoderTrainConfig(RunConfig):
     distance: str = "l2"              # l2 | l1 | pseudo_huber
     index_sampling: str = "uniform"   # uniform | lognormal
     stats_images: int = 5000          # training images for the latent mean/std
-    steps: int = 10000
+    steps: int = 5000
     lr: float = 2e-4
 
 
