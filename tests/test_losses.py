@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from cmkit.distances import default_huber_c, l1, l2, pseudo_huber
+from cmkit.errors import CmkitError
 from cmkit.ema import make_copy
 from cmkit.losses import CDLoss, CTLoss, ECTLoss, EDMLoss, ICTLoss, paired_passes
 from cmkit.nets import UNet
@@ -103,8 +104,9 @@ def test_ict_weighting_and_sigma_pairs_on_grid():
 def test_lpips_missing_weights_message(tmp_path):
     from cmkit.distances import get_distance
 
-    with pytest.raises(FileNotFoundError, match="LPIPS weights"):
-        get_distance("lpips", lpips_weights=str(tmp_path / "nope.safetensors"))
+    lpips = get_distance("lpips", lpips_weights=str(tmp_path / "nope.safetensors"))  # read at the first use
+    with pytest.raises(CmkitError, match="LPIPS weights: file not found"):
+        lpips.load()
 
 
 def test_lpips_loads_user_weights_and_is_zero_on_equal(tmp_path):

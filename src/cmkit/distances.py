@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 Distance = Callable[[Tensor, Tensor], Tensor]
@@ -49,22 +47,7 @@ def get_distance(name: str, huber_c: float | None = None, lpips_weights: str | N
     if name == "pseudo_huber":
         return lambda a, b: pseudo_huber(a, b, huber_c)
     if name == "lpips":
-        from .lpips import LPIPS
+        from .lpips import LazyLPIPS
 
-        return LPIPS.from_file(lpips_weights)
+        return LazyLPIPS(lpips_weights)
     raise ValueError(f"unknown distance {name!r}; expected one of l2, l1, pseudo_huber, lpips")
-
-
-def downsample_for_metric(x: Tensor, size: int) -> Tensor:
-    """Bilinear resize used by LPIPS on small images (the CM code upsamples to 224)."""
-    return F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
-
-
-def require_file(path: str | Path | None, what: str, hint: str) -> Path:
-    """Return ``path`` as a Path if it exists, else raise FileNotFoundError with one clear line."""
-    if not path:
-        raise FileNotFoundError(f"{what}: no path given ({hint})")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{what}: file not found: {p} ({hint})")
-    return p

@@ -24,8 +24,3 @@ def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
         torch._foreach_lerp_(e_params, [p.detach() for p in m_params], 1 - rate)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
-
-
-def ema_rate_from_half_life(half_life_steps: float) -> float:
-    """The per-step rate whose half-life is ``half_life_steps`` (e.g. 12,207 steps -> 0.9999432)."""
-    return 0.5 ** (1 / half_life_steps)

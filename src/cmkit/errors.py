@@ -1,6 +1,36 @@
 """User-facing errors: the CLI prints these as one clear line (no traceback) and exits with status 2."""
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+from types import ModuleType
+
 
 class CmkitError(Exception):
     """A problem with the user's input (bad argument, missing file, wrong shape, unknown preset)."""
+
+
+def optional_import(module: str, extra: str, what: str) -> ModuleType:
+    """Import ``module`` (a package outside the core dependencies), or raise :class:`CmkitError` in one line.
+
+    ``extra`` is the ``cmkit[extra]`` that installs it and ``what`` the feature that needs it, e.g.
+    ``optional_import("scipy.linalg", "metrics", "cmkit eval")`` raises
+    "cmkit eval needs scipy: pip install 'cmkit[metrics]'" when scipy is missing.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        package = module.split(".")[0]
+        if e.name != package:
+            raise  # the package is there but a sub-module or a dependency of it is not: show the real error
+        raise CmkitError(f"{what} needs {package}: pip install 'cmkit[{extra}]'") from None
+
+
+def require_file(path: str | Path | None, what: str, hint: str) -> Path:
+    """Return ``path`` as a Path if it exists, else raise FileNotFoundError with one clear line."""
+    if not path:
+        raise FileNotFoundError(f"{what}: no path given ({hint})")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: file not found: {p} ({hint})")
+    return p

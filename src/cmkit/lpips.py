@@ -11,15 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distances import downsample_for_metric, require_file
+from .errors import CmkitError, require_file
 
 VGG_CFG = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512]
 TAPS = (3, 8, 15, 22, 29)          # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision numbering
 TAP_CHANNELS = (64, 128, 256, 512, 512)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def resize_bilinear(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize to ``size``×``size`` in float32 (the CM code upsamples images under 256 px to 224)."""
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
 def vgg16_features() -> nn.Sequential:
@@ -75,7 +81,7 @@ class LPIPS(nn.Module):
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)
             if x.shape[-1] < 256:
-                x = downsample_for_metric(x, 224)
+                x = resize_bilinear(x, 224)
             return ((x + 1) / 2 - MEAN.to(x.device)) / STD.to(x.device)
 
         with torch.autocast(a.device.type, enabled=False):
@@ -83,3 +89,21 @@ class LPIPS(nn.Module):
             return sum(lin((x - y).square()).mean((1, 2, 3)) for lin, x, y in zip(self.lins, fa, fb))
 
 
+class LazyLPIPS:
+    """The LPIPS distance, its weights read at the first call (or ``load()``): a loss that uses it can be
+    built and checked without the weights file (``cmkit train --dry-run``)."""
+
+    def __init__(self, path: str | Path | None):
+        self.path, self.net = path, None
+
+    def load(self) -> LPIPS:
+        """Read the weights now; a missing file is one ``CmkitError`` line."""
+        if self.net is None:
+            try:
+                self.net = LPIPS.from_file(self.path)
+            except (FileNotFoundError, ValueError) as e:
+                raise CmkitError(str(e)) from None
+        return self.net
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.load().to(a.device)(a, b)

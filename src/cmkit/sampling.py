@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .schedules import SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from .solvers import euler_step, heun_step
 from .utils import append_dims
 
 NoiseSource = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -109,12 +110,8 @@ def _ode_sample(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequ
     B = shape[0]
     x = s[0] * randn(shape, generator, device)
     for t, t2 in zip(s, s[1:]):
-        d = (x - denoiser(x, torch.full((B,), t, device=device), **cond)) / t
-        x_next = x + (t2 - t) * d
-        if heun and t2 > 0:
-            d2 = (x_next - denoiser(x_next, torch.full((B,), t2, device=device), **cond)) / t2
-            x_next = x + (t2 - t) * (d + d2) / 2
-        x = x_next
+        step = heun_step if heun and t2 > 0 else euler_step  # EDM Alg. 1: the last step, to σ = 0, is Euler
+        x = step(denoiser, x, torch.full((B,), t, device=device), torch.full((B,), t2, device=device), **cond)
     return x.clamp(-1, 1) if clip else x
 
 

@@ -29,8 +29,8 @@ and the lower index m = n − Δ(k):
 * The target is evaluated under ``torch.no_grad`` (θ⁻ = sg(θ), or a separate EMA module if one is given);
   the UNet has no dropout, so the two passes need no shared masks.
 
-The network input and the coefficients are exactly those of ``sampler.x0_estimate``, so a trained UNet
-decodes with ``ConsistencyDecoder.decode`` unchanged; only the clamp is left out during training.
+f_θ is ``sampler.f_theta``, the function ``ConsistencyDecoder.decode`` evaluates, so a trained UNet decodes
+unchanged; only the clamp is left out during training.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from ..schedules import lognormal_index_probs
 from ..utils import append_dims
 from .config import DecoderConfig
 from .latents import upsample_latents
+from .sampler import f_theta
 from .schedule import DecoderSchedule
 
 DISTANCE_DEGREE = {"l2": 2, "l1": 1, "pseudo_huber": 1}
@@ -71,10 +72,12 @@ def gather(table: Tensor, t: Tensor, ndim: int) -> Tensor:
 
 def consistency_function(unet: nn.Module, x_t: Tensor, z_up: Tensor, t: Tensor, schedule: DecoderSchedule,
                          image_channels: int) -> Tensor:
-    """f(x_t, t) = c_skip(t)·x_t + c_out(t)·F(c_in(t)·x_t ⊕ z_up, t)[:, :C_img] with per-sample t (B,)."""
+    """f(x_t, t) = c_skip(t)·x_t + c_out(t)·F(c_in(t)·x_t ⊕ z_up, t)[:, :C_img] with per-sample t (B,).
+
+    :func:`sampler.f_theta <cmkit.decoder.sampler.f_theta>` with the coefficients gathered per sample, unclamped.
+    """
     c_in, c_out, c_skip = (gather(getattr(schedule, k), t, x_t.ndim) for k in ("c_in", "c_out", "c_skip"))
-    F_theta = unet(torch.cat([c_in * x_t, z_up], dim=1), t)[:, :image_channels]
-    return c_out * F_theta + c_skip * x_t
+    return f_theta(unet, x_t, z_up, t, c_in, c_out, c_skip, image_channels)
 
 
 def noisy(x0: Tensor, eps: Tensor, t: Tensor, schedule: DecoderSchedule) -> Tensor:

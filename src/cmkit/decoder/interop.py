@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CmkitError
+from ..errors import CmkitError, optional_import
 from .config import DecoderConfig
 from .decoder import DEFAULT_SCHEDULE, ConsistencyDecoder
 from .schedule import steps_to_schedule
@@ -66,6 +66,7 @@ class DiffusersDecoderAdapter(nn.Module):
     def decode(self, z: Tensor, generator: torch.Generator | None = None, return_dict: bool = True,
                num_inference_steps: int | None = None) -> Any:
         """diffusers' ``ConsistencyDecoderVAE.decode`` signature; ``num_inference_steps`` picks N even steps."""
+        optional_import("diffusers", "diffusers", "DiffusersDecoderAdapter")
         try:
             from diffusers.models.autoencoders.vae import DecoderOutput
         except ImportError:  # diffusers < 0.26

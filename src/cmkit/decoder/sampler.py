@@ -38,15 +38,31 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device
     return torch.randn(shape, generator=generator, dtype=torch.float32, device=noise_device).to(device)
 
 
-def x0_estimate(net: Network, x_t: Tensor, z_norm: Tensor, t: int, coeffs: dict[str, float],
-                config: DecoderConfig, dtype: torch.dtype, channels_last: bool, clamp: bool) -> Tensor:
-    """f(x_t, t) = c_out · F_θ(c_in · x_t ⊕ up(z_norm), t)[:, :3] + c_skip · x_t, optionally clamped (§1.4)."""
-    inp = torch.cat([x_t * coeffs["c_in"], upsample_latents(z_norm, config)], dim=1).to(dtype)
+def f_theta(net: Network, x_t: Tensor, z_up: Tensor, t: int | Tensor, c_in: float | Tensor, c_out: float | Tensor,
+            c_skip: float | Tensor, image_channels: int, *, dtype: torch.dtype | None = None,
+            channels_last: bool = False, clamp: bool = False) -> Tensor:
+    """The consistency function f(x_t, t) = c_out · F_θ(c_in · x_t ⊕ z_up, t)[:, :C_img] + c_skip · x_t (§1.4).
+
+    The one implementation behind decoding (:func:`x0_estimate`: integer t, Python-float coefficients) and
+    training (``consistency.consistency_function``: per-sample t (B,), coefficients (B, 1, 1, 1)); the
+    coefficients are anything that broadcasts against x_t. ``z_up`` is the upsampled normalised latent.
+    ``dtype``/``channels_last`` cast only the network input; F_θ comes back in x_t's dtype.
+    """
+    inp = torch.cat([x_t * c_in, z_up], dim=1)
+    if dtype is not None:
+        inp = inp.to(dtype)
     if channels_last:
         inp = inp.contiguous(memory_format=torch.channels_last)
-    F_theta = net(inp, t)[:, : config.image_channels].float()
-    x0 = coeffs["c_out"] * F_theta + coeffs["c_skip"] * x_t
+    F = net(inp, t)[:, :image_channels].to(x_t.dtype)
+    x0 = c_out * F + c_skip * x_t
     return x0.clamp_(-1.0, 1.0) if clamp else x0
+
+
+def x0_estimate(net: Network, x_t: Tensor, z_norm: Tensor, t: int, coeffs: dict[str, float],
+                config: DecoderConfig, dtype: torch.dtype, channels_last: bool, clamp: bool) -> Tensor:
+    """:func:`f_theta` at one integer timestep with ``schedule.at(t)``'s coefficients, optionally clamped."""
+    return f_theta(net, x_t, upsample_latents(z_norm, config), t, coeffs["c_in"], coeffs["c_out"], coeffs["c_skip"],
+                   config.image_channels, dtype=dtype, channels_last=channels_last, clamp=clamp)
 
 
 def _blended_x0(net: Network, x_t: Tensor, z_norm: Tensor, t: int, coeffs: dict[str, float], tiles: list[Tile],

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CmkitError
 from .features import FeatureExtractor
-from .frechet import feature_statistics, frechet_distance_stats
+from .frechet import feature_statistics, frechet_distance_stats, require_scipy
 from .idx import load_fmnist
 from .images import as_uint8_nhwc
 from .kid import kernel_inception_distance
@@ -112,6 +112,7 @@ def evaluate_images(images: np.ndarray | torch.Tensor, ref: str | Path | Referen
     :func:`metrics_from_features` (kid_subsets, kid_subset_size, k, seed). The result is the :func:`evaluate`
     dict with ``floor`` (the same metrics for real images, or None where no floor is defined) added.
     """
+    require_scipy()  # fail before any feature extraction when the metrics extra is missing
     extractor = features if isinstance(features, FeatureExtractor) else get_extractor(
         features, inception_weights=inception_weights, device=device)
     images = as_uint8_nhwc(images)

@@ -3,17 +3,18 @@
 d² = ||μ₁ − μ₂||² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}), computed as in the TTUR code and the ADM evaluator
 (``evaluations/evaluator.py::FIDStatistics.frechet_distance``): ``scipy.linalg.sqrtm`` of Σ₁Σ₂; if the
 result is not finite, retry with ε·I added to both covariances (ε = 1e-6); drop a negligible imaginary part.
-Covariances use ``np.cov(rowvar=False)`` (the unbiased N − 1 estimator) in float64.
+Covariances use ``np.cov(rowvar=False)`` (the unbiased N − 1 estimator) in float64. scipy (``cmkit[metrics]``)
+is imported on first use, so that a core install can import this module.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-from scipy import linalg
 
-from ..errors import CmkitError
+from ..errors import CmkitError, optional_import
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,13 @@ def feature_statistics(features: np.ndarray) -> FeatureStats:
     return FeatureStats(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), n=f.shape[0])
 
 
+def require_scipy() -> ModuleType:
+    """``scipy.linalg``, or a one-line :class:`CmkitError` naming the ``cmkit[metrics]`` extra."""
+    return optional_import("scipy.linalg", "metrics", "the Fréchet distance (cmkit eval)")
+
+
 def _sqrtm(a: np.ndarray) -> np.ndarray:
+    linalg = require_scipy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # singular products are handled below, as in TTUR
         return linalg.sqrtm(a)
