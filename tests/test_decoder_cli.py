@@ -36,7 +36,8 @@ def test_decode_npy_to_png_matches_the_api(tmp_path, weights, capsys):
     wdir, dec = weights
     z = raw_latents(1, 4, 6, seed=1)
     np.save(tmp_path / "z.npy", z.numpy())
-    assert run("decode", tmp_path / "z.npy", "--weights", wdir, "-o", tmp_path / "out.png", "--seed", "3") == 0
+    assert run("decode", tmp_path / "z.npy", "--weights", wdir, "--out", tmp_path / "out.png", "--seed", "3",
+               "--threads", "1") == 0
     img = np.asarray(Image.open(tmp_path / "out.png"))
     assert img.shape == (32, 48, 3) and img.dtype == np.uint8
     expected = dec.decode(z, (1.0, 0.5), torch.Generator().manual_seed(3))
@@ -101,8 +102,10 @@ def test_convert_decoder_command(tmp_path, weights, capsys):
     (tmp_path / "config.json").write_text((weights[0] / "config.json").read_text())  # tiny: config beside it
     with pytest.raises(CmkitError, match="SHA-256"):
         run("convert-decoder", src, "-o", tmp_path / "out")
-    assert run("convert-decoder", src, "-o", tmp_path / "out", "--dtype", "fp16", "--no-verify") == 0
+    # the old --output spelling still works
+    assert run("convert-decoder", src, "--output", tmp_path / "out", "--dtype", "fp16", "--no-verify",
+               "--threads", "1") == 0
     w = load_weights(tmp_path / "out")
     assert w.source_format == "cmkit" and w.state_dict["conv_in.weight"].dtype == torch.float16
     torch.testing.assert_close(w.state_dict["conv_in.weight"].float(), dec.unet.conv_in.weight, atol=1e-3, rtol=0)
-    assert "decoder.safetensors" in capsys.readouterr().out
+    assert "model.safetensors" in capsys.readouterr().out

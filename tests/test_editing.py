@@ -139,7 +139,7 @@ def test_edit_cli_inpaint_and_errors(tmp_path, capsys):
     from cmkit.presets import get_config
 
     cfg = get_config("digits-ict", ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1"])
-    save_model_dir(tmp_path / "m", model(), cfg)
+    save_model_dir(tmp_path / "m", model(), "denoiser", cfg.to_dict())
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "in.png")
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "small.png")
     out = tmp_path / "out.png"
@@ -155,6 +155,70 @@ def test_edit_cli_inpaint_and_errors(tmp_path, capsys):
         assert main(["edit", args[0], "--model", str(tmp_path / "m"), *args[1:], "-o", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def _cli_model(tmp_path):
+    from PIL import Image
+
+    from cmkit.checkpoint import save_model_dir
+    from cmkit.presets import get_config
+
+    cfg = get_config("digits-ict", ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1"])
+    save_model_dir(tmp_path / "m", model(), "denoiser", cfg.to_dict())
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.full((8, 8), 60, np.uint8)).save(tmp_path / "in2.png")
+    Image.fromarray(np.full((4, 4), 120, np.uint8)).save(tmp_path / "low.png")
+    return str(tmp_path / "m")
+
+
+def test_edit_cli_every_task_with_its_own_options(tmp_path, capsys, one_thread):
+    from PIL import Image
+
+    from cmkit.cli import main
+
+    m, img = _cli_model(tmp_path), str(tmp_path / "in.png")
+    runs = {"superres": ["--input", str(tmp_path / "low.png"), "--factor", "2", "--steps", "2"],
+            "stroke": ["--input", img, "--sigma-start", "3", "--steps", "2"],
+            "denoise": ["--input", img, "--sigma", "0.5", "--add-noise"],
+            "interpolate": ["--input", img, "--input2", str(tmp_path / "in2.png"), "--frames", "3", "--sigma", "1"]}
+    for task, extra in runs.items():
+        out = tmp_path / f"{task}.png"
+        panel = [] if task == "interpolate" else ["--panel", str(tmp_path / f"{task}-panel.png")]
+        assert main(["edit", task, "--model", m, *extra, "-o", str(out), "--threads", "1", *panel]) == 0, task
+        assert out.is_file() and (not panel or (tmp_path / f"{task}-panel.png").is_file())
+    assert "(3 frames)" in capsys.readouterr().out
+    assert main(["edit", "interpolate", "--model", m, "--seeds", "2,5", "--frames", "4", "-o",
+                 str(tmp_path / "seeds.png")]) == 0
+    assert Image.open(tmp_path / "seeds.png").size[0] > Image.open(tmp_path / "interpolate.png").size[0]
+    capsys.readouterr()
+    for argv, msg in [(["interpolate", "--input", img], "--input and --input2"),
+                      (["interpolate", "--seeds", "1"], "two integers"),
+                      (["interpolate", "--frames", "1"], "--frames"),
+                      (["denoise", "--input", img, "--sigma", "0"], "--sigma must be positive"),
+                      (["stroke", "--input", img, "--steps", "0"], "--steps must be positive"),
+                      (["stroke", "--input", str(tmp_path / "nowhere.png")], "input image not found")]:
+        assert main(["edit", argv[0], "--model", m, *argv[1:], "-o", str(tmp_path / "x.png")]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_edit_cli_panel_is_not_overwritten_without_overwrite(tmp_path, capsys, one_thread):
+    from cmkit.cli import main
+
+    m = _cli_model(tmp_path)
+    panel = tmp_path / "panel.png"
+    panel.write_bytes(b"keep")
+    argv = ["edit", "inpaint", "--input", str(tmp_path / "in.png"), "--steps", "2", "-o", str(tmp_path / "out.png"),
+            "--panel", str(panel)]
+    # refused before any work: even a model that does not exist is not looked at
+    assert main([*argv, "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert f"{panel} exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert main([*argv, "--model", m]) == 2
+    assert panel.read_bytes() == b"keep" and not (tmp_path / "out.png").exists()
+    assert main([*argv, "--model", m, "--overwrite"]) == 0
+    assert panel.read_bytes() != b"keep"
+    assert "columns: input | masked | output" in capsys.readouterr().out
 
 
 def test_stroke_painting_is_blockwise_flat_and_quantised():

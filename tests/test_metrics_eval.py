@@ -101,12 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_cli_eval_npz_reference(tmp_path, capsys):
+def test_cli_eval_npz_reference(tmp_path, capsys, one_thread):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, size=(60, 28, 28, 1), dtype=np.uint8))
     np.savez(tmp_path / "r.npz", arr_0=rng.integers(0, 256, size=(80, 28, 28, 1), dtype=np.uint8))
     args = _parser().parse_args(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "r.npz"),
-                                 "--out", str(tmp_path / "out.json"), "--kid-subsets", "5"])
+                                 "-o", str(tmp_path / "out.json"), "--kid-subsets", "5", "--threads", "1"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert FMNIST_LABEL in out and "FID" not in out and "floor" in out

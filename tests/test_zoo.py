@@ -45,6 +45,13 @@ def test_sample_cli_takes_a_shipped_name(tmp_path):
     assert a.shape == (4, 28, 28, 1) and a.dtype == np.uint8 and a.std() > 10  # real images, not a constant
 
 
+def test_edit_cli_takes_a_shipped_name(tmp_path, capsys, one_thread):
+    out = tmp_path / "strip.png"
+    assert main(["edit", "interpolate", "--model", "fmnist-cd", "--seeds", "0,1", "--frames", "3", "-o", str(out),
+                 "--threads", "1"]) == 0
+    assert out.is_file() and "(3 frames)" in capsys.readouterr().out
+
+
 def test_the_colour_model_colorizes_keeping_the_luminance():
     """Colorization with the shipped emoji model: the input's luminance is kept exactly (Algorithm 4 with
     the luminance-axis Q) and the model puts colour into the chroma channels, which are zero in the input."""

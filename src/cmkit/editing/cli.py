@@ -1,16 +1,44 @@
-"""``cmkit edit TASK --model M --input IMG [...] -o OUT``: the editing tasks from the command line."""
+"""``cmkit edit TASK``: the zero-shot editing tasks from the command line, one sub-command per task.
+
+    cmkit edit inpaint     --model M --input IMG [--mask PNG | --box x0,y0,x1,y1 | --builtin center] -o OUT
+    cmkit edit colorize    --model M --input IMG -o OUT
+    cmkit edit superres    --model M --input LOW --factor 4 -o OUT
+    cmkit edit stroke      --model M --input STROKES [--sigma-start 5] [--steps 3] -o OUT
+    cmkit edit denoise     --model M --input NOISY [--sigma 0.3] [--add-noise] -o OUT
+    cmkit edit interpolate --model M (--seeds 0,1 | --input A --input2 B [--sigma 2]) [--frames 9] -o OUT
+
+Every task takes --index (one image of an .npz input), --seed, --threads and --overwrite; all but interpolate take
+--panel (a side-by-side PNG); inpaint, colorize, superres and stroke take --steps/--sigmas (σ levels).
+"""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..cli_options import (add_output_option, add_sampling_options, add_threads_option, apply_threads, parse_sigmas,
+                           refuse_existing)
 from ..errors import CmkitError
+from .tasks import STROKE_SIGMA
 
-TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+# task → one-line description (the listing of `cmkit edit --help`)
+TASK_HELP = {
+    "inpaint": "fill a masked region (--mask PNG, --box or --builtin), keeping the rest exactly",
+    "colorize": "colour a greyscale image, keeping its luminance (needs a colour model)",
+    "superres": "upscale a size/factor image by --factor, keeping its patch averages",
+    "stroke": "turn a coarse stroke painting into an image (SDEdit-like, from --sigma-start)",
+    "denoise": "remove Gaussian noise of a known level --sigma in one evaluation",
+    "interpolate": "frames between two noise seeds or between two images",
+}
+TASKS = tuple(TASK_HELP)
+# columns of the --panel image, per task
+PANELS = {"inpaint": ("input", "masked", "output"), "colorize": ("grey", "output"), "superres": ("low-res", "output"),
+          "stroke": ("strokes", "output"), "denoise": ("noisy", "output")}
 
 
 def load_images(path: str, channels: int, size: int, index: int | None = None) -> Tensor:
@@ -37,80 +65,137 @@ def load_images(path: str, channels: int, size: int, index: int | None = None) -
     return x
 
 
-def _sigmas(args: argparse.Namespace) -> list[float] | None:
+def _sigma_list(args: argparse.Namespace) -> list[float] | None:
+    """σ levels of an Algorithm-4 task: --sigmas as given, else --steps levels of the Karras grid, else None
+    (the task's default, 18 levels)."""
     from .editor import default_edit_sigmas
 
     if args.sigmas:
-        try:
-            return [float(v) for v in args.sigmas.split(",")]
-        except ValueError:
-            raise CmkitError(f"--sigmas expects comma-separated numbers, got {args.sigmas!r}") from None
+        return parse_sigmas(args.sigmas)
     return default_edit_sigmas(args.steps) if args.steps else None
 
 
-def run_edit(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
-    from ..utils import save_grid
+def _positive(value: float | int | None, flag: str) -> None:
+    if value is not None and value <= 0:
+        raise CmkitError(f"{flag} must be positive; got {value}")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading the model: outputs, inputs, numbers, σ lists."""
+    refuse_existing(args.out, args.overwrite)
+    refuse_existing(getattr(args, "panel", None), args.overwrite)
+    for path in (args.input, getattr(args, "input2", None)):
+        if path and not Path(path).is_file():
+            raise CmkitError(f"input image not found: {path}")
+    if hasattr(args, "steps"):
+        _positive(args.steps, "--steps")
+        if args.sigmas:
+            parse_sigmas(args.sigmas)
+    for flag in ("factor", "sigma", "sigma_start"):
+        _positive(getattr(args, flag, None), "--" + flag.replace("_", "-"))
+    if getattr(args, "frames", 2) < 2:
+        raise CmkitError(f"--frames must be at least 2; got {args.frames}")
+
+
+Edited = tuple[Tensor, list[Tensor]]  # (output images, columns of the --panel image)
+Handler = Callable[[argparse.Namespace, Any, int, int, torch.Generator], Edited]
+
+
+def _inpaint(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
     from . import tasks
     from .masks import box_mask, builtin_mask, load_mask
 
+    y = load_images(args.input, C, R, args.index)
+    mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
+            else builtin_mask(args.builtin or "center", R))
+    out = tasks.inpaint(model, y, mask, _sigma_list(args), generator=g)
+    return out, [y, y * (1 - mask) - mask, out]
+
+
+def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
+    from . import tasks
+
+    if C != 3:
+        raise CmkitError("colorization needs a colour (3-channel) model")
+    gray = tasks.to_gray3(load_images(args.input, 3, R, args.index))
+    out = tasks.colorize(model, gray, _sigma_list(args), generator=g)
+    return out, [gray, out]
+
+
+def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
+    from . import tasks
+
+    low = load_images(args.input, C, R // args.factor, args.index)
+    if R % args.factor:
+        raise CmkitError(f"the model's {R}×{R} images are not divisible by factor {args.factor}")
+    out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g)
+    return out, [torch.nn.functional.interpolate(low, scale_factor=args.factor, mode="nearest"), out]
+
+
+def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
+    from . import tasks
+
+    y = load_images(args.input, C, R, args.index)
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
+    out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g)
+    return out, [y, out]
+
+
+def _denoise(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
+    from . import tasks
+
+    y = load_images(args.input, C, R, args.index)
+    if args.add_noise:
+        y = y + args.sigma * torch.randn(y.shape, generator=g)
+    out = tasks.denoise(model, y, args.sigma)
+    return out, [y.clamp(-1, 1), out]
+
+
+def _interpolate(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
+    from . import tasks
+
+    if args.input or args.input2:
+        if not (args.input and args.input2):
+            raise CmkitError("interpolating images needs --input and --input2")
+        x1, x2 = load_images(args.input, C, R, args.index), load_images(args.input2, C, R, args.index)
+        frames = tasks.interpolate_images(model, x1, x2, args.frames, args.sigma, generator=g)
+    else:
+        text = args.seeds or "0,1"
+        try:
+            s = [int(v) for v in text.split(",")]
+        except ValueError:
+            s = []
+        if len(s) != 2:
+            raise CmkitError(f"--seeds expects two integers, e.g. 0,1; got {text!r}")
+        z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)) for v in s)
+        frames = tasks.interpolate_noise(model, z1, z2, args.frames)
+    return frames[:, 0], []
+
+
+HANDLERS: dict[str, Handler] = {"inpaint": _inpaint, "colorize": _colorize, "superres": _superres,
+                                "stroke": _stroke, "denoise": _denoise, "interpolate": _interpolate}
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """Handler of ``cmkit edit TASK``: check the arguments, load the model, run the task, write -o (and --panel)."""
+    from ..checkpoint import load_model
+    from ..utils import save_grid
+
+    _check_args(args)
+    apply_threads(args.threads)
     model, cfg = load_model(args.model)
     if cfg.model.precond != "cm":
         raise CmkitError("editing needs a consistency model (this one is a diffusion/EDM model)")
     C, R = cfg.model.in_channels, cfg.model.img_resolution
     g = torch.Generator().manual_seed(args.seed)
-    if Path(args.out).exists() and not args.overwrite:
-        raise CmkitError(f"{args.out} exists; pass --overwrite to replace it")
-    panel: list[Tensor] = []
     try:
-        if args.task == "inpaint":
-            y = load_images(args.input, C, R, args.index)
-            mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
-                    else builtin_mask(args.builtin or "center", R))
-            out = tasks.inpaint(model, y, mask, _sigmas(args), generator=g)
-            panel = [y, y * (1 - mask) - mask, out]
-        elif args.task == "colorize":
-            y = load_images(args.input, 3, R, args.index) if C == 3 else None
-            if y is None:
-                raise CmkitError("colorization needs a colour (3-channel) model")
-            gray = tasks.to_gray3(y)
-            out = tasks.colorize(model, gray, _sigmas(args), generator=g)
-            panel = [gray, out]
-        elif args.task == "superres":
-            low = load_images(args.input, C, R // args.factor, args.index)
-            if R % args.factor:
-                raise CmkitError(f"the model's {R}×{R} images are not divisible by factor {args.factor}")
-            out = tasks.super_resolve(model, low, args.factor, _sigmas(args), generator=g)
-            panel = [torch.nn.functional.interpolate(low, scale_factor=args.factor, mode="nearest"), out]
-        elif args.task == "stroke":
-            y = load_images(args.input, C, R, args.index)
-            out = tasks.stroke_guided(model, y, args.sigma or tasks.STROKE_SIGMA, args.steps or 3, generator=g)
-            panel = [y, out]
-        elif args.task == "denoise":
-            y = load_images(args.input, C, R, args.index)
-            sigma = args.sigma or 0.3
-            if args.add_noise:
-                y = y + sigma * torch.randn(y.shape, generator=g)
-            out = tasks.denoise(model, y, sigma)
-            panel = [y.clamp(-1, 1), out]
-        else:  # interpolate
-            if args.input:
-                if not args.input2:
-                    raise CmkitError("interpolating images needs --input and --input2")
-                x1, x2 = load_images(args.input, C, R, args.index), load_images(args.input2, C, R, args.index)
-                frames = tasks.interpolate_images(model, x1, x2, args.frames, args.sigma or 2.0, generator=g)
-            else:
-                s = [int(v) for v in args.seeds.split(",")]
-                if len(s) != 2:
-                    raise CmkitError("--seeds expects two integers, e.g. 0,1")
-                z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)) for v in s)
-                frames = tasks.interpolate_noise(model, z1, z2, args.frames)
-            out = frames[:, 0]
-            save_grid(out, args.out, nrow=args.frames)
-            print(f"wrote {args.out} ({args.frames} frames)")
-            return 0
+        out, panel = HANDLERS[args.task](args, model, C, R, g)
     except ValueError as e:  # shape problems surfaced by the editor
         raise CmkitError(str(e)) from None
+    if args.task == "interpolate":
+        save_grid(out, args.out, nrow=args.frames)
+        print(f"wrote {args.out} ({args.frames} frames)")
+        return 0
     save_grid(out, args.out, nrow=max(1, min(8, out.shape[0])))
     print(f"wrote {args.out}")
     if args.panel:
@@ -120,32 +205,96 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-PANELS = {"inpaint": ("input", "masked", "output"), "colorize": ("grey", "output"), "superres": ("low-res", "output"),
-          "stroke": ("strokes", "output"), "denoise": ("noisy", "output"), "interpolate": ("frames",)}
+INPUT_HELP = "input image (.png/.jpg) or .npz of uint8 NHWC images, of the model's size"
+
+
+def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None = INPUT_HELP, panel: bool = True,
+                sigmas: bool = True, steps: int | None = None, steps_help: str = "number of σ levels of the Karras "
+                "grid (default 18)", sigmas_help: str = "explicit descending σ list, e.g. 80,20,5,1 (overrides "
+                "--steps)") -> None:
+    """The options the tasks share: model, input, index, out, panel, seed, steps/sigmas, threads, overwrite.
+
+    ``input_help=None`` leaves --input to the task (interpolate: an alternative to --seeds); ``panel=False`` and
+    ``sigmas=False`` leave out --panel and --steps/--sigmas for the tasks that have no use for them."""
+    p.add_argument("--model", required=True, help="consistency model directory, run directory or shipped name")
+    if input_help is not None:
+        p.add_argument("--input", required=True, metavar="IMG", help=input_help)
+    p.add_argument("--index", type=int, help="pick one image from an .npz input (default: all of them)")
+    add_output_option(p, required=True, metavar="OUT.png", help="output PNG (the edited images)")
+    if panel:
+        p.add_argument("--panel", metavar="PANEL.png",
+                       help=f"also write a side-by-side PNG (columns: {' | '.join(PANELS[task])})")
+    if sigmas:
+        add_sampling_options(p, sampler=False, batch_size=None, bf16=False, device=False, threads=True,
+                             steps_default=steps, steps_help=steps_help, sigmas_help=sigmas_help,
+                             seed_help="seed of the noise (default 0)")
+    else:
+        p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+        add_threads_option(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (-o, --panel)" if panel else "replace an existing -o file")
+    p.set_defaults(func=run_edit)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("edit", help="zero-shot editing with a consistency model (CM Algorithm 4)",
-                              description="Edit images with no extra training. TASK is one of: " + ", ".join(TASKS) +
-                                          ". Inputs must have the model's size (super-resolution: size/factor).")
-    p.add_argument("task", choices=TASKS)
-    p.add_argument("--model", required=True, help="consistency model directory, run directory or shipped name")
-    p.add_argument("--input", help="input image (.png/.jpg) or .npz of uint8 NHWC images")
-    p.add_argument("--input2", help="second image (interpolate)")
-    p.add_argument("--index", type=int, help="pick one image from an .npz input")
-    p.add_argument("-o", "--out", required=True, help="output PNG (the edited images)")
-    p.add_argument("--panel", help="also write a side-by-side PNG (input | mask/transform | output)")
-    p.add_argument("--mask", help="inpaint: PNG mask, white = generate")
-    p.add_argument("--box", help="inpaint: box x0,y0,x1,y1 to generate")
-    p.add_argument("--builtin", help="inpaint: built-in mask center|left|right|top|bottom|border (default center)")
-    p.add_argument("--factor", type=int, default=4, help="superres: factor p (2, 4, 8)")
-    p.add_argument("--sigma", type=float, help="stroke: starting σ (default 5 = tasks.STROKE_SIGMA); denoise: noise level (0.3); "
-                                               "interpolate images: σ of the noised versions (2)")
-    p.add_argument("--add-noise", action="store_true", help="denoise: add N(0, σ²) noise to a clean input first")
-    p.add_argument("--steps", type=int, help="number of σ levels (default 18; stroke default 3)")
-    p.add_argument("--sigmas", help="explicit descending σ list, e.g. 80,20,5,1")
-    p.add_argument("--seeds", default="0,1", help="interpolate: the two noise seeds")
-    p.add_argument("--frames", type=int, default=9, help="interpolate: number of frames")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=run_edit)
+    """Register ``cmkit edit`` and its task sub-commands."""
+    p = subparsers.add_parser(
+        "edit", help="zero-shot editing with a consistency model (CM Algorithm 4)",
+        description="Edit images with a consistency model and no extra training (CM Algorithm 4).\n"
+                    "Inputs must have the model's size (superres: size/factor).\n"
+                    "`cmkit edit TASK --help` shows the options of one task.",
+        epilog="examples:\n"
+               "  cmkit edit inpaint --model fmnist-cd --input img.png --builtin center -o out.png --panel p.png\n"
+               "  cmkit edit superres --model fmnist-cd --input low7x7.png --factor 4 -o out.png\n"
+               "  cmkit edit interpolate --model fmnist-cd --seeds 0,1 --frames 9 -o strip.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks")
+
+    def task(name: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=TASK_HELP[name], description=description)
+
+    s = task("inpaint", "Inpainting: generate the pixels under a mask (white = generate) and keep the others "
+                        "exactly. The mask is a PNG (--mask), a box (--box) or a built-in shape (--builtin, default "
+                        "center).")
+    _add_common(s, "inpaint")
+    m = s.add_mutually_exclusive_group()
+    m.add_argument("--mask", metavar="PNG", help="PNG mask of the model's size, white (>= 128) = generate")
+    m.add_argument("--box", metavar="x0,y0,x1,y1", help="box to generate, in pixels (x1, y1 exclusive)")
+    m.add_argument("--builtin", metavar="NAME", help="built-in mask: center|left|right|top|bottom|border "
+                                                     "(default center)")
+
+    s = task("colorize", "Colorization: a colour model fills in the chroma of a greyscale version of the input "
+                         "(colour or grey); the luminance is kept exactly.")
+    _add_common(s, "colorize")
+
+    s = task("superres", "Super-resolution: the input is the model's size divided by --factor; the output keeps "
+                         "its factor×factor patch averages exactly.")
+    _add_common(s, "superres", input_help="low-resolution image (.png/.jpg) or .npz, of the model's size / --factor")
+    s.add_argument("--factor", type=int, default=4, help="upscaling factor p (2, 4, 8; default 4)")
+
+    s = task("stroke", "Stroke-guided generation (SDEdit-like): the stroke painting is noised to --sigma-start, "
+                       "then --steps consistency steps go down from there.")
+    _add_common(s, "stroke", input_help="stroke painting (.png/.jpg) or .npz, of the model's size", steps=3,
+                steps_help="number of σ levels from --sigma-start down (default 3)",
+                sigmas_help="explicit descending σ list, e.g. 5,1.5 (overrides --sigma-start and --steps)")
+    s.add_argument("--sigma-start", type=float, default=STROKE_SIGMA,
+                   help=f"σ the strokes are noised to (default {STROKE_SIGMA:g})")
+    s.add_argument("--sigma", dest="sigma_start", type=float, default=STROKE_SIGMA,
+                   help=argparse.SUPPRESS)  # the old spelling, still accepted
+
+    s = task("denoise", "Denoising: one evaluation of the consistency function at the known noise level --sigma.")
+    _add_common(s, "denoise", sigmas=False,
+                input_help="noisy image (.png/.jpg) or .npz (a clean one with --add-noise), of the model's size")
+    s.add_argument("--sigma", type=float, default=0.3, help="noise level of the input (default 0.3)")
+    s.add_argument("--add-noise", action="store_true", help="add N(0, σ²) noise to a clean input first")
+
+    s = task("interpolate", "Interpolation: one-step samples along the slerp between two noise seeds (--seeds), "
+                            "or between two images through their noised versions (--input, --input2, --sigma). "
+                            "Writes one row of --frames images.")
+    _add_common(s, "interpolate", input_help=None, panel=False, sigmas=False)
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--seeds", metavar="A,B", help="the two noise seeds (default 0,1)")
+    src.add_argument("--input", metavar="A", help="first image (.png/.jpg or .npz); needs --input2")
+    s.add_argument("--input2", metavar="B", help="second image")
+    s.add_argument("--frames", type=int, default=9, help="number of frames (default 9)")
+    s.add_argument("--sigma", type=float, default=2.0, help="images: σ of their noised versions (default 2)")
