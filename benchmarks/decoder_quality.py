@@ -34,10 +34,12 @@ import torch
 
 from cmkit.autoencoder import KLAutoencoder
 from cmkit.decoder import ConsistencyDecoder, steps_to_schedule
-from cmkit.decoder.train import crop_images, load_images, train_autoencoder, train_decoder
-from cmkit.decoder.train_config import autoencoder_config, decoder_config
+from cmkit.checkpoint import RunDir
+from cmkit.decoder.train import crop_images, load_images
+from cmkit.loop import train
 from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extractor, load_reference
 from cmkit.metrics.evaluate import real_floor
+from cmkit.presets import get_config
 from cmkit.utils import cpu_name, save_grid, to_uint8
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,14 +52,13 @@ def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
     """Train the autoencoder and the decoder with their presets unless their run directories hold models."""
     ae_dir, dec_dir = Path(args.ae), Path(args.decoder)
     threads = [f"num_threads={args.threads}"]
-    if not (ae_dir / "model").is_dir():
+    if not RunDir(ae_dir).model.is_dir():
         print(f"training the autoencoder into {ae_dir}")
-        train_autoencoder(autoencoder_config("fmnist-ae", (QUICK_AE if args.quick else []) + threads
-                                             + [f"out_dir={ae_dir}"]))
-    if not (dec_dir / "model").is_dir():
+        train(get_config("fmnist-ae", (QUICK_AE if args.quick else []) + threads + [f"out_dir={ae_dir}"]))
+    if not RunDir(dec_dir).model.is_dir():
         print(f"training the consistency decoder into {dec_dir}")
-        train_decoder(decoder_config("fmnist-cdec", (QUICK_DEC if args.quick else []) + threads
-                                     + [f"out_dir={dec_dir}", f"autoencoder={ae_dir}"]))
+        train(get_config("fmnist-cdec", (QUICK_DEC if args.quick else []) + threads
+                         + [f"out_dir={dec_dir}", f"autoencoder={ae_dir}"]))
     return ae_dir, dec_dir
 
 
@@ -97,8 +98,8 @@ def main() -> None:
     results = Path(args.results) if args.results else (tmp if tmp else RESULTS)
     ae_dir, dec_dir = ensure_models(args)
     ae = KLAutoencoder.from_pretrained(ae_dir)
-    dec = ConsistencyDecoder.from_pretrained(dec_dir / "model", channels_last=False)
-    size = json.loads((dec_dir / "config.json").read_text())["image_size"]
+    dec = ConsistencyDecoder.from_pretrained(RunDir(dec_dir).model, channels_last=False)
+    size = RunDir(dec_dir).saved_config()["data"]["image_size"]
     test = load_images("fashion_mnist", "", "test", size).images[:args.n]
     x = test.float() / 127.5 - 1
     original = to_uint8(crop_images(x, 28, 28))
@@ -127,10 +128,9 @@ def main() -> None:
 
 def run_recipe(run: Path) -> dict:
     """Steps and wall time of a run, from its checkpoint state."""
-    state = run / "checkpoint" / "state.json"
-    if not state.is_file():
+    if not RunDir(run).has_checkpoint():
         return {}
-    s = json.loads(state.read_text())
+    s = RunDir(run).state()
     return {"steps": s["step"], "wall_s": round(s.get("wall_s", 0.0), 1)}
 
 

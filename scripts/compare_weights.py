@@ -9,11 +9,11 @@ diffusion models with the Heun sampler at their preset's steps.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from cmkit.checkpoint import build_model, load_weights, read_config
+from cmkit.checkpoint import RunDir, load_weights
+from cmkit.config import Config
 from cmkit.generate import default_sampler, generate
 from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extractor, load_reference
 from cmkit.utils import to_uint8
@@ -27,15 +27,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = Path(args.run) / "checkpoint"
-    cfg, _ = read_config(ckpt)
-    names = [f"ema_{r:g}" for r in cfg.train.ema_rates] + ["model"]
+    run = RunDir(args.run)
+    cfg = Config.from_dict(run.saved_config())
+    names = [RunDir.weights_name(r) for r in cfg.train.ema_rates] + [RunDir.weights_name(None)]
     extractor = get_extractor("fmnist")
     reference = load_reference("fmnist-train", extractor, progress=False)
     sampler, sigmas, steps = default_sampler(cfg)
     for name in names:
-        model = build_model(cfg.model).eval()
-        load_weights(model, ckpt / f"{name}.safetensors")
+        model = cfg.model.build().eval()
+        load_weights(model, run.checkpoint / f"{name}.safetensors")
         x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, seed=0, progress=False, bf16=True)
         fd = frechet_distance_stats(feature_statistics(extractor.extract(to_uint8(x), progress=False)), reference.stats)
         print(f"{args.run}  {name:<12} {sampler} ({steps} steps)  FD vs train split ({args.n} samples): {fd:.3f}")

@@ -18,11 +18,72 @@ def test_presets_listing(capsys):
     assert "3.55" in out and "2.83" in out  # published FIDs appear in descriptions
 
 
+@pytest.fixture(scope="module")
+def autoencoders(tmp_path_factory):
+    """Untrained autoencoders shaped like the autoencoder presets: a decoder preset's dry run reads their config."""
+    from cmkit.autoencoder import AutoencoderConfig, KLAutoencoder
+    from cmkit.presets import get_config
+
+    root = tmp_path_factory.mktemp("ae")
+    for name in [n for n, p in PRESETS.items() if p.kind == "autoencoder"]:
+        m = get_config(name).model
+        KLAutoencoder(AutoencoderConfig(m.in_channels, m.channels, m.num_res_blocks, m.latent_channels,
+                                        m.norm_groups)).save_pretrained(root / name)
+    return root
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_dry_runs(preset, capsys):
-    assert main(["train", "--preset", preset, "--dry-run"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
+def test_every_preset_dry_runs_and_builds_model_loss_optimizer(preset, capsys, autoencoders):
+    extra = [f"model.autoencoder={autoencoders / preset.replace('-cdec', '-ae')}"] if preset.endswith("-cdec") else []
+    assert main(["train", "--preset", preset, "--dry-run", *extra]) == 0
+    captured = capsys.readouterr()
+    cfg = json.loads(captured.out)
     assert cfg["train"]["out_dir"] == f"runs/{preset}"
+    assert "parameters, loss" in captured.err and "optimizer" in captured.err
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("loss.method=foo", "config key loss.method: 'foo' is not one of edm, cd, ct, ict, ect"),
+    ("loss.method=ictt", "did you mean ict?"),
+    ("model.arch=vit", "config key model.arch: 'vit' is not one of unet, mlp"),
+    ("loss.mu=0.5", "loss.mu is not an option of method 'ict'"),
+    ("loss.solver=heun", "loss.solver is not an option of method 'ict'"),
+    ("loss.weighting=karras", "loss.weighting is not an option of method 'ict'"),
+    ("loss.method=ct loss.weighting=inv_dt", "loss.weighting='inv_dt' is not a weighting of method 'ct'"),
+    ("model.precond=edm", "loss.method=ict needs model.precond=cm"),
+    ("data.name=digits model.num_classes=3", None),  # digits has 10 classes: allowed
+    ("data.name=digits model.num_classes=11", "model.num_classes=11 but data set 'digits' has 10 classes"),
+    ("data.name=emoji model.num_classes=2", "model.num_classes=2 but data set 'emoji' has no labels"),
+    ("train.teacher=runs/x", "train.teacher is only used by loss.method=cd"),
+    ("train.ema_rates=1.5", "train.ema_rates must lie in [0, 1)"),
+    ("sample.sigmas=0.8,80", "sample.sigmas must decrease"),
+    ("model.attn_resolutions=3", "model.attn_resolutions [3] are never reached"),
+])
+def test_config_errors_are_one_line_before_any_data_is_loaded(override, msg, capsys):
+    # data.root points nowhere: a config error must be reported before the data is looked at
+    args = ["train", "--preset", "digits-ict", "data.name=npz", "data.root=/nonexistent.npz", *override.split()]
+    code = main(args + ["--dry-run"])
+    err = capsys.readouterr().err.strip()
+    if msg is None:
+        assert code == 0
+        return
+    assert code == 2 and msg in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert main(args + ["train.out_dir=/nonexistent/run"]) == 2  # the same line when training, not a data error
+    assert msg in capsys.readouterr().err
+
+
+def test_method_options_reach_the_loss():
+    from cmkit.presets import get_config
+
+    cfg = get_config("digits-cd", ["model.sigma_data=0.3", "loss.weighting=karras", "loss.num_scales=7"])
+    loss = cfg.loss.build(cfg.model, cfg.train.steps)
+    assert loss.sigma_data == 0.3 and len(loss.sigmas) == 7 and loss.weighting == "karras"
+    ect = get_config("digits-ect", ["model.sigma_data=0.3", "loss.weighting=snrpk"])
+    t = __import__("torch").tensor([0.5, 2.0])
+    from cmkit.losses import weighting
+
+    assert ect.loss.build(ect.model, 10).sigma_data == 0.3
+    assert __import__("torch").allclose(weighting("karras", t, 0.3), 1 / t**2 + 1 / 0.3**2)
 
 
 def test_dry_run_applies_overrides(capsys):

@@ -18,10 +18,10 @@ from cmkit.decoder.consistency import (DecoderConsistencyLoss, consistency_funct
                                        noisy)
 from cmkit.decoder.latents import normalize_latents, upsample_latents
 from cmkit.decoder.sampler import x0_estimate
-from cmkit.decoder.train import (DecoderTask, crop_images, init_decoder_unet, latent_statistics, pad_images,
-                                 train_autoencoder, train_decoder)
-from cmkit.decoder.train_config import autoencoder_config, decoder_config
+from cmkit.decoder.train import DecoderTask, crop_images, init_decoder_unet, latent_statistics, pad_images
 from cmkit.errors import CmkitError
+from cmkit.loop import Context, train
+from cmkit.presets import get_config
 
 TINY_DEC = DecoderConfig(block_out_channels=(8, 16), layers_per_block=1, in_channels=3, out_channels=1,
                          norm_num_groups=4, latent_channels=2, upscale=2, scaling_factor=1.0,
@@ -171,7 +171,7 @@ def test_autoencoder_save_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(back.encode(x), ae.encode(x))
         assert torch.equal(back.decode(ae.encode(x)), ae.decode(ae.encode(x)))
-    assert json.loads((tmp_path / "ae" / "config.json").read_text())["format"] == "cmkit.kl_autoencoder"
+    assert json.loads((tmp_path / "ae" / "config.json").read_text())["kind"] == "autoencoder"
 
 
 def test_trained_decoder_loads_into_consistency_decoder_and_decodes(runs):
@@ -185,12 +185,12 @@ def test_trained_decoder_loads_into_consistency_decoder_and_decodes(runs):
         images = dec.decode(z, schedule, torch.Generator().manual_seed(0))
         assert images.shape == (5, 1, 8, 8) and images.abs().max() <= 1
     # the saved decoder is the run's EMA network, bit for bit
-    task = DecoderTask(decoder_config("digits-cdec", [f"autoencoder={runs / 'ae'}", "steps=12"]))
+    task = DecoderTask(get_config("digits-cdec", [f"autoencoder={runs / 'ae'}", "steps=12"]), Context(torch.device("cpu")))
     from cmkit.checkpoint import load_weights
 
-    load_weights(task.ema, runs / "cdec" / "checkpoint" / "ema.safetensors")
+    load_weights(task.model, runs / "cdec" / "checkpoint" / "ema_0.999.safetensors")
     assert task.config == c  # same latent statistics recomputed from the same autoencoder and data
-    same = task.decoder().decode(z, (1.0, 0.5), torch.Generator().manual_seed(0))
+    same = ConsistencyDecoder(c, task.model).decode(z, (1.0, 0.5), torch.Generator().manual_seed(0))
     assert torch.equal(same, dec.decode(z, (1.0, 0.5), torch.Generator().manual_seed(0)))
     # latent normalisation uses the autoencoder's own statistics
     mean, std = latent_statistics(ae, (task.batches.data.images.float() / 127.5 - 1)[:500])
@@ -214,26 +214,35 @@ def test_latent_statistics_are_per_channel_mean_and_std():
 
 
 def test_resume_is_exact(tmp_path):
-    ae = ["steps=6", *QUIET]
-    train_autoencoder(autoencoder_config("digits-ae", ae + [f"out_dir={tmp_path / 'ae'}"]), progress=False)
-    # one curriculum stage: the stage lengths scale with `steps`, which differs between the two legs
-    dec = [f"autoencoder={tmp_path / 'ae'}", *QUIET, "gaps=2"]
-    train_decoder(decoder_config("digits-cdec", dec + ["steps=6", f"out_dir={tmp_path / 'straight'}"]), progress=False)
-    train_decoder(decoder_config("digits-cdec", dec + ["steps=3", f"out_dir={tmp_path / 'resumed'}"]), progress=False)
-    with pytest.raises(CmkitError, match="already holds a training run"):
-        train_decoder(decoder_config("digits-cdec", dec + ["steps=6", f"out_dir={tmp_path / 'resumed'}"]),
-                      progress=False)
-    with pytest.raises(CmkitError, match="differs"):
-        train_decoder(decoder_config("digits-cdec", dec + ["steps=6", "lr=1e-3", "resume=true",
-                                                           f"out_dir={tmp_path / 'resumed'}"]), progress=False)
-    # the curriculum's stage length depends on steps: resume with the same total
-    train_decoder(decoder_config("digits-cdec", dec + ["steps=6", "resume=true", f"out_dir={tmp_path / 'resumed'}"]),
-                  progress=False)
     from safetensors.torch import load_file
 
-    a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoint" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    ae = ["steps=6", *QUIET]
+    train(get_config("digits-ae", ae + [f"out_dir={tmp_path / 'ae'}"]), progress=False)
+    # the autoencoder: 3 steps, then a resumed run to 6, ends bit for bit where the straight run does
+    half = [*QUIET, f"out_dir={tmp_path / 'ae_resumed'}"]
+    train(get_config("digits-ae", half + ["steps=3"]), progress=False)
+    train(get_config("digits-ae", half + ["steps=6", "resume=true"]), progress=False)
+    for name in ("model", "ema_0.999"):
+        a = load_file(tmp_path / "ae" / "checkpoint" / f"{name}.safetensors")
+        b = load_file(tmp_path / "ae_resumed" / "checkpoint" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # one curriculum stage: the stage lengths scale with `steps`, which differs between the two legs
+    dec = [f"autoencoder={tmp_path / 'ae'}", *QUIET, "gaps=2"]
+    train(get_config("digits-cdec", dec + ["steps=6", f"out_dir={tmp_path / 'straight'}"]), progress=False)
+    train(get_config("digits-cdec", dec + ["steps=3", f"out_dir={tmp_path / 'resumed'}"]), progress=False)
+    with pytest.raises(CmkitError, match="already holds a training run"):
+        train(get_config("digits-cdec", dec + ["steps=6", f"out_dir={tmp_path / 'resumed'}"]),
+                      progress=False)
+    with pytest.raises(CmkitError, match=r"differ from the run's: train\.lr"):
+        train(get_config("digits-cdec", dec + ["steps=6", "lr=1e-3", "resume=true",
+                                                           f"out_dir={tmp_path / 'resumed'}"]), progress=False)
+    # the curriculum's stage length depends on steps: resume with the same total
+    train(get_config("digits-cdec", dec + ["steps=6", "resume=true", f"out_dir={tmp_path / 'resumed'}"]),
+                  progress=False)
+    for name in ("model", "ema_0.999"):
+        a = load_file(tmp_path / "straight" / "checkpoint" / f"{name}.safetensors")
+        b = load_file(tmp_path / "resumed" / "checkpoint" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 # --- data and user errors ------------------------------------------------------------------------------
@@ -251,19 +260,19 @@ def test_pad_and_crop_images():
 
 def test_bad_input_gives_one_line_cmkit_errors(tmp_path, runs, capsys):
     with pytest.raises(CmkitError, match="did you mean steps"):
-        decoder_config("digits-cdec", ["stepz=3"])
+        get_config("digits-cdec", ["stepz=3"])
     with pytest.raises(CmkitError, match="unknown preset"):
-        autoencoder_config("cifar-ae")
+        get_config("cifar-ae")
     with pytest.raises(CmkitError, match="cannot read"):
-        decoder_config("digits-cdec", ["steps=many"])
+        get_config("digits-cdec", ["steps=many"])
     with pytest.raises(CmkitError, match="non-increasing"):
         DecoderConsistencyLoss(TINY_DEC, 10, gaps=(1, 4))
     with pytest.raises(CmkitError, match="distance"):
         DecoderConsistencyLoss(TINY_DEC, 10, distance="lpips")
-    with pytest.raises(CmkitError, match="no autoencoder.safetensors"):
+    with pytest.raises(CmkitError, match="model not found"):
         KLAutoencoder.from_pretrained(tmp_path)
     with pytest.raises(CmkitError, match="multiple"):
-        train_autoencoder(autoencoder_config("digits-ae", ["channels=8,8,8,8,8", f"out_dir={tmp_path / 'x'}"]))
+        train(get_config("digits-ae", ["channels=8,8,8,8,8", f"out_dir={tmp_path / 'x'}"]))
     with pytest.raises(CmkitError, match=r"\(batch, 1, H, W\)"):
         KLAutoencoder(TINY_AE).encode(torch.zeros(2, 3, 8, 8))
     dec = ConsistencyDecoder.from_pretrained(runs / "cdec" / "model")
@@ -273,8 +282,8 @@ def test_bad_input_gives_one_line_cmkit_errors(tmp_path, runs, capsys):
                  f"out_dir={tmp_path / 'y'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cmkit: error:") and "\n" not in err
-    assert main(["train-decoder", "--preset", "digits-cdec", "--dry-run", "steps=7"]) == 0
-    assert json.loads(capsys.readouterr().out)["steps"] == 7
+    assert main(["train-decoder", "--preset", "digits-cdec", "--dry-run", "steps=7", f"autoencoder={runs / 'ae'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["steps"] == 7
 
 
 def test_unit_scaling_factor_latents_are_never_refused_as_prescaled():

@@ -171,7 +171,7 @@ def test_cmkit_format_round_trip_and_converter(tmp_path, tiny):
     dec, state = tiny
     dec.save_pretrained(tmp_path / "cm")
     assert json.loads((tmp_path / "cm" / "config.json").read_text())["config"]["block_out_channels"] == [8, 16, 16, 16]
-    for where in (tmp_path / "cm", tmp_path / "cm" / "decoder.safetensors", tmp_path / "cm" / "config.json"):
+    for where in (tmp_path / "cm", tmp_path / "cm" / "model.safetensors", tmp_path / "cm" / "config.json"):
         w = load_weights(where)
         assert w.source_format == "cmkit" and w.config == TINY
         assert_same_state(w.state_dict, state)
@@ -201,7 +201,7 @@ def test_anything_else_is_a_clear_one_line_error(tmp_path, tiny):
             load_weights(tmp_path / bad)
         assert "\n" not in str(e.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CmkitError, match="no decoder.safetensors"):
+    with pytest.raises(CmkitError, match="no model.safetensors"):
         load_weights(tmp_path / "empty")
     from safetensors.torch import save_file
 

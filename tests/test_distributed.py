@@ -24,13 +24,32 @@ def test_two_process_torchrun_training(tmp_path):
     # resuming with a different number of processes is refused with a clear message
     from cmkit.errors import CmkitError
     from cmkit.presets import get_config
-    from cmkit.train import Trainer
+    from cmkit.loop import Loop
 
     cfg = get_config("digits-ict", TINY + ["train.steps=6", "train.resume=true", f"train.out_dir={out}"])
     try:
-        Trainer(cfg, progress=False)
+        Loop(cfg, progress=False)
     except CmkitError as e:
         assert "2 processes" in str(e)
     else:
         raise AssertionError("resume across world sizes was accepted")
     shutil.rmtree(out)
+
+
+def test_two_process_torchrun_decoder_training(tmp_path):
+    """The autoencoder and the consistency decoder train through the same DDP loop as the denoisers."""
+    from cmkit.decoder import ConsistencyDecoder
+
+    quiet = ["train.num_threads=1", "train.log_every=1", "train.sample_every=0", "train.ckpt_every=0"]
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+            "-m", "cmkit", "train", "--no-progress"]
+    for preset, extra in (("digits-ae", [f"train.out_dir={tmp_path / 'ae'}"]),
+                          ("digits-cdec", [f"train.out_dir={tmp_path / 'cdec'}", f"model.autoencoder={tmp_path / 'ae'}",
+                                           "model.stats_images=64"])):
+        proc = subprocess.run(base + ["--preset", preset, "train.steps=3", *quiet, *extra], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        state = (tmp_path / preset.split("-")[1] / "checkpoint" / "state.json").read_text()
+        assert '"world_size": 2' in state and '"step": 3' in state
+    dec = ConsistencyDecoder.from_pretrained(tmp_path / "cdec")
+    assert all(torch.isfinite(p).all() for p in dec.parameters())

@@ -6,17 +6,16 @@ from safetensors.torch import load_file
 
 from cmkit.checkpoint import load_model
 from cmkit.errors import CmkitError
-from cmkit.train import Trainer, train
+from cmkit.loop import Loop, train
 
 from conftest import tiny_config
 
 
-def fixed_loss(trainer: Trainer, seed: int = 123) -> float:
+def fixed_loss(trainer: Loop, seed: int = 123) -> float:
     """The objective on a fixed batch, noise, dropout and schedule point (step 0)."""
-    x0, labels = trainer.batches.get(0)
     torch.manual_seed(seed)
     with torch.no_grad():
-        return float(sum(trainer.compute_loss(x0, labels, step=0) for _ in range(4)) / 4)
+        return float(sum(trainer.task.loss(trainer.net, 0, trainer.generator)[0] for _ in range(4)) / 4)
 
 
 METHODS = [("digits-edm", [], 40), ("digits-ct", [], 40), ("digits-ict", [], 40), ("digits-cd", ["teacher"], 40),
@@ -30,7 +29,7 @@ def test_every_method_trains_and_loss_goes_down(preset, needs, steps, tmp_path, 
         extra += [f"train.teacher={teacher_dir}", f"train.init_from={teacher_dir}"]
     if "init" in needs:
         extra += [f"train.init_from={teacher_dir}"]
-    trainer = Trainer(tiny_config(preset, tmp_path / "run", *extra), progress=False)
+    trainer = Loop(tiny_config(preset, tmp_path / "run", *extra), progress=False)
     before = fixed_loss(trainer)
     summary = trainer.run()
     after = fixed_loss(trainer)
@@ -43,7 +42,7 @@ def test_every_method_trains_and_loss_goes_down(preset, needs, steps, tmp_path, 
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = tiny_config("digits-ict", tmp_path / "run", "train.steps=3", "train.ema_rates=0.9,0.99")
-    trainer = Trainer(cfg, progress=False)
+    trainer = Loop(cfg, progress=False)
     trainer.run()
     model, loaded_cfg = load_model(tmp_path / "run")
     assert loaded_cfg == cfg
@@ -58,64 +57,76 @@ def test_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize("preset", ["digits-ct", "digits-ict"])
 def test_resume_continues_bit_for_bit(preset, tmp_path):
     common = ["train.steps=6", "model.dropout=0.1", "data.flip=true", "train.ema_rates=0.9"]
-    straight = Trainer(tiny_config(preset, tmp_path / "a", *common), progress=False)
+    straight = Loop(tiny_config(preset, tmp_path / "a", *common), progress=False)
     straight.run()
 
-    first = Trainer(tiny_config(preset, tmp_path / "b", *common), progress=False)
+    first = Loop(tiny_config(preset, tmp_path / "b", *common), progress=False)
     for _ in range(3):  # an interrupted run: 3 of 6 steps, then a checkpoint
         first.train_step()
     first.save_checkpoint()
-    resumed = Trainer(tiny_config(preset, tmp_path / "b", *common, "train.resume=true"), progress=False)
+    resumed = Loop(tiny_config(preset, tmp_path / "b", *common, "train.resume=true"), progress=False)
     assert resumed.step == 3
     resumed.run()
     for a, b in [(straight.model, resumed.model), (straight.emas[0], resumed.emas[0])]:
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(v, w), k
-    if straight.target is not None:
-        assert all(torch.equal(v, w) for v, w in zip(straight.target.state_dict().values(),
-                                                       resumed.target.state_dict().values()))
-    sa, sb = straight.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    if straight.task.target is not None:
+        assert all(torch.equal(v, w) for v, w in zip(straight.task.target.state_dict().values(),
+                                                       resumed.task.target.state_dict().values()))
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
     train(tiny_config("digits-ict", tmp_path / "run", "train.steps=2"), progress=False)
     with pytest.raises(CmkitError, match="already holds a training run"):
-        Trainer(tiny_config("digits-ict", tmp_path / "run", "train.steps=2"), progress=False)
+        Loop(tiny_config("digits-ict", tmp_path / "run", "train.steps=2"), progress=False)
+
+
+def test_resume_with_a_changed_setting_is_refused_and_the_record_kept(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config("digits-ict", run, "train.steps=2"), progress=False)
+    record = (run / "config.json").read_text()
+    for changed, key in [("train.lr=1e-3", "train.lr"), ("train.batch_size=16", "train.batch_size"),
+                         ("train.seed=1", "train.seed"), ("train.optimizer=radam", "train.optimizer"),
+                         ("loss.huber_c=0.1", "loss.huber_c"), ("data.flip=true", "data.flip"),
+                         ("train.bf16=true", "train.bf16"), ("train.grad_clip=1", "train.grad_clip")]:
+        with pytest.raises(CmkitError, match=rf"cannot resume .*settings differ from the run's: {key} "):
+            Loop(tiny_config("digits-ict", run, "train.steps=4", "train.resume=true", changed), progress=False)
+    assert (run / "config.json").read_text() == record
+    # run control (steps, logging and checkpoint intervals, threads) may change
+    summary = train(tiny_config("digits-ict", run, "train.steps=4", "train.log_every=1", "train.num_threads=1",
+                                "train.resume=true"), progress=False)
+    assert summary["steps"] == 4 and summary["steps_run"] == 2
 
 
 def test_nan_guard_skips_step_without_advancing(tmp_path):
-    trainer = Trainer(tiny_config("digits-ct", tmp_path / "run", "train.steps=5"), progress=False)
-    real = trainer.loss.__call__
+    trainer = Loop(tiny_config("digits-ct", tmp_path / "run", "train.steps=5"), progress=False)
+    real = trainer.task.loss
     calls = {"n": 0}
 
-    class Poisoned:
-        uses_target, needs_teacher = True, False
-        target_mu = trainer.loss.target_mu
-        stats = trainer.loss.stats
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        value, stats = real(*a, **k)
+        return (value * float("nan") if calls["n"] == 2 else value), stats
 
-        def __call__(self, *a, **k):
-            calls["n"] += 1
-            out = real(*a, **k)
-            return out * float("nan") if calls["n"] == 2 else out
-
-    trainer.loss = Poisoned()
+    trainer.task.loss = poisoned
     trainer.train_step()
     params = [p.detach().clone() for p in trainer.model.parameters()]
     ema = [p.detach().clone() for p in trainer.emas[0].parameters()]
-    target = [p.detach().clone() for p in trainer.target.parameters()]
+    target = [p.detach().clone() for p in trainer.task.target.parameters()]
     stats = trainer.train_step()
     assert stats["skipped"] and trainer.step == 1 and trainer.skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(params, trainer.model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(ema, trainer.emas[0].parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(target, trainer.target.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(target, trainer.task.target.parameters()))
     trainer.train_step()
     assert trainer.step == 2
 
 
 def test_cd_without_teacher_is_a_clear_error(tmp_path):
     with pytest.raises(CmkitError, match="needs a teacher"):
-        Trainer(tiny_config("digits-cd", tmp_path / "run", "train.teacher=", "train.init_from="), progress=False)
+        Loop(tiny_config("digits-cd", tmp_path / "run", "train.teacher=", "train.init_from="), progress=False)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -5,20 +5,20 @@ x: (B, C, H, W) and sigma: (B,) (or a scalar); samplers take σ values, never gr
 """
 from __future__ import annotations
 
-from .checkpoint import build_model, load_model, save_model_dir
+from .checkpoint import load_model, read_model_dir, save_model_dir
 from .config import Config
 from .errors import CmkitError
-from .losses import CDLoss, CTLoss, ECTLoss, EDMLoss, ICTLoss, build_loss
+from .losses import CDLoss, CTLoss, ECTLoss, EDMLoss, ICTLoss
 from .precond import Precond, cm_scalings, edm_scalings
 from .presets import PRESETS, get_config
 from .sampling import (edm_sigmas, per_sample_generators, sample_euler, sample_heun, sample_multistep,
                        sample_onestep)
 from .schedules import karras_sigmas
-from .train import Trainer, train
+from .loop import Loop, dry_run, train
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "CmkitError", "Precond", "cm_scalings", "edm_scalings", "karras_sigmas", "build_model",
-           "load_model", "save_model_dir", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss", "EDMLoss", "build_loss",
+__all__ = ["Config", "CmkitError", "Precond", "cm_scalings", "edm_scalings", "karras_sigmas",
+           "load_model", "read_model_dir", "save_model_dir", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss", "EDMLoss",
            "sample_onestep", "sample_multistep", "sample_heun", "sample_euler", "edm_sigmas",
-           "per_sample_generators", "PRESETS", "get_config", "Trainer", "train"]
+           "per_sample_generators", "PRESETS", "get_config", "Loop", "train", "dry_run"]

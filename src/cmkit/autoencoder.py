@@ -12,28 +12,22 @@ with d the per-pixel L1 or L2 mean, so β is in nats per pixel (LDM uses β ≈ 
 against a summed reconstruction loss). ``encode`` returns the posterior mean, as OpenAI's consistency
 decoder expects (``vae.encode(x).latent_dist.mean``); ``decode`` is the autoencoder's own decoder.
 
-Weights are ``autoencoder.safetensors`` + ``config.json`` (no pickles), written by ``save_pretrained``.
+Saved as a cmkit model directory (``config.json`` + ``model.safetensors``, kind ``autoencoder``; no pickles).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, read_model_dir, save_model_dir
 from .config import dataclass_from_dict
 from .errors import CmkitError
 
-AE_FORMAT = "cmkit.kl_autoencoder"
-AE_WEIGHTS = "autoencoder.safetensors"
-AE_CONFIG = "config.json"
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 
 
@@ -181,15 +175,21 @@ class KLAutoencoder(nn.Module):
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(D(z), μ, logvar) with z = μ + exp(logvar/2)·ε drawn by the reparameterisation trick."""
         mean, logvar = self.posterior(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise_device = generator.device if generator is not None else mean.device
+        eps = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
         return self.decoder(mean + (0.5 * logvar).exp() * eps), mean, logvar
 
     def loss(self, x: Tensor, kl_weight: float = 1e-3, reconstruction: str = "l1",
              generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Per-sample L(x) = d(x, D(z)) + β·KL/(C·H·W) (module docstring) and its two terms as floats."""
+        return self.loss_from(x, *self(x, generator), kl_weight, reconstruction)
+
+    @staticmethod
+    def loss_from(x: Tensor, recon: Tensor, mean: Tensor, logvar: Tensor, kl_weight: float = 1e-3,
+                  reconstruction: str = "l1") -> tuple[Tensor, dict[str, float]]:
+        """``loss`` from the outputs of a forward pass (so that the pass can run through a DDP wrapper)."""
         if reconstruction not in ("l1", "l2"):
             raise CmkitError(f"reconstruction loss must be 'l1' or 'l2', got {reconstruction!r}")
-        recon, mean, logvar = self(x, generator)
         diff = (recon - x).flatten(1)
         rec = diff.abs().mean(1) if reconstruction == "l1" else diff.square().mean(1)
         kl = kl_divergence(mean, logvar) / x[0].numel()
@@ -197,33 +197,13 @@ class KLAutoencoder(nn.Module):
         return loss, {"rec": float(rec.detach().mean()), "kl": float(kl.detach().mean())}
 
     def save_pretrained(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``autoencoder.safetensors`` (config in its metadata) + ``config.json``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"format": AE_FORMAT, "config": json.dumps(self.config.to_dict())}
-        save_file(state, str(out / AE_WEIGHTS), metadata=meta)
-        doc = {"format": AE_FORMAT, "config": self.config.to_dict(), **(extra or {})}
-        (out / AE_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
-        return out
+        """Write a model directory (``cmkit.checkpoint.save_model_dir``, kind ``autoencoder``)."""
+        return save_model_dir(out_dir, self, "autoencoder", self.config.to_dict(), extra)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> KLAutoencoder:
-        """Load a directory written by ``save_pretrained`` (or a training run's ``model/``); eval mode, frozen."""
-        p = Path(path).expanduser()
-        if (p / "model" / AE_WEIGHTS).is_file():
-            p = p / "model"
-        if not (p / AE_WEIGHTS).is_file():
-            raise CmkitError(f"{p}: no {AE_WEIGHTS} here (expected an autoencoder directory from "
-                             "`cmkit train-autoencoder` or KLAutoencoder.save_pretrained)")
-        file = p / AE_WEIGHTS
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CmkitError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from None
-        if meta.get("format") != AE_FORMAT:
-            raise CmkitError(f"{file} is not a cmkit autoencoder (format {meta.get('format')!r})")
-        model = cls(AutoencoderConfig.from_dict(json.loads(meta["config"])))
-        load_weights(model, file)  # strict, one-line errors for missing/unexpected/mis-shaped tensors
+        """Load a model directory or a training run's ``model/``; eval mode, frozen."""
+        d = read_model_dir(path, "autoencoder")
+        model = cls(AutoencoderConfig.from_dict(d.config))
+        load_weights(model, d.weights)  # strict, one-line errors for missing/unexpected/mis-shaped tensors
         return model.to(device).eval().requires_grad_(False)

@@ -9,6 +9,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import CmkitError
 
@@ -26,7 +27,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     width = max(map(len, PRESETS))
     for name, p in PRESETS.items():
-        print(f"{name:<{width}}  {p.description}")
+        kind = "" if p.kind == "denoiser" else f"[{p.kind}] "
+        print(f"{name:<{width}}  {kind}{p.description}")
     return 0
 
 
@@ -43,44 +45,39 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Resolve a preset of any kind with overrides; --dry-run builds model, loss and optimizer, then prints."""
+    from .loop import dry_run, train
     from .presets import get_config
 
-    cfg = get_config(args.preset, args.overrides)
-    if args.out:
-        cfg.train.out_dir = args.out
+    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    overrides += [f"train.num_threads={args.threads}"] if args.threads else []
+    cfg = get_config(args.preset, overrides)
+    if args.kind and cfg.kind != args.kind:
+        raise CmkitError(f"preset {args.preset!r} trains a {cfg.kind} model, not a {args.kind}; "
+                         f"use `cmkit train --preset {args.preset}`")
     if args.dry_run:
+        summary = dry_run(cfg)
         print(cfg.to_json())
+        print(summary, file=sys.stderr)
         return 0
-    from .train import train
-
-    summary = train(cfg)
-    print(json.dumps(summary))
+    print(json.dumps(train(cfg, progress=not args.no_progress)))
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CmkitError(f"--sigmas expects comma-separated numbers like 80,0.8; got {text!r}") from None
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from .checkpoint import load_model
+    from .cli_options import apply_threads, parse_sigmas, refuse_existing
     from .generate import generate, resolve_sampler
     from .utils import save_grid, save_npz
 
     if args.n < 1 or args.batch_size < 1:
         raise CmkitError("-n and --batch-size must be positive")
     for target in (args.out, args.npz):
-        if target and Path(target).exists() and not args.overwrite:
-            raise CmkitError(f"{target} exists; pass --overwrite to replace it")
+        refuse_existing(target, args.overwrite)
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
+    apply_threads(args.threads)
     model, cfg = load_model(args.model, device=args.device)
-    sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, _floats(args.sigmas) if args.sigmas else None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
     x, labels = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
                          bf16=args.bf16)
     if args.out:
@@ -93,33 +90,56 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a run's weights (EMA by default) as a compact model directory with its recipe."""
+    """Export a run's weights (first EMA by default) of any kind as a compact model directory with its recipe."""
     import os
 
     import torch
 
-    from .checkpoint import build_model, load_weights, read_config, save_model_dir
+    from .checkpoint import RunDir, read_model_dir, read_safetensors, save_model_dir
     from .utils import cpu_name
 
-    run = Path(args.run)
-    ckpt = run / "checkpoint"
-    if not (ckpt / "state.json").is_file():
-        raise CmkitError(f"{run} is not a training run directory (no checkpoint/state.json)")
+    run = RunDir(args.run)
+    if not run.has_checkpoint():
+        raise CmkitError(f"{run.root} is not a training run directory (no checkpoint/{RunDir.STATE})")
     if Path(args.out).exists() and not args.overwrite:
         raise CmkitError(f"{args.out} exists; pass --overwrite to replace it")
-    cfg, _ = read_config(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
-    weights = args.weights or (f"ema_{cfg.train.ema_rates[0]:g}" if cfg.train.ema_rates else "model")
-    model = build_model(cfg.model)
-    load_weights(model, ckpt / f"{weights}.safetensors")
-    recipe = {"run": str(run), "weights": weights, "steps": state["step"], "wall_s": state.get("wall_s"),
-              "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, train.num_threads={cfg.train.num_threads}, "
+    model = read_model_dir(run.model)  # kind and model config of the run's export
+    train_cfg = run.saved_config()["train"]
+    state = run.state()
+    weights = args.weights or RunDir.weights_name(train_cfg["ema_rates"][0] if train_cfg["ema_rates"] else None)
+    file = run.checkpoint / f"{weights}.safetensors"
+    if not file.is_file():
+        found = sorted(p.stem for p in run.checkpoint.glob("*.safetensors"))
+        raise CmkitError(f"no weights {weights!r} in {run.checkpoint}; choose one of {', '.join(found)}")
+    recipe = {"run": str(run.root), "weights": weights, "steps": state["step"], "wall_s": state.get("wall_s"),
+              "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, train.num_threads={train_cfg['num_threads']}, "
                          f"torch {torch.__version__}",
               "note": args.note or ""}
-    meta = {"description": args.description or "", "recipe": recipe}
-    save_model_dir(args.out, model, cfg, meta, dtype=torch.float16 if args.fp16 else None)
-    print(f"wrote {args.out} ({weights}, step {state['step']})")
+    save_model_dir(args.out, read_safetensors(file), model.kind, model.config,
+                   {"description": args.description or "", "recipe": recipe},
+                   dtype=torch.float16 if args.fp16 else None)
+    print(f"wrote {args.out} ({model.kind}, {weights}, step {state['step']})")
     return 0
+
+
+def _add_train(sub: Any, name: str, kind: str | None, default: str | None, help_text: str) -> None:
+    """``cmkit train`` (any preset) and its kind-restricted aliases ``train-autoencoder``/``train-decoder``."""
+    from .cli_options import add_output_option, add_threads_option
+
+    s = sub.add_parser(name, help=help_text,
+                       description="Train from a preset (see `cmkit presets`). Overrides are key=value with dotted "
+                                   "keys (train.lr=1e-4) or unique bare names (lr=1e-4). Runs go to runs/PRESET "
+                                   "unless train.out_dir or --out is given; train.resume=true continues a run "
+                                   "exactly (only steps, logging, checkpoint intervals, threads may change).")
+    s.add_argument("--preset", required=default is None, default=default,
+                   help="preset name (see `cmkit presets`)" + (f"; default {default}" if default else ""))
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_output_option(s, help="run directory (same as train.out_dir=...; default runs/PRESET)")
+    add_threads_option(s)
+    s.add_argument("--dry-run", action="store_true",
+                   help="check the config, build model, loss and optimizer (no data), print the config as JSON")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train, kind=kind)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,15 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list the models shipped with cmkit")
     s.set_defaults(func=cmd_models)
 
-    s = sub.add_parser("train", help="train a model from a preset, with key=value overrides",
-                       description="Train from a preset. Overrides are key=value with dotted keys (train.lr=1e-4) "
-                                   "or unique bare names (lr=1e-4). Runs go to runs/PRESET unless train.out_dir "
-                                   "or --out is given; train.resume=true continues a run exactly.")
-    s.add_argument("--preset", required=True, help="preset name (see `cmkit presets`)")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    s.add_argument("--out", help="output directory (same as train.out_dir=...)")
-    s.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
-    s.set_defaults(func=cmd_train)
+    _add_train(sub, "train", None, None, "train a model from a preset (any kind), with key=value overrides")
+    _add_train(sub, "train-autoencoder", "autoencoder", "fmnist-ae",
+               "train a KL autoencoder (= cmkit train with an autoencoder preset)")
+    _add_train(sub, "train-decoder", "decoder", "fmnist-cdec",
+               "train a consistency decoder for an autoencoder's latents (= cmkit train with a decoder preset)")
 
     s = sub.add_parser("sample", help="generate images from a trained or shipped model",
                        description="Sample a model. Consistency models: --steps 1 (one network evaluation) or "
@@ -148,20 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--sampler heun|euler --steps N (Heun: 2N-1 evaluations).")
     s.add_argument("--model", required=True, help="model directory, run directory, or shipped model name")
     s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
-    s.add_argument("--steps", type=int, help="number of sampling steps")
-    s.add_argument("--sigmas", help="comma-separated descending σ values for multistep sampling")
-    s.add_argument("--sampler", choices=["onestep", "multistep", "heun", "euler"], help="sampler (default: by model)")
-    s.add_argument("--seed", type=int, default=0, help="sample i uses seed+i, independent of the batch size")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    s.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast (faster on CPU)")
-    s.add_argument("-o", "--out", default="samples.png", help="PNG grid path ('' to skip)")
+    from .cli_options import add_output_option, add_sampling_options
+
+    add_sampling_options(s, batch_size=256, sigmas_help="comma-separated descending σ values for multistep sampling",
+                         seed_help="sample i uses seed+i, independent of the batch size")
+    add_output_option(s, default="samples.png", help="PNG grid path (default samples.png; '' to skip)")
     s.add_argument("--npz", help="also write uint8 NHWC samples to this .npz (arr_0; labels in arr_1)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("export", help="export a run's EMA weights as a model directory (optionally fp16)")
+    s = sub.add_parser("export", help="export a run's EMA weights (any kind) as a model directory (optionally fp16)")
     s.add_argument("run", help="training run directory")
     s.add_argument("-o", "--out", required=True, help="output model directory")
     s.add_argument("--weights", help="checkpoint weights to export: ema_RATE (default: first EMA) or model (online)")

@@ -1,191 +1,382 @@
-"""Typed run configuration, ``key=value`` overrides, and the preset registry.
+"""One config system for every run: typed sections, ``key=value`` overrides, validation, builders.
 
-A config has five sections (model, data, loss, train, sample). Overrides use dotted keys
-(``train.lr=2e-4``) or a bare field name when it is unique across sections (``lr=2e-4``).
+A run config is a dataclass whose fields are *sections* (dataclasses of options). The consistency-model
+run (``Config``: model, data, loss, train, sample) lives here; the autoencoder and consistency-decoder
+runs (``cmkit.decoder.train_config``) reuse ``DataConfig``, ``TrainConfig`` and the same machinery, and
+every preset of every kind is in ``cmkit.presets``.
+
+* Overrides are ``section.key=value`` or a bare ``key=value`` when the name is unique in the config.
+* Options that take one of a fixed set of names are ``Literal`` types, checked while parsing with a
+  "did you mean" suggestion; ``validate()`` checks the rules across fields before any data is loaded.
+* Model, loss and optimizer are built from their sections here (``ModelConfig.build``,
+  ``LossConfig.build``, ``TrainConfig.build_optimizer``); ``cmkit.checkpoint`` only reads and writes files.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import typing
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional, TypeVar
 
 from .errors import CmkitError
+from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 T = TypeVar("T")
 
+Arch = Literal["unet", "mlp"]
+Embedding = Literal["positional", "fourier"]
+PrecondKind = Literal["edm", "cm"]
+Method = Literal["edm", "cd", "ct", "ict", "ect"]
+Optimizer = Literal["adam", "radam"]
+DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz"]
+Split = Literal["train", "test"]
+DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips"]
+SolverName = Literal["heun", "euler"]
+WeightingName = Literal["uniform", "snr", "snr+1", "karras", "truncated-snr", "inv_dt", "snrpk"]
+SamplerName = Literal["onestep", "multistep", "heun", "euler"]
 
-@dataclass
-class ModelConfig:
-    """Backbone (``unet`` or ``mlp``) and preconditioning (``edm`` for diffusion, ``cm`` for consistency)."""
+#: Keys that may change between a run and its resumption (everything else must match exactly).
+RUN_CONTROL_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every", "train.ckpt_every",
+                    "train.num_threads", "train.out_dir")
+#: Classes of the labelled built-in data sets (0 = unlabelled); folder/npz are checked when loaded.
+DATA_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "emoji": 0}
 
-    arch: str = "unet"
-    img_resolution: int = 8
-    in_channels: int = 1
-    model_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2)
-    num_blocks: int = 1
-    attn_resolutions: tuple[int, ...] = ()
-    dropout: float = 0.0
-    num_classes: int = 0
-    embedding: str = "positional"
-    fourier_scale: float = 16.0
-    head_channels: int = 64
-    hidden: int = 128
-    depth: int = 3
-    precond: str = "cm"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    sigma_data: float = 0.5
 
+def require(ok: bool, message: str) -> None:
+    """Raise ``CmkitError(message)`` unless ``ok``: the one-line form of every config rule."""
+    if not ok:
+        raise CmkitError(message)
+
+
+# --- shared sections -------------------------------------------------------------------------------
 
 @dataclass
 class DataConfig:
-    """Training data: ``digits``, ``fashion_mnist``, ``mnist``, ``folder`` or ``npz`` (root = path)."""
+    """Training data."""
 
-    name: str = "digits"
-    root: str = ""
-    split: str = "train"
-    flip: bool = False
-
-
-@dataclass
-class LossConfig:
-    """Method (edm, cd, ct, ict, ect) and its options; ``None`` keeps the method's published default."""
-
-    method: str = "ict"
-    distance: Optional[str] = None
-    weighting: Optional[str] = None
-    huber_c: Optional[float] = None
-    lpips_weights: Optional[str] = None
-    num_scales: Optional[int] = None
-    mu: Optional[float] = None
-    solver: Optional[str] = None
-    s0: Optional[int] = None
-    s1: Optional[int] = None
-    mu0: Optional[float] = None
-    P_mean: Optional[float] = None
-    P_std: Optional[float] = None
-    q: Optional[float] = None
-    k: Optional[float] = None
-    b: Optional[float] = None
-    double_steps: Optional[int] = None
-    total_steps: Optional[int] = None
+    name: DataName = "digits"   # digits | fashion_mnist | mnist | emoji | folder | npz
+    root: str = ""              # folder, .npz file, or directory of IDX files ("" = the bundled/Debian copy)
+    split: Split = "train"      # train | test
+    flip: bool = False          # random horizontal flips (a pure function of seed and step)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation, EMA, precision, logging and checkpointing."""
+    """Optimisation, EMAs, precision, seeds, logging and checkpointing (the same for every kind of run)."""
 
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-4
-    optimizer: str = "radam"
-    betas: tuple[float, ...] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
-    ema_rates: tuple[float, ...] = (0.999,)
-    bf16: bool = False
-    seed: int = 0
-    teacher: str = ""
-    init_from: str = ""
-    out_dir: str = ""
-    resume: bool = False
-    log_every: int = 10
-    sample_every: int = 500
-    ckpt_every: int = 500
-    num_threads: int = 0
+    steps: int = 1000                        # optimisation steps K
+    batch_size: int = 64                     # global batch (split over processes)
+    lr: float = 2e-4                         # learning rate after warm-up
+    optimizer: Optimizer = "radam"           # adam | radam
+    betas: tuple[float, ...] = (0.9, 0.999)  # Adam β1, β2
+    weight_decay: float = 0.0                # L2 weight decay (Adam's, not AdamW's)
+    warmup_steps: int = 0                    # linear learning-rate warm-up
+    grad_clip: float = 0.0                   # max global gradient norm (0 = off)
+    ema_rates: tuple[float, ...] = (0.999,)  # evaluation EMAs; the first is exported (none: the online weights)
+    bf16: bool = False                       # bfloat16 autocast for the network (σ arithmetic stays fp32)
+    seed: int = 0                            # batches, noise, dropout and initialisation
+    out_dir: str = ""                        # run directory ("" = runs/PRESET)
+    resume: bool = False                     # continue the run in out_dir exactly
+    log_every: int = 10                      # steps between log.jsonl rows
+    sample_every: int = 500                  # steps between sample grids (0 = only at the end)
+    ckpt_every: int = 500                    # steps between checkpoints (0 = only at the end)
+    num_threads: int = 0                     # torch CPU threads (0 = torch's default)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``."""
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
+
+    def build_optimizer(self, params: Any) -> Any:
+        """Adam or RAdam over ``params`` with this section's lr, betas and weight decay."""
+        import torch
+
+        cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[self.optimizer]
+        return cls(list(params), lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+
+    def check(self) -> None:
+        for key in ("steps", "batch_size", "log_every"):
+            require(getattr(self, key) >= 1, f"train.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "sample_every", "ckpt_every", "num_threads"):
+            require(getattr(self, key) >= 0, f"train.{key} must be 0 or more, got {getattr(self, key)}")
+        require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        require(self.grad_clip >= 0, f"train.grad_clip must be 0 (off) or positive, got {self.grad_clip}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        require(all(0 <= r < 1 for r in self.ema_rates), f"train.ema_rates must lie in [0, 1), got {list(self.ema_rates)}")
 
 
-@dataclass
-class SampleConfig:
-    """Default sampler of the trained model (written into its config.json)."""
+# --- the run config base ---------------------------------------------------------------------------
 
-    sampler: str = "onestep"
-    sigmas: tuple[float, ...] = ()
-    steps: int = 18
-    grid_size: int = 64
+class RunConfig:
+    """What every run config has: a ``kind``, a ``train`` section, dict/JSON round trips and ``validate``."""
 
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    kind: ClassVar[str]
+    train: TrainConfig
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready nested dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        """The inverse of ``to_dict``; unknown sections or keys are one clear error."""
         cfg = cls()
         for section, values in d.items():
-            if not hasattr(cfg, section):
-                raise CmkitError(f"unknown config section {section!r}; expected one of {SECTIONS}")
+            require(isinstance(values, dict) and section in _section_names(cfg),
+                    f"unknown config section {section!r}; expected one of {', '.join(_section_names(cfg))}")
             for key, value in values.items():
                 set_value(cfg, f"{section}.{key}", value)
         return cfg
 
+    def validate(self) -> None:
+        """Rules across fields; raises ``CmkitError`` with one line. Subclasses add their own."""
+        self.train.check()
 
-SECTIONS = ("model", "data", "loss", "train", "sample")
-
-
-def dataclass_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
-    """``cls(**d)`` for a flat config dataclass, with one clear error naming any unknown keys."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise CmkitError(f"unknown {what} config keys {unknown}; expected a subset of {sorted(known)}")
-    return cls(**d)
+    def comparable(self) -> dict[str, Any]:
+        """The flattened config without run-control keys: what must match for a resume to be exact."""
+        return {k: v for k, v in flatten(self.to_dict()).items() if k not in RUN_CONTROL_KEYS}
 
 
-# --- overrides -------------------------------------------------------------------------------------
+# --- the consistency-model / diffusion run ---------------------------------------------------------
 
-def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(Config(), s))]
+@dataclass
+class ModelConfig:
+    """Backbone and preconditioning of a denoiser ``model(x, sigma, class_labels=None) -> x0``."""
+
+    arch: Arch = "unet"                          # unet | mlp
+    img_resolution: int = 8                      # image side
+    in_channels: int = 1                         # image channels
+    model_channels: int = 32                     # unet: width of the first level
+    channel_mult: tuple[int, ...] = (1, 2)       # unet: width multipliers per level (one halving per level)
+    num_blocks: int = 1                          # unet: residual blocks per level
+    attn_resolutions: tuple[int, ...] = ()       # unet: resolutions with self-attention
+    dropout: float = 0.0                         # dropout probability in residual blocks
+    num_classes: int = 0                         # class-conditional when > 0
+    embedding: Embedding = "positional"          # noise embedding: positional | fourier
+    fourier_scale: float = 16.0                  # fourier embedding frequency scale
+    head_channels: int = 64                      # unet: channels per attention head
+    hidden: int = 128                            # mlp: hidden width
+    depth: int = 3                               # mlp: hidden layers
+    precond: PrecondKind = "cm"                  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
+    sigma_min: float = SIGMA_MIN                 # σ_min (consistency boundary)
+    sigma_max: float = SIGMA_MAX                 # σ_max (one-step sampling starts here)
+    sigma_data: float = SIGMA_DATA               # σ_data of the preconditioning and the weightings
+
+    NET_KEYS: ClassVar[tuple[str, ...]] = (
+        "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
+        "dropout", "num_classes", "embedding", "fourier_scale", "head_channels", "hidden", "depth")
+
+    def build(self) -> Any:
+        """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
+        from .nets import build_net
+        from .precond import Precond
+
+        net = build_net(self.arch, **{k: getattr(self, k) for k in self.NET_KEYS})
+        return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max)
+
+    def check(self) -> None:
+        require(0 < self.sigma_min < self.sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got "
+                                                     f"{self.sigma_min}, {self.sigma_max}")
+        require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
+        require(0 <= self.dropout < 1, f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.arch == "unet":
+            levels = 2 ** (len(self.channel_mult) - 1)
+            require(self.img_resolution % levels == 0,
+                    f"model.img_resolution={self.img_resolution} must be divisible by {levels} "
+                    f"(2^(len(model.channel_mult) - 1))")
+            reached = {self.img_resolution // 2**i for i in range(len(self.channel_mult))}
+            bad = sorted(set(self.attn_resolutions) - reached)
+            require(not bad, f"model.attn_resolutions {bad} are never reached; the levels run at {sorted(reached)}")
 
 
-def resolve_key(key: str) -> str:
-    """``train.lr`` stays; a bare ``lr`` becomes ``train.lr`` when unique; unknown keys raise CmkitError."""
-    keys = _all_keys()
+@dataclass
+class LossConfig:
+    """The method and its options; ``None`` keeps the method's published default.
+
+    An option the chosen method does not take is an error (``validate``); the σ range, σ_data and
+    total_steps (= train.steps unless set) reach every method that uses them.
+    """
+
+    method: Method = "ict"                       # edm | cd | ct | ict | ect
+    distance: Optional[DistanceName] = None      # cd, ct, ict: l2 | l1 | pseudo_huber | lpips
+    weighting: Optional[WeightingName] = None    # cd, ct: λ(σ) uniform | snr | snr+1 | karras | truncated-snr;
+                                                 # ect: also inv_dt (default) and snrpk (= karras)
+    huber_c: Optional[float] = None              # pseudo-Huber c (None = 0.00054·√d)
+    lpips_weights: Optional[str] = None          # VGG16+LPIPS safetensors for distance=lpips
+    num_scales: Optional[int] = None             # cd: N of the Karras grid
+    mu: Optional[float] = None                   # cd: target EMA rate μ (0 = stopgrad θ)
+    solver: Optional[SolverName] = None          # cd: teacher ODE step heun | euler
+    s0: Optional[int] = None                     # ct, ict: initial discretisation steps
+    s1: Optional[int] = None                     # ct, ict: final discretisation steps
+    mu0: Optional[float] = None                  # ct: initial target EMA rate
+    P_mean: Optional[float] = None               # edm, ict, ect: lognormal σ mean
+    P_std: Optional[float] = None                # edm, ict, ect: lognormal σ std
+    q: Optional[float] = None                    # ect: gap shrink factor per stage
+    k: Optional[float] = None                    # ect: t→r map k
+    b: Optional[float] = None                    # ect: t→r map b
+    double_steps: Optional[int] = None           # ect: steps per stage
+    total_steps: Optional[int] = None            # ct, ict, ect: curriculum length K (None = train.steps)
+
+    def options(self) -> dict[str, Any]:
+        """The options set in this section (not ``None``), without the method."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "method" and getattr(self, f.name) is not None}
+
+    def loss_class(self) -> Any:
+        from .losses import LOSSES
+
+        return LOSSES[self.method]
+
+    def accepted(self) -> list[str]:
+        """Option names the method's loss takes (its constructor's parameters)."""
+        return [p for p in inspect.signature(self.loss_class()).parameters if p not in ("sigma_min", "sigma_max",
+                                                                                          "sigma_data", "rho")]
+
+    def check(self) -> None:
+        accepted = self.accepted()
+        unused = [k for k in self.options() if k not in accepted]
+        require(not unused, f"loss.{unused[0] if unused else ''} is not an option of method {self.method!r} "
+                            f"(its options: {', '.join(accepted) or 'none'})")
+        weightings = getattr(self.loss_class(), "WEIGHTINGS", ())
+        require(self.weighting is None or self.weighting in weightings,
+                f"loss.weighting={self.weighting!r} is not a weighting of method {self.method!r} "
+                f"(expected one of {', '.join(weightings)})")
+
+    def build(self, model: ModelConfig, steps: int) -> Any:
+        """The loss object of ``method`` with the set options, the σ range, σ_data and K."""
+        cls = self.loss_class()
+        params = inspect.signature(cls).parameters
+        common = {"sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "sigma_data": model.sigma_data,
+                  "total_steps": steps}
+        return cls(**{**{k: v for k, v in common.items() if k in params}, **self.options()})
+
+
+@dataclass
+class CMTrainConfig(TrainConfig):
+    """``TrainConfig`` plus where a consistency model starts from."""
+
+    teacher: str = ""      # cd: the EDM teacher (model/run directory or shipped name)
+    init_from: str = ""    # initialise the online network from these weights (cd, ect: the teacher)
+
+
+@dataclass
+class SampleConfig:
+    """Default sampler of the trained model (written into its config.json) and the training grids."""
+
+    sampler: SamplerName = "onestep"        # onestep | multistep | heun | euler
+    sigmas: tuple[float, ...] = ()          # the multistep σ list (descending, in [σ_min, σ_max])
+    steps: int = 18                         # heun/euler: number of σ levels
+    grid_size: int = 64                     # images in the training sample grids
+
+
+@dataclass
+class Config(RunConfig):
+    """A diffusion (EDM) or consistency-model run: model, data, loss, train, sample."""
+
+    kind: ClassVar[str] = "denoiser"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: CMTrainConfig = field(default_factory=CMTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        m, method = self.model, self.loss.method
+        m.check()
+        self.loss.check()
+        want = "edm" if method == "edm" else "cm"
+        require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): "
+                                   + ("a diffusion teacher is EDM-preconditioned" if want == "edm" else
+                                      "a consistency model needs the boundary condition f(x, σ_min) = x"))
+        require(method != "cd" or bool(self.train.teacher),
+                "loss.method=cd needs a teacher: set train.teacher=PATH (an EDM model or run directory)")
+        require(method == "cd" or not self.train.teacher,
+                f"train.teacher is only used by loss.method=cd (this run is {method})")
+        classes = DATA_CLASSES.get(self.data.name)
+        require(not m.num_classes or classes is None or 0 < m.num_classes <= classes,
+                f"model.num_classes={m.num_classes} but data set {self.data.name!r} has "
+                f"{'no labels' if not classes else f'{classes} classes'}")
+        require(self.sample.grid_size >= 1, f"sample.grid_size must be at least 1, got {self.sample.grid_size}")
+        s = list(self.sample.sigmas)
+        require(all(a > b for a, b in zip(s, s[1:])) and all(m.sigma_min <= v <= m.sigma_max for v in s),
+                f"sample.sigmas must decrease within [{m.sigma_min}, {m.sigma_max}], got {s}")
+
+
+# --- generic machinery: keys, parsing, overrides ---------------------------------------------------
+
+def _section_names(cfg: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+def leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every option of a (nested) config dataclass as a dotted key."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += leaf_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} → {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resolve_key(cfg: Any, key: str) -> str:
+    """``train.lr`` stays; a bare ``lr`` becomes ``train.lr`` when unique; unknown keys raise ``CmkitError``."""
+    keys = leaf_keys(cfg)
     if key in keys:
         return key
-    matches = [k for k in keys if k.split(".", 1)[1] == key]
+    matches = [k for k in keys if k.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]
-    if len(matches) > 1:
-        raise CmkitError(f"config key {key!r} is ambiguous; use one of {', '.join(matches)}")
-    close = difflib.get_close_matches(key, keys + [k.split('.', 1)[1] for k in keys], n=3)
+    require(not matches, f"config key {key!r} is ambiguous; use one of {', '.join(matches)}")
+    close = difflib.get_close_matches(key, keys + [k.rsplit(".", 1)[-1] for k in keys], n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run `cmkit train --preset NAME --dry-run` to see all keys"
     raise CmkitError(f"unknown config key {key!r}{hint}")
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` (often a string from the command line) as the field type ``hint``; one-line errors."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        return coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        text = str(value)
+        if text not in args:
+            close = difflib.get_close_matches(text, [str(a) for a in args], n=1)
+            hint_text = f"; did you mean {close[0]}?" if close else ""
+            raise CmkitError(f"config key {key}: {text!r} is not one of {', '.join(map(str, args))}{hint_text}")
+        return text
     try:
         if origin is tuple:
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
-            return tuple(_coerce(key, v, args[0]) for v in items)
+            return tuple(coerce(key, v, args[0]) for v in items)
         if hint is bool:
             if isinstance(value, bool):
                 return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
+            text = str(value).lower()
+            if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(value)
+            return text in ("1", "true", "yes", "on")
         if hint is int:
             f = float(value)
             if f != int(f):
@@ -199,38 +390,36 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise CmkitError(f"config key {key}: cannot read {value!r} as {name}") from None
 
 
-def set_value(cfg: Config, key: str, value: Any) -> None:
-    """Set ``section.field`` on ``cfg``, converting ``value`` (often a string) to the field's type."""
-    full = resolve_key(key)
-    section, name = full.split(".", 1)
-    obj = getattr(cfg, section)
-    hints = typing.get_type_hints(type(obj))
-    setattr(obj, name, _coerce(full, value, hints[name]))
+def set_value(cfg: Any, key: str, value: Any) -> None:
+    """Set ``key`` (dotted or a unique bare name) on ``cfg``, converting ``value`` to the field's type."""
+    full = resolve_key(cfg, key)
+    *path, name = full.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, name, coerce(full, value, typing.get_type_hints(type(obj))[name]))
 
 
-def parse_overrides(overrides: list[str], example: str = "train.steps=2000") -> list[tuple[str, str]]:
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     """``["key=value", ...]`` → ``[(key, value), ...]``; anything without ``=`` is one clear error."""
     pairs = []
     for item in overrides:
-        if "=" not in item:
-            raise CmkitError(f"expected key=value, got {item!r} (e.g. {example})")
+        require("=" in item, f"expected key=value, got {item!r} (e.g. train.steps=2000)")
         key, value = item.split("=", 1)
         pairs.append((key.strip(), value.strip()))
     return pairs
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
     """Apply ``key=value`` strings in order."""
     for key, value in parse_overrides(overrides):
         set_value(cfg, key, value)
     return cfg
 
 
-def loss_kwargs(cfg: Config) -> dict[str, Any]:
-    """Options for ``build_loss``: set loss fields, the σ range, and K = train.steps unless given."""
-    kw = {k: v for k, v in asdict(cfg.loss).items() if v is not None and k != "method"}
-    kw.setdefault("total_steps", cfg.train.steps)
-    kw.update(sigma_min=cfg.model.sigma_min, sigma_max=cfg.model.sigma_max)
-    if cfg.loss.method in ("edm", "ect"):
-        kw["sigma_data"] = cfg.model.sigma_data
-    return kw
+def dataclass_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
+    """``cls(**d)`` for a flat (possibly frozen) dataclass, with one clear error naming any unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    require(not unknown, f"unknown {what} config keys {unknown}; expected a subset of {sorted(known)}")
+    return cls(**d)

@@ -7,16 +7,15 @@ model on held-out images.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import RunDir, load_model
 from .generate import generate, multistep_sigmas
+from .loop import train
 from .presets import get_config
-from .train import train
 from .utils import save_grid
 
 OUT = Path("demo")
@@ -25,8 +24,8 @@ OUT = Path("demo")
 def ensure_trained(preset: str, out: Path, *overrides: str) -> None:
     """Train ``preset`` into ``out`` unless it already finished (resumes an interrupted run)."""
     cfg = get_config(preset, [f"train.out_dir={out}", "train.resume=true", *overrides])
-    state = out / "checkpoint" / "state.json"
-    if state.is_file() and json.loads(state.read_text())["step"] >= cfg.train.steps:
+    run = RunDir(out)
+    if run.has_checkpoint() and run.state()["step"] >= cfg.train.steps:
         print(f"{preset}: already trained in {out}")
         return
     print(f"training {preset} -> {out}")

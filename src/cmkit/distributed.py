@@ -35,9 +35,11 @@ def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
     """Gather a same-shaped tensor from every rank (identity in a single process)."""
     if not dist.is_initialized():
         return [t]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return out
+    # NCCL gathers CUDA tensors only (e.g. the CPU RNG states); gloo takes them where they are
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = [torch.empty_like(t, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.to(device))
+    return [o.to(t.device) for o in out]
 
 
 def all_reduce_mean(x: float, device: torch.device) -> float:

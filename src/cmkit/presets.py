@@ -1,22 +1,28 @@
-"""Named recipes. CPU presets train on 8×8 digits or 28×28 Fashion-MNIST in minutes to hours; paper
-presets carry the published hyperparameters (Song et al. 2023 Table 3 / reference ``launch.sh``; iCT;
-ECT ``run_ecm.sh``) with the published FID in their description. Paper backbones are approximated by
-cmkit's UNet (NCSN++ → DDPM++-style UNet with Fourier embedding); data must be given as data.root.
+"""Every named recipe of every kind of run, in one registry, and ``get_config`` that resolves one.
+
+Denoiser presets (diffusion teachers and consistency models): the CPU presets train on 8×8 digits, 28×28
+Fashion-MNIST or 32×32 emoji in minutes to an hour; the paper presets carry the published hyperparameters
+(Song et al. 2023 Table 3 / reference ``launch.sh``; iCT; ECT ``run_ecm.sh``) with the published FID in their
+description (paper backbones are approximated by cmkit's UNet; data must be given as data.root).
+Autoencoder and consistency-decoder presets train the latent space and the decoder of ``cmkit.decoder``.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config, set_value
+from .config import Config, RunConfig, apply_overrides, set_value
 from .errors import CmkitError
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A named recipe: its kind of run (``denoiser``, ``autoencoder``, ``decoder``) and the values it sets."""
+
     description: str
     values: dict[str, Any] = field(default_factory=dict)
-    base: str | None = None
+    kind: str = "denoiser"
 
 
 DIGITS_NET = {"model.img_resolution": 8, "model.in_channels": 1, "model.model_channels": 32,
@@ -124,17 +130,43 @@ PRESETS: dict[str, Preset] = {
     "imagenet64-ct": Preset("ImageNet-64 CT (LPIPS, s0=2, s1=200, μ0=0.95, RAdam 1e-4, batch 2048, 800k); paper FID 13.0 / 11.1", {
         **IMAGENET64_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 200, "loss.mu0": 0.95, "loss.distance": "lpips",
         "train.steps": 800_000, "train.batch_size": 2048, "train.lr": 1e-4, "sample.sigmas": (80.0, 1.9128)}),
+    # --- a latent space and its consistency decoder (cmkit.decoder; CPU) ------------------------------
+    "fmnist-ae": Preset("KL autoencoder, Fashion-MNIST padded to 32×32 → 2×8×8 latents (f = 4), CPU", {},
+                        kind="autoencoder"),
+    "digits-ae": Preset("KL autoencoder, 8×8 digits → 2×4×4 latents (f = 2); a smoke run of seconds", {
+        "data.name": "digits", "data.image_size": 8, "model.channels": (8, 16), "model.norm_groups": 4,
+        "train.steps": 300, "train.batch_size": 32, "train.ckpt_every": 100, "train.sample_every": 100,
+        "train.log_every": 10}, kind="autoencoder"),
+    "fmnist-cdec": Preset("consistency decoder for fmnist-ae latents (4-level UNet 16–32 wide, 0.48M parameters), "
+                          "CPU", {}, kind="decoder"),
+    "digits-cdec": Preset("consistency decoder for digits-ae latents (2-level UNet 8–16 wide); seconds", {
+        "model.autoencoder": "runs/digits-ae", "data.name": "digits", "data.image_size": 8,
+        "model.block_out_channels": (8, 16), "model.norm_num_groups": 4, "model.stats_images": 500,
+        "train.steps": 300, "train.batch_size": 32, "train.ckpt_every": 100, "train.sample_every": 100,
+        "train.log_every": 10}, kind="decoder"),
 }
 
 
-def get_config(preset: str, overrides: list[str] | None = None) -> Config:
-    """The resolved config of a preset, with ``key=value`` overrides applied; out_dir defaults to runs/NAME."""
-    from .config import apply_overrides
+def config_class(kind: str) -> type[RunConfig]:
+    """The run config class of a kind of run."""
+    if kind == "denoiser":
+        return Config
+    from .decoder.train_config import AutoencoderRunConfig, DecoderRunConfig
 
+    return {"autoencoder": AutoencoderRunConfig, "decoder": DecoderRunConfig}[kind]
+
+
+def get_config(preset: str, overrides: list[str] | None = None) -> Any:
+    """The validated config of a preset with ``key=value`` overrides; train.out_dir defaults to runs/PRESET."""
     if preset not in PRESETS:
-        raise CmkitError(f"unknown preset {preset!r}; run `cmkit presets` to list them")
-    cfg = Config()
-    for key, value in PRESETS[preset].values.items():
+        close = difflib.get_close_matches(preset, list(PRESETS), n=2)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise CmkitError(f"unknown preset {preset!r}; {hint}run `cmkit presets` to list them")
+    p = PRESETS[preset]
+    cfg = config_class(p.kind)()
+    for key, value in p.values.items():
         set_value(cfg, key, value)
     cfg.train.out_dir = f"runs/{preset}"
-    return apply_overrides(cfg, overrides or [])
+    apply_overrides(cfg, overrides or [])
+    cfg.validate()
+    return cfg

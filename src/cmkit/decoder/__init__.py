@@ -3,10 +3,9 @@
 * ``ConsistencyDecoder``: ``from_pretrained(path)`` + ``decode(latents, schedule=(1.0, 0.5), generator=None)``.
 * ``DecoderUNet`` / ``DecoderConfig``: the 621,277,702-parameter network, or a tiny one (``DecoderConfig.tiny()``).
 * ``load_weights`` / ``convert_decoder``: diffusers safetensors, OpenAI's TorchScript ``decoder.pt``, cmkit format.
-* ``train_decoder`` / ``train_autoencoder``: consistency training of a decoder for any latent autoencoder
-  (``train.py``; the small KL autoencoder is ``cmkit.autoencoder``).
-* ``cli.add_cli(subparsers)``: the ``decode``, ``convert-decoder``, ``train-autoencoder`` and ``train-decoder``
-  subcommands.
+* ``train.py``: the loop's tasks that train a decoder for any latent autoencoder (``cmkit train --preset
+  fmnist-cdec``) and the small KL autoencoder itself (``cmkit.autoencoder``; ``--preset fmnist-ae``).
+* ``cli.add_cli(subparsers)``: the ``decode`` and ``convert-decoder`` subcommands.
 """
 from __future__ import annotations
 
@@ -18,16 +17,8 @@ from .unet import DecoderUNet
 from .weights import DecoderWeights, convert_decoder, load_weights, save_cmkit
 
 
-def __getattr__(name: str):
-    """The training API, imported on first use (it pulls in the data sets and the autoencoder)."""
-    if name in ("train_decoder", "train_autoencoder"):
-        from . import train
-
-        return getattr(train, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 __all__ = [
     "ConsistencyDecoder", "DecoderConfig", "DecoderSchedule", "DecoderUNet", "DecoderWeights", "DEFAULT_SCHEDULE",
     "OPENAI_DECODER_SHA256", "SD_LATENT_MEAN", "SD_LATENT_STD", "SD_SCALING_FACTOR", "convert_decoder",
-    "load_weights", "save_cmkit", "steps_to_schedule", "train_autoencoder", "train_decoder",
+    "load_weights", "save_cmkit", "steps_to_schedule",
 ]

@@ -1,22 +1,23 @@
 """``cmkit decode`` and ``cmkit convert-decoder``: argparse subcommands registered by ``add_cli(subparsers)``.
 
     cmkit decode LATENTS.{npy,pt,safetensors} --weights PATH -o out.png [--steps N | --schedule 1.0,0.5]
-                 [--tile 64 --tile-overlap 16] [--dtype bf16] [--seed 0] [--latents auto|raw|scaled]
-    cmkit convert-decoder SRC -o OUT_DIR [--dtype fp16] [--no-verify]
-    cmkit train-autoencoder --preset fmnist-ae [key=value ...] [--out DIR] [--dry-run] [--no-progress]
-    cmkit train-decoder --preset fmnist-cdec [autoencoder=runs/fmnist-ae] [key=value ...] [--out DIR] [--dry-run]
+                 [--tile 64 --tile-overlap 16] [--dtype bf16] [--seed 0] [--latents auto|raw|scaled] [--threads N]
+    cmkit convert-decoder SRC -o OUT_DIR [--dtype fp16] [--no-verify] [--threads N]
 
-Each handler returns an exit status and raises ``CmkitError`` (one line) for user errors.
+``decode`` turns SD-1.x/2.x VAE latents (or the latents of a cmkit autoencoder) into images with a consistency
+decoder; ``convert-decoder`` rewrites OpenAI's decoder.pt or diffusers safetensors as a cmkit decoder directory
+(config.json + model.safetensors), optionally cast. ``-o/--out`` names the output (``--output`` is still
+accepted). Each handler returns an exit status and raises ``CmkitError`` (one line) for user errors.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import torch
 
+from ..cli_options import add_device_option, add_output_option, add_threads_option, apply_threads
 from ..errors import CmkitError
 from .config import DecoderConfig
 from .decoder import ConsistencyDecoder
@@ -67,6 +68,7 @@ def resolve_scaled(latents: torch.Tensor, mode: str, scaling_factor: float) -> b
 def run_decode(args: argparse.Namespace) -> int:
     """Handler of ``cmkit decode``."""
     schedule = resolve_schedule(args)
+    apply_threads(args.threads)
     latents = read_latents(args.latents)
     if latents.ndim != 4:
         check_latents(latents, DecoderConfig())  # fail fast (3-D input), before loading 2.5 GB of weights
@@ -74,14 +76,12 @@ def run_decode(args: argparse.Namespace) -> int:
                                                  channels_last=not args.no_channels_last, verify=not args.no_verify)
     check_latents(latents, decoder.config)
     scaled = resolve_scaled(latents, args.latents_mode, decoder.config.scaling_factor)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     images = decoder.decode(latents, schedule, generator, clamp=not args.no_clamp, tile=args.tile,
                             tile_overlap=args.tile_overlap, scaled=scaled)
     seconds = time.perf_counter() - start
-    paths = write_images(images, args.output, grid=args.grid)
+    paths = write_images(images, args.out, grid=args.grid)
     print(f"decoded {tuple(latents.shape)} -> {tuple(images.shape)} with t={decoder.timesteps(schedule)} "
           f"in {seconds:.1f}s; wrote {', '.join(map(str, paths))}")
     return 0
@@ -89,64 +89,29 @@ def run_decode(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Handler of ``cmkit convert-decoder``."""
-    out = convert_decoder(args.src, args.output, dtype=DTYPES[args.dtype] if args.dtype else None,
+    apply_threads(args.threads)
+    out = convert_decoder(args.src, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
                           verify=not args.no_verify)
-    print(f"wrote {out}/decoder.safetensors and {out}/config.json")
+    print(f"wrote {out}/model.safetensors and {out}/config.json")
     return 0
-
-
-def _run_training(args: argparse.Namespace, build: str, train: str) -> int:
-    """Resolve a training config (``train_config.<build>``), print it for --dry-run, else run ``train.<train>``."""
-    from . import train_config
-
-    cfg = getattr(train_config, build)(args.preset, args.overrides)
-    if args.out:
-        cfg.out_dir = args.out
-    if args.dry_run:
-        print(json.dumps(train_config.to_dict(cfg), indent=2))
-        return 0
-    from . import train as trainer
-
-    print(json.dumps(getattr(trainer, train)(cfg, progress=not args.no_progress)))
-    return 0
-
-
-def run_train_autoencoder(args: argparse.Namespace) -> int:
-    """Handler of ``cmkit train-autoencoder``."""
-    return _run_training(args, "autoencoder_config", "train_autoencoder")
-
-
-def run_train_decoder(args: argparse.Namespace) -> int:
-    """Handler of ``cmkit train-decoder``."""
-    return _run_training(args, "decoder_config", "train_decoder")
-
-
-def _add_train(subparsers: Any, name: str, presets: dict, default: str, handler: Any, help_text: str,
-               description: str) -> None:
-    listing = "; ".join(f"{k}: {p.description}" for k, p in presets.items())
-    p = subparsers.add_parser(name, help=help_text, description=f"{description} Presets: {listing}.")
-    p.add_argument("--preset", default=default, choices=sorted(presets), help=f"preset (default {default})")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see --dry-run for the keys)")
-    p.add_argument("--out", help="run directory (same as out_dir=...; default runs/PRESET)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=handler)
 
 
 def _add_decode(subparsers: Any) -> None:
     p = subparsers.add_parser("decode", help="decode SD latents to images with the consistency decoder",
-                              description="Decode raw SD-1.x/2.x VAE latents with OpenAI's consistency decoder.")
+                              description="Decode latents to images with a consistency decoder: OpenAI's (raw "
+                                          "SD-1.x/2.x VAE latents) or one trained by cmkit.")
     p.add_argument("latents", help="latent file (.npy, .pt, .safetensors) of shape (B, 4, h, w)")
     p.add_argument("--weights", required=True, help="decoder.pt, diffusers safetensors (file or dir) or cmkit dir")
-    p.add_argument("-o", "--output", required=True, help="output .png (batches: out_0.png, out_1.png, ...)")
+    add_output_option(p, required=True, metavar="OUT.png", output_alias=True,
+                      help="output .png (batches: OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--steps", type=int, default=None, help="number of steps (default 2: t = 1008, 512)")
     p.add_argument("--schedule", default=None, help="explicit fractions, e.g. 1.0,0.5 (OpenAI's default)")
     p.add_argument("--tile", type=int, default=None, help="latent tile side for bounded memory (e.g. 64)")
     p.add_argument("--tile-overlap", type=int, default=None, help="latent overlap of tiles (default tile/4)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="network precision (default fp32)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    add_device_option(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the decoder's noise (default 0)")
+    add_threads_option(p)
     p.add_argument("--latents", dest="latents_mode", choices=("auto", "raw", "scaled"), default="auto",
                    help="raw VAE latents (OpenAI's convention), already scaled by 0.18215, or auto-detect")
     p.add_argument("--no-clamp", action="store_true", help="do not clamp x0 estimates (diffusers' behaviour)")
@@ -159,24 +124,17 @@ def _add_decode(subparsers: Any) -> None:
 def _add_convert(subparsers: Any) -> None:
     p = subparsers.add_parser("convert-decoder", help="convert consistency decoder weights to cmkit's format",
                               description="Convert diffusers safetensors or OpenAI's decoder.pt to "
-                                          "cmkit's format (decoder.safetensors + config.json).")
+                                          "cmkit's format (config.json + model.safetensors).")
     p.add_argument("src", help="decoder.pt, diffusers safetensors (file or dir) or a cmkit dir")
-    p.add_argument("-o", "--output", required=True, help="output directory")
+    add_output_option(p, required=True, metavar="OUT_DIR", output_alias=True,
+                      help="output directory (config.json + model.safetensors)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of OpenAI's decoder.pt")
+    add_threads_option(p)
     p.set_defaults(func=run_convert)
 
 
 def add_cli(subparsers: Any) -> None:
-    """Register ``decode``, ``convert-decoder``, ``train-autoencoder`` and ``train-decoder``."""
-    from .train_config import AE_PRESETS, DECODER_PRESETS
-
+    """Register ``decode`` and ``convert-decoder`` on an argparse subparsers object."""
     _add_decode(subparsers)
     _add_convert(subparsers)
-    _add_train(subparsers, "train-autoencoder", AE_PRESETS, "fmnist-ae", run_train_autoencoder,
-               "train a small KL autoencoder (the latent space for train-decoder)",
-               "Train a KL autoencoder (L1/L2 reconstruction + KL). Runs go to runs/PRESET; resume=true continues.")
-    _add_train(subparsers, "train-decoder", DECODER_PRESETS, "fmnist-cdec", run_train_decoder,
-               "train a consistency decoder for an autoencoder's latents",
-               "Consistency-train a decoder UNet on the latents of autoencoder=DIR (a train-autoencoder run). "
-               "Runs go to runs/PRESET; model/ loads with ConsistencyDecoder.from_pretrained or cmkit decode.")

@@ -69,7 +69,7 @@ class ConsistencyDecoder(nn.Module):
         return self.eval().requires_grad_(False)
 
     def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write cmkit's format (``decoder.safetensors`` + ``config.json``)."""
+        """Write a cmkit model directory (``config.json`` + ``model.safetensors``, kind ``decoder``)."""
         return save_cmkit(self.unet.state_dict(), self.config, out_dir, dtype=dtype)
 
     @property

@@ -1,10 +1,11 @@
 """Training a consistency decoder for any latent autoencoder, and the small KL autoencoder to prove it on.
 
-Two stages, each a ``loop.run`` task (progress bar, JSONL log, checkpoints, exact resume):
+Two stages, each a task of the one training loop (``cmkit.loop``; ``cmkit train --preset fmnist-ae`` then
+``cmkit train --preset fmnist-cdec``):
 
-1. ``train_autoencoder(cfg)``: a ``KLAutoencoder`` (``cmkit.autoencoder``: L1/L2 reconstruction + β·KL,
+1. ``AutoencoderTask``: a ``KLAutoencoder`` (``cmkit.autoencoder``: L1/L2 reconstruction + β·KL,
    Rombach et al. 2022) on images padded to ``image_size``; exports ``model/`` (EMA weights).
-2. ``train_decoder(cfg)``: a ``DecoderUNet`` conditioned on the nearest-upsampled, normalised latents
+2. ``DecoderTask``: a ``DecoderUNet`` conditioned on the nearest-upsampled, normalised latents
    μ(x) of that (frozen) autoencoder, trained by consistency training on the released decoder's own
    schedule (``consistency.py``: iCT/ECT-style CT between points of the 64-step grid of the cosine
    1024-step schedule). Its ``DecoderConfig`` carries the autoencoder's latent space instead of SD's:
@@ -20,6 +21,7 @@ timesteps start out similar.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +30,14 @@ from torch import Tensor, nn
 
 from ..autoencoder import AutoencoderConfig, KLAutoencoder
 from ..datasets import Batches, ImageData, load_dataset
-from ..ema import ema_update, make_copy
 from ..errors import CmkitError
+from ..loop import Context
 from ..utils import save_grid
 from .config import DecoderConfig
+from .consistency import DecoderConsistencyLoss
 from .decoder import ConsistencyDecoder
 from .latents import normalize_latents
-from .consistency import DecoderConsistencyLoss
-from .loop import LoopSettings, guarded_update, run
-from .train_config import AutoencoderTrainConfig, DecoderTrainConfig, check_common, to_dict
+from .train_config import AutoencoderRunConfig, DecoderRunConfig
 from .unet import DecoderUNet
 
 GRID_IMAGES = 8
@@ -71,64 +72,66 @@ def crop_images(x: Tensor, h: int, w: int) -> Tensor:
 
 # --- autoencoder -----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class AutoencoderLoss:
+    """``KLAutoencoder.loss_from`` with the run's β and reconstruction distance."""
+
+    kl_weight: float
+    reconstruction: str
+
+    def __call__(self, x: Tensor, recon: Tensor, mean: Tensor, logvar: Tensor) -> tuple[Tensor, dict[str, float]]:
+        return KLAutoencoder.loss_from(x, recon, mean, logvar, self.kl_weight, self.reconstruction)
+
+
 class AutoencoderTask:
-    """The ``loop.Task`` of a KL autoencoder run."""
+    """The loop's task for an ``AutoencoderRunConfig`` run."""
 
     name = "autoencoder"
 
-    def __init__(self, cfg: AutoencoderTrainConfig):
-        check_common(cfg)
-        self.cfg = cfg
-        data = load_images(cfg.data, cfg.data_root, "train", cfg.image_size)
-        self.model_config = AutoencoderConfig(in_channels=data.shape[0], channels=cfg.channels,
-                                              num_res_blocks=cfg.num_res_blocks, latent_channels=cfg.latent_channels,
-                                              norm_groups=cfg.norm_groups)
-        if cfg.image_size % self.model_config.downsample_factor:
-            raise CmkitError(f"image_size={cfg.image_size} is not a multiple of the autoencoder's downsampling "
-                             f"factor {self.model_config.downsample_factor} (len(channels) = {len(cfg.channels)})")
-        if cfg.reconstruction not in ("l1", "l2"):
-            raise CmkitError(f"reconstruction must be 'l1' or 'l2', got {cfg.reconstruction!r}")
-        torch.manual_seed(cfg.seed)
-        self.model = KLAutoencoder(self.model_config).train()
-        self.ema = make_copy(self.model).eval()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.batches = Batches(data, cfg.batch_size, cfg.seed)
+    @staticmethod
+    def build_model(cfg: AutoencoderRunConfig) -> KLAutoencoder:
+        m = cfg.model
+        return KLAutoencoder(AutoencoderConfig(m.in_channels, m.channels, m.num_res_blocks, m.latent_channels,
+                                               m.norm_groups))
+
+    @staticmethod
+    def build_loss(cfg: AutoencoderRunConfig) -> AutoencoderLoss:
+        return AutoencoderLoss(cfg.loss.kl_weight, cfg.loss.reconstruction)
+
+    def __init__(self, cfg: AutoencoderRunConfig, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+        data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, cfg.data.image_size)
+        if data.shape[0] != cfg.model.in_channels:
+            raise CmkitError(f"data set {cfg.data.name!r} has {data.shape[0]} channels; set "
+                             f"model.in_channels={data.shape[0]}")
+        self.model = self.build_model(cfg).to(ctx.device)
+        self.objective = self.build_loss(cfg)
+        self.batches = Batches(data, cfg.train.batch_size, cfg.train.seed, cfg.data.flip, ctx.rank, ctx.world)
         self.grid = data.images[:GRID_IMAGES].float() / 127.5 - 1
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "ema": self.ema}
+    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x, _ = self.batches.get(step, self.ctx.device)
+        loss, terms = self.objective(x, *net(x, generator))
+        return loss.mean(), terms
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        x, _ = self.batches.get(step)
-        loss, terms = self.model.loss(x, self.cfg.kl_weight, self.cfg.reconstruction, self.generator)
-        stats = guarded_update(loss.mean(), list(self.model.parameters()), self.optimizer, self.cfg.grad_clip)
-        if not stats["skipped"]:
-            ema_update(self.ema, self.model, self.cfg.ema_rate)
-        return {**stats, **terms}
+    def after_update(self, step: int) -> None:
+        pass
 
-    def export(self, out: Path, step: int) -> None:
-        weights = "ema" if self.cfg.ema_rate > 0 else "model"
-        model = self.ema if weights == "ema" else self.model
-        model.save_pretrained(out, extra={"recipe": {"step": step, "weights": weights, "train": to_dict(self.cfg)}})
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {}
 
-    @torch.no_grad()
-    def sample(self, out: Path, step: int) -> None:
+    def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        return "autoencoder", self.model.config.to_dict(), {"recipe": {"train": self.cfg.to_dict()}}
+
+    def sample(self, model: nn.Module, out: Path, step: int) -> None:
         """Originals (top row) and EMA reconstructions D(μ(x)) (bottom row)."""
-        recon = self.ema.decode(self.ema.encode(self.grid)).clamp(-1, 1)
-        save_grid(torch.cat([self.grid, recon]), out / f"step_{step:06d}_recon.png", nrow=GRID_IMAGES)
-
-
-def train_autoencoder(cfg: AutoencoderTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train a KL autoencoder; returns the loop summary. The model is in ``cfg.out_dir/model``."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    task = AutoencoderTask(cfg)
-    settings = LoopSettings(cfg.steps, cfg.log_every, cfg.ckpt_every, cfg.sample_every, cfg.resume)
-    return run(task, cfg.out_dir, to_dict(cfg), settings, progress)
+        grid = self.grid.to(self.ctx.device)
+        recon = model.decode(model.encode(grid)).clamp(-1, 1)
+        save_grid(torch.cat([grid, recon]), out / f"step_{step:06d}_recon.png", nrow=GRID_IMAGES)
 
 
 # --- consistency decoder ---------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def latent_statistics(ae: KLAutoencoder, images: Tensor,
@@ -164,90 +167,88 @@ def init_decoder_unet(config: DecoderConfig, seed: int = 0) -> DecoderUNet:
     return unet
 
 
-def decoder_config_for(ae: KLAutoencoder, cfg: DecoderTrainConfig, latent_mean: tuple[float, ...],
-                       latent_std: tuple[float, ...]) -> DecoderConfig:
-    """The ``DecoderConfig`` of a decoder for ``ae``'s latent space (channels, ×f, mean/std, scale 1)."""
-    a = ae.config
-    dcfg = DecoderConfig(block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+def decoder_config_for(a: AutoencoderConfig, cfg: DecoderRunConfig, latent_mean: tuple[float, ...] | None = None,
+                       latent_std: tuple[float, ...] | None = None) -> DecoderConfig:
+    """The ``DecoderConfig`` of a decoder for autoencoder ``a``'s latent space (channels, ×f, mean/std, scale 1);
+    the statistics default to 0 and 1 (for a dry run: they are measured on the data)."""
+    m, size = cfg.model, cfg.data.image_size
+    dcfg = DecoderConfig(block_out_channels=m.block_out_channels, layers_per_block=m.layers_per_block,
                          in_channels=a.in_channels + a.latent_channels, out_channels=a.in_channels,
-                         norm_num_groups=cfg.norm_num_groups, time_embed_dim=cfg.time_embed_dim or None,
+                         norm_num_groups=m.norm_num_groups, time_embed_dim=m.time_embed_dim or None,
                          latent_channels=a.latent_channels, upscale=a.downsample_factor, scaling_factor=1.0,
-                         latent_mean=latent_mean, latent_std=latent_std)
-    if cfg.image_size % dcfg.pixel_multiple or cfg.image_size % a.downsample_factor:
-        raise CmkitError(f"image_size={cfg.image_size} must be a multiple of the decoder UNet's {dcfg.pixel_multiple} "
+                         latent_mean=latent_mean or (0.0,) * a.latent_channels,
+                         latent_std=latent_std or (1.0,) * a.latent_channels)
+    if size % dcfg.pixel_multiple or size % a.downsample_factor:
+        raise CmkitError(f"data.image_size={size} must be a multiple of the decoder UNet's {dcfg.pixel_multiple} "
                          f"(2^(levels−1)) and of the autoencoder's factor {a.downsample_factor}")
     return dcfg
 
 
 class DecoderTask:
-    """The ``loop.Task`` of a consistency-decoder run."""
+    """The loop's task for a ``DecoderRunConfig`` run."""
 
     name = "decoder"
 
-    def __init__(self, cfg: DecoderTrainConfig):
-        check_common(cfg)
-        self.cfg = cfg
-        self.ae = KLAutoencoder.from_pretrained(cfg.autoencoder)
-        data = load_images(cfg.data, cfg.data_root, "train", cfg.image_size)
+    @staticmethod
+    def dry_config(cfg: DecoderRunConfig) -> DecoderConfig:
+        """The decoder config for the autoencoder's latent space (its config.json, not its weights) with the
+        latent statistics left at 0 and 1 (they are measured on the data when the run starts)."""
+        from ..checkpoint import read_model_dir
+
+        try:
+            ae = AutoencoderConfig.from_dict(read_model_dir(cfg.model.autoencoder, "autoencoder").config)
+        except CmkitError as e:
+            raise CmkitError(f"model.autoencoder: {e}; train one first (e.g. `cmkit train --preset fmnist-ae`)") from None
+        return decoder_config_for(ae, cfg)
+
+    @classmethod
+    def build_model(cls, cfg: DecoderRunConfig) -> DecoderUNet:
+        return DecoderUNet(cls.dry_config(cfg))
+
+    @classmethod
+    def build_loss(cls, cfg: DecoderRunConfig, config: DecoderConfig | None = None) -> DecoderConsistencyLoss:
+        return DecoderConsistencyLoss(config or cls.dry_config(cfg), cfg.train.steps, cfg.loss.gaps,
+                                      cfg.loss.distance, cfg.loss.index_sampling)
+
+    def __init__(self, cfg: DecoderRunConfig, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+        t, device = cfg.train, ctx.device
+        self.ae = KLAutoencoder.from_pretrained(cfg.model.autoencoder, device=device)
+        data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, cfg.data.image_size)
         if data.shape[0] != self.ae.config.in_channels:
-            raise CmkitError(f"data set {cfg.data!r} has {data.shape[0]} channels but the autoencoder "
-                             f"{cfg.autoencoder} takes {self.ae.config.in_channels}")
-        if cfg.stats_images < 1:
-            raise CmkitError(f"stats_images must be at least 1, got {cfg.stats_images}")
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.stats_images]
-        mean, std = latent_statistics(self.ae, data.images[pick].float() / 127.5 - 1)
-        self.config = decoder_config_for(self.ae, cfg, mean, std)
-        self.unet = init_decoder_unet(self.config, cfg.seed).train()
-        self.ema = make_copy(self.unet).eval()
-        self.loss = DecoderConsistencyLoss(self.config, cfg.steps, cfg.gaps, cfg.distance, cfg.index_sampling)
-        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.lr)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.batches = Batches(data, cfg.batch_size, cfg.seed)
-        self.grid = data.images[:GRID_IMAGES].float() / 127.5 - 1
+            raise CmkitError(f"data set {cfg.data.name!r} has {data.shape[0]} channels but the autoencoder "
+                             f"{cfg.model.autoencoder} takes {self.ae.config.in_channels}")
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:cfg.model.stats_images]
+        mean, std = latent_statistics(self.ae, data.images[pick].float().to(device) / 127.5 - 1)
+        self.config = decoder_config_for(self.ae.config, cfg, mean, std)
+        self.model = init_decoder_unet(self.config, t.seed).to(device)
+        self.objective = self.build_loss(cfg, self.config)
+        self.batches = Batches(data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world)
+        self.grid = data.images[:GRID_IMAGES].float().to(device) / 127.5 - 1
 
-    def run_config(self) -> dict[str, Any]:
-        """The run's config plus the decoder config it implies (so a resume with another autoencoder fails)."""
-        return {**to_dict(self.cfg), "decoder_config": self.config.to_dict()}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.unet, "ema": self.ema}
-
-    def train_step(self, step: int) -> dict[str, Any]:
-        x0, _ = self.batches.get(step)
+    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x0, _ = self.batches.get(step, self.ctx.device)
         with torch.no_grad():
             z_norm = normalize_latents(self.ae.encode(x0), self.config)
-        loss = self.loss(self.unet, x0, z_norm, step=step, generator=self.generator).mean()
-        stats = guarded_update(loss, list(self.unet.parameters()), self.optimizer, self.cfg.grad_clip)
-        if not stats["skipped"]:
-            ema_update(self.ema, self.unet, self.cfg.ema_rate)
-        return {**stats, **self.loss.stats(step)}
+        loss = self.objective(net, x0, z_norm, step=step, target=self.model, generator=generator)
+        return loss.mean(), self.objective.stats(step)
 
-    def decoder(self) -> ConsistencyDecoder:
-        """The exported network (EMA unless ema_rate = 0) as a ``ConsistencyDecoder`` (shares weights)."""
-        return ConsistencyDecoder(self.config, self.ema if self.cfg.ema_rate > 0 else self.unet)
+    def after_update(self, step: int) -> None:
+        pass
 
-    def export(self, out: Path, step: int) -> None:
-        from .weights import save_cmkit
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {}
 
-        source = {"trained_by": "cmkit train-decoder", "autoencoder": self.cfg.autoencoder, "step": step,
-                  "weights": "ema" if self.cfg.ema_rate > 0 else "model", "train": to_dict(self.cfg)}
-        save_cmkit(self.decoder().unet.state_dict(), self.config, out, source=source)
+    def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        source = {"trained_by": "cmkit train --preset (decoder)", "autoencoder": self.cfg.model.autoencoder,
+                  "train": self.cfg.to_dict()}
+        return "decoder", self.config.to_dict(), {"source": source}
 
-    @torch.no_grad()
-    def sample(self, out: Path, step: int) -> None:
+    def sample(self, model: nn.Module, out: Path, step: int) -> None:
         """Rows: originals, the autoencoder's decoder, the consistency decoder at 1 and 2 steps (fixed noise)."""
         z = self.ae.encode(self.grid)
-        dec = self.decoder()
+        dec = ConsistencyDecoder(self.config, model)
         rows = [self.grid, self.ae.decode(z).clamp(-1, 1)]
         for schedule in ((1.0,), (1.0, 0.5)):
             rows.append(dec.decode(z, schedule, torch.Generator().manual_seed(0)))
         save_grid(torch.cat(rows), out / f"step_{step:06d}_ae_cd1_cd2.png", nrow=GRID_IMAGES)
-
-
-def train_decoder(cfg: DecoderTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train a consistency decoder on ``cfg.autoencoder``'s latents; the decoder is in ``cfg.out_dir/model``."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    task = DecoderTask(cfg)
-    settings = LoopSettings(cfg.steps, cfg.log_every, cfg.ckpt_every, cfg.sample_every, cfg.resume)
-    return run(task, cfg.out_dir, task.run_config(), settings, progress)

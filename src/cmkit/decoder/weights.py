@@ -8,8 +8,9 @@ Reference doc §2.3 (checkpoint names and formats) and §1.2 (OpenAI's TorchScri
   the config comes from ``config.json`` beside the weights, else it is inferred from the tensor shapes.
 * **OpenAI** ``decoder.pt`` (TorchScript), read without running it (``torchscript.py``) and checked against
   the SHA-256 in its release URL; a ``torch.save``'d state dict in any of the layouts is read the same way.
-* **cmkit**: a directory with ``config.json`` + ``decoder.safetensors`` (the config is also stored in the
-  safetensors metadata, so the file alone is enough), written by ``convert_decoder``.
+* **cmkit**: a model directory (``cmkit.checkpoint``: ``config.json`` + ``model.safetensors``, kind
+  ``decoder``; the config is also stored in the safetensors metadata, so the file alone is enough), written by
+  ``convert_decoder`` and by decoder training.
 
 The user always gives a path; nothing is downloaded.
 """
@@ -25,16 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoint import CONFIG_FILE, MODEL_FILE, cmkit_tag, read_model_dir, save_model_dir
 from ..errors import CmkitError
 from .config import DecoderConfig
 from .keys import check_keys, is_diffusers_vae_layout, is_openai_layout, openai_to_cmkit, strip_diffusers_prefix
 from .torchscript import OPENAI_DECODER_SHA256, is_torch_zip, is_torchscript, read_torch_zip
 from .unet import DecoderUNet
 
-CMKIT_FORMAT = "cmkit.consistency_decoder"
-CMKIT_FORMAT_VERSION = 1
-CMKIT_WEIGHTS = "decoder.safetensors"
-CONFIG_NAME = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 EXPECTED = ("a diffusers ConsistencyDecoderVAE/UNet2DModel .safetensors file or directory "
             "(openai/consistency-decoder), OpenAI's TorchScript decoder.pt, or a cmkit directory from "
@@ -128,7 +126,7 @@ def expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 def _config_beside(path: Path) -> DecoderConfig | None:
     """A cmkit or diffusers decoder ``config.json`` next to a weights file, if there is one."""
-    cfg_path = path.parent / CONFIG_NAME
+    cfg_path = path.parent / CONFIG_FILE
     if not cfg_path.is_file():
         return None
     try:
@@ -140,14 +138,15 @@ def _config_beside(path: Path) -> DecoderConfig | None:
 
 def is_decoder_config(d: dict[str, Any]) -> bool:
     """cmkit's config, a diffusers ``ConsistencyDecoderVAE`` config, or a ``UNet2DModel`` config."""
-    return isinstance(d, dict) and (d.get("format") == CMKIT_FORMAT or "decoder_block_out_channels" in d
+    return isinstance(d, dict) and (cmkit_tag(d)[0] == "decoder" or "decoder_block_out_channels" in d
                                     or d.get("_class_name") == "UNet2DModel")
 
 
 def config_from_json(d: dict[str, Any], where: Path | str) -> DecoderConfig:
-    """A ``DecoderConfig`` from cmkit's ``{"format": ..., "config": {...}}`` or a diffusers config dict."""
-    if d.get("format") == CMKIT_FORMAT:
-        return DecoderConfig.from_dict(d["config"])
+    """A ``DecoderConfig`` from cmkit's ``{"kind": "decoder", "config": {...}}`` or a diffusers config dict."""
+    kind, config = cmkit_tag(d)
+    if kind == "decoder":
+        return DecoderConfig.from_dict(config)
     if is_decoder_config(d):
         return DecoderConfig.from_diffusers(d)
     raise CmkitError(f"{where}: not a consistency decoder config (expected cmkit's or a diffusers "
@@ -155,12 +154,16 @@ def config_from_json(d: dict[str, Any], where: Path | str) -> DecoderConfig:
 
 
 def _resolve_directory(path: Path) -> Path:
-    """The weights file inside a cmkit or diffusers directory."""
-    for name in (CMKIT_WEIGHTS, *DIFFUSERS_WEIGHTS):
+    """The weights file inside a diffusers directory, or a cmkit model or run directory (``read_model_dir``)."""
+    for name in DIFFUSERS_WEIGHTS:
         if (path / name).is_file():
             return path / name
+    try:
+        return read_model_dir(path, "decoder").weights
+    except CmkitError:
+        pass
     found = sorted(p.name for p in path.iterdir())[:6]
-    raise CmkitError(f"{path}: no {CMKIT_WEIGHTS} or {DIFFUSERS_WEIGHTS[0]} in this directory (found {found}); "
+    raise CmkitError(f"{path}: no {MODEL_FILE} or {DIFFUSERS_WEIGHTS[0]} in this directory (found {found}); "
                      f"expected {EXPECTED}")
 
 
@@ -189,7 +192,7 @@ def _weights_file(path: Path) -> Path:
         raise CmkitError(f"{path}: no such file or directory; expected {EXPECTED}")
     if path.is_dir():
         return _resolve_directory(path)
-    if path.name == CONFIG_NAME:
+    if path.name == CONFIG_FILE:
         return _resolve_directory(path.parent)
     return path
 
@@ -198,8 +201,9 @@ def _read(path: Path, verify: bool, expected_sha256: str) -> tuple[dict[str, Ten
     """Raw tensors, the config stored with them (if any), and the format name."""
     if is_safetensors(path):
         raw, meta = _read_safetensors(path)
-        if meta.get("format") == CMKIT_FORMAT:
-            return raw, DecoderConfig.from_dict(json.loads(meta["config"])), "cmkit"
+        kind, config = cmkit_tag(meta)
+        if kind == "decoder":
+            return raw, DecoderConfig.from_dict(json.loads(config) if isinstance(config, str) else config), "cmkit"
         return raw, _config_beside(path), "diffusers"
     if is_torch_zip(path):
         script = is_torchscript(path)
@@ -210,18 +214,8 @@ def _read(path: Path, verify: bool, expected_sha256: str) -> tuple[dict[str, Ten
 
 def save_cmkit(state_dict: dict[str, Tensor], config: DecoderConfig, out_dir: str | Path,
                dtype: torch.dtype | None = None, source: dict[str, Any] | None = None) -> Path:
-    """Write cmkit's format: ``out_dir/decoder.safetensors`` (config in its metadata) + ``out_dir/config.json``."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in state_dict.items()}
-    meta = {"format": CMKIT_FORMAT, "format_version": str(CMKIT_FORMAT_VERSION), "config": json.dumps(config.to_dict())}
-    save_file(tensors, str(out_dir / CMKIT_WEIGHTS), metadata=meta)
-    doc = {"format": CMKIT_FORMAT, "format_version": CMKIT_FORMAT_VERSION, "config": config.to_dict(),
-           "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""), "source": source or {}}
-    (out_dir / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
-    return out_dir
+    """Write a cmkit model directory of kind ``decoder`` (``cmkit.checkpoint.save_model_dir``)."""
+    return save_model_dir(out_dir, state_dict, "decoder", config.to_dict(), {"source": source or {}}, dtype=dtype)
 
 
 def convert_decoder(src: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,

@@ -1,7 +1,6 @@
-"""Training objectives. Each returns per-sample losses (B,); ``build_loss`` picks one by method name."""
+"""Training objectives. Each returns per-sample losses (B,); ``LossConfig.build`` (cmkit.config) picks one
+by method name and passes the options the method takes (its constructor's parameters)."""
 from __future__ import annotations
-
-from typing import Any
 
 from .base import Loss, paired_passes, weighting
 from .cd import CDLoss
@@ -13,12 +12,5 @@ from .ict import ICTLoss
 LOSSES = {"edm": EDMLoss, "cd": CDLoss, "ct": CTLoss, "ict": ICTLoss, "ect": ECTLoss}
 
 
-def build_loss(method: str, **kwargs: Any) -> Loss:
-    """Instantiate the loss for ``method`` (edm, cd, ct, ict, ect) with options from the config."""
-    if method not in LOSSES:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(LOSSES)}")
-    return LOSSES[method](**kwargs)
-
-
-__all__ = ["Loss", "EDMLoss", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss", "LOSSES", "build_loss",
+__all__ = ["Loss", "EDMLoss", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss", "LOSSES",
            "paired_passes", "weighting"]

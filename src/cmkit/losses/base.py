@@ -6,16 +6,18 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..schedules import SIGMA_DATA
+
 
 class Loss(Protocol):
     """A training objective. ``__call__`` returns per-sample losses (B,).
 
-    ``target_mu(step)``: the target network's EMA rate μ, or ``None`` when the target is
-    stopgrad(θ), i.e. the online network evaluated without gradients (iCT, ECT, CM CIFAR-10 CD).
-    ``uses_target``: False for objectives with no second network pass at all (EDM).
+    ``target_mu(step)``: the target network's EMA rate μ, or ``None`` when there is no separate target
+    network: the target is stopgrad(θ), the online network evaluated without gradients (iCT, ECT,
+    CM CIFAR-10 CD), or there is no second pass at all (EDM). Noise and σ indices come from the global
+    torch RNG (seeded per process and saved in every checkpoint), which also drives dropout.
     """
 
-    uses_target: bool
     needs_teacher: bool
 
     def target_mu(self, step: int) -> float | None: ...
@@ -26,7 +28,11 @@ class Loss(Protocol):
                  teacher: nn.Module | None = None, **cond: Any) -> Tensor: ...
 
 
-def weighting(name: str, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+#: λ(σ) names shared by the discrete-time objectives (``weighting``).
+WEIGHTINGS = ("uniform", "snr", "snr+1", "karras", "truncated-snr")
+
+
+def weighting(name: str, sigma: Tensor, sigma_data: float = SIGMA_DATA) -> Tensor:
     """λ(σ) from the CM code's ``get_weightings`` (snr = σ^-2), evaluated at the larger σ."""
     snr = sigma.float() ** -2
     if name == "uniform":

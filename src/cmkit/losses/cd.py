@@ -7,10 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from ..schedules import karras_sigmas
+from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from ..solvers import SOLVERS
 from ..utils import append_dims
-from .base import paired_passes, weighting
+from .base import WEIGHTINGS, paired_passes, weighting
 
 
 class CDLoss:
@@ -20,15 +20,17 @@ class CDLoss:
     stopgrad(θ) (CIFAR-10 CD); μ = 0.95 is the ImageNet-64 / LSUN setting.
     """
 
-    uses_target, needs_teacher = True, True
+    needs_teacher = True
+    WEIGHTINGS = WEIGHTINGS
 
     def __init__(self, num_scales: int = 18, mu: float = 0.0, solver: str = "heun", distance: str = "l2",
                  weighting: str = "uniform", huber_c: float | None = None, lpips_weights: str | None = None,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, **_: Any):
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA,
+                 rho: float = RHO):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
         self.sigmas = karras_sigmas(num_scales, sigma_min, sigma_max, rho)
-        self.mu, self.solver, self.weighting = mu, SOLVERS[solver], weighting
+        self.mu, self.solver, self.weighting, self.sigma_data = mu, SOLVERS[solver], weighting, sigma_data
         self.distance = get_distance(distance, huber_c, lpips_weights)
 
     def target_mu(self, step: int) -> float | None:
@@ -48,4 +50,4 @@ class CDLoss:
         with torch.no_grad():
             x_t2 = self.solver(teacher, x_t, t, t2, **cond)
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_t2, t2), **cond)
-        return weighting(self.weighting, t) * self.distance(pred, tgt)
+        return weighting(self.weighting, t, self.sigma_data) * self.distance(pred, tgt)

@@ -7,23 +7,24 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from ..schedules import ct_adaptive_schedule, karras_sigmas
+from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ct_adaptive_schedule, karras_sigmas
 from ..utils import append_dims
-from .base import paired_passes, weighting
+from .base import WEIGHTINGS, paired_passes, weighting
 
 
 class CTLoss:
     """L = λ(t)·d(f_θ(x0 + t·z, t), f_θ⁻(x0 + t2·z, t2)): CD with the Euler step and D = x0."""
 
-    uses_target, needs_teacher = True, False
+    needs_teacher = False
+    WEIGHTINGS = WEIGHTINGS
 
     def __init__(self, total_steps: int = 800_000, s0: int = 2, s1: int = 150, mu0: float = 0.9,
                  distance: str = "l2", weighting: str = "uniform", huber_c: float | None = None,
-                 lpips_weights: str | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 rho: float = 7.0, **_: Any):
+                 lpips_weights: str | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                 sigma_data: float = SIGMA_DATA, rho: float = RHO):
         self.K, self.s0, self.s1, self.mu0 = total_steps, s0, s1, mu0
         self.grid = (sigma_min, sigma_max, rho)
-        self.weighting = weighting
+        self.weighting, self.sigma_data = weighting, sigma_data
         self.distance = get_distance(distance, huber_c, lpips_weights)
 
     def schedule(self, step: int) -> tuple[int, float]:
@@ -45,4 +46,4 @@ class CTLoss:
         z = torch.randn_like(x0)
         x_t, x_t2 = x0 + append_dims(t, x0.ndim) * z, x0 + append_dims(t2, x0.ndim) * z
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_t2, t2), **cond)
-        return weighting(self.weighting, t) * self.distance(pred, tgt)
+        return weighting(self.weighting, t, self.sigma_data) * self.distance(pred, tgt)

@@ -12,22 +12,23 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import default_huber_c, pseudo_huber
-from ..schedules import ect_r_of_t
+from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..utils import append_dims
-from .base import paired_passes
+from .base import WEIGHTINGS, paired_passes, weighting
 
 
 class ECTLoss:
-    """L = w(t, r)·(sqrt(||f_θ(x_t, t) - f_sg(x_r, r)||² + c²) - c), w = 1/(t - r) (or ``snrpk``)."""
+    """L = w(t, r)·(sqrt(||f_θ(x_t, t) - f_sg(x_r, r)||² + c²) - c), w = 1/(t - r) or a shared λ(t)."""
 
-    uses_target, needs_teacher = True, False
+    needs_teacher = False
+    WEIGHTINGS = ("inv_dt", *WEIGHTINGS, "snrpk")
 
     def __init__(self, total_steps: int = 200_000, double_steps: int = 25_000, P_mean: float = -1.1,
                  P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, huber_c: float | None = None,
-                 weighting: str = "inv_dt", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 sigma_data: float = 0.5, **_: Any):
-        if weighting not in ("inv_dt", "snrpk"):
-            raise ValueError(f"unknown ECT weighting {weighting!r}; expected 'inv_dt' or 'snrpk'")
+                 weighting: str = "inv_dt", sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                 sigma_data: float = SIGMA_DATA):
+        if weighting not in self.WEIGHTINGS:
+            raise ValueError(f"unknown ECT weighting {weighting!r}; expected one of {', '.join(self.WEIGHTINGS)}")
         self.double_steps, self.P_mean, self.P_std = double_steps, P_mean, P_std
         self.q, self.k, self.b, self.huber_c, self.weighting = q, k, b, huber_c, weighting
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
@@ -54,6 +55,7 @@ class ECTLoss:
         tgt = torch.where(append_dims(r, x0.ndim) > 0, torch.nan_to_num(tgt), x0)
         c = default_huber_c(x0.shape[1:]) if self.huber_c is None else self.huber_c
         dist = pseudo_huber(pred, tgt, c)
-        if self.weighting == "snrpk":
-            return dist * (1 / self.sigma_data**2 + 1 / t**2)
-        return dist / (t - r)
+        if self.weighting == "inv_dt":
+            return dist / (t - r)
+        # ECT's "snrpk" = 1/σ_d² + 1/t² is the shared "karras" λ(t)
+        return dist * weighting("karras" if self.weighting == "snrpk" else self.weighting, t, self.sigma_data)

@@ -6,15 +6,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..schedules import SIGMA_DATA
 from ..utils import append_dims
 
 
 class EDMLoss:
     """ln σ ~ N(P_mean, P_std²); λ(σ) = (σ² + σ_d²)/(σ·σ_d)²; loss = λ·mean((D(x0 + σn, σ) - x0)²)."""
 
-    uses_target, needs_teacher = False, False
+    needs_teacher = False
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, **_: Any):
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = SIGMA_DATA):
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def target_mu(self, step: int) -> float | None:

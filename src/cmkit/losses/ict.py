@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from ..schedules import ict_num_scales, karras_sigmas, lognormal_index_probs
+from ..schedules import RHO, SIGMA_MAX, SIGMA_MIN, ict_num_scales, karras_sigmas, lognormal_index_probs
 from ..utils import append_dims
 from .base import paired_passes
 
@@ -20,12 +20,12 @@ from .base import paired_passes
 class ICTLoss:
     """L = 1/(σ_{i+1} - σ_i) · d(f_θ(x0 + σ_{i+1}z, σ_{i+1}), f_{sg(θ)}(x0 + σ_i z, σ_i)), i ~ lognormal."""
 
-    uses_target, needs_teacher = True, False
+    needs_teacher = False
 
     def __init__(self, total_steps: int = 400_000, s0: int = 10, s1: int = 1280, P_mean: float = -1.1,
                  P_std: float = 2.0, distance: str = "pseudo_huber", huber_c: float | None = None,
-                 lpips_weights: str | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 rho: float = 7.0, **_: Any):
+                 lpips_weights: str | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                 rho: float = RHO):
         self.K, self.s0, self.s1 = total_steps, s0, s1
         self.P_mean, self.P_std = P_mean, P_std
         self.grid = (sigma_min, sigma_max, rho)

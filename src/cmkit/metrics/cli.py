@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..cli_options import add_output_option, add_sampling_options, apply_threads, parse_sigmas
 from ..errors import CmkitError
 from .evaluate import FEATURE_SPACES, evaluate_images
 from .images import load_images_npz
@@ -32,25 +33,27 @@ def add_cli(subparsers: Any) -> None:
                         "classifier features)') or the FID Inception (reported as 'FID'); default fmnist")
     p.add_argument("--inception-weights", metavar="PATH", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or set CMKIT_INCEPTION_WEIGHTS)")
-    p.add_argument("--out", metavar="results.json", default=None, help="also write the results as JSON")
+    add_output_option(p, metavar="results.json", help="also write the results as JSON")
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets (default 100)")
     g = p.add_argument_group("sampling from a model (instead of --samples)")
     g.add_argument("--model", help="model directory, run directory or shipped model name")
     g.add_argument("-n", type=int, default=10_000, help="number of samples (default 10000)")
-    g.add_argument("--steps", type=int, help="sampling steps (consistency: 1, 2, ...; Heun: levels)")
-    g.add_argument("--sigmas", help="explicit descending σ list for multistep sampling")
-    g.add_argument("--sampler", choices=["onestep", "multistep", "heun", "euler"])
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=500)
-    g.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast (faster on CPU)")
+    # --device and --threads land on the main parser: they also govern feature extraction
+    add_sampling_options(p, group=g, batch_size=500,
+                         steps_help="sampling steps (consistency: 1, 2, ...; Heun: levels)",
+                         sigmas_help="explicit descending σ list for multistep sampling, e.g. 80,0.8",
+                         seed_help="sample i uses seed+i (default 0)")
     p.set_defaults(func=run_eval_cli)
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """``cmkit eval``: samples from --samples, or generated from --model with the chosen sampler."""
+    from .frechet import require_scipy
+
+    require_scipy()  # before any sampling: a core install says which extra to add, at once
+    apply_threads(args.threads)
     if args.model:
         if args.samples:
             raise CmkitError("give either --samples or --model, not both")
@@ -58,8 +61,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         from ..generate import generate, resolve_sampler
         from ..utils import to_uint8
 
+        sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
         model, cfg = load_model(args.model, device=args.device)
-        sigmas = [float(v) for v in args.sigmas.split(",")] if args.sigmas else None
         sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
         x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
                         bf16=args.bf16)

@@ -1,0 +1,277 @@
+"""The one training loop: every kind of run (diffusion/consistency model, autoencoder, consistency decoder)
+is a ``Task`` run by ``Loop``.
+
+Per step: lr warm-up → the task's loss on its deterministic batch (bf16 autocast if asked) → backward →
+NaN/inf guard (agreed over all processes: skip the step without advancing the optimizer, the EMAs or the
+task's schedules) → optional gradient clipping → optimizer → evaluation EMAs → ``task.after_update``
+(e.g. the CM target network θ⁻ ← μθ⁻ + (1-μ)θ, after the EMAs as in the CM reference code).
+
+The loop owns the progress bar, the JSONL log, sample grids, checkpoints (``cmkit.checkpoint.RunDir``),
+the exact resume (weights, EMAs, optimizer, step, the global torch RNG and the task's noise generator of
+every process; batches are a pure function of (seed, step)), the divergence guard and DDP under
+``torchrun`` (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import distributed as dist
+from .checkpoint import RunDir, save_model_dir, write_json
+from .config import RUN_CONTROL_KEYS, RunConfig, flatten
+from .ema import ema_update, make_copy
+from .errors import CmkitError
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where a task runs: its device and its place among the processes."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+
+class Task(Protocol):
+    """What the loop needs from one kind of run."""
+
+    name: str              # progress-bar label
+    model: nn.Module       # the trained (online) network θ
+
+    @staticmethod
+    def build_model(cfg: Any) -> nn.Module:
+        """The freshly initialised network of a config (no data, no weights files)."""
+        ...
+
+    @staticmethod
+    def build_loss(cfg: Any) -> Any:
+        """The loss object of a config (no data, no weights files)."""
+        ...
+
+    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """Mean loss of this process's batch at ``step`` (``net`` is ``model``, DDP-wrapped when distributed)
+        and extra values to log."""
+        ...
+
+    def after_update(self, step: int) -> None:
+        """Work after a successful update and the EMAs (e.g. a target network); ``step`` is the one just done."""
+        ...
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Modules besides the model and its EMAs that a checkpoint must hold (e.g. ``target``)."""
+        ...
+
+    def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """(kind, model config, extra config.json entries) of the exported model directory."""
+        ...
+
+    def sample(self, model: nn.Module, out: Path, step: int) -> None:
+        """Write sample grids of ``model`` (the first EMA) into ``out``."""
+        ...
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was)
+
+
+def task_class(kind: str) -> Any:
+    """The task class of a run config's kind (imports only what that kind needs)."""
+    if kind == "denoiser":
+        from .train import DenoiserTask
+
+        return DenoiserTask
+    from .decoder import train as dec
+
+    return {"autoencoder": dec.AutoencoderTask, "decoder": dec.DecoderTask}[kind]
+
+
+class Loop:
+    """Build a run from its config, then ``run()``; resumes exactly with ``train.resume=true``."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True):
+        cfg.validate()
+        t = cfg.train
+        if not t.out_dir:
+            raise CmkitError("train.out_dir is not set (e.g. train.out_dir=runs/my-run)")
+        self.cfg, self.progress = cfg, progress
+        self.dir = RunDir(t.out_dir)
+        resuming = self.dir.has_checkpoint()
+        if resuming and not t.resume:
+            raise CmkitError(f"{self.dir.root} already holds a training run; pass train.resume=true to continue "
+                             "it or choose another train.out_dir")
+        if resuming:
+            self._check_resumable()
+        rank, world, device = dist.init()
+        self.ctx = Context(device, rank, world)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        torch.manual_seed(t.seed + rank)  # initialisation, dropout and the CM losses' noise; saved per rank
+        self.generator = torch.Generator().manual_seed(t.seed + rank)  # the tasks that take a generator
+        self.task: Task = task_class(cfg.kind)(cfg, self.ctx)
+        self.model = self.task.model.to(device).train()
+        self.net: nn.Module = nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
+        self.emas = [make_copy(self.model) for _ in t.ema_rates]
+        self.optimizer = t.build_optimizer(self.model.parameters())
+        self.step, self.skipped, self.wall_before = 0, 0, 0.0
+        if resuming:
+            self.load_checkpoint()
+
+    # --- resume -------------------------------------------------------------------------------------
+    def _check_resumable(self) -> None:
+        """Refuse a resume whose settings differ from the run's, except run control (steps, logging, ...)."""
+        saved = flatten(self.dir.saved_config())
+        now = flatten(self.cfg.to_dict())
+        diff = sorted(k for k in set(saved) | set(now) if k not in RUN_CONTROL_KEYS and saved.get(k) != now.get(k))
+        if diff:
+            shown = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in diff[:5])
+            raise CmkitError(f"cannot resume {self.dir.root}: settings differ from the run's: {shown}"
+                             f"{' …' if len(diff) > 5 else ''}; only {', '.join(RUN_CONTROL_KEYS)} may change")
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Everything a checkpoint holds, by file stem: model, ema_<rate>..., the task's extra modules."""
+        emas = {RunDir.weights_name(r): e for r, e in zip(self.cfg.train.ema_rates, self.emas)}
+        return {RunDir.weights_name(None): self.model, **emas, **self.task.extra_modules()}
+
+    def load_checkpoint(self) -> None:
+        state, rng = self.dir.load_checkpoint(self.modules(), self.optimizer)
+        if state["world_size"] != self.ctx.world:
+            raise CmkitError(f"cannot resume exactly: {self.dir.checkpoint} was written by {state['world_size']} "
+                             f"processes, this run has {self.ctx.world}")
+        torch.set_rng_state(rng[f"rank{self.ctx.rank}"])
+        self.generator.set_state(rng[f"generator{self.ctx.rank}"])
+        if f"cuda{self.ctx.rank}" in rng and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng[f"cuda{self.ctx.rank}"], self.ctx.device)
+        self.step, self.skipped, self.wall_before = state["step"], state["skipped"], state.get("wall_s", 0.0)
+        if dist.is_main():
+            self.dir.truncate_log(self.step)
+
+    # --- one step -----------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One optimisation step; returns its stats. A non-finite loss or gradient skips the step entirely."""
+        t = self.cfg.train
+        for g in self.optimizer.param_groups:
+            g["lr"] = t.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=t.bf16):
+            loss, extra = self.task.loss(self.net, self.step, self.generator)
+        loss.backward()
+        clip = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, **extra}
+        finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
+        if dist.all_reduce_mean(float(finite), self.ctx.device) < 1.0:  # any rank saw NaN/inf: all skip
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return {**stats, "skipped": True}
+        self.optimizer.step()
+        for rate, ema in zip(t.ema_rates, self.emas):
+            ema_update(ema, self.model, rate)
+        self.task.after_update(self.step)
+        self.step += 1
+        return {**stats, "skipped": False}
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to train.steps with a progress bar, JSONL log, sample grids and checkpoints."""
+        t, main = self.cfg.train, dist.is_main()
+        if main:
+            self.dir.root.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir.config, self.cfg.to_dict())
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (main and self.progress), dynamic_ncols=True,
+                   desc=self.task.name)
+        self._start, start_step, last = time.time(), self.step, {}
+        tick, tick_step = self._start, self.step
+        while self.step < t.steps:
+            last = self.train_step()
+            if last["skipped"]:
+                bar.set_postfix(skipped=self.skipped)
+                if self.skipped > 100 + self.step:
+                    raise CmkitError("training diverged: more than 100 steps with non-finite loss or gradients")
+                continue
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                now = time.time()
+                ips = (self.step - tick_step) * t.batch_size / max(now - tick, 1e-9)
+                tick, tick_step = now, self.step
+                bar.set_postfix(loss=f"{last['loss']:.4g}", img_s=f"{ips:.0f}")
+                if main:
+                    self.dir.append_log({"step": self.step, **{k: v for k, v in last.items() if k != "skipped"},
+                                         "lr": t.lr_at(self.step - 1), "img_per_s": ips, "skipped": self.skipped,
+                                         "wall_s": round(self.wall_s(), 1)})
+            if t.sample_every and self.step % t.sample_every == 0 and main:
+                self.sample()
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        if main:
+            self.sample()
+        return {"steps": self.step, "final_loss": last.get("loss"), "wall_s": self.wall_s(),
+                "skipped": self.skipped, "steps_run": self.step - start_step, "out": str(self.dir.root)}
+
+    def wall_s(self) -> float:
+        """Training wall time in seconds, summed over resumed sessions."""
+        return self.wall_before + (time.time() - getattr(self, "_start", time.time()))
+
+    def exported(self) -> tuple[nn.Module, str]:
+        """The network a run exports (the first EMA, else the online weights) and its checkpoint file stem."""
+        rates = self.cfg.train.ema_rates
+        return (self.emas[0], RunDir.weights_name(rates[0])) if rates else (self.model, RunDir.weights_name(None))
+
+    def sample(self) -> None:
+        with eval_mode(self.exported()[0]) as model:
+            self.task.sample(model, self.dir.samples, self.step)
+
+    def save_checkpoint(self) -> None:
+        """``checkpoint/`` (exact resume) and ``model/`` (the export) atomically; every rank's RNG is gathered."""
+        states = {"rank": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.ctx.device.type == "cuda":  # dropout on a GPU draws from the CUDA generator
+            states["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        rngs = {f"{name}{r}": s for name, state in states.items() for r, s in enumerate(dist.all_gather_tensor(state))}
+        if dist.is_main():
+            state = {"step": self.step, "skipped": self.skipped, "world_size": self.ctx.world,
+                     "wall_s": self.wall_s()}
+            self.dir.save_checkpoint(self.modules(), self.optimizer, rngs, state, self.cfg.to_dict())
+            model, weights = self.exported()
+            kind, config, meta = self.task.export_config()
+            save_model_dir(self.dir.model, model, kind, config, {**meta, "step": self.step, "weights": weights})
+        dist.barrier()
+
+
+def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Train the run described by ``cfg`` (any kind); returns a summary (steps, final loss, wall time)."""
+    try:
+        return Loop(cfg, progress).run()
+    finally:
+        dist.cleanup()
+
+
+def dry_run(cfg: RunConfig) -> str:
+    """Validate ``cfg`` and build its model, loss and optimizer on the meta device (no data, no weights).
+
+    Returns a one-line summary. Raises ``CmkitError`` for any config problem, before any data is loaded.
+    """
+    cfg.validate()
+    task = task_class(cfg.kind)
+    loss = task.build_loss(cfg)
+    with torch.device("meta"):  # the network's size without allocating it (ImageNet-64 presets included)
+        model = task.build_model(cfg)
+    optimizer = cfg.train.build_optimizer(model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    return (f"builds: {type(model).__name__} with {n:,} parameters, loss {type(loss).__name__}, "
+            f"optimizer {type(optimizer).__name__}")
