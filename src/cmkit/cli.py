@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides += [f"train.num_threads={args.threads}"] if args.threads else []
     cfg = get_config(args.preset, overrides)
     if args.kind and cfg.kind != args.kind:
-        raise CmkitError(f"preset {args.preset!r} trains a {cfg.kind} model, not a {args.kind}; "
+        raise CmkitError(f"preset {args.preset!r} trains a {cfg.kind}, not the {args.kind} this command trains; "
                          f"use `cmkit train --preset {args.preset}`")
     if args.dry_run:
         summary = dry_run(cfg)

@@ -59,6 +59,14 @@ def grid_timesteps(schedule: DecoderSchedule) -> Tensor:
     return torch.arange(schedule.num_distilled_steps) * space
 
 
+def check_gaps(gaps: Sequence[int], key: str = "gaps") -> tuple[int, ...]:
+    """The curriculum's gaps as a tuple, or one ``CmkitError`` line unless non-increasing integers ≥ 1."""
+    gaps = tuple(int(g) for g in gaps)
+    if not gaps or min(gaps) < 1 or any(a < b for a, b in zip(gaps, gaps[1:])):
+        raise CmkitError(f"{key} must be a non-increasing list of integers ≥ 1, got {list(gaps)}")
+    return gaps
+
+
 def gap_at(step: int, total_steps: int, gaps: Sequence[int]) -> int:
     """ECT-style curriculum: stage ⌊k·S/K⌋ of S equal stages uses gap Δ = gaps[stage] (grid indices)."""
     stage = min(len(gaps) - 1, step * len(gaps) // max(total_steps, 1))
@@ -108,9 +116,7 @@ class DecoderConsistencyLoss:
     P_std: float = 2.0
 
     def __post_init__(self) -> None:
-        self.gaps = tuple(int(g) for g in self.gaps)
-        if not self.gaps or min(self.gaps) < 1 or any(a < b for a, b in zip(self.gaps, self.gaps[1:])):
-            raise CmkitError(f"gaps must be a non-increasing list of integers ≥ 1, got {list(self.gaps)}")
+        self.gaps = check_gaps(self.gaps)
         if self.distance not in DISTANCE_DEGREE:
             raise CmkitError(f"distance must be one of {sorted(DISTANCE_DEGREE)}, got {self.distance!r}")
         if self.index_sampling not in INDEX_SAMPLING:

@@ -19,6 +19,9 @@ class ImageDataConfig(DataConfig):
     name: DataName = "fashion_mnist"
     image_size: int = 32  # images are padded to this side
 
+    def check(self) -> None:
+        require(self.image_size >= 1, f"data.image_size must be at least 1, got {self.image_size}")
+
 
 def _train(**values) -> TrainConfig:
     """The loop settings of these runs: Adam, clipping at 1, one EMA of 0.999."""
@@ -60,8 +63,8 @@ class AutoencoderRunConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.data.check()
         m, size = self.model, self.data.image_size
-        require(size >= 1, f"data.image_size must be at least 1, got {size}")
         require(bool(m.channels) and min(m.channels) >= 1, f"model.channels must be positive, got {list(m.channels)}")
         require(size % m.downsample_factor == 0,
                 f"data.image_size={size} is not a multiple of the autoencoder's downsampling factor "
@@ -102,11 +105,12 @@ class DecoderRunConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        m, g = self.model, self.loss.gaps
-        require(self.data.image_size >= 1, f"data.image_size must be at least 1, got {self.data.image_size}")
+        from .consistency import check_gaps
+
+        self.data.check()
+        m = self.model
         require(m.stats_images >= 1, f"model.stats_images must be at least 1, got {m.stats_images}")
         require(bool(m.autoencoder), "model.autoencoder is not set (a directory from `cmkit train --preset fmnist-ae`)")
-        require(bool(g) and min(g) >= 1 and all(a >= b for a, b in zip(g, g[1:])),
-                f"loss.gaps must be a non-increasing list of integers ≥ 1, got {list(g)}")
+        check_gaps(self.loss.gaps, "loss.gaps")
         bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
         require(not bad, f"model.block_out_channels {bad} are not divisible by model.norm_num_groups={m.norm_num_groups}")
