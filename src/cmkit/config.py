@@ -138,9 +138,12 @@ class RunConfig:
         """Rules across fields; raises ``CmkitError`` with one line. Subclasses add their own."""
         self.train.check()
 
-    def comparable(self) -> dict[str, Any]:
-        """The flattened config without run-control keys: what must match for a resume to be exact."""
-        return {k: v for k, v in flatten(self.to_dict()).items() if k not in RUN_CONTROL_KEYS}
+    def changes_from(self, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(key, saved value, this value) for every setting that differs from a saved config, run-control keys
+        left out: what a resume of the saved run must refuse."""
+        old, new = flatten(saved), flatten(self.to_dict())
+        return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                if k not in RUN_CONTROL_KEYS and old.get(k) != new.get(k)]
 
 
 # --- the consistency-model / diffusion run ---------------------------------------------------------

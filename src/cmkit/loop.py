@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .checkpoint import RunDir, save_model_dir, write_json
-from .config import RUN_CONTROL_KEYS, RunConfig, flatten
+from .config import RUN_CONTROL_KEYS, RunConfig
 from .ema import ema_update, make_copy
 from .errors import CmkitError
 
@@ -134,11 +134,9 @@ class Loop:
     # --- resume -------------------------------------------------------------------------------------
     def _check_resumable(self) -> None:
         """Refuse a resume whose settings differ from the run's, except run control (steps, logging, ...)."""
-        saved = flatten(self.dir.saved_config())
-        now = flatten(self.cfg.to_dict())
-        diff = sorted(k for k in set(saved) | set(now) if k not in RUN_CONTROL_KEYS and saved.get(k) != now.get(k))
+        diff = self.cfg.changes_from(self.dir.saved_config())
         if diff:
-            shown = ", ".join(f"{k} ({saved.get(k)!r} → {now.get(k)!r})" for k in diff[:5])
+            shown = ", ".join(f"{k} ({old!r} → {new!r})" for k, old, new in diff[:5])
             raise CmkitError(f"cannot resume {self.dir.root}: settings differ from the run's: {shown}"
                              f"{' …' if len(diff) > 5 else ''}; only {', '.join(RUN_CONTROL_KEYS)} may change")
 
