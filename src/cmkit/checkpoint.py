@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -34,31 +35,102 @@ LEGACY = {"cmkit.kl_autoencoder": ("autoencoder", "autoencoder.safetensors"),
           "cmkit.consistency_decoder": ("decoder", "decoder.safetensors")}
 
 
-# --- atomic directories ----------------------------------------------------------------------------
+# --- atomic, durable directories -------------------------------------------------------------------
+#
+# A directory is written as ``NAME.cmkit-tmp`` (its *key* file last), flushed to disk, then swapped in:
+# ``NAME`` → ``NAME.cmkit-old``, ``NAME.cmkit-tmp`` → ``NAME``, and ``NAME.cmkit-old`` is removed. A crash
+# at any point leaves a complete ``NAME``, or a complete ``.cmkit-tmp`` / ``.cmkit-old`` that ``recover_dir``
+# renames back. The staging names are cmkit's own: no other directory is ever deleted.
+
+TMP, OLD = ".cmkit-tmp", ".cmkit-old"
+#: Test hook: called with the name of each step of a commit ("staged", "old-moved", "new-moved",
+#: "log-staged"), so that tests can simulate a crash at every point.
+KILL_POINT: Callable[[str], None] | None = None
+
+
+def _reached(point: str) -> None:
+    if KILL_POINT is not None:
+        KILL_POINT(point)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory entry table to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def atomic_dir(final: Path) -> Path:
-    """A fresh temporary directory next to ``final``; pass it to ``commit_dir`` when complete."""
-    tmp = final.with_name(final.name + ".tmp")
+    """A fresh staging directory next to ``final``; write into it, then ``commit_dir``."""
+    tmp = final.with_name(final.name + TMP)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
 
+def seal_dir(tmp: Path, key: str, obj: Any) -> None:
+    """Flush every file in ``tmp`` to disk, then write the key file ``key`` (JSON) that marks it complete."""
+    for f in tmp.iterdir():
+        fsync_path(f)
+    write_json(tmp / key, obj)
+    fsync_path(tmp)
+
+
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the completed ``tmp`` (rename, keeping the old one until the new one is in place)."""
-    old = final.with_name(final.name + ".old")
+    """Swap the sealed ``tmp`` in for ``final`` (keeping the old one until the new one is in place)."""
+    _reached("staged")
+    old = final.with_name(final.name + OLD)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
+        fsync_path(final.parent)
+        _reached("old-moved")
     os.replace(tmp, final)
+    fsync_path(final.parent)
+    _reached("new-moved")
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_dir(final: Path, key: str) -> str | None:
+    """After a crash inside ``commit_dir``: make ``final`` the newest complete copy (the one holding ``key``).
+
+    Returns a sentence saying what was recovered, or None when ``final`` was already complete (or absent
+    with nothing to recover). Staging directories that are no longer needed are removed.
+    """
+    tmp, old = final.with_name(final.name + TMP), final.with_name(final.name + OLD)
+    note = None
+    if (tmp / key).is_file():  # sealed, hence newer than anything else here: finish its commit
+        if final.exists() and (old / key).is_file():
+            shutil.rmtree(final)  # an older copy, or a damaged one; the previous complete copy is in old
+        commit_dir(tmp, final)
+        note = f"recovered {final} from its completed new copy ({tmp.name}), left by an interrupted write"
+    elif not final.exists() and (old / key).is_file():
+        os.replace(old, final)
+        fsync_path(final.parent)
+        note = f"recovered {final} from its previous copy ({old.name}), left by an interrupted write"
+    if (final / key).is_file():
+        shutil.rmtree(old, ignore_errors=True)
+    return note
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (to a temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    """Write JSON atomically and durably (to a temporary file, flushed, then renamed)."""
+    tmp = path.with_name(path.name + TMP)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """JSON from ``path`` with one clear error for a missing, unreadable or damaged file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CmkitError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
 
 
 # --- weights -----------------------------------------------------------------------------------------
@@ -111,14 +183,24 @@ class ModelDir:
 def save_model_dir(path: str | Path, weights: nn.Module | dict[str, torch.Tensor], kind: str,
                    config: dict[str, Any], meta: dict[str, Any] | None = None,
                    dtype: torch.dtype | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (kind and config also in the metadata) atomically."""
+    """Write ``config.json`` + ``model.safetensors`` (kind and config also in the metadata) atomically.
+
+    An existing ``path`` is replaced only when it holds nothing but those two files (a model directory);
+    anything else there is refused with one line, so no other file is ever lost.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     final = Path(path)
+    if final.exists():
+        other = sorted(p.name for p in final.iterdir()) if final.is_dir() else [final.name]
+        other = [n for n in other if n not in (CONFIG_FILE, MODEL_FILE)]
+        if other:
+            raise CmkitError(f"{final} holds other files ({', '.join(other[:4])}); a model directory is written "
+                             f"only into a new directory or over one holding just {CONFIG_FILE} and {MODEL_FILE}")
     tmp = atomic_dir(final)
     tag = {"kind": kind, "config": json.dumps(config)}
     save_file(state_dict_for_save(weights, dtype), tmp / MODEL_FILE, metadata=tag)
-    write_json(tmp / CONFIG_FILE, {"kind": kind, "config": config, **(meta or {})})
+    seal_dir(tmp, CONFIG_FILE, {"kind": kind, "config": config, **(meta or {})})
     commit_dir(tmp, final)
     return final
 
@@ -140,15 +222,37 @@ def _tag(meta: dict[str, Any]) -> tuple[str | None, Any, str]:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, a run directory (its ``model/``), or a shipped model name → the model directory."""
-    p = Path(path).expanduser()
-    if (p / "model" / CONFIG_FILE).is_file():
-        return p / "model"
-    if (p / CONFIG_FILE).is_file():
-        return p
+    """A model directory, a run directory (its ``model/``), or a shipped model name → the model directory.
+
+    A path that exists always wins over a shipped model of the same name: ``--model fmnist-cd`` in a directory
+    holding a run ``./fmnist-cd`` means that run (and is an error while the run has no model yet), never the
+    shipped model. When a bare name is both a local model and a shipped one, one line on stderr says which was
+    used. A name with a directory part (``./fmnist-cd``, ``runs/x``) is only ever a path.
+    """
     from .zoo import shipped_model_dir
 
+    p = Path(path).expanduser()
     shipped = shipped_model_dir(str(path))
+    if shipped is not None and p.exists() and p.resolve() == shipped.resolve():
+        return shipped  # run from inside the shipped models' folder: the same directory either way
+    hint = (f"; a local path takes precedence over the shipped model {path!r}, which is at {shipped}"
+            if shipped is not None else "")
+    if p.exists():
+        run_files = (p / "log.jsonl").exists() or (p / "checkpoint").exists()
+        weights_beside = any((p / w).is_file() for w in (MODEL_FILE, *(w for _, w in LEGACY.values())))
+        if (p / "model" / CONFIG_FILE).is_file():
+            d = p / "model"
+        elif (p / CONFIG_FILE).is_file() and (weights_beside or not run_files):
+            d = p
+        elif p.is_dir() and run_files:
+            raise CmkitError(f"model not found: {p} is a training run without a model yet (model/{CONFIG_FILE} is "
+                             f"written at its first checkpoint){hint}")
+        else:
+            raise CmkitError(f"model not found: {p} holds no {CONFIG_FILE} or model/{CONFIG_FILE}{hint}")
+        if shipped is not None:
+            print(f"cmkit: {path!r} is both a local model and a shipped one: using the local {d} "
+                  f"(the shipped one is {shipped})", file=sys.stderr)
+        return d
     if shipped is not None:
         return shipped
     raise CmkitError(f"model not found: {p} (expected a directory with {CONFIG_FILE} and {MODEL_FILE}, "
@@ -230,43 +334,101 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self.checkpoint / self.STATE).is_file()
 
+    def recover(self) -> list[str]:
+        """Finish or undo a checkpoint or export interrupted by a crash; returns what was recovered."""
+        notes = [recover_dir(self.checkpoint, self.STATE), recover_dir(self.model, CONFIG_FILE)]
+        return [n for n in notes if n]
+
+    def is_run(self) -> bool:
+        """Whether ``root`` holds a cmkit training run (a run config, with or without a checkpoint yet)."""
+        if self.has_checkpoint():
+            return True
+        try:
+            config = json.loads(self.config.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(config, dict) and "train" in config and "kind" not in config
+
+    def foreign_files(self) -> list[str]:
+        """Names in ``root`` when it is neither absent, empty, nor a run: training there would mix with them."""
+        if not self.root.exists():
+            return []
+        if not self.root.is_dir():
+            return [self.root.name]
+        names = sorted(p.name for p in self.root.iterdir())
+        return [] if not names or self.is_run() else names
+
     def state(self) -> dict[str, Any]:
-        return json.loads((self.checkpoint / self.STATE).read_text())
+        state = read_json(self.checkpoint / self.STATE, "checkpoint state")
+        if not isinstance(state, dict) or not {"step", "skipped", "world_size", "optimizer"} <= set(state):
+            raise CmkitError(f"{self.checkpoint / self.STATE} is damaged (expected step, skipped, world_size, "
+                             "optimizer)")
+        return state
 
     def saved_config(self) -> dict[str, Any]:
         """The run config stored with the checkpoint (the record of how the run was started)."""
-        return json.loads((self.checkpoint / CONFIG_FILE).read_text())
+        config = read_json(self.checkpoint / CONFIG_FILE, "run config")
+        if not isinstance(config, dict):
+            raise CmkitError(f"{self.checkpoint / CONFIG_FILE} is damaged: expected a JSON object of config sections")
+        return config
 
     def save_checkpoint(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                         rng: dict[str, torch.Tensor], state: dict[str, Any], config: dict[str, Any]) -> None:
-        """``checkpoint/``: ``<name>.safetensors`` per module, optimizer, RNG states, state.json, config.json."""
+        """``checkpoint/``: ``<name>.safetensors`` per module, optimizer, RNG states, config.json, and
+        state.json last (its presence marks a complete checkpoint); the log is flushed to disk first."""
+        if self.log.is_file():
+            fsync_path(self.log)
         tmp = atomic_dir(self.checkpoint)
         for name, module in modules.items():
             save_file(state_dict_for_save(module), tmp / f"{name}.safetensors")
         tensors, meta = optimizer_to_flat(optimizer)
         save_file(tensors, tmp / self.OPTIMIZER)
         save_file(rng, tmp / self.RNG)
-        write_json(tmp / self.STATE, {**state, "optimizer": meta})
         write_json(tmp / CONFIG_FILE, config)
+        seal_dir(tmp, self.STATE, {**state, "optimizer": meta})
         commit_dir(tmp, self.checkpoint)
 
     def load_checkpoint(self, modules: dict[str, nn.Module],
                         optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Restore every module and the optimizer; returns (state, RNG tensors)."""
+        """Restore every module and the optimizer; returns (state, RNG tensors). A damaged file is one line."""
         for name, module in modules.items():
             load_weights(module, self.checkpoint / f"{name}.safetensors")
         state = self.state()
-        optimizer_from_flat(optimizer, read_safetensors(self.checkpoint / self.OPTIMIZER), state["optimizer"])
+        try:
+            optimizer_from_flat(optimizer, read_safetensors(self.checkpoint / self.OPTIMIZER), state["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CmkitError(f"{self.checkpoint / self.OPTIMIZER} does not match this run's optimizer "
+                             f"({type(e).__name__}: {e})") from None
         return state, read_safetensors(self.checkpoint / self.RNG)
+
+    def read_log(self) -> list[dict[str, Any]]:
+        """The log rows; a partial last line (a crash while appending) is ignored."""
+        if not self.log.is_file():
+            return []
+        rows = []
+        lines = self.log.read_text().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i != len(lines) - 1:
+                    raise CmkitError(f"{self.log} line {i + 1} is damaged (not JSON)") from None
+        return rows
 
     def append_log(self, record: dict[str, Any]) -> None:
         with open(self.log, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_log(self, step: int) -> None:
-        """Drop log rows written after the checkpoint a run resumes from (they will be redone)."""
-        if self.log.is_file():
-            keep = [ln for ln in self.log.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            tmp = self.log.with_name(self.log.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.log)
+        """Keep the log rows up to ``step`` (the checkpoint a run resumes from; later ones will be redone),
+        rewriting the file atomically."""
+        if not self.log.is_file():
+            return
+        keep = [row for row in self.read_log() if row.get("step", 0) <= step]
+        tmp = self.log.with_name(self.log.name + TMP)
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        _reached("log-staged")
+        os.replace(tmp, self.log)

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, TypeVar
@@ -40,7 +41,7 @@ SamplerName = Literal["onestep", "multistep", "heun", "euler"]
 
 #: Keys that may change between a run and its resumption (everything else must match exactly).
 RUN_CONTROL_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every", "train.ckpt_every",
-                    "train.num_threads", "train.out_dir")
+                    "train.num_threads", "train.out_dir", "train.max_skipped")
 #: Classes of the labelled built-in data sets (0 = unlabelled); folder/npz are checked when loaded.
 DATA_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "emoji": 0}
 
@@ -84,6 +85,7 @@ class TrainConfig:
     sample_every: int = 500                  # steps between sample grids (0 = only at the end)
     ckpt_every: int = 500                    # steps between checkpoints (0 = only at the end)
     num_threads: int = 0                     # torch CPU threads (0 = torch's default)
+    max_skipped: int = 20                    # consecutive non-finite steps that stop the run as diverged
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``."""
@@ -97,7 +99,7 @@ class TrainConfig:
         return cls(list(params), lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
     def check(self) -> None:
-        for key in ("steps", "batch_size", "log_every"):
+        for key in ("steps", "batch_size", "log_every", "max_skipped"):
             require(getattr(self, key) >= 1, f"train.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("warmup_steps", "sample_every", "ckpt_every", "num_threads"):
             require(getattr(self, key) >= 0, f"train.{key} must be 0 or more, got {getattr(self, key)}")
@@ -184,6 +186,13 @@ class ModelConfig:
         return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max)
 
     def check(self) -> None:
+        for key in ("img_resolution", "in_channels", "model_channels", "num_blocks", "head_channels", "hidden",
+                    "depth"):
+            require(getattr(self, key) >= 1, f"model.{key} must be at least 1, got {getattr(self, key)}")
+        require(self.num_classes >= 0, f"model.num_classes must be 0 (unconditional) or more, got {self.num_classes}")
+        require(bool(self.channel_mult) and min(self.channel_mult) >= 1,
+                f"model.channel_mult must be positive integers, got {list(self.channel_mult)}")
+        require(self.fourier_scale > 0, f"model.fourier_scale must be positive, got {self.fourier_scale}")
         require(0 < self.sigma_min < self.sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got "
                                                      f"{self.sigma_min}, {self.sigma_max}")
         require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
@@ -241,7 +250,21 @@ class LossConfig:
         return [p for p in inspect.signature(self.loss_class()).parameters if p not in ("sigma_min", "sigma_max",
                                                                                           "sigma_data", "rho")]
 
+    #: Ranges of the numeric options: (test, what the option must be).
+    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
+        "huber_c": (lambda v: v >= 0, "0 or more"), "num_scales": (lambda v: v >= 2, "at least 2"),
+        "mu": (lambda v: 0 <= v < 1, "in [0, 1)"), "s0": (lambda v: v >= 1, "at least 1"),
+        "s1": (lambda v: v >= 1, "at least 1"), "mu0": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "P_std": (lambda v: v > 0, "positive"), "q": (lambda v: v > 1, "above 1"), "k": (lambda v: v >= 0, "0 or more"),
+        "b": (lambda v: v > 0, "positive"), "double_steps": (lambda v: v >= 1, "at least 1"),
+        "total_steps": (lambda v: v >= 1, "at least 1")}
+
     def check(self) -> None:
+        for key, value in self.options().items():
+            ok, what = self.RANGES.get(key, (lambda v: True, ""))
+            require(ok(value), f"loss.{key} must be {what}, got {value}")
+        require(self.s0 is None or self.s1 is None or self.s1 >= self.s0,
+                f"loss.s1={self.s1} must be at least loss.s0={self.s0}")
         accepted = self.accepted()
         unused = [k for k in self.options() if k not in accepted]
         require(not unused, f"loss.{unused[0] if unused else ''} is not an option of method {self.method!r} "
@@ -380,15 +403,19 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 raise ValueError(value)
             return text in ("1", "true", "yes", "on")
-        if hint is int:
+        if hint in (int, float):
+            if isinstance(value, bool):
+                raise TypeError(value)
             f = float(value)
+            if not math.isfinite(f):
+                raise CmkitError(f"config key {key}: {value!r} is not a finite number")
+            if hint is float:
+                return f
             if f != int(f):
                 raise ValueError(value)
             return int(f)
-        if hint is float:
-            return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         name = getattr(hint, "__name__", str(hint))
         raise CmkitError(f"config key {key}: cannot read {value!r} as {name}") from None
 

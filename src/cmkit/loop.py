@@ -14,6 +14,7 @@ every process; batches are a pure function of (seed, step)), the divergence guar
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -110,14 +111,9 @@ class Loop:
             raise CmkitError("train.out_dir is not set (e.g. train.out_dir=runs/my-run)")
         self.cfg, self.progress = cfg, progress
         self.dir = RunDir(t.out_dir)
-        resuming = self.dir.has_checkpoint()
-        if resuming and not t.resume:
-            raise CmkitError(f"{self.dir.root} already holds a training run; pass train.resume=true to continue "
-                             "it or choose another train.out_dir")
-        if resuming:
-            self._check_resumable()
         rank, world, device = dist.init()
         self.ctx = Context(device, rank, world)
+        resuming = self._prepare_dir()
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         torch.manual_seed(t.seed + rank)  # initialisation, dropout and the CM losses' noise; saved per rank
@@ -128,10 +124,35 @@ class Loop:
         self.emas = [make_copy(self.model) for _ in t.ema_rates]
         self.optimizer = t.build_optimizer(self.model.parameters())
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
+        self.consecutive_skips = 0
         if resuming:
             self.load_checkpoint()
+        elif dist.is_main():
+            self.dir.truncate_log(0)  # rows of an earlier attempt that never reached a checkpoint
 
     # --- resume -------------------------------------------------------------------------------------
+    def _prepare_dir(self) -> bool:
+        """Recover from an interrupted write, refuse a directory that is not a run, decide whether to resume."""
+        t, main = self.cfg.train, dist.is_main()
+        if main:
+            for note in self.dir.recover():
+                print(f"cmkit: {note}", file=sys.stderr)
+        dist.barrier()
+        foreign = self.dir.foreign_files()
+        if foreign:
+            raise CmkitError(f"train.out_dir={self.dir.root} holds files that are not a cmkit run "
+                             f"({', '.join(foreign[:4])}); choose a new or empty directory")
+        if not self.dir.has_checkpoint():
+            if t.resume and main:
+                print(f"cmkit: warning: train.resume=true but {self.dir.root} has no checkpoint to resume; "
+                      "starting from step 0", file=sys.stderr)
+            return False
+        if not t.resume:
+            raise CmkitError(f"{self.dir.root} already holds a training run; pass train.resume=true to continue "
+                             "it or choose another train.out_dir")
+        self._check_resumable()
+        return True
+
     def _check_resumable(self) -> None:
         """Refuse a resume whose settings differ from the run's, except run control (steps, logging, ...)."""
         diff = self.cfg.changes_from(self.dir.saved_config())
@@ -171,11 +192,12 @@ class Loop:
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, **extra}
-        finite = math.isfinite(stats["loss"]) and math.isfinite(grad_norm)
-        if dist.all_reduce_mean(float(finite), self.ctx.device) < 1.0:  # any rank saw NaN/inf: all skip
+        reason = ("non-finite loss" if not math.isfinite(stats["loss"]) else
+                  "non-finite gradient norm" if not math.isfinite(grad_norm) else "")
+        if dist.all_reduce_mean(float(not reason), self.ctx.device) < 1.0:  # any rank saw NaN/inf: all skip
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
-            return {**stats, "skipped": True}
+            return {**stats, "skipped": True, "reason": reason or "non-finite values on another process"}
         self.optimizer.step()
         for rate, ema in zip(t.ema_rates, self.emas):
             ema_update(ema, self.model, rate)
@@ -197,10 +219,16 @@ class Loop:
         while self.step < t.steps:
             last = self.train_step()
             if last["skipped"]:
+                self.consecutive_skips += 1
                 bar.set_postfix(skipped=self.skipped)
-                if self.skipped > 100 + self.step:
-                    raise CmkitError("training diverged: more than 100 steps with non-finite loss or gradients")
+                if main:  # the attempt at step + 1, with its reason (dropped with later rows on resume)
+                    self.dir.append_log({**last, "step": self.step + 1, "skipped_total": self.skipped})
+                if self.consecutive_skips >= t.max_skipped:
+                    raise CmkitError(f"training diverged: {self.consecutive_skips} consecutive steps with "
+                                     f"{last['reason']} after step {self.step} (train.max_skipped="
+                                     f"{t.max_skipped}); the last checkpoint is in {self.dir.checkpoint}")
                 continue
+            self.consecutive_skips = 0
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 now = time.time()
