@@ -21,6 +21,7 @@ from cmkit.checkpoint import load_model
 from cmkit.datasets import load_dataset
 from cmkit.editing import builtin_mask, default_edit_sigmas, inpaint, super_resolve
 from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extractor, load_reference
+from cmkit.schedules import training_grid
 from cmkit.utils import cpu_name, save_grid, to_uint8
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,7 +54,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fmnist-cd")
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=18, help="σ levels of the editor")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="σ levels of the editor (default: every level of the model's training grid but σ_min, "
+                         "or 18 Karras levels for a continuous-time model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast (about 2× faster)")
     args = ap.parse_args()
@@ -68,7 +71,8 @@ def main() -> None:
         feats = extractor.extract(to_uint8(images), progress=False)
         return frechet_distance_stats(feature_statistics(feats), reference.stats)
 
-    sigmas = default_edit_sigmas(args.steps)
+    sigmas = default_edit_sigmas(args.steps, grid=training_grid(cfg))
+    args.levels = len(sigmas)
     g = torch.Generator().manual_seed(0)
     mask = builtin_mask("center", x.shape[-1])
     known = (1 - mask).bool()
@@ -93,15 +97,17 @@ def main() -> None:
 
 def write(table: list[dict], consistency: float, args: argparse.Namespace, cfg) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "n": args.n, "editor_sigma_levels": args.steps,
+    meta = {"model": args.model, "n": args.n, "editor_sigma_levels": args.levels,
             "feature_space": "FD (Fashion-MNIST classifier features)", "reference": "Fashion-MNIST train split",
             "sr_consistency_max_abs": consistency, "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}",
             "network_precision": "bf16 autocast" if args.bf16 else "fp32",
             "command": f"python benchmarks/editing.py --model {args.model} --n {args.n}"
-            + (f" --steps {args.steps}" if args.steps != 18 else "") + (" --bf16" if args.bf16 else "")}
+            + (f" --steps {args.steps}" if args.steps is not None else "") + (" --bf16" if args.bf16 else "")}
     (RESULTS / "editing.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
+    on_grid = " of the model's training grid" if training_grid(cfg) else ""
     lines = [f"# Zero-shot editing on {args.n:,} held-out Fashion-MNIST test images", "",
-             f"Model `{args.model}` ({meta['network_precision']}), Algorithm 4 with {args.steps} σ levels. FD in the Fashion-MNIST classifier "
+             f"Model `{args.model}` ({meta['network_precision']}), Algorithm 4 with {args.levels} σ levels{on_grid}. "
+             "FD in the Fashion-MNIST classifier "
              "feature space (not FID) against the training split; PSNR against the ground truth.",
              f"Command: `{meta['command']}`.", "", "| task | method | FD ↓ | PSNR (dB) ↑ |", "|---|---|---|---|"]
     for r in table:

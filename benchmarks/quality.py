@@ -2,8 +2,10 @@
 
 For each setting: network evaluations (NFE), FD / KID / precision / recall (k=3) in the feature space of
 the project's Fashion-MNIST classifier on N samples against the test split, and images per second, plus
-the real-vs-real floor (N training images vs the test split). The 2-step middle σ of each consistency
-model is chosen by golden-section search on FD (with fewer samples), as the CM paper did by ternary search.
+the real-vs-real floor (N training images vs the test split). Models trained on a σ grid (CD, CT, iCT) are
+measured with the on-grid σ lists ``cmkit sample --steps 2|4`` uses (``multistep_sigmas``); for continuous-time
+models (ECT), whose every σ was trained, the 2-step middle σ is chosen by golden-section search on FD (with
+fewer samples), as the CM paper did by ternary search, and the 4-step list is Karras-spaced down to it.
 Writes benchmarks/results/quality.md, quality.json and sample grids under benchmarks/results/quality/.
 
     python benchmarks/quality.py                 # N = 10,000, every shipped model (bf16 autocast)
@@ -29,6 +31,7 @@ from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extrac
 from cmkit.metrics.evaluate import evaluate, real_floor
 from cmkit.metrics.schedule_search import search_sigma_mid
 from cmkit.sampling import nfe
+from cmkit.schedules import training_grid
 from cmkit.utils import cpu_name, save_grid, to_uint8
 from cmkit.zoo import shipped_model_dir
 
@@ -135,11 +138,12 @@ def main() -> None:
         if sampler == "onestep":
             sigmas = [cfg.model.sigma_max]
         elif sampler == "multistep":
-            if name not in mids:
-                mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters,
-                                        args.bf16)
-                print(f"{name}: searched σ_mid = {mids[name]:.3f}")
-            cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
+            if training_grid(cfg) is None:  # continuous time: search the middle σ; on a grid: the defaults
+                if name not in mids:
+                    mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters,
+                                            args.bf16)
+                    print(f"{name}: searched σ_mid = {mids[name]:.3f}")
+                cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
             sigmas = multistep_sigmas(cfg, steps)
         x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch, args.bf16)
         m = evaluate(to_uint8(x), reference, extractor, progress=False)

@@ -227,3 +227,77 @@ def test_full_size_config_is_inferred_from_openai_and_diffusers_names():
         renamed, _ = to_cmkit_names(raw)
         assert infer_config(renamed, "file") == DecoderConfig()
         assert {k: tuple(v.shape) for k, v in renamed.items()} == expected_shapes(DecoderConfig())
+
+
+def _rezip(src, dst, compression=None, replace=None):
+    """Copy the torch zip ``src`` member by member (optionally deflated, some members replaced) to ``dst``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression or zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = (replace or {}).get(info.filename.split("/", 1)[1], None)
+            zout.writestr(info.filename, zin.read(info.filename) if data is None else data)
+    return dst
+
+
+def test_crafted_archives_are_refused_before_anything_large_is_read(tmp_path, monkeypatch):
+    """A zip bomb (storages that inflate far beyond the file), a member larger than its tensor, a tensor that views
+    more elements than its storage holds, too large pickles or totals: one-line errors, nothing allocated."""
+    import zipfile
+
+    import cmkit.decoder.torchscript as ts
+
+    def refused(path, match):
+        with pytest.raises(CmkitError, match=match) as e:
+            read_torch_zip(path)
+        assert "\n" not in str(e.value)
+
+    # a bomb: 64 MiB of zeros deflate to ~65 kB; the pickle's sizes match, so only the expansion bound catches it
+    torch.save({"w": torch.zeros(16 * 2**20)}, tmp_path / "big.pt")
+    bomb = _rezip(tmp_path / "big.pt", tmp_path / "bomb.pt", zipfile.ZIP_DEFLATED)
+    (tmp_path / "big.pt").unlink()
+    assert os.path.getsize(bomb) < 2**20
+    refused(bomb, r"storages declare more bytes than the reader allows \(at most 8× the file's size")
+    # a member that declares more bytes than its tensor needs (the pickle says 4 floats)
+    torch.save({"w": torch.ones(4)}, tmp_path / "small.pt")
+    refused(_rezip(tmp_path / "small.pt", tmp_path / "long.pt", zipfile.ZIP_DEFLATED, {"data/0": bytes(2**20)}),
+            "storage 0 declares 1048576 bytes but its tensor needs 16")
+    refused(_rezip(tmp_path / "small.pt", tmp_path / "short.pt", None, {"data/0": bytes(8)}),
+            r"storage 0 is truncated \(8 < 16 bytes\)")
+    # a tiny storage viewed as a huge tensor (stride 0) would be allocated by the first copy
+    torch.save({"w": torch.zeros(1).expand(10**9)}, tmp_path / "expand.pt")
+    refused(tmp_path / "expand.pt", r"shape \(1000000000,\) views a storage of only 1 elements")
+    # the absolute bounds (4 GiB of storages, 64 MiB of pickle), scaled down
+    monkeypatch.setattr(ts, "MAX_STORAGE_BYTES", 8)
+    refused(tmp_path / "small.pt", "storage 0 alone declares 16 bytes")
+    monkeypatch.setattr(ts, "MAX_STORAGE_BYTES", 4 * 2**30)
+    monkeypatch.setattr(ts, "MAX_PICKLE_BYTES", 16)
+    refused(tmp_path / "small.pt", r"data.pkl declares \d+ bytes, more than a module pickle needs")
+
+
+def test_storages_are_streamed_into_their_tensors_and_recompressed_archives_still_load(tmp_path, tiny, monkeypatch):
+    import tracemalloc
+    import zipfile
+
+    import cmkit.decoder.torchscript as ts
+
+    _, state = tiny
+    src = write_openai_torchscript(state, tmp_path / "decoder.pt")
+    ref, _ = read_torch_zip(src)
+    deflated = _rezip(src, tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)  # random weights: ratio ~1.1
+    again, script = read_torch_zip(deflated)
+    assert script and set(again) == set(ref) and all(torch.equal(again[k], ref[k]) for k in ref)
+    sd = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).half(), "d": torch.tensor([True, False]),
+          "e": torch.randn(4, 4)[:, :2], "f": torch.zeros(0), "g": torch.randn(3).to(torch.bfloat16)}
+    torch.save(sd, tmp_path / "sd.pt")
+    out, script = read_torch_zip(tmp_path / "sd.pt")
+    assert not script and all(torch.equal(out[k], sd[k]) for k in sd)
+    # a 16 MiB storage goes from the zip into its tensor in chunks: no whole-member bytes, no second copy
+    big = torch.randn(4 * 2**20)
+    torch.save({"w": big}, tmp_path / "big.pt")
+    monkeypatch.setattr(ts, "_CHUNK", 2**20)
+    tracemalloc.start()
+    out, _ = read_torch_zip(tmp_path / "big.pt")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert torch.equal(out["w"], big) and peak < 4 * 2**20  # reading it whole, then copying it: 32 MiB

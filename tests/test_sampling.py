@@ -93,3 +93,41 @@ def test_bf16_generation_stays_close_to_fp32_and_fp32_state():
     assert b.dtype == torch.float32
     err = (a - b).abs().max().item()
     assert 0 < err < 0.05  # bf16 really ran (not bit-equal) and stays within a few grey levels
+
+
+def _ode_reference(denoiser, shape, sigmas, generator, heun):
+    """The Heun/Euler samplers as they were before clip_denoised existed (EDM Alg. 1, final clamp only)."""
+    from cmkit.solvers import euler_step, heun_step
+
+    s = torch.as_tensor(sigmas, dtype=torch.float32).tolist()
+    x = s[0] * torch.randn(shape, generator=generator)
+    for t, t2 in zip(s, s[1:]):
+        step = heun_step if heun and t2 > 0 else euler_step
+        x = step(denoiser, x, torch.full((shape[0],), t), torch.full((shape[0],), t2))
+    return x.clamp(-1, 1)
+
+
+class Overshooting(torch.nn.Module):
+    """An EDM-like denoiser whose estimates leave [-1, 1] (a mixture denoiser scaled by 3)."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x, sigma, **cond):
+        return 3 * self.gm(x, sigma)
+
+
+@pytest.mark.parametrize("fn,heun", [(sample_heun, True), (sample_euler, False)])
+def test_heun_euler_default_is_unchanged_and_clip_denoised_clamps_every_estimate(fn, heun):
+    gm = GaussianMixture(torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7]]), torch.tensor([0.5, 0.3, 0.2]), 0.08)
+    d = Overshooting(gm)
+    shape, sigmas = (64, 2, 1, 1), edm_sigmas(6)
+    default = fn(d, shape, sigmas, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(default, _ode_reference(d, shape, sigmas, torch.Generator().manual_seed(0), heun))
+    assert torch.equal(default, fn(d, shape, sigmas, generator=torch.Generator().manual_seed(0), clip_denoised=False))
+    clipped = fn(d, shape, sigmas, generator=torch.Generator().manual_seed(0), clip_denoised=True)
+    clamped_d = lambda x, s, **c: d(x, s).clamp(-1, 1)  # noqa: E731
+    assert torch.equal(clipped, _ode_reference(clamped_d, shape, sigmas, torch.Generator().manual_seed(0), heun))
+    raw = [fn(d, shape, sigmas, generator=torch.Generator().manual_seed(0), clip=False, clip_denoised=c) for c in (0, 1)]
+    assert raw[0].abs().max() > 1.5 and raw[1].abs().max() <= 1 + 1e-6  # estimates in [-1, 1]: so is the ODE's end

@@ -67,3 +67,40 @@ def test_the_colour_model_colorizes_keeping_the_luminance():
     torch.testing.assert_close(to_gray3(out), gray, atol=1e-4, rtol=0)
     chroma = out - to_gray3(out)
     assert chroma.abs().mean() > 0.02  # not left grey
+
+
+def test_a_local_path_always_wins_over_a_shipped_name(tmp_path, monkeypatch, capsys):
+    """``--model fmnist-cd`` beside a run ./fmnist-cd means that run; one stderr line says so when both exist."""
+    import shutil
+
+    from cmkit.checkpoint import resolve_model_dir
+    from cmkit.errors import CmkitError
+    from cmkit.zoo import models_root
+
+    shipped = shipped_model_dir("fmnist-cd")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("fmnist-cd") == shipped and capsys.readouterr().err == ""  # nothing local
+    with pytest.raises(CmkitError, match="model not found"):
+        resolve_model_dir("./fmnist-cd")  # a path, never a shipped name
+    local = tmp_path / "fmnist-cd"
+    local.mkdir()  # an existing directory without a model
+    with pytest.raises(CmkitError, match=f"a local path takes precedence over the shipped model 'fmnist-cd', "
+                                         f"which is at {shipped}") as e:
+        resolve_model_dir("fmnist-cd")
+    assert "\n" not in str(e.value)
+    (local / "config.json").write_text("{}")  # a training run that has not written its model yet
+    (local / "log.jsonl").write_text("")
+    with pytest.raises(CmkitError, match="training run without a model yet.*precedence"):
+        resolve_model_dir("fmnist-cd")
+    assert main(["sample", "--model", "fmnist-cd", "-n", "1", "-o", str(tmp_path / "x.png")]) == 2
+    assert "training run without a model yet" in capsys.readouterr().err
+    shutil.copytree(shipped, local / "model")  # the run's exported model
+    assert resolve_model_dir("fmnist-cd").resolve() == local / "model"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "using the local fmnist-cd/model" in err and str(shipped) in err
+    load_model("fmnist-cd")  # what every --model goes through
+    assert "using the local" in capsys.readouterr().err
+    assert resolve_model_dir(str(local)) == local / "model" and capsys.readouterr().err == ""  # a path: no note
+    monkeypatch.chdir(models_root())  # inside the shipped models' folder: one and the same directory
+    assert resolve_model_dir("fmnist-cd") == shipped and capsys.readouterr().err == ""
+    assert shipped_model_dir("../models/fmnist-cd") is None and shipped_model_dir("..") is None

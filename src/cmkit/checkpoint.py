@@ -66,7 +66,10 @@ def atomic_dir(final: Path) -> Path:
     """A fresh staging directory next to ``final``; write into it, then ``commit_dir``."""
     tmp = final.with_name(final.name + TMP)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CmkitError(f"cannot write {final}: {e.strerror or e}") from None
     return tmp
 
 

@@ -16,6 +16,7 @@ from .checkpoint import RunDir, load_model
 from .generate import generate, multistep_sigmas
 from .loop import train
 from .presets import get_config
+from .schedules import training_grid
 from .utils import save_grid
 
 OUT = Path("demo")
@@ -57,8 +58,9 @@ def main() -> None:
     editing_gallery()
 
 
-def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, torch.Tensor] | None:
-    """A shipped model and ``n`` images of the held-out split it was not trained on, or None if missing."""
+def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, torch.Tensor, list[float] | None] | None:
+    """A shipped model, ``n`` images of the held-out split it was not trained on, and the model's training σ
+    grid (the editors' σ lists lie on it), or None if missing."""
     from .datasets import load_dataset
     from .errors import CmkitError
     from .zoo import shipped_model_dir
@@ -73,7 +75,7 @@ def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, to
     except CmkitError as e:
         print(f"  (skipped {model_name}: {e})")
         return None
-    return model, data.images[:n].float() / 127.5 - 1
+    return model, data.images[:n].float() / 127.5 - 1, training_grid(cfg)
 
 
 def editing_gallery(out: Path = OUT / "gallery") -> None:

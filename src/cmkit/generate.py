@@ -11,6 +11,7 @@ from .config import Config
 from .errors import CmkitError
 from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_heun,
                        sample_multistep, validate_sigmas)
+from .schedules import DEFAULT_SIGMA_MID, grid_levels, karras_sigmas, nearest_grid_index, training_grid, warn_off_grid
 
 SAMPLERS = ("onestep", "multistep", "heun", "euler")
 
@@ -23,7 +24,11 @@ def default_sampler(cfg: Config) -> tuple[str, list[float], int]:
 
 
 def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas: Sequence[float] | None) -> tuple[str, list[float], int]:
-    """Turn CLI choices into (sampler, σ list, steps); consistency models take ``steps`` = 1, 2 or a σ list."""
+    """Turn CLI choices into (sampler, σ list, steps); consistency models take ``steps`` = 1, 2, … or a σ list.
+
+    Without ``sigmas`` a k-step sampler uses ``multistep_sigmas`` (on the training grid when the model has one);
+    given ``sigmas`` off that grid are used as given, with one warning line on stderr naming the nearest levels
+    (continuous-time models never warn)."""
     c = cfg.model
     if sampler is None:
         if sigmas:
@@ -41,27 +46,49 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
     if sampler == "onestep":
         return sampler, [c.sigma_max], 1
     if sampler == "multistep":
-        if not sigmas:
-            sigmas = multistep_sigmas(cfg, steps or 2)
+        given = bool(sigmas)
         try:
-            return sampler, validate_sigmas(sigmas, c.sigma_min, c.sigma_max), len(sigmas)
+            sigmas = validate_sigmas(sigmas if given else multistep_sigmas(cfg, steps or 2), c.sigma_min, c.sigma_max)
         except ValueError as e:
             raise CmkitError(str(e)) from None
+        if given:
+            warn_off_grid(sigmas, training_grid(cfg))
+        return sampler, sigmas, len(sigmas)
     return sampler, [], steps or cfg.sample.steps
 
 
 def multistep_sigmas(cfg: Config, steps: int) -> list[float]:
-    """σ levels for a k-step sampler: the model's own 2-step list if it has one, else σ_max followed by
-    k-1 levels spaced on the Karras grid between σ_max and the 2-step middle point."""
+    """σ levels of a ``steps``-step sampler for the model of ``cfg``.
+
+    Continuous-time models (ECT; ``training_grid`` is None): the model's own list when it has ``steps`` levels,
+    else σ_max followed by ``steps`` − 1 levels Karras-spaced (ρ = 7) down to the model's 2-step middle σ
+    (``sample.sigmas[1]``, else 0.8).
+
+    Models trained on a σ grid (CD, CT, iCT): the same construction on the grid, so every level is one the
+    model was trained on: the model's own list with each σ moved to its nearest grid level (nearest in
+    σ^{1/ρ}, i.e. its fractional grid index rounded) when it has ``steps`` levels; else the grid levels at
+    indices round(linspace(0, i_mid, steps)), i_mid the grid index nearest the middle σ (at least ``steps`` − 1,
+    so that the levels are distinct). For 18-level CD grids and the middle σ 0.8 this is
+    [80, 0.5853] at 2 steps, the CM paper's CIFAR-10 CD setting (ts = 0, 11, 17 on N = 18).
+    """
     c, own = cfg.model, list(cfg.sample.sigmas)
+    grid = training_grid(cfg)
+    if grid is None:
+        if len(own) == steps:
+            return own
+        if steps == 1:
+            return [c.sigma_max]
+        mid = own[1] if len(own) >= 2 else DEFAULT_SIGMA_MID
+        return [c.sigma_max] + karras_sigmas(steps, mid, c.sigma_max).tolist()[1:]
     if len(own) == steps:
-        return own
+        idx = [nearest_grid_index(s, grid) for s in own]
+        if all(a < b for a, b in zip(idx, idx[1:])) and idx[-1] < len(grid) - 1:
+            return [grid[i] for i in idx]
     if steps == 1:
         return [c.sigma_max]
-    mid = own[1] if len(own) >= 2 else 0.8
-    from .schedules import karras_sigmas
-
-    return [c.sigma_max] + karras_sigmas(steps, mid, c.sigma_max).tolist()[1:]
+    mid = own[1] if len(own) >= 2 else DEFAULT_SIGMA_MID
+    i_mid = min(max(nearest_grid_index(mid, grid), steps - 1), len(grid) - 2)
+    return grid_levels(grid, steps, 0, i_mid)
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ PRESETS: dict[str, Preset] = {
     "digits-cd": Preset("8×8 digits consistency distillation from digits-edm (Heun teacher, N=18, μ=0, l2)", {
         **DIGITS_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "l2",
         "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm",
-        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
+        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.5853)}),
     "digits-ct": Preset("8×8 digits original consistency training (adaptive N(k), μ(k); s0=2, s1=150, μ0=0.9)", {
         **DIGITS_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 1500, "train.lr": 4e-4,
         "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
     "fmnist-cd": Preset("28×28 Fashion-MNIST consistency distillation from fmnist-edm (Heun, N=18, μ=0, pseudo-Huber)", {
         **FMNIST_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "pseudo_huber",
         "train.steps": 2_000, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
-        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 0.8)}),
+        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 0.5853)}),
     "fmnist-ct": Preset("28×28 Fashion-MNIST original consistency training from scratch (adaptive N(k), μ(k))", {
         **FMNIST_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 12_000, "train.lr": 4e-4,
         "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),

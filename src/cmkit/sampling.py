@@ -88,31 +88,47 @@ def edm_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGM
 @torch.no_grad()
 def sample_heun(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequence[float], *,
                 generator: NoiseSource = None, device: str | torch.device = "cpu", clip: bool = True,
-                **cond: Any) -> Tensor:
+                clip_denoised: bool = False, **cond: Any) -> Tensor:
     """Deterministic EDM Heun sampler (Karras et al. 2022, Alg. 1); 2·(len(sigmas)-1) - 1 evaluations
-    when ``sigmas`` ends with 0 (18 levels + 0 → 35 NFE)."""
-    return _ode_sample(denoiser, shape, sigmas, generator, device, clip, heun=True, **cond)
+    when ``sigmas`` ends with 0 (18 levels + 0 → 35 NFE).
+
+    ``clip`` clamps the returned sample to [-1, 1]. ``clip_denoised`` (default **False**) also clamps every
+    denoised estimate D(x, σ) to [-1, 1] before it enters the ODE step. EDM's own sampler (and its published
+    FIDs) does not clamp; the CM reference code's ``karras_sample`` does by default (``clip_denoised=True``,
+    also when it samples its EDM teachers). The default keeps EDM's sampler, with which cmkit's teacher figures
+    and benchmarks were made."""
+    return _ode_sample(denoiser, shape, sigmas, generator, device, clip, clip_denoised, heun=True, **cond)
 
 
 @torch.no_grad()
 def sample_euler(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequence[float], *,
                  generator: NoiseSource = None, device: str | torch.device = "cpu", clip: bool = True,
-                 **cond: Any) -> Tensor:
-    """Euler sampler for the PF-ODE; len(sigmas) - 1 evaluations."""
-    return _ode_sample(denoiser, shape, sigmas, generator, device, clip, heun=False, **cond)
+                 clip_denoised: bool = False, **cond: Any) -> Tensor:
+    """Euler sampler for the PF-ODE; len(sigmas) - 1 evaluations. ``clip`` and ``clip_denoised`` (default
+    False) as in ``sample_heun``."""
+    return _ode_sample(denoiser, shape, sigmas, generator, device, clip, clip_denoised, heun=False, **cond)
 
 
 def _ode_sample(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequence[float],
-                generator: NoiseSource, device: str | torch.device, clip: bool, heun: bool, **cond: Any) -> Tensor:
+                generator: NoiseSource, device: str | torch.device, clip: bool, clip_denoised: bool, heun: bool,
+                **cond: Any) -> Tensor:
     s = torch.as_tensor(sigmas, dtype=torch.float32).tolist()
     if any(a <= b for a, b in zip(s, s[1:])):
         raise ValueError(f"σ values must be strictly decreasing, got {s}")
+    D = _clamped(denoiser) if clip_denoised else denoiser
     B = shape[0]
     x = s[0] * randn(shape, generator, device)
     for t, t2 in zip(s, s[1:]):
         step = heun_step if heun and t2 > 0 else euler_step  # EDM Alg. 1: the last step, to σ = 0, is Euler
-        x = step(denoiser, x, torch.full((B,), t, device=device), torch.full((B,), t2, device=device), **cond)
+        x = step(D, x, torch.full((B,), t, device=device), torch.full((B,), t2, device=device), **cond)
     return x.clamp(-1, 1) if clip else x
+
+
+def _clamped(denoiser: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """D(x, σ) clamped to [-1, 1] (the CM reference code's ``clip_denoised``)."""
+    def clamped(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        return denoiser(x, sigma, **cond).clamp(-1, 1)
+    return clamped
 
 
 def nfe(sampler: str, steps: int) -> int:

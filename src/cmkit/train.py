@@ -18,6 +18,7 @@ from .config import Config
 from .datasets import Batches, load_dataset
 from .ema import ema_update, make_copy
 from .errors import CmkitError
+from .generate import multistep_sigmas
 from .loop import Context, Loop, dry_run, train
 from .sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep
 from .utils import save_grid
@@ -88,8 +89,13 @@ class DenoiserTask:
                             generator=per_sample_generators(range(n), device), device=device, **cond)
             save_grid(x, out / f"step_{step:06d}_heun{s.steps}.png")
             return
-        two = list(s.sigmas) if len(s.sigmas) >= 2 else [c.sigma_max, 0.8]
-        for name, sigmas in (("1step", [c.sigma_max]), (f"{len(two)}step", two)):
+        grids = [("1step", [c.sigma_max])]
+        try:  # the multistep grid on the training σ grid when there is one
+            two = multistep_sigmas(self.cfg, max(2, len(s.sigmas)))
+            grids.append((f"{len(two)}step", two))
+        except CmkitError:  # a grid too coarse for two levels (the first steps of a CT curriculum)
+            pass
+        for name, sigmas in grids:
             x = sample_multistep(model, shape, sigmas, generator=per_sample_generators(range(n), device),
                                  sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=device, **cond)
             save_grid(x, out / f"step_{step:06d}_{name}.png")

@@ -7,13 +7,24 @@ zip holding ``<name>/data.pkl`` (the module tree: ``__torch__.*`` objects whose 
 This reader unpickles ``data.pkl`` with an allow-list: ``__torch__.*`` classes become inert attribute
 holders, storages are read from the zip onto the CPU whatever their recorded device, and any other
 global raises. Nothing in ``code/`` is compiled or executed.
+
+What an archive can make the reader allocate is bounded before anything is read: every storage member's
+declared (uncompressed) size must equal what its tensor needs (numel × element size, from the pickle), all
+storages together at most ``MAX_STORAGE_BYTES`` (4 GiB; decoder.pt holds 2.49 GB) and at most
+``MAX_EXPANSION`` times the archive's size (torch stores members uncompressed, so a real archive is about
+the size of its storages, while a zip bomb expands ~1000×), each pickle at most ``MAX_PICKLE_BYTES``, and
+no tensor may view more elements than its storage holds. Storages are streamed from the zip straight into
+their tensors (no second copy).
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import math
+import os
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -33,6 +44,16 @@ _STORAGE_DTYPES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
 _SKIP_ATTRS = {"training", "_is_full_backward_hook"}
+
+#: All storages of one archive together (OpenAI's decoder.pt: 2.49 GB of fp32 weights).
+MAX_STORAGE_BYTES = 4 * 2**30
+#: Declared storage bytes per byte of archive: torch writes members uncompressed (ratio ≤ 1); float weights
+#: re-zipped by hand shrink by less than 2×, a zip bomb by ~1000×.
+MAX_EXPANSION = 8
+#: ``data.pkl`` / ``constants.pkl`` (the module tree; decoder.pt's is well under 1 MiB).
+MAX_PICKLE_BYTES = 64 * 2**20
+_CHUNK = 16 * 2**20
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, NotImplementedError)
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -63,6 +84,8 @@ class ScriptObject:
 
 
 def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> Tensor:
+    if math.prod(size) > max(storage.numel(), 1):  # e.g. stride-0 views: tiny file, huge tensor once copied
+        raise ValueError(f"a tensor of shape {tuple(size)} views a storage of only {storage.numel()} elements")
     return storage.as_strided(tuple(size), tuple(stride), offset)
 
 
@@ -73,9 +96,10 @@ def _rebuild_parameter(data: Tensor, *_: Any) -> Tensor:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Allow-listed unpickler for TorchScript / ``torch.save`` archives; storages are read lazily from the zip."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, storage_dir: str, path: str):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, storage_dir: str, path: str, budget: list[int]):
         super().__init__(io.BytesIO(data))
         self.archive, self.storage_dir, self.path = archive, storage_dir, path
+        self.budget = budget  # [bytes the archive's storages may still declare], shared by data.pkl and constants.pkl
         self.storages: dict[str, Tensor] = {}
         self.classes: dict[str, type] = {}
 
@@ -107,12 +131,42 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(dtype, torch.dtype):
             raise CmkitError(f"{self.path}: unsupported storage type {dtype!r}")
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.storage_dir}{key}"))
-            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            if flat.numel() < numel:
-                raise CmkitError(f"{self.path}: storage {key} is truncated ({flat.numel()} < {numel} elements)")
-            self.storages[key] = flat
+            self.storages[key] = self._read_storage(str(key), dtype, numel)
         return self.storages[key]
+
+    def _read_storage(self, key: str, dtype: torch.dtype, numel: Any) -> Tensor:
+        """The storage ``key`` as a flat tensor, after checking its declared size (see the module docstring)."""
+        try:
+            info = self.archive.getinfo(f"{self.storage_dir}{key}")
+        except KeyError:
+            raise CmkitError(f"{self.path}: storage {key} is missing from the archive") from None
+        if not isinstance(numel, int) or numel < 0:
+            raise CmkitError(f"{self.path}: storage {key} has an invalid element count {numel!r:.40}")
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if info.file_size < nbytes:
+            raise CmkitError(f"{self.path}: storage {key} is truncated ({info.file_size} < {nbytes} bytes)")
+        if info.file_size > nbytes:
+            raise CmkitError(f"{self.path}: storage {key} declares {info.file_size} bytes but its tensor needs "
+                             f"{nbytes}; refusing a malformed or crafted archive")
+        if nbytes > self.budget[0]:
+            raise CmkitError(f"{self.path}: its storages declare more bytes than the reader allows "
+                             f"(at most {MAX_EXPANSION}× the file's size and {MAX_STORAGE_BYTES / 2**30:g} GiB in "
+                             f"all; storage {key} alone declares {nbytes} bytes); refusing a crafted or "
+                             "re-compressed archive")
+        self.budget[0] -= nbytes
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with self.archive.open(info) as f:
+            while done < nbytes:
+                chunk = f.read(min(_CHUNK, nbytes - done))
+                if not chunk:
+                    break
+                view[done:done + len(chunk)] = chunk
+                done += len(chunk)
+            f.read(1)  # reach the end of the member, so that zipfile checks its CRC
+        if done < nbytes:
+            raise CmkitError(f"{self.path}: storage {key} is truncated ({done} < {nbytes} bytes)")
+        return buf.view(dtype)
 
 
 def _root(archive: zipfile.ZipFile, path: str) -> str:
@@ -177,15 +231,28 @@ def read_torch_zip(path: str | Path, expected_sha256: str | None = None) -> tupl
         names = set(archive.namelist())
         is_script = f"{root}constants.pkl" in names or any(n.startswith(f"{root}code/") for n in names)
         out: dict[str, Tensor] = {}
+        budget = [min(MAX_STORAGE_BYTES, MAX_EXPANSION * os.path.getsize(path))]
         try:
-            obj = _RestrictedUnpickler(archive.read(f"{root}data.pkl"), archive, f"{root}data/", path).load()
+            obj = _RestrictedUnpickler(_read_pickle(archive, f"{root}data.pkl", path), archive, f"{root}data/",
+                                       path, budget).load()
             _collect(obj, "", out, set())
             if f"{root}constants.pkl" in names:
-                consts = _RestrictedUnpickler(archive.read(f"{root}constants.pkl"), archive, f"{root}constants/",
-                                              path).load()
+                consts = _RestrictedUnpickler(_read_pickle(archive, f"{root}constants.pkl", path), archive,
+                                              f"{root}constants/", path, budget).load()
                 for i, c in enumerate(consts if isinstance(consts, (list, tuple)) else ()):
                     if isinstance(c, Tensor):
                         out[f"CONSTANTS.c{i}"] = c
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError) as e:
+        except _ZIP_ERRORS as e:
+            raise CmkitError(f"{path}: corrupt zip archive ({type(e).__name__}: {e})") from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
             raise CmkitError(f"{path}: unreadable pickle in the archive ({type(e).__name__}: {e})") from None
     return out, is_script
+
+
+def _read_pickle(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    """A pickle member of at most ``MAX_PICKLE_BYTES`` (declared size; zipfile stops reading there)."""
+    size = archive.getinfo(name).file_size
+    if size > MAX_PICKLE_BYTES:
+        raise CmkitError(f"{path}: {name} declares {size} bytes, more than a module pickle needs "
+                         f"(at most {MAX_PICKLE_BYTES // 2**20} MiB); refusing a crafted archive")
+    return archive.read(name)

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..errors import CmkitError
 from ..sampling import NoiseSource, randn, validate_sigmas
-from ..schedules import SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from ..schedules import SIGMA_MAX, SIGMA_MIN, grid_levels, karras_sigmas, nearest_grid_index
 
 
 class Transform(Protocol):
@@ -34,9 +35,29 @@ def replace(transform: Transform, known: Tensor, x: Tensor, omega: Tensor) -> Te
     return transform.inverse(known * (1 - omega) + transform.forward(x) * omega)
 
 
-def default_edit_sigmas(steps: int = 18, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> list[float]:
-    """``steps`` descending levels of the Karras grid, without σ_min (a step at σ_min is the identity)."""
-    return karras_sigmas(steps + 1, sigma_min, sigma_max).tolist()[:-1]
+def default_edit_sigmas(steps: int | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                        grid: Sequence[float] | None = None) -> list[float]:
+    """``steps`` descending σ levels from ``sigma_max`` down, without σ_min (a step at σ_min is the identity).
+
+    Without ``grid``: the first ``steps`` (default 18) levels of a (steps + 1)-level Karras grid from
+    ``sigma_max`` to ``sigma_min``. With ``grid``, the σ levels the model was trained on
+    (``cmkit.schedules.training_grid``), the same spacing taken on the grid: it starts at the level nearest
+    ``sigma_max`` (index i0) and takes the levels at indices round(linspace(i0, N − 1, steps + 1)) but the last;
+    the default ``steps`` is every level from i0 down but σ_min (N − 1 levels from σ_max, as the CM notebook
+    edits with all 18 levels of its CIFAR-10 CD grid). More steps than the grid holds is a ``CmkitError``.
+    """
+    if grid is None:
+        steps = 18 if steps is None else steps
+        return karras_sigmas(steps + 1, sigma_min, sigma_max).tolist()[:-1]
+    grid = [float(g) for g in grid]
+    i0 = nearest_grid_index(sigma_max, grid)
+    available = len(grid) - 1 - i0
+    steps = available if steps is None else steps
+    if not 1 <= steps <= available:
+        raise CmkitError(f"{steps} editing σ levels do not fit on the {len(grid)}-level grid this model was trained "
+                         f"on from σ = {grid[i0]:.4g} down (at most {available}); give explicit σ values "
+                         f"(--sigmas) to edit off the grid")
+    return grid_levels(grid, steps + 1, i0, len(grid) - 1)[:-1]
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ grey tasks and the held-out emoji split for colorization.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -41,8 +41,10 @@ def _panel(columns: list[Tensor], path: Path) -> Path:
     return save_grid(rows, path, nrow=len(columns))
 
 
-def grey_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0) -> dict[str, Path]:
-    """Inpainting, ×4 super-resolution, stroke-guided generation, denoising and interpolation on ``x``."""
+def grey_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0,
+                 grid: Sequence[float] | None = None) -> dict[str, Path]:
+    """Inpainting, ×4 super-resolution, stroke-guided generation, denoising and interpolation on ``x``;
+    ``grid``: the model's training σ levels (``training_grid(cfg)``), for its default σ lists."""
     R = x.shape[-1]
     written: dict[str, Path] = {}
 
@@ -50,41 +52,46 @@ def grey_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0) -> dict[
         return torch.Generator().manual_seed(seed)
 
     mask = builtin_mask("center", R)
-    written["inpaint"] = _panel([x, x * (1 - mask), tasks.inpaint(model, x, mask, generator=g())],
+    written["inpaint"] = _panel([x, x * (1 - mask), tasks.inpaint(model, x, mask, generator=g(), grid=grid)],
                                 out / "inpaint.png")
     if R % 4 == 0:
         low = F.avg_pool2d(x, 4)
         written["superres"] = _panel([x, F.interpolate(low, scale_factor=4, mode="nearest"),
-                                      tasks.super_resolve(model, low, 4, generator=g())], out / "superres.png")
+                                      tasks.super_resolve(model, low, 4, generator=g(), grid=grid)],
+                                     out / "superres.png")
     strokes = stroke_painting(x)
-    written["stroke"] = _panel([x, strokes, tasks.stroke_guided(model, strokes, tasks.STROKE_SIGMA, 3, generator=g())],
-                               out / "stroke.png")
+    stroked = tasks.stroke_guided(model, strokes, tasks.STROKE_SIGMA, 3, generator=g(), grid=grid)
+    written["stroke"] = _panel([x, strokes, stroked], out / "stroke.png")
     noisy = x + 0.5 * torch.randn(x.shape, generator=g())
     written["denoise"] = _panel([x, noisy, tasks.denoise(model, noisy, 0.5)], out / "denoise.png")
     a, b = x[0::2][:4], x[1::2][:4]
-    frames = tasks.interpolate_images(model, a, b, frames=7, sigma=2.0, generator=g())  # (7, B, C, H, W)
+    frames = tasks.interpolate_images(model, a, b, frames=7, sigma=2.0, generator=g(), grid=grid)  # (7, B, C, H, W)
     strip = torch.cat([a[None], frames, b[None]]).transpose(0, 1).flatten(0, 1)
     written["interpolate"] = save_grid(strip, out / "interpolate.png", nrow=9)
     return written
 
 
-def colour_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0) -> dict[str, Path]:
-    """Colorization of the grey versions of the colour images ``x``."""
+def colour_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0,
+                   grid: Sequence[float] | None = None) -> dict[str, Path]:
+    """Colorization of the grey versions of the colour images ``x``; ``grid`` as in ``grey_gallery``."""
     gray = tasks.to_gray3(x)
-    y = tasks.colorize(model, gray, generator=torch.Generator().manual_seed(seed))
+    y = tasks.colorize(model, gray, generator=torch.Generator().manual_seed(seed), grid=grid)
     return {"colorize": _panel([x, gray, y], out / "colorize.png")}
 
 
-def write_gallery(out: str | Path, grey: tuple[nn.Module, Tensor] | None,
-                  colour: tuple[nn.Module, Tensor] | None = None,
+def write_gallery(out: str | Path, grey: tuple | None, colour: tuple | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write every panel the given (model, held-out images) pairs allow; returns task → PNG."""
+    """Write every panel the given (model, held-out images) or (model, held-out images, training grid) tuples
+    allow; returns task → PNG. The grid (``training_grid(cfg)``, None for continuous-time models) puts the
+    editors' default σ levels on the levels the model was trained on."""
     out = Path(out)
     written: dict[str, Path] = {}
     if grey is not None:
-        written.update(grey_gallery(*grey, out))
+        model, x, *grid = grey
+        written.update(grey_gallery(model, x, out, grid=grid[0] if grid else None))
     if colour is not None:
-        written.update(colour_gallery(*colour, out))
+        model, x, *grid = colour
+        written.update(colour_gallery(model, x, out, grid=grid[0] if grid else None))
     for task, path in written.items():
         log(f"  {path}  ({task}: {COLUMNS[task]})")
     return written

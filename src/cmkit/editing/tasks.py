@@ -1,6 +1,12 @@
 """Editing tasks built on Algorithm 4: inpainting, colorization, super-resolution, stroke-guided
 generation, denoising and interpolation. All take a consistency model ``model(x, sigma) -> x0`` and
 images in [-1, 1] of the model's shape (B, C, R, R).
+
+``grid``: the σ levels the model was trained on (``cmkit.schedules.training_grid(cfg)``; None for
+continuous-time models such as ECT). Given one, the default σ lists are levels of it
+(``default_edit_sigmas``), the starting level of stroke-guided generation and the σ of image interpolation
+move to the nearest level, and explicit ``sigmas`` off it are used as given with one warning line. The σ of
+``denoise`` is the noise actually in the image and is never moved.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import CmkitError
 from ..sampling import NoiseSource, randn
-from ..schedules import SIGMA_MAX, SIGMA_MIN
+from ..schedules import SIGMA_MAX, SIGMA_MIN, nearest_grid_index, warn_off_grid
 from .editor import default_edit_sigmas, edit
 from .transforms import LUMA, ColorBasis, Identity, PatchBasis
 
@@ -37,24 +43,39 @@ def check_images(model: nn.Module, x: Tensor, what: str = "input") -> None:
                          f"(channels×height×width)")
 
 
+def _sigmas(sigmas: Sequence[float] | None, grid: Sequence[float] | None) -> list[float]:
+    """The σ list of an Algorithm-4 task: ``sigmas`` as given (warned about when off ``grid``), else the default."""
+    if sigmas:
+        warn_off_grid(sigmas, grid)
+        return list(sigmas)
+    return default_edit_sigmas(grid=grid)
+
+
+def _on_grid(sigma: float, grid: Sequence[float] | None) -> float:
+    """The grid level nearest to σ (σ itself without a grid)."""
+    return float(grid[nearest_grid_index(sigma, grid)]) if grid is not None else sigma
+
+
 def inpaint(model: nn.Module, y: Tensor, mask: Tensor, sigmas: Sequence[float] | None = None, *,
-            generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+            generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None,
+            **cond: Any) -> Tensor:
     """Fill the pixels where ``mask`` = 1 (unknown; shape (H, W), (1|B, 1|C, H, W)); keep the others."""
     check_images(model, y)
     if mask.shape[-2:] != y.shape[-2:]:
         raise CmkitError(f"mask is {mask.shape[-2]}×{mask.shape[-1]} but the image is {y.shape[-2]}×{y.shape[-1]}")
     omega = (mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim == 2 else mask).float()
-    return edit(model, y, sigmas or default_edit_sigmas(), Identity(), omega, generator=generator,
+    return edit(model, y, _sigmas(sigmas, grid), Identity(), omega, generator=generator,
                 sigma_min=sigma_min, **cond)
 
 
 def colorize(model: nn.Module, gray: Tensor, sigmas: Sequence[float] | None = None, *,
-             generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+             generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None,
+             **cond: Any) -> Tensor:
     """Colour a grey image: luminance is kept, chroma generated. ``gray`` is (B, 1|3, H, W)."""
     y = to_gray3(gray)
     check_images(model, y)
     A = ColorBasis()
-    return edit(model, y, sigmas or default_edit_sigmas(), A, A.unknown_mask(y.shape), generator=generator,
+    return edit(model, y, _sigmas(sigmas, grid), A, A.unknown_mask(y.shape), generator=generator,
                 sigma_min=sigma_min, **cond)
 
 
@@ -71,7 +92,8 @@ def to_gray3(x: Tensor) -> Tensor:
 
 
 def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[float] | None = None, *,
-                  generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+                  generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None,
+                  **cond: Any) -> Tensor:
     """×factor super-resolution of ``low`` (B, C, H/p, W/p): patch means are kept, details generated.
 
     avg_pool(output, p) equals ``low`` up to float error (the consistency check).
@@ -79,7 +101,7 @@ def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[f
     A = PatchBasis(factor)
     y = F.interpolate(low, scale_factor=factor, mode="nearest")
     check_images(model, y, f"low-resolution input ×{factor}: the")
-    return edit(model, y, sigmas or default_edit_sigmas(), A, A.unknown_mask(y.shape), generator=generator,
+    return edit(model, y, _sigmas(sigmas, grid), A, A.unknown_mask(y.shape), generator=generator,
                 sigma_min=sigma_min, **cond)
 
 
@@ -91,10 +113,17 @@ STROKE_SIGMA = 5.0
 
 def stroke_guided(model: nn.Module, strokes: Tensor, sigma_start: float = STROKE_SIGMA, steps: int = 3,
                   sigmas: Sequence[float] | None = None, *, generator: NoiseSource = None,
-                  sigma_min: float = SIGMA_MIN, **cond: Any) -> Tensor:
+                  sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None, **cond: Any) -> Tensor:
     """SDEdit-like generation from a coarse stroke painting (CM §7.6): x = strokes + σ_1·z, then
-    multistep consistency sampling over σ_1 > σ_2 > … (Alg. 4 with A = I and Ω = 1 everywhere)."""
-    if sigmas is None:
+    multistep consistency sampling over σ_1 > σ_2 > … (Alg. 4 with A = I and Ω = 1 everywhere).
+
+    With ``grid`` the default levels start at the grid level nearest ``sigma_start`` (the reference's "ts
+    starting at the index of t_1") and go down the grid."""
+    if sigmas:
+        warn_off_grid(sigmas, grid)
+    elif grid is not None:
+        sigmas = default_edit_sigmas(steps, sigma_min, sigma_start, grid)
+    else:
         sigmas = default_edit_sigmas(steps, sigma_min, sigma_start) if steps > 1 else [sigma_start]
     check_images(model, strokes)
     A = Identity()
@@ -134,9 +163,10 @@ def interpolate_noise(model: nn.Module, z1: Tensor, z2: Tensor, frames: int = 9,
 
 @torch.no_grad()
 def interpolate_images(model: nn.Module, x1: Tensor, x2: Tensor, frames: int = 9, sigma: float = 2.0, *,
-                       generator: NoiseSource = None, **cond: Any) -> Tensor:
+                       generator: NoiseSource = None, grid: Sequence[float] | None = None, **cond: Any) -> Tensor:
     """Interpolate two images through their noised versions: n(α) = lerp(x1, x2, α) + σ·slerp(z1, z2, α),
-    then one evaluation f(n(α), σ) → (frames, B, C, H, W)."""
+    then one evaluation f(n(α), σ) → (frames, B, C, H, W). With ``grid``, σ is the grid level nearest ``sigma``."""
+    sigma = _on_grid(sigma, grid)
     check_images(model, x1)
     check_images(model, x2)
     z1, z2 = randn(x1.shape, generator, x1.device), randn(x1.shape, generator, x1.device)
