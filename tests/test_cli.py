@@ -114,7 +114,8 @@ def test_train_then_sample_png_and_npz(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", "--model", str(run), "-n", "2", "-o", str(png)]) == 2  # no silent overwrite
     assert "exists" in capsys.readouterr().err
-    assert main(["sample", "--model", str(run), "--sigmas", "0.5,80", "-o", ""]) == 2
+    assert main(["sample", "--model", str(run), "--sigmas", "0.5,80", "-o", str(tmp_path / "x.png")]) == 2
+    assert "decreasing" in capsys.readouterr().err
 
 
 def test_console_script_help():

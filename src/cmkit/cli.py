@@ -1,6 +1,8 @@
 """The ``cmkit`` command line: train, sample, presets, models (plus eval, edit, decode when present).
 
-User errors print one line (``cmkit: error: ...``) and exit with status 2; no traceback.
+User errors print one line (``cmkit: error: ...``) and exit with status 2; no traceback. Command-line syntax errors
+(argparse) are one line too, exit 2. Anything else that goes wrong is a bug: one line naming the exception, exit 1;
+``cmkit --debug ...`` (or ``--debug`` anywhere after the command) re-raises it with the traceback.
 """
 from __future__ import annotations
 
@@ -66,18 +68,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .cli_options import apply_threads, parse_sigmas, refuse_existing
+    from .cli_options import (IMAGE_SUFFIXES, MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int,
+                              check_model_arg, check_output, check_sampler_steps, check_seed, check_threads,
+                              parse_sigmas)
     from .generate import generate, resolve_sampler
     from .utils import save_grid, save_npz
 
-    if args.n < 1 or args.batch_size < 1:
-        raise CmkitError("-n and --batch-size must be positive")
-    for target in (args.out, args.npz):
-        refuse_existing(target, args.overwrite)
+    check_model_arg(args.model)
+    check_int(args.n, "-n", maximum=MAX_IMAGES)
+    check_int(args.batch_size, "--batch-size", maximum=MAX_BATCH)
+    check_int(args.steps, "--steps", maximum=MAX_STEPS)
+    check_seed(args.seed, count=args.n)
+    check_threads(args.threads)
+    args.device = check_device(args.device)
+    out = check_output(args.out, "-o", args.overwrite, suffixes=IMAGE_SUFFIXES)
+    npz = check_output(args.npz, "--npz", args.overwrite, suffixes=(".npz",))
+    if out is None and npz is None:
+        raise CmkitError("nothing to write: give -o FILE.png and/or --npz FILE.npz")
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
     apply_threads(args.threads)
     model, cfg = load_model(args.model, device=args.device)
     sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
+    check_sampler_steps(sampler, steps)
     x, labels = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
                          bf16=args.bf16)
     if args.out:
@@ -99,6 +111,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .utils import cpu_name
 
     run = RunDir(args.run)
+    if not args.out:
+        raise CmkitError("export needs an output directory: -o DIR")
     if not run.has_checkpoint():
         raise CmkitError(f"{run.root} is not a training run directory (no checkpoint/{RunDir.STATE})")
     if Path(args.out).exists() and not args.overwrite:
@@ -142,9 +156,33 @@ def _add_train(sub: Any, name: str, kind: str | None, default: str | None, help_
     s.set_defaults(func=cmd_train, kind=kind)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``cmkit sample: error: argument -n: invalid int value: 'x' (see ...)``.
+
+    Sub-command parsers are of the same class (``add_subparsers`` uses the class of its parser)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+DEBUG_HELP = "show the full traceback of an unexpected error instead of one line"
+
+
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after any (nested) command too; it only sets ``debug`` when given (the top level's default)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--debug" in a.option_strings for a in sub._actions):
+                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+                _add_debug_everywhere(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cmkit", description="Consistency models: train, sample, edit, evaluate.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="cmkit", description="Consistency models: train, sample, edit, evaluate.",
+               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("presets", help="list the training presets with a one-line description")
@@ -191,22 +229,45 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_cli(sub)
+    _add_debug_everywhere(p)
     return p
 
 
+def one_line(text: object, limit: int = 500) -> str:
+    """A message on one line (whitespace runs, newlines included, become one space), at most ``limit`` chars."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cmkit``: 0 on success, 2 for a user error (one line), 1 for an unexpected error (one line;
+    ``--debug`` re-raises it), 130 when interrupted. ``--help`` still exits through SystemExit(0)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a syntax error (2, one line already printed)
+        if e.code in (None, 0):
+            raise
+        return e.code if isinstance(e.code, int) else 2
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args) or 0)
     except CmkitError as e:
-        print(f"cmkit: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"cmkit: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cmkit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `cmkit train ... --dry-run | head`
         return 0
+    except Exception as e:  # a bug, not a user error: one line, and the traceback with --debug
+        if debug:
+            raise
+        print(f"cmkit: error: {type(e).__name__}: {one_line(e) or '(no message)'} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

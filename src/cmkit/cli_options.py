@@ -5,17 +5,34 @@
 (:func:`add_output_option`); every command that runs a network takes ``--threads``
 (:func:`add_threads_option`, applied by :func:`apply_threads`). ``--sigmas`` is parsed by
 :func:`parse_sigmas` everywhere.
+
+The checks here run before any work and raise :class:`CmkitError` (one line naming what was expected):
+:func:`check_device` (``--device``), :func:`check_threads`, :func:`check_int`/:func:`check_float` (counts and
+noise levels), :func:`check_seed` and :func:`check_output` (an output path that can be written and is not
+replaced without ``--overwrite``).
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from .errors import CmkitError
 
 __all__ = ["parse_sigmas", "add_sampling_options", "add_output_option", "add_threads_option", "add_device_option",
-           "apply_threads", "refuse_existing"]
+           "apply_threads", "check_threads", "max_threads", "check_device", "check_int", "check_float", "check_seed",
+           "check_output", "check_distinct_outputs", "check_sampler_steps", "check_model_arg", "refuse_existing",
+           "IMAGE_SUFFIXES", "MAX_STEPS", "MAX_IMAGES", "MAX_BATCH"]
+
+#: file types a PNG grid may also be written as (Pillow writes each without extra plugins)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: seeds are torch generator seeds; sample i of a command uses seed + i
+MAX_SEED = 2**63 - 1
+#: upper bounds of counts, far above any useful value; they turn a typo (or 1e20) into one line, not a hang
+MAX_STEPS = 10_000        # --steps of a sampler or editor (network evaluations per image)
+MAX_IMAGES = 10_000_000   # -n
+MAX_BATCH = 1_000_000     # --batch-size
 
 # an argparse.ArgumentParser or one of its argument groups (both have add_argument)
 Container = Any
@@ -41,20 +58,119 @@ def add_threads_option(parser: Container) -> None:
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0: torch's default)")
 
 
-def apply_threads(threads: int | None) -> None:
-    """Apply ``--threads``: ``torch.set_num_threads`` when it is > 0; negative values are a user error."""
+def max_threads() -> int:
+    """The largest ``--threads`` accepted: 4 per CPU of this machine (torch crashes on absurd counts)."""
+    return 4 * max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    """``--threads`` must be 0 (torch's default) or a count up to :func:`max_threads`."""
     if threads is None or threads == 0:
         return
-    if threads < 0:
-        raise CmkitError(f"--threads must be 0 (torch's default) or a positive count; got {threads}")
+    if threads < 0 or threads > max_threads():
+        raise CmkitError(f"{flag} must be 0 (torch's default) or a positive count up to {max_threads()} "
+                         f"(4 per CPU here); got {threads}")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Apply ``--threads``: ``torch.set_num_threads`` when it is > 0; checked by :func:`check_threads`."""
+    check_threads(threads)
+    if not threads:
+        return
     import torch
 
     torch.set_num_threads(threads)
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or xpu"
+
+
+def check_device(name: str | None, flag: str = "--device") -> str:
+    """Check ``--device`` before any work: a torch device name of an available accelerator (or cpu).
+
+    Returns the canonical name (``torch.device(name)`` as text). Unknown names, ``meta`` (no data), and
+    accelerators that this torch build or machine lacks are each one :class:`CmkitError` line."""
+    import torch
+
+    text = "" if name is None else str(name)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise CmkitError(f"{flag} {text!r} is not a device; expected {DEVICE_HELP}") from None
+    if dev.type == "cpu":
+        return str(dev)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CmkitError(f"{flag} {text}: {why}; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise CmkitError(f"{flag} {text}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return str(dev)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CmkitError(f"{flag} {text}: Apple MPS is not available on this machine; use --device cpu")
+        return str(dev)
+    if dev.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            raise CmkitError(f"{flag} {text}: no Intel XPU is available; use --device cpu")
+        return str(dev)
+    if dev.type == "meta":
+        raise CmkitError(f"{flag} meta holds no data and cannot run a model; expected {DEVICE_HELP}")
+    raise CmkitError(f"{flag} {text}: cmkit does not run on {dev.type!r} devices; expected {DEVICE_HELP}")
+
+
+def check_int(value: int | None, flag: str, *, minimum: int = 1, maximum: int | None = None) -> None:
+    """An integer option in [minimum, maximum] (None: not given, nothing to check)."""
+    if value is None:
+        return
+    if value < minimum:
+        what = "positive" if minimum == 1 else "0 or more" if minimum == 0 else f"at least {minimum}"
+        raise CmkitError(f"{flag} must be {what}; got {value}")
+    if maximum is not None and value > maximum:
+        raise CmkitError(f"{flag} must be at most {maximum:,}; got {value}")
+
+
+def check_float(value: float | None, flag: str, *, positive: bool = True, low: float | None = None,
+                high: float | None = None, what: str = "") -> None:
+    """A finite float option: positive (default) and inside [low, high] when given (``what`` names the bounds)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise CmkitError(f"{flag} must be a finite number; got {value}")
+    if positive and value <= 0:
+        raise CmkitError(f"{flag} must be positive; got {value:g}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low:g}, {high:g}]" if low is not None and high is not None else \
+            f">= {low:g}" if low is not None else f"<= {high:g}"
+        raise CmkitError(f"{flag} {value:g} is outside {what + ' ' if what else ''}{bounds}")
+
+
+def check_seed(seed: int | None, flag: str = "--seed", count: int = 1) -> None:
+    """A seed of torch generators: 0 <= seed and seed + count - 1 <= 2**63 - 1."""
+    if seed is None:
+        return
+    if seed < 0 or seed + max(count, 1) - 1 > MAX_SEED:
+        raise CmkitError(f"{flag} must be between 0 and {MAX_SEED - max(count, 1) + 1}; got {seed}")
+
+
+def check_model_arg(model: str | None, flag: str = "--model") -> None:
+    """A non-empty ``--model`` (an empty one would name the current directory)."""
+    if model is not None and not str(model).strip():
+        raise CmkitError(f"{flag} is empty; give a model directory, a run directory or a shipped model name "
+                         "(see `cmkit models`)")
+
+
+def check_sampler_steps(sampler: str, steps: int) -> None:
+    """The EDM samplers (heun, euler) need at least 2 σ levels (``--steps 1`` would be an empty Karras grid)."""
+    if sampler in ("heun", "euler") and steps < 2:
+        raise CmkitError(f"--steps {steps}: the {sampler} sampler needs at least 2 σ levels (--steps 2 or more)")
+
+
 def add_device_option(parser: Container) -> None:
-    """``--device``: where the network runs (default cpu)."""
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    """``--device``: where the network runs (default cpu); checked by :func:`check_device`."""
+    parser.add_argument("--device", default="cpu", help=f"torch device: {DEVICE_HELP} (default cpu)")
 
 
 def add_output_option(parser: Container, *, help: str, required: bool = False, default: str | None = None,
@@ -106,4 +222,57 @@ def refuse_existing(path: str | None, overwrite: bool) -> None:
     """Refuse to replace an existing output file unless --overwrite (checked before any work)."""
     if path and Path(path).exists() and not overwrite:
         raise CmkitError(f"{path} exists; pass --overwrite to replace it")
+
+
+def check_output(path: str | None, flag: str, overwrite: bool, *, required: bool = False, directory: bool = False,
+                 suffixes: tuple[str, ...] | None = None, example: str | None = None) -> Path | None:
+    """Check an output path before any work; return it as a Path (None: no output wanted).
+
+    ``None`` or ``''`` means "no output" unless ``required``. A file output (``directory=False``) must not be a
+    directory, must end in one of ``suffixes`` when given, and is not replaced without ``overwrite``; a directory
+    output must not be a file and, when it holds anything, is not replaced without ``overwrite``. Missing parent
+    directories are created by the writers, so the nearest existing ancestor must be a writable directory."""
+    if path is None or not str(path).strip():
+        if required:
+            raise CmkitError(f"{flag} is empty; give the output path")
+        return None
+    p = Path(path).expanduser()
+    if len(p.name.encode()) > 255:
+        raise CmkitError(f"{flag}: the file name {p.name[:40]}... is longer than 255 bytes")
+    if directory:
+        if p.exists() and not p.is_dir():
+            raise CmkitError(f"{flag} {path} is a file; expected a directory (or a path to create one)")
+        if p.is_dir() and any(p.iterdir()) and not overwrite:
+            raise CmkitError(f"{path} exists; pass --overwrite to replace it")
+    else:
+        if p.is_dir():
+            example = example or "out" + (suffixes[0] if suffixes else "")
+            raise CmkitError(f"{flag} {path} is a directory; expected a file name such as {p / example}")
+        if suffixes is not None and p.suffix.lower() not in suffixes:
+            raise CmkitError(f"{flag} {path}: expected a {' or '.join(suffixes[:3])} file name"
+                             f"{' (' + ', '.join(suffixes[3:]) + ' also work)' if len(suffixes) > 3 else ''}")
+        if (p.exists() or p.is_symlink()) and not overwrite:
+            raise CmkitError(f"{path} exists; pass --overwrite to replace it")
+    parent = p.parent
+    while not parent.exists():
+        if parent.is_symlink():
+            raise CmkitError(f"{flag} {path}: {parent} is a broken link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CmkitError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CmkitError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+    return p
+
+
+def check_distinct_outputs(*outputs: tuple[str, Path | None]) -> None:
+    """Refuse two outputs (flag, path) of one command that name the same file (``-o x.png --panel x.png``)."""
+    seen: dict[Path, str] = {}
+    for flag, p in outputs:
+        if p is None:
+            continue
+        key = Path(os.path.abspath(p))
+        if key in seen:
+            raise CmkitError(f"{seen[key]} and {flag} both name {p}; give two different files")
+        seen[key] = flag
 

@@ -18,6 +18,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, TypeVar
@@ -99,6 +100,9 @@ class TrainConfig:
         return cls(list(params), lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
     def check(self) -> None:
+        cores = 4 * max(1, os.cpu_count() or 1)
+        require(self.num_threads <= cores, f"train.num_threads must be 0 (torch's default) or at most {cores} "
+                                           f"(4 per CPU), got {self.num_threads}")
         for key in ("steps", "batch_size", "log_every", "max_skipped"):
             require(getattr(self, key) >= 1, f"train.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("warmup_steps", "sample_every", "ckpt_every", "num_threads"):
@@ -186,12 +190,14 @@ class ModelConfig:
         return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max)
 
     def check(self) -> None:
-        for key in ("img_resolution", "in_channels", "model_channels", "num_blocks", "head_channels", "hidden",
-                    "depth"):
-            require(getattr(self, key) >= 1, f"model.{key} must be at least 1, got {getattr(self, key)}")
-        require(self.num_classes >= 0, f"model.num_classes must be 0 (unconditional) or more, got {self.num_classes}")
-        require(bool(self.channel_mult) and min(self.channel_mult) >= 1,
-                f"model.channel_mult must be positive integers, got {list(self.channel_mult)}")
+        for key, most in (("img_resolution", 4096), ("in_channels", 64), ("model_channels", 4096),
+                          ("num_blocks", 64), ("head_channels", 4096), ("hidden", 65536), ("depth", 256)):
+            value = getattr(self, key)
+            require(1 <= value <= most, f"model.{key} must be between 1 and {most}, got {value}")
+        require(0 <= self.num_classes <= 1_000_000,
+                f"model.num_classes must be 0 (unconditional) to 1,000,000, got {self.num_classes}")
+        require(bool(self.channel_mult) and all(1 <= m <= 64 for m in self.channel_mult) and len(self.channel_mult) <= 12,
+                f"model.channel_mult must be 1 to 12 integers between 1 and 64, got {list(self.channel_mult)}")
         require(self.fourier_scale > 0, f"model.fourier_scale must be positive, got {self.fourier_scale}")
         require(0 < self.sigma_min < self.sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got "
                                                      f"{self.sigma_min}, {self.sigma_max}")

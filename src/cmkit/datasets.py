@@ -101,39 +101,53 @@ def load_digits() -> ImageData:
 
 
 def load_npz(path: str) -> ImageData:
-    """uint8 images NHWC (or NHW) under ``arr_0`` (or ``images``), labels optional under ``arr_1``/``labels``."""
-    p = Path(path)
-    if not p.is_file():
+    """uint8 images NHWC (or NHW) under ``arr_0`` (or ``images``), labels optional under ``arr_1``/``labels``.
+
+    Read by :func:`cmkit.utils.read_npz_images`: an unreadable file, float or other non-uint8 images, other shapes,
+    no images or non-square images are one error line each; labels must be N non-negative integers."""
+    from .utils import read_npz_images
+
+    p = Path(path).expanduser()
+    if not str(path).strip() or not p.is_file():
         raise CmkitError(f"npz data set not found: {p} (expected an .npz with uint8 NHWC images under arr_0)")
-    try:
-        z = np.load(p)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
-        raise CmkitError(f"cannot read {p} as .npz: {e}") from None
-    key = "arr_0" if "arr_0" in z.files else "images" if "images" in z.files else None
-    if key is None:
-        raise CmkitError(f"{p}: no image array; expected uint8 NHWC images under 'arr_0' (found {z.files})")
-    a = z[key]
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] not in (1, 3):
-        raise CmkitError(f"{p}: expected uint8 images of shape (N, H, W, 1|3), got {a.dtype} {a.shape}")
-    lab_key = "arr_1" if "arr_1" in z.files else "labels" if "labels" in z.files else None
-    labels = torch.from_numpy(z[lab_key].astype(np.int64)) if lab_key else None
+    a = read_npz_images(p, "npz data set", keys=("arr_0", "images"))
+    with np.load(p, allow_pickle=False) as z:
+        lab_key = "arr_1" if "arr_1" in z.files else "labels" if "labels" in z.files else None
+        try:
+            lab = z[lab_key] if lab_key else None
+        except (ValueError, OSError, EOFError) as e:
+            raise CmkitError(f"{p}: cannot read the labels under {lab_key!r} ({' '.join(str(e).split())})") from None
+    labels = None
+    if lab is not None:
+        if lab.dtype.kind not in "iub" or lab.ndim != 1 or len(lab) != len(a):
+            raise CmkitError(f"{p}: labels under {lab_key!r} must be {len(a)} integers (one per image), got "
+                             f"{lab.dtype} {lab.shape}")
+        if len(lab) and lab.min() < 0:
+            raise CmkitError(f"{p}: labels under {lab_key!r} must be class indices >= 0, got {int(lab.min())}")
+        labels = torch.from_numpy(lab.astype(np.int64))
     images = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
     return ImageData(images, labels, int(labels.max()) + 1 if labels is not None else 0)
 
 
 def load_folder(path: str, resolution: int, channels: int) -> ImageData:
-    """Every image file under ``path`` (recursively), centre-cropped to a square and resized."""
+    """Every image file under ``path`` (recursively), centre-cropped to a square and resized.
+
+    Files are read by :func:`cmkit.utils.read_image`: a corrupt, truncated, oversized (decompression bomb) or
+    32-bit/float file is one error line naming it; 16-bit greys are scaled to 8 bits."""
     from PIL import Image
 
-    root = Path(path)
-    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    from .utils import read_image
+
+    root = Path(path).expanduser()
+    if resolution < 1:
+        raise CmkitError(f"a folder data set needs the image size: set model.img_resolution (got {resolution})")
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()) \
+        if str(path).strip() and root.is_dir() else []
     if not files:
         raise CmkitError(f"no images found in folder '{root}' (expected .png/.jpg files; set data.root)")
     out = []
     for f in files:
-        im = Image.open(f).convert("L" if channels == 1 else "RGB")
+        im = Image.fromarray(read_image(f, "L" if channels == 1 else "RGB", "image"))
         s = min(im.size)
         left, top = (im.width - s) // 2, (im.height - s) // 2
         im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
@@ -181,12 +195,19 @@ def load_emoji(root: str, split: str, resolution: int) -> ImageData:
     size = resolution or 32
     key = hashlib.sha1(f"{font.stat().st_size}-{font.stat().st_mtime_ns}-{size}".encode()).hexdigest()[:12]
     cache = Path(os.environ.get("CMKIT_CACHE", Path.home() / ".cache" / "cmkit")) / f"emoji{size}-{key}.npz"
+    images = None
     if cache.is_file():
-        images = np.load(cache)["arr_0"]
-    else:
+        try:
+            images = np.load(cache, allow_pickle=False)["arr_0"]
+        except Exception:  # noqa: BLE001 - a damaged cache is rendered again
+            images = None
+    if images is None:
         images = render_emoji(str(font), size)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cache, arr_0=images)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(cache, arr_0=images)
+        except OSError:
+            pass  # a read-only cache only costs rendering again
     test = np.arange(len(images)) % 10 == 9
     picked = images[test] if split == "test" else images[~test]
     return ImageData(torch.from_numpy(picked).permute(0, 3, 1, 2).contiguous())
@@ -209,9 +230,10 @@ def load_dataset(name: str, root: str = "", split: str = "train", resolution: in
         data = load_folder(root, resolution, channels or 3)
     else:
         raise CmkitError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
-    if resolution and data.shape[1] != resolution:
-        raise CmkitError(f"data set {name!r} has {data.shape[1]}×{data.shape[2]} images but the model expects "
-                         f"{resolution}×{resolution} (set model.img_resolution={data.shape[1]})")
+    if resolution and data.shape[1:] != (resolution, resolution):
+        raise CmkitError(f"data set {name!r} has {data.shape[2]}×{data.shape[1]} images but the model expects "
+                         f"{resolution}×{resolution}" + (f" (set model.img_resolution={data.shape[1]})"
+                                                          if data.shape[1] == data.shape[2] else ""))
     if channels and data.shape[0] != channels:
         raise CmkitError(f"data set {name!r} has {data.shape[0]} channels but the model expects {channels} "
                          f"(set model.in_channels={data.shape[0]})")

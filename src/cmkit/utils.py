@@ -1,12 +1,25 @@
-"""Small shared helpers: broadcasting, images <-> tensors, grids and .npz output."""
+"""Small shared helpers: broadcasting, images <-> tensors, reading image and .npz inputs, grids and .npz output.
+
+:func:`read_image` and :func:`read_npz_images` are the one place user images are read (``cmkit edit`` inputs and
+masks, ``cmkit eval`` samples, the ``folder`` and ``npz`` data sets): a bad file is one :class:`CmkitError` line
+saying what was expected, never a traceback or a silently misread image.
+"""
 from __future__ import annotations
 
 import math
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .errors import CmkitError
+
+#: what an image input may be, for the messages
+IMAGE_INPUT = "an 8-bit PNG or JPEG image"
+NPZ_INPUT = "uint8 NHWC images (N, H, W, 1|3) under 'arr_0'"
 
 
 def append_dims(x: Tensor, ndim: int) -> Tensor:
@@ -39,6 +52,123 @@ def from_uint8(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.array(a, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _to_8bit(im, mode: str, p: Path, what: str):
+    """A loaded PIL image as 8-bit ``mode`` ('L' or 'RGB'). 16-bit greys are scaled (v / 257, rounded), never
+    clipped at 255 as Pillow's convert() does; 32-bit integer and float images are refused (no known range)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # 16-bit PNG grey
+        a = np.asarray(im).astype(np.float64)
+        if a.min() < 0 or a.max() > 65535:
+            raise CmkitError(f"{what} {p}: 16-bit values outside 0..65535; expected {IMAGE_INPUT}")
+        im = Image.fromarray(np.round(a / 257).astype(np.uint8), "L")
+    elif im.mode in ("I", "F") or im.mode.startswith(("I;", "F;")):
+        kind = "floating-point" if im.mode.startswith("F") else "32-bit integer"
+        raise CmkitError(f"{what} {p} is a {kind} ({im.mode}) image with no known range; expected {IMAGE_INPUT}")
+    return im.convert(mode)
+
+
+def read_image(path: str | Path, mode: str = "RGB", what: str = "image", size: int | None = None) -> np.ndarray:
+    """One user image as uint8 (H, W) for ``mode='L'`` or (H, W, 3) for ``'RGB'``.
+
+    ``size``: the image must be size×size (width and height, checked before decoding). Missing, empty, corrupt
+    or truncated files, decompression bombs (Pillow's limit), and images without an 8-bit range (32-bit, float)
+    are each one :class:`CmkitError` line; 16-bit greys are scaled to 8 bits."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CmkitError(f"{what} not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    if p.stat().st_size == 0:
+        raise CmkitError(f"{what} {p} is empty (0 bytes); expected {IMAGE_INPUT}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's format notes would add lines to the one-line errors
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                if size is not None and im.size != (size, size):
+                    raise CmkitError(f"{what} {p} is {im.width}×{im.height} but {size}×{size} images are expected "
+                                     "here")
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                out = _to_8bit(im, mode, p, what)
+    except CmkitError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CmkitError(f"{what} {p} is too large to decode safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels: "
+                         "a possible decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise CmkitError(f"{what} {p} cannot be read as an image (corrupt, truncated, or not a known format); "
+                         f"expected {IMAGE_INPUT}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise CmkitError(f"{what} {p} is corrupt or truncated ({detail}); expected {IMAGE_INPUT}") from None
+    return np.asarray(out, np.uint8)
+
+
+def read_npz_images(path: str | Path, what: str = "images", *, square: bool = True,
+                    keys: tuple[str, ...] = ("arr_0",)) -> np.ndarray:
+    """uint8 NHWC images (N, H, W, C), C ∈ {1, 3}, from an ``.npz`` (NHW is read as one channel).
+
+    The first of ``keys`` present holds them. Unreadable files, a missing key, other dtypes (floats are refused,
+    not guessed at: [0, 1] or [0, 255]?), other shapes, no images, and non-square images when ``square`` are
+    each one :class:`CmkitError` line."""
+    import zipfile
+    import zlib
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CmkitError(f"{what} not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+    check_npz_archive(p, what)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            files = list(z.files)
+            key = next((k for k in keys if k in files), None)
+            if key is None:
+                found = f"found keys {files}" if files else "it holds no arrays"
+                raise CmkitError(f"{p}: expected uint8 NHWC images (N, H, W, 1|3) under {keys[0]!r}; {found}")
+            a = z[key]
+    except CmkitError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CmkitError(f"{p} is not a readable .npz archive ({detail}); expected {NPZ_INPUT}") from None
+    return check_nhwc(a, f"{p}", square=square, key=key)
+
+
+def check_npz_archive(path: str | Path, what: str = "file") -> None:
+    """``path`` is an .npz (zip) archive: a .npy array, an image or anything else is one :class:`CmkitError` line."""
+    import zipfile
+
+    p = Path(path)
+    if zipfile.is_zipfile(p):
+        return
+    with open(p, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise CmkitError(f"{what} {p} is a .npy array, not an .npz archive; save it with np.savez(path, arr_0=images)")
+    raise CmkitError(f"{what} {p} is not an .npz archive (not a zip file); expected {NPZ_INPUT}")
+
+
+def check_nhwc(a: np.ndarray, name: str, *, square: bool = True, key: str = "arr_0") -> np.ndarray:
+    """Check (and return) an array of uint8 NHWC images; NHW gets a channel axis. One line per problem."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        hint = " (floats are not rescaled: convert them with (x * 255).round().astype(np.uint8) from [0, 1])" \
+            if a.dtype.kind == "f" else ""
+        raise CmkitError(f"{name}: '{key}' holds {a.dtype} values; expected uint8 NHWC images{hint}")
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3):
+        hint = "; that looks like NCHW, transpose it to NHWC" if a.ndim == 4 and a.shape[1] in (1, 3) else ""
+        raise CmkitError(f"{name}: '{key}' has shape {a.shape}; expected uint8 NHWC images (N, H, W, 1|3){hint}")
+    if a.shape[0] == 0 or a.shape[1] == 0 or a.shape[2] == 0:
+        raise CmkitError(f"{name}: '{key}' holds no images (shape {a.shape})")
+    if square and a.shape[1] != a.shape[2]:
+        raise CmkitError(f"{name}: images are {a.shape[2]}×{a.shape[1]} (width×height); expected square images")
+    return a
+
+
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
     """Tile uint8 NHWC images into one uint8 HWC image (grey images become RGB)."""
     n, h, w, c = images.shape
@@ -63,8 +193,14 @@ def save_grid(x: Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
     if scale is None:
         scale = max(1, 64 // images.shape[1])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, nrow=nrow, scale=scale)).save(path)
+    grid = Image.fromarray(make_grid(images, nrow=nrow, scale=scale))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+    except ValueError as e:  # unknown file type
+        raise CmkitError(f"cannot write {path}: {e}; use a .png file name") from None
+    except OSError as e:
+        raise CmkitError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 
@@ -72,11 +208,15 @@ def save_npz(x: Tensor | np.ndarray, path: str | Path, labels: Tensor | None = N
     """Save samples as uint8 NHWC under ``arr_0`` (and labels under ``arr_1``), the reference format."""
     images = to_uint8(x) if isinstance(x, Tensor) else x
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images}
     if labels is not None:
         arrays["arr_1"] = labels.cpu().numpy()
-    np.savez(path, **arrays)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name without it
+            np.savez(f, **arrays)
+    except OSError as e:
+        raise CmkitError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 

@@ -12,31 +12,38 @@ accepted). Each handler returns an exit status and raises ``CmkitError`` (one li
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
 import torch
 
-from ..cli_options import add_device_option, add_output_option, add_threads_option, apply_threads
+from ..cli_options import (add_device_option, add_output_option, add_threads_option, apply_threads, check_device,
+                           check_int, check_output, check_seed, check_threads)
 from ..errors import CmkitError
 from .config import DecoderConfig
 from .decoder import ConsistencyDecoder
-from .files import read_latents, write_images
+from .files import output_paths, read_latents, write_images
 from .latents import check_latents, looks_scaled
 from .schedule import steps_to_schedule
 from .weights import convert_decoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_DECODE_STEPS = 1024  # the decoder's number of timesteps
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
-    """'1.0,0.5' → (1.0, 0.5)."""
+    """'1.0,0.5' → (1.0, 0.5): fractions of the decoder's timesteps, each a finite number in [0, 1]."""
     try:
         values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise CmkitError(f"--schedule must be comma-separated fractions like 1.0,0.5; got {text!r}") from None
     if not values:
         raise CmkitError("--schedule is empty; give fractions like 1.0,0.5")
+    if not all(math.isfinite(v) and 0 <= v <= 1 for v in values):
+        raise CmkitError(f"--schedule fractions must be finite numbers in [0, 1] like 1.0,0.5; got {text!r}")
+    if len(values) > MAX_DECODE_STEPS:
+        raise CmkitError(f"--schedule has {len(values)} fractions; at most {MAX_DECODE_STEPS} (one per timestep)")
     return values
 
 
@@ -45,6 +52,7 @@ def resolve_schedule(args: argparse.Namespace) -> tuple[float, ...]:
         raise CmkitError("give either --steps or --schedule, not both")
     if args.schedule is not None:
         return parse_schedule(args.schedule)
+    check_int(args.steps, "--steps", maximum=MAX_DECODE_STEPS)
     return steps_to_schedule(args.steps if args.steps is not None else 2)
 
 
@@ -68,11 +76,24 @@ def resolve_scaled(latents: torch.Tensor, mode: str, scaling_factor: float) -> b
 def run_decode(args: argparse.Namespace) -> int:
     """Handler of ``cmkit decode``."""
     schedule = resolve_schedule(args)
+    check_threads(args.threads)
+    device = check_device(args.device)
+    check_seed(args.seed)
+    check_int(args.tile, "--tile")
+    if args.tile_overlap is not None:
+        check_int(args.tile_overlap, "--tile-overlap", minimum=0)
+        if args.tile is None:
+            raise CmkitError("--tile-overlap needs --tile")
+        if args.tile_overlap >= args.tile:
+            raise CmkitError(f"--tile-overlap {args.tile_overlap} must be smaller than --tile {args.tile}")
+    check_output(args.out, "-o", True, required=True, suffixes=(".png",))  # a writable .png path; which files next
     apply_threads(args.threads)
     latents = read_latents(args.latents)
     if latents.ndim != 4:
         check_latents(latents, DecoderConfig())  # fail fast (3-D input), before loading 2.5 GB of weights
-    decoder = ConsistencyDecoder.from_pretrained(args.weights, device=args.device, dtype=DTYPES[args.dtype],
+    for path in output_paths(args.out, 1 if args.grid else latents.shape[0]):  # a batch: OUT_0.png, OUT_1.png, ...
+        check_output(str(path), "-o", getattr(args, "overwrite", False), required=True)
+    decoder = ConsistencyDecoder.from_pretrained(args.weights, device=device, dtype=DTYPES[args.dtype],
                                                  channels_last=not args.no_channels_last, verify=not args.no_verify)
     check_latents(latents, decoder.config)
     scaled = resolve_scaled(latents, args.latents_mode, decoder.config.scaling_factor)
@@ -89,6 +110,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Handler of ``cmkit convert-decoder``."""
+    check_output(args.out, "-o", getattr(args, "overwrite", False), required=True, directory=True)
     apply_threads(args.threads)
     out = convert_decoder(args.src, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
                           verify=not args.no_verify)
@@ -118,6 +140,7 @@ def _add_decode(subparsers: Any) -> None:
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW convolutions")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of OpenAI's decoder.pt")
     p.add_argument("--grid", action="store_true", help="write a batch as one grid image")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run_decode)
 
 
@@ -131,6 +154,7 @@ def _add_convert(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of OpenAI's decoder.pt")
     add_threads_option(p)
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing output directory")
     p.set_defaults(func=run_convert)
 
 

@@ -55,6 +55,12 @@ def read_latents(path: str | Path) -> Tensor:
     raise CmkitError(f"{path}: unsupported latent file type {suffix!r}; expected {', '.join(LATENT_SUFFIXES)}")
 
 
+def output_paths(out: str | Path, n: int) -> list[Path]:
+    """The PNG files ``write_images`` writes for ``n`` images: ``out`` for one, ``out_0.png`` … for a batch."""
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+
+
 def write_images(images: Tensor, out: str | Path, grid: bool = False) -> list[Path]:
     """Images in [−1, 1] → PNG: ``out`` itself for one image (or a grid), else ``out_0.png``, ``out_1.png`` …"""
     from PIL import Image
@@ -62,11 +68,14 @@ def write_images(images: Tensor, out: str | Path, grid: bool = False) -> list[Pa
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise CmkitError(f"{out}: the output must be a .png file")
-    out.parent.mkdir(parents=True, exist_ok=True)
     if grid and images.shape[0] > 1:
         return [save_grid(images, out, scale=1)]
     arrays = to_uint8(images)
-    paths = [out] if len(arrays) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(arrays))]
-    for arr, p in zip(arrays, paths):
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(p)  # grey decoders: (H, W)
+    paths = output_paths(out, len(arrays))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for arr, p in zip(arrays, paths):
+            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(p)  # grey decoders: (H, W)
+    except OSError as e:
+        raise CmkitError(f"cannot write {out}: {e.strerror or e}") from None
     return paths

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..cli_options import (add_output_option, add_sampling_options, add_threads_option, apply_threads, parse_sigmas,
-                           refuse_existing)
+from ..cli_options import (IMAGE_SUFFIXES, MAX_STEPS, add_output_option, add_sampling_options, add_threads_option,
+                           apply_threads, check_distinct_outputs, check_float, check_int, check_model_arg, check_output,
+                           check_seed, check_threads, parse_sigmas)
 from ..errors import CmkitError
 from .tasks import STROKE_SIGMA
 
@@ -41,27 +41,33 @@ PANELS = {"inpaint": ("input", "masked", "output"), "colorize": ("grey", "output
           "stroke": ("strokes", "output"), "denoise": ("noisy", "output")}
 
 
-def load_images(path: str, channels: int, size: int, index: int | None = None) -> Tensor:
-    """PNG/JPEG (one image) or .npz (uint8 NHWC under arr_0; ``index`` picks one) → (B, C, size, size) in [-1, 1]."""
-    from PIL import Image
+def load_images(path: str, channels: int, size: int, index: int | None = None, what: str = "input image",
+                flag: str = "--input") -> Tensor:
+    """PNG/JPEG (one image) or .npz (uint8 NHWC under arr_0; ``index`` picks one) → (B, C, size, size) in [-1, 1].
 
-    from ..utils import from_uint8
+    Every problem (missing, corrupt, 16-bit handled, float arrays, wrong shape or size, ``index`` out of range) is
+    one :class:`CmkitError` line (:func:`cmkit.utils.read_image`, :func:`cmkit.utils.read_npz_images`)."""
+    from ..utils import from_uint8, read_image, read_npz_images
 
     p = Path(path)
-    if not p.is_file():
-        raise CmkitError(f"input image not found: {p}")
-    if p.suffix == ".npz":
-        a = np.load(p)["arr_0"]
-        a = a[index:index + 1] if index is not None else a
+    if p.suffix.lower() == ".npz":
+        a = read_npz_images(p, what)
+        if index is not None:
+            if not 0 <= index < len(a):
+                raise CmkitError(f"--index {index} is out of range: {p} holds {len(a)} image(s) "
+                                 f"(indices 0..{len(a) - 1})")
+            a = a[index:index + 1]
+        if a.shape[1:3] != (size, size):
+            raise CmkitError(f"{flag} {p} holds {a.shape[2]}×{a.shape[1]} images but {size}×{size} are expected here")
     else:
-        a = np.asarray(Image.open(p).convert("L" if channels == 1 else "RGB"))[None]
+        if index not in (None, 0):
+            raise CmkitError(f"--index {index}: {p} is a single image (--index picks one image of an .npz input)")
+        a = read_image(p, "L" if channels == 1 else "RGB", what, size=size)[None]
     x = from_uint8(a)
     if x.shape[1] == 3 and channels == 1:
         x = x.mean(1, keepdim=True)
-    if x.shape[-2:] != (size, size):
-        raise CmkitError(f"{p} holds {x.shape[-1]}×{x.shape[-2]} images but {size}×{size} are expected here")
-    if x.shape[1] != channels:
-        raise CmkitError(f"{p} has {x.shape[1]} channel(s) but the model expects {channels}")
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()  # grey → RGB, as Pillow converts a grey PNG
     return x
 
 
@@ -72,29 +78,82 @@ def _sigma_list(args: argparse.Namespace) -> list[float] | None:
 
     if args.sigmas:
         return parse_sigmas(args.sigmas)
-    return default_edit_sigmas(args.steps) if args.steps else None
+    return default_edit_sigmas(args.steps, grid=args.grid) if args.steps else None
 
 
-def _positive(value: float | int | None, flag: str) -> None:
-    if value is not None and value <= 0:
-        raise CmkitError(f"{flag} must be positive; got {value}")
+#: the most frames `edit interpolate` writes in its one-row strip
+MAX_FRAMES = 1000
 
 
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading the model: outputs, inputs, numbers, σ lists."""
-    refuse_existing(args.out, args.overwrite)
-    refuse_existing(getattr(args, "panel", None), args.overwrite)
-    for path in (args.input, getattr(args, "input2", None)):
-        if path and not Path(path).is_file():
-            raise CmkitError(f"input image not found: {path}")
+    from .masks import BUILTIN
+
+    check_threads(args.threads)
+    check_model_arg(args.model)
+    out = check_output(args.out, "-o", args.overwrite, required=True, suffixes=IMAGE_SUFFIXES)
+    panel = check_output(getattr(args, "panel", None), "--panel", args.overwrite, suffixes=IMAGE_SUFFIXES)
+    check_distinct_outputs(("-o", out), ("--panel", panel))
+    for flag, path in (("--input", args.input), ("--input2", getattr(args, "input2", None)),
+                       ("--mask", getattr(args, "mask", None))):
+        if path is not None and not Path(path).is_file():
+            what = "mask file" if flag == "--mask" else "input image"
+            raise CmkitError(f"{what} not found: {path}" + (" (a directory)" if path and Path(path).is_dir() else ""))
+    check_int(args.index, "--index", minimum=0)
+    check_seed(args.seed)
     if hasattr(args, "steps"):
-        _positive(args.steps, "--steps")
+        check_int(args.steps, "--steps", maximum=MAX_STEPS)
         if args.sigmas:
             parse_sigmas(args.sigmas)
-    for flag in ("factor", "sigma", "sigma_start"):
-        _positive(getattr(args, flag, None), "--" + flag.replace("_", "-"))
-    if getattr(args, "frames", 2) < 2:
-        raise CmkitError(f"--frames must be at least 2; got {args.frames}")
+    check_int(getattr(args, "factor", None), "--factor")
+    for flag in ("sigma", "sigma_start"):
+        check_float(getattr(args, flag, None), "--" + flag.replace("_", "-"))
+    if hasattr(args, "frames"):
+        check_int(args.frames, "--frames", minimum=2, maximum=MAX_FRAMES)
+    if getattr(args, "builtin", None) is not None and args.builtin not in BUILTIN:
+        raise CmkitError(f"unknown built-in mask {args.builtin!r}; expected one of {', '.join(BUILTIN)}")
+    if args.task == "interpolate" and not args.input:
+        if getattr(args, "input2", None):
+            raise CmkitError("interpolating images needs --input and --input2")
+        _seeds(args)
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """The two noise seeds of ``edit interpolate --seeds A,B``."""
+    text = args.seeds or "0,1"
+    try:
+        s = [int(v) for v in text.split(",")]
+    except ValueError:
+        s = []
+    if len(s) != 2:
+        raise CmkitError(f"--seeds expects two integers, e.g. 0,1; got {text!r}")
+    for v in s:
+        check_seed(v, "--seeds")
+    return s
+
+
+def _check_with_model(args: argparse.Namespace, cfg: Any) -> None:
+    """The checks that need the model's σ range and image size, right after loading it and before any work."""
+    from ..sampling import validate_sigmas
+
+    c = cfg.model
+    lo, hi = c.sigma_min, c.sigma_max
+    what = "the model's σ range"
+    if getattr(args, "sigmas", None):
+        try:
+            validate_sigmas(parse_sigmas(args.sigmas), lo, hi)
+        except ValueError as e:
+            raise CmkitError(f"--sigmas: {e}") from None
+    if args.task == "stroke" and not args.sigmas:
+        check_float(args.sigma_start, "--sigma-start", low=lo, high=hi, what=what)
+    if args.task == "denoise" or (args.task == "interpolate" and args.input):
+        check_float(args.sigma, "--sigma", low=lo, high=hi, what=what)
+    if args.task == "superres":
+        R = c.img_resolution
+        if args.factor > R or R % args.factor:
+            divisors = [d for d in range(2, R + 1) if R % d == 0]
+            raise CmkitError(f"--factor {args.factor} does not divide the model's {R}×{R} images; "
+                             f"choose one of {', '.join(map(str, divisors))}")
 
 
 Edited = tuple[Tensor, list[Tensor]]  # (output images, columns of the --panel image)
@@ -108,7 +167,7 @@ def _inpaint(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gene
     y = load_images(args.input, C, R, args.index)
     mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
             else builtin_mask(args.builtin or "center", R))
-    out = tasks.inpaint(model, y, mask, _sigma_list(args), generator=g)
+    out = tasks.inpaint(model, y, mask, _sigma_list(args), generator=g, grid=args.grid)
     return out, [y, y * (1 - mask) - mask, out]
 
 
@@ -118,7 +177,7 @@ def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
     if C != 3:
         raise CmkitError("colorization needs a colour (3-channel) model")
     gray = tasks.to_gray3(load_images(args.input, 3, R, args.index))
-    out = tasks.colorize(model, gray, _sigma_list(args), generator=g)
+    out = tasks.colorize(model, gray, _sigma_list(args), generator=g, grid=args.grid)
     return out, [gray, out]
 
 
@@ -126,9 +185,7 @@ def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
     from . import tasks
 
     low = load_images(args.input, C, R // args.factor, args.index)
-    if R % args.factor:
-        raise CmkitError(f"the model's {R}×{R} images are not divisible by factor {args.factor}")
-    out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g)
+    out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g, grid=args.grid)
     return out, [torch.nn.functional.interpolate(low, scale_factor=args.factor, mode="nearest"), out]
 
 
@@ -137,7 +194,7 @@ def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gener
 
     y = load_images(args.input, C, R, args.index)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
-    out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g)
+    out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g, grid=args.grid)
     return out, [y, out]
 
 
@@ -157,16 +214,14 @@ def _interpolate(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.
     if args.input or args.input2:
         if not (args.input and args.input2):
             raise CmkitError("interpolating images needs --input and --input2")
-        x1, x2 = load_images(args.input, C, R, args.index), load_images(args.input2, C, R, args.index)
-        frames = tasks.interpolate_images(model, x1, x2, args.frames, args.sigma, generator=g)
+        x1 = load_images(args.input, C, R, args.index)
+        x2 = load_images(args.input2, C, R, args.index, flag="--input2")
+        if len(x1) != len(x2):
+            raise CmkitError(f"--input holds {len(x1)} image(s) but --input2 holds {len(x2)}; give as many (or "
+                             "pick one of each with --index)")
+        frames = tasks.interpolate_images(model, x1, x2, args.frames, args.sigma, generator=g, grid=args.grid)
     else:
-        text = args.seeds or "0,1"
-        try:
-            s = [int(v) for v in text.split(",")]
-        except ValueError:
-            s = []
-        if len(s) != 2:
-            raise CmkitError(f"--seeds expects two integers, e.g. 0,1; got {text!r}")
+        s = _seeds(args)
         z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)) for v in s)
         frames = tasks.interpolate_noise(model, z1, z2, args.frames)
     return frames[:, 0], []
@@ -186,6 +241,10 @@ def run_edit(args: argparse.Namespace) -> int:
     model, cfg = load_model(args.model)
     if cfg.model.precond != "cm":
         raise CmkitError("editing needs a consistency model (this one is a diffusion/EDM model)")
+    _check_with_model(args, cfg)
+    from ..schedules import training_grid
+
+    args.grid = training_grid(cfg)  # default σ lists lie on the grid the model was trained on
     C, R = cfg.model.in_channels, cfg.model.img_resolution
     g = torch.Generator().manual_seed(args.seed)
     try:
@@ -209,7 +268,8 @@ INPUT_HELP = "input image (.png/.jpg) or .npz of uint8 NHWC images, of the model
 
 
 def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None = INPUT_HELP, panel: bool = True,
-                sigmas: bool = True, steps: int | None = None, steps_help: str = "number of σ levels of the Karras "
+                sigmas: bool = True, steps: int | None = None, steps_help: str = "number of σ levels (default: every level of "
+                "the model's training grid but σ_min; 18 Karras levels for continuous-time models) of the Karras "
                 "grid (default 18)", sigmas_help: str = "explicit descending σ list, e.g. 80,20,5,1 (overrides "
                 "--steps)") -> None:
     """The options the tasks share: model, input, index, out, panel, seed, steps/sigmas, threads, overwrite.

@@ -48,13 +48,9 @@ def box_mask(box: str, size: int) -> Tensor:
 
 
 def load_mask(path: str | Path, size: int) -> Tensor:
-    """A PNG mask: white (>= 128) = generate, black = keep. Must be size×size."""
-    from PIL import Image
+    """A PNG mask: white (>= 128) = generate, black = keep. Must be size×size (read by :func:`read_image`:
+    a missing, corrupt, oversized or wrongly sized file is one error line)."""
+    from ..utils import read_image
 
-    p = Path(path)
-    if not p.is_file():
-        raise CmkitError(f"mask file not found: {p}")
-    a = np.asarray(Image.open(p).convert("L"))
-    if a.shape != (size, size):
-        raise CmkitError(f"mask {p} is {a.shape[1]}×{a.shape[0]} but the model's images are {size}×{size}")
+    a = read_image(path, "L", "mask", size=size)
     return torch.from_numpy((a >= 128).astype(np.float32))

@@ -10,11 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_options import add_output_option, add_sampling_options, apply_threads, parse_sigmas
+from ..cli_options import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, add_output_option, add_sampling_options, apply_threads,
+                           check_device, check_int, check_model_arg, check_output, check_sampler_steps, check_seed,
+                           check_threads, parse_sigmas)
 from ..errors import CmkitError
 from .evaluate import FEATURE_SPACES, evaluate_images
 from .images import load_images_npz
 
+MAX_KID_SUBSETS = 10_000  # the reference code uses 100
 _ROWS = (("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
 
 
@@ -34,6 +37,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--inception-weights", metavar="PATH", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or set CMKIT_INCEPTION_WEIGHTS)")
     add_output_option(p, metavar="results.json", help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets (default 100)")
@@ -48,15 +52,63 @@ def add_cli(subparsers: Any) -> None:
     p.set_defaults(func=run_eval_cli)
 
 
+FMNIST_REFS = ("fmnist-test", "fmnist-train")
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Everything ``cmkit eval`` can check before extracting features or sampling (one line each); the samples
+    file is read (and checked) next, by :func:`run_eval_cli`."""
+    if args.model is None and not args.samples:
+        raise CmkitError("cmkit eval: give --samples S.npz (uint8 NHWC images under arr_0) or --model M to sample")
+    check_threads(args.threads)
+    args.device = check_device(args.device)
+    check_output(args.out, "-o", getattr(args, "overwrite", False), example="results.json")
+    check_int(args.kid_subsets, "--kid-subsets", maximum=MAX_KID_SUBSETS)
+    if args.inception_weights is not None and not Path(args.inception_weights).expanduser().is_file():
+        raise CmkitError(f"--inception-weights: file not found: {args.inception_weights}")
+    if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
+        raise CmkitError(f"--data-root {args.data_root} is not a directory (expected the Fashion-MNIST IDX files)")
+    if str(args.ref) not in FMNIST_REFS:
+        ref = Path(args.ref).expanduser()
+        if not ref.is_file():
+            raise CmkitError(f"reference file not found: {ref} (give an .npz, {' or '.join(FMNIST_REFS)})")
+        _check_reference_npz(ref)
+    if args.model is not None:
+        if args.samples:
+            raise CmkitError("give either --samples or --model, not both")
+        check_model_arg(args.model)
+        check_int(args.n, "-n", maximum=MAX_IMAGES)
+        check_int(args.batch_size, "--batch-size", maximum=MAX_BATCH)
+        check_int(args.steps, "--steps", maximum=MAX_STEPS)
+        check_seed(args.seed, count=args.n)
+        if args.sigmas:
+            parse_sigmas(args.sigmas)
+
+
+def _check_reference_npz(path: Path) -> None:
+    """A reference .npz numpy can open; images in it (arr_0) are checked here, statistics where they are used."""
+    import numpy as np
+
+    from ..utils import check_npz_archive, read_npz_images
+
+    check_npz_archive(path, "--ref")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            has_images = "arr_0" in z.files
+    except (ValueError, OSError, EOFError) as e:
+        raise CmkitError(f"--ref {path} is not a readable .npz archive ({' '.join(str(e).split())[:200]})") from None
+    if has_images:
+        read_npz_images(path, "--ref", square=False)
+
+
 def run_eval_cli(args: argparse.Namespace) -> int:
     """``cmkit eval``: samples from --samples, or generated from --model with the chosen sampler."""
     from .frechet import require_scipy
 
     require_scipy()  # before any sampling: a core install says which extra to add, at once
+    check_eval_args(args)
     apply_threads(args.threads)
-    if args.model:
-        if args.samples:
-            raise CmkitError("give either --samples or --model, not both")
+    if args.model is not None:
         from ..checkpoint import load_model
         from ..generate import generate, resolve_sampler
         from ..utils import to_uint8
@@ -64,10 +116,11 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
         model, cfg = load_model(args.model, device=args.device)
         sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
+        check_sampler_steps(sampler, steps)
         x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
                         bf16=args.bf16)
         return run_eval(args, to_uint8(x))
-    return run_eval(args)
+    return run_eval(args, load_images_npz(args.samples) if args.samples else None)
 
 
 def format_results(result: dict[str, Any]) -> str:
@@ -107,7 +160,10 @@ def run_eval(args: argparse.Namespace, images: Any = None) -> int:
     print(format_results(result))
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            raise CmkitError(f"cannot write {out}: {e.strerror or e}") from None
         print(f"wrote {out}")
     return 0

@@ -13,7 +13,6 @@ import torch
 from ..errors import CmkitError
 
 
-
 def as_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
     """uint8 NHWC (or NHW) arrays/tensors pass through; float NCHW in [-1, 1] are quantised to uint8 NHWC."""
     if isinstance(images, torch.Tensor):
@@ -35,15 +34,8 @@ def as_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def load_images_npz(path: str | Path) -> np.ndarray:
-    """Images stored as uint8 NHWC under ``arr_0`` (the format of cmkit and the reference code's samples)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CmkitError(f"samples file not found: {p}")
-    with np.load(p, allow_pickle=False) as data:
-        if "arr_0" not in data.files:
-            raise CmkitError(f"{p}: expected uint8 NHWC images under 'arr_0', found keys {data.files}")
-        images = data["arr_0"]
-    try:
-        return as_uint8_nhwc(images)
-    except CmkitError as e:
-        raise CmkitError(f"{p}: {e}") from None
+    """Images stored as uint8 NHWC under ``arr_0`` (the format of cmkit and the reference code's samples);
+    read by :func:`cmkit.utils.read_npz_images`: any problem with the file is one :class:`CmkitError` line."""
+    from ..utils import read_npz_images
+
+    return read_npz_images(path, "samples file", square=False)
