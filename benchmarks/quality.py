@@ -2,10 +2,11 @@
 
 For each setting: network evaluations (NFE), FD / KID / precision / recall (k=3) in the feature space of
 the project's Fashion-MNIST classifier on N samples against the test split, and images per second, plus
-the real-vs-real floor (N training images vs the test split). Models trained on a σ grid (CD, CT, iCT) are
-measured with the on-grid σ lists ``cmkit sample --steps 2|4`` uses (``multistep_sigmas``); for continuous-time
-models (ECT), whose every σ was trained, the 2-step middle σ is chosen by golden-section search on FD (with
-fewer samples), as the CM paper did by ternary search, and the 4-step list is Karras-spaced down to it.
+the real-vs-real floor (N training images vs the test split). The 2-step middle σ is chosen by FD
+with fewer samples, as the CM paper did by ternary search: over the levels of the training grid for models
+trained on one (CD, CT; iCT's fine final grid is searched as a continuum and snapped to it), by golden-section
+search for continuous-time models (ECT); the 4-step list is Karras-spaced down to it (on the grid when there is
+one, ``multistep_sigmas``). The chosen σ are the shipped models' ``sample.sigmas`` defaults.
 Writes benchmarks/results/quality.md, quality.json and sample grids under benchmarks/results/quality/.
 
     python benchmarks/quality.py                 # N = 10,000, every shipped model (bf16 autocast)
@@ -55,13 +56,23 @@ def timed_generate(model, cfg, n, sampler, sigmas, steps, batch, bf16):
 
 
 def search_mid(model, cfg, reference, extractor, n: int, iters: int, bf16: bool) -> float:
-    """Golden-section search of the 2-step middle σ on FD with ``n`` samples (seeds apart from the table's)."""
+    """The 2-step middle σ with the lowest FD on ``n`` samples (seeds apart from the table's), in [0.1, 10]:
+    over the levels of the model's training grid when it has one (the CM paper's search over ``ts``), else
+    by golden-section search."""
     def score(sigmas: list[float]) -> float:
         x, _ = generate(model, cfg, n, "multistep", sigmas, 2, seed=10_000, progress=False, bf16=bf16)
         feats = extractor.extract(to_uint8(x), progress=False)
         return frechet_distance_stats(feature_statistics(feats), reference.stats)
 
-    return search_sigma_mid(score, 0.1, 10.0, iters).sigmas[1]
+    grid = training_grid(cfg)
+    if grid is None:
+        return search_sigma_mid(score, 0.1, 10.0, iters).sigmas[1]
+    candidates = [s for s in grid if 0.1 <= s <= 10.0]
+    if len(candidates) > 16:  # a fine grid (iCT's final N = 1281): search it like a continuum, then snap
+        return min(grid, key=lambda s: abs(s - search_sigma_mid(score, 0.1, 10.0, iters).sigmas[1]))
+    scores = {s: score([cfg.model.sigma_max, s]) for s in candidates}
+    print("grid search of σ_mid:", ", ".join(f"{s:.4g}: {v:.3f}" for s, v in scores.items()))
+    return min(scores, key=scores.get)
 
 
 def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
@@ -138,13 +149,12 @@ def main() -> None:
         if sampler == "onestep":
             sigmas = [cfg.model.sigma_max]
         elif sampler == "multistep":
-            if training_grid(cfg) is None:  # continuous time: search the middle σ; on a grid: the defaults
-                if name not in mids:
-                    mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters,
-                                            args.bf16)
-                    print(f"{name}: searched σ_mid = {mids[name]:.3f}")
-                cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
-            sigmas = multistep_sigmas(cfg, steps)
+            if name not in mids:
+                mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters,
+                                        args.bf16)
+                print(f"{name}: searched σ_mid = {mids[name]:.4g}")
+            cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
+            sigmas = multistep_sigmas(cfg, steps)  # on the training grid when the model has one
         x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch, args.bf16)
         m = evaluate(to_uint8(x), reference, extractor, progress=False)
         label = f"{name} {sampler} {steps}" if sampler != "onestep" else f"{name} 1-step"
