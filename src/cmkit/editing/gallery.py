@@ -21,7 +21,8 @@ from .masks import builtin_mask
 COLUMNS = {
     "inpaint": "input | masked (grey = to generate) | output",
     "superres": "ground truth | ×4 low-res input (nearest) | output",
-    "stroke": f"ground truth | stroke painting | output (σ_start = {tasks.STROKE_SIGMA:g}, 3 steps)",
+    "stroke": f"ground truth | stroke painting | output (σ_start = {tasks.STROKE_SIGMA:g}, or the nearest level of the "
+              "model's training grid, 3 steps)",
     "denoise": "clean | noisy (σ = 0.5) | output (1 evaluation)",
     "interpolate": "rows: image A | 7 interpolated frames | image B",
     "colorize": "ground truth | grey input | output",
