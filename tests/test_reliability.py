@@ -149,3 +149,27 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path):
     (out / "checkpoint" / "state.json").write_text("[]")
     with pytest.raises(CmkitError, match="damaged"):
         Loop(tiny_config("digits-ct", out, "train.steps=4", "train.resume=true"), progress=False)
+
+
+def test_weights_that_would_sample_silently_wrong_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from cmkit.checkpoint import load_model
+
+    out = tmp_path / "run"
+    train(tiny_config("digits-ct", out, "train.steps=1"), progress=False)
+    weights = out / "model" / "model.safetensors"
+    sd = load_file(weights)
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    for bad, msg in ((sd[key] * float("nan"), "non-finite"), (sd[key].to(torch.int32), "dtype torch.int32")):
+        save_file({**sd, key: bad}, weights)
+        with pytest.raises(CmkitError, match=msg):
+            load_model(out)
+
+
+def test_a_test_split_is_refused_for_data_sets_without_one():
+    from cmkit.presets import get_config
+
+    with pytest.raises(CmkitError, match="has no held-out split"):
+        get_config("digits-ict", ["data.split=test"])
+    assert get_config("fmnist-ict", ["data.split=test"]).data.split == "test"

@@ -167,6 +167,10 @@ def load_weights(model: nn.Module, file: Path) -> None:
         raise CmkitError(f"{file} does not match the model in config.json: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected, {len(bad)} wrongly shaped tensors (e.g. "
                          f"{(missing + unexpected + bad)[0]})")
+    for k, v in sd.items():  # integer or boolean weights, NaN or inf: a silently black sampler otherwise
+        if own[k].is_floating_point() and (not v.is_floating_point() or not bool(torch.isfinite(v).all())):
+            what = f"dtype {v.dtype}" if not v.is_floating_point() else "non-finite values"
+            raise CmkitError(f"{file}: tensor {k} has {what}; expected finite floating-point weights")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
 

@@ -64,6 +64,13 @@ class DataConfig:
     split: Split = "train"      # train | test
     flip: bool = False          # random horizontal flips (a pure function of seed and step)
 
+    def check(self) -> None:
+        from .datasets import SPLIT_DATASETS
+
+        require(self.split == "train" or self.name in SPLIT_DATASETS,
+                f"data.split={self.split}: data set {self.name!r} has no held-out split (only "
+                f"{', '.join(SPLIT_DATASETS)} do)")
+
 
 @dataclass
 class TrainConfig:
@@ -331,6 +338,7 @@ class Config(RunConfig):
                 "loss.method=cd needs a teacher: set train.teacher=PATH (an EDM model or run directory)")
         require(method == "cd" or not self.train.teacher,
                 f"train.teacher is only used by loss.method=cd (this run is {method})")
+        self.data.check()
         classes = DATA_CLASSES.get(self.data.name)
         require(not m.num_classes or classes is None or 0 < m.num_classes <= classes,
                 f"model.num_classes={m.num_classes} but data set {self.data.name!r} has "

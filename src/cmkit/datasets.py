@@ -213,11 +213,18 @@ def load_emoji(root: str, split: str, resolution: int) -> ImageData:
     return ImageData(torch.from_numpy(picked).permute(0, 3, 1, 2).contiguous())
 
 
+SPLIT_DATASETS = ("fashion_mnist", "mnist", "emoji")
 DATASETS = ("digits", "fashion_mnist", "mnist", "emoji", "folder", "npz")
 
 
 def load_dataset(name: str, root: str = "", split: str = "train", resolution: int = 0, channels: int = 0) -> ImageData:
-    """Load a data set by name (``digits``, ``fashion_mnist``, ``mnist``, ``folder``, ``npz``)."""
+    """Load a data set by name (``digits``, ``fashion_mnist``, ``mnist``, ``emoji``, ``folder``, ``npz``).
+
+    ``split='test'`` exists for the data sets with a held-out split (``SPLIT_DATASETS``); asking it of another
+    one is an error rather than silently training on everything."""
+    if split != "train" and name not in SPLIT_DATASETS:
+        raise CmkitError(f"data set {name!r} has no {split!r} split (only {', '.join(SPLIT_DATASETS)} do); "
+                         "use data.split=train")
     if name == "digits":
         data = load_digits()
     elif name in ("fashion_mnist", "mnist"):

@@ -171,8 +171,12 @@ class Loop:
         if state["world_size"] != self.ctx.world:
             raise CmkitError(f"cannot resume exactly: {self.dir.checkpoint} was written by {state['world_size']} "
                              f"processes, this run has {self.ctx.world}")
-        torch.set_rng_state(rng[f"rank{self.ctx.rank}"])
-        self.generator.set_state(rng[f"generator{self.ctx.rank}"])
+        try:
+            torch.set_rng_state(rng[f"rank{self.ctx.rank}"])
+            self.generator.set_state(rng[f"generator{self.ctx.rank}"])
+        except (KeyError, RuntimeError, TypeError) as e:
+            raise CmkitError(f"{self.dir.checkpoint / RunDir.RNG} is damaged or from another cmkit version "
+                             f"({type(e).__name__}: {e}); it cannot be resumed exactly") from None
         if f"cuda{self.ctx.rank}" in rng and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng[f"cuda{self.ctx.rank}"], self.ctx.device)
         self.step, self.skipped, self.wall_before = state["step"], state["skipped"], state.get("wall_s", 0.0)

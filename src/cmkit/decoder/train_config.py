@@ -20,6 +20,7 @@ class ImageDataConfig(DataConfig):
     image_size: int = 32  # images are padded to this side
 
     def check(self) -> None:
+        super().check()
         require(self.image_size >= 1, f"data.image_size must be at least 1, got {self.image_size}")
 
 
