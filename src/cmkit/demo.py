@@ -24,8 +24,10 @@ OUT = Path("demo")
 
 def ensure_trained(preset: str, out: Path, *overrides: str) -> None:
     """Train ``preset`` into ``out`` unless it already finished (resumes an interrupted run)."""
-    cfg = get_config(preset, [f"train.out_dir={out}", "train.resume=true", *overrides])
     run = RunDir(out)
+    for note in run.recover():  # an earlier demo killed while writing a checkpoint
+        print(note)
+    cfg = get_config(preset, [f"train.out_dir={out}", f"train.resume={run.has_checkpoint()}", *overrides])
     if run.has_checkpoint() and run.state()["step"] >= cfg.train.steps:
         print(f"{preset}: already trained in {out}")
         return
