@@ -90,6 +90,10 @@ def test_dry_run_applies_overrides(capsys):
     assert main(["train", "--preset", "digits-ict", "lr=3e-4", "model.channel_mult=1,2,2", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["train"]["lr"] == 3e-4 and cfg["model"]["channel_mult"] == [1, 2, 2]
+    assert main(["train", "--preset", "digits-ict", "lr=3e-4", "--dry-run", "train.steps=7"]) == 0  # after flags
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["lr"] == 3e-4 and cfg["train"]["steps"] == 7
+    assert main(["train", "--preset", "digits-ict", "--dry-run", "--bogus"]) == 2
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -244,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     ``--debug`` re-raises it), 130 when interrupted. ``--help`` still exits through SystemExit(0)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may follow flags (`train --preset X a=1 --dry-run b=2`); anything else is an error
+        if extra and isinstance(getattr(args, "overrides", None), list) and \
+                all("=" in v and not v.startswith("-") for v in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a syntax error (2, one line already printed)
         if e.code in (None, 0):
             raise
