@@ -28,7 +28,7 @@ from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 T = TypeVar("T")
 
-Arch = Literal["unet", "mlp"]
+Arch = Literal["unet", "mlp", "adm"]
 Embedding = Literal["positional", "fourier"]
 PrecondKind = Literal["edm", "cm"]
 Method = Literal["edm", "cd", "ct", "ict", "ect"]
@@ -165,7 +165,7 @@ class RunConfig:
 class ModelConfig:
     """Backbone and preconditioning of a denoiser ``model(x, sigma, class_labels=None) -> x0``."""
 
-    arch: Arch = "unet"                          # unet | mlp
+    arch: Arch = "unet"                          # unet | mlp | adm (the CM paper's released network)
     img_resolution: int = 8                      # image side
     in_channels: int = 1                         # image channels
     model_channels: int = 32                     # unet: width of the first level
@@ -179,6 +179,8 @@ class ModelConfig:
     head_channels: int = 64                      # unet: channels per attention head
     hidden: int = 128                            # mlp: hidden width
     depth: int = 3                               # mlp: hidden layers
+    scale_shift: bool = True                     # adm: scale-shift noise conditioning (use_scale_shift_norm)
+    resblock_updown: bool = True                 # adm: resample inside residual blocks
     precond: PrecondKind = "cm"                  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
     sigma_min: float = SIGMA_MIN                 # σ_min (consistency boundary)
     sigma_max: float = SIGMA_MAX                 # σ_max (one-step sampling starts here)
@@ -186,7 +188,8 @@ class ModelConfig:
 
     NET_KEYS: ClassVar[tuple[str, ...]] = (
         "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
-        "dropout", "num_classes", "embedding", "fourier_scale", "head_channels", "hidden", "depth")
+        "dropout", "num_classes", "embedding", "fourier_scale", "head_channels", "hidden", "depth", "scale_shift",
+        "resblock_updown")
 
     def build(self) -> Any:
         """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
@@ -210,7 +213,12 @@ class ModelConfig:
                                                      f"{self.sigma_min}, {self.sigma_max}")
         require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
         require(0 <= self.dropout < 1, f"model.dropout must lie in [0, 1), got {self.dropout}")
-        if self.arch == "unet":
+        if self.arch == "adm":
+            require(self.embedding == "positional", "model.arch=adm embeds the noise level positionally; "
+                                                    "set model.embedding=positional")
+            bad = [m * self.model_channels for m in self.channel_mult if (m * self.model_channels) % 32]
+            require(not bad, f"model.arch=adm uses GroupNorm(32): widths {bad} are not multiples of 32")
+        if self.arch in ("unet", "adm"):
             levels = 2 ** (len(self.channel_mult) - 1)
             require(self.img_resolution % levels == 0,
                     f"model.img_resolution={self.img_resolution} must be divisible by {levels} "

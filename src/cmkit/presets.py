@@ -38,7 +38,7 @@ CIFAR_NET = {"model.img_resolution": 32, "model.in_channels": 3, "model.model_ch
              "model.channel_mult": (2, 2, 2), "model.num_blocks": 4, "model.attn_resolutions": (16,),
              "model.embedding": "fourier", "model.fourier_scale": 16.0, "data.name": "npz", "data.flip": True,
              "train.log_every": 100, "train.sample_every": 10_000, "train.ckpt_every": 10_000}
-IMAGENET64_NET = {"model.img_resolution": 64, "model.in_channels": 3, "model.model_channels": 192,
+IMAGENET64_NET = {"model.arch": "adm", "model.img_resolution": 64, "model.in_channels": 3, "model.model_channels": 192,
                   "model.channel_mult": (1, 2, 3, 4), "model.num_blocks": 3, "model.attn_resolutions": (32, 16, 8),
                   "model.num_classes": 1000, "model.head_channels": 64, "data.name": "folder", "data.flip": True,
                   "train.bf16": True, "train.log_every": 100, "train.sample_every": 10_000,
