@@ -39,6 +39,21 @@ def test_released_configurations_have_the_reference_sizes(name):
                                                                   4 * kwargs["model_channels"])
 
 
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_the_shape_of_a_released_state_dict_is_read_from_its_keys(name):
+    from cmkit.nets.adm_weights import adm_config_from_state, diffusers_to_openai, openai_to_diffusers
+
+    kwargs, _, tensors = RELEASED[name]
+    with torch.device("meta"):
+        state = ADMUNet(**kwargs).state_dict()
+    cfg = adm_config_from_state(state)  # the image side from channel_mult, as create_model sets it
+    assert {k: cfg[k] for k in kwargs} == {k: (tuple(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    levels = len(kwargs["channel_mult"])
+    mapped = openai_to_diffusers(state)
+    assert len(mapped) == tensors + len([k for k in state if ".qkv." in k]) * 2  # qkv → to_q, to_k, to_v
+    assert diffusers_to_openai(mapped, levels, kwargs["num_blocks"]).keys() == state.keys()
+
+
 def reference_attention(block, x):
     """Attention written out with einsum: qkv channels (three, heads, head_dim), q and k scaled by d^-1/4."""
     b, c, h, w = x.shape
@@ -109,3 +124,71 @@ def test_adm_config_rules():
         get_config("digits-ict", ["model.arch=adm", "model.model_channels=16"])
     with pytest.raises(CmkitError, match="positionally"):
         get_config("digits-ict", ["model.arch=adm", "model.embedding=fourier"])
+
+
+# --- released weights: openai .pt and diffusers UNet2DModel ------------------------------------------
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def hub_like_unet(scale_shift: bool, classes: int | None):
+    """A tiny UNet2DModel with the Hub configuration of openai/diffusers-cd_imagenet64_l2 (or LSUN's)."""
+    return diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"), downsample_type="resnet",
+        upsample_type="resnet", attention_head_dim=16, norm_num_groups=32, attn_norm_num_groups=32,
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default", num_class_embeds=classes,
+        flip_sin_to_cos=True, freq_shift=0).eval()
+
+
+@pytest.mark.parametrize("scale_shift,classes", [(True, 10), (False, None)])
+def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_path):
+    from cmkit.cli import main
+    from cmkit.checkpoint import load_model
+    from cmkit.nets.adm_weights import diffusers_to_openai, openai_to_diffusers
+
+    torch.manual_seed(0)
+    d = hub_like_unet(scale_shift, classes)
+    sd = {k: torch.randn_like(v) * 0.05 for k, v in d.state_dict().items()}
+    d.load_state_dict(sd)
+    openai = diffusers_to_openai(sd, levels=3, blocks=2)
+    assert openai_to_diffusers(openai).keys() == sd.keys()
+    assert all(torch.equal(openai_to_diffusers(openai)[k], v) for k, v in sd.items())  # diffusers → openai → back
+    # openai .pt → cmkit model directory → the same function as diffusers' UNet2DModel
+    torch.save(openai, tmp_path / "ckpt.pt")
+    d.save_pretrained(tmp_path / "diffusers")
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 20.0])
+    y = torch.tensor([1, 7]) if classes else None
+    with torch.no_grad():
+        expected = d(x, 250 * sigma.log(), class_labels=y).sample
+    for src in (tmp_path / "ckpt.pt", tmp_path / "diffusers"):
+        out = tmp_path / f"cm-{src.stem}"
+        args = ["convert", str(src), "-o", str(out), "--image-size", "16"]
+        assert main(args) == 0
+        model, cfg = load_model(out)
+        assert cfg.model.arch == "adm" and cfg.model.scale_shift == scale_shift
+        with torch.no_grad():
+            got = model.net(x, sigma.log() / 4, y)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(model(x, cfg.model.sigma_min, **({"class_labels": y} if classes else {})), x)
+
+
+def test_released_file_errors_are_one_line(tmp_path, capsys):
+    from cmkit.cli import main
+
+    class Evil:  # a pickle that would need full unpickling (it could run code)
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    net = ADMUNet(**TINY)
+    sd = net.state_dict()
+    torch.save({k: v for k, v in sd.items() if k != "out.2.bias"}, tmp_path / "missing.pt")
+    torch.save({**sd, "out.2.weight": torch.zeros(3, 32, 1, 1)}, tmp_path / "shape.pt")
+    for name, msg in (("evil.pt", "needs full unpickling"), ("missing.pt", "missing out.2.bias"),
+                      ("shape.pt", "out.2.weight is (3, 32, 1, 1), expected (3, 32, 3, 3)"),
+                      ("none.pt", "checkpoint not found")):
+        assert main(["convert", str(tmp_path / name), "-o", str(tmp_path / "o"), "--image-size", "16"]) == 2
+        err = capsys.readouterr()
+        assert msg in err.err and len(err.err.strip().splitlines()) == 1 and "ran" not in err.out, err.err

@@ -158,19 +158,25 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, file: Path) -> None:
     """Load safetensors weights strictly, with one clear error for corrupt or mismatched files."""
-    sd = read_safetensors(file)
+    load_state(model, read_safetensors(file), str(file), "the model in config.json")
+
+
+def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str, what: str = "the model") -> None:
+    """Load a state dict strictly: missing, unexpected or wrongly shaped tensors, non-float or non-finite
+    weights are each one ``CmkitError`` line naming the first offending key."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or bad:
-        raise CmkitError(f"{file} does not match the model in config.json: {len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(bad)} wrongly shaped tensors (e.g. "
-                         f"{(missing + unexpected + bad)[0]})")
+        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                 f"{bad[0]} is {tuple(sd[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
+        raise CmkitError(f"{source} does not match {what}: {len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(bad)} wrongly shaped tensors (e.g. {first})")
     for k, v in sd.items():  # integer or boolean weights, NaN or inf: a silently black sampler otherwise
         if own[k].is_floating_point() and (not v.is_floating_point() or not bool(torch.isfinite(v).all())):
-            what = f"dtype {v.dtype}" if not v.is_floating_point() else "non-finite values"
-            raise CmkitError(f"{file}: tensor {k} has {what}; expected finite floating-point weights")
+            kind = f"dtype {v.dtype}" if not v.is_floating_point() else "non-finite values"
+            raise CmkitError(f"{source}: tensor {k} has {kind}; expected finite floating-point weights")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
 

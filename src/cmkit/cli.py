@@ -136,6 +136,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """A released consistency-models checkpoint (openai .pt or diffusers UNet2DModel) → a cmkit model directory."""
+    import torch
+
+    from .checkpoint import load_state, save_model_dir
+    from .config import Config, set_value
+    from .nets.adm_weights import read_released, released_model_config
+
+    if not args.out:
+        raise CmkitError("convert needs an output directory: -o DIR")
+    if Path(args.out).exists() and not args.overwrite:
+        raise CmkitError(f"{args.out} exists; pass --overwrite to replace it")
+    state, known = read_released(args.src)
+    cfg = Config()
+    for key, value in released_model_config(state, known, args.precond, args.image_size).items():
+        set_value(cfg, f"model.{key}", value)
+    cfg.loss.method = "edm" if args.precond == "edm" else "cd"
+    cfg.sample.sampler = "heun" if args.precond == "edm" else "onestep"
+    cfg.model.check()
+    model = cfg.model.build()
+    load_state(model.net, state, str(args.src), "the ADM network its shapes describe")
+    meta = {"description": args.description or f"converted from {Path(args.src).name}",
+            "source": {"path": str(args.src), "format": "diffusers" if known else "openai-pt"}}
+    save_model_dir(args.out, model, "denoiser", cfg.to_dict(), meta, dtype=torch.float16 if args.fp16 else None)
+    m = cfg.model
+    print(f"wrote {args.out} (ADM {m.img_resolution}px, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{'class-conditional' if m.num_classes else 'unconditional'}, precond {m.precond})")
+    return 0
+
+
 def _add_train(sub: Any, name: str, kind: str | None, default: str | None, help_text: str) -> None:
     """``cmkit train`` (any preset) and its kind-restricted aliases ``train-autoencoder``/``train-decoder``."""
     from .cli_options import add_output_option, add_threads_option
@@ -210,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--npz", help="also write uint8 NHWC samples to this .npz (arr_0; labels in arr_1)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("convert", help="convert OpenAI's released consistency models (.pt or diffusers) to a model "
+                                       "directory",
+                       description="Convert a checkpoint of openai/consistency_models (a .pt state dict, read with "
+                                   "weights_only) or of the diffusers openai/diffusers-* repositories (a UNet2DModel "
+                                   "directory) into a cmkit model directory that every --model option accepts.")
+    s.add_argument("src", help="the .pt file, or the diffusers directory (holding config.json, or unet/)")
+    s.add_argument("-o", "--out", required=True, help="output model directory")
+    s.add_argument("--precond", choices=("cm", "edm"), default="cm",
+                   help="cm for the CD/CT models (boundary condition), edm for the EDM teachers (default cm)")
+    s.add_argument("--image-size", type=int, help="image side, when the channel_mult does not tell it")
+    s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
+    s.add_argument("--description", help="one-line description stored in config.json")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("export", help="export a run's EMA weights (any kind) as a model directory (optionally fp16)")
     s.add_argument("run", help="training run directory")
