@@ -192,3 +192,36 @@ def test_released_file_errors_are_one_line(tmp_path, capsys):
         assert main(["convert", str(tmp_path / name), "-o", str(tmp_path / "o"), "--image-size", "16"]) == 2
         err = capsys.readouterr()
         assert msg in err.err and len(err.err.strip().splitlines()) == 1 and "ran" not in err.out, err.err
+
+
+def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(tmp_path, capsys):
+    import numpy as np
+
+    from cmkit.checkpoint import save_model_dir
+    from cmkit.cli import main
+
+    cfg = get_config("digits-ict", ["model.arch=adm", "model.model_channels=32", "model.channel_mult=1,2",
+                                    "model.attn_resolutions=4", "model.head_channels=16", "model.num_classes=10"])
+    model = cfg.model.build()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_model_dir(tmp_path / "m", model, "denoiser", cfg.to_dict())
+    runs = {}
+    for bs, cls in ((5, "3,7"), (2, "3,7"), (5, None)):
+        out = tmp_path / f"s{bs}{cls}.npz"
+        args = ["sample", "--model", str(tmp_path / "m"), "-n", "5", "--batch-size", str(bs), "--npz", str(out),
+                "-o", ""]
+        assert main(args + (["--class", cls] if cls else [])) == 0
+        z = np.load(out)
+        runs[(bs, cls)] = z
+    assert runs[(5, "3,7")]["arr_1"].tolist() == [3, 7, 3, 7, 3]
+    assert np.array_equal(runs[(5, "3,7")]["arr_0"], runs[(2, "3,7")]["arr_0"])  # per-sample seeds
+    assert not np.array_equal(runs[(5, None)]["arr_1"], runs[(5, "3,7")]["arr_1"])  # random labels otherwise
+    capsys.readouterr()
+    assert main(["sample", "--model", str(tmp_path / "m"), "-n", "2", "--npz", str(tmp_path / "x.npz"), "-o", "",
+                 "--class", "10"]) == 2
+    assert "must lie in [0, 9]" in capsys.readouterr().err
+    assert main(["sample", "--model", "fmnist-cd", "-n", "2", "--npz", str(tmp_path / "y.npz"), "-o", "",
+                 "--class", "1"]) == 2
+    assert "unconditional" in capsys.readouterr().err

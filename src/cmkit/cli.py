@@ -90,8 +90,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, cfg = load_model(args.model, device=args.device)
     sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
     check_sampler_steps(sampler, steps)
+    from .cli_options import class_labels
+
     x, labels = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
-                         bf16=args.bf16)
+                         labels=class_labels(args.classes, cfg.model.num_classes, args.n), bf16=args.bf16)
     if args.out:
         save_grid(x, args.out)
         print(f"wrote {args.out}")
@@ -232,13 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--sampler heun|euler --steps N (Heun: 2N-1 evaluations).")
     s.add_argument("--model", required=True, help="model directory, run directory, or shipped model name")
     s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
-    from .cli_options import add_output_option, add_sampling_options
+    from .cli_options import add_class_option, add_output_option, add_sampling_options
 
     add_sampling_options(s, batch_size=256, sigmas_help="comma-separated descending σ values for multistep sampling",
                          seed_help="sample i uses seed+i, independent of the batch size")
     add_output_option(s, default="samples.png", help="PNG grid path (default samples.png; '' to skip)")
     s.add_argument("--npz", help="also write uint8 NHWC samples to this .npz (arr_0; labels in arr_1)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_class_option(s)
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("convert", help="convert OpenAI's released consistency models (.pt or diffusers) to a model "

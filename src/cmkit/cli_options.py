@@ -276,3 +276,28 @@ def check_distinct_outputs(*outputs: tuple[str, Path | None]) -> None:
             raise CmkitError(f"{seen[key]} and {flag} both name {p}; give two different files")
         seen[key] = flag
 
+
+
+def add_class_option(parser: Container) -> None:
+    """``--class 207`` (every image) or ``--classes 0,1,2`` (cycled over the images) for class-conditional models."""
+    parser.add_argument("--class", "--classes", dest="classes", metavar="C[,C...]",
+                        help="class label(s) of a class-conditional model: one for every image, or a list cycled "
+                             "over them (default: random labels from the seeds)")
+
+
+def class_labels(text: str | None, num_classes: int, n: int) -> Any:
+    """The (n,) label tensor of ``--class/--classes`` (None: random labels), checked against the model."""
+    if not text:
+        return None
+    if not num_classes:
+        raise CmkitError("--class is for class-conditional models; this one is unconditional")
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CmkitError(f"--class expects integer labels like 207 or 0,1,2; got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if not values or bad:
+        raise CmkitError(f"--class labels must lie in [0, {num_classes - 1}] for this model; got {text!r}")
+    import torch
+
+    return torch.tensor(values).repeat((n + len(values) - 1) // len(values))[:n]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_options import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, add_output_option, add_sampling_options, apply_threads,
+from ..cli_options import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, add_class_option, add_output_option, add_sampling_options, apply_threads,
                            check_device, check_int, check_model_arg, check_output, check_sampler_steps, check_seed,
                            check_threads, parse_sigmas)
 from ..errors import CmkitError
@@ -49,6 +49,7 @@ def add_cli(subparsers: Any) -> None:
                          steps_help="sampling steps (consistency: 1, 2, ...; Heun: levels)",
                          sigmas_help="explicit descending σ list for multistep sampling, e.g. 80,0.8",
                          seed_help="sample i uses seed+i (default 0)")
+    add_class_option(g)
     p.set_defaults(func=run_eval_cli)
 
 
@@ -117,8 +118,10 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         model, cfg = load_model(args.model, device=args.device)
         sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
         check_sampler_steps(sampler, steps)
+        from ..cli_options import class_labels
+
         x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
-                        bf16=args.bf16)
+                        labels=class_labels(args.classes, cfg.model.num_classes, args.n), bf16=args.bf16)
         return run_eval(args, to_uint8(x))
     return run_eval(args, load_images_npz(args.samples) if args.samples else None)
 
