@@ -225,3 +225,18 @@ def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(t
     assert main(["sample", "--model", "fmnist-cd", "-n", "2", "--npz", str(tmp_path / "y.npz"), "-o", "",
                  "--class", "1"]) == 2
     assert "unconditional" in capsys.readouterr().err
+
+
+def test_a_released_model_samples_two_steps_on_its_published_sigma(tmp_path):
+    from cmkit.cli import main
+    from cmkit.checkpoint import load_model
+    from cmkit.generate import multistep_sigmas
+    from cmkit.schedules import karras_sigmas, training_grid
+
+    torch.save(ADMUNet(**TINY).state_dict(), tmp_path / "cd_imagenet64_l2.pt")
+    assert main(["convert", str(tmp_path / "cd_imagenet64_l2.pt"), "-o", str(tmp_path / "m"), "--image-size", "16"]) == 0
+    _, cfg = load_model(tmp_path / "m")
+    assert training_grid(cfg) == karras_sigmas(40).tolist()  # CD on N = 40
+    two = multistep_sigmas(cfg, 2)
+    assert two[0] == 80.0 and abs(two[1] - 1.3824) < 1e-4  # launch.sh --ts 0,22,39
+    assert abs(karras_sigmas(40)[22].item() - 1.3824) < 1e-4

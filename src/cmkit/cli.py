@@ -144,7 +144,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_state, save_model_dir
     from .config import Config, set_value
-    from .nets.adm_weights import read_released, released_model_config
+    from .nets.adm_weights import read_released, released_model_config, released_name, released_overrides
 
     if not args.out:
         raise CmkitError("convert needs an output directory: -o DIR")
@@ -156,6 +156,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         set_value(cfg, f"model.{key}", value)
     cfg.loss.method = "edm" if args.precond == "edm" else "cd"
     cfg.sample.sampler = "heun" if args.precond == "edm" else "onestep"
+    name = args.family or released_name(args.src)
+    if name and args.precond == "cm":  # the published grid and 2-step σ of a released model
+        for key, value in released_overrides(name).items():
+            set_value(cfg, key, value)
     cfg.model.check()
     model = cfg.model.build()
     load_state(model.net, state, str(args.src), "the ADM network its shapes describe")
@@ -254,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precond", choices=("cm", "edm"), default="cm",
                    help="cm for the CD/CT models (boundary condition), edm for the EDM teachers (default cm)")
     s.add_argument("--image-size", type=int, help="image side, when the channel_mult does not tell it")
+    from .nets.adm_weights import RELEASED_MODELS
+
+    s.add_argument("--family", choices=sorted(RELEASED_MODELS),
+                   help="which released model this is, when the file name does not say (sets its training grid "
+                        "and the published 2-step σ)")
     s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
     s.add_argument("--description", help="one-line description stored in config.json")
     s.add_argument("--overwrite", action="store_true")

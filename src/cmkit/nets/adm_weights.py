@@ -232,3 +232,35 @@ def released_model_config(state: dict[str, Tensor], known: dict[str, Any], preco
     fields = adm_config_from_state(state, img_resolution or known.get("img_resolution"))
     fields["head_channels"] = int(known.get("head_channels", 64))
     return {**fields, "precond": precond}
+
+
+#: The released models' training grids and the 2-step σ of their ``launch.sh`` (``--ts`` converted to σ on
+#: the N-point Karras grid; reference doc consistency-models §6.2): name → (method, N, σ_mid or None).
+RELEASED_MODELS: dict[str, tuple[str, int, float | None]] = {
+    "cd_imagenet64_l2": ("cd", 40, 1.3824), "cd_imagenet64_lpips": ("cd", 40, 1.3824),
+    "ct_imagenet64": ("ct", 201, 1.9128),
+    "cd_bedroom256_lpips": ("cd", 40, 4.3656), "cd_bedroom256_l2": ("cd", 40, 3.5197),
+    "ct_bedroom256": ("ct", 151, 3.9912),
+    "cd_cat256_lpips": ("cd", 40, None), "cd_cat256_l2": ("cd", 40, None), "ct_cat256": ("ct", 151, 5.2485),
+}
+
+
+def released_name(path: str | Path) -> str | None:
+    """The released model a file or directory is named after (``cd_imagenet64_l2.pt``,
+    ``diffusers-cd_imagenet64_l2/``), or None."""
+    stem = Path(path).name.split(".")[0].removeprefix("diffusers-")
+    return stem if stem in RELEASED_MODELS else None
+
+
+def released_overrides(name: str) -> dict[str, Any]:
+    """Config values that make a converted model sample like the paper: its training grid (so ``--steps 2``
+    lies on it) and the published 2-step σ."""
+    method, N, mid = RELEASED_MODELS[name]
+    values: dict[str, Any] = {"loss.method": method}
+    if method == "cd":
+        values["loss.num_scales"] = N
+    else:  # CT's final grid: N(K) = s1 + 1 (ct_adaptive_schedule at the end of training)
+        values.update({"loss.s0": 2, "loss.s1": N - 1})
+    if mid is not None:
+        values["sample.sigmas"] = (80.0, mid)
+    return values
