@@ -240,3 +240,25 @@ def test_a_released_model_samples_two_steps_on_its_published_sigma(tmp_path):
     two = multistep_sigmas(cfg, 2)
     assert two[0] == 80.0 and abs(two[1] - 1.3824) < 1e-4  # launch.sh --ts 0,22,39
     assert abs(karras_sigmas(40)[22].item() - 1.3824) < 1e-4
+
+
+def test_a_cmkit_adm_model_opens_in_diffusers_consistency_model_pipeline(tmp_path):
+    from cmkit.cli import main
+    from cmkit.checkpoint import load_model
+    from cmkit.sampling import sample_onestep
+
+    torch.manual_seed(0)
+    net = ADMUNet(**TINY, num_classes=4)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(net.state_dict(), tmp_path / "cd_imagenet64_l2.pt")
+    assert main(["convert", str(tmp_path / "cd_imagenet64_l2.pt"), "-o", str(tmp_path / "m"), "--image-size", "16"]) == 0
+    assert main(["export-diffusers", "--model", str(tmp_path / "m"), "-o", str(tmp_path / "pipe")]) == 0
+    pipe = diffusers.ConsistencyModelPipeline.from_pretrained(tmp_path / "pipe")
+    model, cfg = load_model(tmp_path / "m")
+    z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 3])
+    theirs = pipe(batch_size=2, class_labels=labels, num_inference_steps=1, latents=z, output_type="pt").images
+    with torch.no_grad():
+        ours = model(80.0 * z, 80.0, class_labels=labels).clamp(-1, 1)
+    torch.testing.assert_close(theirs, (ours / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)  # output_type="pt": NCHW

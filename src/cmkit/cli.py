@@ -172,6 +172,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_diffusers(args: argparse.Namespace) -> int:
+    """A cmkit ADM consistency model → a diffusers ConsistencyModelPipeline directory."""
+    from .checkpoint import read_model_dir, read_safetensors
+    from .nets.adm_weights import export_diffusers_pipeline
+    from .schedules import training_grid
+    from .config import Config
+
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        raise CmkitError(f"{args.out} exists and is not empty; pass --overwrite to write into it")
+    d = read_model_dir(args.model, "denoiser")
+    cfg = Config.from_dict(d.config)
+    state = {k.removeprefix("net."): v for k, v in read_safetensors(d.weights).items()}
+    grid = training_grid(cfg)
+    out = export_diffusers_pipeline(state, d.config["model"], args.out, len(grid) if grid else 40)
+    print(f"wrote {out} (ConsistencyModelPipeline: model_index.json, unet/, scheduler/)")
+    return 0
+
+
 def _add_train(sub: Any, name: str, kind: str | None, default: str | None, help_text: str) -> None:
     """``cmkit train`` (any preset) and its kind-restricted aliases ``train-autoencoder``/``train-decoder``."""
     from .cli_options import add_output_option, add_threads_option
@@ -267,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--description", help="one-line description stored in config.json")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export-diffusers", help="write an ADM consistency model as a diffusers "
+                                                "ConsistencyModelPipeline directory")
+    s.add_argument("--model", required=True, help="model directory, run directory or shipped name (model.arch=adm)")
+    s.add_argument("-o", "--out", required=True, help="output pipeline directory")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export_diffusers)
 
     s = sub.add_parser("export", help="export a run's EMA weights (any kind) as a model directory (optionally fp16)")
     s.add_argument("run", help="training run directory")

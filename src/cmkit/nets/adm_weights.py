@@ -264,3 +264,49 @@ def released_overrides(name: str) -> dict[str, Any]:
     if mid is not None:
         values["sample.sigmas"] = (80.0, mid)
     return values
+
+
+def diffusers_unet_config(model: dict[str, Any]) -> dict[str, Any]:
+    """The ``UNet2DModel`` config of an ADM ``model`` config section (the Hub configuration's block types)."""
+    C, mult, attn, side = model["model_channels"], model["channel_mult"], model["attn_resolutions"], \
+        model["img_resolution"]
+    if not model.get("resblock_updown", True):
+        raise CmkitError("only ADM networks with resblock_updown (the released ones) have a diffusers layout here")
+    levels = [side >> level in attn for level in range(len(mult))]
+    return {"_class_name": "UNet2DModel", "sample_size": side, "in_channels": model["in_channels"],
+            "out_channels": model["in_channels"], "layers_per_block": model["num_blocks"],
+            "block_out_channels": [C * m for m in mult],
+            "down_block_types": ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in levels],
+            "up_block_types": ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(levels)],
+            "downsample_type": "resnet", "upsample_type": "resnet", "attention_head_dim": model["head_channels"],
+            "norm_num_groups": 32, "attn_norm_num_groups": 32, "norm_eps": 1e-5,
+            "resnet_time_scale_shift": "scale_shift" if model["scale_shift"] else "default",
+            "num_class_embeds": model["num_classes"] or None, "flip_sin_to_cos": True, "freq_shift": 0,
+            "time_embedding_type": "positional", "dropout": model.get("dropout", 0.0)}
+
+
+def export_diffusers_pipeline(state: dict[str, Tensor], model: dict[str, Any], out: str | Path,
+                              num_train_timesteps: int = 40) -> Path:
+    """A ``ConsistencyModelPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler/``) from the
+    network state dict (openai names) and ``model`` config section of a cmkit consistency model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if model.get("precond") != "cm" or model.get("arch") != "adm":
+        raise CmkitError("a diffusers ConsistencyModelPipeline needs an ADM consistency model (model.arch=adm, "
+                         "model.precond=cm)")
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in openai_to_diffusers(state).items()},
+              out / "unet" / "diffusion_pytorch_model.safetensors")
+    (out / "unet" / "config.json").write_text(json.dumps(diffusers_unet_config(model), indent=2))
+    scheduler = {"_class_name": "CMStochasticIterativeScheduler", "num_train_timesteps": num_train_timesteps,
+                 "sigma_min": model["sigma_min"], "sigma_max": model["sigma_max"],
+                 "sigma_data": model["sigma_data"], "s_noise": 1.0, "rho": 7.0, "clip_denoised": True}
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {"_class_name": "ConsistencyModelPipeline", "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", "CMStochasticIterativeScheduler"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
