@@ -245,7 +245,6 @@ def test_a_released_model_samples_two_steps_on_its_published_sigma(tmp_path):
 def test_a_cmkit_adm_model_opens_in_diffusers_consistency_model_pipeline(tmp_path):
     from cmkit.cli import main
     from cmkit.checkpoint import load_model
-    from cmkit.sampling import sample_onestep
 
     torch.manual_seed(0)
     net = ADMUNet(**TINY, num_classes=4)
