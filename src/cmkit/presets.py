@@ -44,6 +44,37 @@ IMAGENET64_NET = {"model.arch": "adm", "model.img_resolution": 64, "model.in_cha
                   "train.bf16": True, "train.log_every": 100, "train.sample_every": 10_000,
                   "train.ckpt_every": 10_000, "train.ema_rates": (0.999, 0.9999, 0.9999432189950708)}
 
+LSUN_NET = {"model.arch": "adm", "model.img_resolution": 256, "model.in_channels": 3, "model.model_channels": 256,
+            "model.channel_mult": (1, 1, 2, 2, 4, 4), "model.num_blocks": 2, "model.attn_resolutions": (32, 16, 8),
+            "model.head_channels": 64, "model.scale_shift": False, "data.name": "folder", "data.flip": True,
+            "train.bf16": True, "train.batch_size": 256, "train.log_every": 100, "train.sample_every": 10_000,
+            "train.ckpt_every": 10_000, "train.ema_rates": (0.9999, 0.99994, 0.9999432189950708)}
+
+
+def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, Preset]:
+    """The CM paper's LSUN-256 recipes for one scene (``launch.sh``; reference doc §5.1, FIDs §9.2)."""
+    teacher = f"runs/lsun-{scene}-edm"
+    two = {m: {"sample.sigmas": (80.0, mids[m])} if m in mids else {} for m in ("cd-l2", "cd-lpips", "ct")}
+    cd = {**LSUN_NET, "loss.method": "cd", "loss.num_scales": 40, "loss.mu": 0.95, "loss.solver": "heun",
+          "train.steps": 600_000, "train.lr": 1e-5, "train.teacher": teacher, "train.init_from": teacher}
+    return {
+        f"lsun-{scene}-edm": Preset(f"LSUN {scene.title()}-256 EDM teacher (ADM 256ch, dropout 0.1, RAdam 1e-4, batch 256; "
+                                    f"the paper's teacher was trained by an unpublished script); FID {fids['edm']} "
+                                    "at 79 NFE", {
+            **LSUN_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "loss.P_mean": -1.2,
+            "loss.P_std": 1.2, "train.steps": 600_000, "train.lr": 1e-4, "sample.sampler": "heun",
+            "sample.steps": 40}),
+        f"lsun-{scene}-cd-l2": Preset(f"LSUN {scene.title()}-256 CD (l2, Heun, N=40, μ=0.95, RAdam 1e-5, batch 256, 600k)",
+                                      {**cd, "loss.distance": "l2", **two["cd-l2"]}),
+        f"lsun-{scene}-cd-lpips": Preset(f"LSUN {scene.title()}-256 CD (LPIPS, Heun, N=40, μ=0.95, RAdam 1e-5, batch 256, "
+                                         f"600k); FID {fids['cd']}", {**cd, "loss.distance": "lpips", **two["cd-lpips"]}),
+        f"lsun-{scene}-ct": Preset(f"LSUN {scene.title()}-256 CT (LPIPS, s0=2, s1=150, μ0=0.95, RAdam 5e-5, batch 256, "
+                                   f"1M, from the EDM teacher); FID {fids['ct']}", {
+            **LSUN_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 150, "loss.mu0": 0.95, "loss.distance": "lpips",
+            "train.steps": 1_000_000, "train.lr": 5e-5, "train.init_from": teacher, **two["ct"]}),
+    }
+
+
 PRESETS: dict[str, Preset] = {
     # --- 8×8 digits: minutes on a laptop CPU ---------------------------------------------------------
     "digits-edm": Preset("8×8 digits EDM diffusion teacher (Heun 18 steps = 35 NFE); ~3 min on 2 CPU cores", {
@@ -132,6 +163,10 @@ PRESETS: dict[str, Preset] = {
     "imagenet64-ct": Preset("ImageNet-64 CT (LPIPS, s0=2, s1=200, μ0=0.95, RAdam 1e-4, batch 2048, 800k); paper FID 13.0 / 11.1", {
         **IMAGENET64_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 200, "loss.mu0": 0.95, "loss.distance": "lpips",
         "train.steps": 800_000, "train.batch_size": 2048, "train.lr": 1e-4, "sample.sigmas": (80.0, 1.9128)}),
+    # LSUN-256 (the published FIDs are unconfirmed readings of the paper's table; reference doc §9.2)
+    **lsun("bedroom", {"edm": "3.57", "cd": "7.80 / 5.22", "ct": "16.0 / 7.85"},
+           {"cd-l2": 3.5197, "cd-lpips": 4.3656, "ct": 3.9912}),
+    **lsun("cat", {"edm": "6.69", "cd": "11.0 / 8.84", "ct": "20.7 / 11.7"}, {"ct": 5.2485}),
     # --- a latent space and its consistency decoder (cmkit.decoder; CPU) ------------------------------
     "fmnist-ae": Preset("KL autoencoder, Fashion-MNIST padded to 32×32 → 2×8×8 latents (f = 4), CPU", {},
                         kind="autoencoder"),
