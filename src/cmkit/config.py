@@ -31,14 +31,14 @@ T = TypeVar("T")
 Arch = Literal["unet", "mlp", "adm"]
 Embedding = Literal["positional", "fourier"]
 PrecondKind = Literal["edm", "cm"]
-Method = Literal["edm", "cd", "ct", "ict", "ect"]
+Method = Literal["edm", "cd", "ct", "ict", "ect", "pd"]
 Optimizer = Literal["adam", "radam"]
 DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz"]
 Split = Literal["train", "test"]
 DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips"]
 SolverName = Literal["heun", "euler"]
 WeightingName = Literal["uniform", "snr", "snr+1", "karras", "truncated-snr", "inv_dt", "snrpk"]
-SamplerName = Literal["onestep", "multistep", "heun", "euler"]
+SamplerName = Literal["onestep", "multistep", "heun", "euler", "progdist"]
 
 #: Keys that may change between a run and its resumption (everything else must match exactly).
 RUN_CONTROL_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every", "train.ckpt_every",
@@ -236,13 +236,14 @@ class LossConfig:
     total_steps (= train.steps unless set) reach every method that uses them.
     """
 
-    method: Method = "ict"                       # edm | cd | ct | ict | ect
+    method: Method = "ict"                       # edm | cd | ct | ict | ect | pd (progressive distillation)
     distance: Optional[DistanceName] = None      # cd, ct, ict: l2 | l1 | pseudo_huber | lpips
     weighting: Optional[WeightingName] = None    # cd, ct: λ(σ) uniform | snr | snr+1 | karras | truncated-snr;
                                                  # ect: also inv_dt (default) and snrpk (= karras)
     huber_c: Optional[float] = None              # pseudo-Huber c (None = 0.00054·√d)
     lpips_weights: Optional[str] = None          # VGG16+LPIPS safetensors for distance=lpips
-    num_scales: Optional[int] = None             # cd: N of the Karras grid
+    num_scales: Optional[int] = None             # cd: N of the Karras grid; pd: the first stage's N
+    halve_every: Optional[int] = None            # pd: steps per stage (N halves, the student becomes the teacher)
     mu: Optional[float] = None                   # cd: target EMA rate μ (0 = stopgrad θ)
     solver: Optional[SolverName] = None          # cd: teacher ODE step heun | euler
     s0: Optional[int] = None                     # ct, ict: initial discretisation steps
@@ -278,6 +279,7 @@ class LossConfig:
         "s1": (lambda v: v >= 1, "at least 1"), "mu0": (lambda v: 0 < v < 1, "in (0, 1)"),
         "P_std": (lambda v: v > 0, "positive"), "q": (lambda v: v > 1, "above 1"), "k": (lambda v: v >= 0, "0 or more"),
         "b": (lambda v: v > 0, "positive"), "double_steps": (lambda v: v >= 1, "at least 1"),
+        "halve_every": (lambda v: v >= 1, "at least 1"),
         "total_steps": (lambda v: v >= 1, "at least 1")}
 
     def check(self) -> None:
@@ -316,7 +318,7 @@ class CMTrainConfig(TrainConfig):
 class SampleConfig:
     """Default sampler of the trained model (written into its config.json) and the training grids."""
 
-    sampler: SamplerName = "onestep"        # onestep | multistep | heun | euler
+    sampler: SamplerName = "onestep"        # onestep | multistep | heun | euler | progdist
     sigmas: tuple[float, ...] = ()          # the multistep σ list (descending, in [σ_min, σ_max])
     steps: int = 18                         # heun/euler: number of σ levels
     grid_size: int = 64                     # images in the training sample grids
@@ -338,14 +340,16 @@ class Config(RunConfig):
         m, method = self.model, self.loss.method
         m.check()
         self.loss.check()
-        want = "edm" if method == "edm" else "cm"
+        want = "edm" if method in ("edm", "pd") else "cm"
         require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): "
-                                   + ("a diffusion teacher is EDM-preconditioned" if want == "edm" else
+                                   + ("a diffusion model (teacher or PD student) is EDM-preconditioned"
+                                      if want == "edm" else
                                       "a consistency model needs the boundary condition f(x, σ_min) = x"))
-        require(method != "cd" or bool(self.train.teacher),
-                "loss.method=cd needs a teacher: set train.teacher=PATH (an EDM model or run directory)")
-        require(method == "cd" or not self.train.teacher,
-                f"train.teacher is only used by loss.method=cd (this run is {method})")
+        distils = method in ("cd", "pd")
+        require(not distils or bool(self.train.teacher),
+                f"loss.method={method} needs a teacher: set train.teacher=PATH (an EDM model or run directory)")
+        require(distils or not self.train.teacher,
+                f"train.teacher is only used by loss.method=cd or pd (this run is {method})")
         self.data.check()
         classes = DATA_CLASSES.get(self.data.name)
         require(not m.num_classes or classes is None or 0 < m.num_classes <= classes,

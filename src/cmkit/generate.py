@@ -10,16 +10,18 @@ from tqdm import tqdm
 from .config import Config
 from .errors import CmkitError
 from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_heun,
+                       sample_progdist,
                        sample_multistep, validate_sigmas)
 from .schedules import DEFAULT_SIGMA_MID, grid_levels, karras_sigmas, nearest_grid_index, training_grid, warn_off_grid
 
-SAMPLERS = ("onestep", "multistep", "heun", "euler")
+SAMPLERS = ("onestep", "multistep", "heun", "euler", "progdist")
 
 
 def default_sampler(cfg: Config) -> tuple[str, list[float], int]:
     """(sampler, σ list, steps) the model was trained for: Heun for EDM, 1-step for consistency models."""
     if cfg.model.precond == "edm":
-        return cfg.sample.sampler if cfg.sample.sampler in ("heun", "euler") else "heun", [], cfg.sample.steps
+        sampler = cfg.sample.sampler if cfg.sample.sampler in ("heun", "euler", "progdist") else "heun"
+        return sampler, [], cfg.sample.steps
     return "onestep", [cfg.model.sigma_max], 1
 
 
@@ -40,8 +42,8 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
     if sampler not in SAMPLERS:
         raise CmkitError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     if c.precond == "edm" and sampler in ("onestep", "multistep"):
-        raise CmkitError("this is a diffusion (EDM) model: use --sampler heun or euler")
-    if c.precond == "cm" and sampler in ("heun", "euler"):
+        raise CmkitError("this is a diffusion (EDM) model: use --sampler heun, euler or progdist")
+    if c.precond == "cm" and sampler in ("heun", "euler", "progdist"):
         raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
     if sampler == "onestep":
         return sampler, [c.sigma_max], 1
@@ -122,5 +124,7 @@ def _sample(model: nn.Module, cfg: Config, shape: tuple[int, ...], sampler: str,
     c = cfg.model
     if sampler in ("onestep", "multistep"):
         return sample_multistep(model, shape, sigmas, sigma_min=c.sigma_min, sigma_max=c.sigma_max, **kw)
+    if sampler == "progdist":
+        return sample_progdist(model, shape, steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max, **kw)
     fn = sample_heun if sampler == "heun" else sample_euler
     return fn(model, shape, edm_sigmas(steps, c.sigma_min, c.sigma_max), **kw)

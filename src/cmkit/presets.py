@@ -84,6 +84,10 @@ PRESETS: dict[str, Preset] = {
         **DIGITS_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "l2",
         "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm",
         "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.5853)}),
+    "digits-pd": Preset("8×8 digits progressive distillation from digits-edm (Euler, N 8→4→2→1, 250 steps per stage)", {
+        **DIGITS_NET, "model.precond": "edm", "loss.method": "pd", "loss.num_scales": 8, "loss.halve_every": 250,
+        "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm", "train.init_from": "runs/digits-edm",
+        "train.ema_rates": (0.995,), "sample.sampler": "progdist", "sample.steps": 1}),
     "digits-ct": Preset("8×8 digits original consistency training (adaptive N(k), μ(k); s0=2, s1=150, μ0=0.9)", {
         **DIGITS_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 1500, "train.lr": 4e-4,
         "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
@@ -105,6 +109,11 @@ PRESETS: dict[str, Preset] = {
         **FMNIST_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "pseudo_huber",
         "train.steps": 2_000, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
         "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 1.9233)}),
+    "fmnist-pd": Preset("28×28 Fashion-MNIST progressive distillation from fmnist-edm (Euler, N 16→8→4→2→1, 400 "
+                        "steps per stage; the same budget as fmnist-cd)", {
+        **FMNIST_NET, "model.precond": "edm", "loss.method": "pd", "loss.num_scales": 16, "loss.halve_every": 400,
+        "train.steps": 2_000, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
+        "train.ema_rates": (0.995, 0.999), "sample.sampler": "progdist", "sample.steps": 1}),
     "fmnist-ct": Preset("28×28 Fashion-MNIST original consistency training from scratch (adaptive N(k), μ(k))", {
         **FMNIST_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 12_000, "train.lr": 4e-4,
         "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),

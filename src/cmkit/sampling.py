@@ -131,9 +131,20 @@ def _clamped(denoiser: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return clamped
 
 
+@torch.no_grad()
+def sample_progdist(denoiser: nn.Module, shape: Sequence[int], steps: int, *, generator: NoiseSource = None,
+                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, device: str | torch.device = "cpu",
+                    clip: bool = True, **cond: Any) -> Tensor:
+    """A progressively distilled model's sampler (``sample_progdist`` of the CM code): ``steps`` Euler steps
+    down the (steps + 1)-level Karras grid from σ_max to σ_min, i.e. ``steps`` network evaluations."""
+    return sample_euler(denoiser, shape, karras_sigmas(steps + 1, sigma_min, sigma_max), generator=generator,
+                        device=device, clip=clip, **cond)
+
+
 def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations of a sampler setting: onestep 1, multistep ``steps``, heun 2·steps-1, euler steps."""
-    return {"onestep": 1, "multistep": steps, "heun": 2 * steps - 1, "euler": steps}[sampler]
+    """Network evaluations of a sampler setting: onestep 1, multistep ``steps``, heun 2·steps-1, euler and
+    progdist ``steps``."""
+    return {"onestep": 1, "multistep": steps, "heun": 2 * steps - 1, "euler": steps, "progdist": steps}[sampler]
 
 
 def random_labels(n: int, num_classes: int, generator: NoiseSource, device: str | torch.device) -> Tensor:
@@ -143,5 +154,5 @@ def random_labels(n: int, num_classes: int, generator: NoiseSource, device: str 
     return torch.randint(num_classes, (n,), generator=generator).to(device)
 
 
-__all__ = ["sample_onestep", "sample_multistep", "sample_heun", "sample_euler", "edm_sigmas",
+__all__ = ["sample_onestep", "sample_multistep", "sample_heun", "sample_euler", "sample_progdist", "edm_sigmas",
            "per_sample_generators", "randn", "validate_sigmas", "nfe", "random_labels", "append_dims"]

@@ -20,7 +20,7 @@ from .ema import ema_update, make_copy
 from .errors import CmkitError
 from .generate import multistep_sigmas
 from .loop import Context, Loop, dry_run, train
-from .sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep
+from .sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep, sample_progdist
 from .utils import save_grid
 
 
@@ -67,13 +67,18 @@ class DenoiserTask:
         return value, self.objective.stats(step)
 
     def after_update(self, step: int) -> None:
-        """θ⁻ ← μ(k)θ⁻ + (1-μ(k))θ when the method has a target network."""
+        """θ⁻ ← μ(k)θ⁻ + (1-μ(k))θ when the method has a target network; at the end of a progressive-
+        distillation stage the student becomes the teacher."""
         mu = self.objective.target_mu(step)
         if self.target is not None and mu is not None:
             ema_update(self.target, self.model, mu)
+        if getattr(self.objective, "stage_ends", lambda _: False)(step):
+            self.teacher.load_state_dict(self.model.state_dict())
 
     def extra_modules(self) -> dict[str, nn.Module]:
-        return {"target": self.target} if self.target is not None else {}
+        """The target network, and PD's teacher (it changes during training) for an exact resume."""
+        extra = {"target": self.target} if self.target is not None else {}
+        return {**extra, "teacher": self.teacher} if hasattr(self.objective, "stage_ends") else extra
 
     def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return "denoiser", self.cfg.to_dict(), {}
@@ -84,9 +89,16 @@ class DenoiserTask:
         n = s.grid_size
         shape = (n, c.in_channels, c.img_resolution, c.img_resolution)
         cond = {"class_labels": torch.arange(n, device=device) % c.num_classes} if c.num_classes else {}
+        gens = per_sample_generators(range(n), device)
+        if c.precond == "edm" and s.sampler == "progdist":  # a PD student: its current number of steps
+            N = self.objective.num_scales(step) if hasattr(self.objective, "num_scales") else s.steps
+            x = sample_progdist(model, shape, N, generator=gens, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+                                device=device, **cond)
+            save_grid(x, out / f"step_{step:06d}_progdist{N}.png")
+            return
         if c.precond == "edm":
-            x = sample_heun(model, shape, edm_sigmas(s.steps, c.sigma_min, c.sigma_max),
-                            generator=per_sample_generators(range(n), device), device=device, **cond)
+            x = sample_heun(model, shape, edm_sigmas(s.steps, c.sigma_min, c.sigma_max), generator=gens,
+                            device=device, **cond)
             save_grid(x, out / f"step_{step:06d}_heun{s.steps}.png")
             return
         grids = [("1step", [c.sigma_max])]

@@ -8,9 +8,10 @@ from .ct import CTLoss
 from .ect import ECTLoss
 from .edm import EDMLoss
 from .ict import ICTLoss
+from .pd import PDLoss
 
-LOSSES = {"edm": EDMLoss, "cd": CDLoss, "ct": CTLoss, "ict": ICTLoss, "ect": ECTLoss}
+LOSSES = {"edm": EDMLoss, "cd": CDLoss, "ct": CTLoss, "ict": ICTLoss, "ect": ECTLoss, "pd": PDLoss}
 
 
-__all__ = ["Loss", "EDMLoss", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss", "LOSSES",
+__all__ = ["Loss", "EDMLoss", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss", "PDLoss", "LOSSES",
            "paired_passes", "weighting"]
