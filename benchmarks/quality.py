@@ -39,6 +39,7 @@ from cmkit.zoo import shipped_model_dir
 RESULTS = Path(__file__).parent / "results"
 TEACHER = "fmnist-edm"
 STUDENTS = ("fmnist-cd", "fmnist-ict", "fmnist-ect")
+PD = "fmnist-pd"  # progressive distillation from the same teacher with the same budget as fmnist-cd
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
@@ -46,6 +47,7 @@ def settings(heun: list[int]) -> list[tuple[str, str, int]]:
     rows = [(TEACHER, "heun", s) for s in heun]
     for name in STUDENTS:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
+    rows += [(PD, "progdist", s) for s in (1, 2, 4)]  # the baseline CD is compared with (CM paper §6)
     return rows
 
 
