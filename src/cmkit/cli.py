@@ -175,12 +175,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export_diffusers(args: argparse.Namespace) -> int:
     """A cmkit ADM consistency model → a diffusers ConsistencyModelPipeline directory."""
     from .checkpoint import read_model_dir, read_safetensors
+    from .cli_options import check_output
+    from .config import Config
     from .nets.adm_weights import export_diffusers_pipeline
     from .schedules import training_grid
-    from .config import Config
 
-    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
-        raise CmkitError(f"{args.out} exists and is not empty; pass --overwrite to write into it")
+    check_output(args.out, "-o", args.overwrite, required=True, directory=True)
     d = read_model_dir(args.model, "denoiser")
     cfg = Config.from_dict(d.config)
     state = {k.removeprefix("net."): v for k, v in read_safetensors(d.weights).items()}

@@ -18,11 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .config import max_threads
 from .errors import CmkitError
 
 __all__ = ["parse_sigmas", "add_sampling_options", "add_output_option", "add_threads_option", "add_device_option",
            "apply_threads", "check_threads", "max_threads", "check_device", "check_int", "check_float", "check_seed",
-           "check_output", "check_distinct_outputs", "check_sampler_steps", "check_model_arg", "refuse_existing",
+           "check_output", "check_distinct_outputs", "check_sampler_steps", "check_model_arg",
            "IMAGE_SUFFIXES", "MAX_STEPS", "MAX_IMAGES", "MAX_BATCH"]
 
 #: file types a PNG grid may also be written as (Pillow writes each without extra plugins)
@@ -56,11 +57,6 @@ def parse_sigmas(text: str) -> list[float]:
 def add_threads_option(parser: Container) -> None:
     """``--threads N``: torch CPU threads for the work of the command (0: torch's default)."""
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0: torch's default)")
-
-
-def max_threads() -> int:
-    """The largest ``--threads`` accepted: 4 per CPU of this machine (torch crashes on absurd counts)."""
-    return 4 * max(1, os.cpu_count() or 1)
 
 
 def check_threads(threads: int | None, flag: str = "--threads") -> None:
@@ -216,12 +212,6 @@ def add_sampling_options(parser: Container, *, group: Container | None = None, s
         add_device_option(parser)
     if threads:
         add_threads_option(parser)
-
-
-def refuse_existing(path: str | None, overwrite: bool) -> None:
-    """Refuse to replace an existing output file unless --overwrite (checked before any work)."""
-    if path and Path(path).exists() and not overwrite:
-        raise CmkitError(f"{path} exists; pass --overwrite to replace it")
 
 
 def check_output(path: str | None, flag: str, overwrite: bool, *, required: bool = False, directory: bool = False,

@@ -47,6 +47,12 @@ RUN_CONTROL_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sam
 DATA_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "emoji": 0}
 
 
+def max_threads() -> int:
+    """The largest thread count accepted (``train.num_threads``, ``--threads``): 4 per CPU of this machine
+    (torch crashes on absurd counts)."""
+    return 4 * max(1, os.cpu_count() or 1)
+
+
 def require(ok: bool, message: str) -> None:
     """Raise ``CmkitError(message)`` unless ``ok``: the one-line form of every config rule."""
     if not ok:
@@ -107,9 +113,9 @@ class TrainConfig:
         return cls(list(params), lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
     def check(self) -> None:
-        cores = 4 * max(1, os.cpu_count() or 1)
-        require(self.num_threads <= cores, f"train.num_threads must be 0 (torch's default) or at most {cores} "
-                                           f"(4 per CPU), got {self.num_threads}")
+        most = max_threads()
+        require(self.num_threads <= most, f"train.num_threads must be 0 (torch's default) or at most {most} "
+                                          f"(4 per CPU), got {self.num_threads}")
         for key in ("steps", "batch_size", "log_every", "max_skipped"):
             require(getattr(self, key) >= 1, f"train.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("warmup_steps", "sample_every", "ckpt_every", "num_threads"):
