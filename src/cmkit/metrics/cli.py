@@ -1,4 +1,5 @@
-"""``cmkit eval``: FD, KID and precision/recall of samples against a reference, with the real-vs-real floor.
+"""``cmkit eval``: FD, KID and precision/recall of samples against a reference, with the real-vs-real floor; with
+``--features inception`` also the Inception Score and sFID of the ADM evaluator (the CM paper's numbers).
 
 Registered on the main parser by ``add_cli(subparsers)``. The handler only parses and prints; the work is done
 by :func:`cmkit.metrics.evaluate.evaluate_images`, so other sources of images (e.g. ``--model``) can reuse it.
@@ -19,6 +20,7 @@ from .images import load_images_npz
 
 MAX_KID_SUBSETS = 10_000  # the reference code uses 100
 _ROWS = (("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
+_INCEPTION_ROWS = (("inception_score", "IS"), ("sfid", "sFID"))
 
 
 def add_cli(subparsers: Any) -> None:
@@ -26,11 +28,14 @@ def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval", help="FD, KID, precision/recall of samples against a reference",
         description="Fréchet distance, KID and precision/recall (k=3) of samples against a reference set, "
-                    "with the real-vs-real floor (Fashion-MNIST train vs test) beside them.")
+                    "with the real-vs-real floor (Fashion-MNIST train vs test) beside them; with --features "
+                    "inception also the Inception Score and sFID, as OpenAI's evaluator (evaluations/evaluator.py) "
+                    "reports them, e.g. --ref VIRTUAL_imagenet64_labeled.npz.")
     p.add_argument("--samples", metavar="S.npz", help="samples as uint8 NHWC images under arr_0")
     p.add_argument("--ref", default="fmnist-test", metavar="R.npz|fmnist-test|fmnist-train",
-                   help="reference: an .npz of images (arr_0) or of statistics (mu, sigma[, features]), "
-                        "or a Fashion-MNIST split (default: fmnist-test)")
+                   help="reference: an .npz of images (arr_0), of statistics (mu, sigma[, mu_s, sigma_s, "
+                        "features]) or both (OpenAI's reference batches), or a Fashion-MNIST split "
+                        "(default: fmnist-test)")
     p.add_argument("--features", choices=FEATURE_SPACES, default="fmnist",
                    help="feature space: the shipped Fashion-MNIST classifier (reported as 'FD (Fashion-MNIST "
                         "classifier features)') or the FID Inception (reported as 'FID'); default fmnist")
@@ -73,7 +78,7 @@ def check_eval_args(args: argparse.Namespace) -> None:
         ref = Path(args.ref).expanduser()
         if not ref.is_file():
             raise CmkitError(f"reference file not found: {ref} (give an .npz, {' or '.join(FMNIST_REFS)})")
-        _check_reference_npz(ref)
+        _check_reference_npz(ref, args.features)
     if args.model is not None:
         if args.samples:
             raise CmkitError("give either --samples or --model, not both")
@@ -86,20 +91,14 @@ def check_eval_args(args: argparse.Namespace) -> None:
             parse_sigmas(args.sigmas)
 
 
-def _check_reference_npz(path: Path) -> None:
-    """A reference .npz numpy can open; images in it (arr_0) are checked here, statistics where they are used."""
-    import numpy as np
+def _check_reference_npz(path: Path, features: str = "fmnist") -> None:
+    """A reference .npz with images (arr_0) and/or statistics of the shapes of the ``features`` space, checked
+    before any sampling or feature extraction (images by their header only)."""
+    from .evaluate import extractor_class
+    from .reference import read_reference_npz
 
-    from ..utils import check_npz_archive, read_npz_images
-
-    check_npz_archive(path, "--ref")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            has_images = "arr_0" in z.files
-    except (ValueError, OSError, EOFError) as e:
-        raise CmkitError(f"--ref {path} is not a readable .npz archive ({' '.join(str(e).split())[:200]})") from None
-    if has_images:
-        read_npz_images(path, "--ref", square=False)
+    cls = extractor_class(features)
+    read_reference_npz(path, cls.dim, cls.extra_dims.get("spatial"), cls.name, images=False)
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
@@ -138,9 +137,10 @@ def format_results(result: dict[str, Any]) -> str:
             return "n/a"
         if key == "kid":
             return "n/a" if r["kid_mean"] is None else f"{r['kid_mean']:.5f} ± {r['kid_std']:.5f}"
-        return "n/a" if r[key] is None else f"{r[key]:.4f}"
+        return "n/a" if r.get(key) is None else f"{r[key]:.4f}"
 
-    for key, name in _ROWS:
+    rows = _ROWS + (_INCEPTION_ROWS if result.get("feature_space") == "inception" else ())
+    for key, name in rows:
         lines.append(f"{name:<10} {cell(result, key):>22} {cell(floor, key):>22}")
     if floor is not None:
         lines.append(f"floor: {floor['description']}")
@@ -148,6 +148,8 @@ def format_results(result: dict[str, Any]) -> str:
         lines.append("floor: n/a (defined for the fmnist-test and fmnist-train references)")
     if result["kid_mean"] is None:
         lines.append("KID and precision/recall need reference features (the reference .npz holds only mu/sigma)")
+    if result.get("feature_space") == "inception" and result.get("sfid") is None:
+        lines.append("sFID needs the reference's spatial statistics (mu_s, sigma_s) or its images (arr_0)")
     return "\n".join(lines)
 
 

@@ -2,7 +2,10 @@
 
 FD (Heusel et al. 2017), KID (Bińkowski et al. 2018) and improved precision/recall with k = 3
 (Kynkäänniemi et al. 2019) are computed in one feature space; the result carries that space's label
-("FID" for Inception pool_3, "FD (Fashion-MNIST classifier features)" for the project's classifier). The floor is
+("FID" for Inception pool_3, "FD (Fashion-MNIST classifier features)" for the project's classifier). In the FID
+Inception's space the result also has the ADM evaluator's Inception Score (``inception_score``) and sFID
+(``sfid``, the Fréchet distance of the mixed_6/conv spatial features; needs the reference's spatial statistics:
+``mu_s``/``sigma_s`` or images); elsewhere they are None. The floor is
 the same metrics for real images that the model never saw as samples: for a Fashion-MNIST reference, the same
 number of images from the other split, so that a model's number can be read against what real data scores.
 """
@@ -19,11 +22,25 @@ from .features import FeatureExtractor
 from .frechet import feature_statistics, frechet_distance_stats, require_scipy
 from .idx import load_fmnist
 from .images import as_uint8_nhwc
+from .inception_score import inception_score_from_logits
 from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
 from .reference import FMNIST_SPLITS, Reference, load_reference
 
 FEATURE_SPACES = ("fmnist", "inception")
+
+
+def extractor_class(features: str) -> type[FeatureExtractor]:
+    """The extractor class of the feature space ``features`` (its ``dim``/``extra_dims``, without weights)."""
+    if features == "fmnist":
+        from .fmnist_classifier import FMNISTExtractor
+
+        return FMNISTExtractor
+    if features == "inception":
+        from .inception import InceptionExtractor
+
+        return InceptionExtractor
+    raise CmkitError(f"unknown feature space {features!r}; expected one of {', '.join(FEATURE_SPACES)}")
 
 
 def get_extractor(features: str = "fmnist", *, inception_weights: str | Path | None = None,
@@ -44,14 +61,23 @@ def get_extractor(features: str = "fmnist", *, inception_weights: str | Path | N
 
 
 def metrics_from_features(features: np.ndarray, reference: Reference, *, kid_subsets: int = 100,
-                          kid_subset_size: int = 1000, k: int = 3, seed: int = 0) -> dict[str, Any]:
-    """fd, kid_mean, kid_std, precision, recall of sample features (N, D) against ``reference``.
+                          kid_subset_size: int = 1000, k: int = 3, seed: int = 0,
+                          extras: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """fd, kid_mean, kid_std, precision, recall, inception_score, sfid of sample features (N, D) against
+    ``reference``.
 
-    KID and precision/recall need the reference's features; they are None when only (μ, Σ) are known.
+    KID and precision/recall need the reference's features; they are None when only (μ, Σ) are known. The
+    Inception Score needs ``extras['logits']``, sFID ``extras['spatial']`` and the reference's spatial statistics.
     """
+    extras = extras or {}
     out: dict[str, Any] = {"n_samples": int(len(features)), "n_reference": int(reference.n),
                            "fd": frechet_distance_stats(feature_statistics(features), reference.stats),
-                           "kid_mean": None, "kid_std": None, "precision": None, "recall": None}
+                           "kid_mean": None, "kid_std": None, "precision": None, "recall": None,
+                           "inception_score": None, "sfid": None}
+    if "logits" in extras:
+        out["inception_score"] = inception_score_from_logits(extras["logits"])
+    if "spatial" in extras and reference.spatial is not None:
+        out["sfid"] = frechet_distance_stats(feature_statistics(extras["spatial"]), reference.spatial)
     if reference.features is not None:
         out["kid_mean"], out["kid_std"] = kernel_inception_distance(
             features, reference.features, n_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
@@ -64,14 +90,15 @@ def evaluate(samples: np.ndarray | torch.Tensor, reference: Reference, extractor
              progress: bool = True, **kwargs: Any) -> dict[str, Any]:
     """Metrics of ``samples`` (uint8 NHWC or float NCHW in [-1, 1]) against ``reference`` in ``extractor``'s space.
 
-    Returns {label, feature_space, reference, n_samples, n_reference, fd, kid_mean, kid_std, precision, recall}.
+    Returns {label, feature_space, reference, n_samples, n_reference, fd, kid_mean, kid_std, precision, recall,
+    inception_score, sfid}.
     """
     if reference.feature_space != extractor.name:
         raise CmkitError(f"reference {reference.name!r} is in the {reference.feature_space!r} feature space, "
                          f"not {extractor.name!r}")
-    feats = extractor.extract(samples, progress=progress)
+    feats, extras = extractor.extract_all(samples, progress=progress)
     return {"label": extractor.label, "feature_space": extractor.name, "reference": reference.name,
-            **metrics_from_features(feats, reference, **kwargs)}
+            **metrics_from_features(feats, reference, extras=extras, **kwargs)}
 
 
 def floor_images(reference_name: str, n: int, data_root: str | Path | None = None,

@@ -8,6 +8,12 @@ torchvision (``Conv2d_1a_3x3.conv.weight``, ``Mixed_7c.branch_pool.bn.running_va
 pytorch-fid weights file loads as is. Input handling follows pytorch-fid: uint8 -> [0, 1], bilinear resize to
 299×299 (``align_corners=False``), then 2x − 1; grey images are repeated to three channels.
 
+Besides pool_3, the extractor returns what the ADM evaluator (openai/guided-diffusion
+``evaluations/evaluator.py``) uses for its other metrics: sFID's spatial features, the TF graph's
+``mixed_6/conv`` (the ReLU output of ``Mixed_6d.branch1x1``, 192 × 17 × 17) cut to its first 7 channels and
+flattened in TF's NHWC order (7 · 17 · 17 = 2023), and the Inception Score's logits, pool_3 times the
+softmax weights without their bias (the evaluator multiplies by ``softmax/logits/MatMul``'s weight only).
+
 Weights are never downloaded: pass a path, or set ``CMKIT_INCEPTION_WEIGHTS``.
 """
 from __future__ import annotations
@@ -27,6 +33,8 @@ WEIGHTS_ENV = "CMKIT_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 NUM_CLASSES = 1008  # the TF graph's softmax size
 FID_LABEL = "FID"
+SPATIAL_CHANNELS = 7  # the evaluator's ``spatial[..., :7]`` of mixed_6/conv
+SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17  # 2023
 
 
 class BasicConv2d(nn.Module):
@@ -168,14 +176,27 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, NUM_CLASSES)  # unused for pool_3; present so the weights file loads strictly
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_spatial(x, spatial=False)[0]
+
+    def forward_spatial(self, x: Tensor, spatial: bool = True) -> tuple[Tensor, Tensor | None]:
+        """pool_3 (B, 2048) and sFID's spatial features (B, 2023): the first 7 channels of ``mixed_6/conv``
+        (``Mixed_6d.branch1x1``'s output, the ReLU after its batch norm) flattened as (17, 17, 7), TF's order."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
+        s = None
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            if spatial and block is self.Mixed_6d:  # a 1×1 conv recomputed: cheap, and the blocks stay plain
+                s = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
             x = block(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1), s
+
+    def logits(self, pool: Tensor) -> Tensor:
+        """The Inception Score's logits of pool_3 features, as the ADM evaluator forms them: ``pool @ W``
+        with the softmax layer's weight and no bias."""
+        return pool @ self.fc.weight.T
 
 
 def resolve_weights(path: str | Path | None) -> Path:
@@ -228,6 +249,7 @@ class InceptionExtractor(FeatureExtractor):
     name = "inception"
     label = FID_LABEL
     dim = 2048
+    extra_dims = {"spatial": SPATIAL_DIM, "logits": NUM_CLASSES}
 
     def __init__(self, weights: str | Path | None = None, *, model: FIDInceptionV3 | None = None,
                  device: str | torch.device = "cpu", batch_size: int = 50) -> None:
@@ -248,12 +270,20 @@ class InceptionExtractor(FeatureExtractor):
             self._digest = _file_digest(self._weights)
         return f"inception-{self._digest}"
 
-    def _forward(self, batch: Tensor) -> Tensor:
+    @staticmethod
+    def _prepare(batch: Tensor) -> Tensor:
         x = batch.float() / 255.0
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.model(2 * x - 1)
+        return 2 * x - 1
+
+    def _forward(self, batch: Tensor) -> Tensor:
+        return self.model(self._prepare(batch))
+
+    def _forward_extras(self, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        pool, spatial = self.model.forward_spatial(self._prepare(batch))
+        return pool, {"spatial": spatial, "logits": self.model.logits(pool)}
 
 
 def random_inception(seed: int = 0) -> FIDInceptionV3:
@@ -268,4 +298,4 @@ def random_inception(seed: int = 0) -> FIDInceptionV3:
 
 
 __all__ = ["FIDInceptionV3", "InceptionExtractor", "load_inception", "random_inception", "resolve_weights",
-           "WEIGHTS_ENV", "FID_LABEL"]
+           "WEIGHTS_ENV", "FID_LABEL", "SPATIAL_DIM"]
