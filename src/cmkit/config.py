@@ -28,9 +28,9 @@ from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 T = TypeVar("T")
 
-Arch = Literal["unet", "mlp", "adm"]
+Arch = Literal["unet", "mlp", "adm", "ddpmpp", "ncsnpp", "dhariwal"]
 Embedding = Literal["positional", "fourier"]
-PrecondKind = Literal["edm", "cm"]
+PrecondKind = Literal["edm", "cm", "vp", "ve"]
 Method = Literal["edm", "cd", "ct", "ict", "ect", "pd"]
 Optimizer = Literal["adam", "radam"]
 DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz"]
@@ -167,11 +167,16 @@ class RunConfig:
 
 # --- the consistency-model / diffusion run ---------------------------------------------------------
 
+#: EDM's networks (cmkit.nets.edm) and the noise embedding each has.
+EDM_EMBEDDING = {"ddpmpp": "positional", "ncsnpp": "fourier", "dhariwal": "positional"}
+
+
 @dataclass
 class ModelConfig:
     """Backbone and preconditioning of a denoiser ``model(x, sigma, class_labels=None) -> x0``."""
 
-    arch: Arch = "unet"                          # unet | mlp | adm (the CM paper's released network)
+    arch: Arch = "unet"                          # unet | mlp | adm (the CM paper's released network) |
+                                                 # ddpmpp | ncsnpp | dhariwal (EDM's networks, cmkit.nets.edm)
     img_resolution: int = 8                      # image side
     in_channels: int = 1                         # image channels
     model_channels: int = 32                     # unet: width of the first level
@@ -187,7 +192,10 @@ class ModelConfig:
     depth: int = 3                               # mlp: hidden layers
     scale_shift: bool = True                     # adm: scale-shift noise conditioning (use_scale_shift_norm)
     resblock_updown: bool = True                 # adm: resample inside residual blocks
+    augment_dim: int = 0                         # ddpmpp, ncsnpp, dhariwal: EDM's augmentation-label inputs (9 in
+                                                 # its released CIFAR-10/FFHQ/AFHQ models; no labels are passed)
     precond: PrecondKind = "cm"                  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
+                                                 # | vp, ve (EDM's baseline-* teachers, sampling only)
     sigma_min: float = SIGMA_MIN                 # σ_min (consistency boundary)
     sigma_max: float = SIGMA_MAX                 # σ_max (one-step sampling starts here)
     sigma_data: float = SIGMA_DATA               # σ_data of the preconditioning and the weightings
@@ -195,7 +203,7 @@ class ModelConfig:
     NET_KEYS: ClassVar[tuple[str, ...]] = (
         "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
         "dropout", "num_classes", "embedding", "fourier_scale", "head_channels", "hidden", "depth", "scale_shift",
-        "resblock_updown")
+        "resblock_updown", "augment_dim")
 
     def build(self) -> Any:
         """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
@@ -203,6 +211,10 @@ class ModelConfig:
         from .precond import Precond
 
         net = build_net(self.arch, **{k: getattr(self, k) for k in self.NET_KEYS})
+        if self.precond in ("vp", "ve"):  # EDM's baseline-* teachers
+            from .nets.edm import VEPrecond, VPPrecond
+
+            return VPPrecond(net) if self.precond == "vp" else VEPrecond(net)
         return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max)
 
     def check(self) -> None:
@@ -224,7 +236,18 @@ class ModelConfig:
                                                     "set model.embedding=positional")
             bad = [m * self.model_channels for m in self.channel_mult if (m * self.model_channels) % 32]
             require(not bad, f"model.arch=adm uses GroupNorm(32): widths {bad} are not multiples of 32")
-        if self.arch in ("unet", "adm"):
+        if self.arch in EDM_EMBEDDING:
+            want = EDM_EMBEDDING[self.arch]
+            require(self.embedding == want, f"model.arch={self.arch} embeds the noise level with "
+                                            f"{want} features; set model.embedding={want}")
+            widths = {m * self.model_channels for m in self.channel_mult} | {self.model_channels}
+            bad = sorted(w for w in widths if w < 4 or w % min(32, w // 4))
+            require(not bad, f"model.arch={self.arch} uses GroupNorm(min(32, C/4)): widths {bad} do not split")
+            require(0 <= self.augment_dim <= 64, f"model.augment_dim must be 0 to 64, got {self.augment_dim}")
+        else:
+            require(self.augment_dim == 0, f"model.augment_dim is an option of EDM's networks (model.arch=ddpmpp, "
+                                           f"ncsnpp or dhariwal), not of model.arch={self.arch}")
+        if self.arch in ("unet", "adm", *EDM_EMBEDDING):
             levels = 2 ** (len(self.channel_mult) - 1)
             require(self.img_resolution % levels == 0,
                     f"model.img_resolution={self.img_resolution} must be divisible by {levels} "

@@ -3,7 +3,8 @@
 Denoiser presets (diffusion teachers and consistency models): the CPU presets train on 8×8 digits, 28×28
 Fashion-MNIST or 32×32 emoji in minutes to an hour; the paper presets carry the published hyperparameters
 (Song et al. 2023 Table 3 / reference ``launch.sh``; iCT; ECT ``run_ecm.sh``) with the published FID in their
-description (paper backbones are approximated by cmkit's UNet; data must be given as data.root).
+description (CIFAR-10 on EDM's NCSN++ / DDPM++ and ImageNet-64 on ADM, the papers' networks; LSUN on ADM; data
+must be given as data.root; teachers may be EDM's released pickles, see cmkit.nets.released).
 Autoencoder and consistency-decoder presets train the latent space and the decoder of ``cmkit.decoder``.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ FMNIST_NET = {"model.img_resolution": 28, "model.in_channels": 1, "model.model_c
               "train.log_every": 25, "train.sample_every": 1000, "train.ckpt_every": 500}
 EMOJI_NET = {**FMNIST_NET, "model.img_resolution": 32, "model.in_channels": 3, "model.attn_resolutions": (8,),
              "data.name": "emoji", "data.flip": True, "train.batch_size": 32}
-CIFAR_NET = {"model.img_resolution": 32, "model.in_channels": 3, "model.model_channels": 128,
+CIFAR_NET = {"model.arch": "ncsnpp", "model.img_resolution": 32, "model.in_channels": 3, "model.model_channels": 128,
              "model.channel_mult": (2, 2, 2), "model.num_blocks": 4, "model.attn_resolutions": (16,),
              "model.embedding": "fourier", "model.fourier_scale": 16.0, "data.name": "npz", "data.flip": True,
              "train.log_every": 100, "train.sample_every": 10_000, "train.ckpt_every": 10_000}
@@ -139,27 +140,29 @@ PRESETS: dict[str, Preset] = {
         **EMOJI_NET, "train.batch_size": 64, "model.dropout": 0.2, "loss.method": "ict", "train.steps": 4_000,
         "train.lr": 2e-4, "train.optimizer": "adam", "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
     # --- paper recipes (GPU scale) -------------------------------------------------------------------
-    "cifar10-edm": Preset("CIFAR-10 EDM teacher (NCSN++-like, dropout 0.13, Adam 1e-3); paper FID 2.04 at 35 NFE", {
+    "cifar10-edm": Preset("CIFAR-10 EDM teacher (NCSN++, dropout 0.13, Adam 1e-3); paper FID 2.04 at 35 NFE "
+                          "(EDM's edm-cifar10-32x32-uncond-ve.pkl)", {
         **CIFAR_NET, "model.precond": "edm", "model.dropout": 0.13, "loss.method": "edm", "train.steps": 400_000,
         "train.batch_size": 512, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 19_500,
         "train.ema_rates": (0.99929,), "sample.sampler": "heun", "sample.steps": 18}),
-    "cifar10-cd": Preset("CIFAR-10 CD (LPIPS, Heun, N=18, μ=0, RAdam 4e-4, batch 512, 800k); paper FID 3.55 (1-step), 2.93 (2-step)", {
+    "cifar10-cd": Preset("CIFAR-10 CD on NCSN++ (LPIPS, Heun, N=18, μ=0, RAdam 4e-4, batch 512, 800k); paper FID 3.55 (1-step), 2.93 (2-step)", {
         **CIFAR_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "lpips",
         "loss.solver": "heun", "train.steps": 800_000, "train.batch_size": 512, "train.lr": 4e-4,
         "train.ema_rates": (0.9999,), "train.teacher": "runs/cifar10-edm", "train.init_from": "runs/cifar10-edm",
         "sample.sigmas": (80.0, 0.5853)}),
-    "cifar10-ct": Preset("CIFAR-10 CT (LPIPS, s0=2, s1=150, μ0=0.9, RAdam 4e-4, batch 512, 800k, random init); paper FID 8.70 / 5.83", {
+    "cifar10-ct": Preset("CIFAR-10 CT on NCSN++ (LPIPS, s0=2, s1=150, μ0=0.9, RAdam 4e-4, batch 512, 800k, random init); paper FID 8.70 / 5.83", {
         **CIFAR_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 150, "loss.mu0": 0.9, "loss.distance": "lpips",
         "train.steps": 800_000, "train.batch_size": 512, "train.lr": 4e-4, "train.ema_rates": (0.9999,),
         "sample.sigmas": (80.0, 0.5853)}),
-    "cifar10-ict": Preset("CIFAR-10 iCT (pseudo-Huber, Fourier scale 0.02, dropout 0.3, Adam 1e-4, batch 1024, 400k); paper FID 2.83 / 2.46", {
+    "cifar10-ict": Preset("CIFAR-10 iCT on NCSN++ (pseudo-Huber, Fourier scale 0.02, dropout 0.3, Adam 1e-4, batch 1024, 400k); paper FID 2.83 / 2.46", {
         **CIFAR_NET, "model.fourier_scale": 0.02, "model.dropout": 0.3, "loss.method": "ict", "loss.s0": 10,
         "loss.s1": 1280, "train.steps": 400_000, "train.batch_size": 1024, "train.lr": 1e-4,
         "train.optimizer": "adam", "train.ema_rates": (0.99993,), "sample.sigmas": (80.0, 0.821)}),
     "cifar10-ect": Preset("CIFAR-10 ECT (DDPM++, dropout 0.2, RAdam 1e-4, batch 128, 400k, double 25k, c=0); paper FID 3.60 / 2.11", {
-        **CIFAR_NET, "model.embedding": "positional", "model.dropout": 0.2, "data.flip": False, "loss.method": "ect",
-        "loss.double_steps": 25_000, "loss.huber_c": 0.0, "train.steps": 400_000, "train.batch_size": 128,
-        "train.lr": 1e-4, "train.ema_rates": (0.9999,), "train.init_from": "runs/cifar10-edm",
+        **CIFAR_NET, "model.arch": "ddpmpp", "model.embedding": "positional", "model.dropout": 0.2, "data.flip": False,
+        "loss.method": "ect", "loss.double_steps": 25_000, "loss.huber_c": 0.0, "train.steps": 400_000,
+        "train.batch_size": 128, "train.lr": 1e-4, "train.ema_rates": (0.9999,),
+        "train.init_from": "edm-cifar10-32x32-uncond-vp.pkl",  # EDM's released DDPM++ (download it)
         "sample.sigmas": (80.0, 0.821)}),
     "imagenet64-edm": Preset("ImageNet-64 EDM teacher (ADM 192ch, class-cond, dropout 0.1, RAdam 1e-4, batch 4096); paper FID 2.44 at 79 NFE", {
         **IMAGENET64_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "loss.P_mean": -1.2,

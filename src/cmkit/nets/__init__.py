@@ -7,18 +7,20 @@ from typing import Any
 from torch import nn
 
 from .adm import ADMUNet
+from .edm import DDPMpp, DhariwalUNet, NCSNpp
 from .mlp import MLPNet
 from .unet import UNet
 
-ARCHS = {"unet": UNet, "mlp": MLPNet, "adm": ADMUNet}
+ARCHS = {"unet": UNet, "mlp": MLPNet, "adm": ADMUNet, "ddpmpp": DDPMpp, "ncsnpp": NCSNpp, "dhariwal": DhariwalUNet}
 
 
 def build_net(arch: str, **kwargs: Any) -> nn.Module:
-    """Instantiate a backbone by name (``unet``, ``mlp`` or ``adm``) with the config options it takes."""
+    """Instantiate a backbone by name (``unet``, ``mlp``, ``adm``, or EDM's ``ddpmpp``, ``ncsnpp``, ``dhariwal``) with
+    the config options it takes."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHS)}")
     params = inspect.signature(ARCHS[arch]).parameters
     return ARCHS[arch](**{k: v for k, v in kwargs.items() if k in params})
 
 
-__all__ = ["UNet", "MLPNet", "ADMUNet", "build_net", "ARCHS"]
+__all__ = ["UNet", "MLPNet", "ADMUNet", "DDPMpp", "NCSNpp", "DhariwalUNet", "build_net", "ARCHS"]
