@@ -7,8 +7,10 @@
     cmkit edit denoise     --model M --input NOISY [--sigma 0.3] [--add-noise] -o OUT
     cmkit edit interpolate --model M (--seeds 0,1 | --input A --input2 B [--sigma 2]) [--frames 9] -o OUT
 
-Every task takes --index (one image of an .npz input), --seed, --threads and --overwrite; all but interpolate take
---panel (a side-by-side PNG); inpaint, colorize, superres and stroke take --steps/--sigmas (σ levels).
+Every task takes --index (one image of an .npz input), --seed, --threads, --overwrite and, for class-conditional
+models, --class (as ``cmkit sample``: one label, or a list cycled over the images; random labels from --seed
+otherwise); all but interpolate take --panel (a side-by-side PNG); inpaint, colorize, superres and stroke take
+--steps/--sigmas (σ levels).
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cli_options import (IMAGE_SUFFIXES, MAX_STEPS, add_output_option, add_sampling_options, add_threads_option,
-                           apply_threads, check_distinct_outputs, check_float, check_int, check_model_arg, check_output,
-                           check_seed, check_threads, parse_sigmas)
+from ..cli_options import (IMAGE_SUFFIXES, MAX_STEPS, add_class_option, add_output_option, add_sampling_options,
+                           add_threads_option, apply_threads, check_distinct_outputs, check_float, check_int,
+                           check_model_arg, check_output, check_seed, check_threads, class_labels, parse_sigmas)
 from ..errors import CmkitError
 from .tasks import STROKE_SIGMA
 
@@ -156,6 +158,18 @@ def _check_with_model(args: argparse.Namespace, cfg: Any) -> None:
                              f"choose one of {', '.join(map(str, divisors))}")
 
 
+def _cond(args: argparse.Namespace, n: int) -> dict[str, Tensor]:
+    """The class conditioning of ``n`` edited images: ``{}`` for an unconditional model, else ``class_labels``
+    from --class (cycled over the images), or random labels drawn from --seed when it is not given."""
+    if not args.num_classes:
+        return {}
+    labels = class_labels(args.classes, args.num_classes, n)
+    if labels is None:
+        labels = torch.randint(args.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
+        print(f"class-conditional model: random class labels {labels.tolist()} (choose them with --class)")
+    return {"class_labels": labels}
+
+
 Edited = tuple[Tensor, list[Tensor]]  # (output images, columns of the --panel image)
 Handler = Callable[[argparse.Namespace, Any, int, int, torch.Generator], Edited]
 
@@ -167,7 +181,7 @@ def _inpaint(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gene
     y = load_images(args.input, C, R, args.index)
     mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
             else builtin_mask(args.builtin or "center", R))
-    out = tasks.inpaint(model, y, mask, _sigma_list(args), generator=g, grid=args.grid)
+    out = tasks.inpaint(model, y, mask, _sigma_list(args), generator=g, grid=args.grid, **_cond(args, len(y)))
     return out, [y, y * (1 - mask) - mask, out]
 
 
@@ -177,7 +191,7 @@ def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
     if C != 3:
         raise CmkitError("colorization needs a colour (3-channel) model")
     gray = tasks.to_gray3(load_images(args.input, 3, R, args.index))
-    out = tasks.colorize(model, gray, _sigma_list(args), generator=g, grid=args.grid)
+    out = tasks.colorize(model, gray, _sigma_list(args), generator=g, grid=args.grid, **_cond(args, len(gray)))
     return out, [gray, out]
 
 
@@ -185,7 +199,8 @@ def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
     from . import tasks
 
     low = load_images(args.input, C, R // args.factor, args.index)
-    out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g, grid=args.grid)
+    out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g, grid=args.grid,
+                              **_cond(args, len(low)))
     return out, [torch.nn.functional.interpolate(low, scale_factor=args.factor, mode="nearest"), out]
 
 
@@ -194,7 +209,8 @@ def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gener
 
     y = load_images(args.input, C, R, args.index)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
-    out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g, grid=args.grid)
+    out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g, grid=args.grid,
+                              **_cond(args, len(y)))
     return out, [y, out]
 
 
@@ -204,7 +220,7 @@ def _denoise(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gene
     y = load_images(args.input, C, R, args.index)
     if args.add_noise:
         y = y + args.sigma * torch.randn(y.shape, generator=g)
-    out = tasks.denoise(model, y, args.sigma)
+    out = tasks.denoise(model, y, args.sigma, **_cond(args, len(y)))
     return out, [y.clamp(-1, 1), out]
 
 
@@ -219,11 +235,12 @@ def _interpolate(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.
         if len(x1) != len(x2):
             raise CmkitError(f"--input holds {len(x1)} image(s) but --input2 holds {len(x2)}; give as many (or "
                              "pick one of each with --index)")
-        frames = tasks.interpolate_images(model, x1, x2, args.frames, args.sigma, generator=g, grid=args.grid)
+        frames = tasks.interpolate_images(model, x1, x2, args.frames, args.sigma, generator=g, grid=args.grid,
+                                          **_cond(args, len(x1)))
     else:
         s = _seeds(args)
         z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)) for v in s)
-        frames = tasks.interpolate_noise(model, z1, z2, args.frames)
+        frames = tasks.interpolate_noise(model, z1, z2, args.frames, **_cond(args, 1))
     return frames[:, 0], []
 
 
@@ -242,6 +259,8 @@ def run_edit(args: argparse.Namespace) -> int:
     if cfg.model.precond != "cm":
         raise CmkitError("editing needs a consistency model (this one is a diffusion/EDM model)")
     _check_with_model(args, cfg)
+    args.num_classes = cfg.model.num_classes
+    class_labels(args.classes, args.num_classes, 1)  # --class for an unconditional model or out of range: now
     from ..schedules import training_grid
 
     args.grid = training_grid(cfg)  # default σ lists lie on the grid the model was trained on
@@ -293,6 +312,7 @@ def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None
         add_threads_option(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (-o, --panel)" if panel else "replace an existing -o file")
+    add_class_option(p)
     p.set_defaults(func=run_edit)
 
 
