@@ -98,13 +98,13 @@ def _stats_pair(data: np.lib.npyio.NpzFile, p: Path, mu_key: str, sigma_key: str
         return None
     if mu_key not in keys or sigma_key not in keys:
         have, lack = (mu_key, sigma_key) if mu_key in keys else (sigma_key, mu_key)
-        raise CmkitError(f"{p}: has {have!r} but no {lack!r}; {what} statistics need both")
+        raise CmkitError(f"{p}: has {have!r} but no {lack!r}; {what}statistics need both")
     mu, sigma = np.asarray(data[mu_key]), np.asarray(data[sigma_key])
     if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
         raise CmkitError(f"{p}: {mu_key}/{sigma_key} must be numeric, got {mu.dtype}/{sigma.dtype}")
     d = dim if dim is not None else (mu.shape[0] if mu.ndim == 1 else -1)
     if mu.shape != (d,) or sigma.shape != (d, d):
-        want = f"({dim},)/({dim}, {dim}) ({dim}-d {what} features)" if dim is not None else "(D,)/(D, D)"
+        want = f"({dim},)/({dim}, {dim}) ({dim}-d {what}features)" if dim is not None else "(D,)/(D, D)"
         raise CmkitError(f"{p}: {mu_key}/{sigma_key} have shapes {mu.shape}/{sigma.shape}, expected {want}")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
@@ -150,8 +150,8 @@ def read_reference_npz(path: str | Path, dim: int | None = None, spatial_dim: in
                 if space != feature_space:
                     raise CmkitError(f"{p}: statistics were computed with the {space!r} features, "
                                      f"not {feature_space!r}")
-            stats = _stats_pair(data, p, "mu", "sigma", dim, "pool" if spatial_dim else "feature")
-            spatial = _stats_pair(data, p, "mu_s", "sigma_s", spatial_dim, "spatial (sFID)") if spatial_dim else None
+            stats = _stats_pair(data, p, "mu", "sigma", dim, "pool_3 " if spatial_dim else "")
+            spatial = _stats_pair(data, p, "mu_s", "sigma_s", spatial_dim, "spatial (sFID) ") if spatial_dim else None
             feats = None
             if "features" in keys:
                 feats = np.asarray(data["features"])
