@@ -150,6 +150,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CmkitError("convert needs an output directory: -o DIR")
     if Path(args.out).exists() and not args.overwrite:
         raise CmkitError(f"{args.out} exists; pass --overwrite to replace it")
+    from .nets.released import checkpoint_format
+
+    if checkpoint_format(args.src) in ("edm-pickle", "flax-msgpack"):
+        return _convert_released_net(args)
+    args.precond = args.precond or "cm"
     state, known = read_released(args.src)
     cfg = Config()
     for key, value in released_model_config(state, known, args.precond, args.image_size).items():
@@ -169,6 +174,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     m = cfg.model
     print(f"wrote {args.out} (ADM {m.img_resolution}px, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{'class-conditional' if m.num_classes else 'unconditional'}, precond {m.precond})")
+    return 0
+
+
+def _convert_released_net(args: argparse.Namespace) -> int:
+    """An EDM-style pickle (NVlabs/edm, ECT; read without running its code) or a Flax CIFAR-10 checkpoint
+    (openai/consistency_models_cifar10; its EMA parameters) → a cmkit model directory."""
+    import torch
+
+    from .checkpoint import load_state, save_model_dir
+    from .nets.released import config_for, read_released_net
+
+    section, state, fmt = read_released_net(args.src, args.precond, args.image_size)
+    cfg = config_for(section)
+    model = cfg.model.build()
+    load_state(model.net, state, str(args.src), f"the {section['arch']} network it describes")
+    meta = {"description": args.description or f"converted from {Path(args.src).name}",
+            "source": {"path": str(args.src), "format": fmt}}
+    save_model_dir(args.out, model, "denoiser", cfg.to_dict(), meta, dtype=torch.float16 if args.fp16 else None)
+    m = cfg.model
+    print(f"wrote {args.out} ({m.arch} {m.img_resolution}px, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, {'class-conditional' if m.num_classes else 'unconditional'}, precond {m.precond})")
     return 0
 
 
@@ -266,16 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_class_option(s)
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("convert", help="convert OpenAI's released consistency models (.pt or diffusers) to a model "
-                                       "directory",
+    s = sub.add_parser("convert", help="convert released models (OpenAI .pt/diffusers, EDM .pkl, JAX CIFAR-10) to a "
+                                       "model directory",
                        description="Convert a checkpoint of openai/consistency_models (a .pt state dict, read with "
                                    "weights_only) or of the diffusers openai/diffusers-* repositories (a UNet2DModel "
-                                   "directory) into a cmkit model directory that every --model option accepts.")
-    s.add_argument("src", help="the .pt file, or the diffusers directory (holding config.json, or unet/)")
+                                   "directory), an EDM-style pickle (NVlabs/edm or ECT .pkl snapshots and training "
+                                   "states, read without running any code from the file), or a Flax checkpoint_N of "
+                                   "openai/consistency_models_cifar10 (its EMA parameters, read without JAX) into a "
+                                   "cmkit model directory that every --model option accepts.")
+    s.add_argument("src", help="the .pt/.pkl/checkpoint_N file, or the diffusers directory (holding config.json, "
+                               "or unet/)")
     s.add_argument("-o", "--out", required=True, help="output model directory")
-    s.add_argument("--precond", choices=("cm", "edm"), default="cm",
-                   help="cm for the CD/CT models (boundary condition), edm for the EDM teachers (default cm)")
-    s.add_argument("--image-size", type=int, help="image side, when the channel_mult does not tell it")
+    s.add_argument("--precond", choices=("cm", "edm"),
+                   help="cm for the CD/CT models (boundary condition), edm for the EDM teachers (default cm; an EDM "
+                        "pickle says which it holds)")
+    s.add_argument("--image-size", type=int, help="image side, when the channel_mult does not tell it (JAX: 32)")
     from .nets.adm_weights import RELEASED_MODELS
 
     s.add_argument("--family", choices=sorted(RELEASED_MODELS),

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_model, load_weights, read_model_dir
 from .config import Config
 from .datasets import Batches, load_dataset
 from .ema import ema_update, make_copy
@@ -42,8 +41,10 @@ class DenoiserTask:
         self.objective = self.build_loss(cfg)
         if hasattr(getattr(self.objective, "distance", None), "load"):
             self.objective.distance.load()  # LPIPS weights: a missing file fails here, before any data is read
-        if t.init_from:
-            load_weights(self.model, read_model_dir(t.init_from, "denoiser").weights)
+        if t.init_from:  # a model/run directory, an EDM pickle or a Flax checkpoint (cmkit.nets.released)
+            from .nets.released import init_from
+
+            init_from(self.model, t.init_from, cfg.model)
         self.teacher = self._load_teacher() if self.objective.needs_teacher else None
         data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, cfg.model.img_resolution,
                             cfg.model.in_channels)
@@ -53,8 +54,10 @@ class DenoiserTask:
         self.target = make_copy(self.model) if self.objective.target_mu(0) is not None else None
 
     def _load_teacher(self) -> nn.Module:
-        teacher, tcfg = load_model(self.cfg.train.teacher, device=self.ctx.device)
-        if tcfg.model.precond != "edm":
+        from .nets.released import load_denoiser  # a model/run directory, an EDM pickle or a Flax checkpoint
+
+        teacher, tcfg = load_denoiser(self.cfg.train.teacher, device=self.ctx.device)
+        if tcfg.model.precond not in ("edm", "vp", "ve"):
             raise CmkitError(f"teacher {self.cfg.train.teacher} is not a diffusion (EDM) model")
         return teacher
 
