@@ -1,4 +1,4 @@
-"""The ``cmkit`` command line: train, sample, presets, models (plus eval, edit, decode when present).
+"""The ``cmkit`` command line: train, sample, presets, models (plus eval, edit, decode, serve when present).
 
 User errors print one line (``cmkit: error: ...``) and exit with status 2; no traceback. Command-line syntax errors
 (argparse) are one line too, exit 2. Anything else that goes wrong is a bug: one line naming the exception, exit 1;
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
 
-    for module in ("cmkit.metrics.cli", "cmkit.editing.cli", "cmkit.decoder.cli"):
+    for module in ("cmkit.metrics.cli", "cmkit.editing.cli", "cmkit.decoder.cli", "cmkit.serve.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

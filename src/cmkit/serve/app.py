@@ -1,0 +1,352 @@
+"""The Gradio page of ``cmkit serve``: four tabs over :class:`~cmkit.serve.backend.Backend`.
+
+Every event handler goes through :func:`guarded`: a user error (:class:`~cmkit.errors.CmkitError`, a bad number)
+becomes one line in the tab's status box, and anything unexpected one line naming the exception (its traceback
+goes to the server's log, never to the page). Gradio runs the handlers on its worker threads behind a queue,
+so the page stays responsive while a model works. Elements carry ``elem_id`` s (``sample-run``, ``edit-canvas``,
+``runs-loss``...) that the browser test and the screenshots use.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CmkitError
+from .backend import MAX_FRAMES, MAX_SAMPLES, Backend, display_scale, one_line, upscale
+
+SAMPLERS = ["auto", "onestep", "multistep", "heun", "euler", "progdist"]
+TASK_LABELS = {"inpaint": "inpaint (draw the region to fill)", "stroke": "stroke-guided (paint strokes)",
+               "colorize": "colorize", "superres": "super-resolve", "denoise": "denoise",
+               "interpolate": "interpolate"}
+PLOTS = (("loss", "loss"), ("grad_norm", "grad norm"), ("lr", "learning rate"), ("img_per_s", "images / s"))
+PALETTE = ["#ffffff", "#000000", "#808080", "#c0c0c0", "#e02020", "#20a020", "#2040e0", "#f0d020"]
+CSS = """
+.cmkit-error { color: #b00020; font-weight: 600; }
+#sample-out img, #edit-out img, #edit-panel img, #edit-mask img, #sample-cm-out img, #sample-teacher-out img
+  { image-rendering: pixelated; }
+"""
+
+
+def error_md(message: str) -> str:
+    return f'<span class="cmkit-error">⚠ Error: {message}</span>'
+
+
+def guarded(fn: Callable[..., tuple], n_outputs: int) -> Callable[..., tuple]:
+    """Run ``fn`` (whose last output is the tab's status text); on any error keep the other outputs and show
+    one line in the status instead of a traceback."""
+    import gradio as gr
+
+    def run(*args: Any) -> tuple:
+        try:
+            out = fn(*args)
+            return out if isinstance(out, tuple) else (out,)
+        except CmkitError as e:
+            message = one_line(e)
+        except (ValueError, FileNotFoundError) as e:
+            message = one_line(e) or type(e).__name__
+        except Exception as e:  # a bug: one line here, the traceback in the server's log
+            traceback.print_exc(file=sys.stderr)
+            message = f"internal error ({type(e).__name__}: {one_line(e, 200)}); the server log has the details"
+        return tuple(gr.skip() for _ in range(n_outputs - 1)) + (error_md(message),)
+
+    run.__name__ = getattr(fn, "__name__", "run")
+    return run
+
+
+def _schedule_text(sigmas: list[float]) -> str:
+    return ",".join(f"{s:.5g}" for s in sigmas)
+
+
+def _editor_value(image: np.ndarray) -> dict[str, Any]:
+    big = upscale(image, display_scale(image.shape[0]))
+    return {"background": big, "layers": [], "composite": big}
+
+
+def _write_png(images: np.ndarray, name: str) -> str:
+    """The native-size output as a PNG to download (a grid when there are several)."""
+    from PIL import Image
+
+    from ..utils import make_grid
+
+    a = images[0] if len(images) == 1 else make_grid(images, nrow=len(images))
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    path = Path(tempfile.mkdtemp(prefix="cmkit-serve-")) / name
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+def _plot(key: str, title: str) -> Any:
+    import gradio as gr
+
+    return gr.LinePlot(x="step", y="value", title=title, label=title, x_title="step", y_title=title, height=220,
+                       elem_id=f"runs-{key.replace('_', '-')}")
+
+
+def build(backend: Backend, refresh_s: float = 5.0) -> Any:
+    """The page (a ``gradio.Blocks``); ``launch`` it, or mount it in another FastAPI app."""
+    import gradio as gr
+    import pandas as pd
+
+    all_models = backend.model_choices()
+    cm_models = backend.model_choices(consistency_only=True)
+    default_model = "fmnist-cd" if "fmnist-cd" in all_models else (all_models[0] if all_models else None)
+    default_cm = "fmnist-cd" if "fmnist-cd" in cm_models else (cm_models[0] if cm_models else None)
+    edm_models = [m for m in all_models if m not in cm_models]
+
+    with gr.Blocks(title="cmkit") as demo:
+        gr.Markdown("## cmkit: consistency models, one network evaluation per image\n"
+                    "Sample, edit by drawing, decode latents and watch training runs. Models are loaded once and "
+                    "cached; files are read only under the paths given to `cmkit serve`.")
+        with gr.Tabs():
+            # --- Sample -------------------------------------------------------------------------------
+            with gr.Tab("Sample", id="sample"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        s_model = gr.Dropdown(all_models, value=default_model, allow_custom_value=True,
+                                              label="model (shipped name, or a model/run directory)",
+                                              elem_id="sample-model")
+                        s_info = gr.Markdown(elem_id="sample-info")
+                        s_sampler = gr.Radio(SAMPLERS, value="auto", label="sampler (auto: 1-step for consistency "
+                                             "models, Heun for diffusion models)", elem_id="sample-sampler")
+                        with gr.Row():
+                            s_steps = gr.Number(1, precision=0, label="steps", minimum=1, elem_id="sample-steps")
+                            s_seed = gr.Number(0, precision=0, label="seed", minimum=0, elem_id="sample-seed")
+                            s_n = gr.Number(16, precision=0, label=f"images (≤ {MAX_SAMPLES})", minimum=1,
+                                            maximum=MAX_SAMPLES, elem_id="sample-n")
+                        s_schedule = gr.Dropdown([], label="σ schedules of this model (fills the σ list)",
+                                                 elem_id="sample-schedule")
+                        s_sigmas = gr.Textbox("", label="σ list for multistep (e.g. 80,1.9233; empty: from steps)",
+                                              elem_id="sample-sigmas")
+                        s_class = gr.Textbox("", label="class label(s), conditional models only", visible=True,
+                                             elem_id="sample-class")
+                        s_run = gr.Button("Generate", variant="primary", elem_id="sample-run")
+                    with gr.Column(scale=2):
+                        s_status = gr.Markdown(elem_id="sample-status")
+                        s_out = gr.Image(label="samples", type="numpy", format="png", interactive=False,
+                                         elem_id="sample-out", buttons=["download"])
+                gr.Markdown("### Consistency model vs teacher: the same seeds, 1 step against Heun")
+                with gr.Row():
+                    s_teacher = gr.Dropdown(edm_models, value=None, allow_custom_value=True,
+                                            label="teacher: a diffusion model (filled in from the model's recipe)", elem_id="sample-teacher")
+                    s_tsteps = gr.Number(18, precision=0, label="teacher Heun steps (2N-1 evaluations)", minimum=2,
+                                         elem_id="sample-teacher-steps")
+                    s_compare = gr.Button("Compare with the teacher", elem_id="sample-compare")
+                c_status = gr.Markdown(elem_id="compare-status")
+                with gr.Row():
+                    c_cm = gr.Image(label="consistency model, 1 step", type="numpy", format="png",
+                                    interactive=False, height=240, elem_id="sample-cm-out")
+                    c_te = gr.Image(label="teacher, Heun", type="numpy", format="png", interactive=False,
+                                    height=240, elem_id="sample-teacher-out")
+
+            # --- Edit ---------------------------------------------------------------------------------
+            with gr.Tab("Edit", id="edit"):
+                e_src = gr.State(None)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        e_model = gr.Dropdown(cm_models, value=default_cm, allow_custom_value=True,
+                                              label="consistency model", elem_id="edit-model")
+                        with gr.Row():
+                            e_index = gr.Number(0, precision=0, minimum=0, label="held-out image #",
+                                                elem_id="edit-index")
+                            e_load = gr.Button("Load held-out image", elem_id="edit-load")
+                        e_upload = gr.Image(label="…or upload an image of the model's size", type="numpy",
+                                            image_mode=None, sources=["upload"], format="png", height=160,
+                                            elem_id="edit-upload")
+                        e_task = gr.Radio([(v, k) for k, v in TASK_LABELS.items()], value="inpaint", label="task",
+                                          elem_id="edit-task")
+                        with gr.Accordion("settings", open=False):
+                            e_steps = gr.Number(0, precision=0, minimum=0, label="σ levels (0: every level of "
+                                                "the model's training grid)", elem_id="edit-steps")
+                            e_sigma = gr.Slider(0.01, 2.0, value=0.3, step=0.01, label="denoise: noise σ added "
+                                                "and removed; interpolate images: σ", elem_id="edit-sigma")
+                            e_sigma_start = gr.Slider(0.5, 20.0, value=5.0, step=0.1,
+                                                      label="stroke-guided: σ the strokes are noised to",
+                                                      elem_id="edit-sigma-start")
+                            e_factor = gr.Dropdown([2, 4, 7, 8], value=4, label="super-resolution factor",
+                                                   elem_id="edit-factor")
+                            e_between = gr.Radio(["two seeds", "the image and a second held-out image"],
+                                                 value="two seeds", label="interpolate between",
+                                                 elem_id="edit-between")
+                            with gr.Row():
+                                e_seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="edit-seed")
+                                e_seed2 = gr.Number(1, precision=0, minimum=0, label="second seed / held-out #",
+                                                    elem_id="edit-seed2")
+                                e_frames = gr.Number(9, precision=0, minimum=2, maximum=MAX_FRAMES, label="frames",
+                                                     elem_id="edit-frames")
+                        e_run = gr.Button("Run", variant="primary", elem_id="edit-run")
+                    with gr.Column(scale=2):
+                        e_status = gr.Markdown(elem_id="edit-status")
+                        e_canvas = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=[], transforms=[],
+                                                  layers=False, canvas_size=(280, 280), height=380,
+                                                  brush=gr.Brush(default_size=18, colors=PALETTE,
+                                                                 default_color="#ffffff", color_mode="defaults"),
+                                                  label="draw the mask (inpaint) or paint strokes here",
+                                                  elem_id="edit-canvas")
+                        with gr.Row():
+                            e_mask = gr.Image(label="mask (white: generated)", type="numpy", format="png",
+                                              interactive=False, elem_id="edit-mask")
+                            e_out = gr.Image(label="output", type="numpy", format="png", interactive=False,
+                                             elem_id="edit-out")
+                        e_panel = gr.Image(label="input | known region | output", type="numpy", format="png",
+                                           interactive=False, elem_id="edit-panel")
+                        e_file = gr.File(label="download the output (model's size, PNG)", elem_id="edit-download")
+
+            # --- Decode -------------------------------------------------------------------------------
+            with gr.Tab("Decode", id="decode"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        d_latents = gr.Textbox(label="latents file on the server (.npy, .pt, .safetensors)",
+                                               elem_id="decode-latents")
+                        d_weights = gr.Textbox(label="decoder weights on the server (decoder.pt, diffusers "
+                                               "safetensors or a cmkit decoder directory)", elem_id="decode-weights")
+                        with gr.Row():
+                            d_steps = gr.Number(2, precision=0, minimum=1, label="steps", elem_id="decode-steps")
+                            d_schedule = gr.Textbox("", label="or a schedule (fractions, e.g. 1.0,0.5)",
+                                                    elem_id="decode-schedule")
+                        with gr.Row():
+                            d_dtype = gr.Radio(["fp32", "bf16", "fp16"], value="fp32", label="dtype",
+                                               elem_id="decode-dtype")
+                            d_tile = gr.Number(0, precision=0, minimum=0, label="tile (latent px, 0: none)",
+                                               elem_id="decode-tile")
+                            d_seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="decode-seed")
+                        d_run = gr.Button("Decode", variant="primary", elem_id="decode-run")
+                    with gr.Column(scale=2):
+                        d_status = gr.Markdown(elem_id="decode-status")
+                        d_out = gr.Image(label="decoded", type="numpy", format="png", interactive=False,
+                                         elem_id="decode-out")
+
+            # --- Runs ---------------------------------------------------------------------------------
+            with gr.Tab("Runs", id="runs"):
+                runs = backend.list_runs()
+                with gr.Row():
+                    r_select = gr.Dropdown(runs, value=runs[0] if runs else None, label=(
+                        f"runs under {backend.runs_root}" if backend.runs_root else "no --runs directory given"),
+                        elem_id="runs-select", scale=3)
+                    r_refresh = gr.Button("Refresh", elem_id="runs-refresh", scale=1)
+                    r_auto = gr.Checkbox(True, label=f"refresh every {refresh_s:g} s", elem_id="runs-auto", scale=1)
+                r_status = gr.Markdown(elem_id="runs-status")
+                with gr.Row():
+                    r_plots = [_plot(key, title) for key, title in PLOTS[:2]]
+                with gr.Row():
+                    r_plots += [_plot(key, title) for key, title in PLOTS[2:]]
+                r_samples = gr.Gallery(label="sample grids over time", columns=4, height=320, object_fit="contain",
+                                       elem_id="runs-samples")
+                r_config = gr.Code(language="json", label="run config", max_lines=20, elem_id="runs-config")
+                timer = gr.Timer(refresh_s)
+
+        # --- handlers ---------------------------------------------------------------------------------
+        def model_changed(ref: str) -> tuple:
+            info = backend.model_info(ref)
+            sched = [f"{k}: {_schedule_text(v)}" for k, v in info["schedules"].items()]
+            text = (f"{info['kind']}, {info['channels']}×{info['resolution']}×{info['resolution']}"
+                    + (f", {info['num_classes']} classes" if info["num_classes"] else "")
+                    + (f". {info['description']}" if info["description"] else ""))
+            teacher = backend.teacher_for(ref) if info["schedules"] else None
+            return (text, gr.update(choices=sched, value=None), gr.update(value=teacher), "")
+
+        s_model.change(guarded(model_changed, 4), s_model, [s_info, s_schedule, s_teacher, s_status])
+        s_schedule.change(lambda v: (v.split(":", 1)[1].strip() if v and ":" in v else gr.skip()), s_schedule,
+                          s_sigmas)
+
+        def do_sample(ref: str, sampler: str, steps: Any, sigmas: str, seed: Any, n: Any, classes: str) -> tuple:
+            r = backend.sample(ref, sampler, steps, sigmas, seed, n, classes)
+            return r.images["grid"], r.info
+
+        s_run.click(guarded(do_sample, 2), [s_model, s_sampler, s_steps, s_sigmas, s_seed, s_n, s_class],
+                    [s_out, s_status])
+
+        def do_compare(ref: str, teacher: str, tsteps: Any, seed: Any, n: Any) -> tuple:
+            r = backend.compare(ref, teacher, tsteps, seed, n)
+            return r.images["cm"], r.images["teacher"], r.info
+
+        s_compare.click(guarded(do_compare, 3), [s_model, s_teacher, s_tsteps, s_seed, s_n], [c_cm, c_te, c_status])
+
+        def load_held_out(ref: str, index: Any) -> tuple:
+            img = backend.held_out(ref, index)
+            return img, _editor_value(img), f"held-out image #{int(index)} of {ref}'s test split"
+
+        e_load.click(guarded(load_held_out, 3), [e_model, e_index], [e_src, e_canvas, e_status])
+
+        def uploaded(ref: str, image: np.ndarray | None) -> tuple:
+            if image is None:
+                return gr.skip(), gr.skip(), ""
+            img = backend.check_upload(ref, image)
+            return img, _editor_value(img), f"uploaded image loaded ({img.shape[1]}×{img.shape[0]})"
+
+        e_upload.upload(guarded(uploaded, 3), [e_model, e_upload], [e_src, e_canvas, e_status])
+
+        def do_edit(ref: str, task: str, src: np.ndarray | None, canvas: dict | None, steps: Any, sigma: float,
+                    sigma_start: float, factor: Any, between: str, seed: Any, seed2: Any, frames: Any) -> tuple:
+            canvas = canvas or {}
+            layers, composite = canvas.get("layers") or [], canvas.get("composite")
+            image, image2 = src, None
+            if task == "interpolate":
+                if between == "two seeds":
+                    image = None
+                else:
+                    image2 = backend.held_out(ref, seed2)
+            r = backend.edit(ref, task, image, layers, composite, steps=steps, sigma=sigma, sigma_start=sigma_start,
+                             factor=factor, frames=frames, seed=seed, seed2=seed2, image2=image2)
+            return (r.images.get("mask"), r.images["output"], r.images.get("panel", r.images.get("strip")),
+                    _write_png(r.native, f"{task}.png"), r.info)
+
+        e_run.click(guarded(do_edit, 5), [e_model, e_task, e_src, e_canvas, e_steps, e_sigma, e_sigma_start, e_factor,
+                                          e_between, e_seed, e_seed2, e_frames],
+                    [e_mask, e_out, e_panel, e_file, e_status])
+
+        def do_decode(latents: str, weights: str, steps: Any, schedule: str, dtype: str, tile: Any,
+                      seed: Any) -> tuple:
+            r = backend.decode(latents, weights, steps, schedule, dtype, tile, seed)
+            return r.images["image"], r.info
+
+        d_run.click(guarded(do_decode, 2), [d_latents, d_weights, d_steps, d_schedule, d_dtype, d_tile, d_seed],
+                    [d_out, d_status])
+
+        def run_view(name: str | None) -> tuple:
+            names = backend.list_runs()
+            if not name:
+                msg = "no runs yet" if backend.runs_root else "start `cmkit serve --runs DIR` to see training runs"
+                return (gr.update(choices=names), *[None] * len(PLOTS), [], "", msg)
+            v = backend.run_view(name)
+            frames = []
+            for key, _ in PLOTS:
+                pts = [(r["step"], r[key]) for r in v["rows"] if isinstance(r.get(key), (int, float))
+                       and isinstance(r.get("step"), (int, float))]
+                frames.append(pd.DataFrame(pts, columns=["step", "value"]))
+            return (gr.update(choices=names), *frames, v["samples"], json.dumps(v["config"], indent=2), v["status"])
+
+        view_out = [r_select, *r_plots, r_samples, r_config, r_status]
+        r_select.change(guarded(run_view, len(view_out)), r_select, view_out)
+        r_refresh.click(guarded(run_view, len(view_out)), r_select, view_out)
+        timer.tick(guarded(lambda name, auto: run_view(name) if auto else tuple(gr.skip() for _ in view_out),
+                           len(view_out)), [r_select, r_auto], view_out, show_progress="hidden")
+
+        def on_load(s_ref: str | None, e_ref: str | None, run: str | None) -> tuple:
+            out: list[Any] = list(guarded(model_changed, 4)(s_ref)) if s_ref else [gr.skip()] * 4
+            try:
+                img = backend.held_out(e_ref, 0) if e_ref else None
+                out += [img, _editor_value(img) if img is not None else gr.skip(),
+                        "held-out image #0 loaded: draw on it, or upload your own" if img is not None else ""]
+            except CmkitError as e:
+                out += [gr.skip(), gr.skip(), f"no held-out images ({one_line(e)}); upload an image instead"]
+            out += list(guarded(run_view, len(view_out))(run))
+            return tuple(out)
+
+        demo.load(on_load, [s_model, e_model, r_select],
+                  [s_info, s_schedule, s_teacher, s_status, e_src, e_canvas, e_status, *view_out])
+    return demo
+
+
+def theme() -> Any:
+    """Gradio's default theme with the system's fonts: the page makes no request beyond this server."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "monospace"])
