@@ -336,3 +336,20 @@ def test_init_from_a_pickle_of_another_network_is_one_line(fake_edm_modules, tmp
                       "model.attn_resolutions=4", "train.steps=1", f"train.init_from={pkl}")
     with pytest.raises(CmkitError, match="another network: model.arch='ddpmpp'"):
         train(cfg, progress=False)
+
+
+def test_formats_are_told_apart_by_content(fake_edm_modules, tmp_path, monkeypatch):
+    from cmkit.nets.released import checkpoint_format
+
+    write_edm_pickle(fake_edm_modules, tmp_path / "snapshot.bin", "ddpmpp")  # an EDM pickle under another name
+    forget_fake_modules(monkeypatch)
+    torch.save({"w": torch.ones(2)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "state").write_bytes(b"\x83\xa4step\x01\xa1a\xc0\xa1b\xc0")  # a msgpack map
+    (tmp_path / "text.txt").write_text("hello")
+    assert checkpoint_format(tmp_path / "snapshot.bin") == "edm-pickle"
+    assert checkpoint_format(tmp_path / "zip.pt") == checkpoint_format(tmp_path / "legacy.pt") == "torch"
+    assert checkpoint_format(tmp_path / "state") == "flax-msgpack"
+    assert checkpoint_format(tmp_path) == checkpoint_format("runs/not-there") == "model-dir"
+    with pytest.raises(CmkitError, match="not a model directory"):
+        checkpoint_format(tmp_path / "text.txt")

@@ -26,8 +26,13 @@ def checkpoint_format(path: str | Path) -> str:
         return "model-dir"  # directories, run directories and shipped names: checkpoint.read_model_dir
     with open(p, "rb") as f:
         head = f.read(4)
-    if head[:1] == b"\x80":
-        return "edm-pickle"
+    if head[:1] == b"\x80":  # a pickle: EDM's when it holds persistent objects (a legacy torch.save does not)
+        if p.suffix in (".pkl", ".pickle"):
+            return "edm-pickle"
+        import mmap
+
+        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return "edm-pickle" if m.find(b"_reconstruct_persistent_obj") >= 0 else "torch"
     if head[:1] and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
         return "flax-msgpack"
     if head == b"PK\x03\x04":
