@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cmkit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data test demo clean-demo
+.PHONY: setup data browser test demo clean-demo
 
 setup: $(STAMP)
 
@@ -23,7 +23,15 @@ data:
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(DEBS) >/dev/null 2>&1) \
 	  || echo "note: could not install $(DEBS) with apt; those presets will ask for data.root")
 
-test: $(STAMP) data
+# Debian's chromium for the browser test of `cmkit serve` (tests/test_serve.py drives it with Playwright through
+# executable_path; Playwright's own browser download is never used).
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || (apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+	  || echo "note: could not install chromium with apt; the browser tests of cmkit serve will be skipped")
+
+test: $(STAMP) data browser
 	$(PY) -m pytest
 
 demo: $(STAMP) data
