@@ -3,7 +3,7 @@
 Runs in a few minutes on a 2-core CPU. Re-running resumes finished runs instantly. Outputs:
 demo/teacher_heun35.png (35 evaluations), demo/cd_1step.png (1 evaluation), demo/cd_2step.png, and an
 editing gallery (``demo/gallery/TASK.png``) made with the shipped Fashion-MNIST CD model and the colour emoji (``emoji-ect``)
-model on held-out images.
+model on held-out images. It ends by printing the command of the web page (``cmkit serve``).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from .schedules import training_grid
 from .utils import save_grid
 
 OUT = Path("demo")
+#: the one command that opens the page of `cmkit serve` on the shipped models (and the demo's runs)
+SERVE_COMMAND = f".venv/bin/python -m cmkit serve --runs {OUT / 'runs'}"
 
 
 def ensure_trained(preset: str, out: Path, *overrides: str) -> None:
@@ -58,6 +60,8 @@ def main() -> None:
         print(f"  {path}  ({nfe:>2} network evaluations, {1000 * sec:.2f} ms/image)")
     print(f"one-step speed-up over the 35-evaluation teacher: {rows[0][1] / rows[1][1]:.0f}x")
     editing_gallery()
+    print(f"\nweb page on the shipped models and these runs (then open http://127.0.0.1:7860/):\n"
+          f"  {SERVE_COMMAND}")
 
 
 def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, torch.Tensor, list[float] | None] | None:
