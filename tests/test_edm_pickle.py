@@ -353,3 +353,5 @@ def test_formats_are_told_apart_by_content(fake_edm_modules, tmp_path, monkeypat
     assert checkpoint_format(tmp_path) == checkpoint_format("runs/not-there") == "model-dir"
     with pytest.raises(CmkitError, match="not a model directory"):
         checkpoint_format(tmp_path / "text.txt")
+    with pytest.raises(CmkitError, match="checkpoint not found: .*edm-cifar10-32x32-uncond-vp.pkl"):
+        checkpoint_format("edm-cifar10-32x32-uncond-vp.pkl")  # cifar10-ect's init_from, before it is downloaded

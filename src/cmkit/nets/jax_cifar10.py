@@ -148,16 +148,6 @@ def unpackb(data: bytes | memoryview) -> Any:
     return _unchunk(value)
 
 
-def is_msgpack_state(path: str | Path) -> bool:
-    """Whether a file starts like a Flax training state (a msgpack map with a few string keys)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        head = f.read(1)
-    return bool(head) and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
-
-
 def read_flax_state(path: str | Path) -> dict[str, Any]:
     """The state dict of a ``flax.serialization.to_bytes`` file."""
     p = Path(path).expanduser()

@@ -22,6 +22,8 @@ from ..errors import CmkitError
 def checkpoint_format(path: str | Path) -> str:
     """``model-dir``, ``edm-pickle``, ``flax-msgpack`` or ``torch`` (a state dict archive), or one error line."""
     p = Path(path).expanduser()
+    if not p.exists() and p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin"):
+        raise CmkitError(f"checkpoint not found: {p} (released models are never downloaded: give the file you have)")
     if p.is_dir() or not p.exists():
         return "model-dir"  # directories, run directories and shipped names: checkpoint.read_model_dir
     with open(p, "rb") as f:
