@@ -327,8 +327,3 @@ def read_edm_pickle(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]
              "network_class": inner.class_name if isinstance(inner, Persistent) else net.class_name}
     return model, state, notes
 
-
-def is_edm_pickle(path: str | Path) -> bool:
-    """Whether ``path`` looks like an EDM-style pickle (a .pkl file, or a pickle/zip that is not a directory)."""
-    p = Path(path).expanduser()
-    return p.is_file() and p.suffix in (".pkl", ".pickle", ".pt", ".pth")
