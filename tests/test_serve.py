@@ -134,6 +134,16 @@ def test_bind_warning_only_for_non_local_hosts():
     assert bind_warning("192.168.1.5") and bind_warning("example.org")
 
 
+def test_demo_prints_a_valid_serve_command():
+    from cmkit.cli import build_parser
+    from cmkit.demo import SERVE_COMMAND
+
+    argv = SERVE_COMMAND.split()
+    assert argv[1:4] == ["-m", "cmkit", "serve"]
+    args = build_parser().parse_args(argv[3:])
+    assert args.host == "127.0.0.1" and args.runs == "demo/runs"
+
+
 def test_serve_cli_defaults_to_localhost_and_warns_for_0000(monkeypatch, capsys):
     from cmkit.cli import build_parser, main
     from cmkit.serve import app
@@ -158,6 +168,28 @@ def test_serve_cli_defaults_to_localhost_and_warns_for_0000(monkeypatch, capsys)
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be between 0 and 65535" in capsys.readouterr().err
     assert main(["serve", "--runs", "/no/such/dir"]) == 2
+
+
+def test_serve_without_the_ui_extra_is_one_line(tmp_path):
+    """A core install: `cmkit --help` lists serve, and `cmkit serve` names the extra to install."""
+    import cmkit
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoGradio:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'gradio':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _NoGradio())\n")
+    src = str(Path(cmkit.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
+    run = subprocess.run([sys.executable, "-m", "cmkit", "--help"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "serve" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "cmkit", "serve", "--port", "0"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip() == "cmkit: error: cmkit serve needs gradio: pip install 'cmkit[ui]'"
 
 
 # --- the real page in headless Chromium ---------------------------------------------------------------------
@@ -190,6 +222,11 @@ def site(tmp_path_factory):
     files = {"good": _png(x, tmp / "input28.png"), "image": x,
              "wrong": _png(np.zeros((32, 32, 3), np.uint8), tmp / "wrong32.png")}
     (tmp / "allowed").mkdir()
+    from cmkit.decoder import DecoderConfig
+    from cmkit.decoder.testing import random_decoder, raw_latents
+
+    random_decoder(DecoderConfig.tiny()).save_pretrained(tmp / "allowed" / "tiny-decoder")  # random weights
+    np.save(tmp / "allowed" / "latents.npy", raw_latents(2, 8, 8).numpy())
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cmkit", "serve", "--port", str(port), "--runs", str(runs),
                              "--allow", str(tmp / "allowed"), "--threads", "1", "--refresh", "2"],
@@ -286,6 +323,10 @@ def test_page_samples_one_step_with_fmnist_cd(page, shots):
     wait_text(page, "#compare-status", "measured speed-up")
     assert fetch_image(page, "#sample-teacher-out").std() > 20
     page.screenshot(path=str(shots / "sample.png"), full_page=True)
+    page.fill("#sample-model input", "no-such-model")
+    page.keyboard.press("Enter")
+    status = wait_text(page, "#sample-status", "Error")
+    assert "unknown model 'no-such-model'" in status and "Traceback" not in status
 
 
 def test_page_inpaints_a_drawn_mask_keeping_the_other_pixels(page, site, shots):
@@ -324,6 +365,17 @@ def test_page_shows_an_error_for_a_wrong_size_upload(page, site, shots):
     page.locator("#edit-status").screenshot(path=str(shots / "error.png"))
 
 
+def test_page_decodes_latents_with_a_decoder_given_on_the_command_line(page, site, shots):
+    page.get_by_role("tab", name="Decode").click()
+    page.fill("#decode-latents textarea, #decode-latents input", str(site["tmp"] / "allowed" / "latents.npy"))
+    page.fill("#decode-weights textarea, #decode-weights input", str(site["tmp"] / "allowed" / "tiny-decoder"))
+    page.click("#decode-run")
+    status = wait_text(page, "#decode-status", "decoded")
+    assert "(2, 4, 8, 8) → (2, 3, 64, 64)" in status and "peak memory" in status
+    assert fetch_image(page, "#decode-out").std() > 5
+    page.screenshot(path=str(shots / "decode.png"), full_page=True)
+
+
 def test_page_refuses_a_dotdot_path(page, site, shots):
     page.get_by_role("tab", name="Decode").click()
     page.fill("#decode-latents textarea, #decode-latents input", "../../../../../../etc/passwd")
@@ -349,3 +401,7 @@ def test_page_runs_tab_plots_the_loss_of_a_training_run(page, site, shots):
     assert [r["step"] for r in log] == [1, 2, 3]
     page.wait_for_selector("#runs-samples img")
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
+    # the tab refreshes by itself while a run trains (every 2 s here): a new log row appears without a click
+    with open(site["runs"] / "tiny-ict" / "log.jsonl", "a") as f:
+        f.write(json.dumps({**log[-1], "step": 4, "loss": 1.25}) + "\n")
+    assert "loss 1.25" in wait_text(page, "#runs-status", "step 4 of 3", timeout=30)
