@@ -24,6 +24,9 @@ SAMPLERS = ["auto", "onestep", "multistep", "heun", "euler", "progdist"]
 TASK_LABELS = {"inpaint": "inpaint (draw the region to fill)", "stroke": "stroke-guided (paint strokes)",
                "colorize": "colorize", "superres": "super-resolve", "denoise": "denoise",
                "interpolate": "interpolate"}
+PANEL_LABELS = {"inpaint": "input | known region (white: generated) | output", "stroke": "strokes | output",
+                "colorize": "grey input | output", "superres": "low-resolution input | output",
+                "denoise": "noisy input | output", "interpolate": "frames"}
 PLOTS = (("loss", "loss"), ("grad_norm", "grad norm"), ("lr", "learning rate"), ("img_per_s", "images / s"))
 PALETTE = ["#ffffff", "#000000", "#808080", "#c0c0c0", "#e02020", "#20a020", "#2040e0", "#f0d020"]
 CSS = """
@@ -194,7 +197,7 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
                                               interactive=False, elem_id="edit-mask")
                             e_out = gr.Image(label="output", type="numpy", format="png", interactive=False,
                                              elem_id="edit-out")
-                        e_panel = gr.Image(label="input | known region | output", type="numpy", format="png",
+                        e_panel = gr.Image(label="before | after", type="numpy", format="png",
                                            interactive=False, elem_id="edit-panel")
                         e_file = gr.File(label="download the output (model's size, PNG)", elem_id="edit-download")
 
@@ -249,9 +252,11 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
                     + (f", {info['num_classes']} classes" if info["num_classes"] else "")
                     + (f". {info['description']}" if info["description"] else ""))
             teacher = backend.teacher_for(ref) if info["schedules"] else None
-            return (text, gr.update(choices=sched, value=None), gr.update(value=teacher), "")
+            return (text, gr.update(choices=sched, value=None), gr.update(value=teacher), "auto",
+                    info["default_steps"], "")
 
-        s_model.change(guarded(model_changed, 4), s_model, [s_info, s_schedule, s_teacher, s_status])
+        model_outputs = [s_info, s_schedule, s_teacher, s_sampler, s_steps, s_status]
+        s_model.change(guarded(model_changed, len(model_outputs)), s_model, model_outputs)
         s_schedule.change(lambda v: (v.split(":", 1)[1].strip() if v and ":" in v else gr.skip()), s_schedule,
                           s_sigmas)
 
@@ -273,6 +278,7 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
             return img, _editor_value(img), f"held-out image #{int(index)} of {ref}'s test split"
 
         e_load.click(guarded(load_held_out, 3), [e_model, e_index], [e_src, e_canvas, e_status])
+        e_model.change(guarded(lambda ref: load_held_out(ref, 0), 3), e_model, [e_src, e_canvas, e_status])
 
         def uploaded(ref: str, image: np.ndarray | None) -> tuple:
             if image is None:
@@ -294,8 +300,9 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
                     image2 = backend.held_out(ref, seed2)
             r = backend.edit(ref, task, image, layers, composite, steps=steps, sigma=sigma, sigma_start=sigma_start,
                              factor=factor, frames=frames, seed=seed, seed2=seed2, image2=image2)
-            return (r.images.get("mask"), r.images["output"], r.images.get("panel", r.images.get("strip")),
-                    _write_png(r.native, f"{task}.png"), r.info)
+            panel = gr.update(value=r.images.get("panel", r.images.get("strip")), label=PANEL_LABELS[task])
+            output = None if task == "interpolate" else r.images["output"]  # the frames are the panel
+            return r.images.get("mask"), output, panel, _write_png(r.native, f"{task}.png"), r.info
 
         e_run.click(guarded(do_edit, 5), [e_model, e_task, e_src, e_canvas, e_steps, e_sigma, e_sigma_start, e_factor,
                                           e_between, e_seed, e_seed2, e_frames],
@@ -329,7 +336,8 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
                            len(view_out)), [r_select, r_auto], view_out, show_progress="hidden")
 
         def on_load(s_ref: str | None, e_ref: str | None, run: str | None) -> tuple:
-            out: list[Any] = list(guarded(model_changed, 4)(s_ref)) if s_ref else [gr.skip()] * 4
+            n = len(model_outputs)
+            out: list[Any] = list(guarded(model_changed, n)(s_ref)) if s_ref else [gr.skip()] * n
             try:
                 img = backend.held_out(e_ref, 0) if e_ref else None
                 out += [img, _editor_value(img) if img is not None else gr.skip(),
@@ -340,7 +348,7 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
             return tuple(out)
 
         demo.load(on_load, [s_model, e_model, r_select],
-                  [s_info, s_schedule, s_teacher, s_status, e_src, e_canvas, e_status, *view_out])
+                  [*model_outputs, e_src, e_canvas, e_status, *view_out])
     return demo
 
 

@@ -305,7 +305,7 @@ class Backend:
         c = m.cfg.model
         info = {"description": m.description, "kind": "consistency model" if m.is_cm else "diffusion (EDM) model",
                 "resolution": m.resolution, "channels": m.channels, "num_classes": int(c.num_classes or 0),
-                "schedules": {}}
+                "schedules": {}, "default_steps": 1 if m.is_cm else int(m.cfg.sample.steps)}
         if m.is_cm:
             for k in (1, 2, 4):
                 try:
