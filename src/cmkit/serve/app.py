@@ -8,10 +8,13 @@ so the page stays responsive while a model works. Elements carry ``elem_id`` s (
 """
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,16 +74,24 @@ def _editor_value(image: np.ndarray) -> dict[str, Any]:
     return {"background": big, "layers": [], "composite": big}
 
 
+_DOWNLOADS: list[Path] = []
+
+
 def _write_png(images: np.ndarray, name: str) -> str:
-    """The native-size output as a PNG to download (a grid when there are several)."""
+    """The native-size output as a PNG to download (a grid when there are several), in one temporary folder
+    per process that is removed at exit (Gradio serves a copy from its own cache)."""
     from PIL import Image
 
     from ..utils import make_grid
 
+    if not _DOWNLOADS:
+        _DOWNLOADS.append(Path(tempfile.mkdtemp(prefix="cmkit-serve-")))
+        atexit.register(shutil.rmtree, _DOWNLOADS[0], True)
     a = images[0] if len(images) == 1 else make_grid(images, nrow=len(images))
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    path = Path(tempfile.mkdtemp(prefix="cmkit-serve-")) / name
+    path = _DOWNLOADS[0] / uuid.uuid4().hex / name
+    path.parent.mkdir()
     Image.fromarray(a).save(path)
     return str(path)
 
@@ -103,7 +114,7 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
     default_cm = "fmnist-cd" if "fmnist-cd" in cm_models else (cm_models[0] if cm_models else None)
     edm_models = [m for m in all_models if m not in cm_models]
 
-    with gr.Blocks(title="cmkit") as demo:
+    with gr.Blocks(title="cmkit", delete_cache=(3600, 3600)) as demo:  # Gradio's copies of outputs: an hour
         gr.Markdown("## cmkit: consistency models, one network evaluation per image\n"
                     "Sample, edit by drawing, decode latents and watch training runs. Models are loaded once and "
                     "cached; files are read only under the paths given to `cmkit serve`.")

@@ -372,6 +372,11 @@ class Backend:
         sig = f", σ = {', '.join(f'{s:.4g}' for s in sigma_list)}" if sampler_name in ("onestep", "multistep") else ""
         info = (f"**{ref}**: {sampler_name}, {evals} network evaluation{'s' if evals > 1 else ''} (NFE){sig}; "
                 f"{n} image{'s' if n > 1 else ''}, **{ms:.1f} ms per image**")
+        if (sigmas or "").strip() and sampler_name == "multistep":
+            from ..schedules import off_grid_note
+
+            note = off_grid_note(sigma_list, m.grid)
+            info += f"  \nnote: {note}" if note else ""
         from ..utils import to_uint8
 
         r = Result({"grid": grid_image(x, nrow=min(8, n))}, info, to_uint8(x))

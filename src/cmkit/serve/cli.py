@@ -17,6 +17,8 @@ from typing import Any
 from ..errors import CmkitError
 
 DEFAULT_PORT = 7860
+#: the largest upload the page accepts (an image of a model's size is a few kB)
+MAX_UPLOAD = "10mb"
 
 
 def is_loopback(host: str) -> bool:
@@ -77,7 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
           f"readable paths: {', '.join(map(str, backend.policy.roots)) or 'shipped models only'})", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, show_error=False, quiet=True,
                 footer_links=["gradio"], allowed_paths=[], theme=theme(), css=CSS, ssr_mode=False,
-                mcp_server=False, prevent_thread_lock=False)
+                mcp_server=False, max_file_size=MAX_UPLOAD, prevent_thread_lock=False)
     return 0
 
 
