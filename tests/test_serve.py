@@ -127,6 +127,23 @@ def test_decode_tab_backend(tmp_path):
         b.decode(str(tmp_path / "z.npy"), str(tmp_path / "dec"), 1, "", "fp64")
 
 
+def test_runs_are_listed_and_their_stamp_changes_with_the_log(tmp_path):
+    run = tmp_path / "runs" / "a"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 10}}))
+    (run / "checkpoint" / "config.json").write_text(json.dumps({"train": {"steps": 10}}))
+    (tmp_path / "runs" / "not-a-run").mkdir()
+    b = Backend(runs=tmp_path / "runs")
+    assert b.list_runs() == ["a"]
+    before = b.run_stamp("a")
+    (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    assert b.run_stamp("a") != before
+    view = b.run_view("a")
+    assert view["step"] == 1 and "step 1 of 10" in view["status"] and "loss 0.5" in view["status"]
+    with pytest.raises(CmkitError, match="not a training run"):
+        b.run_view("not-a-run")
+
+
 def test_bind_warning_only_for_non_local_hosts():
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
     assert bind_warning("127.0.0.1") is None

@@ -254,6 +254,7 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
                                        elem_id="runs-samples")
                 r_config = gr.Code(language="json", label="run config", max_lines=20, elem_id="runs-config")
                 timer = gr.Timer(refresh_s)
+                r_seen = gr.State(None)  # what the last automatic refresh showed (backend.run_stamp)
 
         # --- handlers ---------------------------------------------------------------------------------
         def model_changed(ref: str) -> tuple:
@@ -343,8 +344,16 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
         view_out = [r_select, *r_plots, r_samples, r_config, r_status]
         r_select.change(guarded(run_view, len(view_out)), r_select, view_out)
         r_refresh.click(guarded(run_view, len(view_out)), r_select, view_out)
-        timer.tick(guarded(lambda name, auto: run_view(name) if auto else tuple(gr.skip() for _ in view_out),
-                           len(view_out)), [r_select, r_auto], view_out, show_progress="hidden")
+
+        def tick(name: str | None, auto: bool, seen: Any) -> tuple:
+            """Refresh only when the list of runs or the chosen run's log and samples changed."""
+            stamp = backend.run_stamp(name)
+            if not auto or stamp == seen:
+                return tuple(gr.skip() for _ in range(len(view_out) + 1))
+            return (stamp, *run_view(name))
+
+        timer.tick(guarded(tick, len(view_out) + 1), [r_select, r_auto, r_seen], [r_seen, *view_out],
+                   show_progress="hidden")
 
         def on_load(s_ref: str | None, e_ref: str | None, run: str | None) -> tuple:
             n = len(model_outputs)

@@ -591,6 +591,20 @@ class Backend:
             raise CmkitError(f"{name!r} is not a training run under {self.runs_root}")
         return p
 
+    def run_stamp(self, name: str | None) -> tuple:
+        """Changes whenever the Runs tab would show something new: the runs listed, the chosen run's log, samples."""
+        runs = tuple(self.list_runs())
+        if not name or self.runs_root is None:
+            return (runs,)
+        try:
+            p = self.run_dir(name)
+        except CmkitError:
+            return (runs, name)
+        log = p / "log.jsonl"
+        samples = p / "samples"
+        return (runs, name, log.stat().st_mtime_ns if log.is_file() else 0, log.stat().st_size if log.is_file() else 0,
+                len(list(samples.glob("*.png"))) if samples.is_dir() else 0)
+
     def run_view(self, name: str) -> dict[str, Any]:
         """Log rows, sample grids over time, config and a status line of one run."""
         from PIL import Image
