@@ -453,7 +453,7 @@ class Backend:
                                          m.cfg.model.sigma_max, m.grid)
         lo, hi = m.cfg.model.sigma_min, m.cfg.model.sigma_max
         if task == "interpolate" and image is None:
-            z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v))
+            z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)).to(self.device)
                       for v in (seed, _int(seed2, "second seed", 0, 2**62)))
             out = tasks.interpolate_noise(m.model, z1, z2, _int(frames, "frames", 2, MAX_FRAMES), hi)[:, 0]
             strip = grid_image(out, nrow=len(out), scale=max(1, 96 // R))
@@ -461,14 +461,14 @@ class Backend:
                           to_uint8(out))
         if image is None:
             raise CmkitError("no input image: load a held-out image or upload one first")
-        y = to_tensor(to_model_image(image, C, R, "the input image"))
+        y = to_tensor(to_model_image(image, C, R, "the input image")).to(self.device)
         mask = None
         with torch.no_grad():
             if task == "inpaint":
                 mask_np = mask_from_layers(layers, R)
                 if not mask_np.any():
                     raise CmkitError("draw the region to fill on the image first (the mask is empty)")
-                mask = torch.from_numpy(mask_np)
+                mask = torch.from_numpy(mask_np).to(self.device)
                 out = tasks.inpaint(m.model, y, mask, sigmas, generator=g, grid=m.grid)
                 shown = [y, y * (1 - mask) + mask, out]  # the masked view: the region to fill in white
                 info = f"inpainted {int(mask_np.sum())} of {R * R} pixels; the others are the input's, unchanged"
@@ -477,7 +477,7 @@ class Backend:
                     raise CmkitError("paint strokes on the canvas first")
                 painted = to_model_image(np.clip(downsample(np.asarray(composite)[..., :3], R), 0, 255)
                                          .round().astype(np.uint8), C, R, "the stroke painting")
-                strokes = to_tensor(painted)
+                strokes = to_tensor(painted).to(self.device)
                 _float(sigma_start, "σ start", lo, hi)
                 out = tasks.stroke_guided(m.model, strokes, float(sigma_start), 3, generator=g, grid=m.grid)
                 shown, info = [strokes, out], f"stroke-guided generation from σ = {float(sigma_start):g}"
@@ -497,13 +497,13 @@ class Backend:
                 info = f"×{factor} super-resolution of the {R // factor}×{R // factor} average-pooled input"
             elif task == "denoise":
                 sigma = _float(sigma, "σ", lo, hi)
-                noisy = y + sigma * torch.randn(y.shape, generator=g)
+                noisy = y + sigma * torch.randn(y.shape, generator=g).to(self.device)
                 out = tasks.denoise(m.model, noisy, sigma)
                 shown, info = [noisy.clamp(-1, 1), out], f"denoised N(0, {sigma:g}²) noise in one evaluation"
             else:  # interpolate between the input and a second image
                 if image2 is None:
                     raise CmkitError("interpolating images needs a second image")
-                y2 = to_tensor(to_model_image(image2, C, R, "the second image"))
+                y2 = to_tensor(to_model_image(image2, C, R, "the second image")).to(self.device)
                 out = tasks.interpolate_images(m.model, y, y2, _int(frames, "frames", 2, MAX_FRAMES),
                                                _float(sigma if sigma else 2.0, "σ", lo, hi), generator=g,
                                                grid=m.grid)[:, 0]
@@ -514,7 +514,7 @@ class Backend:
                   "panel": grid_image(torch.cat([t.expand(-1, C, -1, -1).clamp(-1, 1) for t in shown]),
                                       nrow=len(shown), scale=s)}
         if mask is not None:
-            images["mask"] = upscale((mask.numpy() * 255).astype(np.uint8), s)
+            images["mask"] = upscale((mask.cpu().numpy() * 255).astype(np.uint8), s)
         return Result(images, info, to_uint8(out))
 
     # decoding ------------------------------------------------------------------------------------------
