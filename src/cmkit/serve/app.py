@@ -362,7 +362,7 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
                 img = backend.held_out(e_ref, 0) if e_ref else None
                 out += [img, _editor_value(img) if img is not None else gr.skip(),
                         "held-out image #0 loaded: draw on it, or upload your own" if img is not None else ""]
-            except CmkitError as e:
+            except Exception as e:  # no data set installed, or a damaged one: the page still opens
                 out += [gr.skip(), gr.skip(), f"no held-out images ({one_line(e)}); upload an image instead"]
             out += list(guarded(run_view, len(view_out))(run))
             return tuple(out)
