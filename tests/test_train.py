@@ -100,6 +100,24 @@ def test_resume_with_a_changed_setting_is_refused_and_the_record_kept(tmp_path):
     assert summary["steps"] == 4 and summary["steps_run"] == 2
 
 
+def test_a_run_saved_before_a_setting_existed_resumes(tmp_path):
+    """A saved config without a key added to cmkit later (here model.time_inputs, loss.jvp) reads as the key's
+    default, so the resume is accepted; a saved key that differs is still refused."""
+    import json
+
+    run = tmp_path / "run"
+    train(tiny_config("digits-ict", run, "train.steps=2", "train.ckpt_every=2"), progress=False)
+    for path in (run / "checkpoint" / "config.json",):
+        saved = json.loads(path.read_text())
+        del saved["model"]["time_inputs"], saved["loss"]["jvp"]
+        path.write_text(json.dumps(saved))
+    summary = train(tiny_config("digits-ict", run, "train.steps=3", "train.resume=true"), progress=False)
+    assert summary["steps_run"] == 1
+    with pytest.raises(CmkitError, match="model.time_inputs"):
+        Loop(tiny_config("digits-ict", run, "train.steps=4", "train.resume=true", "model.precond=meanflow",
+                         "model.time_inputs=2", "loss.method=meanflow"), progress=False)
+
+
 def test_nan_guard_skips_step_without_advancing(tmp_path):
     trainer = Loop(tiny_config("digits-ct", tmp_path / "run", "train.steps=5"), progress=False)
     real = trainer.task.loss

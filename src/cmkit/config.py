@@ -30,8 +30,11 @@ T = TypeVar("T")
 
 Arch = Literal["unet", "mlp", "adm", "ddpmpp", "ncsnpp", "dhariwal"]
 Embedding = Literal["positional", "fourier"]
-PrecondKind = Literal["edm", "cm", "vp", "ve"]
-Method = Literal["edm", "cd", "ct", "ict", "ect", "pd"]
+PrecondKind = Literal["edm", "cm", "vp", "ve", "trigflow", "meanflow"]
+Method = Literal["edm", "cd", "ct", "ict", "ect", "pd", "sct", "scd", "meanflow", "tcm"]
+JVPName = Literal["jvp", "fd"]
+TimeInput = Literal["default", "t", "log_sigma"]
+TimeDist = Literal["student_t", "lognormal"]
 Optimizer = Literal["adam", "radam"]
 DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz"]
 Split = Literal["train", "test"]
@@ -159,8 +162,9 @@ class RunConfig:
 
     def changes_from(self, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         """(key, saved value, this value) for every setting that differs from a saved config, run-control keys
-        left out: what a resume of the saved run must refuse."""
-        old, new = flatten(saved), flatten(self.to_dict())
+        left out: what a resume of the saved run must refuse. A key the saved config lacks (a setting added to
+        cmkit after the run started) counts as its default, which keeps the behaviour the run was started with."""
+        old, new = {**flatten(type(self)().to_dict()), **flatten(saved)}, flatten(self.to_dict())
         return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                 if k not in RUN_CONTROL_KEYS and old.get(k) != new.get(k)]
 
@@ -196,6 +200,10 @@ class ModelConfig:
                                                  # its released CIFAR-10/FFHQ/AFHQ models; no labels are passed)
     precond: PrecondKind = "cm"                  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
                                                  # | vp, ve (EDM's baseline-* teachers, sampling only)
+                                                 # | trigflow (sCM) | meanflow (two-time flow map)
+    time_inputs: int = 1                         # unet, mlp: 2 adds a second time input (meanflow's t − r)
+    time_input: TimeInput = "default"            # trigflow's noise input: default (= t, sCM) | t | log_sigma
+                                                 # (EDM's ln σ/4: to fine-tune an EDM-trained network)
     sigma_min: float = SIGMA_MIN                 # σ_min (consistency boundary)
     sigma_max: float = SIGMA_MAX                 # σ_max (one-step sampling starts here)
     sigma_data: float = SIGMA_DATA               # σ_data of the preconditioning and the weightings
@@ -203,7 +211,7 @@ class ModelConfig:
     NET_KEYS: ClassVar[tuple[str, ...]] = (
         "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
         "dropout", "num_classes", "embedding", "fourier_scale", "head_channels", "hidden", "depth", "scale_shift",
-        "resblock_updown", "augment_dim")
+        "resblock_updown", "augment_dim", "time_inputs")
 
     def build(self) -> Any:
         """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
@@ -215,7 +223,7 @@ class ModelConfig:
             from .nets.edm import VEPrecond, VPPrecond
 
             return VPPrecond(net) if self.precond == "vp" else VEPrecond(net)
-        return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max)
+        return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max, self.time_input)
 
     def check(self) -> None:
         for key, most in (("img_resolution", 4096), ("in_channels", 64), ("model_channels", 4096),
@@ -231,6 +239,13 @@ class ModelConfig:
                                                      f"{self.sigma_min}, {self.sigma_max}")
         require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
         require(0 <= self.dropout < 1, f"model.dropout must lie in [0, 1), got {self.dropout}")
+        require(self.time_input == "default" or self.precond == "trigflow",
+                f"model.time_input={self.time_input} applies to model.precond=trigflow only")
+        require(self.time_inputs in (1, 2), f"model.time_inputs must be 1 or 2, got {self.time_inputs}")
+        require((self.precond == "meanflow") == (self.time_inputs == 2),
+                "model.precond=meanflow and model.time_inputs=2 go together (a flow map takes two times)")
+        require(self.time_inputs == 1 or self.arch in ("unet", "mlp"),
+                f"model.time_inputs=2 needs model.arch=unet or mlp, got {self.arch}")
         if self.arch == "adm":
             require(self.embedding == "positional", "model.arch=adm embeds the noise level positionally; "
                                                     "set model.embedding=positional")
@@ -266,6 +281,7 @@ class LossConfig:
     """
 
     method: Method = "ict"                       # edm | cd | ct | ict | ect | pd (progressive distillation)
+                                                 # | sct | scd (sCM) | meanflow | tcm (truncated CM, after ECT)
     distance: Optional[DistanceName] = None      # cd, ct, ict: l2 | l1 | pseudo_huber | lpips
     weighting: Optional[WeightingName] = None    # cd, ct: λ(σ) uniform | snr | snr+1 | karras | truncated-snr;
                                                  # ect: also inv_dt (default) and snrpk (= karras)
@@ -285,6 +301,22 @@ class LossConfig:
     b: Optional[float] = None                    # ect: t→r map b
     double_steps: Optional[int] = None           # ect: steps per stage
     total_steps: Optional[int] = None            # ct, ict, ect: curriculum length K (None = train.steps)
+    tangent_warmup: Optional[int] = None         # sct, scd: steps H of the tangent warm-up r = min(1, step/H)
+    tangent_c: Optional[float] = None            # sct, scd: c of the tangent normalisation g/(‖g‖_rms + c)
+    tangent_clip: Optional[float] = None         # sct, scd: > 0 clips g to [-clip, clip] instead
+    adaptive_weight: Optional[bool] = None       # sct, scd: learn the weighting w_φ(t)
+    jvp: Optional[JVPName] = None                # sct, scd, meanflow: jvp (forward-mode AD) | fd (central difference)
+    fd_step: Optional[float] = None              # sct, scd, meanflow: step of the central difference
+    ratio_r_eq_t: Optional[float] = None         # meanflow: fraction of the batch with r = t
+    norm_p: Optional[float] = None               # meanflow: adaptive loss normalisation power p
+    norm_c: Optional[float] = None               # meanflow: adaptive loss normalisation constant c
+    imf: Optional[bool] = None                   # meanflow: improved-MeanFlow tangent (the model's velocity)
+    transition_sigma: Optional[float] = None     # tcm: t′, the truncation point in σ
+    boundary_prob: Optional[float] = None        # tcm: fraction of the batch on the boundary loss
+    w_boundary: Optional[float] = None           # tcm: weight of the boundary loss
+    time_dist: Optional[TimeDist] = None         # tcm: student_t | lognormal (ln σ, truncated to [t′, σ_max])
+    df: Optional[float] = None                   # tcm: Student-t degrees of freedom
+    start_stage: Optional[int] = None            # tcm: ECT stage to continue from (Δt keeps shrinking)
 
     def options(self) -> dict[str, Any]:
         """The options set in this section (not ``None``), without the method."""
@@ -309,6 +341,12 @@ class LossConfig:
         "P_std": (lambda v: v > 0, "positive"), "q": (lambda v: v > 1, "above 1"), "k": (lambda v: v >= 0, "0 or more"),
         "b": (lambda v: v > 0, "positive"), "double_steps": (lambda v: v >= 1, "at least 1"),
         "halve_every": (lambda v: v >= 1, "at least 1"),
+        "tangent_warmup": (lambda v: v >= 0, "0 or more"), "tangent_c": (lambda v: v > 0, "positive"),
+        "tangent_clip": (lambda v: v >= 0, "0 or more"), "fd_step": (lambda v: 0 < v <= 0.1, "in (0, 0.1]"),
+        "ratio_r_eq_t": (lambda v: 0 <= v <= 1, "in [0, 1]"), "norm_p": (lambda v: v >= 0, "0 or more"),
+        "norm_c": (lambda v: v > 0, "positive"), "transition_sigma": (lambda v: v > 0, "positive"),
+        "boundary_prob": (lambda v: 0 <= v < 1, "in [0, 1)"), "w_boundary": (lambda v: v >= 0, "0 or more"),
+        "df": (lambda v: v > 0, "positive"), "start_stage": (lambda v: 0 <= v <= 64, "in [0, 64]"),
         "total_steps": (lambda v: v >= 1, "at least 1")}
 
     def check(self) -> None:
@@ -339,7 +377,7 @@ class LossConfig:
 class CMTrainConfig(TrainConfig):
     """``TrainConfig`` plus where a consistency model starts from."""
 
-    teacher: str = ""      # cd: the EDM teacher (model/run directory or shipped name)
+    teacher: str = ""      # cd, pd, scd: the EDM teacher; tcm: the frozen first stage (model/run dir or shipped name)
     init_from: str = ""    # initialise the online network from these weights (cd, ect: the teacher)
 
 
@@ -369,16 +407,22 @@ class Config(RunConfig):
         m, method = self.model, self.loss.method
         m.check()
         self.loss.check()
-        want = "edm" if method in ("edm", "pd") else "cm"
-        require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): "
-                                   + ("a diffusion model (teacher or PD student) is EDM-preconditioned"
-                                      if want == "edm" else
-                                      "a consistency model needs the boundary condition f(x, σ_min) = x"))
-        distils = method in ("cd", "pd")
+        from .losses import LOSSES, PRECOND_OF
+
+        want = PRECOND_OF.get(method, "cm")
+        why = {"edm": "a diffusion model (teacher or PD student) is EDM-preconditioned",
+               "cm": "a consistency model needs the boundary condition f(x, σ_min) = x",
+               "trigflow": "sCM trains TrigFlow's f = cos t·x_t − sin t·σ_d·F_θ",
+               "meanflow": "MeanFlow trains a two-time flow map (also set model.time_inputs=2)"}[want]
+        require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): {why}")
+        distils = LOSSES[method].needs_teacher
+        users = ", ".join(k for k, v in LOSSES.items() if v.needs_teacher)
+        what = ("the frozen first-stage consistency model (e.g. an ECT run)" if method == "tcm"
+                else "an EDM model or run directory")
         require(not distils or bool(self.train.teacher),
-                f"loss.method={method} needs a teacher: set train.teacher=PATH (an EDM model or run directory)")
+                f"loss.method={method} needs a teacher: set train.teacher=PATH ({what})")
         require(distils or not self.train.teacher,
-                f"train.teacher is only used by loss.method=cd or pd (this run is {method})")
+                f"train.teacher is only used by loss.method={users} (this run is {method})")
         self.data.check()
         classes = DATA_CLASSES.get(self.data.name)
         require(not m.num_classes or classes is None or 0 < m.num_classes <= classes,

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .errors import CmkitError
+from .precond import is_consistency
 from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_heun,
                        sample_progdist,
                        sample_multistep, validate_sigmas)
@@ -35,7 +36,7 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
     if sampler is None:
         if sigmas:
             sampler = "multistep"
-        elif c.precond == "cm":
+        elif is_consistency(c.precond):
             sampler = "onestep" if (steps or 1) == 1 else "multistep"
         else:
             sampler = default_sampler(cfg)[0]
@@ -43,7 +44,7 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
         raise CmkitError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     if c.precond == "edm" and sampler in ("onestep", "multistep"):
         raise CmkitError("this is a diffusion (EDM) model: use --sampler heun, euler or progdist")
-    if c.precond == "cm" and sampler in ("heun", "euler", "progdist"):
+    if is_consistency(c.precond) and sampler in ("heun", "euler", "progdist"):
         raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
     if sampler == "onestep":
         return sampler, [c.sigma_max], 1

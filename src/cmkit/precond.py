@@ -1,20 +1,40 @@
 """Preconditioning: turn a raw backbone F_θ into a denoiser ``model(x, sigma, **cond) -> x0``.
 
-EDM (Karras et al. 2022, Table 1) for diffusion teachers, and the boundary-shifted form of
-Song et al. 2023 (Appendix C; ``get_scalings_for_boundary_condition``) for consistency models, which
-makes f_θ(x, σ_min) = x exactly. σ arithmetic always runs in fp32, also under autocast.
+Four kinds, one calling convention:
+
+- ``edm``: EDM (Karras et al. 2022, Table 1) for diffusion teachers.
+- ``cm``: the boundary-shifted form of Song et al. 2023 (Appendix C; ``get_scalings_for_boundary_condition``)
+  for consistency models, which makes f_θ(x, σ_min) = x exactly.
+- ``trigflow``: sCM's consistency function f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t) (Lu & Song 2025,
+  §2; consistency-models.md §12.1), which is EDM's scalings with the output read as −F_θ and c_noise = t
+  (``cmkit.trigflow``); f(x, 0) = x exactly. It carries the learned adaptive weighting w_φ(t) (``logvar``).
+- ``meanflow``: a two-time flow map of MeanFlow (Geng et al. 2025; frontier-and-checkpoints.md §1): the
+  backbone predicts the average velocity u(z_t, t, r) on the rectified path z_t = (1−t)·x0 + t·ε, with
+  t = σ/(1+σ) and z_t = x_σ/(1+σ); as a denoiser x0 = z_t − t·u(z_t, t, 0), and ``flow_map`` jumps t → r.
+
+σ arithmetic always runs in fp32, also under autocast.
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from .trigflow import t_from_sigma
 from .utils import append_dims, as_sigma
 
-Kind = Literal["edm", "cm"]
+Kind = Literal["edm", "cm", "trigflow", "meanflow"]
+KINDS = ("edm", "cm", "trigflow", "meanflow")
+#: Kinds whose model is a one-step generator (consistency function or flow map), sampled with σ lists.
+CONSISTENCY_KINDS = ("cm", "trigflow", "meanflow")
+
+
+def is_consistency(kind: str) -> bool:
+    """True for consistency-style models (1-step/multistep σ-list samplers), False for diffusion (EDM) ones."""
+    return kind in CONSISTENCY_KINDS
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,32 +61,103 @@ def c_noise(sigma: Tensor) -> Tensor:
     return sigma.clamp(min=1e-20).log() / 4
 
 
+class AdaptiveWeight(nn.Module):
+    """sCM's learned adaptive weighting w_φ(t) (§12.2; EDM2's uncertainty weighting): a linear map of the
+    positional embedding of c_noise, zero-initialised (w_φ ≡ 0 at the start). Used only by the loss."""
+
+    def __init__(self, dim: int = 128):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half) / half), persistent=False)
+        self.linear = nn.Linear(dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        with torch.autocast(c_noise.device.type, enabled=False):
+            args = 1000 * c_noise.float()[:, None] * self.freqs[None]  # ADM's sinusoid, as the backbones'
+            return self.linear(torch.cat([args.cos(), args.sin()], dim=1)).squeeze(1)
+
+
 class Precond(nn.Module):
     """A denoiser ``D(x, σ, class_labels=None) -> x0`` built from a backbone ``net(x_in, c_noise, class_labels)``.
 
     Args:
-        net: backbone mapping (B, C, H, W), (B,) [, (B,)] to (B, C, H, W).
-        kind: ``"edm"`` (diffusion model / teacher) or ``"cm"`` (consistency model, f(x, σ_min) = x).
+        net: backbone mapping (B, C, H, W), (B,) [, (B,)] to (B, C, H, W); ``meanflow`` needs one that takes a
+            second time (``net(x, c_noise, class_labels, c_noise2)``, built with ``time_inputs=2``).
+        kind: ``"edm"`` (diffusion model / teacher), ``"cm"`` (consistency model, f(x, σ_min) = x),
+            ``"trigflow"`` (sCM) or ``"meanflow"`` (two-time flow map); see the module docstring.
     """
 
     def __init__(self, net: nn.Module, kind: Kind = "cm", sigma_data: float = SIGMA_DATA,
-                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX):
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, time_input: str = "default"):
         super().__init__()
-        if kind not in ("edm", "cm"):
-            raise ValueError(f"unknown preconditioning kind {kind!r}; expected 'edm' or 'cm'")
+        if kind not in KINDS:
+            raise ValueError(f"unknown preconditioning kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if time_input not in ("default", "t", "log_sigma"):
+            raise ValueError(f"unknown time_input {time_input!r}; expected default, t or log_sigma")
         self.net, self.kind = net, kind
+        # trigflow's noise input: sCM's c_noise(t) = t, or EDM's ln(σ)/4 to fine-tune an EDM-trained network
+        self.trig_log_sigma = kind == "trigflow" and time_input == "log_sigma"
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        if kind == "trigflow":
+            self.logvar = AdaptiveWeight()
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.kind == "cm":
             return cm_scalings(sigma, self.sigma_data, self.sigma_min)
         return edm_scalings(sigma, self.sigma_data)
 
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W) noisy images at level σ; sigma: scalar or (B,). Returns x0 estimates in fp32."""
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        """The backbone's noise input: ln(σ)/4 (EDM, CM), or TrigFlow's t = arctan(σ/σ_d)."""
+        return self.trig_c_noise(t_from_sigma(sigma, self.sigma_data)) if self.kind == "trigflow" else c_noise(sigma)
+
+    def trig_c_noise(self, t: Tensor) -> Tensor:
+        """TrigFlow's c_noise(t): t (sCM §12.2), or ln(σ_d tan t)/4 for a network fine-tuned from EDM."""
+        return c_noise(self.sigma_data * torch.tan(t.float())) if self.trig_log_sigma else t.float()
+
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, *,
+                param: str = "x0", r: Tensor | None = None) -> Any:
+        """x: (B, C, H, W) noisy images at level σ; sigma: scalar or (B,). Returns x0 estimates in fp32.
+
+        The training objectives of ``trigflow`` and ``meanflow`` call the network in their own
+        parameterisation through this same entry point (so a DDP wrapper sees the call):
+        ``param="F"`` (trigflow): x is x_t, sigma is t; returns (F_θ(x_t/σ_d, t), w_φ(t)).
+        ``param="u"`` (meanflow): x is z_t, sigma is t and ``r`` the second time; returns u_θ(z_t, t, r).
+        """
+        if param == "F" and self.kind == "trigflow":
+            return self.trig_F(x, sigma, class_labels), self.logvar(self.trig_c_noise(sigma))
+        if param == "u" and self.kind == "meanflow" and r is not None:
+            return self.average_velocity(x, sigma, r, class_labels)
+        if param != "x0":
+            raise ValueError(f"param={param!r} does not apply to a {self.kind} model")
         x = x.float()
         sigma = as_sigma(sigma, x.shape[0], x.device)
+        if self.kind == "meanflow":
+            return self.flow_map(x, sigma, torch.zeros_like(sigma), class_labels)
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        F = self.net(c_in * x, c_noise(sigma), class_labels)
+        F = self.net(c_in * x, self.c_noise(sigma), class_labels)
         with torch.autocast(x.device.type, enabled=False):
             return c_skip * x + c_out * F.float()
+
+    # --- TrigFlow (sCM) ------------------------------------------------------------------------------
+    def trig_F(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """sCM's raw network F_θ(x_t/σ_d, t) (the output of ``net`` negated; module docstring)."""
+        return -self.net(x_t / self.sigma_data, self.trig_c_noise(t), class_labels).float()
+
+    # --- MeanFlow (two-time flow map) ----------------------------------------------------------------
+    def average_velocity(self, z: Tensor, t: Tensor, r: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """u_θ(z_t, t, r): the average velocity from time t back to time r ≤ t; the backbone sees (t, t − r)."""
+        return self.net(z, t, class_labels, t - r).float()
+
+    def flow_map(self, x: Tensor, sigma: Tensor | float, sigma_to: Tensor | float,
+                 class_labels: Tensor | None = None) -> Tensor:
+        """The MeanFlow jump x_σ → x_{σ_to}: z_r = z_t − (t − r)·u(z_t, t, r), in EDM's x_σ = z/(1−t) scaling."""
+        x = x.float()
+        sigma = as_sigma(sigma, x.shape[0], x.device)
+        sigma_to = as_sigma(sigma_to, x.shape[0], x.device)
+        t, r = sigma / (1 + sigma), sigma_to / (1 + sigma_to)
+        z = x / append_dims(1 + sigma, x.ndim)
+        u = self.average_velocity(z, t, r, class_labels)
+        with torch.autocast(x.device.type, enabled=False):
+            return (z - append_dims(t - r, x.ndim) * u) * append_dims(1 + sigma_to, x.ndim)

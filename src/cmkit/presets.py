@@ -29,6 +29,13 @@ class Preset:
 DIGITS_NET = {"model.img_resolution": 8, "model.in_channels": 1, "model.model_channels": 32,
               "model.channel_mult": (1, 2), "model.num_blocks": 1, "data.name": "digits",
               "train.batch_size": 64, "train.log_every": 10, "train.sample_every": 250, "train.ckpt_every": 250}
+#: A low-frequency time embedding for JVP objectives trained from scratch: with the positional embedding of
+#: 1000·t the time derivative du/dt is dominated by high frequencies and MeanFlow diverges (measured on digits:
+#: ‖u − u_tgt‖² 1.5 → 15 in 150 steps, against 1.4 → 0.6 with Fourier features of scale 1); sCM §12.2 makes
+#: the same point about large Fourier scales.
+MEANFLOW_TIME = {"model.embedding": "fourier", "model.fourier_scale": 1.0}
+#: sCM's 2-step middle time t_mid = 1.1 (consistency-models.md §12.3) as σ = σ_d·tan(1.1) with σ_d = 0.5.
+SCM_SIGMA_MID = 0.9824
 FMNIST_NET = {"model.img_resolution": 28, "model.in_channels": 1, "model.model_channels": 32,
               "model.channel_mult": (1, 2, 2), "model.num_blocks": 2, "model.attn_resolutions": (7,),
               "data.name": "fashion_mnist", "train.batch_size": 64, "train.bf16": True,
@@ -98,6 +105,22 @@ PRESETS: dict[str, Preset] = {
     "digits-ect": Preset("8×8 digits easy consistency tuning from digits-edm (t→r sigmoid map, q=2)", {
         **DIGITS_NET, "loss.method": "ect", "loss.double_steps": 250, "train.steps": 1000, "train.lr": 2e-4,
         "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
+    "digits-sct": Preset("8×8 digits sCT (TrigFlow continuous-time CT, JVP) tuned from digits-edm", {
+        **DIGITS_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "loss.method": "sct",
+        "loss.tangent_warmup": 100, "train.steps": 1000, "train.lr": 2e-4, "train.init_from": "runs/digits-edm",
+        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
+    "digits-scd": Preset("8×8 digits sCD (TrigFlow continuous-time CD, JVP) from digits-edm", {
+        **DIGITS_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "loss.method": "scd",
+        "loss.tangent_warmup": 100, "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm",
+        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
+    "digits-meanflow": Preset("8×8 digits MeanFlow (two-time flow map, JVP) from scratch", {
+        **DIGITS_NET, "model.precond": "meanflow", "model.time_inputs": 2, **MEANFLOW_TIME, "loss.method": "meanflow",
+        "train.steps": 2000, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 100,
+        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 1.0)}),
+    "digits-tcm": Preset("8×8 digits truncated CM (stage 2 after digits-ect; t′ = 1, boundary loss)", {
+        **DIGITS_NET, "loss.method": "tcm", "loss.double_steps": 250, "loss.start_stage": 3, "train.steps": 500,
+        "train.lr": 1e-4, "train.teacher": "runs/digits-ect", "train.init_from": "runs/digits-ect",
+        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
     # --- 28×28 Fashion-MNIST: the shipped models (about 1 hour each on one core of a 2-core CPU, bf16; ---
     # --- the recipes in cmkit/assets/models/NAME/config.json say exactly how each was trained) --------
     # sample.sigmas: the 2-step σ_mid that benchmarks/quality.py found best for the shipped model (on its
@@ -125,6 +148,24 @@ PRESETS: dict[str, Preset] = {
         **FMNIST_NET, "model.dropout": 0.1, "loss.method": "ect", "loss.double_steps": 400, "train.steps": 1_500,
         "train.lr": 2e-4, "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.995, 0.999),
         "sample.sigmas": (80.0, 2.0181)}),
+    # sCM / MeanFlow / TCM at CPU scale (issue 12): sCT and sCD fine-tune the EDM teacher like ECT does, so they
+    # keep its ln(σ)/4 noise input (model.time_input=log_sigma); the 2-step σ_mid is sCM's t_mid = 1.1.
+    "fmnist-sct": Preset("28×28 Fashion-MNIST sCT (TrigFlow continuous-time CT, JVP) tuned from fmnist-edm", {
+        **FMNIST_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "model.dropout": 0.1,
+        "loss.method": "sct", "loss.tangent_warmup": 100, "train.steps": 1_000, "train.lr": 2e-4,
+        "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
+    "fmnist-scd": Preset("28×28 Fashion-MNIST sCD (TrigFlow continuous-time CD, JVP) from fmnist-edm", {
+        **FMNIST_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "loss.method": "scd",
+        "loss.tangent_warmup": 100, "train.steps": 1_000, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm",
+        "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
+    "fmnist-meanflow": Preset("28×28 Fashion-MNIST MeanFlow (two-time flow map, JVP) from scratch", {
+        **FMNIST_NET, "model.precond": "meanflow", "model.time_inputs": 2, **MEANFLOW_TIME, "loss.method": "meanflow",
+        "train.steps": 2_000, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 200,
+        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 1.0)}),
+    "fmnist-tcm": Preset("28×28 Fashion-MNIST truncated CM: stage 2 after fmnist-ect (t′ = 1, boundary loss 0.25/0.1)", {
+        **FMNIST_NET, "model.dropout": 0.1, "loss.method": "tcm", "loss.double_steps": 400, "loss.start_stage": 3,
+        "train.steps": 800, "train.lr": 1e-4, "train.teacher": "runs/fmnist-ect", "train.init_from": "runs/fmnist-ect",
+        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 2.0181)}),
     # --- 32×32 colour emoji (Noto Color Emoji from Debian): the colour model for colorization ---------
     # Shipped: emoji-ect (EDM pre-training, then ECT). iCT from scratch learned too slowly here: after 1,000
     # steps (25 min) its samples were still coloured noise, where the EDM + ECT pair shows emoji shapes.

@@ -54,12 +54,15 @@ class DenoiserTask:
         self.target = make_copy(self.model) if self.objective.target_mu(0) is not None else None
 
     def _load_teacher(self) -> nn.Module:
+        """The EDM teacher (CD, PD, sCD), or TCM's frozen first-stage consistency model (``teacher_precond``)."""
         from .nets.released import load_denoiser  # a model/run directory, an EDM pickle or a Flax checkpoint
 
         teacher, tcfg = load_denoiser(self.cfg.train.teacher, device=self.ctx.device)
-        if tcfg.model.precond not in ("edm", "vp", "ve"):
-            raise CmkitError(f"teacher {self.cfg.train.teacher} is not a diffusion (EDM) model")
-        return teacher
+        want = getattr(self.objective, "teacher_precond", "edm")
+        if tcfg.model.precond != want and not (want == "edm" and tcfg.model.precond in ("vp", "ve")):
+            what = "a diffusion (EDM) model" if want == "edm" else f"a consistency model (precond {want})"
+            raise CmkitError(f"teacher {self.cfg.train.teacher} is not {what}; loss.method={self.name} needs one")
+        return teacher.requires_grad_(False)
 
     def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """The method's loss on batch ``step``; noise and σ come from the global RNG (saved per process)."""

@@ -1,10 +1,15 @@
-"""Noise-level embeddings, always computed in fp32 (sCM / rCM report instabilities otherwise)."""
+"""Noise-level embeddings, always computed in fp32 or better (sCM / rCM report instabilities otherwise; fp64
+inputs stay fp64, which the JVP-vs-finite-difference checks use)."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import Tensor, nn
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class PositionalEmbedding(nn.Module):
@@ -17,7 +22,7 @@ class PositionalEmbedding(nn.Module):
         self.scale = scale
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        args = (self.scale * c_noise.float())[:, None] * self.freqs[None]
+        args = (self.scale * at_least_fp32(c_noise))[:, None] * self.freqs[None]
         return torch.cat([args.cos(), args.sin()], dim=1)
 
 
@@ -29,7 +34,7 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("W", torch.randn(dim // 2) * scale)
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        args = 2 * math.pi * c_noise.float()[:, None] * self.W[None]
+        args = 2 * math.pi * at_least_fp32(c_noise)[:, None] * self.W[None]
         return torch.cat([args.cos(), args.sin()], dim=1)
 
 

@@ -102,10 +102,16 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     """Load the weights of ``path`` (any format ``load_denoiser`` reads) into ``model``'s backbone. From an EDM
     pickle or Flax file the network must be the run's (``model.arch`` and shape); EDM's augmentation input
     (``map_augment``), never used without augmentation labels, is dropped when the run's network has none."""
-    from ..checkpoint import load_state, load_weights, read_model_dir
+    from ..checkpoint import load_state, read_model_dir, read_safetensors
 
     if checkpoint_format(path) == "model-dir":
-        load_weights(model, read_model_dir(path, "denoiser").weights)
+        weights = read_model_dir(path, "denoiser").weights
+        sd = read_safetensors(weights)
+        # sCM's learned weighting w_φ (``logvar``) is not part of a diffusion model: it starts fresh
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("logvar.")}
+        if fresh and not any(k.startswith("logvar.") for k in sd):
+            sd = {**sd, **fresh}
+        load_state(model, sd, str(weights), "the model in config.json")
         return
     section, state, _ = read_released_net(path)
     keys = ("arch", "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks",

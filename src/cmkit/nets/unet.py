@@ -94,18 +94,22 @@ class UNet(nn.Module):
         attn_resolutions: resolutions at which an attention block follows each residual block.
         embedding: ``"positional"`` (ADM) or ``"fourier"`` (NCSN++; scale ``fourier_scale``).
         num_classes: > 0 enables class conditioning (label embedding added to the noise embedding).
+        time_inputs: 2 adds a second time input ``c_noise2`` (a flow map's gap t − r, MeanFlow), embedded like
+            the first and added to it; its last layer starts at zero, so a fresh second input changes nothing.
     """
 
     def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None,
                  model_channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2), num_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, num_classes: int = 0,
                  embedding: str = "positional", fourier_scale: float = 16.0, head_channels: int = 64,
-                 **_: object):
+                 time_inputs: int = 1, **_: object):
         super().__init__()
         C, emb_dim = model_channels, 4 * model_channels
         self.img_resolution, self.in_channels = img_resolution, in_channels
         self.emb = make_embedding(embedding, C, fourier_scale)
         self.emb_mlp = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.emb_mlp2 = (nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
+                         if time_inputs == 2 else None)
         self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, C, 3, padding=1)
 
@@ -145,9 +149,14 @@ class UNet(nn.Module):
             h = block(h)
         return h
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
+                c_noise2: Tensor | None = None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # noise embedding in fp32
             emb = self.emb_mlp(self.emb(c_noise))
+            if self.emb_mlp2 is not None:
+                if c_noise2 is None:
+                    raise ValueError("this backbone takes two times: pass c_noise2 of shape (B,)")
+                emb = emb + self.emb_mlp2(self.emb(c_noise2))
             if self.label_emb is not None:
                 if class_labels is None:
                     raise ValueError("this model is class-conditional: pass class_labels of shape (B,)")

@@ -1,0 +1,140 @@
+"""sCM: continuous-time consistency training and distillation with TrigFlow (Lu & Song 2025, ICLR; "Simplifying,
+Stabilizing and Scaling Continuous-Time Consistency Models"; Algorithm 1, consistency-models.md §12.2).
+
+    x0 ~ D, z ~ N(0, σ_d² I), t = arctan(e^τ/σ_d) with τ ~ N(P_mean, P_std²), x_t = cos t·x0 + sin t·z
+    dx_t/dt = cos t·z − sin t·x0                 (sCT)   |   the teacher's PF-ODE velocity   (sCD)
+    J = cos t·sin t·σ_d·dF_θ⁻/dt = jvp(F_θ⁻, (x_t/σ_d, t), (cos t·sin t·dx_t/dt, cos t·sin t·σ_d))
+    g = −cos² t·(σ_d·F_θ⁻ − dx_t/dt) − r·(cos t·sin t·x_t + J),   r = min(1, step/H)   (tangent warm-up)
+    g ← g / (‖g‖_rms + c)                          (tangent normalisation)
+    L = e^{w_φ(t)}·mean((F_θ − F_θ⁻ − g)²) − w_φ(t)     (θ⁻ = stopgrad θ: no EMA target)
+
+The gradient of mean((F_θ − F_θ⁻ − g)²) at θ⁻ = θ is −(2/D)·gᵀ∂F_θ/∂θ: the continuous-time consistency
+gradient, with a regression form that autograd handles and DDP synchronises (the trainable pass runs through
+the DDP wrapper; the JVP runs on the bare module without a graph, ``cmkit.jvp``). The trainable pass and the
+JVP pass share their dropout masks. ‖g‖_rms = ‖g‖/√D (FastGen normalises the same way), so c = 0.1 does not
+depend on the image size. The model is ``Precond(kind="trigflow")``: F_θ is the negated backbone output.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..jvp import JVP_MODES, directional_derivative
+from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from ..trigflow import lognormal_t, sigma_from_t, t_from_sigma, velocity_from_denoiser
+from ..utils import append_dims
+from .base import get_rng_state, set_rng_state
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under a DDP wrapper (for the graph-free JVP pass)."""
+    return getattr(model, "module", model)
+
+
+def rms(x: Tensor) -> Tensor:
+    """Per-sample root-mean-square over all but the batch dimension, shaped to broadcast against x."""
+    return append_dims(x.float().pow(2).flatten(1).mean(1).sqrt(), x.ndim)
+
+
+class SCTLoss:
+    """sCT: continuous-time consistency training from data (dx_t/dt = cos t·z − sin t·x0); see the module docstring.
+
+    Args:
+        P_mean, P_std: the log-normal proposal of σ = σ_d tan t (sCM Table 3: −1.0, 1.6).
+        tangent_warmup: H, the steps over which r = min(1, step/H) ramps the second tangent term in (10k).
+        tangent_c: c of the tangent normalisation g/(‖g‖_rms + c) (0.1); ``tangent_clip`` > 0 clips g to
+            [−clip, clip] instead (sCM Fig. 5a compares both).
+        jvp: ``"jvp"`` (forward-mode AD) or ``"fd"`` (central difference with step ``fd_step``).
+        adaptive_weight: learn w_φ(t) (the model's ``logvar``); False uses w ≡ 0.
+    """
+
+    needs_teacher = False
+    distill = False
+
+    def __init__(self, P_mean: float = -1.0, P_std: float = 1.6, tangent_warmup: int = 10_000,
+                 tangent_c: float = 0.1, tangent_clip: float = 0.0, jvp: str = "jvp", fd_step: float = 1e-4,
+                 adaptive_weight: bool = True, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                 sigma_data: float = SIGMA_DATA):
+        if jvp not in JVP_MODES:
+            raise ValueError(f"unknown jvp mode {jvp!r}; expected 'jvp' or 'fd'")
+        self.P_mean, self.P_std, self.tangent_warmup = P_mean, P_std, tangent_warmup
+        self.tangent_c, self.tangent_clip, self.jvp, self.fd_step = tangent_c, tangent_clip, jvp, fd_step
+        self.adaptive_weight = adaptive_weight
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self._last: dict[str, float] = {}
+
+    def target_mu(self, step: int) -> float | None:
+        return None
+
+    def warmup(self, step: int) -> float:
+        return min(1.0, step / self.tangent_warmup) if self.tangent_warmup > 0 else 1.0
+
+    def stats(self, step: int) -> dict[str, float]:
+        return {"tangent_warmup": self.warmup(step), **self._last}
+
+    def sample_t(self, x0: Tensor) -> Tensor:
+        """t from the log-normal proposal, kept inside the model's σ range [σ_min, σ_max]."""
+        t = lognormal_t(x0.shape[0], self.P_mean, self.P_std, self.sigma_data, x0.device)
+        lo, hi = (t_from_sigma(torch.tensor(s), self.sigma_data).item() for s in (self.sigma_min, self.sigma_max))
+        return t.clamp(lo, hi)
+
+    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None,
+                 cond: dict[str, Any]) -> Tensor:
+        """dx_t/dt: the conditional velocity cos t·z − sin t·x0 (sCT)."""
+        t = append_dims(t, x0.ndim)
+        return torch.cos(t) * z - torch.sin(t) * x0
+
+    def tangent(self, step: int, x_t: Tensor, t: Tensor, dxdt: Tensor, F_minus: Tensor, J: Tensor) -> Tensor:
+        """g of §12.2 (before normalisation), all in fp32."""
+        cos, sin = (append_dims(f(t), x_t.ndim) for f in (torch.cos, torch.sin))
+        return -cos**2 * (self.sigma_data * F_minus - dxdt) - self.warmup(step) * (cos * sin * x_t + J)
+
+    def normalise(self, g: Tensor) -> Tensor:
+        if self.tangent_clip > 0:
+            return g.clamp(-self.tangent_clip, self.tangent_clip)
+        return g / (rms(g) + self.tangent_c)
+
+    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
+                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+        bare = unwrap(target or model)
+        sd = self.sigma_data
+        x0 = x0.float()
+        t = self.sample_t(x0)
+        z = torch.randn_like(x0) * sd
+        x_t = append_dims(torch.cos(t), x0.ndim) * x0 + append_dims(torch.sin(t), x0.ndim) * z
+        with torch.no_grad():
+            dxdt = self.velocity(x0, z, x_t, t, teacher, cond).float()
+        labels = cond.get("class_labels")
+        state = get_rng_state(x0.device)  # the trainable pass and the JVP pass see the same dropout masks
+        F_theta, w = model(x_t, t, labels, param="F")  # through the DDP wrapper: synchronised gradients
+        set_rng_state(x0.device, state)
+        cs = append_dims(torch.cos(t) * torch.sin(t), x0.ndim)
+        F_minus, J = directional_derivative(lambda xs, tt: bare.trig_F(xs * sd, tt, labels), (x_t / sd, t),
+                                            (cs * dxdt, torch.cos(t) * torch.sin(t) * sd), self.jvp, self.fd_step)
+        g = self.tangent(step, x_t, t, dxdt, F_minus, J)
+        self._last = {"g_rms": float(rms(g).mean())}
+        g = self.normalise(g)
+        mse = (F_theta.float() - F_minus - g).pow(2).flatten(1).mean(1)
+        if not self.adaptive_weight:
+            return mse + 0 * w  # w_φ stays in the graph (DDP expects every parameter to get a gradient)
+        return torch.exp(w) * mse - w
+
+
+class SCDLoss(SCTLoss):
+    """sCD: continuous-time consistency distillation; dx_t/dt is the EDM teacher's PF-ODE velocity at (x_t, t),
+    (cos t·x_t − D(x_t/cos t, σ_d tan t)) / sin t (``cmkit.trigflow.velocity_from_denoiser``). sCM Table 4
+    trains sCD with no dropout; the rest is sCT's."""
+
+    needs_teacher = True
+    distill = True
+
+    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None,
+                 cond: dict[str, Any]) -> Tensor:
+        if teacher is None:
+            raise ValueError("sCD needs a teacher (train.teacher)")
+        x_sigma = x_t / append_dims(torch.cos(t), x_t.ndim)
+        with torch.autocast(x_t.device.type, enabled=False):
+            D = teacher(x_sigma, sigma_from_t(t, self.sigma_data), **cond)
+        return velocity_from_denoiser(x_t, t, D)
