@@ -334,3 +334,22 @@ def test_new_methods_train_on_digits_and_sample(preset, tmp_path, teacher_dir, e
     model, cfg = load_model(out)
     x = sample_multistep(model, (4, 1, 8, 8), [80.0, 1.0], generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all() and x.std() > 0.05
+
+
+@pytest.mark.parametrize("preset,overrides", [("digits-sct", ["train.init_from=", "loss.tangent_warmup=0"]),
+                                              ("digits-meanflow", [])])
+def test_two_processes_end_with_identical_weights(preset, overrides, tmp_path):
+    """torch.func transforms bypass DDP's hooks (py-meanflow's caveat): the objectives keep the trainable pass
+    on the DDP wrapper and the JVP on the bare module, so gradients are averaged and the ranks stay equal,
+    although each rank trains on different data."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_weights.py")
+    port = {"digits-sct": "29541", "digits-meanflow": "29542"}[preset]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(script), preset, str(tmp_path / "run"), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RESULT same=True ranks=2" in proc.stdout, proc.stdout[-1000:]
