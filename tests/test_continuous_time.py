@@ -353,3 +353,22 @@ def test_two_processes_end_with_identical_weights(preset, overrides, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RESULT same=True ranks=2" in proc.stdout, proc.stdout[-1000:]
+
+
+def test_flowmap_sampler_is_deterministic_jumps_of_the_two_time_model():
+    from cmkit.sampling import nfe, sample_flowmap, sample_multistep
+
+    exact = Precond(ExactPointMassU(0.3), "meanflow")
+    calls = []
+    flow_map = exact.flow_map
+    exact.flow_map = lambda x, s, s_to, *a, **c: (calls.append((s, s_to)), flow_map(x, s, s_to, *a, **c))[1]
+    for sigmas in ([80.0], [80.0, 1.0], [80.0, 5.0, 0.5]):
+        calls.clear()
+        x = sample_flowmap(exact, (3, 1, 4, 4), sigmas, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(x, torch.full_like(x, 0.3), atol=1e-4)
+        assert calls == list(zip(sigmas, sigmas[1:] + [0.0])) and nfe("flowmap", len(sigmas)) == len(sigmas)
+    # the σ-list consistency sampler re-noises between the same levels and lands on the same point here
+    y = sample_multistep(exact, (3, 1, 4, 4), [80.0, 1.0], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(y, torch.full_like(y, 0.3), atol=1e-4)
+    with pytest.raises(ValueError, match="two-time"):
+        sample_flowmap(Precond(ExactGaussianF(0.3), "trigflow"), (1, 1, 4, 4), [80.0])

@@ -41,7 +41,7 @@ Split = Literal["train", "test"]
 DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips"]
 SolverName = Literal["heun", "euler"]
 WeightingName = Literal["uniform", "snr", "snr+1", "karras", "truncated-snr", "inv_dt", "snrpk"]
-SamplerName = Literal["onestep", "multistep", "heun", "euler", "progdist"]
+SamplerName = Literal["onestep", "multistep", "heun", "euler", "progdist", "flowmap"]
 
 #: Keys that may change between a run and its resumption (everything else must match exactly).
 RUN_CONTROL_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every", "train.ckpt_every",
@@ -385,7 +385,7 @@ class CMTrainConfig(TrainConfig):
 class SampleConfig:
     """Default sampler of the trained model (written into its config.json) and the training grids."""
 
-    sampler: SamplerName = "onestep"        # onestep | multistep | heun | euler | progdist
+    sampler: SamplerName = "onestep"        # onestep | multistep | heun | euler | progdist | flowmap (meanflow)
     sigmas: tuple[float, ...] = ()          # the multistep σ list (descending, in [σ_min, σ_max])
     steps: int = 18                         # heun/euler: number of σ levels
     grid_size: int = 64                     # images in the training sample grids

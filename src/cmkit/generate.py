@@ -11,11 +11,11 @@ from .config import Config
 from .errors import CmkitError
 from .precond import is_consistency
 from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_heun,
-                       sample_progdist,
+                       sample_flowmap, sample_progdist,
                        sample_multistep, validate_sigmas)
 from .schedules import DEFAULT_SIGMA_MID, grid_levels, karras_sigmas, nearest_grid_index, training_grid, warn_off_grid
 
-SAMPLERS = ("onestep", "multistep", "heun", "euler", "progdist")
+SAMPLERS = ("onestep", "multistep", "heun", "euler", "progdist", "flowmap")
 
 
 def default_sampler(cfg: Config) -> tuple[str, list[float], int]:
@@ -46,9 +46,12 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
         raise CmkitError("this is a diffusion (EDM) model: use --sampler heun, euler or progdist")
     if is_consistency(c.precond) and sampler in ("heun", "euler", "progdist"):
         raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
+    if sampler == "flowmap" and c.precond != "meanflow":
+        raise CmkitError("--sampler flowmap needs a two-time flow-map model (MeanFlow); this model has "
+                         f"precond {c.precond}: use --steps or --sigmas")
     if sampler == "onestep":
         return sampler, [c.sigma_max], 1
-    if sampler == "multistep":
+    if sampler in ("multistep", "flowmap"):
         given = bool(sigmas)
         try:
             sigmas = validate_sigmas(sigmas if given else multistep_sigmas(cfg, steps or 2), c.sigma_min, c.sigma_max)
@@ -125,6 +128,8 @@ def _sample(model: nn.Module, cfg: Config, shape: tuple[int, ...], sampler: str,
     c = cfg.model
     if sampler in ("onestep", "multistep"):
         return sample_multistep(model, shape, sigmas, sigma_min=c.sigma_min, sigma_max=c.sigma_max, **kw)
+    if sampler == "flowmap":
+        return sample_flowmap(model, shape, sigmas, sigma_min=c.sigma_min, sigma_max=c.sigma_max, **kw)
     if sampler == "progdist":
         return sample_progdist(model, shape, steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max, **kw)
     fn = sample_heun if sampler == "heun" else sample_euler

@@ -141,10 +141,28 @@ def sample_progdist(denoiser: nn.Module, shape: Sequence[int], steps: int, *, ge
                         device=device, clip=clip, **cond)
 
 
+@torch.no_grad()
+def sample_flowmap(model: nn.Module, shape: Sequence[int], sigmas: Sequence[float], *, generator: NoiseSource = None,
+                   sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, device: str | torch.device = "cpu",
+                   clip: bool = True, **cond: Any) -> Tensor:
+    """Deterministic flow-map sampling of a two-time model (MeanFlow, ``Precond(kind="meanflow")``): from
+    x = σ_0·z, jump σ_j → σ_{j+1} with ``model.flow_map`` and finally to 0, len(sigmas) evaluations and no
+    fresh noise (MeanFlow's multistep sampler; the 1-step case is x0 = z_1 − u(z_1, 1, 0))."""
+    s = validate_sigmas(sigmas, sigma_min, sigma_max)
+    if getattr(model, "kind", None) != "meanflow":
+        raise ValueError("the flowmap sampler needs a two-time model (model.precond=meanflow)")
+    flow_map = model.flow_map
+    x = s[0] * randn(shape, generator, device)
+    for sigma, sigma_to in zip(s, s[1:] + [0.0]):
+        x = flow_map(x, sigma, sigma_to, **cond)
+    return x.clamp(-1, 1) if clip else x
+
+
 def nfe(sampler: str, steps: int) -> int:
     """Network evaluations of a sampler setting: onestep 1, multistep ``steps``, heun 2·steps-1, euler and
-    progdist ``steps``."""
-    return {"onestep": 1, "multistep": steps, "heun": 2 * steps - 1, "euler": steps, "progdist": steps}[sampler]
+    progdist and flowmap ``steps``."""
+    return {"onestep": 1, "multistep": steps, "heun": 2 * steps - 1, "euler": steps, "progdist": steps,
+            "flowmap": steps}[sampler]
 
 
 def random_labels(n: int, num_classes: int, generator: NoiseSource, device: str | torch.device) -> Tensor:
@@ -154,5 +172,6 @@ def random_labels(n: int, num_classes: int, generator: NoiseSource, device: str 
     return torch.randint(num_classes, (n,), generator=generator).to(device)
 
 
-__all__ = ["sample_onestep", "sample_multistep", "sample_heun", "sample_euler", "sample_progdist", "edm_sigmas",
+__all__ = ["sample_onestep", "sample_multistep", "sample_heun", "sample_euler", "sample_progdist", "sample_flowmap",
+           "edm_sigmas",
            "per_sample_generators", "randn", "validate_sigmas", "nfe", "random_labels", "append_dims"]
