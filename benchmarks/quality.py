@@ -40,6 +40,9 @@ RESULTS = Path(__file__).parent / "results"
 TEACHER = "fmnist-edm"
 STUDENTS = ("fmnist-cd", "fmnist-ict", "fmnist-ect")
 PD = "fmnist-pd"  # progressive distillation from the same teacher with the same budget as fmnist-cd
+# continuous-time and flow-map objectives (issue 12): sCT/sCD tuned/distilled from the same teacher, MeanFlow from
+# scratch, TCM as a second stage after fmnist-ect; MeanFlow also with its deterministic flow-map sampler
+CONTINUOUS = ("fmnist-sct", "fmnist-scd", "fmnist-meanflow", "fmnist-tcm")
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
@@ -48,7 +51,15 @@ def settings(heun: list[int]) -> list[tuple[str, str, int]]:
     for name in STUDENTS:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     rows += [(PD, "progdist", s) for s in (1, 2, 4)]  # the baseline CD is compared with (CM paper §6)
+    for name in CONTINUOUS:
+        rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
+    rows += [("fmnist-meanflow", "flowmap", 2), ("fmnist-meanflow", "flowmap", 4)]
     return rows
+
+
+def model_dir(name: str, local: dict[str, str]) -> Path | None:
+    """A shipped model, or the directory given with --model NAME=DIR (a trained model not shipped, or not yet)."""
+    return Path(local[name]) if name in local else shipped_model_dir(name)
 
 
 def timed_generate(model, cfg, n, sampler, sigmas, steps, batch, bf16):
@@ -85,7 +96,7 @@ def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for i, r in enumerate(rows):
             if r["model"] not in models:
-                models[r["model"]] = load_model(shipped_model_dir(r["model"]))
+                models[r["model"]] = load_model(model_dir(r["model"], args.local))
             model, cfg = models[r["model"]]
             _, ips = timed_generate(model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"],
                                     args.speed_n, args.bf16)
@@ -121,7 +132,10 @@ def main() -> None:
     ap.add_argument("--speed-n", type=int, default=500)
     ap.add_argument("--resume-log", help="stdout of an interrupted run: the rows it printed are reused, not recomputed")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                    help="take model NAME from DIR instead of the shipped models (repeatable)")
     args = ap.parse_args()
+    args.local = dict(m.split("=", 1) for m in args.model)
     args.bf16 = not args.fp32
     torch.set_num_threads(args.threads)
     if args.speed:
@@ -142,7 +156,7 @@ def main() -> None:
             rows.append(done[(name, sampler, steps)])
             print(f"reused from {args.resume_log}: {name} {sampler} {steps}")
             continue
-        path = shipped_model_dir(name)
+        path = model_dir(name, args.local)
         if path is None:
             print(f"skip {name}: not shipped yet")
             continue
@@ -150,7 +164,7 @@ def main() -> None:
         sigmas: list[float] = []
         if sampler == "onestep":
             sigmas = [cfg.model.sigma_max]
-        elif sampler == "multistep":
+        elif sampler in ("multistep", "flowmap"):
             if name not in mids:
                 mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters,
                                         args.bf16)
@@ -187,7 +201,7 @@ def merge(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     if prev["meta"]["n_samples"] != args.n or prev["meta"].get("bf16") != args.bf16:
         raise SystemExit(f"{old} was written with other settings (n, bf16); rerun without --only")
     kept = [r for r in prev["rows"] if r["model"] not in args.only]
-    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS))}
+    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, *CONTINUOUS))}
     return sorted(kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] != TEACHER else -r["nfe"]))
 
 
