@@ -10,6 +10,8 @@ import torch
 from cmkit.nets.adm import ADMUNet
 from cmkit.presets import get_config
 
+from conftest import check_boundary_and_bf16
+
 # (config, parameters, tensors) of the released checkpoints (cm/unet.py with the launch commands' flags)
 RELEASED = {
     "imagenet64": (dict(img_resolution=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3,
@@ -106,15 +108,7 @@ def test_noise_input_is_250_ln_sigma_and_labels_condition():
 def test_adm_consistency_model_from_the_config_keeps_the_boundary_and_runs_in_bf16():
     cfg = get_config("digits-ict", ["model.arch=adm", "model.model_channels=32", "model.channel_mult=1,2",
                                     "model.attn_resolutions=4", "model.head_channels=16"])
-    model = cfg.model.build().eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    x = torch.randn(3, 1, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(model(x, cfg.model.sigma_min), x)  # f(x, σ_min) = x exactly
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = model(x, 2.0)
-    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    check_boundary_and_bf16(cfg)
 
 
 def test_adm_config_rules():

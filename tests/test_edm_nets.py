@@ -13,6 +13,8 @@ from cmkit.errors import CmkitError
 from cmkit.nets.edm import DDPMpp, DhariwalUNet, NCSNpp, VEPrecond, VPPrecond
 from cmkit.presets import get_config
 
+from conftest import check_boundary_and_bf16
+
 # (parameters, buffer elements, tensors, sha256[:16] of the sorted "key:shape" lines) of EDM's constructors as its
 # train.py builds them for CIFAR-10 (--arch ddpmpp / ncsnpp, augment_dim=9) and ImageNet-64 (--arch adm):
 # reference doc frontier-and-checkpoints §5; the digests were computed from NVlabs/edm training/networks.py.
@@ -161,15 +163,7 @@ def test_edm_network_as_consistency_model_keeps_the_boundary(arch, embedding, on
     channels = "32" if arch == "dhariwal" else "16"
     cfg = get_config("digits-ict", [f"model.arch={arch}", f"model.embedding={embedding}",
                                     f"model.model_channels={channels}", "model.attn_resolutions=4"])
-    model = cfg.model.build().eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    x = torch.randn(3, 1, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(model(x, cfg.model.sigma_min), x)  # f(x, σ_min) = x exactly
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = model(x, 2.0)
-    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    check_boundary_and_bf16(cfg)
 
 
 def test_edm_architecture_config_rules():
