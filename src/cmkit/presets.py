@@ -160,7 +160,7 @@ PRESETS: dict[str, Preset] = {
         "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
     "fmnist-meanflow": Preset("28×28 Fashion-MNIST MeanFlow (two-time flow map, JVP) from scratch", {
         **FMNIST_NET, "model.precond": "meanflow", "model.time_inputs": 2, **MEANFLOW_TIME, "loss.method": "meanflow",
-        "train.steps": 1_500, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 200,
+        "train.steps": 1_000, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 200,
         "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 1.0)}),
     "fmnist-tcm": Preset("28×28 Fashion-MNIST truncated CM: stage 2 after fmnist-ect (t′ = 1, boundary loss 0.25/0.1)", {
         **FMNIST_NET, "model.dropout": 0.1, "loss.method": "tcm", "loss.double_steps": 400, "loss.start_stage": 3,
