@@ -1,5 +1,5 @@
-"""The shipped models (four Fashion-MNIST, one colour emoji): present, loadable by name, documented, and
-sampling and editing correctly."""
+"""The shipped models (five Fashion-MNIST, one colour emoji, the PD baseline): present, loadable by name,
+documented, and sampling and editing correctly."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ from cmkit.checkpoint import load_model
 from cmkit.cli import main
 from cmkit.zoo import shipped_model_dir, shipped_models
 
-SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect", "emoji-ect")
+SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect", "emoji-ect", "fmnist-tcm")
 BASELINES = ("fmnist-pd",)  # progressive distillation (a diffusion model sampled in 1-4 Euler steps)
 
 
