@@ -272,7 +272,11 @@ def site(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log = proc.stdout.read()
-    assert "Traceback" not in log, log[-3000:]
+    # the server itself must never fail; a browser that closes mid-upload makes Starlette log a ClientDisconnect
+    # traceback (the client went away, nothing failed on our side), so those are left out
+    failures = [t for t in log.split("Traceback (most recent call last):")[1:]
+                if "starlette.requests.ClientDisconnect" not in t]
+    assert not failures, failures[0][-3000:]
 
 
 def _has_fmnist() -> bool:
