@@ -51,7 +51,6 @@ class SCTLoss:
     """
 
     needs_teacher = False
-    distill = False
 
     def __init__(self, P_mean: float = -1.0, P_std: float = 1.6, tangent_warmup: int = 10_000,
                  tangent_c: float = 0.1, tangent_clip: float = 0.0, jvp: str = "jvp", fd_step: float = 1e-4,
@@ -128,7 +127,6 @@ class SCDLoss(SCTLoss):
     trains sCD with no dropout; the rest is sCT's."""
 
     needs_teacher = True
-    distill = True
 
     def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None,
                  cond: dict[str, Any]) -> Tensor:
