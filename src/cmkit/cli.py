@@ -140,9 +140,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """A released consistency-models checkpoint (openai .pt or diffusers UNet2DModel) → a cmkit model directory."""
-    import torch
-
-    from .checkpoint import load_state, save_model_dir
     from .config import Config, set_value
     from .nets.adm_weights import read_released, released_model_config, released_name, released_overrides
 
@@ -166,33 +163,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
         for key, value in released_overrides(name).items():
             set_value(cfg, key, value)
     cfg.model.check()
-    model = cfg.model.build()
-    load_state(model.net, state, str(args.src), "the ADM network its shapes describe")
-    meta = {"description": args.description or f"converted from {Path(args.src).name}",
-            "source": {"path": str(args.src), "format": "diffusers" if known else "openai-pt"}}
-    save_model_dir(args.out, model, "denoiser", cfg.to_dict(), meta, dtype=torch.float16 if args.fp16 else None)
-    m = cfg.model
-    print(f"wrote {args.out} (ADM {m.img_resolution}px, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{'class-conditional' if m.num_classes else 'unconditional'}, precond {m.precond})")
-    return 0
+    return _write_converted(args, cfg, state, "diffusers" if known else "openai-pt")
 
 
 def _convert_released_net(args: argparse.Namespace) -> int:
     """An EDM-style pickle (NVlabs/edm, ECT; read without running its code) or a Flax CIFAR-10 checkpoint
     (openai/consistency_models_cifar10; its EMA parameters) → a cmkit model directory."""
-    import torch
-
-    from .checkpoint import load_state, save_model_dir
     from .nets.released import config_for, read_released_net
 
     section, state, fmt = read_released_net(args.src, args.precond, args.image_size)
-    cfg = config_for(section)
+    return _write_converted(args, config_for(section), state, fmt)
+
+
+def _write_converted(args: argparse.Namespace, cfg: Any, state: dict[str, Any], fmt: str) -> int:
+    """Load a converted backbone state into the network ``cfg`` describes and write the model directory."""
+    import torch
+
+    from .checkpoint import load_state, save_model_dir
+
     model = cfg.model.build()
-    load_state(model.net, state, str(args.src), f"the {section['arch']} network it describes")
+    m = cfg.model
+    load_state(model.net, state, str(args.src), f"the {m.arch} network its shapes describe")
     meta = {"description": args.description or f"converted from {Path(args.src).name}",
             "source": {"path": str(args.src), "format": fmt}}
     save_model_dir(args.out, model, "denoiser", cfg.to_dict(), meta, dtype=torch.float16 if args.fp16 else None)
-    m = cfg.model
     print(f"wrote {args.out} ({m.arch} {m.img_resolution}px, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters, {'class-conditional' if m.num_classes else 'unconditional'}, precond {m.precond})")
     return 0
