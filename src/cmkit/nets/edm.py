@@ -21,7 +21,8 @@ VP and VE formulations as EDM Table 1 writes them), for sampling those models as
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +199,27 @@ class FourierEmbedding(nn.Module):
         return torch.cat([args.cos(), args.sin()], dim=1)
 
 
+def decoder_level(dec: nn.ModuleDict, res: int, lowest: bool, cout: int, width: int, skips: list[int],
+                  num_blocks: int, attention: Callable[[int], bool], block: dict[str, Any]) -> int:
+    """One resolution of EDM's decoder (SongUNet and DhariwalUNet build it alike): at the lowest resolution two
+    middle blocks ``in0`` (with attention) and ``in1``, elsewhere an ``up`` block; then ``num_blocks + 1`` blocks
+    that each take one encoder skip (``attention(idx)`` says which attend). Returns the output width."""
+    if lowest:
+        dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+        dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+    else:
+        dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+    for idx in range(num_blocks + 1):
+        cin, cout = cout + skips.pop(), width
+        dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention(idx), **block)
+    return cout
+
+
+def takes_skip(name: str) -> bool:
+    """Decoder blocks named ``…_block<i>`` concatenate an encoder skip to their input (``decoder_level``)."""
+    return "_block" in name
+
+
 def one_hot(class_labels: Tensor | None, classes: int, batch: int) -> Tensor:
     """Integer labels (B,) or one-hot rows (B, classes) as float one-hot rows; one clear error otherwise."""
     if class_labels is None:
@@ -267,19 +289,10 @@ class SongUNet(nn.Module):
         skips = [b.out_channels for name, b in self.enc.items() if "aux" not in name]
 
         self.dec = nn.ModuleDict()
-        self.takes_skip: dict[str, bool] = {}
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=idx == num_blocks and res in attn_resolutions, **block)
-                self.takes_skip[f"{res}x{res}_block{idx}"] = True
+            cout = decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult, skips,
+                                 num_blocks, lambda idx: idx == num_blocks and res in attn_resolutions, block)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True,
@@ -321,7 +334,7 @@ class SongUNet(nn.Module):
                 tmp = block(F.silu(tmp))
                 aux = tmp if aux is None else tmp + aux
             else:
-                if self.takes_skip.get(name):
+                if takes_skip(name):
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
         return aux
@@ -387,18 +400,10 @@ class DhariwalUNet(nn.Module):
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
         skips = [b.out_channels for b in self.enc.values()]
         self.dec = nn.ModuleDict()
-        self.takes_skip: dict[str, bool] = {}
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
-                self.takes_skip[f"{res}x{res}_block{idx}"] = True
+            cout = decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult, skips,
+                                 num_blocks, lambda idx: res in attn_resolutions, block)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 
@@ -419,7 +424,7 @@ class DhariwalUNet(nn.Module):
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         for name, block in self.dec.items():
-            if self.takes_skip.get(name):
+            if takes_skip(name):
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
         return self.out_conv(F.silu(self.out_norm(x)))
