@@ -54,8 +54,10 @@ class ECTLoss:
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_r, r.clamp(min=self.sigma_min)), **cond)
         tgt = torch.where(append_dims(r, x0.ndim) > 0, torch.nan_to_num(tgt), x0)
         c = default_huber_c(x0.shape[1:]) if self.huber_c is None else self.huber_c
-        dist = pseudo_huber(pred, tgt, c)
+        return self.weight(pseudo_huber(pred, tgt, c), t, r)
+
+    def weight(self, dist: Tensor, t: Tensor, r: Tensor) -> Tensor:
+        """w(t, r)·dist: 1/(t − r) (``inv_dt``) or a shared λ(t); ECT's "snrpk" = 1/σ_d² + 1/t² is "karras"."""
         if self.weighting == "inv_dt":
             return dist / (t - r)
-        # ECT's "snrpk" = 1/σ_d² + 1/t² is the shared "karras" λ(t)
         return dist * weighting("karras" if self.weighting == "snrpk" else self.weighting, t, self.sigma_data)

@@ -16,6 +16,7 @@ depend on the image size. The model is ``Precond(kind="trigflow")``: F_θ is the
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from ..jvp import JVP_MODES, directional_derivative
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
-from ..trigflow import lognormal_t, sigma_from_t, t_from_sigma, velocity_from_denoiser
+from ..trigflow import lognormal_t, sigma_from_t, velocity_from_denoiser
 from ..utils import append_dims
 from .base import get_rng_state, set_rng_state
 
@@ -62,6 +63,7 @@ class SCTLoss:
         self.tangent_c, self.tangent_clip, self.jvp, self.fd_step = tangent_c, tangent_clip, jvp, fd_step
         self.adaptive_weight = adaptive_weight
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.t_range = tuple(math.atan(s / sigma_data) for s in (sigma_min, sigma_max))  # [σ_min, σ_max] as t
         self._last: dict[str, float] = {}
 
     def target_mu(self, step: int) -> float | None:
@@ -75,9 +77,7 @@ class SCTLoss:
 
     def sample_t(self, x0: Tensor) -> Tensor:
         """t from the log-normal proposal, kept inside the model's σ range [σ_min, σ_max]."""
-        t = lognormal_t(x0.shape[0], self.P_mean, self.P_std, self.sigma_data, x0.device)
-        lo, hi = (t_from_sigma(torch.tensor(s), self.sigma_data).item() for s in (self.sigma_min, self.sigma_max))
-        return t.clamp(lo, hi)
+        return lognormal_t(x0.shape[0], self.P_mean, self.P_std, self.sigma_data, x0.device).clamp(*self.t_range)
 
     def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None,
                  cond: dict[str, Any]) -> Tensor:

@@ -14,6 +14,7 @@ It needs no JVP. Sampling is the usual σ-list sampling of the stage-2 model (on
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,10 +37,10 @@ def truncated_log_sigma(batch: int, lo: float, hi: float, P_mean: float, P_std: 
     else:
         x = torch.distributions.StudentT(torch.tensor(float(df), device=device)).sample(shape)
     log_s = P_mean + P_std * x
-    ok = (log_s >= torch.log(torch.tensor(lo))) & (log_s <= torch.log(torch.tensor(hi)))
+    log_lo, log_hi = math.log(lo), math.log(hi)
+    ok = (log_s >= log_lo) & (log_s <= log_hi)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((batch,), -1, device=device))
-    fallback = torch.empty(batch, device=device).uniform_(float(torch.log(torch.tensor(lo))),
-                                                          float(torch.log(torch.tensor(hi))))
+    fallback = torch.empty(batch, device=device).uniform_(log_lo, log_hi)
     picked = log_s.gather(1, first.clamp(min=0)[:, None]).squeeze(1)
     return torch.where(first >= 0, picked, fallback).exp()
 
@@ -82,13 +83,6 @@ class TCMLoss(ECTLoss):
 
     def stats(self, step: int) -> dict[str, float]:
         return {**super().stats(step), "t_prime": self.t_prime, **self._last}
-
-    def weight(self, dist: Tensor, t: Tensor, r: Tensor) -> Tensor:
-        from .base import weighting as shared_weighting
-
-        if self.weighting == "inv_dt":
-            return dist / (t - r)
-        return dist * shared_weighting("karras" if self.weighting == "snrpk" else self.weighting, t, self.sigma_data)
 
     def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
                  teacher: nn.Module | None = None, **cond: Any) -> Tensor:
