@@ -23,11 +23,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .utils import at_least_fp32
+
 JVPMode = Literal["jvp", "fd"]
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 JVP_MODES = ("jvp", "fd")
 
 

@@ -29,6 +29,11 @@ def append_dims(x: Tensor, ndim: int) -> Tensor:
     return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in fp32, or in its own dtype when that is wider (fp64 stays fp64: the JVP-vs-difference checks use it)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def as_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
     """σ as a float32 tensor of shape (B,), the form used at every API boundary."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)

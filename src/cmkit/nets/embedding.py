@@ -7,9 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from ..utils import at_least_fp32
 
 
 class PositionalEmbedding(nn.Module):
