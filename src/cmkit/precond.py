@@ -16,7 +16,6 @@ Four kinds, one calling convention:
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -67,16 +66,16 @@ class AdaptiveWeight(nn.Module):
 
     def __init__(self, dim: int = 128):
         super().__init__()
-        half = dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half) / half), persistent=False)
+        from .nets.embedding import PositionalEmbedding  # here, not at the top: cmkit.nets imports precond
+
+        self.emb = PositionalEmbedding(dim)
         self.linear = nn.Linear(dim, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, c_noise: Tensor) -> Tensor:
         with torch.autocast(c_noise.device.type, enabled=False):
-            args = 1000 * c_noise.float()[:, None] * self.freqs[None]  # ADM's sinusoid, as the backbones'
-            return self.linear(torch.cat([args.cos(), args.sin()], dim=1)).squeeze(1)
+            return self.linear(self.emb(c_noise.float())).squeeze(1)
 
 
 class Precond(nn.Module):
