@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -272,10 +273,12 @@ def site(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log = proc.stdout.read()
-    # the server itself must never fail; a browser that closes mid-upload makes Starlette log a ClientDisconnect
-    # traceback (the client went away, nothing failed on our side), so those are left out
+    # cmkit's code must never fail under the page. Tracebacks that pass through no cmkit frame are the web
+    # stack's own transport errors when the browser closes mid-transfer (Starlette's ClientDisconnect during an
+    # upload, h11's "Too little data for declared Content-Length" on a file response; both seen in fresh-clone
+    # runs), so only tracebacks with a frame in cmkit count
     failures = [t for t in log.split("Traceback (most recent call last):")[1:]
-                if "starlette.requests.ClientDisconnect" not in t]
+                if re.search(r'File "[^"]*/cmkit/[^"]*\.py"', t)]
     assert not failures, failures[0][-3000:]
 
 
