@@ -374,3 +374,49 @@ def test_flowmap_sampler_is_deterministic_jumps_of_the_two_time_model():
     assert torch.allclose(y, torch.full_like(y, 0.3), atol=1e-4)
     with pytest.raises(ValueError, match="two-time"):
         sample_flowmap(Precond(ExactGaussianF(0.3), "trigflow"), (1, 1, 4, 4), [80.0])
+
+
+def test_positional_scale_embeds_scale_times_c_noise():
+    """sCM's stable time input: the positional embedding of 1·t is ADM's embedding (1000·c) of c = t/1000, so
+    model.positional_scale changes the frequency of the time features and nothing else."""
+    from cmkit.config import ModelConfig
+
+    kw = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1)
+    adm, scm = _random_net(UNet(**kw)).eval(), UNet(positional_scale=1.0, **kw).double().eval()
+    scm.load_state_dict(adm.state_dict())
+    x, t = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0.01, 0.7, 1.5], dtype=torch.float64)
+    torch.testing.assert_close(scm(x, t), adm(x, t / 1000), rtol=1e-9, atol=1e-9)
+    from cmkit.presets import get_config
+
+    cfg = get_config("fmnist-scd", [])
+    assert cfg.model.positional_scale == 1.0 and cfg.model.time_input == "t"
+    assert cfg.model.build().net.emb.scale == 1.0
+    with pytest.raises(Exception, match="positional_scale applies to model.arch=unet or mlp"):
+        ModelConfig(arch="ddpmpp", embedding="positional", positional_scale=1.0).check()
+
+
+def test_trigflow_diffusion_teacher_samples_with_heun_and_teaches_scd(tmp_path, one_thread):
+    """sCM's teacher: a TrigFlow network (c_noise = t, positional scale 1) trained with the EDM loss is a diffusion
+    model — Heun by default, one-step sampling refused — and sCD accepts it as its teacher; the student starts as
+    exactly the teacher's denoiser (f_θ = D at every σ)."""
+    from cmkit.checkpoint import load_model
+    from cmkit.errors import CmkitError
+    from cmkit.generate import resolve_sampler
+    from cmkit.nets.released import init_from
+    from cmkit.train import train
+
+    scm_time = ["model.precond=trigflow", "model.time_input=t", "model.positional_scale=1"]
+    teacher = tmp_path / "teacher"
+    train(tiny_config("digits-edm", teacher, "train.steps=20", *scm_time), progress=False)
+    model, cfg = load_model(teacher)
+    assert cfg.is_diffusion() and resolve_sampler(cfg, None, None, None)[0] == "heun"
+    with pytest.raises(CmkitError, match="this is a diffusion model"):
+        resolve_sampler(cfg, "onestep", None, None)
+    scd = tiny_config("digits-scd", tmp_path / "scd", "train.steps=2", *scm_time, f"train.teacher={teacher}",
+                      f"train.init_from={teacher}")
+    train(scd, progress=False)  # accepts the teacher
+    assert not scd.is_diffusion()
+    f = scd.model.build().eval()
+    init_from(f, str(teacher), scd.model)
+    x, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.01, 0.5, 3.0, 80.0])
+    torch.testing.assert_close(f(x, sigma), model(x, sigma), rtol=0, atol=1e-6)

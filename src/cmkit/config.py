@@ -191,6 +191,8 @@ class ModelConfig:
     num_classes: int = 0                         # class-conditional when > 0
     embedding: Embedding = "positional"          # noise embedding: positional | fourier
     fourier_scale: float = 16.0                  # fourier embedding frequency scale
+    positional_scale: float = 1000.0             # unet, mlp: positional embedding of scale·c_noise (ADM 1000;
+                                                 # sCM's stable c_noise(t) = t uses 1)
     head_channels: int = 64                      # unet: channels per attention head
     hidden: int = 128                            # mlp: hidden width
     depth: int = 3                               # mlp: hidden layers
@@ -210,7 +212,7 @@ class ModelConfig:
 
     NET_KEYS: ClassVar[tuple[str, ...]] = (
         "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
-        "dropout", "num_classes", "embedding", "fourier_scale", "head_channels", "hidden", "depth", "scale_shift",
+        "dropout", "num_classes", "embedding", "fourier_scale", "positional_scale", "head_channels", "hidden", "depth", "scale_shift",
         "resblock_updown", "augment_dim", "time_inputs")
 
     def build(self) -> Any:
@@ -235,6 +237,9 @@ class ModelConfig:
         require(bool(self.channel_mult) and all(1 <= m <= 64 for m in self.channel_mult) and len(self.channel_mult) <= 12,
                 f"model.channel_mult must be 1 to 12 integers between 1 and 64, got {list(self.channel_mult)}")
         require(self.fourier_scale > 0, f"model.fourier_scale must be positive, got {self.fourier_scale}")
+        require(self.positional_scale > 0, f"model.positional_scale must be positive, got {self.positional_scale}")
+        require(self.positional_scale == 1000.0 or (self.arch in ("unet", "mlp") and self.embedding == "positional"),
+                f"model.positional_scale applies to model.arch=unet or mlp with model.embedding=positional")
         require(0 < self.sigma_min < self.sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got "
                                                      f"{self.sigma_min}, {self.sigma_max}")
         require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
@@ -317,6 +322,8 @@ class LossConfig:
     time_dist: Optional[TimeDist] = None         # tcm: student_t | lognormal (ln σ, truncated to [t′, σ_max])
     df: Optional[float] = None                   # tcm: Student-t degrees of freedom
     start_stage: Optional[int] = None            # tcm: ECT stage to continue from (Δt keeps shrinking)
+    label_dropout: Optional[float] = None        # edm: p of replacing a label by the null label (CFG teachers)
+    guidance: Optional[float] = None             # scd: classifier-free guidance scale w of the teacher (1 = none)
 
     def options(self) -> dict[str, Any]:
         """The options set in this section (not ``None``), without the method."""
@@ -329,9 +336,16 @@ class LossConfig:
         return LOSSES[self.method]
 
     def accepted(self) -> list[str]:
-        """Option names the method's loss takes (its constructor's parameters)."""
-        return [p for p in inspect.signature(self.loss_class()).parameters if p not in ("sigma_min", "sigma_max",
-                                                                                          "sigma_data", "rho")]
+        """Option names the method's loss takes (its constructor's parameters, and its base classes' where it
+        passes ``**kwargs`` on)."""
+        names: list[str] = []
+        for cls in self.loss_class().__mro__:
+            params = inspect.signature(cls.__init__).parameters.values()
+            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                      and p.name not in ("self", "sigma_min", "sigma_max", "sigma_data", "rho", *names)]
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                break
+        return names
 
     #: Ranges of the numeric options: (test, what the option must be).
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
@@ -347,7 +361,8 @@ class LossConfig:
         "norm_c": (lambda v: v > 0, "positive"), "transition_sigma": (lambda v: v > 0, "positive"),
         "boundary_prob": (lambda v: 0 <= v < 1, "in [0, 1)"), "w_boundary": (lambda v: v >= 0, "0 or more"),
         "df": (lambda v: v > 0, "positive"), "start_stage": (lambda v: 0 <= v <= 64, "in [0, 64]"),
-        "total_steps": (lambda v: v >= 1, "at least 1")}
+        "total_steps": (lambda v: v >= 1, "at least 1"), "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "guidance": (lambda v: 0 <= v <= 20, "in [0, 20]")}
 
     def check(self) -> None:
         for key, value in self.options().items():
@@ -402,6 +417,11 @@ class Config(RunConfig):
     train: CMTrainConfig = field(default_factory=CMTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def is_diffusion(self) -> bool:
+        """A diffusion model, sampled by solving its ODE (Heun, Euler, PD's steps): EDM-preconditioned, EDM's VP/VE,
+        or a TrigFlow network trained with the diffusion loss (sCM's teacher); otherwise a one-step generator."""
+        return self.model.precond in ("edm", "vp", "ve") or self.loss.method in ("edm", "pd")
+
     def validate(self) -> None:
         super().validate()
         m, method = self.model, self.loss.method
@@ -410,6 +430,8 @@ class Config(RunConfig):
         from .losses import LOSSES, PRECOND_OF
 
         want = PRECOND_OF.get(method, "cm")
+        if method == "edm" and m.precond == "trigflow":  # a TrigFlow diffusion model (sCM's teacher): EDM's
+            want = "trigflow"                            # scalings, so EDM's loss is its velocity loss
         why = {"edm": "a diffusion model (teacher or PD student) is EDM-preconditioned",
                "cm": "a consistency model needs the boundary condition f(x, σ_min) = x",
                "trigflow": "sCM trains TrigFlow's f = cos t·x_t − sin t·σ_d·F_θ",
@@ -423,6 +445,11 @@ class Config(RunConfig):
                 f"loss.method={method} needs a teacher: set train.teacher=PATH ({what})")
         require(distils or not self.train.teacher,
                 f"train.teacher is only used by loss.method={users} (this run is {method})")
+        for option, default in (("label_dropout", 0.0), ("guidance", 1.0)):
+            value = getattr(self.loss, option)
+            require(value in (None, default) or m.num_classes > 0,
+                    f"loss.{option}={value} is classifier-free guidance: it needs a class-conditional model "
+                    f"(model.num_classes > 0)")
         self.data.check()
         classes = DATA_CLASSES.get(self.data.name)
         require(not m.num_classes or classes is None or 0 < m.num_classes <= classes,

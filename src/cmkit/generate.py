@@ -9,7 +9,6 @@ from tqdm import tqdm
 
 from .config import Config
 from .errors import CmkitError
-from .precond import is_consistency
 from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_heun,
                        sample_flowmap, sample_progdist,
                        sample_multistep, validate_sigmas)
@@ -20,7 +19,7 @@ SAMPLERS = ("onestep", "multistep", "heun", "euler", "progdist", "flowmap")
 
 def default_sampler(cfg: Config) -> tuple[str, list[float], int]:
     """(sampler, σ list, steps) the model was trained for: Heun for EDM, 1-step for consistency models."""
-    if cfg.model.precond == "edm":
+    if cfg.is_diffusion():
         sampler = cfg.sample.sampler if cfg.sample.sampler in ("heun", "euler", "progdist") else "heun"
         return sampler, [], cfg.sample.steps
     return "onestep", [cfg.model.sigma_max], 1
@@ -36,15 +35,15 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
     if sampler is None:
         if sigmas:
             sampler = "multistep"
-        elif is_consistency(c.precond):
+        elif not cfg.is_diffusion():
             sampler = "onestep" if (steps or 1) == 1 else "multistep"
         else:
             sampler = default_sampler(cfg)[0]
     if sampler not in SAMPLERS:
         raise CmkitError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if c.precond == "edm" and sampler in ("onestep", "multistep"):
-        raise CmkitError("this is a diffusion (EDM) model: use --sampler heun, euler or progdist")
-    if is_consistency(c.precond) and sampler in ("heun", "euler", "progdist"):
+    if cfg.is_diffusion() and sampler in ("onestep", "multistep"):
+        raise CmkitError("this is a diffusion model: use --sampler heun, euler or progdist")
+    if not cfg.is_diffusion() and sampler in ("heun", "euler", "progdist"):
         raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
     if sampler == "flowmap" and c.precond != "meanflow":
         raise CmkitError("--sampler flowmap needs a two-time flow-map model (MeanFlow); this model has "

@@ -59,8 +59,8 @@ class DenoiserTask:
 
         teacher, tcfg = load_denoiser(self.cfg.train.teacher, device=self.ctx.device)
         want = getattr(self.objective, "teacher_precond", "edm")
-        if tcfg.model.precond != want and not (want == "edm" and tcfg.model.precond in ("vp", "ve")):
-            what = "a diffusion (EDM) model" if want == "edm" else f"a consistency model (precond {want})"
+        if not (tcfg.is_diffusion() if want == "edm" else tcfg.model.precond == want):
+            what = "a diffusion model" if want == "edm" else f"a consistency model (precond {want})"
             raise CmkitError(f"teacher {self.cfg.train.teacher} is not {what}; loss.method={self.name} needs one")
         return teacher.requires_grad_(False)
 
@@ -96,13 +96,13 @@ class DenoiserTask:
         shape = (n, c.in_channels, c.img_resolution, c.img_resolution)
         cond = {"class_labels": torch.arange(n, device=device) % c.num_classes} if c.num_classes else {}
         gens = per_sample_generators(range(n), device)
-        if c.precond == "edm" and s.sampler == "progdist":  # a PD student: its current number of steps
+        if self.cfg.is_diffusion() and s.sampler == "progdist":  # a PD student: its current number of steps
             N = self.objective.num_scales(step) if hasattr(self.objective, "num_scales") else s.steps
             x = sample_progdist(model, shape, N, generator=gens, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
                                 device=device, **cond)
             save_grid(x, out / f"step_{step:06d}_progdist{N}.png")
             return
-        if c.precond == "edm":
+        if self.cfg.is_diffusion():
             x = sample_heun(model, shape, edm_sigmas(s.steps, c.sigma_min, c.sigma_max), generator=gens,
                             device=device, **cond)
             save_grid(x, out / f"step_{step:06d}_heun{s.steps}.png")

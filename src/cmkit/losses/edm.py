@@ -6,17 +6,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..guidance import drop_labels
 from ..schedules import SIGMA_DATA
 from ..utils import append_dims
 
 
 class EDMLoss:
-    """ln σ ~ N(P_mean, P_std²); λ(σ) = (σ² + σ_d²)/(σ·σ_d)²; loss = λ·mean((D(x0 + σn, σ) - x0)²)."""
+    """ln σ ~ N(P_mean, P_std²); λ(σ) = (σ² + σ_d²)/(σ·σ_d)²; loss = λ·mean((D(x0 + σn, σ) - x0)²).
+
+    ``label_dropout`` p > 0 (class-conditional models) trains the unconditional branch too: each label becomes
+    the null label with probability p, so the model can serve as a classifier-free-guided teacher
+    (``cmkit.guidance``; Ho & Salimans 2022 use p = 0.1–0.2).
+    """
 
     needs_teacher = False
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = SIGMA_DATA):
-        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, label_dropout: float = 0.0,
+                 sigma_data: float = SIGMA_DATA):
+        self.P_mean, self.P_std, self.label_dropout, self.sigma_data = P_mean, P_std, label_dropout, sigma_data
 
     def target_mu(self, step: int) -> float | None:
         return None
@@ -28,5 +35,7 @@ class EDMLoss:
                  teacher: nn.Module | None = None, **cond: Any) -> Tensor:
         sigma = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        if self.label_dropout > 0 and cond.get("class_labels") is not None:
+            cond = {**cond, "class_labels": drop_labels(cond["class_labels"], self.label_dropout)}
         D = model(x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0), sigma, **cond)
         return weight * (D - x0).square().flatten(1).mean(1)

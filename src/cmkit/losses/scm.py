@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..guidance import guided
 from ..jvp import JVP_MODES, directional_derivative
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..trigflow import lognormal_t, sigma_from_t, velocity_from_denoiser
@@ -124,15 +125,28 @@ class SCTLoss:
 class SCDLoss(SCTLoss):
     """sCD: continuous-time consistency distillation; dx_t/dt is the EDM teacher's PF-ODE velocity at (x_t, t),
     (cos t·x_t − D(x_t/cos t, σ_d tan t)) / sin t (``cmkit.trigflow.velocity_from_denoiser``). sCM Table 4
-    trains sCD with no dropout; the rest is sCT's."""
+    trains sCD with no dropout; the rest is sCT's.
+
+    ``guidance`` w ≠ 1 distils a class-conditional teacher with classifier-free guidance: D is the guided
+    denoiser D_∅ + w·(D_c − D_∅) (``cmkit.guidance``; the teacher needs label-dropout training).
+    """
 
     needs_teacher = True
+
+    def __init__(self, *args: Any, guidance: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.guidance = guidance
 
     def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None,
                  cond: dict[str, Any]) -> Tensor:
         if teacher is None:
             raise ValueError("sCD needs a teacher (train.teacher)")
         x_sigma = x_t / append_dims(torch.cos(t), x_t.ndim)
+        labels = cond.get("class_labels")
+        if self.guidance != 1.0 and labels is None:
+            raise ValueError("loss.guidance needs a class-conditional model and data with labels")
         with torch.autocast(x_t.device.type, enabled=False):
-            D = teacher(x_sigma, sigma_from_t(t, self.sigma_data), **cond)
+            sigma = sigma_from_t(t, self.sigma_data)
+            D = (teacher(x_sigma, sigma, **cond) if self.guidance == 1.0
+                 else guided(teacher, x_sigma, sigma, labels, self.guidance))
         return velocity_from_denoiser(x_t, t, D)

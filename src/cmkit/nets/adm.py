@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..guidance import label_embedding
 from .embedding import PositionalEmbedding
 
 
@@ -180,7 +181,7 @@ class ADMUNet(nn.Module):
         if self.label_emb is not None:
             if class_labels is None:
                 raise ValueError("this network is class-conditional: pass class_labels")
-            emb = emb + self.label_emb(class_labels)
+            emb = emb + label_embedding(self.label_emb, class_labels)
         hs, h = [], x
         for block in self.input_blocks:
             h = block(h, emb)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..guidance import NULL_LABEL
 from ..utils import append_dims, as_sigma
 
 
@@ -221,11 +222,15 @@ def takes_skip(name: str) -> bool:
 
 
 def one_hot(class_labels: Tensor | None, classes: int, batch: int) -> Tensor:
-    """Integer labels (B,) or one-hot rows (B, classes) as float one-hot rows; one clear error otherwise."""
+    """Integer labels (B,) or one-hot rows (B, classes) as float one-hot rows; one clear error otherwise. The null
+    label (``cmkit.guidance.NULL_LABEL``) is EDM's label-dropout row of zeros."""
     if class_labels is None:
         raise ValueError("this network is class-conditional: pass class_labels")
-    if class_labels.ndim == 1 and not class_labels.is_floating_point():
-        return F.one_hot(class_labels.long(), classes).float()
+    if class_labels.ndim == 1 and not class_labels.is_floating_point():  # NULL_LABEL (-1): a zero row
+        if bool(((class_labels < NULL_LABEL) | (class_labels >= classes)).any()):
+            raise ValueError(f"class labels must lie in [0, {classes}) or be {NULL_LABEL} (no class)")
+        keep = (class_labels != NULL_LABEL).unsqueeze(1)
+        return F.one_hot(class_labels.long().clamp(min=0), classes).float() * keep
     if class_labels.shape != (batch, classes):
         raise ValueError(f"class_labels must be (B,) integers or (B, {classes}) one-hot rows, got "
                          f"{tuple(class_labels.shape)}")

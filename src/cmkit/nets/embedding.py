@@ -36,9 +36,11 @@ class FourierEmbedding(nn.Module):
         return torch.cat([args.cos(), args.sin()], dim=1)
 
 
-def make_embedding(kind: str, dim: int, fourier_scale: float) -> nn.Module:
+def make_embedding(kind: str, dim: int, fourier_scale: float, positional_scale: float = 1000.0) -> nn.Module:
+    """``positional_scale`` multiplies c_noise before the sinusoids: ADM's 1000, or sCM's 1 for c_noise(t) = t
+    (a JVP objective differentiates the embedding in time; 1000·t makes that derivative high-frequency)."""
     if kind == "positional":
-        return PositionalEmbedding(dim)
+        return PositionalEmbedding(dim, scale=positional_scale)
     if kind == "fourier":
         return FourierEmbedding(dim, fourier_scale)
     raise ValueError(f"unknown noise embedding {kind!r}; expected 'positional' or 'fourier'")

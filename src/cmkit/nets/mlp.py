@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..guidance import label_embedding
 from .embedding import make_embedding
 
 
@@ -14,12 +15,13 @@ class MLPNet(nn.Module):
 
     def __init__(self, img_resolution: int = 1, in_channels: int = 2, out_channels: int | None = None,
                  hidden: int = 128, depth: int = 3, embedding: str = "positional", fourier_scale: float = 16.0,
-                 num_classes: int = 0, dropout: float = 0.0, time_inputs: int = 1, **_: object):
+                 positional_scale: float = 1000.0, num_classes: int = 0, dropout: float = 0.0, time_inputs: int = 1,
+                 **_: object):
         super().__init__()
         d = in_channels * img_resolution**2
         self.img_resolution, self.in_channels = img_resolution, in_channels
         self.out_shape: Sequence[int] = ((out_channels or in_channels), img_resolution, img_resolution)
-        self.emb = make_embedding(embedding, hidden, fourier_scale)
+        self.emb = make_embedding(embedding, hidden, fourier_scale, positional_scale)
         self.emb_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU())
         self.emb_mlp2 = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU()) if time_inputs == 2 else None
         self.label_emb = nn.Embedding(num_classes, hidden) if num_classes else None
@@ -39,7 +41,7 @@ class MLPNet(nn.Module):
                 raise ValueError("this backbone takes two times: pass c_noise2 of shape (B,)")
             emb = emb + self.emb_mlp2(self.emb(c_noise2))
         if self.label_emb is not None and class_labels is not None:
-            emb = emb + self.label_emb(class_labels)
+            emb = emb + label_embedding(self.label_emb, class_labels)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = h + block(h + emb)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..guidance import label_embedding
 from .embedding import make_embedding
 
 
@@ -92,7 +93,8 @@ class UNet(nn.Module):
         model_channels: base width C; level l has C·channel_mult[l] channels.
         num_blocks: residual blocks per level.
         attn_resolutions: resolutions at which an attention block follows each residual block.
-        embedding: ``"positional"`` (ADM) or ``"fourier"`` (NCSN++; scale ``fourier_scale``).
+        embedding: ``"positional"`` (ADM; of ``positional_scale``·c_noise, 1000 as in ADM) or ``"fourier"``
+            (NCSN++; scale ``fourier_scale``).
         num_classes: > 0 enables class conditioning (label embedding added to the noise embedding).
         time_inputs: 2 adds a second time input ``c_noise2`` (a flow map's gap t − r, MeanFlow), embedded like
             the first and added to it; its last layer starts at zero, so a fresh second input changes nothing.
@@ -101,12 +103,12 @@ class UNet(nn.Module):
     def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None,
                  model_channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2), num_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, num_classes: int = 0,
-                 embedding: str = "positional", fourier_scale: float = 16.0, head_channels: int = 64,
-                 time_inputs: int = 1, **_: object):
+                 embedding: str = "positional", fourier_scale: float = 16.0, positional_scale: float = 1000.0,
+                 head_channels: int = 64, time_inputs: int = 1, **_: object):
         super().__init__()
         C, emb_dim = model_channels, 4 * model_channels
         self.img_resolution, self.in_channels = img_resolution, in_channels
-        self.emb = make_embedding(embedding, C, fourier_scale)
+        self.emb = make_embedding(embedding, C, fourier_scale, positional_scale)
         self.emb_mlp = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.emb_mlp2 = (nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
                          if time_inputs == 2 else None)
@@ -160,7 +162,7 @@ class UNet(nn.Module):
             if self.label_emb is not None:
                 if class_labels is None:
                     raise ValueError("this model is class-conditional: pass class_labels of shape (B,)")
-                emb = emb + self.label_emb(class_labels)
+                emb = emb + label_embedding(self.label_emb, class_labels)
         h = self.conv_in(x)
         hs = [h]
         for m in self.enc:
