@@ -11,7 +11,6 @@ from cmkit.errors import CmkitError
 from cmkit.guidance import NULL_LABEL, drop_labels, guided, label_embedding
 from cmkit.losses import EDMLoss, SCDLoss
 from cmkit.nets import DDPMpp, MLPNet, UNet
-from cmkit.precond import Precond
 from cmkit.trigflow import sigma_from_t, velocity_from_denoiser
 
 from conftest import tiny_config

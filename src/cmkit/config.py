@@ -239,7 +239,7 @@ class ModelConfig:
         require(self.fourier_scale > 0, f"model.fourier_scale must be positive, got {self.fourier_scale}")
         require(self.positional_scale > 0, f"model.positional_scale must be positive, got {self.positional_scale}")
         require(self.positional_scale == 1000.0 or (self.arch in ("unet", "mlp") and self.embedding == "positional"),
-                f"model.positional_scale applies to model.arch=unet or mlp with model.embedding=positional")
+                "model.positional_scale applies to model.arch=unet or mlp with model.embedding=positional")
         require(0 < self.sigma_min < self.sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got "
                                                      f"{self.sigma_min}, {self.sigma_max}")
         require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
