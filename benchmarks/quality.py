@@ -43,6 +43,9 @@ PD = "fmnist-pd"  # progressive distillation from the same teacher with the same
 # continuous-time and flow-map objectives (issue 12): sCT/sCD tuned/distilled from the same teacher, MeanFlow from
 # scratch, TCM as a second stage after fmnist-ect; MeanFlow also with its deterministic flow-map sampler
 CONTINUOUS = ("fmnist-sct", "fmnist-scd", "fmnist-meanflow", "fmnist-tcm")
+# sCT and sCD start from the EDM teacher re-tuned to sCM's time input c_noise = t (fmnist-trigflow); its own
+# Heun-35 row shows what that conversion costs
+SCM_TEACHER = "fmnist-trigflow"
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
@@ -51,6 +54,7 @@ def settings(heun: list[int]) -> list[tuple[str, str, int]]:
     for name in STUDENTS:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     rows += [(PD, "progdist", s) for s in (1, 2, 4)]  # the baseline CD is compared with (CM paper §6)
+    rows.append((SCM_TEACHER, "heun", 18))
     for name in CONTINUOUS:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     rows += [("fmnist-meanflow", "flowmap", 2), ("fmnist-meanflow", "flowmap", 4)]
@@ -201,7 +205,7 @@ def merge(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     if prev["meta"]["n_samples"] != args.n or prev["meta"].get("bf16") != args.bf16:
         raise SystemExit(f"{old} was written with other settings (n, bf16); rerun without --only")
     kept = [r for r in prev["rows"] if r["model"] not in args.only]
-    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, *CONTINUOUS))}
+    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, SCM_TEACHER, *CONTINUOUS))}
     return sorted(kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] != TEACHER else -r["nfe"]))
 
 

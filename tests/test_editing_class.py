@@ -80,3 +80,37 @@ def test_class_errors_are_one_line(setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("precond", ["trigflow", "meanflow"])
+def test_scm_and_meanflow_models_edit_like_consistency_models(precond, tmp_path, capsys, one_thread):
+    """Editing takes any one-step generator (CM, sCM's TrigFlow f_θ, MeanFlow's flow map to 0): inpainting keeps
+    the known pixels. A TrigFlow network trained with the diffusion loss (sCM's teacher) is refused in one line."""
+    from cmkit.checkpoint import save_model_dir
+    from cmkit.editing.masks import builtin_mask
+    from cmkit.presets import get_config
+
+    preset, extra = {"trigflow": ("digits-sct", ["train.init_from="]), "meanflow": ("digits-meanflow", [])}[precond]
+    cfg = get_config(preset, extra)
+    model = cfg.model.build()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_model_dir(tmp_path / "m", model, "denoiser", cfg.to_dict())
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    argv = ["edit", "inpaint", "--input", str(tmp_path / "in.png"), "--builtin", "center", "--steps", "2",
+            "--threads", "1"]
+    assert main(argv + ["-o", str(out), "--model", str(tmp_path / "m")]) == 0
+    known = builtin_mask("center", 8).numpy() == 0
+    grid = np.asarray(Image.open(out).convert("L")).astype(int)[16:-16:8, 16:-16:8]
+    assert np.array_equal(grid[known], np.asarray(Image.open(tmp_path / "in.png")).astype(int)[known])
+    if precond == "trigflow":
+        cfg.loss.method = "edm"  # the same network as a TrigFlow diffusion model
+        save_model_dir(tmp_path / "d", model, "denoiser", cfg.to_dict())
+        capsys.readouterr()
+        assert main(argv + ["-o", str(tmp_path / "x.png"), "--model", str(tmp_path / "d")]) == 2
+        err = capsys.readouterr().err
+        assert "editing needs a consistency model" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x.png").exists()

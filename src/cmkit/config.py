@@ -406,6 +406,11 @@ class SampleConfig:
     grid_size: int = 64                     # images in the training sample grids
 
 
+def is_diffusion(precond: str, method: str | None) -> bool:
+    """``Config.is_diffusion`` from the two fields (also for a config.json read as a dict)."""
+    return precond in ("edm", "vp", "ve") or method in ("edm", "pd")
+
+
 @dataclass
 class Config(RunConfig):
     """A diffusion (EDM) or consistency-model run: model, data, loss, train, sample."""
@@ -420,7 +425,7 @@ class Config(RunConfig):
     def is_diffusion(self) -> bool:
         """A diffusion model, sampled by solving its ODE (Heun, Euler, PD's steps): EDM-preconditioned, EDM's VP/VE,
         or a TrigFlow network trained with the diffusion loss (sCM's teacher); otherwise a one-step generator."""
-        return self.model.precond in ("edm", "vp", "ve") or self.loss.method in ("edm", "pd")
+        return is_diffusion(self.model.precond, self.loss.method)
 
     def validate(self) -> None:
         super().validate()

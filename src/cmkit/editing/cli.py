@@ -256,8 +256,8 @@ def run_edit(args: argparse.Namespace) -> int:
     _check_args(args)
     apply_threads(args.threads)
     model, cfg = load_model(args.model)
-    if cfg.model.precond != "cm":
-        raise CmkitError("editing needs a consistency model (this one is a diffusion/EDM model)")
+    if cfg.is_diffusion():
+        raise CmkitError("editing needs a consistency model (this one is a diffusion model)")
     _check_with_model(args, cfg)
     args.num_classes = cfg.model.num_classes
     class_labels(args.classes, args.num_classes, 1)  # --class for an unconditional model or out of range: now

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import is_diffusion
 from ..errors import CmkitError
 
 #: the most images one page request generates (a grid of 8×8)
@@ -120,7 +121,7 @@ class Loaded:
 
     @property
     def is_cm(self) -> bool:
-        return self.cfg.model.precond == "cm"
+        return not self.cfg.is_diffusion()  # CM, sCM (TrigFlow) or MeanFlow
 
 
 @dataclass
@@ -242,7 +243,7 @@ class Backend:
             if consistency_only:
                 try:
                     cfg = json.loads((models_root() / name / "config.json").read_text())["config"]
-                    if cfg["model"].get("precond") != "cm":
+                    if is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method")):
                         continue
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
@@ -340,7 +341,8 @@ class Backend:
                 cfg = json.loads((models_root() / name / "config.json").read_text())["config"]
             except (OSError, ValueError, KeyError):
                 continue
-            if (cfg["model"].get("precond") == "edm" and cfg["data"].get("name") == m.cfg.data.name
+            if (is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method"))
+                    and cfg["data"].get("name") == m.cfg.data.name
                     and cfg["model"].get("img_resolution") == m.resolution):
                 return name
         return None
