@@ -152,13 +152,13 @@ PRESETS: dict[str, Preset] = {
         "sample.sigmas": (80.0, 2.0181)}),
     # sCM / MeanFlow / TCM at CPU scale (issue 12); the 2-step σ_mid of sCM is its t_mid = 1.1.
     # sCM's stable time input (§12.2): c_noise(t) = t with a positional embedding of scale 1. The EDM teacher
-    # embeds 1000·ln(σ)/4; fmnist-trigflow re-learns the EDM teacher's time input as c_noise = t with EDM's loss
-    # (a TrigFlow diffusion model), and sCD / sCT start from it. (fmnist-scd on the EDM teacher's own time input
-    # diverged: the tangent's RMS grew from 0.03 to 7 in 500 steps and the 1-step FD was 60.)
-    "fmnist-trigflow": Preset("28×28 Fashion-MNIST TrigFlow teacher: fmnist-edm re-tuned to sCM's c_noise(t) = t "
-                              "(positional scale 1), EDM loss", {
-        **FMNIST_NET, **SCM_TIME, "model.dropout": 0.1, "loss.method": "edm", "train.steps": 1_500,
-        "train.lr": 5e-4, "train.optimizer": "adam", "train.warmup_steps": 100, "train.init_from": "runs/fmnist-edm",
+    # embeds 1000·ln(σ)/4: init_from fits the run's embedding MLP to the teacher's (cmkit.retime), and a short
+    # EDM-loss tune follows; sCD / sCT start from this TrigFlow teacher. (fmnist-scd on the EDM teacher's own
+    # time input diverged: the tangent's RMS grew from 0.03 to 7 in 500 steps and the 1-step FD was 60.)
+    "fmnist-trigflow": Preset("28×28 Fashion-MNIST TrigFlow teacher: fmnist-edm with sCM's c_noise(t) = t "
+                              "(positional scale 1; embedding refitted, then 300 steps of the EDM loss)", {
+        **FMNIST_NET, **SCM_TIME, "model.dropout": 0.1, "loss.method": "edm", "train.steps": 300,
+        "train.lr": 1e-4, "train.optimizer": "adam", "train.warmup_steps": 50, "train.init_from": "runs/fmnist-edm",
         "train.ema_rates": (0.999,), "sample.sampler": "heun", "sample.steps": 18}),
     "fmnist-sct": Preset("28×28 Fashion-MNIST sCT (TrigFlow continuous-time CT, JVP) tuned from fmnist-trigflow", {
         **FMNIST_NET, **SCM_TIME, "model.dropout": 0.1, "loss.method": "sct", "loss.tangent_warmup": 100,

@@ -105,13 +105,14 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     from ..checkpoint import load_state, read_model_dir, read_safetensors
 
     if checkpoint_format(path) == "model-dir":
-        weights = read_model_dir(path, "denoiser").weights
-        sd = read_safetensors(weights)
+        d = read_model_dir(path, "denoiser")
+        sd = read_safetensors(d.weights)
         # sCM's learned weighting w_φ (``logvar``) is not part of a diffusion model: it starts fresh
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith("logvar.")}
         if fresh and not any(k.startswith("logvar.") for k in sd):
             sd = {**sd, **fresh}
-        load_state(model, sd, str(weights), "the model in config.json")
+        load_state(model, sd, str(d.weights), "the model in config.json")
+        _refit_time_input(model, d.config, sd, path, model_cfg)
         return
     section, state, _ = read_released_net(path)
     keys = ("arch", "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks",
@@ -125,3 +126,25 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     if not model_cfg.augment_dim:
         state = {k: v for k, v in state.items() if not k.startswith("map_augment.")}
     load_state(model.net, state, str(path), f"the run's {model_cfg.arch} network")
+
+
+def _refit_time_input(model: nn.Module, source_config: dict[str, Any], sd: dict[str, Tensor], path: str | Path,
+                      model_cfg: Any) -> None:
+    """When the run embeds the noise level differently from the source model (e.g. sCM's c_noise(t) = t from an
+    EDM teacher's ln(σ)/4), fit the run's embedding MLP to the source's (``cmkit.retime``), with one line on
+    stderr."""
+    import sys
+
+    from ..config import Config
+    from ..retime import fit_time_embedding, needs_refit
+
+    src = Config.from_dict(source_config).model.build()
+    src.load_state_dict({k: v for k, v in sd.items() if k in src.state_dict()}, strict=False)
+    src.to(next(model.parameters()).device).eval().requires_grad_(False)
+    lo, hi = model_cfg.sigma_min, model_cfg.sigma_max
+    if not needs_refit(src, model, lo, hi):
+        return
+    err = fit_time_embedding(src, model, sigma_min=lo, sigma_max=hi)
+    print(f"train.init_from={path}: the run's time input differs from the source's; fitted its noise-embedding "
+          "MLP to the source's (cmkit.retime), relative error " +
+          ", ".join(f"{e:.2f} at σ={s:g}" for s, e in err.items()), file=sys.stderr)
