@@ -158,3 +158,12 @@ def test_conditional_teacher_with_label_dropout_then_guided_scd_train(tmp_path, 
     x = sample_multistep(model, (4, 1, 8, 8), [80.0, 1.0], generator=torch.Generator().manual_seed(0),
                          class_labels=torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(x).all()
+
+
+def test_guidance_with_an_unconditional_teacher_is_one_error(tmp_path, teacher_dir, one_thread):
+    from cmkit.train import train
+
+    cfg = tiny_config("digits-scd", tmp_path / "scd", "train.steps=2", "model.num_classes=10", "train.init_from=",
+                      f"train.teacher={teacher_dir}", "loss.guidance=2.0")
+    with pytest.raises(CmkitError, match="loss.guidance needs a class-conditional teacher"):
+        train(cfg, progress=False)

@@ -212,8 +212,8 @@ class ModelConfig:
 
     NET_KEYS: ClassVar[tuple[str, ...]] = (
         "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
-        "dropout", "num_classes", "embedding", "fourier_scale", "positional_scale", "head_channels", "hidden", "depth", "scale_shift",
-        "resblock_updown", "augment_dim", "time_inputs")
+        "dropout", "num_classes", "embedding", "fourier_scale", "positional_scale", "head_channels", "hidden", "depth",
+        "scale_shift", "resblock_updown", "augment_dim", "time_inputs")
 
     def build(self) -> Any:
         """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""

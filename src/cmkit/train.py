@@ -7,6 +7,7 @@ Heun (EDM) sample grids with fixed per-sample seeds.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,13 @@ class DenoiserTask:
         if not (tcfg.is_diffusion() if want == "edm" else tcfg.model.precond == want):
             what = "a diffusion model" if want == "edm" else f"a consistency model (precond {want})"
             raise CmkitError(f"teacher {self.cfg.train.teacher} is not {what}; loss.method={self.name} needs one")
+        if getattr(self.objective, "guidance", 1.0) != 1.0:
+            if not tcfg.model.num_classes:
+                raise CmkitError(f"loss.guidance needs a class-conditional teacher; {self.cfg.train.teacher} "
+                                 "is unconditional")
+            if not tcfg.loss.label_dropout:
+                print(f"warning: teacher {self.cfg.train.teacher} records no loss.label_dropout: its unconditional "
+                      "branch (the null label) may be untrained, and guidance meaningless", file=sys.stderr)
         return teacher.requires_grad_(False)
 
     def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
