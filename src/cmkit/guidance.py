@@ -29,16 +29,21 @@ def drop_labels(class_labels: Tensor, p: float) -> Tensor:
     return torch.where(drop, torch.full_like(class_labels, NULL_LABEL), class_labels)
 
 
-def label_embedding(table: nn.Embedding, class_labels: Tensor) -> Tensor:
-    """``table(class_labels)`` with a zero row for ``NULL_LABEL``; other labels outside [0, classes) are an error."""
-    classes = table.num_embeddings
-    if class_labels.ndim != 1 or class_labels.is_floating_point():
-        raise ValueError(f"class_labels must be (B,) integers, got {tuple(class_labels.shape)} {class_labels.dtype}")
+def keep_mask(class_labels: Tensor, classes: int) -> Tensor:
+    """(B, 1) with 0 where the label is ``NULL_LABEL`` and 1 elsewhere; a label outside [0, classes) otherwise is
+    one error."""
     bad = (class_labels < NULL_LABEL) | (class_labels >= classes)
     if bool(bad.any()):
         raise ValueError(f"class labels must lie in [0, {classes}) or be {NULL_LABEL} (no class); got "
                          f"{sorted(set(class_labels[bad].tolist()))[:5]}")
-    keep = (class_labels != NULL_LABEL).unsqueeze(1)
+    return (class_labels != NULL_LABEL).unsqueeze(1)
+
+
+def label_embedding(table: nn.Embedding, class_labels: Tensor) -> Tensor:
+    """``table(class_labels)`` with a zero row for ``NULL_LABEL``; other labels outside [0, classes) are an error."""
+    if class_labels.ndim != 1 or class_labels.is_floating_point():
+        raise ValueError(f"class_labels must be (B,) integers, got {tuple(class_labels.shape)} {class_labels.dtype}")
+    keep = keep_mask(class_labels, table.num_embeddings)
     return table(class_labels.clamp(min=0)) * keep
 
 

@@ -27,14 +27,6 @@ from .utils import append_dims, as_sigma
 
 Kind = Literal["edm", "cm", "trigflow", "meanflow"]
 KINDS = ("edm", "cm", "trigflow", "meanflow")
-#: Kinds whose model is a one-step generator (consistency function or flow map), sampled with σ lists.
-CONSISTENCY_KINDS = ("cm", "trigflow", "meanflow")
-
-
-def is_consistency(kind: str) -> bool:
-    """True for consistency-style models (1-step/multistep σ-list samplers), False for diffusion (EDM) ones."""
-    return kind in CONSISTENCY_KINDS
-
 
 def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor]:
     """EDM c_skip, c_out, c_in (Karras et al. 2022, Table 1)."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..guidance import NULL_LABEL
+from ..guidance import keep_mask
 from ..utils import append_dims, as_sigma
 
 
@@ -227,9 +227,7 @@ def one_hot(class_labels: Tensor | None, classes: int, batch: int) -> Tensor:
     if class_labels is None:
         raise ValueError("this network is class-conditional: pass class_labels")
     if class_labels.ndim == 1 and not class_labels.is_floating_point():  # NULL_LABEL (-1): a zero row
-        if bool(((class_labels < NULL_LABEL) | (class_labels >= classes)).any()):
-            raise ValueError(f"class labels must lie in [0, {classes}) or be {NULL_LABEL} (no class)")
-        keep = (class_labels != NULL_LABEL).unsqueeze(1)
+        keep = keep_mask(class_labels, classes)
         return F.one_hot(class_labels.long().clamp(min=0), classes).float() * keep
     if class_labels.shape != (batch, classes):
         raise ValueError(f"class_labels must be (B,) integers or (B, {classes}) one-hot rows, got "

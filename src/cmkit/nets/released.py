@@ -128,6 +128,10 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     load_state(model.net, state, str(path), f"the run's {model_cfg.arch} network")
 
 
+#: The model fields that decide how a network embeds σ (the noise input and its features).
+TIME_FIELDS = ("precond", "time_input", "embedding", "positional_scale", "fourier_scale")
+
+
 def _refit_time_input(model: nn.Module, source_config: dict[str, Any], sd: dict[str, Tensor], path: str | Path,
                       model_cfg: Any) -> None:
     """When the run embeds the noise level differently from the source model (e.g. sCM's c_noise(t) = t from an
@@ -138,7 +142,10 @@ def _refit_time_input(model: nn.Module, source_config: dict[str, Any], sd: dict[
     from ..config import Config
     from ..retime import fit_time_embedding, needs_refit
 
-    src = Config.from_dict(source_config).model.build()
+    src_cfg = Config.from_dict(source_config).model
+    if all(getattr(src_cfg, k) == getattr(model_cfg, k) for k in TIME_FIELDS):
+        return  # the same noise input (TCM from ECT, sCD/sCT from a TrigFlow teacher): nothing to build
+    src = src_cfg.build()
     src.load_state_dict({k: v for k, v in sd.items() if k in src.state_dict()}, strict=False)
     src.to(next(model.parameters()).device).eval().requires_grad_(False)
     lo, hi = model_cfg.sigma_min, model_cfg.sigma_max
