@@ -1,6 +1,13 @@
-"""Shared fixtures: tiny configs on the bundled 8×8 digits, and a tiny trained EDM teacher."""
+"""Shared fixtures: tiny configs on the bundled 8×8 digits, a tiny trained EDM teacher, and ``bound`` for the
+tests whose pass/fail depends on a training run.
+
+Training-bound tests take their seed from ``CMKIT_TEST_SEED`` (0 unless set) and check each trained quantity with
+``bound(name, value, limit)``; ``scripts/bound_spread.py`` reruns them over seeds and thread counts and tabulates
+the spread of every such value against its limit (the margins quoted in the tests' docstrings come from it).
+"""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,6 +16,8 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+SEED = int(os.environ.get("CMKIT_TEST_SEED", "0"))
+
 TINY = ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1", "train.batch_size=32",
         "train.log_every=5", "train.sample_every=0", "train.ckpt_every=0", "sample.grid_size=4"]
 
@@ -16,7 +25,37 @@ TINY = ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1
 def tiny_config(preset: str, out_dir, *overrides: str):
     from cmkit.presets import get_config
 
-    return get_config(preset, TINY + [f"train.out_dir={out_dir}", *overrides])
+    return get_config(preset, TINY + [f"train.out_dir={out_dir}", f"train.seed={SEED}", *overrides])
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses ``bound`` is marked ``training_bound`` (``pytest -m training_bound`` runs them)."""
+    for item in items:
+        if "bound" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.training_bound)
+
+
+@pytest.fixture
+def seed() -> int:
+    """The seed of a training-bound test: ``CMKIT_TEST_SEED`` (0 unless set)."""
+    return SEED
+
+
+@pytest.fixture
+def bound(request):
+    """``bound(name, value, limit)`` asserts value < limit for a quantity that a training run produced, and
+    appends it to the JSON-lines file ``CMKIT_BOUND_LOG`` when that is set (``scripts/bound_spread.py``)."""
+
+    def check(name: str, value: float, limit: float) -> None:
+        log = os.environ.get("CMKIT_BOUND_LOG")
+        if log:
+            row = {"test": request.node.nodeid, "quantity": name, "value": float(value), "limit": float(limit),
+                   "seed": SEED, "threads": torch.get_num_threads()}
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        assert value < limit, f"{name} = {value:.4g}, bound < {limit:.4g} (seed {SEED})"
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -144,7 +144,10 @@ def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_
 
     torch.manual_seed(0)
     d = hub_like_unet(scale_shift, classes)
-    sd = {k: torch.randn_like(v) * 0.05 for k, v in d.state_dict().items()}
+    # attention weights large enough that the head split matters (with small ones attention is near-uniform
+    # and 1 head of 64 or 4 of 16 give the same output, which hid a wrong head width)
+    sd = {k: torch.randn_like(v) * (0.3 if "attentions" in k and k.endswith("weight") else 0.05)
+          for k, v in d.state_dict().items()}
     d.load_state_dict(sd)
     openai = diffusers_to_openai(sd, levels=3, blocks=2)
     assert openai_to_diffusers(openai).keys() == sd.keys()
@@ -156,9 +159,18 @@ def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_
     y = torch.tensor([1, 7]) if classes else None
     with torch.no_grad():
         expected = d(x, 250 * sigma.log(), class_labels=y).sample
-    for src in (tmp_path / "ckpt.pt", tmp_path / "diffusers"):
+    assert main(["convert", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "x"), "--image-size", "16"]) == 2
+    assert main(["convert", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "x"), "--image-size", "16",
+                 "--head-channels", "48"]) == 2  # 48 does not divide the 64 attention channels
+    torch.save(openai, tmp_path / "wrong.pt")
+    assert main(["convert", str(tmp_path / "wrong.pt"), "-o", str(tmp_path / "wrong"), "--image-size", "16",
+                 "--head-channels", "64"]) == 0
+    with torch.no_grad():  # the wrong head width is a different function: what the refusal above prevents
+        wrong = load_model(tmp_path / "wrong")[0].net(x, sigma.log() / 4, y)
+    assert (wrong - expected).abs().max() > 1e-3
+    for src, extra in ((tmp_path / "ckpt.pt", ["--head-channels", "16"]), (tmp_path / "diffusers", [])):
         out = tmp_path / f"cm-{src.stem}"
-        args = ["convert", str(src), "-o", str(out), "--image-size", "16"]
+        args = ["convert", str(src), "-o", str(out), "--image-size", "16", *extra]
         assert main(args) == 0
         model, cfg = load_model(out)
         assert cfg.model.arch == "adm" and cfg.model.scale_shift == scale_shift
@@ -183,7 +195,8 @@ def test_released_file_errors_are_one_line(tmp_path, capsys):
     for name, msg in (("evil.pt", "needs full unpickling"), ("missing.pt", "missing out.2.bias"),
                       ("shape.pt", "out.2.weight is (3, 32, 1, 1), expected (3, 32, 3, 3)"),
                       ("none.pt", "checkpoint not found")):
-        assert main(["convert", str(tmp_path / name), "-o", str(tmp_path / "o"), "--image-size", "16"]) == 2
+        assert main(["convert", str(tmp_path / name), "-o", str(tmp_path / "o"), "--image-size", "16",
+                     "--head-channels", "16"]) == 2
         err = capsys.readouterr()
         assert msg in err.err and len(err.err.strip().splitlines()) == 1 and "ran" not in err.out, err.err
 

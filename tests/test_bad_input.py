@@ -141,7 +141,7 @@ TRAIN = "train --preset digits-ict --out @out/run model.model_channels=16 model.
 CASES = [
     # 1. devices and threads
     ("device-bogus", f"{SAMPLE} --device bogus", "--device 'bogus' is not a device"),
-    ("device-empty", f"{SAMPLE} --device ''", "is not a device; expected cpu, cuda"),
+    ("device-empty", f"{SAMPLE} --device ''", "is not a device; expected auto, cpu, cuda"),
     ("device-meta", f"{SAMPLE} --device meta", "--device meta holds no data"),
     ("device-cuda-index", f"{SAMPLE} --device cuda:99", "--device cuda:99"),
     ("device-tpu", f"{SAMPLE} --device xla", "does not run on 'xla' devices"),
@@ -225,7 +225,9 @@ CASES = [
     ("heun-steps-1", "sample --model fmnist-edm -n 1 -o @out/s.png --steps 1", "needs at least 2 σ levels"),
     ("eval-n-0", "eval --no-floor --model fmnist-cd -n 0", "-n must be positive"),
     ("eval-batch-0", "eval --no-floor --model fmnist-cd -n 2 --batch-size 0", "--batch-size must be positive"),
-    ("decode-schedule-nan", f"{DECODE} --schedule nan", "finite numbers in [0, 1]"),
+    ("decode-schedule-nan", f"{DECODE} --schedule nan", "finite numbers in (0, 1]"),
+    ("decode-schedule-zero", f"{DECODE} --schedule 0,0", "finite numbers in (0, 1]"),
+    ("decode-schedule-up", f"{DECODE} --schedule 0.5,1", "must decrease"),
     ("decode-tile-0", f"{DECODE} --tile 0", "--tile must be positive"),
     ("decode-overlap", f"{DECODE} --tile 4 --tile-overlap 4", "must be smaller than --tile"),
     ("sample-n-huge", "sample --model fmnist-cd -n 99999999999999999999 -o @out/s.png",
@@ -251,7 +253,7 @@ CASES = [
     ("edit-panel-exists", f"{EDIT} @ok.png --panel @exists.png", "exists; pass --overwrite"),
     ("edit-panel-same", "edit inpaint --model fmnist-cd --input @ok.png -o @out/x.png --panel @out/x.png",
      "both name"),
-    ("edit-o-empty", "edit inpaint --model fmnist-cd --input @ok.png -o ''", "-o is empty"),
+    ("edit-o-empty", "edit inpaint --model fmnist-cd --input @ok.png -o ''", "nothing to write"),
     ("edit-o-dir", "edit inpaint --model fmnist-cd --input @ok.png -o @dir", "is a directory"),
     ("eval-exists", f"{EVAL} -o @exists.json", "exists; pass --overwrite"),
     ("eval-o-dir", f"{EVAL} -o @dir", "is a directory"),

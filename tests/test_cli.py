@@ -35,11 +35,18 @@ def autoencoders(tmp_path_factory):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_dry_runs_and_builds_model_loss_optimizer(preset, capsys, autoencoders):
     extra = [f"model.autoencoder={autoencoders / preset.replace('-cdec', '-ae')}"] if preset.endswith("-cdec") else []
-    assert main(["train", "--preset", preset, "--dry-run", *extra]) == 0
+    from cmkit.presets import get_config, missing_inputs
+
+    missing = missing_inputs(get_config(preset, extra))  # a teacher run, data or LPIPS file not made here
+    assert main(["train", "--preset", preset, "--dry-run", *extra]) == (2 if missing else 0)
     captured = capsys.readouterr()
-    cfg = json.loads(captured.out)
+    cfg = json.loads(captured.out)  # the config is printed and the network built either way
     assert cfg["train"]["out_dir"] == f"runs/{preset}"
     assert "parameters, loss" in captured.err and "optimizer" in captured.err
+    if missing:  # one line naming each missing file and the command that makes it
+        line = captured.err.strip().splitlines()[-1]
+        assert line.startswith("cmkit: error:") and "input file(s) missing" in line
+        assert all(m.split(":")[0].split("=")[-1] in line for m in missing), (missing, line)
 
 
 @pytest.mark.parametrize("override,msg", [

@@ -187,18 +187,23 @@ def test_scm_loss_equals_its_closed_form_with_learned_weight():
     assert torch.allclose(value.detach(), math.exp(0.7) * g_hat.pow(2).flatten(1).mean(1) - 0.7, rtol=1e-4, atol=1e-5)
 
 
-def test_scd_with_the_exact_teacher_learns_the_probability_flow_map():
+def test_scd_with_the_exact_teacher_learns_the_probability_flow_map(seed, bound):
     """sCD on a Gaussian mixture with its exact denoiser as teacher: the one-step map f(x, σ) approaches the
-    exact PF-ODE map (fine Heun from σ to 0 with the same exact denoiser). Measured here: RMS errors of
-    0.15–0.18, 0.28–0.34, 0.28–0.33, 0.32–0.40 of the data std at σ = 0.2, 1, 5, 80 after 3000 steps (two runs);
-    the untrained network: 0.3, 0.94, 1.2, 1.25; CD with the same network after 1200 steps: 0.11, 0.2, 0.11, 0.12.
-    Continuous-time distillation converges more slowly per step than CD's 18-level grid here (sCM trains for
-    400k iterations)."""
-    torch.manual_seed(0)
+    exact PF-ODE map (fine Heun from σ to 0 with the same exact denoiser), at σ = 0.2, 1, 5 and 80.
+
+    The network takes sCM's time input (c_noise = t, sinusoids of scale 1). With random Fourier features of
+    ln σ instead, the result depended on the drawn frequencies: RMS errors 0.24–0.57 for seed 0 and 0.14–0.39
+    for seed 1 after 3000 steps (the bound failed on AMD EPYC).
+
+    Measured with ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads, 10 runs, 1000 steps): RMS errors
+    0.015–0.032, 0.073–0.103, 0.077–0.116, 0.090–0.120 at σ = 0.2, 1, 5, 80 (bound 0.25: margin ≥ 2.1×); the
+    sum of errors falls to 0.074–0.103 of the untrained network's (bound 0.25: margin 2.4×). CD with the same
+    network after 1200 steps: 0.11, 0.2, 0.11, 0.12."""
+    torch.manual_seed(seed)
     gm = GaussianMixture(torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7]]), torch.tensor([0.5, 0.3, 0.2]), 0.08)
-    model = Precond(MLPNet(1, 2, hidden=96, depth=3, embedding="fourier", fourier_scale=1.0), "trigflow",
-                    time_input="log_sigma")
-    steps = 3000
+    model = Precond(MLPNet(1, 2, hidden=96, depth=3, embedding="positional", positional_scale=1.0), "trigflow",
+                    time_input="t")
+    steps = 1000
     loss = SCDLoss(tangent_warmup=steps // 5, P_mean=-0.5, P_std=1.6, adaptive_weight=False)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
@@ -210,7 +215,9 @@ def test_scd_with_the_exact_teacher_learns_the_probability_flow_map():
         opt.step()
         sched.step()
     after = _pf_map_errors(model.eval(), gm)
-    assert all(a < 0.5 for a in after) and sum(after) < 0.5 * sum(before), (before, after)
+    for sigma, error in zip((0.2, 1.0, 5.0, 80.0), after):
+        bound(f"RMS error at sigma={sigma}", error, 0.25)
+    bound("sum of errors, trained / untrained", sum(after) / sum(before), 0.25)
 
 
 def _pf_map_errors(model, gm):
@@ -308,17 +315,25 @@ def ect_dir(tmp_path_factory, teacher_dir):
 
 
 @pytest.mark.parametrize("preset", ["digits-sct", "digits-scd", "digits-meanflow", "digits-tcm"])
-def test_new_methods_train_on_digits_and_sample(preset, tmp_path, teacher_dir, ect_dir, one_thread):
+def test_new_methods_train_on_digits_and_sample(preset, tmp_path, teacher_dir, ect_dir, one_thread, bound):
     """A few steps through the loop, and the quantity each objective drives down goes down: sCM's tangent
     g = cos t·df⁻/dt (the consistency violation along the ODE; from a random start, r = 1 throughout),
-    MeanFlow's unnormalised ‖u − u_tgt‖², TCM's boundary distance to the frozen first stage at t′."""
+    MeanFlow's unnormalised ‖u − u_tgt‖², TCM's boundary distance to the frozen first stage at t′.
+
+    Measured with ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads; mean over the last quarter of the
+    steps / the first quarter, bound < 1): sCT 0.890–0.927 (150 steps), sCD 0.733–0.843, MeanFlow 0.466–0.533,
+    TCM 0.100–0.153 (60 steps). With the presets' 1000·ln(σ)/4 time input, sCT and sCD from scratch failed the
+    bound in 2 and 4 of 10 runs (0.96–1.06, 0.93–1.08)."""
     from cmkit.checkpoint import load_model
     from cmkit.sampling import sample_multistep
     from cmkit.train import train
 
-    extra = {"digits-sct": ["train.init_from=", "loss.tangent_warmup=0", "train.lr=1e-3"],
+    # sCT and sCD from scratch take sCM's time input (c_noise = t, sinusoids of scale 1): with the presets'
+    # 1000·ln(σ)/4 sinusoids, meant for tuning an EDM network, ‖g‖ fell in only 6 of 10 seeded runs
+    scm_time = ["model.time_input=t", "model.positional_scale=1"]
+    extra = {"digits-sct": ["train.init_from=", "loss.tangent_warmup=0", "train.lr=1e-3", *scm_time],
              "digits-scd": ["train.init_from=", f"train.teacher={teacher_dir}", "loss.tangent_warmup=0",
-                            "train.lr=1e-3"],
+                            "train.lr=1e-3", *scm_time],
              "digits-meanflow": ["train.warmup_steps=5", "train.lr=2e-3"],
              # the student starts from the EDM teacher, so it differs from the frozen ECT stage at t′; with TCM's
              # w_boundary = 0.1 the consistency rows dominate 60 steps on a barely trained first stage, so the
@@ -326,13 +341,15 @@ def test_new_methods_train_on_digits_and_sample(preset, tmp_path, teacher_dir, e
              "digits-tcm": [f"train.init_from={teacher_dir}", f"train.teacher={ect_dir}", "train.lr=3e-4",
                             "loss.boundary_prob=0.5", "loss.w_boundary=1.0"]}[preset]
     out = tmp_path / preset
-    train(tiny_config(preset, out, "train.steps=60", "train.log_every=1", *extra), progress=False)
+    steps = 150 if preset == "digits-sct" else 60  # sCT's ‖g‖ falls slowly: 60 steps left 0.90–0.99 of it
+    window = steps // 4
+    train(tiny_config(preset, out, f"train.steps={steps}", "train.log_every=1", *extra), progress=False)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     key = {"digits-meanflow": "mse", "digits-tcm": "boundary"}.get(preset, "g_rms")
-    first = sum(r[key] for r in rows[:15]) / 15
-    last = sum(r[key] for r in rows[-15:]) / 15
+    first = sum(r[key] for r in rows[:window]) / window
+    last = sum(r[key] for r in rows[-window:]) / window
     assert all(math.isfinite(r["loss"]) for r in rows)
-    assert last < first, (preset, first, last)
+    bound(f"mean {key} of the last {window} steps / first {window}", last / first, 1.0)
     model, cfg = load_model(out)
     x = sample_multistep(model, (4, 1, 8, 8), [80.0, 1.0], generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all() and x.std() > 0.05

@@ -150,7 +150,7 @@ def test_latent_shape_errors_are_one_clear_line():
     dec = random_decoder()
     with pytest.raises(CmkitError, match=r"4-D .* got 3-D \(4, 8, 8\).*latents\[None\]"):
         dec.decode(torch.zeros(4, 8, 8))
-    with pytest.raises(CmkitError, match=r"4 channels .* \(1, 3, 8, 8\).*image"):
+    with pytest.raises(CmkitError, match=r"takes 4-channel latents .* \(1, 3, 8, 8\).*image"):
         dec.decode(torch.zeros(1, 3, 8, 8))
     with pytest.raises(CmkitError, match="floating point"):
         dec.decode(torch.zeros(1, 4, 8, 8, dtype=torch.int64))

@@ -68,7 +68,7 @@ def test_decode_user_errors(tmp_path, weights):
     wdir, _ = weights
     cases = {
         "3d.npy": (raw_latents(1, 4, 4)[0], r"4-D .*got 3-D \(4, 4, 4\)"),
-        "rgb.npy": (torch.zeros(1, 3, 4, 4), r"4 channels .*image"),
+        "rgb.npy": (torch.zeros(1, 3, 4, 4), r"takes 4-channel latents .*image"),
         "scaled.npy": (raw_latents(1, 16, 16) * 0.18215, r"already multiplied by 0.18215 .*--latents scaled"),
     }
     for name, (z, pattern) in cases.items():

@@ -121,10 +121,13 @@ def test_target_network_gets_no_gradient_and_stopgrad_equals_a_frozen_copy():
         torch.testing.assert_close(p.grad, g1)  # the target pass contributes no gradient
 
 
-@pytest.mark.parametrize("gaps, ratio", [((64,), 0.6), ((1,), 0.8)])
-def test_decoder_loss_goes_down_on_a_fixed_batch(gaps, ratio):
-    torch.manual_seed(0)
-    x0, z = batch_and_latents()
+@pytest.mark.parametrize("gaps, ratio", [((64,), 0.6), ((1,), 0.9)])
+def test_decoder_loss_goes_down_on_a_fixed_batch(gaps, ratio, seed, bound):
+    """30 Adam steps on one batch lower the consistency loss. Measured with ``scripts/bound_spread.py`` (seeds
+    0–4 × 1 and 2 threads): loss ratio 0.40–0.44 at gap 64 (bound 0.6: margin 1.37×) and 0.69–0.78 at gap 1
+    (bound 0.9: margin 1.16×; with 0.8 it was 1.03×, and 60 steps did not lower it: 0.67–0.77)."""
+    torch.manual_seed(seed)
+    x0, z = batch_and_latents(seed)
     unet = init_decoder_unet(TINY_DEC)
     loss = DecoderConsistencyLoss(TINY_DEC, 10, gaps=gaps)
     opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
@@ -136,24 +139,26 @@ def test_decoder_loss_goes_down_on_a_fixed_batch(gaps, ratio):
     before = value()
     for k in range(30):
         opt.zero_grad()
-        loss(unet, x0, z, step=0, generator=torch.Generator().manual_seed(k)).mean().backward()
+        loss(unet, x0, z, step=0, generator=torch.Generator().manual_seed(1000 * seed + k)).mean().backward()
         opt.step()
-    assert value() < ratio * before
+    bound("loss after 30 steps / before", value() / before, ratio)
 
 
-def test_autoencoder_loss_goes_down_and_kl_is_the_closed_form():
-    torch.manual_seed(0)
+def test_autoencoder_loss_goes_down_and_kl_is_the_closed_form(seed, bound):
+    """Measured with ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads): the reconstruction loss falls to
+    0.30–0.38 of its first value in 40 steps (bound 0.6: margin 1.59×); the KL term is checked in closed form."""
+    torch.manual_seed(seed)
     ae = KLAutoencoder(TINY_AE)
     x = digits_batch(32)
     opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
     first = None
     for k in range(40):
-        loss, terms = ae.loss(x, kl_weight=1e-3, generator=torch.Generator().manual_seed(k))
+        loss, terms = ae.loss(x, kl_weight=1e-3, generator=torch.Generator().manual_seed(1000 * seed + k))
         first = first or terms["rec"]
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
-    assert terms["rec"] < 0.6 * first
+    bound("reconstruction loss at step 40 / step 1", terms["rec"] / first, 0.6)
     mean, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
     # ½(1 + 1 − 1 − 0) + ½(0 + e² − 1 − 2)
     torch.testing.assert_close(kl_divergence(mean, logvar), torch.tensor([0.5 + 0.5 * (torch.e**2 - 3)]))
@@ -276,7 +281,7 @@ def test_bad_input_gives_one_line_cmkit_errors(tmp_path, runs, capsys):
     with pytest.raises(CmkitError, match=r"\(batch, 1, H, W\)"):
         KLAutoencoder(TINY_AE).encode(torch.zeros(2, 3, 8, 8))
     dec = ConsistencyDecoder.from_pretrained(runs / "cdec" / "model")
-    with pytest.raises(CmkitError, match="2 channels"):
+    with pytest.raises(CmkitError, match="takes 2-channel latents"):
         dec.decode(torch.zeros(1, 4, 4, 4))
     assert main(["train-decoder", "--preset", "digits-cdec", f"autoencoder={tmp_path / 'none'}",
                  f"out_dir={tmp_path / 'y'}"]) == 2
@@ -306,3 +311,68 @@ def test_cli_decodes_latents_of_a_grey_decoder_to_png_files(runs, tmp_path):
     for i in range(2):
         img = np.asarray(Image.open(tmp_path / f"img_{i}.png"))
         assert img.shape == (8, 8) and img.dtype == np.uint8
+
+
+def test_cli_encode_then_decode_round_trip(runs, tmp_path, capsys):
+    """`cmkit encode` writes the autoencoder's posterior means (what `cmkit decode` reads) for an image or an .npz,
+    in each latent format; a wrong-size image and a decoder with other latent channels are one line each."""
+    import numpy as np
+
+    from cmkit.utils import save_npz
+
+    x = digits_batch(3)
+    save_npz(x, tmp_path / "x.npz")
+    ae = KLAutoencoder.from_pretrained(runs / "ae")
+    with torch.no_grad():
+        expected = ae.encode(torch.from_numpy(np.load(tmp_path / "x.npz")["arr_0"]).permute(0, 3, 1, 2) / 127.5 - 1)
+    for suffix in (".npy", ".pt", ".safetensors"):
+        z_file = tmp_path / f"z{suffix}"
+        assert main(["encode", str(tmp_path / "x.npz"), "--autoencoder", str(runs / "ae"), "-o", str(z_file)]) == 0
+        from cmkit.decoder.files import read_latents
+
+        torch.testing.assert_close(read_latents(z_file), expected)
+    assert main(["decode", str(tmp_path / "z.npy"), "--weights", str(runs / "cdec" / "model"), "-o",
+                 str(tmp_path / "back.png"), "--steps", "1"]) == 0
+    assert [(tmp_path / f"back_{i}.png").is_file() for i in range(3)] == [True] * 3
+    capsys.readouterr()
+    from PIL import Image
+
+    Image.fromarray(np.full((6, 6), 255, np.uint8)).save(tmp_path / "small.png")
+    assert main(["encode", str(tmp_path / "small.png"), "--autoencoder", str(runs / "ae"), "--pad-to", "8", "-o",
+                 str(tmp_path / "small.npy")]) == 0
+    padded = torch.full((1, 1, 8, 8), -1.0)
+    padded[..., 1:7, 1:7] = 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "small.npy")), ae.encode(padded))
+    Image.fromarray(np.zeros((7, 7), np.uint8)).save(tmp_path / "odd.png")
+    assert main(["encode", str(tmp_path / "odd.png"), "--autoencoder", str(runs / "ae"), "-o",
+                 str(tmp_path / "odd.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "multiples of the downsampling factor" in err and len(err.strip().splitlines()) == 1
+    np.save(tmp_path / "four.npy", np.zeros((1, 4, 4, 4), np.float32))  # SD-shaped latents, a 2-channel decoder
+    assert main(["decode", str(tmp_path / "four.npy"), "--weights", str(runs / "cdec" / "model"), "-o",
+                 str(tmp_path / "four.png")]) == 2
+    err = capsys.readouterr().err
+    assert "takes 2-channel latents" in err and "SD-1.x/2.x VAE latents have 4" in err
+
+
+def test_cli_encode_with_a_diffusers_vae(tmp_path):
+    """A diffusers AutoencoderKL directory (Stable Diffusion's vae/, here tiny and random) encodes to its own
+    posterior mean, unscaled."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1).eval()
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    assert main(["encode", str(tmp_path / "in.png"), "--autoencoder", str(tmp_path / "pipe"), "-o",
+                 str(tmp_path / "z.npy")]) == 0
+    x = torch.from_numpy(np.asarray(Image.open(tmp_path / "in.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "z.npy")), expected, rtol=1e-5, atol=1e-5)

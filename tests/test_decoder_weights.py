@@ -216,6 +216,29 @@ def test_anything_else_is_a_clear_one_line_error(tmp_path, tiny):
     assert OPENAI_DECODER_SHA256 == "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb"
 
 
+def test_weights_that_would_decode_silently_wrong_are_refused(tmp_path, tiny):
+    """As for denoisers: NaN or integer tensors (an all-black image otherwise), and metadata that is not JSON."""
+    from safetensors.torch import save_file
+
+    dec, state = tiny
+    name = sorted(state)[0]
+    for label, value in (("nan", state[name].clone().fill_(float("nan"))), ("int", state[name].long())):
+        save_file({**state, name: value}, str(tmp_path / f"{label}.safetensors"))
+        message = "non-finite values" if label == "nan" else "dtype torch.int64"
+        for load in (lambda p: load_weights(p, config=TINY),
+                     lambda p: convert_decoder(p, tmp_path / f"out-{label}", config=TINY)):
+            with pytest.raises(CmkitError, match=f"tensor {name} has {message}"):
+                load(tmp_path / f"{label}.safetensors")
+    assert not (tmp_path / "out-nan").exists() and not (tmp_path / "out-int").exists()
+    dec.save_pretrained(tmp_path / "cm")
+    from safetensors.torch import load_file
+
+    save_file(load_file(tmp_path / "cm" / "model.safetensors"), str(tmp_path / "meta.safetensors"),
+              metadata={"format": "cmkit", "kind": "decoder", "config": "{not json"})
+    with pytest.raises(CmkitError, match="not JSON"):
+        load_weights(tmp_path / "meta.safetensors")
+
+
 def test_full_size_config_is_inferred_from_openai_and_diffusers_names():
     """The released files carry no cmkit config: decoder.pt alone, or a diffusers file without config.json."""
     from cmkit.decoder.weights import expected_shapes, infer_config, to_cmkit_names
@@ -301,3 +324,14 @@ def test_storages_are_streamed_into_their_tensors_and_recompressed_archives_stil
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert torch.equal(out["w"], big) and peak < 4 * 2**20  # reading it whole, then copying it: 32 MiB
+
+
+@pytest.mark.parametrize("field, value, message", [("in_channels", "7", "in_channels is '7'; expected a positive integer"),
+                                                   ("norm_num_groups", 0, "norm_num_groups is 0"),
+                                                   ("latent_std", [1, 0, 1, 1], "positive finite numbers"),
+                                                   ("block_out_channels", "abc", "non-empty list"),
+                                                   ("norm_eps", float("nan"), "positive finite number")])
+def test_a_damaged_decoder_config_is_one_line(field, value, message):
+    """Each field is checked for its type first: no TypeError or ZeroDivisionError from the rules after it."""
+    with pytest.raises(CmkitError, match=message):
+        DecoderConfig.from_dict({**TINY.to_dict(), field: value})

@@ -1,4 +1,5 @@
 """A real two-process torchrun run on CPU (gloo)."""
+import json
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,11 @@ def test_two_process_torchrun_training(tmp_path):
            "train.ckpt_every=2", f"train.out_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Grad strides do not match" not in proc.stderr  # gradients in the layout of DDP's buckets
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, proc.stdout  # one summary, from rank 0: the loss averaged over both ranks
+    last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    assert summaries[0]["steps"] == 4 and summaries[0]["final_loss"] != last["loss"]  # rank 0's own loss differs
     model, cfg = load_model(out)
     assert cfg.train.steps == 4
     assert (out / "checkpoint" / "state.json").read_text().count('"world_size": 2') == 1

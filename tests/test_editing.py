@@ -185,11 +185,14 @@ def test_edit_cli_every_task_with_its_own_options(tmp_path, capsys, one_thread):
         out = tmp_path / f"{task}.png"
         panel = [] if task == "interpolate" else ["--panel", str(tmp_path / f"{task}-panel.png")]
         assert main(["edit", task, "--model", m, *extra, "-o", str(out), "--threads", "1", *panel]) == 0, task
-        assert out.is_file() and (not panel or (tmp_path / f"{task}-panel.png").is_file())
-    assert "(3 frames)" in capsys.readouterr().out
-    assert main(["edit", "interpolate", "--model", m, "--seeds", "2,5", "--frames", "4", "-o",
+        if task == "interpolate":  # three frames: three numbered images of the model's size
+            assert [Image.open(tmp_path / f"interpolate_{i}.png").size for i in range(3)] == [(8, 8)] * 3
+        else:
+            assert Image.open(out).size == (8, 8) and (tmp_path / f"{task}-panel.png").is_file()
+    assert "(3 images, 8×8)" in capsys.readouterr().out
+    assert main(["edit", "interpolate", "--model", m, "--seeds", "2,5", "--frames", "4", "--grid",
                  str(tmp_path / "seeds.png")]) == 0
-    assert Image.open(tmp_path / "seeds.png").size[0] > Image.open(tmp_path / "interpolate.png").size[0]
+    assert Image.open(tmp_path / "seeds.png").size[0] > 4 * 8 * 2  # one enlarged row of 4 frames
     capsys.readouterr()
     for argv, msg in [(["interpolate", "--input", img], "--input and --input2"),
                       (["interpolate", "--seeds", "1"], "two integers"),
@@ -200,6 +203,30 @@ def test_edit_cli_every_task_with_its_own_options(tmp_path, capsys, one_thread):
         assert main(["edit", argv[0], "--model", m, *argv[1:], "-o", str(tmp_path / "x.png")]) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_edit_outputs_are_the_next_commands_inputs(tmp_path, capsys, one_thread):
+    """-o writes the edited image itself (model size, grey stays grey) and --npz the same pixels; each is accepted
+    as --input by the next edit, and an output that exists is refused before any work."""
+    import numpy as np
+    from PIL import Image
+
+    from cmkit.cli import main
+
+    m = _cli_model(tmp_path)
+    first = ["edit", "inpaint", "--model", m, "--input", str(tmp_path / "in.png"), "--steps", "2", "--threads", "1"]
+    assert main([*first, "-o", str(tmp_path / "a.png"), "--npz", str(tmp_path / "a.npz")]) == 0
+    png = np.asarray(Image.open(tmp_path / "a.png"))
+    npz = np.load(tmp_path / "a.npz")["arr_0"]
+    assert png.shape == (8, 8) and npz.shape == (1, 8, 8, 1) and np.array_equal(png, npz[0, ..., 0])
+    for source in ("a.png", "a.npz"):
+        assert main(["edit", "denoise", "--model", m, "--input", str(tmp_path / source), "--sigma", "0.1",
+                     "-o", str(tmp_path / f"d-{source}.png")]) == 0, source
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d-a.png.png")),
+                          np.asarray(Image.open(tmp_path / "d-a.npz.png")))  # the same pixels either way
+    capsys.readouterr()
+    assert main([*first, "-o", str(tmp_path / "a.png")]) == 2 and "exists" in capsys.readouterr().err
+    assert main([*first]) == 2 and "nothing to write" in capsys.readouterr().err
 
 
 def test_edit_cli_panel_is_not_overwritten_without_overwrite(tmp_path, capsys, one_thread):

@@ -3,6 +3,7 @@ guided denoiser, sCD with a guided teacher, and the config checks."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -167,3 +168,24 @@ def test_guidance_with_an_unconditional_teacher_is_one_error(tmp_path, teacher_d
                       f"train.teacher={teacher_dir}", "loss.guidance=2.0")
     with pytest.raises(CmkitError, match="loss.guidance needs a class-conditional teacher"):
         train(cfg, progress=False)
+
+
+def test_the_class_conditional_digits_presets_train_and_sample_a_class(tmp_path, one_thread):
+    """digits-edm-cond (label dropout 0.1) and digits-scd-cfg (guidance 2 from it) run through the loop as
+    configured, and `cmkit sample --class` takes the student."""
+    from cmkit.cli import main
+    from cmkit.presets import get_config
+    from cmkit.train import train
+
+    teacher = tmp_path / "teacher"
+    cfg = tiny_config("digits-edm-cond", teacher, "train.steps=3")
+    assert cfg.model.num_classes == 10 and cfg.loss.label_dropout == 0.1
+    train(cfg, progress=False)
+    student = tmp_path / "student"
+    scd = tiny_config("digits-scd-cfg", student, "train.steps=3", f"train.teacher={teacher}",
+                      f"train.init_from={teacher}")
+    assert scd.loss.guidance == 2.0 and get_config("digits-scd-cfg").train.teacher == "runs/digits-edm-cond"
+    train(scd, progress=False)
+    assert main(["sample", "--model", str(student), "--steps", "1", "-n", "2", "--class", "3", "-o", "",
+                 "--npz", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == [3, 3]

@@ -105,7 +105,7 @@ def test_lpips_missing_weights_message(tmp_path):
     from cmkit.distances import get_distance
 
     lpips = get_distance("lpips", lpips_weights=str(tmp_path / "nope.safetensors"))  # read at the first use
-    with pytest.raises(CmkitError, match="LPIPS weights: file not found"):
+    with pytest.raises(CmkitError, match="LPIPS weights not found: .*cmkit convert-lpips"):
         lpips.load()
 
 

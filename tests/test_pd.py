@@ -69,6 +69,7 @@ def test_pd_trains_resumes_bit_for_bit_and_samples(tmp_path, teacher_dir):
     for _ in range(3):  # interrupted inside the second stage, after a teacher swap
         first.train_step()
     first.save_checkpoint()
+    first.close()  # the interrupted process ends
     train(tiny_config("digits-pd", tmp_path / "b", *common, "train.resume=true"), progress=False)
     for name in ("model", "ema_0.9", "teacher"):
         a = load_file(tmp_path / "a" / "checkpoint" / f"{name}.safetensors")

@@ -173,3 +173,168 @@ def test_a_test_split_is_refused_for_data_sets_without_one():
     with pytest.raises(CmkitError, match="has no held-out split"):
         get_config("digits-ict", ["data.split=test"])
     assert get_config("fmnist-ict", ["data.split=test"]).data.split == "test"
+
+
+# --- interrupts, the run lock, and damaged runs --------------------------------------------------------
+
+TINY_CLI = ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1", "train.batch_size=32",
+            "train.sample_every=0", "train.ckpt_every=0", "sample.grid_size=4", "train.num_threads=1"]
+
+
+def _start_training(out, *extra):
+    """``cmkit train`` in a child process; returns it once its first log row is written (it is mid-run)."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cmkit", "train", "--preset", "digits-ct", "--no-progress",
+                             "--out", str(out), *TINY_CLI, "train.log_every=1", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_mid_run_writes_a_checkpoint_and_says_how_to_resume(sig, code, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    proc = _start_training(out, "train.steps=100000")
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] >= 1 and RunDir(out).read_log()[-1]["step"] <= state["step"]
+    assert f"resume with: cmkit train --resume {out}" in err and not (out / RunDir.LOCK).exists()
+    # the printed command resumes exactly where it stopped
+    from cmkit.cli import main
+
+    assert main(["train", "--resume", str(out), "--no-progress", f"train.steps={state['step'] + 2}"]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == state["step"] + 2
+
+
+def test_a_second_process_is_refused_while_a_run_trains_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    import signal
+    import time
+
+    from cmkit.cli import main
+
+    out = tmp_path / "run"
+    proc = _start_training(out, "train.steps=100000", "train.ckpt_every=1")
+    try:
+        while not (out / "checkpoint" / "state.json").is_file():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"being trained by another process (pid {proc.pid} " in err and len(err.strip().splitlines()) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)  # killed: no clean-up, the lock file stays behind
+        proc.wait()
+    assert (out / RunDir.LOCK).is_file()
+    cfg = tiny_config("digits-ct", out, "train.resume=true", "train.steps=1000000")
+    loop = Loop(cfg, progress=False)  # the kernel dropped the dead process's flock: taken over
+    assert f"took over the lock of pid {proc.pid} " in capsys.readouterr().err
+    loop.dir.unlock()
+
+
+def _run_with_a_model(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config("digits-ct", out, "train.steps=2", "train.log_every=1"), progress=False)
+    return out
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: (out / "checkpoint" / "state.json").unlink(), "state.json is missing"),
+    (lambda out: __import__("shutil").rmtree(out / "checkpoint"), "holds a trained model"),
+    (lambda out: [__import__("shutil").rmtree(out / d) for d in ("checkpoint", "model")],
+     "stopped before its first checkpoint"),
+])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_damaged_run_is_refused_with_its_files_intact(damage, message, resume, tmp_path):
+    out = _run_with_a_model(tmp_path)
+    damage(out)
+    before = _snapshot(out)
+    overrides = ["train.steps=2", "train.log_every=1"] + (["train.resume=true"] if resume else [])
+    with pytest.raises(CmkitError, match=message):
+        train(tiny_config("digits-ct", out, *overrides), progress=False)
+    assert _snapshot(out) == before
+
+
+def test_a_run_that_never_logged_a_step_starts_again_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = tiny_config("digits-ct", out, "train.steps=1")
+    (out / "config.json").write_text(cfg.to_json())  # a run that failed before its first step
+    assert train(cfg, progress=False)["steps_run"] == 1 and capsys.readouterr().err == ""
+
+
+def test_damaged_run_files_are_one_line_not_internal_errors(tmp_path, capsys):
+    """Each damage is a user's error (exit 2, one line naming the file), never an internal error (exit 1)."""
+    import shutil
+
+    from safetensors.torch import load_file as load, save_file
+
+    from cmkit.cli import main
+
+    base = _run_with_a_model(tmp_path)
+
+    def damaged(name, change):
+        d = tmp_path / name
+        shutil.copytree(base, d)
+        change(d)
+        return d
+
+    def state_with(key, value):
+        def change(d):
+            s = json.loads((d / "checkpoint" / "state.json").read_text())
+            s[key] = value
+            (d / "checkpoint" / "state.json").write_text(json.dumps(s))
+        return change
+
+    def wrong_moment(d):
+        o = load(d / "checkpoint" / "optimizer.safetensors")
+        o[sorted(o)[0]] = torch.zeros(3)
+        save_file(o, d / "checkpoint" / "optimizer.safetensors")
+
+    def log_dir(d):
+        (d / "log.jsonl").unlink()
+        (d / "log.jsonl").mkdir()
+
+    def ckpt_file(d):
+        shutil.rmtree(d / "checkpoint")
+        (d / "checkpoint").write_text("x")
+
+    cases = [("step-str", state_with("step", "3"), "step is '3', expected an integer"),
+             ("step-neg", state_with("step", -3), "step is -3"),
+             ("opt", wrong_moment, "exp_avg has shape (3,)"),
+             ("log", log_dir, "log.jsonl is not a file"),
+             ("ckpt", ckpt_file, "checkpoint is a file")]
+    for name, change, message in cases:
+        d = damaged(name, change)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(d), "--no-progress", "train.steps=4"]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (name, err)
+    sigma = damaged("sigma", lambda d: None)
+    meta = json.loads((sigma / "model" / "config.json").read_text())
+    meta["config"]["model"]["sigma_min"] = 100.0
+    (sigma / "model" / "config.json").write_text(json.dumps(meta))
+    assert main(["sample", "--model", str(sigma), "-n", "1", "-o", str(tmp_path / "x.png")]) == 2
+    assert "expected 0 < sigma_min < sigma_max" in capsys.readouterr().err
+
+
+def test_resolve_sampler_refuses_a_one_level_ode_grid():
+    from cmkit.generate import resolve_sampler
+    from cmkit.presets import get_config
+
+    with pytest.raises(CmkitError, match="needs at least 2 σ levels"):
+        resolve_sampler(get_config("digits-edm"), "heun", 1, None)
+    assert len(resolve_sampler(get_config("digits-edm"), "heun", 2, None)) == 3

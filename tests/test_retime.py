@@ -16,11 +16,11 @@ SMOOTH = ["model.positional_scale=1"]  # a source whose embedding a smooth input
 TINY = ["model.model_channels=16"]
 
 
-def _pair(*dst_overrides, arch=(), src=SMOOTH, preset="digits-edm"):
+def _pair(*dst_overrides, arch=(), src=SMOOTH, preset="digits-edm", seed=0):
     src_cfg = get_config("digits-edm", [*TINY, *arch, *src])
     dst_cfg = get_config(preset, [*TINY, *arch, *dst_overrides])
     src = src_cfg.model.build().eval()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     for p in src.parameters():
         torch.nn.init.normal_(p, std=0.1)
     dst = dst_cfg.model.build()
@@ -37,25 +37,33 @@ def test_refit_is_needed_only_when_the_embedding_differs(one_thread):
     assert not needs_refit(log_src, log_dst, 0.002, 80.0)
 
 
-def test_fit_changes_only_the_embedding_mlp_and_matches_the_source_embedding(one_thread):
-    src, dst, *_ = _pair(*SCM_TIME)
+def test_fit_changes_only_the_embedding_mlp_and_matches_the_source_embedding(one_thread, seed, bound):
+    """Measured with ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads, 1500 steps): relative errors
+    0.013–0.017, 0.012–0.027, 0.025–0.057 at σ = 0.1, 1, 10 (bounds min(0.1, half the error before the fit):
+    margins ≥ 1.6×) and 0.069–0.116 at σ = 0.01, at the edge of the fit's σ proposal (bound 0.2: 1.7×; the
+    former bound 0.1 failed in 2 of 10 runs, and 3000 steps did not help: 0.069–0.111)."""
+    src, dst, *_ = _pair(*SCM_TIME, seed=seed)
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     sigma = torch.tensor(REPORT_SIGMAS)
     with torch.no_grad():
         err0 = ((embedding(dst, sigma) - embedding(src, sigma)).norm(dim=1) / embedding(src, sigma).norm(dim=1))
     rng = torch.get_rng_state()
-    err = fit_time_embedding(src, dst, steps=1500)
+    err = fit_time_embedding(src, dst, steps=1500, seed=seed)
     assert torch.equal(torch.get_rng_state(), rng)  # its noise comes from its own generator
     changed = {k for k, v in dst.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("net.emb_mlp.") for k in changed), changed
     # up to σ = 10; above it t = arctan(σ/σ_d) is compressed (σ = 40 and 80 lie 0.006 apart in t)
-    assert all(err[s] < min(0.1, 0.5 * float(e0)) for s, e0 in zip(REPORT_SIGMAS, err0) if s <= 10), (err, err0)
+    for s, e0 in zip(REPORT_SIGMAS, err0):
+        if s <= 10:  # σ = 0.01 lies 2.5 std below the fit's log-normal σ proposal: a looser bound there
+            bound(f"relative embedding error at sigma={s}", err[s], 0.2 if s < 0.1 else min(0.1, 0.5 * float(e0)))
 
 
-def test_init_from_refits_and_says_so(tmp_path, capsys, one_thread):
+def test_init_from_refits_and_says_so(tmp_path, capsys, one_thread, seed, bound):
+    """Measured with ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads): the refitted network's distance
+    to the source is 0.039–0.042 of the unrefitted one's (bound 0.3: margin 7.2×)."""
     from cmkit.nets.released import init_from
 
-    src, _, src_cfg, dst_cfg = _pair(*SCM_TIME)
+    src, _, src_cfg, dst_cfg = _pair(*SCM_TIME, seed=seed)
     save_model_dir(tmp_path / "edm", src, "denoiser", src_cfg.to_dict())
     dst = dst_cfg.model.build()
     init_from(dst, str(tmp_path / "edm"), dst_cfg.model)
@@ -67,7 +75,7 @@ def test_init_from_refits_and_says_so(tmp_path, capsys, one_thread):
         raw.load_state_dict(src.state_dict(), strict=False)  # the same weights, the MLP not refitted
         far = (raw(x, s) - src(x, s)).norm()
         fitted = (dst.eval()(x, s) - src(x, s)).norm()
-    assert fitted < 0.3 * far, (fitted, far)
+    bound("output distance to the source, refitted / not refitted", float(fitted / far), 0.3)
     same = get_config("digits-ect", [*TINY, *SMOOTH]).model
     init_from(same.build(), str(tmp_path / "edm"), same)  # the same input: nothing to fit, nothing said
     assert capsys.readouterr().err == ""

@@ -134,6 +134,28 @@ def test_decode_tab_backend(tmp_path):
         b.decode(str(tmp_path / "z.npy"), str(tmp_path / "dec"), 1, "", "fp64")
 
 
+def test_model_list_offers_only_runs_that_sample(tmp_path):
+    """An autoencoder or decoder run cannot sample: the page's model lists leave it out; a diffusion run is in
+    the sampling list but not the editing one."""
+    import torch
+
+    from cmkit.checkpoint import save_model_dir
+    from cmkit.presets import get_config
+
+    for name, preset in (("cd", "digits-cd"), ("edm", "digits-edm"), ("ae", "digits-ae")):
+        run = tmp_path / "runs" / name
+        cfg = get_config(preset)
+        (run / "checkpoint").mkdir(parents=True)
+        for f in (run / "config.json", run / "checkpoint" / "config.json"):
+            f.write_text(cfg.to_json())
+        kind = "autoencoder" if name == "ae" else "denoiser"  # the kind and config are all the list reads
+        save_model_dir(run / "model", {"w": torch.zeros(1)}, kind, cfg.to_dict())
+    b = Backend(runs=tmp_path / "runs")
+    runs = [c for c in b.model_choices() if "/" in c]
+    assert sorted(Path(r).name for r in runs) == ["cd", "edm"]
+    assert [Path(r).name for r in b.model_choices(consistency_only=True) if "/" in r] == ["cd"]
+
+
 def test_runs_are_listed_and_their_stamp_changes_with_the_log(tmp_path):
     run = tmp_path / "runs" / "a"
     (run / "checkpoint").mkdir(parents=True)

@@ -18,12 +18,16 @@ def fixed_loss(trainer: Loop, seed: int = 123) -> float:
         return float(sum(trainer.task.loss(trainer.net, 0, trainer.generator)[0] for _ in range(4)) / 4)
 
 
-METHODS = [("digits-edm", [], 40), ("digits-ct", [], 40), ("digits-ict", [], 40), ("digits-cd", ["teacher"], 40),
-           ("digits-ect", ["init"], 40)]
+METHODS = [("digits-edm", [], 40), ("digits-ct", [], 120), ("digits-ict", [], 40), ("digits-cd", ["teacher"], 40),
+           ("digits-ect", ["init"], 80)]
 
 
 @pytest.mark.parametrize("preset,needs,steps", METHODS)
-def test_every_method_trains_and_loss_goes_down(preset, needs, steps, tmp_path, teacher_dir):
+def test_every_method_trains_and_loss_goes_down(preset, needs, steps, tmp_path, teacher_dir, bound):
+    """Each method lowers its own loss on a fixed batch (step 0's noise levels). Measured with
+    ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads; ratio after / before, bound < 1): EDM 0.665–0.671,
+    CT 0.984–0.988 in 120 steps (0.991–0.994 in 40: CT's loss moves little, but by 3–4 times its spread),
+    iCT 0.917–0.954 in 40 steps (80 steps were not safer: 0.87–1.006), CD 0.36–0.53, ECT 0.860–0.865 in 80."""
     extra = [f"train.steps={steps}", "train.lr=1e-3", "train.optimizer=adam"]
     if "teacher" in needs:
         extra += [f"train.teacher={teacher_dir}", f"train.init_from={teacher_dir}"]
@@ -34,7 +38,7 @@ def test_every_method_trains_and_loss_goes_down(preset, needs, steps, tmp_path, 
     summary = trainer.run()
     after = fixed_loss(trainer)
     assert summary["steps"] == steps and summary["skipped"] == 0
-    assert after < before, f"{preset}: loss {before:.4g} -> {after:.4g}"
+    bound("fixed-batch loss after / before", after / before, 1.0)
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert list((tmp_path / "run" / "samples").glob("*.png"))
@@ -64,6 +68,7 @@ def test_resume_continues_bit_for_bit(preset, tmp_path):
     for _ in range(3):  # an interrupted run: 3 of 6 steps, then a checkpoint
         first.train_step()
     first.save_checkpoint()
+    first.close()  # the interrupted process ends
     resumed = Loop(tiny_config(preset, tmp_path / "b", *common, "train.resume=true"), progress=False)
     assert resumed.step == 3
     resumed.run()

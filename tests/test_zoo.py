@@ -48,9 +48,9 @@ def test_sample_cli_takes_a_shipped_name(tmp_path):
 
 def test_edit_cli_takes_a_shipped_name(tmp_path, capsys, one_thread):
     out = tmp_path / "strip.png"
-    assert main(["edit", "interpolate", "--model", "fmnist-cd", "--seeds", "0,1", "--frames", "3", "-o", str(out),
+    assert main(["edit", "interpolate", "--model", "fmnist-cd", "--seeds", "0,1", "--frames", "3", "--grid", str(out),
                  "--threads", "1"]) == 0
-    assert out.is_file() and "(3 frames)" in capsys.readouterr().out
+    assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
 
 
 def test_the_colour_model_colorizes_keeping_the_luminance():

@@ -14,7 +14,10 @@ from .presets import PRESETS, get_config
 from .sampling import (edm_sigmas, per_sample_generators, sample_euler, sample_heun, sample_multistep,
                        sample_onestep)
 from .schedules import karras_sigmas
-from .loop import Loop, dry_run, train
+from . import train as _train_module  # the submodule loaded first: its later imports leave `cmkit.train` alone,
+from .loop import Loop, dry_run, train  # which is this function (a first import after it would rebind the name)
+
+del _train_module
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -182,6 +184,11 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str, what:
 
 # --- model directories -------------------------------------------------------------------------------
 
+def _a(word: str) -> str:
+    """``word`` with its indefinite article (an autoencoder, a decoder)."""
+    return ("an " if word[:1] in tuple("aeiou") else "a ") + word
+
+
 @dataclass
 class ModelDir:
     """A model directory as read from disk: its kind, model config, the rest of config.json, weights file."""
@@ -284,7 +291,7 @@ def read_model_dir(path: str | Path, kind: str | None = None) -> ModelDir:
         hint = " (a run directory without a model yet?)" if (d / "log.jsonl").exists() else ""
         raise CmkitError(f"{d / CONFIG_FILE} is not a cmkit model config: no kind and config{hint}")
     if kind is not None and found != kind:
-        raise CmkitError(f"{d} holds a {found} model, not a {kind} model")
+        raise CmkitError(f"{d} holds {_a(found)} model, not {_a(kind)} model")
     if not (d / weights).is_file():
         raise CmkitError(f"{d}: no {weights} beside {CONFIG_FILE}")
     meta = {k: v for k, v in meta.items() if k not in ("kind", "config", "cmkit_config", "format")}
@@ -297,6 +304,10 @@ def load_model(path: str | Path, weights: str = MODEL_FILE, device: str | torch.
 
     d = read_model_dir(path, "denoiser")
     cfg = Config.from_dict(d.config)
+    lo, hi = cfg.model.sigma_min, cfg.model.sigma_max
+    if not (0 < lo < hi < float("inf")):
+        raise CmkitError(f"{d.path / CONFIG_FILE}: model.sigma_min={lo} and sigma_max={hi}; expected "
+                         "0 < sigma_min < sigma_max (a damaged or hand-edited config)")
     model = cfg.model.build()
     load_weights(model, d.path / weights)
     return model.to(device).eval().requires_grad_(False), cfg
@@ -322,6 +333,10 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
         idx, k = name.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for p, st in opt.state.items():  # Adam's moments must have their parameter's shape (load_state_dict does not
+        for k, v in st.items():      # check: a wrong one fails at the first step, far from its cause)
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape != p.shape:
+                raise ValueError(f"optimizer state {k} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
 
 
 # --- run directories ---------------------------------------------------------------------------------
@@ -330,9 +345,11 @@ class RunDir:
     """The files of one training run; every task and command uses these names (and only these)."""
 
     OPTIMIZER, RNG, STATE = "optimizer.safetensors", "rng.safetensors", "state.json"
+    LOCK = "train.lock"  #: held (``fcntl.flock``) by the process that trains in the directory
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._lock_file: Any = None
         self.config = self.root / CONFIG_FILE
         self.log = self.root / "log.jsonl"
         self.samples = self.root / "samples"
@@ -368,14 +385,88 @@ class RunDir:
             return []
         if not self.root.is_dir():
             return [self.root.name]
-        names = sorted(p.name for p in self.root.iterdir())
+        names = sorted(p.name for p in self.root.iterdir() if p.name != self.LOCK)
         return [] if not names or self.is_run() else names
+
+    def damage(self) -> str | None:
+        """Why this directory, which holds no complete checkpoint, cannot be trained in: a sentence naming what
+        is there and what is missing, or None when nothing would be lost (absent, empty, or a run that stopped
+        before its first step was logged)."""
+        if self.has_checkpoint() or not self.root.is_dir():
+            return None
+        present = [n for n in (CONFIG_FILE, self.log.name, "model/", "checkpoint/", "samples/")
+                   if (self.root / n.rstrip("/")).exists()]
+        if not present or (present == [CONFIG_FILE] or present == [CONFIG_FILE, self.log.name]) \
+                and not self.read_log():
+            return None
+        if self.checkpoint.exists() and not self.checkpoint.is_dir():
+            return f"{self.checkpoint} is a file, where a run keeps its checkpoint directory"
+        if self.checkpoint.exists():
+            return (f"{self.checkpoint} is incomplete: {self.STATE} is missing, so it cannot be resumed exactly "
+                    "(its weights are left as they are)")
+        if self.model.exists():
+            return (f"{self.root} holds a trained model ({', '.join(present)}) but no checkpoint/ to resume from "
+                    f"(to start from its weights: train.init_from={self.model})")
+        return (f"{self.root} holds a run that stopped before its first checkpoint ({', '.join(present)}; "
+                "no checkpoint/)")
+
+    def lock(self) -> str | None:
+        """Hold the run directory for this process (``train.lock``, an ``fcntl.flock``). Another live holder is
+        one ``CmkitError`` naming it; a lock file left by a process that has ended is taken over (the kernel
+        drops a flock with its process) and the returned note says so. ``unlock`` releases it (so does the
+        end of the process, or the garbage collection of this object)."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / self.LOCK
+        for _ in range(3):  # the holder may remove the file between our open and our flock: open it again
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read(4096).strip() or "unknown process"
+                f.close()
+                if holder.startswith(f"pid {os.getpid()} "):
+                    raise CmkitError(f"{self.root} is held by another Loop of this process; close() it (or let "
+                                     "its run() finish) before opening the run again") from None
+                raise CmkitError(f"{self.root} is being trained by another process ({holder}); wait for it to "
+                                 "finish or stop it, or choose another train.out_dir") from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+            f.close()
+        else:
+            raise CmkitError(f"cannot lock {path}: it keeps being replaced by another process")
+        f.seek(0)
+        previous = f.read(4096).strip()
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._lock_file = f
+        return f"took over the lock of {previous}, which is no longer running" if previous else None
+
+    def unlock(self) -> None:
+        """Release the lock taken by ``lock`` and remove its file (nothing when not held)."""
+        f, self._lock_file = self._lock_file, None
+        if f is None:
+            return
+        try:
+            (self.root / self.LOCK).unlink(missing_ok=True)
+        finally:
+            f.close()  # closing the file drops the flock
 
     def state(self) -> dict[str, Any]:
         state = read_json(self.checkpoint / self.STATE, "checkpoint state")
         if not isinstance(state, dict) or not {"step", "skipped", "world_size", "optimizer"} <= set(state):
             raise CmkitError(f"{self.checkpoint / self.STATE} is damaged (expected step, skipped, world_size, "
                              "optimizer)")
+        for key, least in (("step", 0), ("skipped", 0), ("world_size", 1)):
+            value = state[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise CmkitError(f"{self.checkpoint / self.STATE} is damaged: {key} is {value!r}, expected an "
+                                 f"integer ≥ {least}")
+        if not isinstance(state["optimizer"], dict):
+            raise CmkitError(f"{self.checkpoint / self.STATE} is damaged: optimizer is not a JSON object")
         return state
 
     def saved_config(self) -> dict[str, Any]:
@@ -416,10 +507,15 @@ class RunDir:
 
     def read_log(self) -> list[dict[str, Any]]:
         """The log rows; a partial last line (a crash while appending) is ignored."""
+        if self.log.exists() and not self.log.is_file():
+            raise CmkitError(f"{self.log} is not a file (a training log is a JSON-lines file)")
         if not self.log.is_file():
             return []
         rows = []
-        lines = self.log.read_text().splitlines()
+        try:
+            lines = self.log.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CmkitError(f"cannot read the training log {self.log}: {type(e).__name__}: {e}") from None
         for i, line in enumerate(lines):
             try:
                 rows.append(json.loads(line))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,96 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    """Write images of a data set to files: editing inputs (held-out test images, their low-resolution or stroke
+    versions) and .npz sets, without writing any Python."""
+    import torch
+
+    from .cli_options import IMAGE_SUFFIXES, check_int, check_output
+    from .datasets import DATASETS, SPLIT_DATASETS, load_dataset
+    from .utils import from_uint8, numbered_paths, save_image, save_npz
+
+    if args.data not in DATASETS:
+        raise CmkitError(f"unknown data set {args.data!r}; expected one of {', '.join(DATASETS)}")
+    suffix = Path(args.out or "").suffix.lower()
+    out = check_output(args.out, "-o", args.overwrite, required=True, suffixes=(*IMAGE_SUFFIXES, ".npz"))
+    check_int(args.n, "-n")
+    check_int(args.index, "--index", minimum=0)
+    check_int(args.downsample, "--downsample")
+    args.split = args.split or ("test" if args.data in SPLIT_DATASETS else "train")
+    data = load_dataset(args.data, args.root or "", args.split)
+    start = args.index or 0
+    if start + args.n > len(data):
+        raise CmkitError(f"--index {start} with -n {args.n} needs {start + args.n} images; the {args.split} split of "
+                         f"{args.data} holds {len(data)}")
+    x = from_uint8(data.images[start:start + args.n].permute(0, 2, 3, 1).numpy())
+    labels = data.labels[start:start + args.n] if data.labels is not None else None
+    if args.downsample > 1:
+        if x.shape[-1] % args.downsample:
+            raise CmkitError(f"--downsample {args.downsample} does not divide the {x.shape[-1]}×{x.shape[-2]} images")
+        x = torch.nn.functional.avg_pool2d(x, args.downsample)  # the patch averages that `edit superres` keeps
+    if args.strokes:
+        from .editing.gallery import stroke_painting
+
+        x = stroke_painting(x)
+    if suffix == ".npz":
+        save_npz(x, out, labels)
+        print(f"wrote {out} ({len(x)} images, {x.shape[-1]}×{x.shape[-2]}, uint8 NHWC)")
+        return 0
+    files = numbered_paths(out, len(x))
+    for f in files[1:]:
+        check_output(str(f), "-o", args.overwrite, suffixes=IMAGE_SUFFIXES)
+    for image, f in zip(x, files):
+        save_image(image, f)
+    print(f"wrote {files[0]}" + (f" … {files[-1].name}" if len(files) > 1 else "")
+          + f" ({len(x)} image{'s' if len(x) > 1 else ''}, {x.shape[-1]}×{x.shape[-2]})")
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """``cmkit prepare-data cifar10 ARCHIVE``: the official archive → the .npz the CIFAR-10 presets read."""
+    from .cli_options import check_output
+    from .prepare import CIFAR10_TRAIN, prepare_cifar10
+
+    if args.dataset != "cifar10":
+        raise CmkitError(f"prepare-data knows cifar10 (the official cifar-10-python.tar.gz), not {args.dataset!r}")
+    default = CIFAR10_TRAIN if args.split == "train" else CIFAR10_TRAIN.replace("train", "test")
+    out = check_output(args.out or default, "-o", args.overwrite, suffixes=(".npz",))
+    n, path = prepare_cifar10(args.archive, out, args.split)
+    print(f"wrote {path} ({n} CIFAR-10 {args.split} images, 32×32 uint8 NHWC, labels in arr_1)")
+    return 0
+
+
+def cmd_convert_lpips(args: argparse.Namespace) -> int:
+    """``cmkit convert-lpips``: the lpips package's heads + torchvision's VGG16 → loss.lpips_weights."""
+    from safetensors.torch import save_file
+
+    from .cli_options import check_output
+    from .prepare import LPIPS_FILE, convert_lpips
+
+    out = check_output(args.out or LPIPS_FILE, "-o", args.overwrite, suffixes=(".safetensors",))
+    sd = convert_lpips(args.lpips, args.vgg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, out)
+    print(f"wrote {out} (VGG16-LPIPS, {len(sd)} tensors): pass loss.lpips_weights={out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Resolve a preset of any kind with overrides; --dry-run builds model, loss and optimizer, then prints."""
     from .loop import dry_run, train
-    from .presets import get_config
+    from .presets import get_config, missing_inputs, run_config
 
     overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
     overrides += [f"train.num_threads={args.threads}"] if args.threads else []
-    cfg = get_config(args.preset, overrides)
+    if args.resume and args.preset and args.preset != args.default_preset:
+        raise CmkitError("give --preset or --resume RUN_DIR, not both (a resumed run keeps its own settings)")
+    if args.resume:
+        cfg = run_config(args.resume, overrides)
+    elif args.preset:
+        cfg = get_config(args.preset, overrides)
+    else:
+        raise CmkitError("give --preset NAME (see `cmkit presets`) or --resume RUN_DIR")
     if args.kind and cfg.kind != args.kind:
         raise CmkitError(f"preset {args.preset!r} trains a {cfg.kind}, not the {args.kind} this command trains; "
                          f"use `cmkit train --preset {args.preset}`")
@@ -61,15 +144,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = dry_run(cfg)
         print(cfg.to_json())
         print(summary, file=sys.stderr)
+        missing_inputs(cfg, raise_error=True)
         return 0
-    print(json.dumps(train(cfg, progress=not args.no_progress)))
+    missing_inputs(cfg, raise_error=True)
+    summary = train(cfg, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, from rank 0
+        print(json.dumps(summary))
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .cli_options import (IMAGE_SUFFIXES, MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int,
-                              check_model_arg, check_output, check_sampler_steps, check_seed, check_threads,
+                              check_model_arg, check_output, check_seed, check_threads,
                               parse_sigmas)
     from .generate import generate, resolve_sampler
     from .utils import save_grid, save_npz
@@ -89,7 +176,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     model, cfg = load_model(args.model, device=args.device)
     sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
-    check_sampler_steps(sampler, steps)
     from .cli_options import class_labels
 
     x, labels = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
@@ -153,17 +239,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return _convert_released_net(args)
     args.precond = args.precond or "cm"
     state, known = read_released(args.src)
+    name = args.family or released_name(args.src)
     cfg = Config()
     for key, value in released_model_config(state, known, args.precond, args.image_size).items():
         set_value(cfg, f"model.{key}", value)
+    cfg.model.head_channels = attention_head_width(args, known, name, cfg.model)
     cfg.loss.method = "edm" if args.precond == "edm" else "cd"
     cfg.sample.sampler = "heun" if args.precond == "edm" else "onestep"
-    name = args.family or released_name(args.src)
     if name and args.precond == "cm":  # the published grid and 2-step σ of a released model
         for key, value in released_overrides(name).items():
             set_value(cfg, key, value)
     cfg.model.check()
     return _write_converted(args, cfg, state, "diffusers" if known else "openai-pt")
+
+
+def attention_head_width(args: argparse.Namespace, known: dict[str, Any], name: str | None, model: Any) -> int:
+    """The channels per attention head of a converted ADM: ``--head-channels``, else what the file tells (a
+    diffusers config's ``attention_head_dim``; a released checkpoint's name: 64, as ``launch.sh`` trained
+    them). An openai ``.pt`` alone cannot tell: its qkv weights are laid out alike for any head width, so a
+    wrong guess would convert into a different function; that is refused in one line."""
+    width = args.head_channels or known.get("head_channels") or (64 if name else None)
+    channels = sorted({model.model_channels * m for level, m in enumerate(model.channel_mult)
+                       if model.img_resolution >> level in model.attn_resolutions} |
+                      {model.model_channels * model.channel_mult[-1]})  # the middle block's attention
+    if width is None:
+        raise CmkitError(f"{args.src}: an openai .pt does not record its attention head width (the qkv weights look "
+                         "the same for any); give --head-channels N (the released checkpoints use 64: "
+                         "--head-channels 64, or name the file as released, e.g. cd_imagenet64_l2.pt)")
+    bad = [c for c in channels if c % width]
+    if width < 1 or bad:
+        raise CmkitError(f"--head-channels {width} does not divide the {bad[0] if bad else channels[0]} channels "
+                         f"of an attention block (attention widths here: {', '.join(map(str, channels))})")
+    return int(width)
 
 
 def _convert_released_net(args: argparse.Namespace) -> int:
@@ -219,15 +326,18 @@ def _add_train(sub: Any, name: str, kind: str | None, default: str | None, help_
                                    "keys (train.lr=1e-4) or unique bare names (lr=1e-4). Runs go to runs/PRESET "
                                    "unless train.out_dir or --out is given; train.resume=true continues a run "
                                    "exactly (only steps, logging, checkpoint intervals, threads may change).")
-    s.add_argument("--preset", required=default is None, default=default,
+    s.add_argument("--preset", default=default,
                    help="preset name (see `cmkit presets`)" + (f"; default {default}" if default else ""))
+    s.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR exactly, with its own settings (= its preset and overrides "
+                        "with train.resume=true); key=value may change only steps, logging, checkpoints, threads")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     add_output_option(s, help="run directory (same as train.out_dir=...; default runs/PRESET)")
     add_threads_option(s)
     s.add_argument("--dry-run", action="store_true",
                    help="check the config, build model, loss and optimizer (no data), print the config as JSON")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train, kind=kind)
+    s.set_defaults(func=cmd_train, kind=kind, default_preset=default)
 
 
 class Parser(argparse.ArgumentParser):
@@ -263,6 +373,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_presets)
     s = sub.add_parser("models", help="list the models shipped with cmkit")
     s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("images", help="write images of a data set to files (e.g. held-out inputs for `cmkit edit`)",
+                       description="Write images of a data set (the held-out test split by default) as PNG files "
+                                   "of their own size (OUT.png for one image, OUT_0.png, OUT_1.png, ... for several) or as "
+                                   "one .npz (uint8 NHWC, labels in arr_1): inputs for `cmkit edit` and `cmkit "
+                                   "eval`.",
+                       epilog="examples:\n"
+                              "  cmkit images fashion_mnist --index 3 -o img.png\n"
+                              "  cmkit images fashion_mnist -n 16 -o test.npz\n"
+                              "  cmkit images fashion_mnist --index 3 --downsample 4 -o low7x7.png\n"
+                              "  cmkit images fashion_mnist --index 3 --strokes -o strokes.png\n"
+                              "  cmkit images emoji --index 0 -o emoji.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("data", metavar="DATA", help="data set: digits, fashion_mnist, mnist, emoji, folder or npz")
+    s.add_argument("--split", choices=("test", "train"),
+                   help="test (held out; the default where the data set has one) or train")
+    s.add_argument("--root", help="data.root of the data set (default: where cmkit looks for it)")
+    s.add_argument("--index", type=int, default=0, help="first image (default 0)")
+    s.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    s.add_argument("--downsample", type=int, default=1,
+                   help="average F×F patches (the low-resolution input of `edit superres --factor F`)")
+    s.add_argument("--strokes", action="store_true",
+                   help="a coarse stroke painting of each image (the input of `edit stroke`)")
+    from .cli_options import add_output_option
+
+    add_output_option(s, metavar="OUT", help="OUT.png (one file per image) or OUT.npz")
+    s.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    s.set_defaults(func=cmd_images)
+
+    s = sub.add_parser("prepare-data", help="turn a downloaded data set archive into the file a preset reads",
+                       description="Write the .npz a paper preset reads from the official archive (read without "
+                                   "running code). cifar10: cifar-10-python.tar.gz → data/cifar10-train.npz, the "
+                                   "cifar10-* presets' data.root.")
+    s.add_argument("dataset", help="cifar10")
+    s.add_argument("archive", help="the official archive (cifar-10-python.tar.gz)")
+    s.add_argument("--split", choices=("train", "test"), default="train", help="default train (50,000 images)")
+    add_output_option(s, help="output .npz (default data/cifar10-train.npz, or -test for the test split)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.set_defaults(func=cmd_prepare_data)
+
+    s = sub.add_parser("convert-lpips", help="make loss.lpips_weights from the official LPIPS and VGG16 files",
+                       description="Combine the lpips package's linear heads (weights/v0.1/vgg.pth) and "
+                                   "torchvision's ImageNet VGG16 (vgg16-397923af.pth) into the safetensors file "
+                                   "that loss.lpips_weights takes. Both are read with torch.load(weights_only=True).")
+    s.add_argument("--lpips", required=True, metavar="vgg.pth", help="the LPIPS v0.1 VGG heads")
+    s.add_argument("--vgg", required=True, metavar="vgg16-397923af.pth", help="torchvision's VGG16 weights")
+    add_output_option(s, help="output .safetensors (default data/lpips-vgg16.safetensors)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.set_defaults(func=cmd_convert_lpips)
 
     _add_train(sub, "train", None, None, "train a model from a preset (any kind), with key=value overrides")
     _add_train(sub, "train-autoencoder", "autoencoder", "fmnist-ae",
@@ -306,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--family", choices=sorted(RELEASED_MODELS),
                    help="which released model this is, when the file name does not say (sets its training grid "
                         "and the published 2-step σ)")
+    s.add_argument("--head-channels", type=int, metavar="N",
+                   help="channels per attention head of an openai .pt ADM (its file does not record it; the "
+                        "released checkpoints, recognised by name, use 64)")
     s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
     s.add_argument("--description", help="one-line description stored in config.json")
     s.add_argument("--overwrite", action="store_true")
@@ -322,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="training run directory")
     s.add_argument("-o", "--out", required=True, help="output model directory")
     s.add_argument("--weights", help="checkpoint weights to export: ema_RATE (default: first EMA) or model (online)")
+    s.add_argument("--head-channels", type=int, metavar="N",
+                   help="channels per attention head of an openai .pt ADM (its file does not record it; the "
+                        "released checkpoints, recognised by name, use 64)")
     s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
     s.add_argument("--description", help="one-line description stored in config.json")
     s.add_argument("--note", help="free-text note stored in the recipe")
@@ -370,9 +535,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cmkit: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cmkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where its checkpoint is and how to resume
+        print(f"cmkit: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except BrokenPipeError:  # e.g. `cmkit train ... --dry-run | head`
         return 0
     except Exception as e:  # a bug, not a user error: one line, and the traceback with --debug

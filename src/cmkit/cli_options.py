@@ -23,7 +23,7 @@ from .errors import CmkitError
 
 __all__ = ["parse_sigmas", "add_sampling_options", "add_output_option", "add_threads_option", "add_device_option",
            "apply_threads", "check_threads", "max_threads", "check_device", "check_int", "check_float", "check_seed",
-           "check_output", "check_distinct_outputs", "check_sampler_steps", "check_model_arg",
+           "check_output", "check_distinct_outputs", "check_model_arg",
            "IMAGE_SUFFIXES", "MAX_STEPS", "MAX_IMAGES", "MAX_BATCH"]
 
 #: file types a PNG grid may also be written as (Pillow writes each without extra plugins)
@@ -78,17 +78,32 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-DEVICE_HELP = "cpu, cuda, cuda:N, mps or xpu"
+DEVICE_HELP = "auto, cpu, cuda, cuda:N, mps or xpu"
+
+
+def auto_device() -> str:
+    """``--device auto``: the first CUDA GPU when one is visible, else Apple MPS when available, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda:0"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def check_device(name: str | None, flag: str = "--device") -> str:
-    """Check ``--device`` before any work: a torch device name of an available accelerator (or cpu).
+    """Check ``--device`` before any work: ``auto`` (``auto_device``) or a torch device name of an available
+    accelerator (or cpu).
 
     Returns the canonical name (``torch.device(name)`` as text). Unknown names, ``meta`` (no data), and
     accelerators that this torch build or machine lacks are each one :class:`CmkitError` line."""
     import torch
 
-    text = "" if name is None else str(name)
+    text = "auto" if name is None else str(name)
+    if text == "auto":
+        return auto_device()
     try:
         dev = torch.device(text)
     except (RuntimeError, TypeError, ValueError):
@@ -158,15 +173,10 @@ def check_model_arg(model: str | None, flag: str = "--model") -> None:
                          "(see `cmkit models`)")
 
 
-def check_sampler_steps(sampler: str, steps: int) -> None:
-    """The EDM samplers (heun, euler) need at least 2 σ levels (``--steps 1`` would be an empty Karras grid)."""
-    if sampler in ("heun", "euler") and steps < 2:
-        raise CmkitError(f"--steps {steps}: the {sampler} sampler needs at least 2 σ levels (--steps 2 or more)")
-
-
 def add_device_option(parser: Container) -> None:
-    """``--device``: where the network runs (default cpu); checked by :func:`check_device`."""
-    parser.add_argument("--device", default="cpu", help=f"torch device: {DEVICE_HELP} (default cpu)")
+    """``--device``: where the network runs (default auto: a GPU when there is one); see :func:`check_device`."""
+    parser.add_argument("--device", default="auto",
+                        help=f"torch device: {DEVICE_HELP} (default auto: CUDA when available, else MPS, else cpu)")
 
 
 def add_output_option(parser: Container, *, help: str, required: bool = False, default: str | None = None,

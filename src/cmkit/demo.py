@@ -7,6 +7,7 @@ model on held-out images. It ends by printing the command of the web page (``cmk
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def ensure_trained(preset: str, out: Path, *overrides: str) -> None:
     run = RunDir(out)
     for note in run.recover():  # an earlier demo killed while writing a checkpoint
         print(note)
+    if run.damage() and not run.checkpoint.exists():  # the demo's own run, killed before its first checkpoint
+        print(f"{out}: an earlier attempt stopped before its first checkpoint; starting it again")
+        shutil.rmtree(out)
     cfg = get_config(preset, [f"train.out_dir={out}", f"train.resume={run.has_checkpoint()}", *overrides])
     if run.has_checkpoint() and run.state()["step"] >= cfg.train.steps:
         print(f"{preset}: already trained in {out}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from types import ModuleType
 
 
@@ -24,13 +23,3 @@ def optional_import(module: str, extra: str, what: str) -> ModuleType:
         if e.name != package:
             raise  # the package is there but a sub-module or a dependency of it is not: show the real error
         raise CmkitError(f"{what} needs {package}: pip install 'cmkit[{extra}]'") from None
-
-
-def require_file(path: str | Path | None, what: str, hint: str) -> Path:
-    """Return ``path`` as a Path if it exists, else raise FileNotFoundError with one clear line."""
-    if not path:
-        raise FileNotFoundError(f"{what}: no path given ({hint})")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{what}: file not found: {p} ({hint})")
-    return p

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -59,7 +61,10 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
         if given:
             warn_off_grid(sigmas, training_grid(cfg))
         return sampler, sigmas, len(sigmas)
-    return sampler, [], steps or cfg.sample.steps
+    steps = steps or cfg.sample.steps
+    if sampler in ("heun", "euler") and steps < 2:  # --steps 1 would be an empty Karras grid
+        raise CmkitError(f"--steps {steps}: the {sampler} sampler needs at least 2 σ levels (--steps 2 or more)")
+    return sampler, [], steps
 
 
 def multistep_sigmas(cfg: Config, steps: int) -> list[float]:
@@ -106,7 +111,12 @@ def generate(model: nn.Module, cfg: Config, n: int, sampler: str, sigmas: Sequen
     preconditioning, the sampler's state and its noise stay fp32 (``precond.py``)."""
     c = cfg.model
     out, out_labels = [], []
-    for start in tqdm(range(0, n, batch_size), desc=f"{sampler} ({nfe(sampler, steps)} NFE)", disable=not progress):
+    evals = nfe(sampler, steps)
+    # the bar advances at every network evaluation (a 35-NFE Heun batch is 35 ticks, not one), shown in images
+    bar = tqdm(total=n * evals, desc=f"{sampler} ({evals} NFE)", disable=not progress, unit="img",
+               unit_scale=1 / evals, bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} img [{elapsed}<{remaining}]")
+    model = _Counted(model, bar)
+    for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         gens = per_sample_generators(range(seed + start, seed + start + b))
         cond = {}
@@ -119,7 +129,32 @@ def generate(model: nn.Module, cfg: Config, n: int, sampler: str, sigmas: Sequen
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
             x = _sample(model, cfg, shape, sampler, sigmas, steps, kw)
         out.append(x.cpu())
+    bar.close()
     return torch.cat(out), (torch.cat(out_labels) if out_labels else None)
+
+
+class _Counted(nn.Module):
+    """The model, advancing a progress bar by the batch size at every evaluation."""
+
+    def __init__(self, model: nn.Module, bar: tqdm):
+        super().__init__()
+        self.model, self.bar = model, bar
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        y = self.model(x, *args, **kwargs)
+        self.bar.update(x.shape[0])
+        return y
+
+    def flow_map(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # the flowmap sampler's one evaluation
+        y = self.model.flow_map(x, *args, **kwargs)
+        self.bar.update(x.shape[0])
+        return y
+
+    def __getattr__(self, name: str) -> Any:  # samplers read the model's own attributes (kind, sigma_data, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
 
 
 def _sample(model: nn.Module, cfg: Config, shape: tuple[int, ...], sampler: str, sigmas: Sequence[float],

@@ -14,7 +14,9 @@ every process; batches are a pure function of (seed, step)), the divergence guar
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,6 +92,46 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT/SIGTERM after a checkpoint was written; the message says how to resume.
+    ``exit_code`` is 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """SIGINT/SIGTERM while training: the first asks the loop to stop after the current step and write a
+    checkpoint; a second one stops at once (``KeyboardInterrupt``; the last checkpoint stays intact, as every
+    checkpoint is written atomically). Handlers are installed only in the main thread, and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool):
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # the second signal: stop now
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            print(f"\ncmkit: {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
 def task_class(kind: str) -> Any:
     """The task class of a run config's kind (imports only what that kind needs)."""
     if kind == "denoiser":
@@ -113,6 +155,15 @@ class Loop:
         self.dir = RunDir(t.out_dir)
         rank, world, device = dist.init()
         self.ctx = Context(device, rank, world)
+        try:
+            self._build(t)
+        except BaseException:
+            self.dir.unlock()
+            raise
+
+    def _build(self, t: Any) -> None:
+        """Everything after the directory checks: the task, network, EMAs, optimizer, and the checkpoint."""
+        cfg, (device, rank, world) = self.cfg, (self.ctx.device, self.ctx.rank, self.ctx.world)
         resuming = self._prepare_dir()
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
@@ -132,17 +183,24 @@ class Loop:
 
     # --- resume -------------------------------------------------------------------------------------
     def _prepare_dir(self) -> bool:
-        """Recover from an interrupted write, refuse a directory that is not a run, decide whether to resume."""
+        """Refuse a directory that is not a run, lock it, recover from an interrupted write, and decide whether
+        to resume. A directory holding part of a run (config, log, model or checkpoint, but no complete
+        checkpoint) is refused: training there would replace what it holds."""
         t, main = self.cfg.train, dist.is_main()
-        if main:
-            for note in self.dir.recover():
-                print(f"cmkit: {note}", file=sys.stderr)
-        dist.barrier()
         foreign = self.dir.foreign_files()
         if foreign:
             raise CmkitError(f"train.out_dir={self.dir.root} holds files that are not a cmkit run "
                              f"({', '.join(foreign[:4])}); choose a new or empty directory")
+        if main:
+            for note in filter(None, [self.dir.lock(), *self.dir.recover()]):
+                print(f"cmkit: {note}", file=sys.stderr)
+        dist.barrier()
+        self.dir.read_log()  # a log that is not a readable JSON-lines file is one line now, not at the first step
         if not self.dir.has_checkpoint():
+            damage = self.dir.damage()
+            if damage:
+                raise CmkitError(f"{damage}; nothing was changed: choose another train.out_dir, or move those "
+                                 "files away to start again there")
             if t.resume and main:
                 print(f"cmkit: warning: train.resume=true but {self.dir.root} has no checkpoint to resume; "
                       "starting from step 0", file=sys.stderr)
@@ -211,7 +269,16 @@ class Loop:
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Train to train.steps with a progress bar, JSONL log, sample grids and checkpoints."""
+        """Train to train.steps with a progress bar, JSONL log, sample grids and checkpoints. SIGINT/SIGTERM
+        stop after the current step with a checkpoint (``TrainingInterrupted`` says how to resume). The run
+        directory's lock is released at the end, whatever happens."""
+        try:
+            with StopRequest(announce=dist.is_main()) as stop:
+                return self._run(stop)
+        finally:
+            self.dir.unlock()
+
+    def _run(self, stop: StopRequest) -> dict[str, Any]:
         t, main = self.cfg.train, dist.is_main()
         if main:
             self.dir.root.mkdir(parents=True, exist_ok=True)
@@ -221,6 +288,13 @@ class Loop:
         self._start, start_step, last = time.time(), self.step, {}
         tick, tick_step = self._start, self.step
         while self.step < t.steps:
+            if self._stop_requested(stop):
+                bar.close()
+                self.save_checkpoint()
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name} at step {self.step} of "
+                    f"{t.steps}; checkpoint written to {self.dir.checkpoint}; resume with: "
+                    f"cmkit train --resume {self.dir.root}", stop.signum or signal.SIGINT)
             last = self.train_step()
             if last["skipped"]:
                 self.consecutive_skips += 1
@@ -251,8 +325,25 @@ class Loop:
         self.save_checkpoint()
         if main:
             self.sample()
-        return {"steps": self.step, "final_loss": last.get("loss"), "wall_s": self.wall_s(),
+        final = last.get("loss")
+        if final is not None and self.ctx.world > 1:  # one figure for the run: the mean over the processes
+            final = dist.all_reduce_mean(final, self.ctx.device)
+        return {"steps": self.step, "final_loss": final, "wall_s": self.wall_s(),
                 "skipped": self.skipped, "steps_run": self.step - start_step, "out": str(self.dir.root)}
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether a signal asked to stop, agreed over all processes (a signal may reach them at different steps)."""
+        asked = float(stop.signum is not None)
+        if self.ctx.world > 1:
+            if dist.all_reduce_mean(asked, self.ctx.device) > 0:
+                stop.signum = stop.signum or signal.SIGTERM
+                return True
+            return False
+        return bool(asked)
+
+    def close(self) -> None:
+        """Release the run directory (``run()`` does so when it ends): for a Loop driven step by step."""
+        self.dir.unlock()
 
     def wall_s(self) -> float:
         """Training wall time in seconds, summed over resumed sessions."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CmkitError, require_file
+from .errors import CmkitError
 
 VGG_CFG = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512]
 TAPS = (3, 8, 15, 22, 29)          # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision numbering
@@ -51,19 +51,28 @@ class LPIPS(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> "LPIPS":
-        p = require_file(path, "LPIPS weights", "set loss.lpips_weights=PATH to a VGG16+LPIPS safetensors file")
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        """The network from ``cmkit convert-lpips``'s safetensors file (or a plain tensor ``.pth`` of the same
+        keys). A missing, unreadable, mismatched or non-finite file is one ``CmkitError`` line."""
+        from .checkpoint import load_state, read_safetensors
 
-            sd = load_file(p)
+        hint = ("set loss.lpips_weights=PATH; make the file from the official ones with `cmkit convert-lpips "
+                "--lpips vgg.pth --vgg vgg16-397923af.pth`")
+        if not path or not Path(path).expanduser().is_file():
+            raise CmkitError(f"LPIPS weights not found: {path or '(loss.lpips_weights is not set)'} ({hint})")
+        p = Path(path).expanduser()
+        if p.suffix == ".safetensors":
+            sd = read_safetensors(p)
         else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # the safe reader refuses code; a truncated or foreign file
+                raise CmkitError(f"cannot read LPIPS weights {p}: {type(e).__name__} ({hint})") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+                raise CmkitError(f"LPIPS weights {p} are not a state dict of tensors ({hint})")
         model = cls()
         mapped = {k.replace("lin", "lins.", 1) if k.startswith("lin") else k: v for k, v in sd.items()}
-        missing, unexpected = model.load_state_dict(mapped, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"LPIPS weights {p}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-        return model
+        load_state(model, mapped, f"LPIPS weights {p}", "VGG16-LPIPS (13 convolutions, 5 heads)")
+        return model.requires_grad_(False).eval()
 
     def _taps(self, x: Tensor) -> list[Tensor]:
         out = []
@@ -99,10 +108,7 @@ class LazyLPIPS:
     def load(self) -> LPIPS:
         """Read the weights now; a missing file is one ``CmkitError`` line."""
         if self.net is None:
-            try:
-                self.net = LPIPS.from_file(self.path)
-            except (FileNotFoundError, ValueError) as e:
-                raise CmkitError(str(e)) from None
+            self.net = LPIPS.from_file(self.path)
         return self.net
 
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:

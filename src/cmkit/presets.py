@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import Config, RunConfig, apply_overrides, set_value
 from .errors import CmkitError
+from .prepare import CIFAR10_TRAIN, LPIPS_FILE
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ EMOJI_NET = {**FMNIST_NET, "model.img_resolution": 32, "model.in_channels": 3, "
 CIFAR_NET = {"model.arch": "ncsnpp", "model.img_resolution": 32, "model.in_channels": 3, "model.model_channels": 128,
              "model.channel_mult": (2, 2, 2), "model.num_blocks": 4, "model.attn_resolutions": (16,),
              "model.embedding": "fourier", "model.fourier_scale": 16.0, "data.name": "npz", "data.flip": True,
+             "data.root": CIFAR10_TRAIN,
              "train.log_every": 100, "train.sample_every": 10_000, "train.ckpt_every": 10_000}
 IMAGENET64_NET = {"model.arch": "adm", "model.img_resolution": 64, "model.in_channels": 3, "model.model_channels": 192,
                   "model.channel_mult": (1, 2, 3, 4), "model.num_blocks": 3, "model.attn_resolutions": (32, 16, 8),
@@ -90,6 +93,17 @@ PRESETS: dict[str, Preset] = {
     "digits-edm": Preset("8×8 digits EDM diffusion teacher (Heun 18 steps = 35 NFE); ~3 min on 2 CPU cores", {
         **DIGITS_NET, "model.precond": "edm", "loss.method": "edm", "train.steps": 1500, "train.lr": 1e-3,
         "train.optimizer": "adam", "train.ema_rates": (0.995,), "sample.sampler": "heun", "sample.steps": 18}),
+    "digits-edm-cond": Preset("8×8 digits class-conditional EDM teacher with 10% label dropout (for --class and "
+                              "classifier-free guidance on a CPU); ~3 min on 2 CPU cores", {
+        **DIGITS_NET, "model.precond": "edm", "model.num_classes": 10, "loss.method": "edm",
+        "loss.label_dropout": 0.1, "train.steps": 1500, "train.lr": 1e-3, "train.optimizer": "adam",
+        "train.ema_rates": (0.995,), "sample.sampler": "heun", "sample.steps": 18}),
+    "digits-scd-cfg": Preset("8×8 digits sCD distilling digits-edm-cond with classifier-free guidance w = 2 into a "
+                             "class-conditional one-step model", {
+        **DIGITS_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "model.num_classes": 10,
+        "loss.method": "scd", "loss.guidance": 2.0, "loss.tangent_warmup": 100, "train.steps": 1000,
+        "train.lr": 2e-4, "train.teacher": "runs/digits-edm-cond", "train.init_from": "runs/digits-edm-cond",
+        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
     "digits-cd": Preset("8×8 digits consistency distillation from digits-edm (Heun teacher, N=18, μ=0, l2)", {
         **DIGITS_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "l2",
         "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm",
@@ -247,6 +261,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+for _preset in PRESETS.values():  # the LPIPS recipes read the file `cmkit convert-lpips` writes by default
+    if _preset.values.get("loss.distance") == "lpips":
+        _preset.values.setdefault("loss.lpips_weights", LPIPS_FILE)
+
+
 def config_class(kind: str) -> type[RunConfig]:
     """The run config class of a kind of run."""
     if kind == "denoiser":
@@ -254,6 +273,81 @@ def config_class(kind: str) -> type[RunConfig]:
     from .decoder.train_config import AutoencoderRunConfig, DecoderRunConfig
 
     return {"autoencoder": AutoencoderRunConfig, "decoder": DecoderRunConfig}[kind]
+
+
+def _maker(key: str, value: str) -> str:
+    """The command that makes a missing input file of a preset, or where to get it."""
+    name = Path(value).name
+    if key == "data.root" and Path(value) == Path(CIFAR10_TRAIN):
+        return "cmkit prepare-data cifar10 cifar-10-python.tar.gz (the official archive)"
+    if key == "loss.lpips_weights":
+        return (f"cmkit convert-lpips --lpips vgg.pth --vgg vgg16-397923af.pth -o {value} (the lpips package's "
+                "weights/v0.1/vgg.pth and torchvision's VGG16)" if value == LPIPS_FILE else
+                "cmkit convert-lpips --lpips vgg.pth --vgg vgg16-397923af.pth")
+    if Path(value).parent == Path("runs") and name in PRESETS:
+        return f"cmkit train --preset {name}"
+    if name.endswith(".pkl"):
+        return "EDM's released pickles are listed in the README of github.com/NVlabs/edm"
+    if key == "data.root":
+        return "a folder of images (data.name=folder) or an .npz of uint8 NHWC images (data.name=npz)"
+    return "give its path"
+
+
+def missing_inputs(cfg: Any, raise_error: bool = False) -> list[str]:
+    """The input files a run config names that do not exist, each with the command that makes it (or where it
+    comes from); ``raise_error`` raises them as one ``CmkitError`` line. Checked by ``cmkit train --dry-run``
+    and before a training loads anything."""
+    sections = {name: getattr(cfg, name, None) for name in ("data", "train", "loss", "model")}
+    wanted: list[tuple[str, str]] = []
+    data = sections["data"]
+    if data is not None and getattr(data, "name", "") in ("npz", "folder", "mnist"):
+        wanted.append(("data.root", data.root))
+    for key in ("train.teacher", "train.init_from"):
+        section, field_name = key.split(".")
+        value = getattr(sections[section], field_name, None)
+        if value:
+            wanted.append((key, value))
+    loss = sections["loss"]
+    if loss is not None and getattr(loss, "distance", None) == "lpips":
+        wanted.append(("loss.lpips_weights", loss.lpips_weights or ""))
+    autoencoder = getattr(sections["model"], "autoencoder", None)
+    if autoencoder:
+        wanted.append(("model.autoencoder", autoencoder))
+    from .zoo import shipped_models
+
+    absent: dict[str, list[str]] = {}  # value → the keys that name it (teacher and init_from often agree)
+    for key, value in wanted:
+        if not value or not (Path(value).expanduser().exists() or value in shipped_models()):
+            absent.setdefault(value or f"({key} is not set)", []).append(key)
+    missing = [f"{', '.join(keys)}={value}: {_maker(keys[0], value)}" if not value.startswith("(") else
+               f"{value}: {_maker(keys[0], '')}" for value, keys in absent.items()]
+    if missing and raise_error:
+        raise CmkitError(f"{len(missing)} input file(s) missing: " + "; ".join(missing))
+    return missing
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
+    """The config of the run in ``run_dir`` (its ``config.json``), set to resume it there: ``train.out_dir`` is
+    ``run_dir`` and ``train.resume`` true; ``overrides`` as for ``get_config`` (a resume accepts changes to run
+    control only). The run's kind is the one config class that reads the file."""
+    from .checkpoint import RunDir, read_json
+
+    d = RunDir(run_dir)
+    if not d.root.is_dir():
+        raise CmkitError(f"no run directory {d.root} to resume")
+    saved = read_json(d.config, "run config")
+    readable = []
+    for kind in ("denoiser", "autoencoder", "decoder"):
+        try:
+            readable.append(config_class(kind).from_dict(saved))
+        except (CmkitError, TypeError, AttributeError):
+            continue
+    if len(readable) != 1:
+        raise CmkitError(f"{d.config} is not the config of a cmkit training run")
+    cfg = readable[0]
+    apply_overrides(cfg, list(overrides or []) + [f"train.out_dir={d.root}", "train.resume=true"])
+    cfg.validate()
+    return cfg
 
 
 def get_config(preset: str, overrides: list[str] | None = None) -> Any:

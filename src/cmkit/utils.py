@@ -209,6 +209,30 @@ def save_grid(x: Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
     return path
 
 
+def numbered_paths(out: str | Path, n: int) -> list[Path]:
+    """The files of ``n`` images written to ``out``: ``out`` itself for one, ``out_0.png``, ``out_1.png``, …
+    for several (``cmkit edit``, ``images`` and ``decode`` alike)."""
+    out = Path(out).expanduser()
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+
+
+def save_image(x: Tensor, path: str | Path) -> Path:
+    """Save one image (C, H, W) in [-1, 1] as a PNG at its own size: 1 channel as greyscale, 3 as RGB (what
+    ``read_image`` reads back exactly, so an output can be the next command's input)."""
+    from PIL import Image
+
+    a = to_uint8(x[None])[0]
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
+    except ValueError as e:
+        raise CmkitError(f"cannot write {path}: {e}; use a .png file name") from None
+    except OSError as e:
+        raise CmkitError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
 def save_npz(x: Tensor | np.ndarray, path: str | Path, labels: Tensor | None = None) -> Path:
     """Save samples as uint8 NHWC under ``arr_0`` (and labels under ``arr_1``), the reference format."""
     images = to_uint8(x) if isinstance(x, Tensor) else x

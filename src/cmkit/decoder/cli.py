@@ -23,7 +23,8 @@ from ..cli_options import (add_device_option, add_output_option, add_threads_opt
 from ..errors import CmkitError
 from .config import DecoderConfig
 from .decoder import ConsistencyDecoder
-from .files import output_paths, read_latents, write_images
+from ..utils import numbered_paths
+from .files import read_latents, write_images
 from .latents import check_latents, looks_scaled
 from .schedule import steps_to_schedule
 from .weights import convert_decoder
@@ -33,15 +34,17 @@ MAX_DECODE_STEPS = 1024  # the decoder's number of timesteps
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
-    """'1.0,0.5' → (1.0, 0.5): fractions of the decoder's timesteps, each a finite number in [0, 1]."""
+    """'1.0,0.5' → (1.0, 0.5): fractions of the decoder's timesteps, finite, in (0, 1] and strictly decreasing."""
     try:
         values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise CmkitError(f"--schedule must be comma-separated fractions like 1.0,0.5; got {text!r}") from None
     if not values:
         raise CmkitError("--schedule is empty; give fractions like 1.0,0.5")
-    if not all(math.isfinite(v) and 0 <= v <= 1 for v in values):
-        raise CmkitError(f"--schedule fractions must be finite numbers in [0, 1] like 1.0,0.5; got {text!r}")
+    if not all(math.isfinite(v) and 0 < v <= 1 for v in values):
+        raise CmkitError(f"--schedule fractions must be finite numbers in (0, 1] like 1.0,0.5; got {text!r}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise CmkitError(f"--schedule fractions must decrease, each step to less noise (e.g. 1.0,0.5); got {text!r}")
     if len(values) > MAX_DECODE_STEPS:
         raise CmkitError(f"--schedule has {len(values)} fractions; at most {MAX_DECODE_STEPS} (one per timestep)")
     return values
@@ -91,7 +94,7 @@ def run_decode(args: argparse.Namespace) -> int:
     latents = read_latents(args.latents)
     if latents.ndim != 4:
         check_latents(latents, DecoderConfig())  # fail fast (3-D input), before loading 2.5 GB of weights
-    for path in output_paths(args.out, 1 if args.grid else latents.shape[0]):  # a batch: OUT_0.png, OUT_1.png, ...
+    for path in numbered_paths(args.out, 1 if args.grid else latents.shape[0]):  # a batch: OUT_0.png, OUT_1.png, ...
         check_output(str(path), "-o", getattr(args, "overwrite", False), required=True)
     decoder = ConsistencyDecoder.from_pretrained(args.weights, device=device, dtype=DTYPES[args.dtype],
                                                  channels_last=not args.no_channels_last, verify=not args.no_verify)
@@ -158,7 +161,93 @@ def _add_convert(subparsers: Any) -> None:
     p.set_defaults(func=run_convert)
 
 
+def load_encoder(path: str, device: str) -> tuple[Any, int, Any]:
+    """(encode function x → raw latents, image channels, its name) of a cmkit autoencoder (a model directory,
+    a run, or its ``model/``) or of a diffusers ``AutoencoderKL`` directory (Stable Diffusion's VAE: a ``vae/``
+    folder, or a pipeline holding one; latents are the posterior mean, unscaled, as ``cmkit decode`` reads)."""
+    from pathlib import Path
+
+    from ..autoencoder import KLAutoencoder
+    from ..checkpoint import read_json
+
+    root = Path(path).expanduser()
+    vae_dir = root / "vae" if (root / "vae" / "config.json").is_file() else root
+    config = read_json(vae_dir / "config.json", "model config") if (vae_dir / "config.json").is_file() else {}
+    if isinstance(config, dict) and config.get("_class_name") == "AutoencoderKL":
+        from ..errors import optional_import
+
+        diffusers = optional_import("diffusers", "diffusers", "encoding with a diffusers AutoencoderKL")
+        vae = diffusers.AutoencoderKL.from_pretrained(str(vae_dir)).to(device).eval().requires_grad_(False)
+        return (lambda x: vae.encode(x).latent_dist.mean), int(vae.config.in_channels), f"AutoencoderKL {vae_dir}"
+    ae = KLAutoencoder.from_pretrained(root, device=device)
+    return ae.encode, ae.config.in_channels, f"autoencoder {root}"
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """Handler of ``cmkit encode``: images → raw latents in a file that ``cmkit decode`` reads."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..utils import from_uint8, read_image, read_npz_images
+
+    check_threads(args.threads)
+    device = check_device(args.device)
+    out = check_output(args.out, "-o", args.overwrite, required=True, suffixes=(".npy", ".pt", ".safetensors"))
+    src = Path(args.images)
+    if not src.is_file():
+        raise CmkitError(f"input image not found: {src}")
+    apply_threads(args.threads)
+    encode, channels, name = load_encoder(args.autoencoder, device)
+    if src.suffix.lower() == ".npz":
+        a = read_npz_images(src, "input images", square=False)
+    else:
+        a = read_image(src, "L" if channels == 1 else "RGB", "input image")[None]
+    if a.ndim == 3:  # grey: NHW → NHWC
+        a = a[..., None]
+    if args.pad_to:
+        from .train import pad_images
+
+        check_int(args.pad_to, "--pad-to")
+        a = pad_images(torch.from_numpy(a.copy()).permute(0, 3, 1, 2), args.pad_to).permute(0, 2, 3, 1).numpy()
+    x = from_uint8(a)
+    if x.shape[1] != channels:  # grey ↔ RGB as Pillow converts
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+    with torch.no_grad():
+        z = encode(x.contiguous().to(device)).float().cpu()
+    if out.suffix == ".npy":
+        np.save(out, z.numpy())
+    elif out.suffix == ".pt":
+        torch.save(z, out)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"latents": z.contiguous()}, out)
+    print(f"encoded {tuple(x.shape)} -> {tuple(z.shape)} raw latents with the {name}; wrote {out}")
+    return 0
+
+
+def _add_encode(subparsers: Any) -> None:
+    p = subparsers.add_parser("encode", help="encode images to latents with an autoencoder (cmkit's or SD's VAE)",
+                              description="Encode images to raw latents (the posterior mean) with a cmkit "
+                                          "autoencoder or a diffusers AutoencoderKL directory (Stable Diffusion's "
+                                          "vae/, needs diffusers); `cmkit decode` reads the file.")
+    p.add_argument("images", help="an image (.png/.jpg) or an .npz of uint8 NHWC images; sides divisible by the "
+                                  "autoencoder's downsampling factor")
+    p.add_argument("--autoencoder", required=True,
+                   help="cmkit autoencoder (model or run directory) or a diffusers AutoencoderKL directory")
+    add_output_option(p, required=True, metavar="OUT.npy", help="latent file: .npy, .pt or .safetensors")
+    p.add_argument("--pad-to", type=int, metavar="N", help="pad the images, centred on black, to N×N first (as "
+                                                           "an autoencoder trained on padded images saw them: "
+                                                           "fmnist-ae, 28 → 32)")
+    add_device_option(p)
+    add_threads_option(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=run_encode)
+
+
 def add_cli(subparsers: Any) -> None:
-    """Register ``decode`` and ``convert-decoder`` on an argparse subparsers object."""
+    """Register ``encode``, ``decode`` and ``convert-decoder`` on an argparse subparsers object."""
+    _add_encode(subparsers)
     _add_decode(subparsers)
     _add_convert(subparsers)

@@ -7,7 +7,8 @@ The defaults are OpenAI's released decoder (openai/consistencydecoder, 2023), as
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..config import dataclass_from_dict
@@ -56,6 +57,7 @@ class DecoderConfig:
     sigma_data: float = 0.5
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("block_out_channels", "latent_mean", "latent_std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.in_channels <= self.latent_channels:
@@ -65,6 +67,30 @@ class DecoderConfig:
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
                 raise CmkitError(f"width {ch} is not divisible by norm_num_groups={self.norm_num_groups}")
+
+    def _check_types(self) -> None:
+        """Every field of the type it must have (a hand-edited or damaged config.json is one line, not a
+        TypeError or ZeroDivisionError further on)."""
+        def number(v: Any, integer: bool) -> bool:
+            ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
+            return ok and not isinstance(v, bool) and v > 0
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "time_embed_dim" and v is None:
+                continue
+            if f.name in ("block_out_channels", "latent_mean", "latent_std"):
+                integer = f.name == "block_out_channels"
+                ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
+                    number(x, integer) if (integer or f.name == "latent_std") else
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                want = ("a non-empty list of positive integers" if integer else
+                        "a list of positive finite numbers" if f.name == "latent_std" else "a list of finite numbers")
+            else:
+                integer = f.name not in ("norm_eps", "scaling_factor", "sigma_data")
+                ok, want = number(v, integer), "a positive integer" if integer else "a positive finite number"
+            if not ok:
+                raise CmkitError(f"decoder config: {f.name} is {v!r}; expected {want}")
 
     @property
     def image_channels(self) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CmkitError
-from ..utils import save_grid, to_uint8
+from ..utils import numbered_paths, save_grid, to_uint8
 
 LATENT_KEYS = ("latents", "latent", "z", "sample")
 LATENT_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
@@ -55,12 +55,6 @@ def read_latents(path: str | Path) -> Tensor:
     raise CmkitError(f"{path}: unsupported latent file type {suffix!r}; expected {', '.join(LATENT_SUFFIXES)}")
 
 
-def output_paths(out: str | Path, n: int) -> list[Path]:
-    """The PNG files ``write_images`` writes for ``n`` images: ``out`` for one, ``out_0.png`` … for a batch."""
-    out = Path(out)
-    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
-
-
 def write_images(images: Tensor, out: str | Path, grid: bool = False) -> list[Path]:
     """Images in [−1, 1] → PNG: ``out`` itself for one image (or a grid), else ``out_0.png``, ``out_1.png`` …"""
     from PIL import Image
@@ -71,7 +65,7 @@ def write_images(images: Tensor, out: str | Path, grid: bool = False) -> list[Pa
     if grid and images.shape[0] > 1:
         return [save_grid(images, out, scale=1)]
     arrays = to_uint8(images)
-    paths = output_paths(out, len(arrays))
+    paths = numbered_paths(out, len(arrays))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for arr, p in zip(arrays, paths):

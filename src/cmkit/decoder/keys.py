@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import Tensor
 
 from ..errors import CmkitError
@@ -134,3 +135,8 @@ def check_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], s
         problems.append(f"{len(shapes)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k])})")
     if problems:
         raise CmkitError(f"{source} does not match the consistency decoder config: " + "; ".join(problems))
+    for k in sorted(state):  # as the denoisers' loader: integer weights or NaN/inf decode to a black image
+        v = state[k]
+        if not v.is_floating_point() or (not v.is_meta and not bool(torch.isfinite(v).all())):
+            kind = f"dtype {v.dtype}" if not v.is_floating_point() else "non-finite values"
+            raise CmkitError(f"{source}: tensor {k} has {kind}; expected finite floating-point weights")

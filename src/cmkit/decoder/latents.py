@@ -28,7 +28,11 @@ def check_latents(latents: Tensor, config: DecoderConfig) -> None:
         raise CmkitError(f"latents must be 4-D (batch, {config.latent_channels}, h, w); got {latents.ndim}-D {shape}")
     if shape[1] != config.latent_channels:
         hint = " (that looks like an image, not a latent)" if shape[1] in (1, 3) else ""
-        raise CmkitError(f"latents must have {config.latent_channels} channels (SD-1.x/2.x VAE latents); "
+        whose = ("SD-1.x/2.x VAE latents" if config.latent_channels == 4 else
+                 "the latents of the autoencoder it was trained for")
+        if shape[1] == 4 and config.latent_channels != 4:
+            hint = " (SD-1.x/2.x VAE latents have 4: decode them with OpenAI's decoder)"
+        raise CmkitError(f"this decoder takes {config.latent_channels}-channel latents ({whose}); "
                          f"got shape {shape}{hint}")
     if not latents.is_floating_point():
         raise CmkitError(f"latents must be floating point, got {latents.dtype}")

@@ -203,7 +203,13 @@ def _read(path: Path, verify: bool, expected_sha256: str) -> tuple[dict[str, Ten
         raw, meta = _read_safetensors(path)
         kind, config = cmkit_tag(meta)
         if kind == "decoder":
-            return raw, DecoderConfig.from_dict(json.loads(config) if isinstance(config, str) else config), "cmkit"
+            try:
+                parsed = json.loads(config) if isinstance(config, str) else config
+            except ValueError as e:
+                raise CmkitError(f"{path}: its decoder config (safetensors metadata) is not JSON ({e})") from None
+            if not isinstance(parsed, dict):
+                raise CmkitError(f"{path}: its decoder config (safetensors metadata) is not a JSON object")
+            return raw, DecoderConfig.from_dict(parsed), "cmkit"
         return raw, _config_beside(path), "diffusers"
     if is_torch_zip(path):
         script = is_torchscript(path)

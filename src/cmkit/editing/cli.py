@@ -1,16 +1,19 @@
 """``cmkit edit TASK``: the zero-shot editing tasks from the command line, one sub-command per task.
 
-    cmkit edit inpaint     --model M --input IMG [--mask PNG | --box x0,y0,x1,y1 | --builtin center] -o OUT
-    cmkit edit colorize    --model M --input IMG -o OUT
-    cmkit edit superres    --model M --input LOW --factor 4 -o OUT
-    cmkit edit stroke      --model M --input STROKES [--sigma-start 5] [--steps 3] -o OUT
-    cmkit edit denoise     --model M --input NOISY [--sigma 0.3] [--add-noise] -o OUT
-    cmkit edit interpolate --model M (--seeds 0,1 | --input A --input2 B [--sigma 2]) [--frames 9] -o OUT
+    cmkit edit inpaint     --model M --input IMG [--mask PNG | --box x0,y0,x1,y1 | --builtin center] -o OUT.png
+    cmkit edit colorize    --model M --input IMG -o OUT.png
+    cmkit edit superres    --model M --input LOW --factor 4 -o OUT.png
+    cmkit edit stroke      --model M --input STROKES [--sigma-start 5] [--steps 3] -o OUT.png
+    cmkit edit denoise     --model M --input NOISY [--sigma 0.3] [--add-noise] -o OUT.png
+    cmkit edit interpolate --model M (--seeds 0,1 | --input A --input2 B [--sigma 2]) [--frames 9] --grid STRIP.png
 
-Every task takes --index (one image of an .npz input), --seed, --threads, --overwrite and, for class-conditional
-models, --class (as ``cmkit sample``: one label, or a list cycled over the images; random labels from --seed
-otherwise); all but interpolate take --panel (a side-by-side PNG); inpaint, colorize, superres and stroke take
---steps/--sigmas (σ levels).
+Outputs are data: ``-o OUT.png`` writes the edited images at the model's resolution (one image: OUT.png; several:
+OUT_0.png, OUT_1.png, ...), ``--npz OUT.npz`` writes them as uint8 NHWC (labels in arr_1), so either can be the
+next command's --input; ``--grid`` writes them as one enlarged grid to look at, and ``--panel`` (all but
+interpolate) a side-by-side PNG of input and output. Every task takes --index (one image of an .npz input),
+--seed, --device, --threads, --overwrite and, for class-conditional models, --class (as ``cmkit sample``: one
+label, or a list cycled over the images; random labels from --seed otherwise); inpaint, colorize, superres and
+stroke take --steps/--sigmas (σ levels).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cli_options import (IMAGE_SUFFIXES, MAX_STEPS, add_class_option, add_output_option, add_sampling_options,
-                           add_threads_option, apply_threads, check_distinct_outputs, check_float, check_int,
-                           check_model_arg, check_output, check_seed, check_threads, class_labels, parse_sigmas)
+from ..cli_options import (IMAGE_SUFFIXES, MAX_STEPS, add_class_option, add_device_option, add_output_option,
+                           add_sampling_options, add_threads_option, apply_threads, check_device,
+                           check_distinct_outputs, check_float, check_int, check_model_arg, check_output, check_seed,
+                           check_threads, class_labels, parse_sigmas)
 from ..errors import CmkitError
 from .tasks import STROKE_SIGMA
 
@@ -44,7 +48,7 @@ PANELS = {"inpaint": ("input", "masked", "output"), "colorize": ("grey", "output
 
 
 def load_images(path: str, channels: int, size: int, index: int | None = None, what: str = "input image",
-                flag: str = "--input") -> Tensor:
+                flag: str = "--input", device: str | torch.device = "cpu") -> Tensor:
     """PNG/JPEG (one image) or .npz (uint8 NHWC under arr_0; ``index`` picks one) → (B, C, size, size) in [-1, 1].
 
     Every problem (missing, corrupt, 16-bit handled, float arrays, wrong shape or size, ``index`` out of range) is
@@ -70,7 +74,7 @@ def load_images(path: str, channels: int, size: int, index: int | None = None, w
         x = x.mean(1, keepdim=True)
     if x.shape[1] == 1 and channels == 3:
         x = x.expand(-1, 3, -1, -1).contiguous()  # grey → RGB, as Pillow converts a grey PNG
-    return x
+    return x.to(device)
 
 
 def _sigma_list(args: argparse.Namespace) -> list[float] | None:
@@ -93,9 +97,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
     check_threads(args.threads)
     check_model_arg(args.model)
-    out = check_output(args.out, "-o", args.overwrite, required=True, suffixes=IMAGE_SUFFIXES)
+    args.device = check_device(args.device)
+    out = check_output(args.out, "-o", args.overwrite, suffixes=IMAGE_SUFFIXES)
+    grid = check_output(args.grid_png, "--grid", args.overwrite, suffixes=IMAGE_SUFFIXES)
+    npz = check_output(args.npz, "--npz", args.overwrite, suffixes=(".npz",))
     panel = check_output(getattr(args, "panel", None), "--panel", args.overwrite, suffixes=IMAGE_SUFFIXES)
-    check_distinct_outputs(("-o", out), ("--panel", panel))
+    if not (out or grid or npz or panel):
+        raise CmkitError("nothing to write: give -o OUT.png, --npz OUT.npz, --grid GRID.png"
+                         + (" or --panel PANEL.png" if hasattr(args, "panel") else ""))
+    check_distinct_outputs(("-o", out), ("--grid", grid), ("--npz", npz), ("--panel", panel))
     for flag, path in (("--input", args.input), ("--input2", getattr(args, "input2", None)),
                        ("--mask", getattr(args, "mask", None))):
         if path is not None and not Path(path).is_file():
@@ -164,10 +174,14 @@ def _cond(args: argparse.Namespace, n: int) -> dict[str, Tensor]:
     if not args.num_classes:
         return {}
     labels = class_labels(args.classes, args.num_classes, n)
+    if labels is not None:
+        args.labels = labels
+        return {"class_labels": labels.to(args.device)}
     if labels is None:
         labels = torch.randint(args.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
         print(f"class-conditional model: random class labels {labels.tolist()} (choose them with --class)")
-    return {"class_labels": labels}
+    args.labels = labels
+    return {"class_labels": labels.to(args.device)}
 
 
 Edited = tuple[Tensor, list[Tensor]]  # (output images, columns of the --panel image)
@@ -178,9 +192,9 @@ def _inpaint(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gene
     from . import tasks
     from .masks import box_mask, builtin_mask, load_mask
 
-    y = load_images(args.input, C, R, args.index)
+    y = load_images(args.input, C, R, args.index, device=args.device)
     mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
-            else builtin_mask(args.builtin or "center", R))
+            else builtin_mask(args.builtin or "center", R)).to(args.device)
     out = tasks.inpaint(model, y, mask, _sigma_list(args), generator=g, grid=args.grid, **_cond(args, len(y)))
     return out, [y, y * (1 - mask) - mask, out]
 
@@ -190,7 +204,7 @@ def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
 
     if C != 3:
         raise CmkitError("colorization needs a colour (3-channel) model")
-    gray = tasks.to_gray3(load_images(args.input, 3, R, args.index))
+    gray = tasks.to_gray3(load_images(args.input, 3, R, args.index, device=args.device))
     out = tasks.colorize(model, gray, _sigma_list(args), generator=g, grid=args.grid, **_cond(args, len(gray)))
     return out, [gray, out]
 
@@ -198,7 +212,7 @@ def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
 def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
     from . import tasks
 
-    low = load_images(args.input, C, R // args.factor, args.index)
+    low = load_images(args.input, C, R // args.factor, args.index, device=args.device)
     out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g, grid=args.grid,
                               **_cond(args, len(low)))
     return out, [torch.nn.functional.interpolate(low, scale_factor=args.factor, mode="nearest"), out]
@@ -207,7 +221,7 @@ def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
 def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
     from . import tasks
 
-    y = load_images(args.input, C, R, args.index)
+    y = load_images(args.input, C, R, args.index, device=args.device)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
     out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g, grid=args.grid,
                               **_cond(args, len(y)))
@@ -217,9 +231,9 @@ def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gener
 def _denoise(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
     from . import tasks
 
-    y = load_images(args.input, C, R, args.index)
+    y = load_images(args.input, C, R, args.index, device=args.device)
     if args.add_noise:
-        y = y + args.sigma * torch.randn(y.shape, generator=g)
+        y = y + args.sigma * torch.randn(y.shape, generator=g).to(y.device)
     out = tasks.denoise(model, y, args.sigma, **_cond(args, len(y)))
     return out, [y.clamp(-1, 1), out]
 
@@ -230,8 +244,8 @@ def _interpolate(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.
     if args.input or args.input2:
         if not (args.input and args.input2):
             raise CmkitError("interpolating images needs --input and --input2")
-        x1 = load_images(args.input, C, R, args.index)
-        x2 = load_images(args.input2, C, R, args.index, flag="--input2")
+        x1 = load_images(args.input, C, R, args.index, device=args.device)
+        x2 = load_images(args.input2, C, R, args.index, flag="--input2", device=args.device)
         if len(x1) != len(x2):
             raise CmkitError(f"--input holds {len(x1)} image(s) but --input2 holds {len(x2)}; give as many (or "
                              "pick one of each with --index)")
@@ -239,7 +253,7 @@ def _interpolate(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.
                                           **_cond(args, len(x1)))
     else:
         s = _seeds(args)
-        z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)) for v in s)
+        z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)).to(args.device) for v in s)
         frames = tasks.interpolate_noise(model, z1, z2, args.frames, **_cond(args, 1))
     return frames[:, 0], []
 
@@ -248,14 +262,39 @@ HANDLERS: dict[str, Handler] = {"inpaint": _inpaint, "colorize": _colorize, "sup
                                 "stroke": _stroke, "denoise": _denoise, "interpolate": _interpolate}
 
 
+def write_outputs(args: argparse.Namespace, out: Tensor, panel: list[Tensor], labels: Tensor | None) -> None:
+    """-o (the images at the model's size, numbered when several), --npz, --grid and --panel. Every file is
+    checked before the first is written, so nothing is half-written or replaced without --overwrite."""
+    from ..utils import numbered_paths, save_grid, save_image, save_npz
+
+    files = numbered_paths(args.out, len(out)) if args.out else []
+    if len(files) > 1:
+        for f in files:
+            check_output(str(f), "-o", args.overwrite, suffixes=IMAGE_SUFFIXES)
+    for x, f in zip(out, files):
+        save_image(x, f)
+    if files:
+        print(f"wrote {files[0]}" + (f" … {files[-1].name} ({len(files)} images, {out.shape[-1]}×{out.shape[-2]})"
+                                     if len(files) > 1 else f" ({out.shape[-1]}×{out.shape[-2]})"))
+    if args.npz:
+        save_npz(out, args.npz, labels)
+        print(f"wrote {args.npz} ({len(out)} images, uint8 NHWC)")
+    if args.grid_png:
+        save_grid(out, args.grid_png, nrow=len(out) if args.task == "interpolate" else max(1, min(8, len(out))))
+        print(f"wrote {args.grid_png}")
+    if getattr(args, "panel", None):
+        rows = torch.stack([p.cpu().expand(-1, out.shape[1], -1, -1).clamp(-1, 1) for p in panel], 1).flatten(0, 1)
+        save_grid(rows, args.panel, nrow=len(panel))
+        print(f"wrote {args.panel} (columns: {' | '.join(PANELS[args.task])})")
+
+
 def run_edit(args: argparse.Namespace) -> int:
-    """Handler of ``cmkit edit TASK``: check the arguments, load the model, run the task, write -o (and --panel)."""
+    """Handler of ``cmkit edit TASK``: check the arguments, load the model, run the task, write the outputs."""
     from ..checkpoint import load_model
-    from ..utils import save_grid
 
     _check_args(args)
     apply_threads(args.threads)
-    model, cfg = load_model(args.model)
+    model, cfg = load_model(args.model, device=args.device)
     if cfg.is_diffusion():
         raise CmkitError("editing needs a consistency model (this one is a diffusion model)")
     _check_with_model(args, cfg)
@@ -266,20 +305,12 @@ def run_edit(args: argparse.Namespace) -> int:
     args.grid = training_grid(cfg)  # default σ lists lie on the grid the model was trained on
     C, R = cfg.model.in_channels, cfg.model.img_resolution
     g = torch.Generator().manual_seed(args.seed)
+    args.labels = None
     try:
         out, panel = HANDLERS[args.task](args, model, C, R, g)
     except ValueError as e:  # shape problems surfaced by the editor
         raise CmkitError(str(e)) from None
-    if args.task == "interpolate":
-        save_grid(out, args.out, nrow=args.frames)
-        print(f"wrote {args.out} ({args.frames} frames)")
-        return 0
-    save_grid(out, args.out, nrow=max(1, min(8, out.shape[0])))
-    print(f"wrote {args.out}")
-    if args.panel:
-        rows = torch.stack([p.expand(-1, out.shape[1], -1, -1).clamp(-1, 1) for p in panel], 1).flatten(0, 1)
-        save_grid(rows, args.panel, nrow=len(panel))
-        print(f"wrote {args.panel} (columns: {' | '.join(PANELS[args.task])})")
+    write_outputs(args, out.cpu(), panel, args.labels)
     return 0
 
 
@@ -287,9 +318,9 @@ INPUT_HELP = "input image (.png/.jpg) or .npz of uint8 NHWC images, of the model
 
 
 def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None = INPUT_HELP, panel: bool = True,
-                sigmas: bool = True, steps: int | None = None, steps_help: str = "number of σ levels (default: every level of "
-                "the model's training grid but σ_min; 18 Karras levels for continuous-time models) of the Karras "
-                "grid (default 18)", sigmas_help: str = "explicit descending σ list, e.g. 80,20,5,1 (overrides "
+                sigmas: bool = True, steps: int | None = None, steps_help: str = "number of σ levels, spaced on the model's training "
+                "grid (default: every level of that grid but σ_min), or on an 18-level Karras grid for models "
+                "without one (ECT, sCM, MeanFlow; default 18)", sigmas_help: str = "explicit descending σ list, e.g. 80,20,5,1 (overrides "
                 "--steps)") -> None:
     """The options the tasks share: model, input, index, out, panel, seed, steps/sigmas, threads, overwrite.
 
@@ -299,19 +330,26 @@ def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None
     if input_help is not None:
         p.add_argument("--input", required=True, metavar="IMG", help=input_help)
     p.add_argument("--index", type=int, help="pick one image from an .npz input (default: all of them)")
-    add_output_option(p, required=True, metavar="OUT.png", help="output PNG (the edited images)")
+    add_output_option(p, metavar="OUT.png",
+                      help="the edited images at the model's size: OUT.png for one image, OUT_0.png, OUT_1.png, ... "
+                           "for several (usable as the next --input)")
+    p.add_argument("--npz", metavar="OUT.npz", help="also write the edited images as uint8 NHWC (arr_0; class "
+                                                    "labels in arr_1), usable as the next --input")
+    p.add_argument("--grid", dest="grid_png", metavar="GRID.png",
+                   help="also write the images as one enlarged grid to look at (interpolate: one row of frames)")
     if panel:
         p.add_argument("--panel", metavar="PANEL.png",
                        help=f"also write a side-by-side PNG (columns: {' | '.join(PANELS[task])})")
     if sigmas:
-        add_sampling_options(p, sampler=False, batch_size=None, bf16=False, device=False, threads=True,
+        add_sampling_options(p, sampler=False, batch_size=None, bf16=False, device=True, threads=True,
                              steps_default=steps, steps_help=steps_help, sigmas_help=sigmas_help,
                              seed_help="seed of the noise (default 0)")
     else:
         p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+        add_device_option(p)
         add_threads_option(p)
     p.add_argument("--overwrite", action="store_true",
-                   help="replace existing output files (-o, --panel)" if panel else "replace an existing -o file")
+                   help="replace existing output files")
     add_class_option(p)
     p.set_defaults(func=run_edit)
 
@@ -326,7 +364,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
                "  cmkit edit inpaint --model fmnist-cd --input img.png --builtin center -o out.png --panel p.png\n"
                "  cmkit edit superres --model fmnist-cd --input low7x7.png --factor 4 -o out.png\n"
-               "  cmkit edit interpolate --model fmnist-cd --seeds 0,1 --frames 9 -o strip.png",
+               "  cmkit edit interpolate --model fmnist-cd --seeds 0,1 --frames 9 --grid strip.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_options import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, add_class_option, add_output_option, add_sampling_options, apply_threads,
-                           check_device, check_int, check_model_arg, check_output, check_sampler_steps, check_seed,
+                           check_device, check_int, check_model_arg, check_output, check_seed,
                            check_threads, parse_sigmas)
 from ..errors import CmkitError
 from .evaluate import FEATURE_SPACES, evaluate_images
@@ -116,7 +116,6 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
         model, cfg = load_model(args.model, device=args.device)
         sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
-        check_sampler_steps(sampler, steps)
         from ..cli_options import class_labels
 
         x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,

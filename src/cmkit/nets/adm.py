@@ -93,7 +93,7 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
         a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj_out(a.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj_out(a.transpose(-1, -2).reshape(b, c, h, w).contiguous())
 
 
 class Resample(nn.Module):

@@ -170,7 +170,7 @@ class UNetBlock(nn.Module):
             q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, d, 3, h * w).unbind(2)
             a = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
                                                v.transpose(1, 2).float())  # softmax(qᵀk/√d) in fp32, as EDM
-            x = (self.proj(a.transpose(1, 2).reshape(b, c, h, w).to(x.dtype)) + x) * self.skip_scale
+            x = (self.proj(a.transpose(1, 2).reshape(b, c, h, w).contiguous().to(x.dtype)) + x) * self.skip_scale
         return x
 
 

@@ -64,7 +64,9 @@ class Attention(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # (B, heads, HW, d)
         h = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        # contiguous: with one head the reshape is a channels-last view, whose 1×1 convolution returns a
+        # channels-last weight gradient that DDP's buckets must copy ("grad strides do not match")
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W).contiguous())
 
 
 class Down(nn.Module):

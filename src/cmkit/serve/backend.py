@@ -235,22 +235,25 @@ class Backend:
     # models --------------------------------------------------------------------------------------------
 
     def model_choices(self, consistency_only: bool = False) -> list[str]:
-        """Shipped model names, then the runs under --runs that have a model export."""
+        """Shipped model names, then the runs under --runs whose export samples: diffusion and consistency
+        models (kind ``denoiser``), not autoencoders or decoders; ``consistency_only`` also leaves out diffusion
+        models (the editing tasks need a one-step generator)."""
         from ..zoo import models_root, shipped_models
 
-        names = []
-        for name in shipped_models():
-            if consistency_only:
-                try:
-                    cfg = json.loads((models_root() / name / "config.json").read_text())["config"]
-                    if is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method")):
-                        continue
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-            names.append(name)
-        for run in self.list_runs():
-            if (self.runs_root / run / "model" / "config.json").is_file():
-                names.append(str(self.runs_root / run))
+        def samples(config_json: Path) -> bool:
+            try:
+                meta = json.loads(config_json.read_text())
+                cfg = meta["config"]
+                if meta.get("kind", "denoiser") != "denoiser":
+                    return False
+                return not (consistency_only and is_diffusion(cfg["model"].get("precond"),
+                                                              cfg.get("loss", {}).get("method")))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return False
+
+        names = [name for name in shipped_models() if samples(models_root() / name / "config.json")]
+        names += [str(self.runs_root / run) for run in self.list_runs()
+                  if samples(self.runs_root / run / "model" / "config.json")]
         return names
 
     def model_dir(self, ref: str) -> Path:
@@ -351,7 +354,7 @@ class Backend:
 
     def sample(self, ref: str, sampler: str = "auto", steps: int | None = None, sigmas: str = "", seed: int = 0,
                n: int = 16, classes: str = "") -> Result:
-        from ..cli_options import check_sampler_steps, check_seed, class_labels, parse_sigmas
+        from ..cli_options import check_seed, class_labels, parse_sigmas
         from ..generate import generate, resolve_sampler
         from ..sampling import nfe
 
@@ -364,7 +367,6 @@ class Backend:
         m = self.load(ref)
         sampler_name, sigma_list, steps = resolve_sampler(m.cfg, None if sampler in ("", "auto", None) else sampler,
                                                           steps, sigma_list)
-        check_sampler_steps(sampler_name, steps)
         labels = class_labels(classes or None, m.cfg.model.num_classes, n)
         t0 = time.perf_counter()
         x, _ = generate(m.model, m.cfg, n, sampler_name, sigma_list, steps, seed, batch_size=MAX_SAMPLES,
