@@ -20,7 +20,10 @@ EXAMPLES = """examples:
   cmkit presets
   cmkit train --preset digits-edm
   cmkit train --preset digits-cd train.steps=2000 train.lr=1e-4 --dry-run
+  cmkit train --resume runs/digits-cd train.steps=3000      # continue a run (Ctrl-C saves a checkpoint)
   cmkit sample --model runs/digits-cd --steps 2 -n 64 -o samples.png --npz samples.npz
+  cmkit images fashion_mnist --index 3 -o img.png          # a held-out test image to edit
+  cmkit edit inpaint --model fmnist-cd --input img.png --builtin center -o inpainted.png
   torchrun --nproc_per_node 2 -m cmkit train --preset digits-ict
 """
 
@@ -363,16 +366,9 @@ def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
                 _add_debug_everywhere(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="cmkit", description="Consistency models: train, sample, edit, evaluate.",
-               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("presets", help="list the training presets with a one-line description")
-    s.set_defaults(func=cmd_presets)
-    s = sub.add_parser("models", help="list the models shipped with cmkit")
-    s.set_defaults(func=cmd_models)
+def _add_data_commands(sub: Any) -> None:
+    """``images``, ``prepare-data`` and ``convert-lpips``: the files a user needs before training or editing."""
+    from .cli_options import add_output_option
 
     s = sub.add_parser("images", help="write images of a data set to files (e.g. held-out inputs for `cmkit edit`)",
                        description="Write images of a data set (the held-out test split by default) as PNG files "
@@ -396,8 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average F×F patches (the low-resolution input of `edit superres --factor F`)")
     s.add_argument("--strokes", action="store_true",
                    help="a coarse stroke painting of each image (the input of `edit stroke`)")
-    from .cli_options import add_output_option
-
     add_output_option(s, metavar="OUT", help="OUT.png (one file per image) or OUT.npz")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(func=cmd_images)
@@ -423,6 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_convert_lpips)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="cmkit", description="Consistency models: train, sample, edit, evaluate.",
+               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("presets", help="list the training presets with a one-line description")
+    s.set_defaults(func=cmd_presets)
+    s = sub.add_parser("models", help="list the models shipped with cmkit")
+    s.set_defaults(func=cmd_models)
+
+    _add_data_commands(sub)
     _add_train(sub, "train", None, None, "train a model from a preset (any kind), with key=value overrides")
     _add_train(sub, "train-autoencoder", "autoencoder", "fmnist-ae",
                "train a KL autoencoder (= cmkit train with an autoencoder preset)")
