@@ -396,8 +396,7 @@ class RunDir:
             return None
         present = [n for n in (CONFIG_FILE, self.log.name, "model/", "checkpoint/", "samples/")
                    if (self.root / n.rstrip("/")).exists()]
-        if not present or (present == [CONFIG_FILE] or present == [CONFIG_FILE, self.log.name]) \
-                and not self.read_log():
+        if set(present) <= {CONFIG_FILE, self.log.name} and not self.read_log():  # nothing trained yet
             return None
         if self.checkpoint.exists() and not self.checkpoint.is_dir():
             return f"{self.checkpoint} is a file, where a run keeps its checkpoint directory"

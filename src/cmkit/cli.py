@@ -55,9 +55,9 @@ def cmd_images(args: argparse.Namespace) -> int:
     versions) and .npz sets, without writing any Python."""
     import torch
 
-    from .cli_options import IMAGE_SUFFIXES, check_int, check_output
+    from .cli_options import IMAGE_SUFFIXES, check_int, check_numbered_outputs, check_output
     from .datasets import DATASETS, SPLIT_DATASETS, load_dataset
-    from .utils import from_uint8, numbered_paths, save_image, save_npz
+    from .utils import from_uint8, save_images, save_npz
 
     if args.data not in DATASETS:
         raise CmkitError(f"unknown data set {args.data!r}; expected one of {', '.join(DATASETS)}")
@@ -86,11 +86,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         save_npz(x, out, labels)
         print(f"wrote {out} ({len(x)} images, {x.shape[-1]}×{x.shape[-2]}, uint8 NHWC)")
         return 0
-    files = numbered_paths(out, len(x))
-    for f in files[1:]:
-        check_output(str(f), "-o", args.overwrite, suffixes=IMAGE_SUFFIXES)
-    for image, f in zip(x, files):
-        save_image(image, f)
+    check_numbered_outputs(out, len(x), args.overwrite)
+    files = save_images(x, out)
     print(f"wrote {files[0]}" + (f" … {files[-1].name}" if len(files) > 1 else "")
           + f" ({len(x)} image{'s' if len(x) > 1 else ''}, {x.shape[-1]}×{x.shape[-2]})")
     return 0

@@ -265,6 +265,14 @@ def check_output(path: str | None, flag: str, overwrite: bool, *, required: bool
     return p
 
 
+def check_numbered_outputs(out: str | Path, n: int, overwrite: bool, flag: str = "-o") -> None:
+    """``check_output`` for each file that ``n`` images written to ``out`` will take (``utils.numbered_paths``)."""
+    from .utils import numbered_paths
+
+    for path in numbered_paths(out, n):
+        check_output(str(path), flag, overwrite, required=True, suffixes=IMAGE_SUFFIXES)
+
+
 def check_distinct_outputs(*outputs: tuple[str, Path | None]) -> None:
     """Refuse two outputs (flag, path) of one command that name the same file (``-o x.png --panel x.png``)."""
     seen: dict[Path, str] = {}

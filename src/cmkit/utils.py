@@ -216,21 +216,21 @@ def numbered_paths(out: str | Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
-def save_image(x: Tensor, path: str | Path) -> Path:
-    """Save one image (C, H, W) in [-1, 1] as a PNG at its own size: 1 channel as greyscale, 3 as RGB (what
-    ``read_image`` reads back exactly, so an output can be the next command's input)."""
+def save_images(x: Tensor, out: str | Path) -> list[Path]:
+    """Save images (B, C, H, W) in [-1, 1] as PNGs at their own size, to ``numbered_paths(out, B)``: 1 channel
+    as greyscale, 3 as RGB (what ``read_image`` reads back exactly, so an output can be the next input)."""
     from PIL import Image
 
-    a = to_uint8(x[None])[0]
-    path = Path(path)
+    paths = numbered_paths(out, len(x))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for a, path in zip(to_uint8(x), paths):
+            Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
     except ValueError as e:
-        raise CmkitError(f"cannot write {path}: {e}; use a .png file name") from None
+        raise CmkitError(f"cannot write {out}: {e}; use a .png file name") from None
     except OSError as e:
-        raise CmkitError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
+        raise CmkitError(f"cannot write {out}: {e.strerror or e}") from None
+    return paths
 
 
 def save_npz(x: Tensor | np.ndarray, path: str | Path, labels: Tensor | None = None) -> Path:

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from ..cli_options import (add_device_option, add_output_option, add_threads_option, apply_threads, check_device,
-                           check_int, check_output, check_seed, check_threads)
+                           check_int, check_numbered_outputs, check_output, check_seed, check_threads)
 from ..errors import CmkitError
 from .config import DecoderConfig
 from .decoder import ConsistencyDecoder
-from ..utils import numbered_paths
 from .files import read_latents, write_images
 from .latents import check_latents, looks_scaled
 from .schedule import steps_to_schedule
@@ -94,8 +93,8 @@ def run_decode(args: argparse.Namespace) -> int:
     latents = read_latents(args.latents)
     if latents.ndim != 4:
         check_latents(latents, DecoderConfig())  # fail fast (3-D input), before loading 2.5 GB of weights
-    for path in numbered_paths(args.out, 1 if args.grid else latents.shape[0]):  # a batch: OUT_0.png, OUT_1.png, ...
-        check_output(str(path), "-o", getattr(args, "overwrite", False), required=True)
+    # a batch: OUT_0.png, OUT_1.png, ...
+    check_numbered_outputs(args.out, 1 if args.grid else latents.shape[0], getattr(args, "overwrite", False))
     decoder = ConsistencyDecoder.from_pretrained(args.weights, device=device, dtype=DTYPES[args.dtype],
                                                  channels_last=not args.no_channels_last, verify=not args.no_verify)
     check_latents(latents, decoder.config)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CmkitError
-from ..utils import numbered_paths, save_grid, to_uint8
+from ..utils import save_grid, save_images
 
 LATENT_KEYS = ("latents", "latent", "z", "sample")
 LATENT_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
@@ -57,19 +57,9 @@ def read_latents(path: str | Path) -> Tensor:
 
 def write_images(images: Tensor, out: str | Path, grid: bool = False) -> list[Path]:
     """Images in [−1, 1] → PNG: ``out`` itself for one image (or a grid), else ``out_0.png``, ``out_1.png`` …"""
-    from PIL import Image
-
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise CmkitError(f"{out}: the output must be a .png file")
     if grid and images.shape[0] > 1:
         return [save_grid(images, out, scale=1)]
-    arrays = to_uint8(images)
-    paths = numbered_paths(out, len(arrays))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for arr, p in zip(arrays, paths):
-            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(p)  # grey decoders: (H, W)
-    except OSError as e:
-        raise CmkitError(f"cannot write {out}: {e.strerror or e}") from None
-    return paths
+    return save_images(images, out)

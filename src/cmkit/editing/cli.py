@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..cli_options import (IMAGE_SUFFIXES, MAX_STEPS, add_class_option, add_device_option, add_output_option,
                            add_sampling_options, add_threads_option, apply_threads, check_device,
-                           check_distinct_outputs, check_float, check_int, check_model_arg, check_output, check_seed,
+                           check_distinct_outputs, check_numbered_outputs, check_float, check_int, check_model_arg, check_output, check_seed,
                            check_threads, class_labels, parse_sigmas)
 from ..errors import CmkitError
 from .tasks import STROKE_SIGMA
@@ -174,9 +174,6 @@ def _cond(args: argparse.Namespace, n: int) -> dict[str, Tensor]:
     if not args.num_classes:
         return {}
     labels = class_labels(args.classes, args.num_classes, n)
-    if labels is not None:
-        args.labels = labels
-        return {"class_labels": labels.to(args.device)}
     if labels is None:
         labels = torch.randint(args.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
         print(f"class-conditional model: random class labels {labels.tolist()} (choose them with --class)")
@@ -265,15 +262,12 @@ HANDLERS: dict[str, Handler] = {"inpaint": _inpaint, "colorize": _colorize, "sup
 def write_outputs(args: argparse.Namespace, out: Tensor, panel: list[Tensor], labels: Tensor | None) -> None:
     """-o (the images at the model's size, numbered when several), --npz, --grid and --panel. Every file is
     checked before the first is written, so nothing is half-written or replaced without --overwrite."""
-    from ..utils import numbered_paths, save_grid, save_image, save_npz
+    from ..utils import save_grid, save_images, save_npz
 
-    files = numbered_paths(args.out, len(out)) if args.out else []
-    if len(files) > 1:
-        for f in files:
-            check_output(str(f), "-o", args.overwrite, suffixes=IMAGE_SUFFIXES)
-    for x, f in zip(out, files):
-        save_image(x, f)
-    if files:
+    files = []
+    if args.out:
+        check_numbered_outputs(args.out, len(out), args.overwrite)
+        files = save_images(out, args.out)
         print(f"wrote {files[0]}" + (f" … {files[-1].name} ({len(files)} images, {out.shape[-1]}×{out.shape[-2]})"
                                      if len(files) > 1 else f" ({out.shape[-1]}×{out.shape[-2]})"))
     if args.npz:
