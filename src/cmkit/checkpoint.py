@@ -158,6 +158,29 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise CmkitError(f"cannot read {file}: corrupt or not a safetensors file ({e})") from None
 
 
+def read_torch_state_dict(path: str | Path, what: str, hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save``d state dict (``.pt``/``.pth``/``.bin``; a ``{"state_dict": ...}`` wrapper
+    is opened), read with ``weights_only=True``: no code from the file runs. A missing or unreadable file, a
+    pickle that needs code, or anything but a dict of tensors is one ``CmkitError`` line."""
+    import pickle
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CmkitError(f"{what} not found: {p}" + (f" ({hint})" if hint else ""))
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CmkitError(f"cannot read {what} {p}: it needs full unpickling, which could run code; refused "
+                         f"({' '.join(str(e).split())[:160]})") from None
+    except Exception as e:  # a truncated zip, a file that is not torch's, ...
+        raise CmkitError(f"cannot read {what} {p}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CmkitError(f"{what} {p} is not a state dict of tensors")
+    return dict(sd)
+
+
 def load_weights(model: nn.Module, file: Path) -> None:
     """Load safetensors weights strictly, with one clear error for corrupt or mismatched files."""
     load_state(model, read_safetensors(file), str(file), "the model in config.json")

@@ -53,7 +53,7 @@ class LPIPS(nn.Module):
     def from_file(cls, path: str | Path | None) -> "LPIPS":
         """The network from ``cmkit convert-lpips``'s safetensors file (or a plain tensor ``.pth`` of the same
         keys). A missing, unreadable, mismatched or non-finite file is one ``CmkitError`` line."""
-        from .checkpoint import load_state, read_safetensors
+        from .checkpoint import load_state, read_safetensors, read_torch_state_dict
 
         hint = ("set loss.lpips_weights=PATH; make the file from the official ones with `cmkit convert-lpips "
                 "--lpips vgg.pth --vgg vgg16-397923af.pth`")
@@ -63,12 +63,7 @@ class LPIPS(nn.Module):
         if p.suffix == ".safetensors":
             sd = read_safetensors(p)
         else:
-            try:
-                sd = torch.load(p, map_location="cpu", weights_only=True)
-            except Exception as e:  # the safe reader refuses code; a truncated or foreign file
-                raise CmkitError(f"cannot read LPIPS weights {p}: {type(e).__name__} ({hint})") from None
-            if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-                raise CmkitError(f"LPIPS weights {p} are not a state dict of tensors ({hint})")
+            sd = read_torch_state_dict(p, "LPIPS weights")
         model = cls()
         mapped = {k.replace("lin", "lins.", 1) if k.startswith("lin") else k: v for k, v in sd.items()}
         load_state(model, mapped, f"LPIPS weights {p}", "VGG16-LPIPS (13 convolutions, 5 heads)")

@@ -95,29 +95,14 @@ def prepare_cifar10(archive: str | Path, out: str | Path, split: str = "train") 
     return len(x), out
 
 
-def _state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CmkitError(f"{what} not found: {p}")
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # the safe reader refuses code, a truncated zip, a non-torch file...
-        raise CmkitError(f"cannot read {what} {p}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CmkitError(f"{what} {p} is not a state dict of tensors")
-    return sd
-
-
 def convert_lpips(lpips_pth: str | Path, vgg_pth: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of ``cmkit.lpips.LPIPS`` from the official files: ``features.*`` from torchvision's VGG16
     (its classifier is dropped) and ``lin{k}.weight`` from the lpips heads (``lin{k}.model.1.weight``, or
     ``.model.0.`` when saved without dropout). Shapes and finiteness are checked by loading into ``LPIPS``."""
-    from .checkpoint import load_state
+    from .checkpoint import load_state, read_torch_state_dict
     from .lpips import LPIPS
 
-    heads, vgg = _state_dict(lpips_pth, "LPIPS heads"), _state_dict(vgg_pth, "VGG16 weights")
+    heads, vgg = read_torch_state_dict(lpips_pth, "LPIPS heads"), read_torch_state_dict(vgg_pth, "VGG16 weights")
     sd = {k: v for k, v in vgg.items() if k.startswith("features.")}
     for k in range(5):
         found = [v for name, v in heads.items() if name in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight",

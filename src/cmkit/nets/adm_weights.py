@@ -13,7 +13,6 @@ The state dicts here are the network's own (no ``net.`` prefix of ``cmkit.precon
 """
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,9 @@ CHANNEL_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 
 def read_openai_pt(path: str | Path) -> dict[str, Tensor]:
     """The state dict of a released ``.pt``/``.bin``, read without running any code from the file."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CmkitError(f"checkpoint not found: {p} (expected a consistency_models .pt state dict)")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CmkitError(f"{p} needs full unpickling, which could run code; refused "
-                         f"({' '.join(str(e).split())[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CmkitError(f"{p} is not a readable torch state dict ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CmkitError(f"{p} does not hold a plain state dict of tensors")
-    return dict(state)
+    from ..checkpoint import read_torch_state_dict
+
+    return read_torch_state_dict(path, "checkpoint", "expected a consistency_models .pt state dict")
 
 
 def _blocks(state: dict[str, Tensor], prefix: str) -> int:
