@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 from editing import BF16, psnr  # benchmarks/editing.py, beside this script
 
-from cmkit.checkpoint import load_model
+from cmkit.load import load_model
 from cmkit.datasets import load_dataset
-from cmkit.editing import ColorBasis, colorize, default_edit_sigmas, to_gray3
-from cmkit.utils import cpu_name, save_grid
+from cmkit.editing.transforms import ColorBasis
+from cmkit.editing.tasks import colorize, to_gray3
+from cmkit.editing.editor import default_edit_sigmas
+from cmkit.distributed import cpu_name
+from cmkit.imageio import save_grid
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -67,7 +67,8 @@ class PeakRSS:
 def build_cmkit(spec: dict):
     import torch
 
-    from cmkit.decoder import ConsistencyDecoder, DecoderConfig
+    from cmkit.decoder.decoder import ConsistencyDecoder
+    from cmkit.decoder.config import DecoderConfig
     from cmkit.decoder.testing import randomize_
 
     dec = ConsistencyDecoder(DecoderConfig(block_out_channels=tuple(spec["widths"])))
@@ -87,7 +88,8 @@ def build_diffusers(spec: dict):
     from diffusers import ConsistencyDecoderVAE
     from diffusers.schedulers import ConsistencyDecoderScheduler
 
-    from cmkit.decoder import DecoderConfig, DecoderUNet
+    from cmkit.decoder.config import DecoderConfig
+    from cmkit.decoder.unet import DecoderUNet
     from cmkit.decoder.testing import randomize_
 
     with torch.device("meta"):
@@ -198,7 +200,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
 def summarize(results: list[dict], args: argparse.Namespace) -> str:
     import torch
 
-    from cmkit.utils import cpu_name
+    from cmkit.distributed import cpu_name
 
     try:
         import diffusers

@@ -26,15 +26,18 @@ from pathlib import Path
 
 import torch
 
-from cmkit.checkpoint import load_model
+from cmkit.load import load_model
 from cmkit.generate import generate, multistep_sigmas
-from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extractor, load_reference
+from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
+from cmkit.metrics.evaluate import get_extractor
+from cmkit.metrics.reference import load_reference
 from cmkit.metrics.evaluate import evaluate, real_floor
 from cmkit.metrics.schedule_search import search_sigma_mid
 from cmkit.sampling import nfe
 from cmkit.schedules import training_grid
-from cmkit.utils import cpu_name, save_grid, to_uint8
-from cmkit.zoo import shipped_model_dir
+from cmkit.distributed import cpu_name
+from cmkit.imageio import save_grid, to_uint8
+from cmkit.formats.zoo import shipped_model_dir
 
 RESULTS = Path(__file__).parent / "results"
 TEACHER = "fmnist-edm"

@@ -3,7 +3,7 @@
 For each checkpoint family (ImageNet-64; LSUN-256, bedroom and cat) the manifest records, as facts the tests
 check ``cmkit.nets.adm.ADMUNet`` against: the released files, the network configuration, the parameter and
 tensor counts, the ordered (key, shape) list of the openai ``.pt`` state dict, and the same tensors under the
-diffusers ``UNet2DModel`` names of the ``openai/diffusers-*`` copies (mapped by ``cmkit.nets.adm_weights``,
+diffusers ``UNet2DModel`` names of the ``openai/diffusers-*`` copies (mapped by ``cmkit.formats.adm_weights``,
 listed in ``UNet2DModel``'s own state-dict order, which needs diffusers installed). Everything is built on the
 meta device: no memory, no download.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cmkit.nets.adm import ADMUNet
-from cmkit.nets.adm_weights import diffusers_unet_config, openai_to_diffusers
+from cmkit.formats.adm_weights import diffusers_unet_config, openai_to_diffusers
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "cmkit" / "nets" / "manifests"
 

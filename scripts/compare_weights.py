@@ -12,11 +12,14 @@ import argparse
 
 import torch
 
-from cmkit.checkpoint import RunDir, load_weights
-from cmkit.config import Config
+from cmkit.formats.run_dir import RunDir
+from cmkit.files import load_weights
+from cmkit.denoiser_config import Config
 from cmkit.generate import default_sampler, generate
-from cmkit.metrics import feature_statistics, frechet_distance_stats, get_extractor, load_reference
-from cmkit.utils import to_uint8
+from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
+from cmkit.metrics.evaluate import get_extractor
+from cmkit.metrics.reference import load_reference
+from cmkit.imageio import to_uint8
 
 
 def main() -> None:

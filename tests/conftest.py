@@ -23,7 +23,7 @@ TINY = ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1
 
 
 def tiny_config(preset: str, out_dir, *overrides: str):
-    from cmkit.presets import get_config
+    from cmkit.training.presets import get_config
 
     return get_config(preset, TINY + [f"train.out_dir={out_dir}", f"train.seed={SEED}", *overrides])
 
@@ -61,7 +61,7 @@ def bound(request):
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
     """A tiny digits EDM teacher trained for 60 steps (shared by CD/ECT tests)."""
-    from cmkit.train import train
+    from cmkit.training.loop import train
 
     out = tmp_path_factory.mktemp("teacher")
     train(tiny_config("digits-edm", out, "train.steps=60"), progress=False)

@@ -5,8 +5,8 @@ import sys
 import torch
 
 from cmkit import distributed as dist
-from cmkit.loop import Loop
-from cmkit.presets import get_config
+from cmkit.training.loop import Loop
+from cmkit.training.presets import get_config
 
 preset, out, *overrides = sys.argv[1:]
 cfg = get_config(preset, ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmkit.nets.adm import ADMUNet
-from cmkit.presets import get_config
+from cmkit.training.presets import get_config
 
 from conftest import check_boundary_and_bf16
 
@@ -43,7 +43,7 @@ def test_released_configurations_have_the_reference_sizes(name):
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_the_shape_of_a_released_state_dict_is_read_from_its_keys(name):
-    from cmkit.nets.adm_weights import adm_config_from_state, diffusers_to_openai, openai_to_diffusers
+    from cmkit.formats.adm_weights import adm_config_from_state, diffusers_to_openai, openai_to_diffusers
 
     kwargs, _, tensors = RELEASED[name]
     with torch.device("meta"):
@@ -138,9 +138,9 @@ def hub_like_unet(scale_shift: bool, classes: int | None):
 
 @pytest.mark.parametrize("scale_shift,classes", [(True, 10), (False, None)])
 def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_path):
-    from cmkit.cli import main
-    from cmkit.checkpoint import load_model
-    from cmkit.nets.adm_weights import diffusers_to_openai, openai_to_diffusers
+    from cmkit.cli.main import main
+    from cmkit.load import load_model
+    from cmkit.formats.adm_weights import diffusers_to_openai, openai_to_diffusers
 
     torch.manual_seed(0)
     d = hub_like_unet(scale_shift, classes)
@@ -181,7 +181,7 @@ def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_
 
 
 def test_released_file_errors_are_one_line(tmp_path, capsys):
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     class Evil:  # a pickle that would need full unpickling (it could run code)
         def __reduce__(self):
@@ -204,8 +204,8 @@ def test_released_file_errors_are_one_line(tmp_path, capsys):
 def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(tmp_path, capsys):
     import numpy as np
 
-    from cmkit.checkpoint import save_model_dir
-    from cmkit.cli import main
+    from cmkit.formats.model_dir import save_model_dir
+    from cmkit.cli.main import main
 
     cfg = get_config("digits-ict", ["model.arch=adm", "model.model_channels=32", "model.channel_mult=1,2",
                                     "model.attn_resolutions=4", "model.head_channels=16", "model.num_classes=10"])
@@ -235,8 +235,8 @@ def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(t
 
 
 def test_a_released_model_samples_two_steps_on_its_published_sigma(tmp_path):
-    from cmkit.cli import main
-    from cmkit.checkpoint import load_model
+    from cmkit.cli.main import main
+    from cmkit.load import load_model
     from cmkit.generate import multistep_sigmas
     from cmkit.schedules import karras_sigmas, training_grid
 
@@ -250,8 +250,8 @@ def test_a_released_model_samples_two_steps_on_its_published_sigma(tmp_path):
 
 
 def test_a_cmkit_adm_model_opens_in_diffusers_consistency_model_pipeline(tmp_path):
-    from cmkit.cli import main
-    from cmkit.checkpoint import load_model
+    from cmkit.cli.main import main
+    from cmkit.load import load_model
 
     torch.manual_seed(0)
     net = ADMUNet(**TINY, num_classes=4)

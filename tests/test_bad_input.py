@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmkit.cli import main
+from cmkit.cli.main import main
 
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures: tiny files, made once
@@ -295,7 +295,7 @@ def test_device_cuda_without_cuda(files, tmp_path, capsys):
 def test_sixteen_bit_png_is_scaled_not_clipped(files):
     from PIL import Image
 
-    from cmkit.utils import read_image
+    from cmkit.imageio import read_image
 
     raw = np.asarray(Image.open(files["i16.png"])).astype(np.float64)
     grey = read_image(files["i16.png"], "L")
@@ -318,12 +318,12 @@ def test_good_inputs_still_work(files, tmp_path, capsys, one_thread):
 
 
 def test_unwritable_output_directory_is_refused_before_work(files, tmp_path, monkeypatch, capsys, network_guard):
-    import cmkit.cli_options
+    import cmkit.inputs
 
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = cmkit.cli_options.os.access
-    monkeypatch.setattr(cmkit.cli_options.os, "access", lambda p, mode: False if str(p) == str(locked)
+    real_access = cmkit.inputs.os.access
+    monkeypatch.setattr(cmkit.inputs.os, "access", lambda p, mode: False if str(p) == str(locked)
                         else real_access(p, mode))  # root may write anywhere: simulate a read-only folder
     for argv in (["sample", "--model", "fmnist-cd", "-n", "1", "-o", str(locked / "new" / "s.png")],
                  ["edit", "denoise", "--model", "fmnist-cd", "--input", str(files["ok.png"]), "-o",
@@ -348,12 +348,12 @@ def test_syntax_errors_are_one_line(capsys):
 
 
 def test_unexpected_errors_are_one_line_and_debug_reraises(monkeypatch, capsys):
-    import cmkit.cli
+    import cmkit.cli.main
 
     def broken(args):
         raise RuntimeError("something\nwent wrong")
 
-    monkeypatch.setattr(cmkit.cli, "cmd_presets", broken)
+    monkeypatch.setattr(cmkit.cli.main, "cmd_presets", broken)
     assert main(["presets"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == ["cmkit: error: RuntimeError: something went wrong "
@@ -364,12 +364,12 @@ def test_unexpected_errors_are_one_line_and_debug_reraises(monkeypatch, capsys):
 
 
 def test_interrupt_and_broken_pipe_are_kept(monkeypatch, capsys):
-    import cmkit.cli
+    import cmkit.cli.main
 
     for exc, code in ((KeyboardInterrupt, 130), (BrokenPipeError, 0)):
         def raising(args, exc=exc):
             raise exc()
 
-        monkeypatch.setattr(cmkit.cli, "cmd_presets", raising)
+        monkeypatch.setattr(cmkit.cli.main, "cmd_presets", raising)
         assert main(["presets"]) == code
     assert capsys.readouterr().err.strip() == "cmkit: interrupted"

@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from cmkit.cli import main
-from cmkit.presets import PRESETS
+from cmkit.cli.main import main
+from cmkit.training.presets import PRESETS
 
 from conftest import TINY
 
@@ -21,8 +21,8 @@ def test_presets_listing(capsys):
 @pytest.fixture(scope="module")
 def autoencoders(tmp_path_factory):
     """Untrained autoencoders shaped like the autoencoder presets: a decoder preset's dry run reads their config."""
-    from cmkit.autoencoder import AutoencoderConfig, KLAutoencoder
-    from cmkit.presets import get_config
+    from cmkit.nets.autoencoder import AutoencoderConfig, KLAutoencoder
+    from cmkit.training.presets import get_config
 
     root = tmp_path_factory.mktemp("ae")
     for name in [n for n, p in PRESETS.items() if p.kind == "autoencoder"]:
@@ -35,7 +35,7 @@ def autoencoders(tmp_path_factory):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_dry_runs_and_builds_model_loss_optimizer(preset, capsys, autoencoders):
     extra = [f"model.autoencoder={autoencoders / preset.replace('-cdec', '-ae')}"] if preset.endswith("-cdec") else []
-    from cmkit.presets import get_config, missing_inputs
+    from cmkit.training.presets import get_config, missing_inputs
 
     missing = missing_inputs(get_config(preset, extra))  # a teacher run, data or LPIPS file not made here
     assert main(["train", "--preset", preset, "--dry-run", *extra]) == (2 if missing else 0)
@@ -80,14 +80,14 @@ def test_config_errors_are_one_line_before_any_data_is_loaded(override, msg, cap
 
 
 def test_method_options_reach_the_loss():
-    from cmkit.presets import get_config
+    from cmkit.training.presets import get_config
 
     cfg = get_config("digits-cd", ["model.sigma_data=0.3", "loss.weighting=karras", "loss.num_scales=7"])
     loss = cfg.loss.build(cfg.model, cfg.train.steps)
     assert loss.sigma_data == 0.3 and len(loss.sigmas) == 7 and loss.weighting == "karras"
     ect = get_config("digits-ect", ["model.sigma_data=0.3", "loss.weighting=snrpk"])
     t = __import__("torch").tensor([0.5, 2.0])
-    from cmkit.losses import weighting
+    from cmkit.losses.base import weighting
 
     assert ect.loss.build(ect.model, 10).sigma_data == 0.3
     assert __import__("torch").allclose(weighting("karras", t, 0.3), 1 / t**2 + 1 / 0.3**2)

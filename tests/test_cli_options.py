@@ -1,4 +1,4 @@
-"""The options shared by the commands (cmkit.cli_options) and the consistency of the CLI's spelling."""
+"""The options shared by the commands (cmkit.cli.options) and the consistency of the CLI's spelling."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,8 @@ import argparse
 import pytest
 import torch
 
-from cmkit.cli import build_parser, main
-from cmkit.cli_options import apply_threads, parse_sigmas
+from cmkit.cli.main import build_parser, main
+from cmkit.inputs import apply_threads, parse_sigmas
 from cmkit.errors import CmkitError
 
 EDIT_TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
@@ -107,7 +107,7 @@ def test_edit_help_lists_the_tasks(capsys):
         main(["edit", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    from cmkit.editing.cli import TASK_HELP
+    from cmkit.cli.edit import TASK_HELP
 
     listing = " ".join(out.split())  # argparse wraps the one-line descriptions
     assert all(f"{t} {TASK_HELP[t]}" in listing for t in EDIT_TASKS), out

@@ -7,9 +7,12 @@ import torch
 from torch import nn
 
 from cmkit.jvp import directional_derivative
-from cmkit.losses import MeanFlowLoss, SCDLoss, SCTLoss, TCMLoss
+from cmkit.losses.meanflow import MeanFlowLoss
+from cmkit.losses.scm import SCDLoss, SCTLoss
+from cmkit.losses.tcm import TCMLoss
 from cmkit.losses.tcm import truncated_log_sigma
-from cmkit.nets import MLPNet, UNet
+from cmkit.nets.mlp import MLPNet
+from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
 from cmkit.schedules import karras_sigmas
 from cmkit.toy import GaussianMixture
@@ -307,7 +310,7 @@ def test_tcm_times_and_boundary_rows():
 
 @pytest.fixture(scope="module")
 def ect_dir(tmp_path_factory, teacher_dir):
-    from cmkit.train import train
+    from cmkit.training.loop import train
 
     out = tmp_path_factory.mktemp("ect")
     train(tiny_config("digits-ect", out, "train.steps=30", f"train.init_from={teacher_dir}"), progress=False)
@@ -324,9 +327,9 @@ def test_new_methods_train_on_digits_and_sample(preset, tmp_path, teacher_dir, e
     steps / the first quarter, bound < 1): sCT 0.890–0.927 (150 steps), sCD 0.733–0.843, MeanFlow 0.466–0.533,
     TCM 0.100–0.153 (60 steps). With the presets' 1000·ln(σ)/4 time input, sCT and sCD from scratch failed the
     bound in 2 and 4 of 10 runs (0.96–1.06, 0.93–1.08)."""
-    from cmkit.checkpoint import load_model
+    from cmkit.load import load_model
     from cmkit.sampling import sample_multistep
-    from cmkit.train import train
+    from cmkit.training.loop import train
 
     # sCT and sCD from scratch take sCM's time input (c_noise = t, sinusoids of scale 1): with the presets'
     # 1000·ln(σ)/4 sinusoids, meant for tuning an EDM network, ‖g‖ fell in only 6 of 10 seeded runs
@@ -396,14 +399,14 @@ def test_flowmap_sampler_is_deterministic_jumps_of_the_two_time_model():
 def test_positional_scale_embeds_scale_times_c_noise():
     """sCM's stable time input: the positional embedding of 1·t is ADM's embedding (1000·c) of c = t/1000, so
     model.positional_scale changes the frequency of the time features and nothing else."""
-    from cmkit.config import ModelConfig
+    from cmkit.denoiser_config import ModelConfig
 
     kw = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1)
     adm, scm = _random_net(UNet(**kw)).eval(), UNet(positional_scale=1.0, **kw).double().eval()
     scm.load_state_dict(adm.state_dict())
     x, t = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0.01, 0.7, 1.5], dtype=torch.float64)
     torch.testing.assert_close(scm(x, t), adm(x, t / 1000), rtol=1e-9, atol=1e-9)
-    from cmkit.presets import get_config
+    from cmkit.training.presets import get_config
 
     cfg = get_config("fmnist-scd", [])
     assert cfg.model.positional_scale == 1.0 and cfg.model.time_input == "t"
@@ -416,11 +419,11 @@ def test_trigflow_diffusion_teacher_samples_with_heun_and_teaches_scd(tmp_path, 
     """sCM's teacher: a TrigFlow network (c_noise = t, positional scale 1) trained with the EDM loss is a diffusion
     model — Heun by default, one-step sampling refused — and sCD accepts it as its teacher; the student starts as
     exactly the teacher's denoiser (f_θ = D at every σ)."""
-    from cmkit.checkpoint import load_model
+    from cmkit.load import load_model
     from cmkit.errors import CmkitError
     from cmkit.generate import resolve_sampler
-    from cmkit.nets.released import init_from
-    from cmkit.train import train
+    from cmkit.load import init_from
+    from cmkit.training.loop import train
 
     scm_time = ["model.precond=trigflow", "model.time_input=t", "model.positional_scale=1"]
     teacher = tmp_path / "teacher"

@@ -57,7 +57,7 @@ def test_the_blocker_hides_the_optional_packages(core_env, tmp_path):
             f"for name in {OPTIONAL + ('scipy.linalg', 'diffusers.models')!r}:\n"
             "    try:\n        importlib.import_module(name)\n    except ModuleNotFoundError:\n        continue\n"
             "    raise SystemExit(f'{name} imported')\n"
-            "import cmkit, cmkit.metrics, cmkit.metrics.cli, cmkit.editing.cli, cmkit.decoder.cli\n"
+            "import cmkit, cmkit.metrics, cmkit.cli.eval, cmkit.cli.edit, cmkit.cli.decoder, cmkit.cli.serve\n"
             "import cmkit.decoder.interop, cmkit.lpips, cmkit.distances\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=core_env, capture_output=True, text=True,
                        timeout=300)

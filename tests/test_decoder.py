@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from cmkit.decoder import ConsistencyDecoder, DecoderConfig, DecoderSchedule, DecoderUNet, steps_to_schedule
+from cmkit.decoder.decoder import ConsistencyDecoder
+from cmkit.decoder.config import DecoderConfig
+from cmkit.decoder.schedule import DecoderSchedule, steps_to_schedule
+from cmkit.decoder.unet import DecoderUNet
 from cmkit.decoder.latents import looks_scaled, normalize_latents
 from cmkit.decoder.testing import random_decoder, raw_latents
 from cmkit.errors import CmkitError

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cmkit.decoder import DecoderConfig, load_weights
-from cmkit.decoder.cli import add_cli
+from cmkit.decoder.config import DecoderConfig
+from cmkit.decoder.weights import load_weights
+from cmkit.cli.decoder import add_cli
 from cmkit.decoder.testing import random_decoder, raw_latents, write_openai_torchscript
 from cmkit.errors import CmkitError
 

@@ -7,11 +7,14 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from cmkit.decoder import ConsistencyDecoder, DecoderConfig, DecoderUNet, load_weights  # noqa: E402
-from cmkit.decoder.interop import DiffusersDecoderAdapter, from_diffusers  # noqa: E402
-from cmkit.decoder.keys import check_keys  # noqa: E402
-from cmkit.decoder.testing import randomize_, raw_latents  # noqa: E402
-from cmkit.decoder.weights import expected_shapes, to_cmkit_names  # noqa: E402
+from cmkit.decoder.decoder import ConsistencyDecoder
+from cmkit.decoder.config import DecoderConfig
+from cmkit.decoder.unet import DecoderUNet
+from cmkit.decoder.weights import load_weights
+from cmkit.decoder.interop import DiffusersDecoderAdapter, from_diffusers
+from cmkit.decoder.keys import check_keys
+from cmkit.decoder.testing import randomize_, raw_latents
+from cmkit.decoder.weights import expected_shapes, to_cmkit_names
 
 TINY = DecoderConfig.tiny()
 

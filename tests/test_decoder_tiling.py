@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmkit.decoder import DecoderConfig
+from cmkit.decoder.config import DecoderConfig
 from cmkit.decoder.latents import normalize_latents
 from cmkit.decoder.sampler import sample
 from cmkit.decoder.schedule import DecoderSchedule

@@ -10,18 +10,19 @@ import json
 import pytest
 import torch
 
-from cmkit.autoencoder import AutoencoderConfig, KLAutoencoder, kl_divergence
-from cmkit.cli import main
-from cmkit.decoder import ConsistencyDecoder, DecoderConfig
-from cmkit.decoder.cli import resolve_scaled
-from cmkit.decoder.consistency import (DecoderConsistencyLoss, consistency_function, gap_at, grid_timesteps,
-                                       noisy)
+from cmkit.nets.autoencoder import AutoencoderConfig, KLAutoencoder, kl_divergence
+from cmkit.cli.main import main
+from cmkit.decoder.decoder import ConsistencyDecoder
+from cmkit.decoder.config import DecoderConfig
+from cmkit.decoder.latents import resolve_scaled
+from cmkit.decoder.consistency import DecoderConsistencyLoss, consistency_function, gap_at, grid_timesteps, noisy
 from cmkit.decoder.latents import normalize_latents, upsample_latents
 from cmkit.decoder.sampler import x0_estimate
-from cmkit.decoder.train import DecoderTask, crop_images, init_decoder_unet, latent_statistics, pad_images
+from cmkit.training.decoder import DecoderTask, crop_images, init_decoder_unet, latent_statistics, pad_images
 from cmkit.errors import CmkitError
-from cmkit.loop import Context, train
-from cmkit.presets import get_config
+from cmkit.training.task import Context
+from cmkit.training.loop import train
+from cmkit.training.presets import get_config
 
 TINY_DEC = DecoderConfig(block_out_channels=(8, 16), layers_per_block=1, in_channels=3, out_channels=1,
                          norm_num_groups=4, latent_channels=2, upscale=2, scaling_factor=1.0,
@@ -191,7 +192,7 @@ def test_trained_decoder_loads_into_consistency_decoder_and_decodes(runs):
         assert images.shape == (5, 1, 8, 8) and images.abs().max() <= 1
     # the saved decoder is the run's EMA network, bit for bit
     task = DecoderTask(get_config("digits-cdec", [f"autoencoder={runs / 'ae'}", "steps=12"]), Context(torch.device("cpu")))
-    from cmkit.checkpoint import load_weights
+    from cmkit.files import load_weights
 
     load_weights(task.model, runs / "cdec" / "checkpoint" / "ema_0.999.safetensors")
     assert task.config == c  # same latent statistics recomputed from the same autoencoder and data
@@ -318,7 +319,7 @@ def test_cli_encode_then_decode_round_trip(runs, tmp_path, capsys):
     in each latent format; a wrong-size image and a decoder with other latent channels are one line each."""
     import numpy as np
 
-    from cmkit.utils import save_npz
+    from cmkit.imageio import save_npz
 
     x = digits_batch(3)
     save_npz(x, tmp_path / "x.npz")

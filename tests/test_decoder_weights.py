@@ -10,12 +10,14 @@ import warnings
 import pytest
 import torch
 
-from cmkit.decoder import ConsistencyDecoder, DecoderConfig, DecoderUNet, convert_decoder, load_weights
+from cmkit.decoder.decoder import ConsistencyDecoder
+from cmkit.decoder.config import DecoderConfig
+from cmkit.decoder.unet import DecoderUNet
+from cmkit.decoder.weights import convert_decoder, load_weights
 from cmkit.decoder.keys import cmkit_to_openai, openai_to_cmkit
-from cmkit.decoder.testing import (
-    openai_module, random_decoder, raw_latents, write_diffusers_checkpoint, write_openai_torchscript,
-)
-from cmkit.decoder.torchscript import OPENAI_DECODER_SHA256, read_torch_zip, sha256_of
+from cmkit.decoder.testing import (openai_module, random_decoder, raw_latents, write_diffusers_checkpoint,
+    write_openai_torchscript)
+from cmkit.formats.torchscript import OPENAI_DECODER_SHA256, read_torch_zip, sha256_of
 from cmkit.errors import CmkitError
 
 TINY = DecoderConfig.tiny()
@@ -268,7 +270,7 @@ def test_crafted_archives_are_refused_before_anything_large_is_read(tmp_path, mo
     more elements than its storage holds, too large pickles or totals: one-line errors, nothing allocated."""
     import zipfile
 
-    import cmkit.decoder.torchscript as ts
+    import cmkit.formats.torchscript as ts
 
     def refused(path, match):
         with pytest.raises(CmkitError, match=match) as e:
@@ -302,7 +304,7 @@ def test_storages_are_streamed_into_their_tensors_and_recompressed_archives_stil
     import tracemalloc
     import zipfile
 
-    import cmkit.decoder.torchscript as ts
+    import cmkit.formats.torchscript as ts
 
     _, state = tiny
     src = write_openai_torchscript(state, tmp_path / "decoder.pt")

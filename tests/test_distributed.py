@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from cmkit.checkpoint import load_model
+from cmkit.load import load_model
 
 from conftest import TINY
 
@@ -29,8 +29,8 @@ def test_two_process_torchrun_training(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # resuming with a different number of processes is refused with a clear message
     from cmkit.errors import CmkitError
-    from cmkit.presets import get_config
-    from cmkit.loop import Loop
+    from cmkit.training.presets import get_config
+    from cmkit.training.loop import Loop
 
     cfg = get_config("digits-ict", TINY + ["train.steps=6", "train.resume=true", f"train.out_dir={out}"])
     try:
@@ -44,7 +44,7 @@ def test_two_process_torchrun_training(tmp_path):
 
 def test_two_process_torchrun_decoder_training(tmp_path):
     """The autoencoder and the consistency decoder train through the same DDP loop as the denoisers."""
-    from cmkit.decoder import ConsistencyDecoder
+    from cmkit.decoder.decoder import ConsistencyDecoder
 
     quiet = ["train.num_threads=1", "train.log_every=1", "train.sample_every=0", "train.ckpt_every=0"]
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",

@@ -3,10 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkit.editing import (ColorBasis, Identity, PatchBasis, builtin_mask, colorize, denoise, edit, inpaint,
-                           interpolate_images, interpolate_noise, stroke_guided, super_resolve, to_gray3)
+from cmkit.editing.transforms import ColorBasis, Identity, PatchBasis
+from cmkit.editing.masks import builtin_mask
+from cmkit.editing.tasks import (colorize, denoise, inpaint, interpolate_images, interpolate_noise, stroke_guided,
+    super_resolve, to_gray3)
+from cmkit.editing.editor import edit
 from cmkit.errors import CmkitError
-from cmkit.nets import UNet
+from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
 from cmkit.sampling import sample_onestep
 
@@ -134,9 +137,9 @@ def test_wrong_shapes_are_rejected_with_clear_messages():
 def test_edit_cli_inpaint_and_errors(tmp_path, capsys):
     from PIL import Image
 
-    from cmkit.checkpoint import save_model_dir
-    from cmkit.cli import main
-    from cmkit.presets import get_config
+    from cmkit.formats.model_dir import save_model_dir
+    from cmkit.cli.main import main
+    from cmkit.training.presets import get_config
 
     cfg = get_config("digits-ict", ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1"])
     save_model_dir(tmp_path / "m", model(), "denoiser", cfg.to_dict())
@@ -160,8 +163,8 @@ def test_edit_cli_inpaint_and_errors(tmp_path, capsys):
 def _cli_model(tmp_path):
     from PIL import Image
 
-    from cmkit.checkpoint import save_model_dir
-    from cmkit.presets import get_config
+    from cmkit.formats.model_dir import save_model_dir
+    from cmkit.training.presets import get_config
 
     cfg = get_config("digits-ict", ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1"])
     save_model_dir(tmp_path / "m", model(), "denoiser", cfg.to_dict())
@@ -174,7 +177,7 @@ def _cli_model(tmp_path):
 def test_edit_cli_every_task_with_its_own_options(tmp_path, capsys, one_thread):
     from PIL import Image
 
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     m, img = _cli_model(tmp_path), str(tmp_path / "in.png")
     runs = {"superres": ["--input", str(tmp_path / "low.png"), "--factor", "2", "--steps", "2"],
@@ -211,7 +214,7 @@ def test_edit_outputs_are_the_next_commands_inputs(tmp_path, capsys, one_thread)
     import numpy as np
     from PIL import Image
 
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     m = _cli_model(tmp_path)
     first = ["edit", "inpaint", "--model", m, "--input", str(tmp_path / "in.png"), "--steps", "2", "--threads", "1"]
@@ -230,7 +233,7 @@ def test_edit_outputs_are_the_next_commands_inputs(tmp_path, capsys, one_thread)
 
 
 def test_edit_cli_panel_is_not_overwritten_without_overwrite(tmp_path, capsys, one_thread):
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     m = _cli_model(tmp_path)
     panel = tmp_path / "panel.png"

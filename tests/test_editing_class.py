@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cmkit.cli import main
+from cmkit.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from cmkit.checkpoint import save_model_dir
-    from cmkit.presets import get_config
+    from cmkit.formats.model_dir import save_model_dir
+    from cmkit.training.presets import get_config
 
     root = tmp_path_factory.mktemp("edit_class")
     cfg = get_config("digits-ict", ["model.arch=adm", "model.model_channels=32", "model.channel_mult=1,2",
@@ -87,9 +87,9 @@ def test_class_errors_are_one_line(setup, tmp_path, capsys):
 def test_scm_and_meanflow_models_edit_like_consistency_models(precond, tmp_path, capsys, one_thread):
     """Editing takes any one-step generator (CM, sCM's TrigFlow f_θ, MeanFlow's flow map to 0): inpainting keeps
     the known pixels. A TrigFlow network trained with the diffusion loss (sCM's teacher) is refused in one line."""
-    from cmkit.checkpoint import save_model_dir
+    from cmkit.formats.model_dir import save_model_dir
     from cmkit.editing.masks import builtin_mask
-    from cmkit.presets import get_config
+    from cmkit.training.presets import get_config
 
     preset, extra = {"trigflow": ("digits-sct", ["train.init_from="]), "meanflow": ("digits-meanflow", [])}[precond]
     cfg = get_config(preset, extra)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cmkit.errors import CmkitError
 from cmkit.nets.edm import DDPMpp, DhariwalUNet, NCSNpp, VEPrecond, VPPrecond
-from cmkit.presets import get_config
+from cmkit.training.presets import get_config
 
 from conftest import check_boundary_and_bf16
 

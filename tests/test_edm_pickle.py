@@ -153,7 +153,7 @@ def forget_fake_modules(monkeypatch):
 @pytest.mark.parametrize("arch", ["ncsnpp", "ddpmpp", "dhariwal"])
 def test_snapshot_reads_without_running_its_code_and_tensors_round_trip(arch, fake_edm_modules, tmp_path,
                                                                         monkeypatch):
-    from cmkit.nets.edm_pickle import read_edm_pickle
+    from cmkit.formats.edm_pickle import read_edm_pickle
 
     path = tmp_path / "network-snapshot.pkl"
     net = write_edm_pickle(fake_edm_modules, path, arch, classes=3)
@@ -172,8 +172,8 @@ def test_snapshot_reads_without_running_its_code_and_tensors_round_trip(arch, fa
 def test_converted_network_gives_cmkits_denoiser_output(fake_edm_modules, tmp_path, monkeypatch, one_thread):
     """A converted tiny EDM network = cmkit's own network with the same weights, as an EDM-preconditioned
     denoiser; the model directory written by ``cmkit convert`` samples."""
-    from cmkit.checkpoint import load_model
-    from cmkit.cli import main
+    from cmkit.load import load_model
+    from cmkit.cli.main import main
     from cmkit.precond import Precond
 
     path = tmp_path / "edm-tiny.pkl"
@@ -193,7 +193,7 @@ def test_converted_network_gives_cmkits_denoiser_output(fake_edm_modules, tmp_pa
 
 
 def test_ect_and_vp_preconditioners_map_onto_cmkit(fake_edm_modules, tmp_path, monkeypatch):
-    from cmkit.nets.edm_pickle import read_edm_pickle
+    from cmkit.formats.edm_pickle import read_edm_pickle
 
     write_edm_pickle(fake_edm_modules, tmp_path / "ecm.pkl", "ddpmpp", precond="ECMPrecond", sigma_min=0.002)
     write_edm_pickle(fake_edm_modules, tmp_path / "vp.pkl", "ddpmpp", precond="VPPrecond")
@@ -225,13 +225,13 @@ class SystemExploit(Exploit):
 
 @pytest.mark.parametrize("exploit", [Exploit, SystemExploit])
 def test_a_pickle_with_another_global_is_refused_in_one_line(exploit, fake_edm_modules, tmp_path, monkeypatch):
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     path = tmp_path / "evil.pkl"
     write_edm_pickle(fake_edm_modules, path, extra={"payload": exploit(fake_edm_modules.marker)})
     forget_fake_modules(monkeypatch)
     with pytest.raises(CmkitError, match="refused: it needs (builtins.exec|posix.system|nt.system)") as err:
-        from cmkit.nets.edm_pickle import read_edm_pickle
+        from cmkit.formats.edm_pickle import read_edm_pickle
 
         read_edm_pickle(path)
     assert "\n" not in str(err.value) and "nothing from the file was run" in str(err.value)
@@ -261,7 +261,7 @@ def test_a_storage_that_needs_full_unpickling_is_refused(fake_edm_modules, tmp_p
     path = tmp_path / "storage.pkl"
     path.write_bytes(pickle.dumps({"ema": Storage()}, protocol=4))
     monkeypatch.setattr(torch.storage, "_load_from_bytes", original)
-    from cmkit.nets.edm_pickle import load_pickle
+    from cmkit.formats.edm_pickle import load_pickle
 
     with pytest.raises(CmkitError, match="not a plain torch storage"):
         load_pickle(path)
@@ -270,8 +270,8 @@ def test_a_storage_that_needs_full_unpickling_is_refused(fake_edm_modules, tmp_p
 
 def test_a_torch_save_training_state_reads_the_same(fake_edm_modules, tmp_path, monkeypatch):
     """ECT's training states: torch.save(dict(net=..., optimizer_state=...)), a zip archive."""
-    from cmkit.nets.edm_pickle import read_edm_pickle
-    from cmkit.nets.released import checkpoint_format
+    from cmkit.formats.edm_pickle import read_edm_pickle
+    from cmkit.formats.detect import checkpoint_format
 
     path = tmp_path / "training-state.pt"
     net = write_edm_pickle(fake_edm_modules, path, "ddpmpp", save=True)
@@ -283,7 +283,7 @@ def test_a_torch_save_training_state_reads_the_same(fake_edm_modules, tmp_path, 
 
 
 def test_damaged_and_foreign_files_are_one_line(tmp_path):
-    from cmkit.nets.edm_pickle import read_edm_pickle
+    from cmkit.formats.edm_pickle import read_edm_pickle
 
     bad = tmp_path / "cut.pkl"
     bad.write_bytes(pickle.dumps({"ema": [1, 2, 3]}, protocol=4)[:-3])
@@ -302,8 +302,8 @@ def test_ect_and_cd_start_from_an_edm_pickle_and_train(method, fake_edm_modules,
     """ECT and CD start from an EDM pickle (init_from; CD's teacher is the pickle converted by ``cmkit convert``)
     and train a few steps on 8×8 digits with EDM's NCSN++; the pickle's augmentation input is dropped for the
     student, which has none."""
-    from cmkit.cli import main
-    from cmkit.train import train
+    from cmkit.cli.main import main
+    from cmkit.training.loop import train
     from conftest import tiny_config
 
     pkl = tmp_path / "edm-digits.pkl"
@@ -314,8 +314,8 @@ def test_ect_and_cd_start_from_an_edm_pickle_and_train(method, fake_edm_modules,
     cfg = tiny_config(f"digits-{method}", tmp_path / "run", "model.arch=ncsnpp", "model.embedding=fourier",
                       "model.attn_resolutions=4", "train.steps=3", "train.batch_size=8", f"train.init_from={pkl}",
                       *extra)
-    from cmkit.train import DenoiserTask  # the online network starts as the EDM network
-    from cmkit.loop import Context
+    from cmkit.training.denoiser import DenoiserTask
+    from cmkit.training.task import Context
 
     task = DenoiserTask(cfg, Context(device=torch.device("cpu")))
     own = net.state_dict()
@@ -326,7 +326,7 @@ def test_ect_and_cd_start_from_an_edm_pickle_and_train(method, fake_edm_modules,
 
 
 def test_init_from_a_pickle_of_another_network_is_one_line(fake_edm_modules, tmp_path, monkeypatch):
-    from cmkit.train import train
+    from cmkit.training.loop import train
     from conftest import tiny_config
 
     pkl = tmp_path / "ddpmpp.pkl"
@@ -339,7 +339,7 @@ def test_init_from_a_pickle_of_another_network_is_one_line(fake_edm_modules, tmp
 
 
 def test_formats_are_told_apart_by_content(fake_edm_modules, tmp_path, monkeypatch):
-    from cmkit.nets.released import checkpoint_format
+    from cmkit.formats.detect import checkpoint_format
 
     write_edm_pickle(fake_edm_modules, tmp_path / "snapshot.bin", "ddpmpp")  # an EDM pickle under another name
     forget_fake_modules(monkeypatch)

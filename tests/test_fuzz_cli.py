@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 import pytest
 
-from cmkit.cli import build_parser, main
+from cmkit.cli.main import build_parser, main
 
 N_CASES = 500
 CASE_BUDGET_S = 20  # one case; a valid mutation samples at most a handful of 28×28 images
@@ -87,7 +87,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 def fixtures(tmp_path_factory):
     from PIL import Image
 
-    from cmkit.decoder import DecoderConfig
+    from cmkit.decoder.config import DecoderConfig
     from cmkit.decoder.testing import random_decoder, raw_latents
 
     d = tmp_path_factory.mktemp("fuzz")

@@ -10,8 +10,11 @@ from torch import nn
 
 from cmkit.errors import CmkitError
 from cmkit.guidance import NULL_LABEL, drop_labels, guided, label_embedding
-from cmkit.losses import EDMLoss, SCDLoss
-from cmkit.nets import DDPMpp, MLPNet, UNet
+from cmkit.losses.edm import EDMLoss
+from cmkit.losses.scm import SCDLoss
+from cmkit.nets.edm import DDPMpp
+from cmkit.nets.mlp import MLPNet
+from cmkit.nets.unet import UNet
 from cmkit.trigflow import sigma_from_t, velocity_from_denoiser
 
 from conftest import tiny_config
@@ -140,9 +143,9 @@ def test_conditional_teacher_with_label_dropout_then_guided_scd_train(tmp_path, 
     """The whole path on 8×8 digits: a class-conditional EDM teacher with label dropout, then sCD distilling it
     with guidance 2 through the loop; the run records its guidance and samples per class. (That the objective
     learns is test_continuous_time's check; the guided target itself is checked above.)"""
-    from cmkit.checkpoint import load_model
+    from cmkit.load import load_model
     from cmkit.sampling import sample_multistep
-    from cmkit.train import train
+    from cmkit.training.loop import train
 
     teacher = tmp_path / "teacher"
     train(tiny_config("digits-edm", teacher, "train.steps=30", "model.num_classes=10", "loss.label_dropout=0.2"),
@@ -162,7 +165,7 @@ def test_conditional_teacher_with_label_dropout_then_guided_scd_train(tmp_path, 
 
 
 def test_guidance_with_an_unconditional_teacher_is_one_error(tmp_path, teacher_dir, one_thread):
-    from cmkit.train import train
+    from cmkit.training.loop import train
 
     cfg = tiny_config("digits-scd", tmp_path / "scd", "train.steps=2", "model.num_classes=10", "train.init_from=",
                       f"train.teacher={teacher_dir}", "loss.guidance=2.0")
@@ -173,9 +176,9 @@ def test_guidance_with_an_unconditional_teacher_is_one_error(tmp_path, teacher_d
 def test_the_class_conditional_digits_presets_train_and_sample_a_class(tmp_path, one_thread):
     """digits-edm-cond (label dropout 0.1) and digits-scd-cfg (guidance 2 from it) run through the loop as
     configured, and `cmkit sample --class` takes the student."""
-    from cmkit.cli import main
-    from cmkit.presets import get_config
-    from cmkit.train import train
+    from cmkit.cli.main import main
+    from cmkit.training.presets import get_config
+    from cmkit.training.loop import train
 
     teacher = tmp_path / "teacher"
     cfg = tiny_config("digits-edm-cond", teacher, "train.steps=3")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cmkit.errors import CmkitError
 from cmkit.nets.edm import NCSNpp, UNetBlock
-from cmkit.nets.jax_cifar10 import convert_params, read_jax_cifar10, unpackb
+from cmkit.formats.jax_cifar10 import convert_params, read_jax_cifar10, unpackb
 
 # --- a msgpack encoder (the writer side of flax.serialization) -------------------------------------------
 
@@ -184,7 +184,7 @@ def test_full_size_flax_ncsnpp_is_edms_ncsnpp_leaf_for_leaf():
     assert sum(t.numel() for t in leaves(tree)) == 56_395_651
     names = [k for k in tree if k.startswith("ResnetBlockBigGANpp_")]
     assert len(names) == 33 and sum(k.startswith("AttnBlockpp_") for k in tree) == 6
-    from cmkit.nets.jax_cifar10 import flax_to_edm_names
+    from cmkit.formats.jax_cifar10 import flax_to_edm_names
 
     mapping = {flax: edm for flax, edm, kind in flax_to_edm_names(32, (2, 2, 2), 4, (16,)) if kind != "attn"}
     # call order of jcm/models/ncsnpp.py: 4 blocks at 32, a down block, 4 blocks (+ attention) at 16, ...
@@ -221,8 +221,8 @@ def write_state(path, ema: NCSNpp, online: NCSNpp):
 def test_a_flax_checkpoint_converts_exactly_and_samples(tmp_path, one_thread):
     """``params_ema`` (not ``params``) lands on EDM's NCSN++ tensor for tensor; the converted consistency
     model equals cmkit's with the same weights (boundary-shifted scalings, σ_min 0.002) and keeps f(x, σ_min) = x."""
-    from cmkit.checkpoint import load_model
-    from cmkit.cli import main
+    from cmkit.load import load_model
+    from cmkit.cli.main import main
     from cmkit.precond import Precond
 
     ema, online = tiny_net(0), tiny_net(1)

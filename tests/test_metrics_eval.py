@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from cmkit.errors import CmkitError
-from cmkit.metrics import (FMNIST_LABEL, FeatureExtractor, evaluate, evaluate_images, load_classifier,
-                           load_reference, reference_from_images, save_reference)
-from cmkit.metrics.cli import add_cli
+from cmkit.metrics.fmnist_classifier import FMNIST_LABEL, load_classifier
+from cmkit.metrics.features import FeatureExtractor
+from cmkit.metrics import evaluate
+from cmkit.metrics.evaluate import evaluate_images
+from cmkit.metrics.reference import load_reference, reference_from_images, save_reference
+from cmkit.cli.eval import add_cli
 from cmkit.metrics.fmnist_classifier import FMNISTExtractor, accuracy, classifier_record
 from cmkit.metrics.idx import fmnist_available, load_fmnist
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cmkit.errors import CmkitError
-from cmkit.metrics import FIDInceptionV3, InceptionExtractor, get_extractor, load_inception, random_inception
+from cmkit.metrics.inception import FIDInceptionV3, InceptionExtractor, load_inception, random_inception
+from cmkit.metrics.evaluate import get_extractor
 from cmkit.metrics.inception import WEIGHTS_ENV
 
 

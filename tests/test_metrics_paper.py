@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from cmkit.errors import CmkitError
-from cmkit.metrics import FeatureExtractor, evaluate, frechet_distance, load_reference, random_inception
-from cmkit.metrics.cli import _check_reference_npz, add_cli
+from cmkit.metrics.features import FeatureExtractor
+from cmkit.metrics import evaluate
+from cmkit.metrics.frechet import frechet_distance
+from cmkit.metrics.reference import load_reference
+from cmkit.metrics.inception import random_inception
+from cmkit.cli.eval import _check_reference_npz, add_cli
 from cmkit.metrics.inception import SPATIAL_DIM, InceptionExtractor
 from cmkit.metrics.inception_score import inception_score, inception_score_from_logits, softmax
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmkit.losses import PDLoss
+from cmkit.losses.pd import PDLoss
 from cmkit.schedules import karras_sigmas
 from cmkit.solvers import euler_step
 
@@ -58,9 +58,9 @@ def test_halving_schedule():
 def test_pd_trains_resumes_bit_for_bit_and_samples(tmp_path, teacher_dir):
     from safetensors.torch import load_file
 
-    from cmkit.checkpoint import load_model
+    from cmkit.load import load_model
     from cmkit.generate import generate, resolve_sampler
-    from cmkit.loop import Loop, train
+    from cmkit.training.loop import Loop, train
 
     common = ["train.steps=6", "loss.num_scales=4", "loss.halve_every=2", f"train.teacher={teacher_dir}",
               f"train.init_from={teacher_dir}", "train.ema_rates=0.9"]
@@ -84,7 +84,7 @@ def test_pd_trains_resumes_bit_for_bit_and_samples(tmp_path, teacher_dir):
 
 def test_pd_config_rules():
     from cmkit.errors import CmkitError
-    from cmkit.presets import get_config
+    from cmkit.training.presets import get_config
 
     with pytest.raises(CmkitError, match="needs model.precond=edm"):
         get_config("digits-pd", ["model.precond=cm"])

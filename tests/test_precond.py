@@ -1,6 +1,7 @@
 import torch
 
-from cmkit.nets import MLPNet, UNet
+from cmkit.nets.mlp import MLPNet
+from cmkit.nets.unet import UNet
 from cmkit.precond import Precond, cm_scalings, edm_scalings
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkit.cli import main
+from cmkit.cli.main import main
 from cmkit.errors import CmkitError
-from cmkit.prepare import convert_lpips, prepare_cifar10
+from cmkit.lpips import convert_lpips
+from cmkit.formats.cifar10 import prepare_cifar10
 
 
 def _batch(rng, n: int) -> dict:

@@ -36,7 +36,7 @@ def commands(block: str) -> list[list[str]]:
 
 
 def _available(value: str) -> bool:
-    from cmkit.zoo import shipped_models
+    from cmkit.formats.zoo import shipped_models
 
     return Path(value).exists() or value in shipped_models() or value == "fmnist-test"
 
@@ -48,8 +48,8 @@ def runnable(argv: list[str]) -> bool:
     if argv[1] == "train":  # a dry run, when the files its preset reads exist here (a teacher run, data)
         if "--dry-run" not in argv:
             return False
-        from cmkit.cli import build_parser
-        from cmkit.presets import get_config, missing_inputs
+        from cmkit.cli.main import build_parser
+        from cmkit.training.presets import get_config, missing_inputs
 
         args, extra = build_parser().parse_known_args(argv[1:])
         return not missing_inputs(get_config(args.preset, list(args.overrides) + extra))
@@ -61,8 +61,8 @@ def runnable(argv: list[str]) -> bool:
 
 def parses(argv: list[str]) -> None:
     """argparse accepts the line; a training line's preset and overrides build a valid config."""
-    from cmkit.cli import build_parser
-    from cmkit.presets import get_config
+    from cmkit.cli.main import build_parser
+    from cmkit.training.presets import get_config
 
     args, extra = build_parser().parse_known_args(argv)
     assert all("=" in e for e in extra), (argv, extra)
@@ -71,7 +71,7 @@ def parses(argv: list[str]) -> None:
 
 
 def test_every_readme_command_runs_or_parses(tmp_path, monkeypatch, capsys):
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     ran, parsed = [], []

@@ -1,5 +1,5 @@
 """Nothing is lost at any kill point of a checkpoint commit or a log rewrite, and no command destroys what it
-did not create: each crash is simulated by raising at a named step of the commit (``checkpoint.KILL_POINT``)."""
+did not create: each crash is simulated by raising at a named step of the commit (``cmkit.files.KILL_POINT``)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmkit import checkpoint
-from cmkit.checkpoint import RunDir, save_model_dir
+from cmkit import files
+from cmkit.formats.run_dir import RunDir
+from cmkit.formats.model_dir import save_model_dir
 from cmkit.errors import CmkitError
-from cmkit.loop import Loop, train
+from cmkit.training.loop import Loop, train
 
 from conftest import tiny_config
 
@@ -64,30 +65,30 @@ def straight(tmp_path_factory):
 def test_a_crash_at_any_step_of_a_checkpoint_commit_resumes_bit_for_bit(point, nth, straight, tmp_path, monkeypatch,
                                                                           capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(checkpoint, "KILL_POINT", crash_at(point, nth))
+    monkeypatch.setattr(files, "KILL_POINT", crash_at(point, nth))
     with pytest.raises(Crash):
         train(tiny_config("digits-ct", out, *COMMON), progress=False)
-    monkeypatch.setattr(checkpoint, "KILL_POINT", None)
+    monkeypatch.setattr(files, "KILL_POINT", None)
     summary = train(tiny_config("digits-ct", out, *COMMON, "train.resume=true"), progress=False)
     assert summary["steps_run"] == 2  # resumed from step 4, the newest complete checkpoint, never from 0
     if point != "new-moved":
         assert "recovered" in capsys.readouterr().err
-    assert not any(p.name.endswith((checkpoint.TMP, checkpoint.OLD)) for p in out.iterdir())
+    assert not any(p.name.endswith((files.TMP, files.OLD)) for p in out.iterdir())
     assert_same(final_state(out), straight)
 
 
 def test_a_crash_while_a_resume_rewrites_the_log_loses_no_row(straight, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(checkpoint, "KILL_POINT", crash_at("new-moved", nth=3))
+    monkeypatch.setattr(files, "KILL_POINT", crash_at("new-moved", nth=3))
     with pytest.raises(Crash):
         train(tiny_config("digits-ct", out, *COMMON), progress=False)
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.1')  # and a half-written row from the crash
-    monkeypatch.setattr(checkpoint, "KILL_POINT", crash_at("log-staged"))
+    monkeypatch.setattr(files, "KILL_POINT", crash_at("log-staged"))
     with pytest.raises(Crash):
         Loop(tiny_config("digits-ct", out, *COMMON, "train.resume=true"), progress=False)
     assert len(RunDir(out).read_log()) >= 4  # the log is intact after the crash
-    monkeypatch.setattr(checkpoint, "KILL_POINT", None)
+    monkeypatch.setattr(files, "KILL_POINT", None)
     train(tiny_config("digits-ct", out, *COMMON, "train.resume=true"), progress=False)
     assert_same(final_state(out), straight)
 
@@ -112,7 +113,7 @@ def test_training_refuses_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys):
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     run = tmp_path / "run"
     train(tiny_config("digits-ct", run, "train.steps=1"), progress=False)
@@ -154,7 +155,7 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path):
 def test_weights_that_would_sample_silently_wrong_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from cmkit.checkpoint import load_model
+    from cmkit.load import load_model
 
     out = tmp_path / "run"
     train(tiny_config("digits-ct", out, "train.steps=1"), progress=False)
@@ -168,7 +169,7 @@ def test_weights_that_would_sample_silently_wrong_are_refused(tmp_path):
 
 
 def test_a_test_split_is_refused_for_data_sets_without_one():
-    from cmkit.presets import get_config
+    from cmkit.training.presets import get_config
 
     with pytest.raises(CmkitError, match="has no held-out split"):
         get_config("digits-ict", ["data.split=test"])
@@ -210,7 +211,7 @@ def test_a_signal_mid_run_writes_a_checkpoint_and_says_how_to_resume(sig, code, 
     assert state["step"] >= 1 and RunDir(out).read_log()[-1]["step"] <= state["step"]
     assert f"resume with: cmkit train --resume {out}" in err and not (out / RunDir.LOCK).exists()
     # the printed command resumes exactly where it stopped
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     assert main(["train", "--resume", str(out), "--no-progress", f"train.steps={state['step'] + 2}"]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == state["step"] + 2
@@ -220,7 +221,7 @@ def test_a_second_process_is_refused_while_a_run_trains_and_a_stale_lock_is_take
     import signal
     import time
 
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     out = tmp_path / "run"
     proc = _start_training(out, "train.steps=100000", "train.ckpt_every=1")
@@ -282,7 +283,7 @@ def test_damaged_run_files_are_one_line_not_internal_errors(tmp_path, capsys):
 
     from safetensors.torch import load_file as load, save_file
 
-    from cmkit.cli import main
+    from cmkit.cli.main import main
 
     base = _run_with_a_model(tmp_path)
 
@@ -333,7 +334,7 @@ def test_damaged_run_files_are_one_line_not_internal_errors(tmp_path, capsys):
 
 def test_resolve_sampler_refuses_a_one_level_ode_grid():
     from cmkit.generate import resolve_sampler
-    from cmkit.presets import get_config
+    from cmkit.training.presets import get_config
 
     with pytest.raises(CmkitError, match="needs at least 2 σ levels"):
         resolve_sampler(get_config("digits-edm"), "heun", 1, None)

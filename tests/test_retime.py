@@ -3,9 +3,9 @@ noise-embedding MLP, as train.init_from does when the run's time input differs f
 import pytest
 import torch
 
-from cmkit.checkpoint import save_model_dir
+from cmkit.formats.model_dir import save_model_dir
 from cmkit.errors import CmkitError
-from cmkit.presets import get_config
+from cmkit.training.presets import get_config
 from cmkit.retime import REPORT_SIGMAS, embedding, fit_time_embedding, needs_refit
 
 SCM_TIME = ["model.precond=trigflow", "model.time_input=t", "model.positional_scale=1"]
@@ -61,7 +61,7 @@ def test_fit_changes_only_the_embedding_mlp_and_matches_the_source_embedding(one
 def test_init_from_refits_and_says_so(tmp_path, capsys, one_thread, seed, bound):
     """Measured with ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads): the refitted network's distance
     to the source is 0.039–0.042 of the unrefitted one's (bound 0.3: margin 7.2×)."""
-    from cmkit.nets.released import init_from
+    from cmkit.load import init_from
 
     src, _, src_cfg, dst_cfg = _pair(*SCM_TIME, seed=seed)
     save_model_dir(tmp_path / "edm", src, "denoiser", src_cfg.to_dict())

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from cmkit.nets import UNet
+from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
 from cmkit.sampling import (edm_sigmas, per_sample_generators, sample_euler, sample_heun, sample_multistep,
-                            sample_onestep, validate_sigmas)
+    sample_onestep, validate_sigmas)
 from cmkit.toy import GaussianMixture
 
 
@@ -82,7 +82,7 @@ def test_heun_with_exact_denoiser_recovers_mixture():
 
 def test_bf16_generation_stays_close_to_fp32_and_fp32_state():
     """bf16 autocast changes only the network's arithmetic: outputs are fp32 and near the fp32 samples."""
-    from cmkit.config import Config
+    from cmkit.denoiser_config import Config
     from cmkit.generate import generate
 
     cfg = Config()

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from cmkit.schedules import (ct_adaptive_schedule, ect_r_of_t, ict_num_scales, karras_sigmas,
-                             lognormal_index_probs)
+from cmkit.schedules import ct_adaptive_schedule, ect_r_of_t, ict_num_scales, karras_sigmas, lognormal_index_probs
 
 
 def test_karras_grid_endpoints_and_reference_values():

@@ -30,7 +30,7 @@ import pytest
 
 from cmkit.errors import CmkitError
 from cmkit.serve.backend import Backend, PathPolicy, mask_from_layers, to_model_image
-from cmkit.serve.cli import bind_warning, is_loopback
+from cmkit.cli.serve import bind_warning, is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = [os.environ.get("CMKIT_CHROMIUM", ""), "/usr/bin/chromium", shutil.which("chromium") or "",
@@ -74,7 +74,7 @@ def test_backend_refuses_paths_outside_and_unknown_models(tmp_path):
 
 
 def test_missing_weights_is_one_line(tmp_path):
-    from cmkit.zoo import models_root
+    from cmkit.formats.zoo import models_root
 
     d = tmp_path / "m"
     d.mkdir()
@@ -120,7 +120,7 @@ def test_edit_keeps_unmasked_pixels_and_checks_sizes():
 
 
 def test_decode_tab_backend(tmp_path):
-    from cmkit.decoder import DecoderConfig
+    from cmkit.decoder.config import DecoderConfig
     from cmkit.decoder.testing import random_decoder, raw_latents
 
     random_decoder(DecoderConfig.tiny()).save_pretrained(tmp_path / "dec")
@@ -139,8 +139,8 @@ def test_model_list_offers_only_runs_that_sample(tmp_path):
     the sampling list but not the editing one."""
     import torch
 
-    from cmkit.checkpoint import save_model_dir
-    from cmkit.presets import get_config
+    from cmkit.formats.model_dir import save_model_dir
+    from cmkit.training.presets import get_config
 
     for name, preset in (("cd", "digits-cd"), ("edm", "digits-edm"), ("ae", "digits-ae")):
         run = tmp_path / "runs" / name
@@ -181,7 +181,7 @@ def test_bind_warning_only_for_non_local_hosts():
 
 
 def test_demo_prints_a_valid_serve_command():
-    from cmkit.cli import build_parser
+    from cmkit.cli.main import build_parser
     from cmkit.demo import SERVE_COMMAND
 
     argv = SERVE_COMMAND.split()
@@ -191,8 +191,8 @@ def test_demo_prints_a_valid_serve_command():
 
 
 def test_serve_cli_defaults_to_localhost_and_warns_for_0000(monkeypatch, capsys):
-    from cmkit.cli import build_parser, main
-    from cmkit.serve import app
+    from cmkit.cli.main import build_parser, main
+    import cmkit.cli.serve
 
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     launched = {}
@@ -204,7 +204,7 @@ def test_serve_cli_defaults_to_localhost_and_warns_for_0000(monkeypatch, capsys)
         def launch(self, **kw):
             launched.update(kw)
 
-    monkeypatch.setattr(app, "build", lambda backend, refresh_s=5.0: Page())
+    monkeypatch.setattr(cmkit.cli.serve, "build", lambda backend, refresh_s=5.0: Page())
     assert main(["serve", "--host", "0.0.0.0", "--port", "7999"]) == 0
     err = capsys.readouterr().err
     assert "warning: --host 0.0.0.0" in err and launched["server_name"] == "0.0.0.0"
@@ -268,7 +268,7 @@ def site(tmp_path_factory):
     files = {"good": _png(x, tmp / "input28.png"), "image": x,
              "wrong": _png(np.zeros((32, 32, 3), np.uint8), tmp / "wrong32.png")}
     (tmp / "allowed").mkdir()
-    from cmkit.decoder import DecoderConfig
+    from cmkit.decoder.config import DecoderConfig
     from cmkit.decoder.testing import random_decoder, raw_latents
 
     random_decoder(DecoderConfig.tiny()).save_pretrained(tmp / "allowed" / "tiny-decoder")  # random weights

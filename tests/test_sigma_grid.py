@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
-from cmkit.checkpoint import read_model_dir
-from cmkit.config import Config
-from cmkit.editing import default_edit_sigmas, inpaint, interpolate_images, stroke_guided
+from cmkit.formats.model_dir import read_model_dir
+from cmkit.denoiser_config import Config
+from cmkit.editing.editor import default_edit_sigmas
+from cmkit.editing.tasks import inpaint, interpolate_images, stroke_guided
 from cmkit.errors import CmkitError
 from cmkit.generate import multistep_sigmas, resolve_sampler
-from cmkit.presets import get_config
+from cmkit.training.presets import get_config
 from cmkit.schedules import (ct_adaptive_schedule, grid_levels, ict_num_scales, karras_sigmas, nearest_grid_index,
-                             off_grid, training_grid)
+    off_grid, training_grid)
 
 G18 = karras_sigmas(18).tolist()  # the fmnist-cd / digits-cd / cifar10-cd grid (CM reference §1.1)
 

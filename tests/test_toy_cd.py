@@ -4,8 +4,8 @@ import copy
 import torch
 
 from cmkit.ema import ema_update
-from cmkit.losses import CDLoss
-from cmkit.nets import MLPNet
+from cmkit.losses.cd import CDLoss
+from cmkit.nets.mlp import MLPNet
 from cmkit.precond import Precond
 from cmkit.sampling import sample_multistep
 from cmkit.toy import GaussianMixture

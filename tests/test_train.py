@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmkit.checkpoint import load_model
+from cmkit.load import load_model
 from cmkit.errors import CmkitError
-from cmkit.loop import Loop, train
+from cmkit.training.loop import Loop, train
 
 from conftest import tiny_config
 

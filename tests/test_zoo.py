@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from cmkit.checkpoint import load_model
-from cmkit.cli import main
-from cmkit.zoo import shipped_model_dir, shipped_models
+from cmkit.load import load_model
+from cmkit.cli.main import main
+from cmkit.formats.zoo import shipped_model_dir, shipped_models
 
 SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect", "emoji-ect", "fmnist-tcm")
 BASELINES = ("fmnist-pd",)  # progressive distillation (a diffusion model sampled in 1-4 Euler steps)
@@ -56,7 +56,7 @@ def test_edit_cli_takes_a_shipped_name(tmp_path, capsys, one_thread):
 def test_the_colour_model_colorizes_keeping_the_luminance():
     """Colorization with the shipped emoji model: the input's luminance is kept exactly (Algorithm 4 with
     the luminance-axis Q) and the model puts colour into the chroma channels, which are zero in the input."""
-    from cmkit.editing import colorize, to_gray3
+    from cmkit.editing.tasks import colorize, to_gray3
 
     model, cfg = load_model("emoji-ect")
     assert cfg.model.in_channels == 3
@@ -74,9 +74,9 @@ def test_a_local_path_always_wins_over_a_shipped_name(tmp_path, monkeypatch, cap
     """``--model fmnist-cd`` beside a run ./fmnist-cd means that run; one stderr line says so when both exist."""
     import shutil
 
-    from cmkit.checkpoint import resolve_model_dir
+    from cmkit.formats.model_dir import resolve_model_dir
     from cmkit.errors import CmkitError
-    from cmkit.zoo import models_root
+    from cmkit.formats.zoo import models_root
 
     shipped = shipped_model_dir("fmnist-cd")
     monkeypatch.chdir(tmp_path)

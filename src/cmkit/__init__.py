@@ -5,19 +5,21 @@ x: (B, C, H, W) and sigma: (B,) (or a scalar); samplers take σ values, never gr
 """
 from __future__ import annotations
 
-from .checkpoint import load_model, read_model_dir, save_model_dir
-from .config import Config
+from .denoiser_config import Config
 from .errors import CmkitError
-from .losses import CDLoss, CTLoss, ECTLoss, EDMLoss, ICTLoss
-from .precond import Precond, cm_scalings, edm_scalings
-from .presets import PRESETS, get_config
-from .sampling import (edm_sigmas, per_sample_generators, sample_euler, sample_heun, sample_multistep,
-                       sample_onestep)
+from .formats.model_dir import read_model_dir, save_model_dir
+from .load import load_model
+from .losses.cd import CDLoss
+from .losses.ct import CTLoss
+from .losses.ect import ECTLoss
+from .losses.edm import EDMLoss
+from .losses.ict import ICTLoss
+from .precond import cm_scalings, edm_scalings, Precond
+from .sampling import edm_sigmas, per_sample_generators, sample_euler, sample_heun, sample_multistep, sample_onestep
 from .schedules import karras_sigmas
-from . import train as _train_module  # the submodule loaded first: its later imports leave `cmkit.train` alone,
-from .loop import Loop, dry_run, train  # which is this function (a first import after it would rebind the name)
+from .training.loop import dry_run, train, Loop
+from .training.presets import PRESETS, get_config
 
-del _train_module
 
 __version__ = "0.1.0"
 

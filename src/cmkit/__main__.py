@@ -1,6 +1,7 @@
 """``python -m cmkit`` (also what ``torchrun -m cmkit train ...`` runs)."""
 import sys
 
-from .cli import main
+from .cli.main import main
+
 
 sys.exit(main())

@@ -1,47 +1,34 @@
-"""One config system for every run: typed sections, ``key=value`` overrides, validation, builders.
+"""The config machinery every run shares: typed sections, ``key=value`` overrides, validation, JSON round trips.
 
-A run config is a dataclass whose fields are *sections* (dataclasses of options). The consistency-model
-run (``Config``: model, data, loss, train, sample) lives here; the autoencoder and consistency-decoder
-runs (``cmkit.decoder.train_config``) reuse ``DataConfig``, ``TrainConfig`` and the same machinery, and
-every preset of every kind is in ``cmkit.presets``.
+A run config is a dataclass whose fields are *sections* (dataclasses of options). ``RunConfig`` is the base
+of every kind of run, and ``DataConfig`` and ``TrainConfig`` are the sections they share: the diffusion /
+consistency-model run (``cmkit.denoiser_config.Config``) and the autoencoder and consistency-decoder runs
+(``cmkit.training.decoder_config``). Every preset of every kind is in ``cmkit.training.presets``.
 
 * Overrides are ``section.key=value`` or a bare ``key=value`` when the name is unique in the config.
 * Options that take one of a fixed set of names are ``Literal`` types, checked while parsing with a
   "did you mean" suggestion; ``validate()`` checks the rules across fields before any data is loaded.
-* Model, loss and optimizer are built from their sections here (``ModelConfig.build``,
-  ``LossConfig.build``, ``TrainConfig.build_optimizer``); ``cmkit.checkpoint`` only reads and writes files.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import os
 import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
 
+from .datasets import SPLIT_DATASETS
 from .errors import CmkitError
-from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+
 
 T = TypeVar("T")
 
-Arch = Literal["unet", "mlp", "adm", "ddpmpp", "ncsnpp", "dhariwal"]
-Embedding = Literal["positional", "fourier"]
-PrecondKind = Literal["edm", "cm", "vp", "ve", "trigflow", "meanflow"]
-Method = Literal["edm", "cd", "ct", "ict", "ect", "pd", "sct", "scd", "meanflow", "tcm"]
-JVPName = Literal["jvp", "fd"]
-TimeInput = Literal["default", "t", "log_sigma"]
-TimeDist = Literal["student_t", "lognormal"]
 Optimizer = Literal["adam", "radam"]
 DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz"]
 Split = Literal["train", "test"]
-DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips"]
-SolverName = Literal["heun", "euler"]
-WeightingName = Literal["uniform", "snr", "snr+1", "karras", "truncated-snr", "inv_dt", "snrpk"]
-SamplerName = Literal["onestep", "multistep", "heun", "euler", "progdist", "flowmap"]
 
 #: Keys that may change between a run and its resumption (everything else must match exactly).
 RUN_CONTROL_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every", "train.ckpt_every",
@@ -74,8 +61,6 @@ class DataConfig:
     flip: bool = False          # random horizontal flips (a pure function of seed and step)
 
     def check(self) -> None:
-        from .datasets import SPLIT_DATASETS
-
         require(self.split == "train" or self.name in SPLIT_DATASETS,
                 f"data.split={self.split}: data set {self.name!r} has no held-out split (only "
                 f"{', '.join(SPLIT_DATASETS)} do)")
@@ -170,300 +155,6 @@ class RunConfig:
 
 
 # --- the consistency-model / diffusion run ---------------------------------------------------------
-
-#: EDM's networks (cmkit.nets.edm) and the noise embedding each has.
-EDM_EMBEDDING = {"ddpmpp": "positional", "ncsnpp": "fourier", "dhariwal": "positional"}
-
-
-@dataclass
-class ModelConfig:
-    """Backbone and preconditioning of a denoiser ``model(x, sigma, class_labels=None) -> x0``."""
-
-    arch: Arch = "unet"                          # unet | mlp | adm (the CM paper's released network) |
-                                                 # ddpmpp | ncsnpp | dhariwal (EDM's networks, cmkit.nets.edm)
-    img_resolution: int = 8                      # image side
-    in_channels: int = 1                         # image channels
-    model_channels: int = 32                     # unet: width of the first level
-    channel_mult: tuple[int, ...] = (1, 2)       # unet: width multipliers per level (one halving per level)
-    num_blocks: int = 1                          # unet: residual blocks per level
-    attn_resolutions: tuple[int, ...] = ()       # unet: resolutions with self-attention
-    dropout: float = 0.0                         # dropout probability in residual blocks
-    num_classes: int = 0                         # class-conditional when > 0
-    embedding: Embedding = "positional"          # noise embedding: positional | fourier
-    fourier_scale: float = 16.0                  # fourier embedding frequency scale
-    positional_scale: float = 1000.0             # unet, mlp: positional embedding of scale·c_noise (ADM 1000;
-                                                 # sCM's stable c_noise(t) = t uses 1)
-    head_channels: int = 64                      # unet: channels per attention head
-    hidden: int = 128                            # mlp: hidden width
-    depth: int = 3                               # mlp: hidden layers
-    scale_shift: bool = True                     # adm: scale-shift noise conditioning (use_scale_shift_norm)
-    resblock_updown: bool = True                 # adm: resample inside residual blocks
-    augment_dim: int = 0                         # ddpmpp, ncsnpp, dhariwal: EDM's augmentation-label inputs (9 in
-                                                 # its released CIFAR-10/FFHQ/AFHQ models; no labels are passed)
-    precond: PrecondKind = "cm"                  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
-                                                 # | vp, ve (EDM's baseline-* teachers, sampling only)
-                                                 # | trigflow (sCM) | meanflow (two-time flow map)
-    time_inputs: int = 1                         # unet, mlp: 2 adds a second time input (meanflow's t − r)
-    time_input: TimeInput = "default"            # trigflow's noise input: default (= t, sCM) | t | log_sigma
-                                                 # (EDM's ln σ/4: to fine-tune an EDM-trained network)
-    sigma_min: float = SIGMA_MIN                 # σ_min (consistency boundary)
-    sigma_max: float = SIGMA_MAX                 # σ_max (one-step sampling starts here)
-    sigma_data: float = SIGMA_DATA               # σ_data of the preconditioning and the weightings
-
-    NET_KEYS: ClassVar[tuple[str, ...]] = (
-        "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
-        "dropout", "num_classes", "embedding", "fourier_scale", "positional_scale", "head_channels", "hidden", "depth",
-        "scale_shift", "resblock_updown", "augment_dim", "time_inputs")
-
-    def build(self) -> Any:
-        """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
-        from .nets import build_net
-        from .precond import Precond
-
-        net = build_net(self.arch, **{k: getattr(self, k) for k in self.NET_KEYS})
-        if self.precond in ("vp", "ve"):  # EDM's baseline-* teachers
-            from .nets.edm import VEPrecond, VPPrecond
-
-            return VPPrecond(net) if self.precond == "vp" else VEPrecond(net)
-        return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max, self.time_input)
-
-    def check(self) -> None:
-        for key, most in (("img_resolution", 4096), ("in_channels", 64), ("model_channels", 4096),
-                          ("num_blocks", 64), ("head_channels", 4096), ("hidden", 65536), ("depth", 256)):
-            value = getattr(self, key)
-            require(1 <= value <= most, f"model.{key} must be between 1 and {most}, got {value}")
-        require(0 <= self.num_classes <= 1_000_000,
-                f"model.num_classes must be 0 (unconditional) to 1,000,000, got {self.num_classes}")
-        require(bool(self.channel_mult) and all(1 <= m <= 64 for m in self.channel_mult) and len(self.channel_mult) <= 12,
-                f"model.channel_mult must be 1 to 12 integers between 1 and 64, got {list(self.channel_mult)}")
-        require(self.fourier_scale > 0, f"model.fourier_scale must be positive, got {self.fourier_scale}")
-        require(self.positional_scale > 0, f"model.positional_scale must be positive, got {self.positional_scale}")
-        require(self.positional_scale == 1000.0 or (self.arch in ("unet", "mlp") and self.embedding == "positional"),
-                "model.positional_scale applies to model.arch=unet or mlp with model.embedding=positional")
-        require(0 < self.sigma_min < self.sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got "
-                                                     f"{self.sigma_min}, {self.sigma_max}")
-        require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
-        require(0 <= self.dropout < 1, f"model.dropout must lie in [0, 1), got {self.dropout}")
-        require(self.time_input == "default" or self.precond == "trigflow",
-                f"model.time_input={self.time_input} applies to model.precond=trigflow only")
-        require(self.time_inputs in (1, 2), f"model.time_inputs must be 1 or 2, got {self.time_inputs}")
-        require((self.precond == "meanflow") == (self.time_inputs == 2),
-                "model.precond=meanflow and model.time_inputs=2 go together (a flow map takes two times)")
-        require(self.time_inputs == 1 or self.arch in ("unet", "mlp"),
-                f"model.time_inputs=2 needs model.arch=unet or mlp, got {self.arch}")
-        if self.arch == "adm":
-            require(self.embedding == "positional", "model.arch=adm embeds the noise level positionally; "
-                                                    "set model.embedding=positional")
-            bad = [m * self.model_channels for m in self.channel_mult if (m * self.model_channels) % 32]
-            require(not bad, f"model.arch=adm uses GroupNorm(32): widths {bad} are not multiples of 32")
-        if self.arch in EDM_EMBEDDING:
-            want = EDM_EMBEDDING[self.arch]
-            require(self.embedding == want, f"model.arch={self.arch} embeds the noise level with "
-                                            f"{want} features; set model.embedding={want}")
-            widths = {m * self.model_channels for m in self.channel_mult} | {self.model_channels}
-            bad = sorted(w for w in widths if w < 4 or w % min(32, w // 4))
-            require(not bad, f"model.arch={self.arch} uses GroupNorm(min(32, C/4)): widths {bad} do not split")
-            require(0 <= self.augment_dim <= 64, f"model.augment_dim must be 0 to 64, got {self.augment_dim}")
-        else:
-            require(self.augment_dim == 0, f"model.augment_dim is an option of EDM's networks (model.arch=ddpmpp, "
-                                           f"ncsnpp or dhariwal), not of model.arch={self.arch}")
-        if self.arch in ("unet", "adm", *EDM_EMBEDDING):
-            levels = 2 ** (len(self.channel_mult) - 1)
-            require(self.img_resolution % levels == 0,
-                    f"model.img_resolution={self.img_resolution} must be divisible by {levels} "
-                    f"(2^(len(model.channel_mult) - 1))")
-            reached = {self.img_resolution // 2**i for i in range(len(self.channel_mult))}
-            bad = sorted(set(self.attn_resolutions) - reached)
-            require(not bad, f"model.attn_resolutions {bad} are never reached; the levels run at {sorted(reached)}")
-
-
-@dataclass
-class LossConfig:
-    """The method and its options; ``None`` keeps the method's published default.
-
-    An option the chosen method does not take is an error (``validate``); the σ range, σ_data and
-    total_steps (= train.steps unless set) reach every method that uses them.
-    """
-
-    method: Method = "ict"                       # edm | cd | ct | ict | ect | pd (progressive distillation)
-                                                 # | sct | scd (sCM) | meanflow | tcm (truncated CM, after ECT)
-    distance: Optional[DistanceName] = None      # cd, ct, ict: l2 | l1 | pseudo_huber | lpips
-    weighting: Optional[WeightingName] = None    # cd, ct: λ(σ) uniform | snr | snr+1 | karras | truncated-snr;
-                                                 # ect: also inv_dt (default) and snrpk (= karras)
-    huber_c: Optional[float] = None              # pseudo-Huber c (None = 0.00054·√d)
-    lpips_weights: Optional[str] = None          # VGG16+LPIPS safetensors for distance=lpips
-    num_scales: Optional[int] = None             # cd: N of the Karras grid; pd: the first stage's N
-    halve_every: Optional[int] = None            # pd: steps per stage (N halves, the student becomes the teacher)
-    mu: Optional[float] = None                   # cd: target EMA rate μ (0 = stopgrad θ)
-    solver: Optional[SolverName] = None          # cd: teacher ODE step heun | euler
-    s0: Optional[int] = None                     # ct, ict: initial discretisation steps
-    s1: Optional[int] = None                     # ct, ict: final discretisation steps
-    mu0: Optional[float] = None                  # ct: initial target EMA rate
-    P_mean: Optional[float] = None               # edm, ict, ect: lognormal σ mean
-    P_std: Optional[float] = None                # edm, ict, ect: lognormal σ std
-    q: Optional[float] = None                    # ect: gap shrink factor per stage
-    k: Optional[float] = None                    # ect: t→r map k
-    b: Optional[float] = None                    # ect: t→r map b
-    double_steps: Optional[int] = None           # ect: steps per stage
-    total_steps: Optional[int] = None            # ct, ict, ect: curriculum length K (None = train.steps)
-    tangent_warmup: Optional[int] = None         # sct, scd: steps H of the tangent warm-up r = min(1, step/H)
-    tangent_c: Optional[float] = None            # sct, scd: c of the tangent normalisation g/(‖g‖_rms + c)
-    tangent_clip: Optional[float] = None         # sct, scd: > 0 clips g to [-clip, clip] instead
-    adaptive_weight: Optional[bool] = None       # sct, scd: learn the weighting w_φ(t)
-    jvp: Optional[JVPName] = None                # sct, scd, meanflow: jvp (forward-mode AD) | fd (central difference)
-    fd_step: Optional[float] = None              # sct, scd, meanflow: step of the central difference
-    ratio_r_eq_t: Optional[float] = None         # meanflow: fraction of the batch with r = t
-    norm_p: Optional[float] = None               # meanflow: adaptive loss normalisation power p
-    norm_c: Optional[float] = None               # meanflow: adaptive loss normalisation constant c
-    imf: Optional[bool] = None                   # meanflow: improved-MeanFlow tangent (the model's velocity)
-    transition_sigma: Optional[float] = None     # tcm: t′, the truncation point in σ
-    boundary_prob: Optional[float] = None        # tcm: fraction of the batch on the boundary loss
-    w_boundary: Optional[float] = None           # tcm: weight of the boundary loss
-    time_dist: Optional[TimeDist] = None         # tcm: student_t | lognormal (ln σ, truncated to [t′, σ_max])
-    df: Optional[float] = None                   # tcm: Student-t degrees of freedom
-    start_stage: Optional[int] = None            # tcm: ECT stage to continue from (Δt keeps shrinking)
-    label_dropout: Optional[float] = None        # edm: p of replacing a label by the null label (CFG teachers)
-    guidance: Optional[float] = None             # scd: classifier-free guidance scale w of the teacher (1 = none)
-
-    def options(self) -> dict[str, Any]:
-        """The options set in this section (not ``None``), without the method."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "method" and getattr(self, f.name) is not None}
-
-    def loss_class(self) -> Any:
-        from .losses import LOSSES
-
-        return LOSSES[self.method]
-
-    def accepted(self) -> list[str]:
-        """Option names the method's loss takes (its constructor's parameters, and its base classes' where it
-        passes ``**kwargs`` on)."""
-        names: list[str] = []
-        for cls in self.loss_class().__mro__:
-            params = inspect.signature(cls.__init__).parameters.values()
-            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                      and p.name not in ("self", "sigma_min", "sigma_max", "sigma_data", "rho", *names)]
-            if not any(p.kind == p.VAR_KEYWORD for p in params):
-                break
-        return names
-
-    #: Ranges of the numeric options: (test, what the option must be).
-    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
-        "huber_c": (lambda v: v >= 0, "0 or more"), "num_scales": (lambda v: v >= 2, "at least 2"),
-        "mu": (lambda v: 0 <= v < 1, "in [0, 1)"), "s0": (lambda v: v >= 1, "at least 1"),
-        "s1": (lambda v: v >= 1, "at least 1"), "mu0": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "P_std": (lambda v: v > 0, "positive"), "q": (lambda v: v > 1, "above 1"), "k": (lambda v: v >= 0, "0 or more"),
-        "b": (lambda v: v > 0, "positive"), "double_steps": (lambda v: v >= 1, "at least 1"),
-        "halve_every": (lambda v: v >= 1, "at least 1"),
-        "tangent_warmup": (lambda v: v >= 0, "0 or more"), "tangent_c": (lambda v: v > 0, "positive"),
-        "tangent_clip": (lambda v: v >= 0, "0 or more"), "fd_step": (lambda v: 0 < v <= 0.1, "in (0, 0.1]"),
-        "ratio_r_eq_t": (lambda v: 0 <= v <= 1, "in [0, 1]"), "norm_p": (lambda v: v >= 0, "0 or more"),
-        "norm_c": (lambda v: v > 0, "positive"), "transition_sigma": (lambda v: v > 0, "positive"),
-        "boundary_prob": (lambda v: 0 <= v < 1, "in [0, 1)"), "w_boundary": (lambda v: v >= 0, "0 or more"),
-        "df": (lambda v: v > 0, "positive"), "start_stage": (lambda v: 0 <= v <= 64, "in [0, 64]"),
-        "total_steps": (lambda v: v >= 1, "at least 1"), "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "guidance": (lambda v: 0 <= v <= 20, "in [0, 20]")}
-
-    def check(self) -> None:
-        for key, value in self.options().items():
-            ok, what = self.RANGES.get(key, (lambda v: True, ""))
-            require(ok(value), f"loss.{key} must be {what}, got {value}")
-        require(self.s0 is None or self.s1 is None or self.s1 >= self.s0,
-                f"loss.s1={self.s1} must be at least loss.s0={self.s0}")
-        accepted = self.accepted()
-        unused = [k for k in self.options() if k not in accepted]
-        require(not unused, f"loss.{unused[0] if unused else ''} is not an option of method {self.method!r} "
-                            f"(its options: {', '.join(accepted) or 'none'})")
-        weightings = getattr(self.loss_class(), "WEIGHTINGS", ())
-        require(self.weighting is None or self.weighting in weightings,
-                f"loss.weighting={self.weighting!r} is not a weighting of method {self.method!r} "
-                f"(expected one of {', '.join(weightings)})")
-
-    def build(self, model: ModelConfig, steps: int) -> Any:
-        """The loss object of ``method`` with the set options, the σ range, σ_data and K."""
-        cls = self.loss_class()
-        params = inspect.signature(cls).parameters
-        common = {"sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "sigma_data": model.sigma_data,
-                  "total_steps": steps}
-        return cls(**{**{k: v for k, v in common.items() if k in params}, **self.options()})
-
-
-@dataclass
-class CMTrainConfig(TrainConfig):
-    """``TrainConfig`` plus where a consistency model starts from."""
-
-    teacher: str = ""      # cd, pd, scd: the EDM teacher; tcm: the frozen first stage (model/run dir or shipped name)
-    init_from: str = ""    # initialise the online network from these weights (cd, ect: the teacher)
-
-
-@dataclass
-class SampleConfig:
-    """Default sampler of the trained model (written into its config.json) and the training grids."""
-
-    sampler: SamplerName = "onestep"        # onestep | multistep | heun | euler | progdist | flowmap (meanflow)
-    sigmas: tuple[float, ...] = ()          # the multistep σ list (descending, in [σ_min, σ_max])
-    steps: int = 18                         # heun/euler: number of σ levels
-    grid_size: int = 64                     # images in the training sample grids
-
-
-def is_diffusion(precond: str, method: str | None) -> bool:
-    """``Config.is_diffusion`` from the two fields (also for a config.json read as a dict)."""
-    return precond in ("edm", "vp", "ve") or method in ("edm", "pd")
-
-
-@dataclass
-class Config(RunConfig):
-    """A diffusion (EDM) or consistency-model run: model, data, loss, train, sample."""
-
-    kind: ClassVar[str] = "denoiser"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: CMTrainConfig = field(default_factory=CMTrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-
-    def is_diffusion(self) -> bool:
-        """A diffusion model, sampled by solving its ODE (Heun, Euler, PD's steps): EDM-preconditioned, EDM's VP/VE,
-        or a TrigFlow network trained with the diffusion loss (sCM's teacher); otherwise a one-step generator."""
-        return is_diffusion(self.model.precond, self.loss.method)
-
-    def validate(self) -> None:
-        super().validate()
-        m, method = self.model, self.loss.method
-        m.check()
-        self.loss.check()
-        from .losses import LOSSES, PRECOND_OF
-
-        want = PRECOND_OF.get(method, "cm")
-        if method == "edm" and m.precond == "trigflow":  # a TrigFlow diffusion model (sCM's teacher): EDM's
-            want = "trigflow"                            # scalings, so EDM's loss is its velocity loss
-        why = {"edm": "a diffusion model (teacher or PD student) is EDM-preconditioned",
-               "cm": "a consistency model needs the boundary condition f(x, σ_min) = x",
-               "trigflow": "sCM trains TrigFlow's f = cos t·x_t − sin t·σ_d·F_θ",
-               "meanflow": "MeanFlow trains a two-time flow map (also set model.time_inputs=2)"}[want]
-        require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): {why}")
-        distils = LOSSES[method].needs_teacher
-        users = ", ".join(k for k, v in LOSSES.items() if v.needs_teacher)
-        what = ("the frozen first-stage consistency model (e.g. an ECT run)" if method == "tcm"
-                else "an EDM model or run directory")
-        require(not distils or bool(self.train.teacher),
-                f"loss.method={method} needs a teacher: set train.teacher=PATH ({what})")
-        require(distils or not self.train.teacher,
-                f"train.teacher is only used by loss.method={users} (this run is {method})")
-        for option, default in (("label_dropout", 0.0), ("guidance", 1.0)):
-            value = getattr(self.loss, option)
-            require(value in (None, default) or m.num_classes > 0,
-                    f"loss.{option}={value} is classifier-free guidance: it needs a class-conditional model "
-                    f"(model.num_classes > 0)")
-        self.data.check()
-        classes = DATA_CLASSES.get(self.data.name)
-        require(not m.num_classes or classes is None or 0 < m.num_classes <= classes,
-                f"model.num_classes={m.num_classes} but data set {self.data.name!r} has "
-                f"{'no labels' if not classes else f'{classes} classes'}")
-        require(self.sample.grid_size >= 1, f"sample.grid_size must be at least 1, got {self.sample.grid_size}")
-        s = list(self.sample.sigmas)
-        require(all(a > b for a, b in zip(s, s[1:])) and all(m.sigma_min <= v <= m.sigma_max for v in s),
-                f"sample.sigmas must decrease within [{m.sigma_min}, {m.sigma_max}], got {s}")
 
 
 # --- generic machinery: keys, parsing, overrides ---------------------------------------------------

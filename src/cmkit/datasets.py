@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from .errors import CmkitError
+from .imageio import read_image, read_npz_images
+
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -103,10 +105,8 @@ def load_digits() -> ImageData:
 def load_npz(path: str) -> ImageData:
     """uint8 images NHWC (or NHW) under ``arr_0`` (or ``images``), labels optional under ``arr_1``/``labels``.
 
-    Read by :func:`cmkit.utils.read_npz_images`: an unreadable file, float or other non-uint8 images, other shapes,
+    Read by :func:`cmkit.imageio.read_npz_images`: an unreadable file, float or other non-uint8 images, other shapes,
     no images or non-square images are one error line each; labels must be N non-negative integers."""
-    from .utils import read_npz_images
-
     p = Path(path).expanduser()
     if not str(path).strip() or not p.is_file():
         raise CmkitError(f"npz data set not found: {p} (expected an .npz with uint8 NHWC images under arr_0)")
@@ -132,11 +132,9 @@ def load_npz(path: str) -> ImageData:
 def load_folder(path: str, resolution: int, channels: int) -> ImageData:
     """Every image file under ``path`` (recursively), centre-cropped to a square and resized.
 
-    Files are read by :func:`cmkit.utils.read_image`: a corrupt, truncated, oversized (decompression bomb) or
+    Files are read by :func:`cmkit.imageio.read_image`: a corrupt, truncated, oversized (decompression bomb) or
     32-bit/float file is one error line naming it; 16-bit greys are scaled to 8 bits."""
     from PIL import Image
-
-    from .utils import read_image
 
     root = Path(path).expanduser()
     if resolution < 1:

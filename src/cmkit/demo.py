@@ -13,12 +13,18 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import RunDir, load_model
+from .datasets import load_dataset
+from .editing.gallery import write_gallery
+from .errors import CmkitError
+from .formats.run_dir import RunDir
+from .formats.zoo import shipped_model_dir
 from .generate import generate, multistep_sigmas
-from .loop import train
-from .presets import get_config
+from .imageio import save_grid
+from .load import load_model
 from .schedules import training_grid
-from .utils import save_grid
+from .training.loop import train
+from .training.presets import get_config
+
 
 OUT = Path("demo")
 #: the one command that opens the page of `cmkit serve` on the shipped models (and the demo's runs)
@@ -71,10 +77,6 @@ def main() -> None:
 def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, torch.Tensor, list[float] | None] | None:
     """A shipped model, ``n`` images of the held-out split it was not trained on, and the model's training σ
     grid (the editors' σ lists lie on it), or None if missing."""
-    from .datasets import load_dataset
-    from .errors import CmkitError
-    from .zoo import shipped_model_dir
-
     path = shipped_model_dir(model_name)
     if path is None:
         print(f"  (skipped {model_name}: not shipped)")
@@ -90,8 +92,6 @@ def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, to
 
 def editing_gallery(out: Path = OUT / "gallery") -> None:
     """One panel per editing task with the shipped models on held-out images (also the README's pictures)."""
-    from .editing.gallery import write_gallery
-
     print("\nzero-shot editing gallery (held-out images):")
     with torch.no_grad():
         write_gallery(out, held_out("fmnist-cd", "fashion_mnist", 8), held_out("emoji-ect", "emoji", 8))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .lpips import LazyLPIPS
+
 Distance = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -47,7 +49,5 @@ def get_distance(name: str, huber_c: float | None = None, lpips_weights: str | N
     if name == "pseudo_huber":
         return lambda a, b: pseudo_huber(a, b, huber_c)
     if name == "lpips":
-        from .lpips import LazyLPIPS
-
         return LazyLPIPS(lpips_weights)
     raise ValueError(f"unknown distance {name!r}; expected one of l2, l1, pseudo_huber, lpips")

@@ -5,6 +5,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from pathlib import Path
 
 
 def init() -> tuple[int, int, torch.device]:
@@ -53,3 +54,16 @@ def all_reduce_mean(x: float, device: torch.device) -> float:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` is empty on Linux), for benchmark records."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

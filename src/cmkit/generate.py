@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .config import Config
+from .denoiser_config import Config
 from .errors import CmkitError
-from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_heun,
-                       sample_flowmap, sample_progdist,
-                       sample_multistep, validate_sigmas)
+from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_flowmap,
+    sample_heun, sample_multistep, sample_progdist, validate_sigmas)
 from .schedules import DEFAULT_SIGMA_MID, grid_levels, karras_sigmas, nearest_grid_index, training_grid, warn_off_grid
+
 
 SAMPLERS = ("onestep", "multistep", "heun", "euler", "progdist", "flowmap")
 

@@ -23,7 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .utils import at_least_fp32
+from .tensors import at_least_fp32, get_rng_state, set_rng_state
+
 
 JVPMode = Literal["jvp", "fd"]
 JVP_MODES = ("jvp", "fd")
@@ -60,7 +61,6 @@ def directional_derivative(fn: Callable[..., Tensor], primals: Sequence[Tensor],
         if mode == "jvp":
             out, dout = torch.func.jvp(fn, primals, tangents)
             return out, dout
-        from .losses.base import get_rng_state, set_rng_state
 
         state = get_rng_state(primals[0].device)  # the same dropout masks in all three passes
         out = fn(*primals)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CmkitError
+from .files import load_state, read_safetensors, read_torch_state_dict
+
 
 VGG_CFG = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512]
 TAPS = (3, 8, 15, 22, 29)          # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision numbering
@@ -53,8 +55,6 @@ class LPIPS(nn.Module):
     def from_file(cls, path: str | Path | None) -> "LPIPS":
         """The network from ``cmkit convert-lpips``'s safetensors file (or a plain tensor ``.pth`` of the same
         keys). A missing, unreadable, mismatched or non-finite file is one ``CmkitError`` line."""
-        from .checkpoint import load_state, read_safetensors, read_torch_state_dict
-
         hint = ("set loss.lpips_weights=PATH; make the file from the official ones with `cmkit convert-lpips "
                 "--lpips vgg.pth --vgg vgg16-397923af.pth`")
         if not path or not Path(path).expanduser().is_file():
@@ -108,3 +108,26 @@ class LazyLPIPS:
 
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         return self.load().to(a.device)(a, b)
+
+
+LPIPS_FILE = "data/lpips-vgg16.safetensors"  #: where the LPIPS presets look for their weights
+
+
+def convert_lpips(lpips_pth: str | Path, vgg_pth: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of ``cmkit.lpips.LPIPS`` from the official files: ``features.*`` from torchvision's VGG16
+    (its classifier is dropped) and ``lin{k}.weight`` from the lpips heads (``lin{k}.model.1.weight``, or
+    ``.model.0.`` when saved without dropout). Shapes and finiteness are checked by loading into ``LPIPS``."""
+    heads, vgg = read_torch_state_dict(lpips_pth, "LPIPS heads"), read_torch_state_dict(vgg_pth, "VGG16 weights")
+    sd = {k: v for k, v in vgg.items() if k.startswith("features.")}
+    for k in range(5):
+        found = [v for name, v in heads.items() if name in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight",
+                                                             f"lin{k}.weight")]
+        if not found:
+            raise CmkitError(f"{lpips_pth} has no lin{k}.model.1.weight: expected the lpips package's "
+                             "weights/v0.1/vgg.pth")
+        sd[f"lin{k}.weight"] = found[0]
+    model = LPIPS()
+    load_state(model, {k.replace("lin", "lins.", 1) if k.startswith("lin") else k: v for k, v in sd.items()},
+               f"{lpips_pth} + {vgg_pth}", "VGG16-LPIPS (13 convolutions, 5 heads)")
+    return {k.replace("lins.", "lin", 1) if k.startswith("lins.") else k: v.float().contiguous()
+            for k, v in model.state_dict().items()}

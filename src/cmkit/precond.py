@@ -21,9 +21,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .nets.embedding import PositionalEmbedding
 from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from .tensors import append_dims, as_sigma
 from .trigflow import t_from_sigma
-from .utils import append_dims, as_sigma
+
 
 Kind = Literal["edm", "cm", "trigflow", "meanflow"]
 KINDS = ("edm", "cm", "trigflow", "meanflow")
@@ -58,7 +60,6 @@ class AdaptiveWeight(nn.Module):
 
     def __init__(self, dim: int = 128):
         super().__init__()
-        from .nets.embedding import PositionalEmbedding  # here, not at the top: cmkit.nets imports precond
 
         self.emb = PositionalEmbedding(dim)
         self.linear = nn.Linear(dim, 1)

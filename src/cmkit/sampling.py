@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .schedules import SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from .solvers import euler_step, heun_step
-from .utils import append_dims
+from .tensors import append_dims
+
 
 NoiseSource = Union[torch.Generator, Sequence[torch.Generator], None]
 

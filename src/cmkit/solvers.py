@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .utils import append_dims
+from .tensors import append_dims
+
 
 Denoiser = Callable[..., Tensor]
 

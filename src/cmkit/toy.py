@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .utils import append_dims, as_sigma
+from .tensors import append_dims, as_sigma
 
 
 class GaussianMixture(nn.Module):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .utils import append_dims
+from .tensors import append_dims
 
 
 def t_from_sigma(sigma: Tensor, sigma_data: float) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 from ..config import dataclass_from_dict
 from ..errors import CmkitError
 
+
 #: SD-1.x/2.x VAE latent scale: OpenAI multiplies the *raw* latent by this itself (§1.3).
 SD_SCALING_FACTOR = 0.18215
 #: Per-channel statistics of scaled SD latents used by ``ldm_transform_latent`` (§1.3).

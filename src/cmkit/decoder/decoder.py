@@ -17,9 +17,10 @@ from .config import DecoderConfig
 from .latents import check_latents, normalize_latents
 from .sampler import sample
 from .schedule import DecoderSchedule
-from .torchscript import OPENAI_DECODER_SHA256
 from .unet import DecoderUNet
-from .weights import DecoderWeights, load_weights, save_cmkit
+from .weights import load_weights, save_cmkit, DecoderWeights
+from ..formats.torchscript import OPENAI_DECODER_SHA256
+
 
 DEFAULT_SCHEDULE = (1.0, 0.5)
 

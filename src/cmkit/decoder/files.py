@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..errors import CmkitError
-from ..utils import save_grid, save_images
+from ..imageio import save_grid, save_images
+
 
 LATENT_KEYS = ("latents", "latent", "z", "sample")
 LATENT_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")

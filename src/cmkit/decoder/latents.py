@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import CmkitError
 from .config import DecoderConfig
+from ..errors import CmkitError
+
 
 #: Raw SD latents have a per-channel std of ≈ 4–6 (≈ 1/0.18215 × 0.76–1.04); scaled ones ≈ 0.8–1.
 SCALED_STD_RANGE = (0.4, 1.8)
@@ -67,3 +68,20 @@ def normalize_latents(latents: Tensor, config: DecoderConfig) -> Tensor:
 def upsample_latents(z_norm: Tensor, config: DecoderConfig) -> Tensor:
     """Nearest-neighbour ×``upscale`` upsampling of the normalised latent, the decoder's conditioning (§1.4)."""
     return F.interpolate(z_norm, scale_factor=config.upscale, mode="nearest")
+
+
+def resolve_scaled(latents: torch.Tensor, mode: str, scaling_factor: float) -> bool:
+    """Whether to divide the latents by the scaling factor; ``auto`` refuses latents that look pre-scaled.
+
+    With a scaling factor of 1 (decoders trained by ``cmkit train-decoder``) raw and scaled latents coincide.
+    """
+    if mode != "auto":
+        return mode == "scaled"
+    if scaling_factor == 1.0:
+        return False
+    if looks_scaled(latents):
+        std = latents.float().std().item()
+        raise CmkitError(f"these latents look already multiplied by {scaling_factor} (std {std:.2f}, raw SD latents "
+                         "have std ≈ 5): pass --latents scaled if they come from a pipeline's output_type='latent', "
+                         "or --latents raw to decode them as they are")
+    return False

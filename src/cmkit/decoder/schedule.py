@@ -99,3 +99,26 @@ def steps_to_schedule(steps: int) -> tuple[float, ...]:
     if steps < 1:
         raise CmkitError(f"--steps must be at least 1, got {steps}")
     return tuple(1.0 - i / steps for i in range(steps))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+MAX_DECODE_STEPS = 1024  # the decoder's number of timesteps
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """'1.0,0.5' → (1.0, 0.5): fractions of the decoder's timesteps, finite, in (0, 1] and strictly decreasing."""
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise CmkitError(f"--schedule must be comma-separated fractions like 1.0,0.5; got {text!r}") from None
+    if not values:
+        raise CmkitError("--schedule is empty; give fractions like 1.0,0.5")
+    if not all(math.isfinite(v) and 0 < v <= 1 for v in values):
+        raise CmkitError(f"--schedule fractions must be finite numbers in (0, 1] like 1.0,0.5; got {text!r}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise CmkitError(f"--schedule fractions must decrease, each step to less noise (e.g. 1.0,0.5); got {text!r}")
+    if len(values) > MAX_DECODE_STEPS:
+        raise CmkitError(f"--schedule has {len(values)} fractions; at most {MAX_DECODE_STEPS} (one per timestep)")
+    return values

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import DecoderConfig
+from .config import SD_LATENT_MEAN, SD_LATENT_STD, SD_SCALING_FACTOR, DecoderConfig
 from .decoder import ConsistencyDecoder
 from .keys import DIFFUSERS_PREFIX, cmkit_to_openai
 
@@ -45,8 +45,6 @@ def random_decoder(config: DecoderConfig | None = None, seed: int = 0, *, dtype:
 
 def raw_latents(batch: int = 1, h: int = 8, w: int = 8, seed: int = 0) -> Tensor:
     """Latents distributed like raw SD-VAE latents: (N(mean, std²) per channel) / 0.18215 (§1.3)."""
-    from .config import SD_LATENT_MEAN, SD_LATENT_STD, SD_SCALING_FACTOR
-
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(batch, 4, h, w, generator=g)
     mean = torch.tensor(SD_LATENT_MEAN)[None, :, None, None]

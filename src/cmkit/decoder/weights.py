@@ -8,7 +8,7 @@ Reference doc §2.3 (checkpoint names and formats) and §1.2 (OpenAI's TorchScri
   the config comes from ``config.json`` beside the weights, else it is inferred from the tensor shapes.
 * **OpenAI** ``decoder.pt`` (TorchScript), read without running it (``torchscript.py``) and checked against
   the SHA-256 in its release URL; a ``torch.save``'d state dict in any of the layouts is read the same way.
-* **cmkit**: a model directory (``cmkit.checkpoint``: ``config.json`` + ``model.safetensors``, kind
+* **cmkit**: a model directory (``cmkit.formats.model_dir``: ``config.json`` + ``model.safetensors``, kind
   ``decoder``; the config is also stored in the safetensors metadata, so the file alone is enough), written by
   ``convert_decoder`` and by decoder training.
 
@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import CONFIG_FILE, MODEL_FILE, cmkit_tag, read_model_dir, save_model_dir
-from ..errors import CmkitError
 from .config import DecoderConfig
 from .keys import check_keys, is_diffusers_vae_layout, is_openai_layout, openai_to_cmkit, strip_diffusers_prefix
-from .torchscript import OPENAI_DECODER_SHA256, is_torch_zip, is_torchscript, read_torch_zip
 from .unet import DecoderUNet
+from ..errors import CmkitError
+from ..formats.model_dir import CONFIG_FILE, MODEL_FILE, cmkit_tag, read_model_dir, save_model_dir
+from ..formats.torchscript import OPENAI_DECODER_SHA256, is_torch_zip, is_torchscript, read_torch_zip
+
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 EXPECTED = ("a diffusers ConsistencyDecoderVAE/UNet2DModel .safetensors file or directory "
@@ -220,7 +221,7 @@ def _read(path: Path, verify: bool, expected_sha256: str) -> tuple[dict[str, Ten
 
 def save_cmkit(state_dict: dict[str, Tensor], config: DecoderConfig, out_dir: str | Path,
                dtype: torch.dtype | None = None, source: dict[str, Any] | None = None) -> Path:
-    """Write a cmkit model directory of kind ``decoder`` (``cmkit.checkpoint.save_model_dir``)."""
+    """Write a cmkit model directory of kind ``decoder`` (``cmkit.formats.model_dir.save_model_dir``)."""
     return save_model_dir(out_dir, state_dict, "decoder", config.to_dict(), {"source": source or {}}, dtype=dtype)
 
 

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from ..errors import CmkitError
+from ..imageio import read_image
+
 
 BUILTIN = ("center", "left", "right", "top", "bottom", "border")
 
@@ -50,7 +52,5 @@ def box_mask(box: str, size: int) -> Tensor:
 def load_mask(path: str | Path, size: int) -> Tensor:
     """A PNG mask: white (>= 128) = generate, black = keep. Must be size×size (read by :func:`read_image`:
     a missing, corrupt, oversized or wrongly sized file is one error line)."""
-    from ..utils import read_image
-
     a = read_image(path, "L", "mask", size=size)
     return torch.from_numpy((a >= 128).astype(np.float32))

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import CmkitError
 
+
 LUMA = (0.2989, 0.5870, 0.1140)
 
 

@@ -2,7 +2,7 @@
 by method name and passes the options the method takes (its constructor's parameters)."""
 from __future__ import annotations
 
-from .base import Loss, paired_passes, weighting
+from .base import paired_passes, weighting, Loss
 from .cd import CDLoss
 from .ct import CTLoss
 from .ect import ECTLoss
@@ -12,6 +12,7 @@ from .meanflow import MeanFlowLoss
 from .pd import PDLoss
 from .scm import SCDLoss, SCTLoss
 from .tcm import TCMLoss
+
 
 LOSSES = {"edm": EDMLoss, "cd": CDLoss, "ct": CTLoss, "ict": ICTLoss, "ect": ECTLoss, "pd": PDLoss,
           "sct": SCTLoss, "scd": SCDLoss, "meanflow": MeanFlowLoss, "tcm": TCMLoss}

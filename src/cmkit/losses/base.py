@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import SIGMA_DATA
+from ..tensors import get_rng_state, set_rng_state
 
 
 class Loss(Protocol):
@@ -46,18 +47,6 @@ def weighting(name: str, sigma: Tensor, sigma_data: float = SIGMA_DATA) -> Tenso
     if name == "truncated-snr":
         return snr.clamp(min=1)
     raise ValueError(f"unknown weighting {name!r}; expected uniform, snr, snr+1, karras or truncated-snr")
-
-
-def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """Capture the RNG that drives dropout on ``device`` (CPU, plus CUDA when used; CM gotcha §15.5)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def paired_passes(model: nn.Module, target: nn.Module, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor],

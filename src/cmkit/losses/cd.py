@@ -7,10 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
+from .base import WEIGHTINGS, paired_passes, weighting
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from ..solvers import SOLVERS
-from ..utils import append_dims
-from .base import WEIGHTINGS, paired_passes, weighting
+from ..tensors import append_dims
 
 
 class CDLoss:

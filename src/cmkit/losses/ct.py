@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ct_adaptive_schedule, karras_sigmas
-from ..utils import append_dims
 from .base import WEIGHTINGS, paired_passes, weighting
+from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ct_adaptive_schedule, karras_sigmas
+from ..tensors import append_dims
 
 
 class CTLoss:

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import default_huber_c, pseudo_huber
-from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
-from ..utils import append_dims
 from .base import WEIGHTINGS, paired_passes, weighting
+from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
+from ..tensors import append_dims
 
 
 class ECTLoss:

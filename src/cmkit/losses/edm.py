@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..guidance import drop_labels
 from ..schedules import SIGMA_DATA
-from ..utils import append_dims
+from ..tensors import append_dims
 
 
 class EDMLoss:

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from ..schedules import RHO, SIGMA_MAX, SIGMA_MIN, ict_num_scales, karras_sigmas, lognormal_index_probs
-from ..utils import append_dims
 from .base import paired_passes
+from ..schedules import RHO, SIGMA_MAX, SIGMA_MIN, ict_num_scales, karras_sigmas, lognormal_index_probs
+from ..tensors import append_dims
 
 
 class ICTLoss:

@@ -25,10 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ..jvp import JVP_MODES, directional_derivative
-from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
-from ..utils import append_dims
-from .base import get_rng_state, set_rng_state
 from .scm import unwrap
+from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from ..tensors import append_dims, get_rng_state, set_rng_state
 
 
 def meanflow_target(v: Tensor, t: Tensor, r: Tensor, dudt: Tensor) -> Tensor:

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .base import WEIGHTINGS, weighting
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..solvers import euler_step
-from ..utils import append_dims
-from .base import WEIGHTINGS, weighting
+from ..tensors import append_dims
 
 
 class PDLoss:

@@ -25,9 +25,8 @@ from torch import Tensor, nn
 from ..guidance import guided
 from ..jvp import JVP_MODES, directional_derivative
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from ..tensors import append_dims, get_rng_state, set_rng_state
 from ..trigflow import lognormal_t, sigma_from_t, velocity_from_denoiser
-from ..utils import append_dims
-from .base import get_rng_state, set_rng_state
 
 
 def unwrap(model: nn.Module) -> nn.Module:

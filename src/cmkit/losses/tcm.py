@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import default_huber_c, pseudo_huber
-from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
-from ..utils import append_dims
 from .base import paired_passes
 from .ect import ECTLoss
+from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
+from ..tensors import append_dims
 
 
 def truncated_log_sigma(batch: int, lo: float, hi: float, P_mean: float, P_std: float, df: float | None,

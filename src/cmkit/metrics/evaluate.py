@@ -19,13 +19,16 @@ import torch
 
 from ..errors import CmkitError
 from .features import FeatureExtractor
+from .fmnist_classifier import FMNISTExtractor
 from .frechet import feature_statistics, frechet_distance_stats, require_scipy
 from .idx import load_fmnist
 from .images import as_uint8_nhwc
+from .inception import InceptionExtractor
 from .inception_score import inception_score_from_logits
 from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
-from .reference import FMNIST_SPLITS, Reference, load_reference
+from .reference import FMNIST_SPLITS, load_reference, Reference
+
 
 FEATURE_SPACES = ("fmnist", "inception")
 
@@ -33,12 +36,8 @@ FEATURE_SPACES = ("fmnist", "inception")
 def extractor_class(features: str) -> type[FeatureExtractor]:
     """The extractor class of the feature space ``features`` (its ``dim``/``extra_dims``, without weights)."""
     if features == "fmnist":
-        from .fmnist_classifier import FMNISTExtractor
-
         return FMNISTExtractor
     if features == "inception":
-        from .inception import InceptionExtractor
-
         return InceptionExtractor
     raise CmkitError(f"unknown feature space {features!r}; expected one of {', '.join(FEATURE_SPACES)}")
 
@@ -50,12 +49,8 @@ def get_extractor(features: str = "fmnist", *, inception_weights: str | Path | N
     if batch_size:
         kwargs["batch_size"] = batch_size
     if features == "fmnist":
-        from .fmnist_classifier import FMNISTExtractor
-
         return FMNISTExtractor(**kwargs)
     if features == "inception":
-        from .inception import InceptionExtractor
-
         return InceptionExtractor(inception_weights, **kwargs)
     raise CmkitError(f"unknown feature space {features!r}; expected one of {', '.join(FEATURE_SPACES)}")
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..errors import CmkitError, optional_import
+from ..errors import optional_import, CmkitError
 
 
 @dataclass(frozen=True)

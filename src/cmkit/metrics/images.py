@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import CmkitError
+from ..imageio import read_npz_images
 
 
 def as_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -35,7 +36,5 @@ def as_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def load_images_npz(path: str | Path) -> np.ndarray:
     """Images stored as uint8 NHWC under ``arr_0`` (the format of cmkit and the reference code's samples);
-    read by :func:`cmkit.utils.read_npz_images`: any problem with the file is one :class:`CmkitError` line."""
-    from ..utils import read_npz_images
-
+    read by :func:`cmkit.imageio.read_npz_images`: any problem with the file is one :class:`CmkitError` line."""
     return read_npz_images(path, "samples file", square=False)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import CmkitError
 
+
 SPLIT_SIZE = 5000  # the evaluator's split_size
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CmkitError
+from ..imageio import check_nhwc, check_npz_archive
 from .features import FeatureExtractor
-from .frechet import FeatureStats, feature_statistics
+from .frechet import feature_statistics, FeatureStats
 from .idx import load_fmnist
 from .images import as_uint8_nhwc
 from .precision_recall import manifold_radii
+
 
 FMNIST_SPLITS = {"fmnist-test": "test", "fmnist-train": "train"}
 
@@ -136,8 +138,6 @@ def read_reference_npz(path: str | Path, dim: int | None = None, spatial_dim: in
     ``feature_space``, when given, must match a stored one. With ``images=False`` the images are checked but not
     returned. A file with neither images nor statistics, or with anything of the wrong shape, is one
     :class:`CmkitError` line."""
-    from ..utils import check_npz_archive, check_nhwc
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise CmkitError(f"reference file not found: {p} (give an .npz, fmnist-test or fmnist-train)")

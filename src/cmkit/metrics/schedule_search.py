@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CmkitError
 
+
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 ScoreFn = Callable[[list[float]], float]
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..guidance import keep_mask
-from ..utils import append_dims, as_sigma
+from ..tensors import append_dims, as_sigma
 
 
 def init_weight_(t: Tensor, mode: str, fan_in: int, fan_out: int, gain: float = 1.0) -> Tensor:

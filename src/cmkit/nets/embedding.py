@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..utils import at_least_fp32
+from ..tensors import at_least_fp32
 
 
 class PositionalEmbedding(nn.Module):

@@ -1,9 +1,9 @@
 """``cmkit serve``: a local web page to sample, edit by drawing, decode latents and watch training runs.
 
-Four tabs (``app.py``) over one backend (``backend.py``) that only calls cmkit's API: ``zoo`` and
-``checkpoint.load_model`` for models, ``generate.generate``/``resolve_sampler`` for sampling,
+Four tabs (``app.py``) over one backend (``backend.py``) that only calls cmkit's API: ``cmkit.formats.zoo`` and
+``cmkit.load.load_model`` for models, ``generate.generate``/``resolve_sampler`` for sampling,
 ``cmkit.editing.tasks`` for the six editing tasks, ``cmkit.decoder.ConsistencyDecoder`` for decoding, and
-``checkpoint.RunDir`` for a run's ``log.jsonl``, sample grids and config.
+``cmkit.formats.run_dir.RunDir`` for a run's ``log.jsonl``, sample grids and config.
 
 Why Gradio (``pip install 'cmkit[ui]'``, gradio 6): it is what the papers and model releases of this field ship
 their demos with, so users know it; it has the two components this page needs and that would otherwise be
@@ -23,5 +23,6 @@ links are resolved first, ``backend.PathPolicy``); shipped models are chosen by 
 from __future__ import annotations
 
 from .backend import Backend, PathPolicy
+
 
 __all__ = ["Backend", "PathPolicy"]

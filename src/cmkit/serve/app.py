@@ -21,7 +21,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CmkitError
-from .backend import MAX_FRAMES, MAX_SAMPLES, Backend, display_scale, one_line, upscale
+from ..imageio import make_grid
+from .backend import MAX_FRAMES, MAX_SAMPLES, display_scale, one_line, upscale, Backend
+
 
 SAMPLERS = ["auto", "onestep", "multistep", "heun", "euler", "progdist"]
 TASK_LABELS = {"inpaint": "inpaint (draw the region to fill)", "stroke": "stroke-guided (paint strokes)",
@@ -81,8 +83,6 @@ def _write_png(images: np.ndarray, name: str) -> str:
     """The native-size output as a PNG to download (a grid when there are several), in one temporary folder
     per process that is removed at exit (Gradio serves a copy from its own cache)."""
     from PIL import Image
-
-    from ..utils import make_grid
 
     if not _DOWNLOADS:
         _DOWNLOADS.append(Path(tempfile.mkdtemp(prefix="cmkit-serve-")))

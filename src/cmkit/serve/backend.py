@@ -25,8 +25,26 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import is_diffusion
+from ..datasets import SPLIT_DATASETS, load_dataset
+from ..decoder.decoder import ConsistencyDecoder
+from ..decoder.files import read_latents
+from ..decoder.latents import check_latents, resolve_scaled
+from ..decoder.schedule import DTYPES, MAX_DECODE_STEPS, parse_schedule, steps_to_schedule
+from ..denoiser_config import is_diffusion
+from ..editing import tasks
+from ..editing.editor import default_edit_sigmas
+from ..editing.transforms import LUMA
 from ..errors import CmkitError
+from ..formats.model_dir import MODEL_FILE, read_model_dir, resolve_model_dir
+from ..formats.run_dir import RunDir
+from ..formats.zoo import is_model_name, models_root, shipped_model_dir, shipped_models
+from ..generate import generate, multistep_sigmas, resolve_sampler
+from ..imageio import from_uint8, make_grid, to_uint8
+from ..inputs import check_seed, class_labels, parse_sigmas
+from ..load import load_model
+from ..sampling import nfe
+from ..schedules import off_grid_note, training_grid
+
 
 #: the most images one page request generates (a grid of 8×8)
 MAX_SAMPLES = 64
@@ -142,8 +160,6 @@ def display_scale(resolution: int, target: int = EDIT_DISPLAY) -> int:
 
 def grid_image(x: Tensor | np.ndarray, nrow: int | None = None, scale: int | None = None) -> np.ndarray:
     """A batch in [-1, 1] (or uint8 NHWC) → one uint8 RGB grid, small images upscaled to be visible."""
-    from ..utils import make_grid, to_uint8
-
     a = to_uint8(x) if isinstance(x, Tensor) else x
     scale = scale or max(1, 64 // a.shape[1])
     return make_grid(a, nrow=nrow, scale=scale)
@@ -179,8 +195,6 @@ def to_model_image(a: np.ndarray, channels: int, resolution: int, what: str = "t
         alpha = a[..., 3:4].astype(np.float64) / 255  # transparent pixels over black, the datasets' background
         a = (a[..., :3] * alpha).round().astype(np.uint8)
     if channels == 1 and a.shape[2] == 3:
-        from ..editing.transforms import LUMA
-
         w_ = np.asarray(LUMA, np.float64)
         a = (a.astype(np.float64) @ (w_ / w_.sum())).round().clip(0, 255).astype(np.uint8)[..., None]
     elif channels == 3 and a.shape[2] == 1:
@@ -190,8 +204,6 @@ def to_model_image(a: np.ndarray, channels: int, resolution: int, what: str = "t
 
 def to_tensor(a: np.ndarray) -> Tensor:
     """uint8 (R, R, C) → (1, C, R, R) in [-1, 1]."""
-    from ..utils import from_uint8
-
     return from_uint8(a[None])
 
 
@@ -238,8 +250,6 @@ class Backend:
         """Shipped model names, then the runs under --runs whose export samples: diffusion and consistency
         models (kind ``denoiser``), not autoencoders or decoders; ``consistency_only`` also leaves out diffusion
         models (the editing tasks need a one-step generator)."""
-        from ..zoo import models_root, shipped_models
-
         def samples(config_json: Path) -> bool:
             try:
                 meta = json.loads(config_json.read_text())
@@ -258,9 +268,6 @@ class Backend:
 
     def model_dir(self, ref: str) -> Path:
         """A shipped name, or an allowed path of a model or run directory → the model directory."""
-        from ..checkpoint import resolve_model_dir
-        from ..zoo import is_model_name, shipped_model_dir
-
         ref = (ref or "").strip()
         if not ref:
             raise CmkitError("choose a model: a shipped name (see `cmkit models`) or a model/run directory")
@@ -285,9 +292,6 @@ class Backend:
         return d
 
     def load(self, ref: str) -> Loaded:
-        from ..checkpoint import MODEL_FILE, load_model, read_model_dir
-        from ..schedules import training_grid
-
         d = self.model_dir(ref)
         weights = d / MODEL_FILE
         if not weights.is_file():
@@ -303,8 +307,6 @@ class Backend:
 
     def model_info(self, ref: str) -> dict[str, Any]:
         """What the page shows when a model is chosen: a description and the σ schedules it offers."""
-        from ..generate import multistep_sigmas
-
         m = self.load(ref)
         c = m.cfg.model
         info = {"description": m.description, "kind": "consistency model" if m.is_cm else "diffusion (EDM) model",
@@ -324,8 +326,6 @@ class Backend:
     def teacher_for(self, ref: str) -> str | None:
         """The teacher of a distilled model: its recorded teacher when it can be found, else a shipped EDM model
         of the same data and size; a diffusion model is its own."""
-        from ..zoo import models_root, shipped_model_dir, shipped_models
-
         m = self.load(ref)
         if not m.is_cm:
             return ref
@@ -354,10 +354,6 @@ class Backend:
 
     def sample(self, ref: str, sampler: str = "auto", steps: int | None = None, sigmas: str = "", seed: int = 0,
                n: int = 16, classes: str = "") -> Result:
-        from ..cli_options import check_seed, class_labels, parse_sigmas
-        from ..generate import generate, resolve_sampler
-        from ..sampling import nfe
-
         n, seed = _int(n, "number of images", 1, MAX_SAMPLES), _int(seed, "seed", 0, 2**62)
         steps = None if steps in (None, "", 0) else _int(steps, "steps", 1, MAX_PAGE_STEPS)
         check_seed(seed, count=n)
@@ -377,11 +373,8 @@ class Backend:
         info = (f"**{ref}**: {sampler_name}, {evals} network evaluation{'s' if evals > 1 else ''} (NFE){sig}; "
                 f"{n} image{'s' if n > 1 else ''}, **{ms:.1f} ms per image**")
         if (sigmas or "").strip() and sampler_name == "multistep":
-            from ..schedules import off_grid_note
-
             note = off_grid_note(sigma_list, m.grid)
             info += f"  \nnote: {note}" if note else ""
-        from ..utils import to_uint8
 
         r = Result({"grid": grid_image(x, nrow=min(8, n))}, info, to_uint8(x))
         r.extra.update(nfe=evals, ms_per_image=ms, sampler=sampler_name)
@@ -419,8 +412,6 @@ class Backend:
 
     def held_out(self, ref: str, index: int = 0) -> np.ndarray:
         """Image ``index`` of the held-out (test) split of the model's data set, uint8 (R, R, C)."""
-        from ..datasets import SPLIT_DATASETS, load_dataset
-
         m = self.editable(ref)
         name = m.cfg.data.name
         if name not in SPLIT_DATASETS:
@@ -440,10 +431,6 @@ class Backend:
              sigma_start: float = 5.0, factor: int = 4, frames: int = 9, seed: int = 0, seed2: int = 1,
              image2: np.ndarray | None = None) -> Result:
         """Run one editing task on ``image`` (uint8 (R, R, C), the model's size) with what was drawn on it."""
-        from ..editing import tasks
-        from ..editing.editor import default_edit_sigmas
-        from ..utils import to_uint8
-
         if task not in TASKS:
             raise CmkitError(f"unknown editing task {task!r}; expected one of {', '.join(TASKS)}")
         m = self.editable(ref)
@@ -526,11 +513,6 @@ class Backend:
     def decode(self, latents: str, weights: str, steps: int | None = 2, schedule: str = "", dtype: str = "fp32",
                tile: int | None = None, seed: int = 0) -> Result:
         """Latents file + decoder weights (paths on the server, under the allowed paths) → images."""
-        from ..decoder import ConsistencyDecoder, steps_to_schedule
-        from ..decoder.cli import DTYPES, MAX_DECODE_STEPS, parse_schedule, resolve_scaled
-        from ..decoder.files import read_latents
-        from ..decoder.latents import check_latents
-
         lat_path = self.policy.check(latents, "latents file")
         w_path = self.policy.check(weights, "decoder weights")
         if not w_path.exists():
@@ -555,7 +537,6 @@ class Backend:
             x = dec.decode(z, sched, torch.Generator().manual_seed(_int(seed, "seed", 0, 2**62)), tile=tile,
                            tile_overlap=None if tile is None else max(0, tile // 4), scaled=scaled)
             seconds = time.perf_counter() - t0
-        from ..utils import to_uint8
 
         info = (f"decoded {tuple(z.shape)} → {tuple(x.shape)} with t = {dec.timesteps(sched)} ({dtype}"
                 f"{f', tiles of {tile}' if tile else ''}) in **{seconds:.2f} s**; peak memory {peak.describe()}")
@@ -567,8 +548,6 @@ class Backend:
 
     def list_runs(self) -> list[str]:
         """Runs under --runs (two levels deep), as paths relative to it, newest first."""
-        from ..checkpoint import RunDir
-
         if self.runs_root is None or not self.runs_root.is_dir():
             return []
         found = []
@@ -581,8 +560,6 @@ class Backend:
         return [str(p.relative_to(self.runs_root)) for p in found]
 
     def run_dir(self, name: str) -> Path:
-        from ..checkpoint import RunDir
-
         if self.runs_root is None:
             raise CmkitError("no runs directory: start `cmkit serve --runs DIR`")
         name = (name or "").strip()
@@ -612,8 +589,6 @@ class Backend:
     def run_view(self, name: str) -> dict[str, Any]:
         """Log rows, sample grids over time, config and a status line of one run."""
         from PIL import Image
-
-        from ..checkpoint import RunDir
 
         run = RunDir(self.run_dir(name))
         rows = run.read_log()

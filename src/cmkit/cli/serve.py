@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import CmkitError
+from .options import add_device_option, add_threads_option
+from ..errors import optional_import, CmkitError
+from ..inputs import apply_threads, check_device, check_threads
+from ..serve.app import CSS, build, theme
+from ..serve.backend import Backend
+
 
 DEFAULT_PORT = 7860
 #: the largest upload the page accepts (an image of a model's size is a few kB)
@@ -41,8 +46,6 @@ def bind_warning(host: str) -> str | None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from ..cli_options import check_device, check_threads
-
     if not 0 <= args.port <= 65535:
         raise CmkitError(f"--port must be between 0 and 65535; got {args.port}")
     if not args.host.strip():
@@ -58,14 +61,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``cmkit serve``: check, warn about a non-local host, build the page and serve until Ctrl-C."""
-    from ..cli_options import apply_threads
-    from ..errors import optional_import
-
     check_args(args)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports: the page talks to this server only
     optional_import("gradio", "ui", "cmkit serve")
-    from .app import CSS, build, theme
-    from .backend import Backend
 
     warning = bind_warning(args.host)
     if warning:
@@ -85,8 +83,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     """Register ``cmkit serve``."""
-    from ..cli_options import add_device_option, add_threads_option
-
     p = subparsers.add_parser(
         "serve", help="a local web page to sample, edit by drawing, decode and watch training runs",
         description="Serve a web page on this machine: sample any shipped or trained model (1-step, n-step, the "

@@ -25,12 +25,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cli_options import (IMAGE_SUFFIXES, MAX_STEPS, add_class_option, add_device_option, add_output_option,
-                           add_sampling_options, add_threads_option, apply_threads, check_device,
-                           check_distinct_outputs, check_numbered_outputs, check_float, check_int, check_model_arg, check_output, check_seed,
-                           check_threads, class_labels, parse_sigmas)
+from .options import add_class_option, add_device_option, add_output_option, add_sampling_options, add_threads_option
+from ..editing import tasks
+from ..editing.editor import default_edit_sigmas
+from ..editing.masks import BUILTIN, box_mask, builtin_mask, load_mask
+from ..editing.tasks import STROKE_SIGMA
 from ..errors import CmkitError
-from .tasks import STROKE_SIGMA
+from ..imageio import from_uint8, read_image, read_npz_images, save_grid, save_images, save_npz
+from ..inputs import (IMAGE_SUFFIXES, MAX_STEPS, apply_threads, check_device, check_distinct_outputs, check_float,
+    check_int, check_model_arg, check_numbered_outputs, check_output, check_seed, check_threads, class_labels,
+    parse_sigmas)
+from ..load import load_model
+from ..sampling import validate_sigmas
+from ..schedules import training_grid
+
 
 # task → one-line description (the listing of `cmkit edit --help`)
 TASK_HELP = {
@@ -52,9 +60,7 @@ def load_images(path: str, channels: int, size: int, index: int | None = None, w
     """PNG/JPEG (one image) or .npz (uint8 NHWC under arr_0; ``index`` picks one) → (B, C, size, size) in [-1, 1].
 
     Every problem (missing, corrupt, 16-bit handled, float arrays, wrong shape or size, ``index`` out of range) is
-    one :class:`CmkitError` line (:func:`cmkit.utils.read_image`, :func:`cmkit.utils.read_npz_images`)."""
-    from ..utils import from_uint8, read_image, read_npz_images
-
+    one :class:`CmkitError` line (:func:`cmkit.imageio.read_image`, :func:`cmkit.imageio.read_npz_images`)."""
     p = Path(path)
     if p.suffix.lower() == ".npz":
         a = read_npz_images(p, what)
@@ -80,8 +86,6 @@ def load_images(path: str, channels: int, size: int, index: int | None = None, w
 def _sigma_list(args: argparse.Namespace) -> list[float] | None:
     """σ levels of an Algorithm-4 task: --sigmas as given, else --steps levels of the Karras grid, else None
     (the task's default, 18 levels)."""
-    from .editor import default_edit_sigmas
-
     if args.sigmas:
         return parse_sigmas(args.sigmas)
     return default_edit_sigmas(args.steps, grid=args.grid) if args.steps else None
@@ -93,8 +97,6 @@ MAX_FRAMES = 1000
 
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading the model: outputs, inputs, numbers, σ lists."""
-    from .masks import BUILTIN
-
     check_threads(args.threads)
     check_model_arg(args.model)
     args.device = check_device(args.device)
@@ -146,8 +148,6 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 def _check_with_model(args: argparse.Namespace, cfg: Any) -> None:
     """The checks that need the model's σ range and image size, right after loading it and before any work."""
-    from ..sampling import validate_sigmas
-
     c = cfg.model
     lo, hi = c.sigma_min, c.sigma_max
     what = "the model's σ range"
@@ -186,9 +186,6 @@ Handler = Callable[[argparse.Namespace, Any, int, int, torch.Generator], Edited]
 
 
 def _inpaint(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    from . import tasks
-    from .masks import box_mask, builtin_mask, load_mask
-
     y = load_images(args.input, C, R, args.index, device=args.device)
     mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
             else builtin_mask(args.builtin or "center", R)).to(args.device)
@@ -197,8 +194,6 @@ def _inpaint(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gene
 
 
 def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    from . import tasks
-
     if C != 3:
         raise CmkitError("colorization needs a colour (3-channel) model")
     gray = tasks.to_gray3(load_images(args.input, 3, R, args.index, device=args.device))
@@ -207,8 +202,6 @@ def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
 
 
 def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    from . import tasks
-
     low = load_images(args.input, C, R // args.factor, args.index, device=args.device)
     out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g, grid=args.grid,
                               **_cond(args, len(low)))
@@ -216,8 +209,6 @@ def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gen
 
 
 def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    from . import tasks
-
     y = load_images(args.input, C, R, args.index, device=args.device)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
     out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g, grid=args.grid,
@@ -226,8 +217,6 @@ def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gener
 
 
 def _denoise(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    from . import tasks
-
     y = load_images(args.input, C, R, args.index, device=args.device)
     if args.add_noise:
         y = y + args.sigma * torch.randn(y.shape, generator=g).to(y.device)
@@ -236,8 +225,6 @@ def _denoise(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Gene
 
 
 def _interpolate(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    from . import tasks
-
     if args.input or args.input2:
         if not (args.input and args.input2):
             raise CmkitError("interpolating images needs --input and --input2")
@@ -262,8 +249,6 @@ HANDLERS: dict[str, Handler] = {"inpaint": _inpaint, "colorize": _colorize, "sup
 def write_outputs(args: argparse.Namespace, out: Tensor, panel: list[Tensor], labels: Tensor | None) -> None:
     """-o (the images at the model's size, numbered when several), --npz, --grid and --panel. Every file is
     checked before the first is written, so nothing is half-written or replaced without --overwrite."""
-    from ..utils import save_grid, save_images, save_npz
-
     files = []
     if args.out:
         check_numbered_outputs(args.out, len(out), args.overwrite)
@@ -284,8 +269,6 @@ def write_outputs(args: argparse.Namespace, out: Tensor, panel: list[Tensor], la
 
 def run_edit(args: argparse.Namespace) -> int:
     """Handler of ``cmkit edit TASK``: check the arguments, load the model, run the task, write the outputs."""
-    from ..checkpoint import load_model
-
     _check_args(args)
     apply_threads(args.threads)
     model, cfg = load_model(args.model, device=args.device)
@@ -294,7 +277,6 @@ def run_edit(args: argparse.Namespace) -> int:
     _check_with_model(args, cfg)
     args.num_classes = cfg.model.num_classes
     class_labels(args.classes, args.num_classes, 1)  # --class for an unconditional model or out of range: now
-    from ..schedules import training_grid
 
     args.grid = training_grid(cfg)  # default σ lists lie on the grid the model was trained on
     C, R = cfg.model.in_channels, cfg.model.img_resolution

@@ -1,7 +1,7 @@
 """Run configs of the KL autoencoder and of the consistency decoder trained on its latents.
 
 Both are ``cmkit.config.RunConfig`` s with the shared ``data`` and ``train`` sections, so overrides,
-validation, presets (``cmkit.presets``: ``fmnist-ae``, ``fmnist-cdec``, ``digits-ae``, ``digits-cdec``), the
+validation, presets (``cmkit.training.presets``: ``fmnist-ae``, ``fmnist-cdec``, ``digits-ae``, ``digits-cdec``), the
 loop and the run directory are those of every other run.
 """
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..config import DataConfig, DataName, RunConfig, TrainConfig, require
+from ..config import require, DataConfig, DataName, RunConfig, TrainConfig
+from ..decoder.consistency import check_gaps
 
 
 @dataclass
@@ -33,7 +34,7 @@ def _train(**values) -> TrainConfig:
 
 @dataclass
 class AutoencoderModelConfig:
-    """``cmkit.autoencoder.AutoencoderConfig`` as a config section."""
+    """``cmkit.nets.autoencoder.AutoencoderConfig`` as a config section."""
 
     in_channels: int = 1                       # image channels (1 for Fashion-MNIST and digits, 3 for RGB)
     channels: tuple[int, ...] = (16, 32, 64)   # widths per level; the latent is at 1/2^(levels-1)
@@ -54,7 +55,7 @@ class AutoencoderLossConfig:
 
 @dataclass
 class AutoencoderRunConfig(RunConfig):
-    """A KL autoencoder run (``cmkit.autoencoder``)."""
+    """A KL autoencoder run (``cmkit.nets.autoencoder``)."""
 
     kind: ClassVar[str] = "autoencoder"
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
@@ -106,7 +107,6 @@ class DecoderRunConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        from .consistency import check_gaps
 
         self.data.check()
         m = self.model

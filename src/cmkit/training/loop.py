@@ -6,7 +6,7 @@ NaN/inf guard (agreed over all processes: skip the step without advancing the op
 task's schedules) → optional gradient clipping → optimizer → evaluation EMAs → ``task.after_update``
 (e.g. the CM target network θ⁻ ← μθ⁻ + (1-μ)θ, after the EMAs as in the CM reference code).
 
-The loop owns the progress bar, the JSONL log, sample grids, checkpoints (``cmkit.checkpoint.RunDir``),
+The loop owns the progress bar, the JSONL log, sample grids, checkpoints (``cmkit.formats.run_dir.RunDir``),
 the exact resume (weights, EMAs, optimizer, step, the global torch RNG and the task's noise generator of
 every process; batches are a pure function of (seed, step)), the divergence guard and DDP under
 ``torchrun`` (gloo on CPU, NCCL on GPU).
@@ -19,66 +19,21 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
-from . import distributed as dist
-from .checkpoint import RunDir, save_model_dir, write_json
-from .config import RUN_CONTROL_KEYS, RunConfig
-from .ema import ema_update, make_copy
-from .errors import CmkitError
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where a task runs: its device and its place among the processes."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-
-
-class Task(Protocol):
-    """What the loop needs from one kind of run."""
-
-    name: str              # progress-bar label
-    model: nn.Module       # the trained (online) network θ
-
-    @staticmethod
-    def build_model(cfg: Any) -> nn.Module:
-        """The freshly initialised network of a config (no data, no weights files)."""
-        ...
-
-    @staticmethod
-    def build_loss(cfg: Any) -> Any:
-        """The loss object of a config (no data, no weights files)."""
-        ...
-
-    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """Mean loss of this process's batch at ``step`` (``net`` is ``model``, DDP-wrapped when distributed)
-        and extra values to log."""
-        ...
-
-    def after_update(self, step: int) -> None:
-        """Work after a successful update and the EMAs (e.g. a target network); ``step`` is the one just done."""
-        ...
-
-    def extra_modules(self) -> dict[str, nn.Module]:
-        """Modules besides the model and its EMAs that a checkpoint must hold (e.g. ``target``)."""
-        ...
-
-    def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """(kind, model config, extra config.json entries) of the exported model directory."""
-        ...
-
-    def sample(self, model: nn.Module, out: Path, step: int) -> None:
-        """Write sample grids of ``model`` (the first EMA) into ``out``."""
-        ...
+from .. import distributed as dist
+from ..config import RUN_CONTROL_KEYS, RunConfig
+from ..ema import ema_update, make_copy
+from ..errors import CmkitError
+from ..files import write_json
+from ..formats.model_dir import save_model_dir
+from ..formats.run_dir import RunDir
+from .kinds import run_kind
+from .task import Context, Task
 
 
 @contextmanager
@@ -132,17 +87,6 @@ class StopRequest:
                   "(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
-def task_class(kind: str) -> Any:
-    """The task class of a run config's kind (imports only what that kind needs)."""
-    if kind == "denoiser":
-        from .train import DenoiserTask
-
-        return DenoiserTask
-    from .decoder import train as dec
-
-    return {"autoencoder": dec.AutoencoderTask, "decoder": dec.DecoderTask}[kind]
-
-
 class Loop:
     """Build a run from its config, then ``run()``; resumes exactly with ``train.resume=true``."""
 
@@ -169,7 +113,7 @@ class Loop:
             torch.set_num_threads(t.num_threads)
         torch.manual_seed(t.seed + rank)  # initialisation, dropout and the CM losses' noise; saved per rank
         self.generator = torch.Generator().manual_seed(t.seed + rank)  # the tasks that take a generator
-        self.task: Task = task_class(cfg.kind)(cfg, self.ctx)
+        self.task: Task = run_kind(cfg.kind).task(cfg, self.ctx)
         self.model = self.task.model.to(device).train()
         self.net: nn.Module = nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
         self.emas = [make_copy(self.model) for _ in t.ema_rates]
@@ -388,7 +332,7 @@ def dry_run(cfg: RunConfig) -> str:
     Returns a one-line summary. Raises ``CmkitError`` for any config problem, before any data is loaded.
     """
     cfg.validate()
-    task = task_class(cfg.kind)
+    task = run_kind(cfg.kind).task
     loss = task.build_loss(cfg)
     with torch.device("meta"):  # the network's size without allocating it (ImageNet-64 presets included)
         model = task.build_model(cfg)

@@ -11,12 +11,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_options import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, add_class_option, add_output_option, add_sampling_options, apply_threads,
-                           check_device, check_int, check_model_arg, check_output, check_seed,
-                           check_threads, parse_sigmas)
+from .options import add_class_option, add_output_option, add_sampling_options
 from ..errors import CmkitError
-from .evaluate import FEATURE_SPACES, evaluate_images
-from .images import load_images_npz
+from ..generate import generate, resolve_sampler
+from ..imageio import to_uint8
+from ..inputs import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int, check_model_arg,
+    check_output, check_seed, check_threads, class_labels, parse_sigmas)
+from ..load import load_model
+from ..metrics.evaluate import FEATURE_SPACES, evaluate_images, extractor_class
+from ..metrics.frechet import require_scipy
+from ..metrics.images import load_images_npz
+from ..metrics.reference import read_reference_npz
+
 
 MAX_KID_SUBSETS = 10_000  # the reference code uses 100
 _ROWS = (("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
@@ -94,29 +100,19 @@ def check_eval_args(args: argparse.Namespace) -> None:
 def _check_reference_npz(path: Path, features: str = "fmnist") -> None:
     """A reference .npz with images (arr_0) and/or statistics of the shapes of the ``features`` space, checked
     before any sampling or feature extraction (images by their header only)."""
-    from .evaluate import extractor_class
-    from .reference import read_reference_npz
-
     cls = extractor_class(features)
     read_reference_npz(path, cls.dim, cls.extra_dims.get("spatial"), cls.name, images=False)
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """``cmkit eval``: samples from --samples, or generated from --model with the chosen sampler."""
-    from .frechet import require_scipy
-
     require_scipy()  # before any sampling: a core install says which extra to add, at once
     check_eval_args(args)
     apply_threads(args.threads)
     if args.model is not None:
-        from ..checkpoint import load_model
-        from ..generate import generate, resolve_sampler
-        from ..utils import to_uint8
-
         sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
         model, cfg = load_model(args.model, device=args.device)
         sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
-        from ..cli_options import class_labels
 
         x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
                         labels=class_labels(args.classes, cfg.model.num_classes, args.n), bf16=args.bf16)

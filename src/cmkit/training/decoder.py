@@ -1,9 +1,9 @@
 """Training a consistency decoder for any latent autoencoder, and the small KL autoencoder to prove it on.
 
-Two stages, each a task of the one training loop (``cmkit.loop``; ``cmkit train --preset fmnist-ae`` then
+Two stages, each a task of the one training loop (``cmkit.training.loop``; ``cmkit train --preset fmnist-ae`` then
 ``cmkit train --preset fmnist-cdec``):
 
-1. ``AutoencoderTask``: a ``KLAutoencoder`` (``cmkit.autoencoder``: L1/L2 reconstruction + β·KL,
+1. ``AutoencoderTask``: a ``KLAutoencoder`` (``cmkit.nets.autoencoder``: L1/L2 reconstruction + β·KL,
    Rombach et al. 2022) on images padded to ``image_size``; exports ``model/`` (EMA weights).
 2. ``DecoderTask``: a ``DecoderUNet`` conditioned on the nearest-upsampled, normalised latents
    μ(x) of that (frozen) autoencoder, trained by consistency training on the released decoder's own
@@ -28,17 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..autoencoder import AutoencoderConfig, KLAutoencoder
-from ..datasets import Batches, ImageData, load_dataset
+from ..datasets import load_dataset, Batches, ImageData
+from ..decoder.config import DecoderConfig
+from ..decoder.consistency import DecoderConsistencyLoss
+from ..decoder.decoder import ConsistencyDecoder
+from ..decoder.latents import normalize_latents
+from ..decoder.unet import DecoderUNet
 from ..errors import CmkitError
-from ..loop import Context
-from ..utils import save_grid
-from .config import DecoderConfig
-from .consistency import DecoderConsistencyLoss
-from .decoder import ConsistencyDecoder
-from .latents import normalize_latents
-from .train_config import AutoencoderRunConfig, DecoderRunConfig
-from .unet import DecoderUNet
+from ..formats.model_dir import read_model_dir
+from ..imageio import save_grid
+from ..nets.autoencoder import AutoencoderConfig, KLAutoencoder
+from .decoder_config import AutoencoderRunConfig, DecoderRunConfig
+from .task import Context
+
 
 GRID_IMAGES = 8
 
@@ -193,8 +195,6 @@ class DecoderTask:
     def dry_config(cfg: DecoderRunConfig) -> DecoderConfig:
         """The decoder config for the autoencoder's latent space (its config.json, not its weights) with the
         latent statistics left at 0 and 1 (they are measured on the data when the run starts)."""
-        from ..checkpoint import read_model_dir
-
         try:
             ae = AutoencoderConfig.from_dict(read_model_dir(cfg.model.autoencoder, "autoencoder").config)
         except CmkitError as e:

@@ -7,14 +7,41 @@ User errors print one line (``cmkit: error: ...``) and exit with status 2; no tr
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import CmkitError
+from .decoder import add_cli as add_decoder
+from .edit import add_cli as add_edit
+from .eval import add_cli as add_eval
+from .options import add_class_option, add_output_option, add_sampling_options, add_threads_option
+from .serve import add_cli as add_serve
+from ..config import set_value
+from ..datasets import DATASETS, SPLIT_DATASETS, load_dataset
+from ..denoiser_config import Config
+from ..distributed import cpu_name
+from ..editing.gallery import stroke_painting
+from ..errors import CmkitError
+from ..files import load_state, read_safetensors
+from ..formats.adm_weights import (RELEASED_MODELS, export_diffusers_pipeline, read_released, released_model_config,
+    released_name, released_overrides)
+from ..formats.cifar10 import CIFAR10_TRAIN, prepare_cifar10
+from ..formats.detect import checkpoint_format, read_released_net
+from ..formats.model_dir import read_model_dir, save_model_dir
+from ..formats.run_dir import RunDir
+from ..formats.zoo import models_root, shipped_models
+from ..generate import generate, resolve_sampler
+from ..imageio import from_uint8, save_grid, save_images, save_npz
+from ..inputs import (IMAGE_SUFFIXES, MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int,
+    check_model_arg, check_numbered_outputs, check_output, check_seed, check_threads, class_labels, parse_sigmas)
+from ..load import config_for, load_model
+from ..lpips import LPIPS_FILE, convert_lpips
+from ..schedules import training_grid
+from ..training.loop import dry_run, train
+from ..training.presets import PRESETS, get_config, missing_inputs, run_config
+
 
 EXAMPLES = """examples:
   cmkit presets
@@ -29,8 +56,6 @@ EXAMPLES = """examples:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import PRESETS
-
     width = max(map(len, PRESETS))
     for name, p in PRESETS.items():
         kind = "" if p.kind == "denoiser" else f"[{p.kind}] "
@@ -39,8 +64,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .zoo import models_root, shipped_models
-
     names = shipped_models()
     if not names:
         print("no shipped models in this installation")
@@ -54,10 +77,6 @@ def cmd_images(args: argparse.Namespace) -> int:
     """Write images of a data set to files: editing inputs (held-out test images, their low-resolution or stroke
     versions) and .npz sets, without writing any Python."""
     import torch
-
-    from .cli_options import IMAGE_SUFFIXES, check_int, check_numbered_outputs, check_output
-    from .datasets import DATASETS, SPLIT_DATASETS, load_dataset
-    from .utils import from_uint8, save_images, save_npz
 
     if args.data not in DATASETS:
         raise CmkitError(f"unknown data set {args.data!r}; expected one of {', '.join(DATASETS)}")
@@ -79,8 +98,6 @@ def cmd_images(args: argparse.Namespace) -> int:
             raise CmkitError(f"--downsample {args.downsample} does not divide the {x.shape[-1]}×{x.shape[-2]} images")
         x = torch.nn.functional.avg_pool2d(x, args.downsample)  # the patch averages that `edit superres` keeps
     if args.strokes:
-        from .editing.gallery import stroke_painting
-
         x = stroke_painting(x)
     if suffix == ".npz":
         save_npz(x, out, labels)
@@ -95,9 +112,6 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """``cmkit prepare-data cifar10 ARCHIVE``: the official archive → the .npz the CIFAR-10 presets read."""
-    from .cli_options import check_output
-    from .prepare import CIFAR10_TRAIN, prepare_cifar10
-
     if args.dataset != "cifar10":
         raise CmkitError(f"prepare-data knows cifar10 (the official cifar-10-python.tar.gz), not {args.dataset!r}")
     default = CIFAR10_TRAIN if args.split == "train" else CIFAR10_TRAIN.replace("train", "test")
@@ -111,9 +125,6 @@ def cmd_convert_lpips(args: argparse.Namespace) -> int:
     """``cmkit convert-lpips``: the lpips package's heads + torchvision's VGG16 → loss.lpips_weights."""
     from safetensors.torch import save_file
 
-    from .cli_options import check_output
-    from .prepare import LPIPS_FILE, convert_lpips
-
     out = check_output(args.out or LPIPS_FILE, "-o", args.overwrite, suffixes=(".safetensors",))
     sd = convert_lpips(args.lpips, args.vgg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,9 +135,6 @@ def cmd_convert_lpips(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Resolve a preset of any kind with overrides; --dry-run builds model, loss and optimizer, then prints."""
-    from .loop import dry_run, train
-    from .presets import get_config, missing_inputs, run_config
-
     overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
     overrides += [f"train.num_threads={args.threads}"] if args.threads else []
     if args.resume and args.preset and args.preset != args.default_preset:
@@ -154,13 +162,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .cli_options import (IMAGE_SUFFIXES, MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int,
-                              check_model_arg, check_output, check_seed, check_threads,
-                              parse_sigmas)
-    from .generate import generate, resolve_sampler
-    from .utils import save_grid, save_npz
-
     check_model_arg(args.model)
     check_int(args.n, "-n", maximum=MAX_IMAGES)
     check_int(args.batch_size, "--batch-size", maximum=MAX_BATCH)
@@ -176,7 +177,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     model, cfg = load_model(args.model, device=args.device)
     sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
-    from .cli_options import class_labels
 
     x, labels = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
                          labels=class_labels(args.classes, cfg.model.num_classes, args.n), bf16=args.bf16)
@@ -194,9 +194,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     import os
 
     import torch
-
-    from .checkpoint import RunDir, read_model_dir, read_safetensors, save_model_dir
-    from .utils import cpu_name
 
     run = RunDir(args.run)
     if not args.out:
@@ -226,14 +223,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """A released consistency-models checkpoint (openai .pt or diffusers UNet2DModel) → a cmkit model directory."""
-    from .config import Config, set_value
-    from .nets.adm_weights import read_released, released_model_config, released_name, released_overrides
-
     if not args.out:
         raise CmkitError("convert needs an output directory: -o DIR")
     if Path(args.out).exists() and not args.overwrite:
         raise CmkitError(f"{args.out} exists; pass --overwrite to replace it")
-    from .nets.released import checkpoint_format
 
     if checkpoint_format(args.src) in ("edm-pickle", "flax-msgpack"):
         return _convert_released_net(args)
@@ -276,8 +269,6 @@ def attention_head_width(args: argparse.Namespace, known: dict[str, Any], name: 
 def _convert_released_net(args: argparse.Namespace) -> int:
     """An EDM-style pickle (NVlabs/edm, ECT; read without running its code) or a Flax CIFAR-10 checkpoint
     (openai/consistency_models_cifar10; its EMA parameters) → a cmkit model directory."""
-    from .nets.released import config_for, read_released_net
-
     section, state, fmt = read_released_net(args.src, args.precond, args.image_size)
     return _write_converted(args, config_for(section), state, fmt)
 
@@ -285,8 +276,6 @@ def _convert_released_net(args: argparse.Namespace) -> int:
 def _write_converted(args: argparse.Namespace, cfg: Any, state: dict[str, Any], fmt: str) -> int:
     """Load a converted backbone state into the network ``cfg`` describes and write the model directory."""
     import torch
-
-    from .checkpoint import load_state, save_model_dir
 
     model = cfg.model.build()
     m = cfg.model
@@ -301,12 +290,6 @@ def _write_converted(args: argparse.Namespace, cfg: Any, state: dict[str, Any], 
 
 def cmd_export_diffusers(args: argparse.Namespace) -> int:
     """A cmkit ADM consistency model → a diffusers ConsistencyModelPipeline directory."""
-    from .checkpoint import read_model_dir, read_safetensors
-    from .cli_options import check_output
-    from .config import Config
-    from .nets.adm_weights import export_diffusers_pipeline
-    from .schedules import training_grid
-
     check_output(args.out, "-o", args.overwrite, required=True, directory=True)
     d = read_model_dir(args.model, "denoiser")
     cfg = Config.from_dict(d.config)
@@ -319,8 +302,6 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
 
 def _add_train(sub: Any, name: str, kind: str | None, default: str | None, help_text: str) -> None:
     """``cmkit train`` (any preset) and its kind-restricted aliases ``train-autoencoder``/``train-decoder``."""
-    from .cli_options import add_output_option, add_threads_option
-
     s = sub.add_parser(name, help=help_text,
                        description="Train from a preset (see `cmkit presets`). Overrides are key=value with dotted "
                                    "keys (train.lr=1e-4) or unique bare names (lr=1e-4). Runs go to runs/PRESET "
@@ -365,8 +346,6 @@ def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_commands(sub: Any) -> None:
     """``images``, ``prepare-data`` and ``convert-lpips``: the files a user needs before training or editing."""
-    from .cli_options import add_output_option
-
     s = sub.add_parser("images", help="write images of a data set to files (e.g. held-out inputs for `cmkit edit`)",
                        description="Write images of a data set (the held-out test split by default) as PNG files "
                                    "of their own size (OUT.png for one image, OUT_0.png, OUT_1.png, ... for several) or as "
@@ -439,7 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--sampler heun|euler --steps N (Heun: 2N-1 evaluations).")
     s.add_argument("--model", required=True, help="model directory, run directory, or shipped model name")
     s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
-    from .cli_options import add_class_option, add_output_option, add_sampling_options
 
     add_sampling_options(s, batch_size=256, sigmas_help="comma-separated descending σ values for multistep sampling",
                          seed_help="sample i uses seed+i, independent of the batch size")
@@ -464,7 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cm for the CD/CT models (boundary condition), edm for the EDM teachers (default cm; an EDM "
                         "pickle says which it holds)")
     s.add_argument("--image-size", type=int, help="image side, when the channel_mult does not tell it (JAX: 32)")
-    from .nets.adm_weights import RELEASED_MODELS
 
     s.add_argument("--family", choices=sorted(RELEASED_MODELS),
                    help="which released model this is, when the file name does not say (sets its training grid "
@@ -497,14 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
 
-    for module in ("cmkit.metrics.cli", "cmkit.editing.cli", "cmkit.decoder.cli", "cmkit.serve.cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                continue
-            raise
-        mod.add_cli(sub)
+    for add_cli in (add_eval, add_edit, add_decoder, add_serve):
+        add_cli(sub)
     _add_debug_everywhere(p)
     return p
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..errors import CmkitError
 
+
 MAX_DEPTH = 64
 #: numpy dtypes a Flax ndarray extension may name (no object dtypes).
 DTYPES = {name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",

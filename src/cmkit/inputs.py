@@ -1,16 +1,7 @@
-"""Command-line options shared by several ``cmkit`` commands, declared once here.
-
-``cmkit sample``, ``cmkit eval --model`` and ``cmkit edit`` take the same sampling options
-(:func:`add_sampling_options`); every command that writes a result takes ``-o/--out``
-(:func:`add_output_option`); every command that runs a network takes ``--threads``
-(:func:`add_threads_option`, applied by :func:`apply_threads`). ``--sigmas`` is parsed by
-:func:`parse_sigmas` everywhere.
-
-The checks here run before any work and raise :class:`CmkitError` (one line naming what was expected):
-:func:`check_device` (``--device``), :func:`check_threads`, :func:`check_int`/:func:`check_float` (counts and
-noise levels), :func:`check_seed` and :func:`check_output` (an output path that can be written and is not
-replaced without ``--overwrite``).
-"""
+"""Checks of user-given values, shared by the command line and the web page: counts, seeds, noise levels,
+devices, thread counts, class labels and output paths. Each raises one ``CmkitError`` line that names the option
+(``--steps``, ``-o``) and what was expected, before any work starts; an existing output is never replaced
+without ``--overwrite``."""
 from __future__ import annotations
 
 import math
@@ -20,23 +11,25 @@ from typing import Any
 
 from .config import max_threads
 from .errors import CmkitError
+from .imageio import numbered_paths
 
-__all__ = ["parse_sigmas", "add_sampling_options", "add_output_option", "add_threads_option", "add_device_option",
-           "apply_threads", "check_threads", "max_threads", "check_device", "check_int", "check_float", "check_seed",
-           "check_output", "check_distinct_outputs", "check_model_arg",
-           "IMAGE_SUFFIXES", "MAX_STEPS", "MAX_IMAGES", "MAX_BATCH"]
 
 #: file types a PNG grid may also be written as (Pillow writes each without extra plugins)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
 #: seeds are torch generator seeds; sample i of a command uses seed + i
 MAX_SEED = 2**63 - 1
+
+
 #: upper bounds of counts, far above any useful value; they turn a typo (or 1e20) into one line, not a hang
 MAX_STEPS = 10_000        # --steps of a sampler or editor (network evaluations per image)
-MAX_IMAGES = 10_000_000   # -n
-MAX_BATCH = 1_000_000     # --batch-size
 
-# an argparse.ArgumentParser or one of its argument groups (both have add_argument)
-Container = Any
+
+MAX_IMAGES = 10_000_000   # -n
+
+
+MAX_BATCH = 1_000_000     # --batch-size
 
 
 def parse_sigmas(text: str) -> list[float]:
@@ -52,11 +45,6 @@ def parse_sigmas(text: str) -> list[float]:
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise CmkitError(f"--sigmas values must be positive finite numbers; got {text!r}")
     return values
-
-
-def add_threads_option(parser: Container) -> None:
-    """``--threads N``: torch CPU threads for the work of the command (0: torch's default)."""
-    parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0: torch's default)")
 
 
 def check_threads(threads: int | None, flag: str = "--threads") -> None:
@@ -173,57 +161,6 @@ def check_model_arg(model: str | None, flag: str = "--model") -> None:
                          "(see `cmkit models`)")
 
 
-def add_device_option(parser: Container) -> None:
-    """``--device``: where the network runs (default auto: a GPU when there is one); see :func:`check_device`."""
-    parser.add_argument("--device", default="auto",
-                        help=f"torch device: {DEVICE_HELP} (default auto: CUDA when available, else MPS, else cpu)")
-
-
-def add_output_option(parser: Container, *, help: str, required: bool = False, default: str | None = None,
-                      metavar: str | None = None, output_alias: bool = False) -> None:
-    """``-o/--out`` (dest ``out``) for a command's output; ``output_alias`` also accepts the old ``--output``."""
-    flags = ["-o", "--out"] + (["--output"] if output_alias else [])
-    kw: dict[str, Any] = {"dest": "out", "help": help, "metavar": metavar}
-    if required:
-        kw["required"] = True
-    else:
-        kw["default"] = default
-    parser.add_argument(*flags, **kw)
-
-
-def add_sampling_options(parser: Container, *, group: Container | None = None, sampler: bool = True,
-                         batch_size: int | None = None, bf16: bool = True, device: bool = True,
-                         threads: bool = True, steps_default: int | None = None,
-                         steps_help: str = "number of sampling steps",
-                         sigmas_help: str = "explicit comma-separated descending σ list, e.g. 80,0.8 "
-                                            "(instead of --steps)",
-                         seed_help: str = "random seed (default 0)") -> None:
-    """Add the sampling options shared by ``sample``, ``eval --model`` and ``edit``.
-
-    Always: ``--steps``, ``--sigmas`` (parse with :func:`parse_sigmas`) and ``--seed``. Optional groups, for the
-    commands that have them: ``--sampler`` (``sampler``), ``--batch-size`` (pass its default as ``batch_size``;
-    None leaves it out), ``--bf16``, and the runtime options ``--device`` and ``--threads``. The sampling options
-    go into ``group`` when given (an argument group of ``parser``); ``--device``/``--threads`` always go into
-    ``parser`` itself since they govern all of the command's work.
-    """
-    g = group if group is not None else parser
-    g.add_argument("--steps", type=int, default=steps_default, help=steps_help)
-    g.add_argument("--sigmas", help=sigmas_help)
-    if sampler:
-        from .generate import SAMPLERS
-
-        g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: by model)")
-    g.add_argument("--seed", type=int, default=0, help=seed_help)
-    if batch_size is not None:
-        g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
-    if bf16:
-        g.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast (faster on CPU)")
-    if device:
-        add_device_option(parser)
-    if threads:
-        add_threads_option(parser)
-
-
 def check_output(path: str | None, flag: str, overwrite: bool, *, required: bool = False, directory: bool = False,
                  suffixes: tuple[str, ...] | None = None, example: str | None = None) -> Path | None:
     """Check an output path before any work; return it as a Path (None: no output wanted).
@@ -266,9 +203,7 @@ def check_output(path: str | None, flag: str, overwrite: bool, *, required: bool
 
 
 def check_numbered_outputs(out: str | Path, n: int, overwrite: bool, flag: str = "-o") -> None:
-    """``check_output`` for each file that ``n`` images written to ``out`` will take (``utils.numbered_paths``)."""
-    from .utils import numbered_paths
-
+    """``check_output`` for each file that ``n`` images written to ``out`` will take (``cmkit.imageio.numbered_paths``)."""
     for path in numbered_paths(out, n):
         check_output(str(path), flag, overwrite, required=True, suffixes=IMAGE_SUFFIXES)
 
@@ -283,14 +218,6 @@ def check_distinct_outputs(*outputs: tuple[str, Path | None]) -> None:
         if key in seen:
             raise CmkitError(f"{seen[key]} and {flag} both name {p}; give two different files")
         seen[key] = flag
-
-
-
-def add_class_option(parser: Container) -> None:
-    """``--class 207`` (every image) or ``--classes 0,1,2`` (cycled over the images) for class-conditional models."""
-    parser.add_argument("--class", "--classes", dest="classes", metavar="C[,C...]",
-                        help="class label(s) of a class-conditional model: one for every image, or a list cycled "
-                             "over them (default: random labels from the seeds)")
 
 
 def class_labels(text: str | None, num_classes: int, n: int) -> Any:

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from ..errors import CmkitError
+from ..files import read_safetensors, read_torch_state_dict
+
 
 #: ``create_model``'s channel_mult for each image side (guided-diffusion / consistency_models script_util).
 CHANNEL_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
@@ -28,8 +30,6 @@ CHANNEL_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 
 def read_openai_pt(path: str | Path) -> dict[str, Tensor]:
     """The state dict of a released ``.pt``/``.bin``, read without running any code from the file."""
-    from ..checkpoint import read_torch_state_dict
-
     return read_torch_state_dict(path, "checkpoint", "expected a consistency_models .pt state dict")
 
 
@@ -204,8 +204,6 @@ def read_released(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if weights is None:
         raise CmkitError(f"{p}: no diffusion_pytorch_model.safetensors or .bin beside config.json")
     if weights.suffix == ".safetensors":
-        from ..checkpoint import read_safetensors
-
         state = read_safetensors(weights)
     else:
         state = read_openai_pt(weights)

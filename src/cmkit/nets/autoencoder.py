@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_weights, read_model_dir, save_model_dir
-from .config import dataclass_from_dict
-from .errors import CmkitError
+from ..config import dataclass_from_dict
+from ..errors import CmkitError
+from ..files import load_weights
+from ..formats.model_dir import read_model_dir, save_model_dir
+
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 
@@ -197,7 +199,7 @@ class KLAutoencoder(nn.Module):
         return loss, {"rec": float(rec.detach().mean()), "kl": float(kl.detach().mean())}
 
     def save_pretrained(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write a model directory (``cmkit.checkpoint.save_model_dir``, kind ``autoencoder``)."""
+        """Write a model directory (``cmkit.formats.model_dir.save_model_dir``, kind ``autoencoder``)."""
         return save_model_dir(out_dir, self, "autoencoder", self.config.to_dict(), extra)
 
     @classmethod

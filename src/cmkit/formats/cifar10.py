@@ -1,13 +1,9 @@
-"""Turn the files a researcher downloads into the files the paper presets read (nothing is downloaded here).
+"""CIFAR-10's official archive (``cifar-10-python.tar.gz``, Krizhevsky 2009) → the ``.npz`` the CIFAR-10 presets read.
 
-- ``prepare_cifar10``: the official CIFAR-10 archive (``cifar-10-python.tar.gz``, Krizhevsky 2009: five
-  ``data_batch_N`` pickles and ``test_batch``, each a dict with ``data``, 10000 × 3072 uint8 in CHW order, and
-  ``labels``) → one ``.npz`` of uint8 NHWC images under ``arr_0`` and labels under ``arr_1``, what
-  ``data.name=npz`` reads. The pickles are read by ``SafeUnpickler``, which builds only numpy arrays, dtypes and
-  plain containers; nothing from the file is executed.
-- ``convert_lpips``: the LPIPS heads of the ``lpips`` package (``weights/v0.1/vgg.pth``, Zhang et al. 2018) and
-  torchvision's ImageNet VGG16 (``vgg16-397923af.pth``) → the one safetensors file ``loss.lpips_weights`` takes
-  (``cmkit.lpips``). Both ``.pth`` files are read with ``torch.load(weights_only=True)``.
+The archive holds five ``data_batch_N`` pickles and ``test_batch``, each a dict with ``data`` (10000 × 3072 uint8
+in CHW order) and ``labels``; ``prepare_cifar10`` writes one ``.npz`` of uint8 NHWC images under ``arr_0`` and
+labels under ``arr_1``, what ``data.name=npz`` reads. The pickles are read by ``SafeUnpickler``, which builds only
+numpy arrays, dtypes and plain containers; nothing from the file is executed, and nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -20,12 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CmkitError
+from ..errors import CmkitError
+from ..imageio import save_npz
+
 
 CIFAR10_TRAIN = "data/cifar10-train.npz"  #: where the CIFAR-10 presets look for their data (data.root)
 CIFAR10_MEMBERS = {"train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
                    "test": ["cifar-10-batches-py/test_batch"]}
-LPIPS_FILE = "data/lpips-vgg16.safetensors"  #: where the LPIPS presets look for their weights
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -88,31 +85,9 @@ def prepare_cifar10(archive: str | Path, out: str | Path, split: str = "train") 
                 labels.append(y)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise CmkitError(f"cannot read {archive}: truncated or not a tar.gz archive ({e})") from None
-    from .utils import save_npz
 
     x = np.concatenate(images)
     save_npz(x, out, torch.from_numpy(np.concatenate(labels)))
     return len(x), out
 
 
-def convert_lpips(lpips_pth: str | Path, vgg_pth: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of ``cmkit.lpips.LPIPS`` from the official files: ``features.*`` from torchvision's VGG16
-    (its classifier is dropped) and ``lin{k}.weight`` from the lpips heads (``lin{k}.model.1.weight``, or
-    ``.model.0.`` when saved without dropout). Shapes and finiteness are checked by loading into ``LPIPS``."""
-    from .checkpoint import load_state, read_torch_state_dict
-    from .lpips import LPIPS
-
-    heads, vgg = read_torch_state_dict(lpips_pth, "LPIPS heads"), read_torch_state_dict(vgg_pth, "VGG16 weights")
-    sd = {k: v for k, v in vgg.items() if k.startswith("features.")}
-    for k in range(5):
-        found = [v for name, v in heads.items() if name in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight",
-                                                             f"lin{k}.weight")]
-        if not found:
-            raise CmkitError(f"{lpips_pth} has no lin{k}.model.1.weight: expected the lpips package's "
-                             "weights/v0.1/vgg.pth")
-        sd[f"lin{k}.weight"] = found[0]
-    model = LPIPS()
-    load_state(model, {k.replace("lin", "lins.", 1) if k.startswith("lin") else k: v for k, v in sd.items()},
-               f"{lpips_pth} + {vgg_pth}", "VGG16-LPIPS (13 convolutions, 5 heads)")
-    return {k.replace("lins.", "lin", 1) if k.startswith("lins.") else k: v.float().contiguous()
-            for k, v in model.state_dict().items()}

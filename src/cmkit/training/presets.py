@@ -4,7 +4,7 @@ Denoiser presets (diffusion teachers and consistency models): the CPU presets tr
 Fashion-MNIST or 32×32 emoji in minutes to an hour; the paper presets carry the published hyperparameters
 (Song et al. 2023 Table 3 / reference ``launch.sh``; iCT; ECT ``run_ecm.sh``) with the published FID in their
 description (CIFAR-10 on EDM's NCSN++ / DDPM++ and ImageNet-64 on ADM, the papers' networks; LSUN on ADM; data
-must be given as data.root; teachers may be EDM's released pickles, see cmkit.nets.released).
+must be given as data.root; teachers may be EDM's released pickles, see cmkit.load).
 Autoencoder and consistency-decoder presets train the latent space and the decoder of ``cmkit.decoder``.
 """
 from __future__ import annotations
@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, RunConfig, apply_overrides, set_value
-from .errors import CmkitError
-from .prepare import CIFAR10_TRAIN, LPIPS_FILE
+from ..config import apply_overrides, set_value
+from ..errors import CmkitError
+from ..files import read_json
+from ..formats.cifar10 import CIFAR10_TRAIN
+from ..formats.run_dir import RunDir
+from ..formats.zoo import shipped_models
+from ..lpips import LPIPS_FILE
+from .kinds import run_kind
 
 
 @dataclass(frozen=True)
@@ -266,15 +271,6 @@ for _preset in PRESETS.values():  # the LPIPS recipes read the file `cmkit conve
         _preset.values.setdefault("loss.lpips_weights", LPIPS_FILE)
 
 
-def config_class(kind: str) -> type[RunConfig]:
-    """The run config class of a kind of run."""
-    if kind == "denoiser":
-        return Config
-    from .decoder.train_config import AutoencoderRunConfig, DecoderRunConfig
-
-    return {"autoencoder": AutoencoderRunConfig, "decoder": DecoderRunConfig}[kind]
-
-
 def _maker(key: str, value: str) -> str:
     """The command that makes a missing input file of a preset, or where to get it."""
     name = Path(value).name
@@ -313,7 +309,6 @@ def missing_inputs(cfg: Any, raise_error: bool = False) -> list[str]:
     autoencoder = getattr(sections["model"], "autoencoder", None)
     if autoencoder:
         wanted.append(("model.autoencoder", autoencoder))
-    from .zoo import shipped_models
 
     absent: dict[str, list[str]] = {}  # value → the keys that name it (teacher and init_from often agree)
     for key, value in wanted:
@@ -330,8 +325,6 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
     """The config of the run in ``run_dir`` (its ``config.json``), set to resume it there: ``train.out_dir`` is
     ``run_dir`` and ``train.resume`` true; ``overrides`` as for ``get_config`` (a resume accepts changes to run
     control only). The run's kind is the one config class that reads the file."""
-    from .checkpoint import RunDir, read_json
-
     d = RunDir(run_dir)
     if not d.root.is_dir():
         raise CmkitError(f"no run directory {d.root} to resume")
@@ -339,7 +332,7 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
     readable = []
     for kind in ("denoiser", "autoencoder", "decoder"):
         try:
-            readable.append(config_class(kind).from_dict(saved))
+            readable.append(run_kind(kind).config.from_dict(saved))
         except (CmkitError, TypeError, AttributeError):
             continue
     if len(readable) != 1:
@@ -357,7 +350,7 @@ def get_config(preset: str, overrides: list[str] | None = None) -> Any:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise CmkitError(f"unknown preset {preset!r}; {hint}run `cmkit presets` to list them")
     p = PRESETS[preset]
-    cfg = config_class(p.kind)()
+    cfg = run_kind(p.kind).config()
     for key, value in p.values.items():
         set_value(cfg, key, value)
     cfg.train.out_dir = f"runs/{preset}"

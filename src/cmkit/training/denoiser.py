@@ -1,6 +1,6 @@
 """Training diffusion teachers (EDM) and consistency models (CD, CT, iCT, ECT): the ``DenoiserTask`` of the loop.
 
-The loop (``cmkit.loop``) does everything every run shares; this task holds what is particular to a
+The loop (``cmkit.training.loop``) does everything every run shares; this task holds what is particular to a
 denoiser ``model(x, sigma, class_labels=None) -> x0``: the method's loss on a deterministic batch, the
 teacher (CD), the target network θ⁻ where the method has one (CT; CD with μ > 0), and 1-/2-step (CM) or
 Heun (EDM) sample grids with fixed per-sample seeds.
@@ -14,14 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import Config
-from .datasets import Batches, load_dataset
-from .ema import ema_update, make_copy
-from .errors import CmkitError
-from .generate import multistep_sigmas
-from .loop import Context, Loop, dry_run, train
-from .sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep, sample_progdist
-from .utils import save_grid
+from ..datasets import load_dataset, Batches
+from ..denoiser_config import Config
+from ..ema import ema_update, make_copy
+from ..errors import CmkitError
+from ..generate import multistep_sigmas
+from ..imageio import save_grid
+from ..load import init_from, load_denoiser
+from ..sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep, sample_progdist
+from .task import Context
 
 
 class DenoiserTask:
@@ -42,8 +43,7 @@ class DenoiserTask:
         self.objective = self.build_loss(cfg)
         if hasattr(getattr(self.objective, "distance", None), "load"):
             self.objective.distance.load()  # LPIPS weights: a missing file fails here, before any data is read
-        if t.init_from:  # a model/run directory, an EDM pickle or a Flax checkpoint (cmkit.nets.released)
-            from .nets.released import init_from
+        if t.init_from:  # a model/run directory, an EDM pickle or a Flax checkpoint (cmkit.load)
 
             init_from(self.model, t.init_from, cfg.model)
         self.teacher = self._load_teacher() if self.objective.needs_teacher else None
@@ -56,8 +56,6 @@ class DenoiserTask:
 
     def _load_teacher(self) -> nn.Module:
         """The EDM teacher (CD, PD, sCD), or TCM's frozen first-stage consistency model (``teacher_precond``)."""
-        from .nets.released import load_denoiser  # a model/run directory, an EDM pickle or a Flax checkpoint
-
         teacher, tcfg = load_denoiser(self.cfg.train.teacher, device=self.ctx.device)
         want = getattr(self.objective, "teacher_precond", "edm")
         if not (tcfg.is_diffusion() if want == "edm" else tcfg.model.precond == want):
@@ -127,4 +125,4 @@ class DenoiserTask:
             save_grid(x, out / f"step_{step:06d}_{name}.png")
 
 
-__all__ = ["DenoiserTask", "Loop", "train", "dry_run"]
+__all__ = ["DenoiserTask"]

@@ -1,79 +1,29 @@
-"""Starting from the field's released diffusion and consistency models, whatever their file format.
+"""Any denoiser, teacher or ``init_from`` source, in one place: a cmkit model or run directory, a shipped model
+name, an EDM-style pickle or a Flax checkpoint (the format is told by content: ``cmkit.formats.detect``).
 
-``checkpoint_format(path)`` tells a cmkit model/run directory, an EDM-style pickle (``.pkl``, or a
-``torch.save`` archive embedding ``torch_utils.persistence`` modules: ECT training states), a Flax msgpack
-training state (openai/consistency_models_cifar10 ``checkpoint_N``) and a plain torch state dict apart, by content.
-``read_released_net`` reads the two foreign formats into (cmkit ``model`` section, backbone state dict);
-``load_denoiser`` builds a ready model from any of them (``train.teacher``), ``init_from`` loads one into a
-model being trained (``train.init_from``), dropping EDM's unused augmentation input when the student has none.
+``load_model`` reads a cmkit model directory (model in eval mode, ``Config``); ``load_denoiser`` any of the formats
+(``train.teacher``); ``init_from`` loads one into a model being trained (``train.init_from``), dropping EDM's unused
+augmentation input when the student has none and refitting the noise embedding when the two embed σ differently.
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import CmkitError
-
-
-def checkpoint_format(path: str | Path) -> str:
-    """``model-dir``, ``edm-pickle``, ``flax-msgpack`` or ``torch`` (a state dict archive), or one error line."""
-    p = Path(path).expanduser()
-    if not p.exists() and p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin"):
-        raise CmkitError(f"checkpoint not found: {p} (released models are never downloaded: give the file you have)")
-    if p.is_dir() or not p.exists():
-        return "model-dir"  # directories, run directories and shipped names: checkpoint.read_model_dir
-    with open(p, "rb") as f:
-        head = f.read(4)
-    if head[:1] == b"\x80":  # a pickle: EDM's when it holds persistent objects (a legacy torch.save does not)
-        if p.suffix in (".pkl", ".pickle"):
-            return "edm-pickle"
-        import mmap
-
-        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return "edm-pickle" if m.find(b"_reconstruct_persistent_obj") >= 0 else "torch"
-    if head[:1] and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
-        return "flax-msgpack"
-    if head == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(p) as z:
-                pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-                if pkl is not None and b"torch_utils.persistence" in z.read(pkl):
-                    return "edm-pickle"
-        except (zipfile.BadZipFile, OSError):
-            pass
-        return "torch"
-    raise CmkitError(f"{p}: not a model directory, an EDM .pkl, a Flax msgpack checkpoint or a torch archive")
-
-
-def read_released_net(path: str | Path, precond: str | None = None,
-                      img_resolution: int | None = None) -> tuple[dict[str, Any], dict[str, Tensor], str]:
-    """(model section, backbone state dict, format) of an EDM-style pickle or a Flax CIFAR-10 checkpoint;
-    ``precond`` overrides the preconditioning (a Flax file does not say whether it holds the EDM teacher) and
-    ``img_resolution`` the image side of a Flax file (32)."""
-    fmt = checkpoint_format(path)
-    if fmt == "edm-pickle":
-        from .edm_pickle import read_edm_pickle
-
-        model, state, _ = read_edm_pickle(path)
-    elif fmt == "flax-msgpack":
-        from .jax_cifar10 import read_jax_cifar10
-
-        model, state = read_jax_cifar10(path, precond or "cm", img_resolution or 32)
-    else:
-        raise CmkitError(f"{path} is not an EDM pickle or a Flax msgpack checkpoint (it is a {fmt})")
-    if precond is not None:
-        model["precond"] = precond
-    return model, state, fmt
+from .config import set_value
+from .denoiser_config import Config
+from .errors import CmkitError
+from .files import load_state, load_weights, read_safetensors
+from .formats.detect import checkpoint_format, read_released_net
+from .formats.model_dir import CONFIG_FILE, MODEL_FILE, read_model_dir
+from .retime import fit_time_embedding, needs_refit
 
 
 def config_for(model: dict[str, Any]) -> Any:
     """A cmkit ``Config`` holding a released network's ``model`` section (EDM-type runs sample with Heun)."""
-    from ..config import Config, set_value
-
     cfg = Config()
     for key, value in model.items():
         set_value(cfg, f"model.{key}", value)
@@ -86,10 +36,8 @@ def config_for(model: dict[str, Any]) -> Any:
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """(model in eval mode, Config) from a model/run directory, an EDM pickle or a Flax checkpoint."""
     if checkpoint_format(path) == "model-dir":
-        from ..checkpoint import load_model
 
         return load_model(path, device=device)
-    from ..checkpoint import load_state
 
     model_section, state, _ = read_released_net(path)
     cfg = config_for(model_section)
@@ -102,8 +50,6 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     """Load the weights of ``path`` (any format ``load_denoiser`` reads) into ``model``'s backbone. From an EDM
     pickle or Flax file the network must be the run's (``model.arch`` and shape); EDM's augmentation input
     (``map_augment``), never used without augmentation labels, is dropped when the run's network has none."""
-    from ..checkpoint import load_state, read_model_dir, read_safetensors
-
     if checkpoint_format(path) == "model-dir":
         d = read_model_dir(path, "denoiser")
         sd = read_safetensors(d.weights)
@@ -139,9 +85,6 @@ def _refit_time_input(model: nn.Module, source_config: dict[str, Any], sd: dict[
     stderr."""
     import sys
 
-    from ..config import Config
-    from ..retime import fit_time_embedding, needs_refit
-
     src_cfg = Config.from_dict(source_config).model
     if all(getattr(src_cfg, k) == getattr(model_cfg, k) for k in TIME_FIELDS):
         return  # the same noise input (TCM from ECT, sCD/sCT from a TrigFlow teacher): nothing to build
@@ -155,3 +98,16 @@ def _refit_time_input(model: nn.Module, source_config: dict[str, Any], sd: dict[
     print(f"train.init_from={path}: the run's time input differs from the source's; fitted its noise-embedding "
           "MLP to the source's (cmkit.retime), relative error " +
           ", ".join(f"{e:.2f} at σ={s:g}" for s, e in err.items()), file=sys.stderr)
+
+
+def load_model(path: str | Path, weights: str = MODEL_FILE, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """A diffusion or consistency model from a model/run directory or shipped name: (model in eval mode, Config)."""
+    d = read_model_dir(path, "denoiser")
+    cfg = Config.from_dict(d.config)
+    lo, hi = cfg.model.sigma_min, cfg.model.sigma_max
+    if not (0 < lo < hi < float("inf")):
+        raise CmkitError(f"{d.path / CONFIG_FILE}: model.sigma_min={lo} and sigma_max={hi}; expected "
+                         "0 < sigma_min < sigma_max (a damaged or hand-edited config)")
+    model = cfg.model.build()
+    load_weights(model, d.path / weights)
+    return model.to(device).eval().requires_grad_(False), cfg

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..errors import CmkitError
 
+
 #: SHA-256 of OpenAI's ``decoder.pt``: the second-to-last component of its release URL (§1.2),
 #: https://openaipublic.azureedge.net/diff-vae/c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb/decoder.pt
 OPENAI_DECODER_SHA256 = "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb"

@@ -1,4 +1,4 @@
-"""Small shared helpers: broadcasting, images <-> tensors, reading image and .npz inputs, grids and .npz output.
+"""Images in and out: images <-> tensors, reading image and .npz inputs, sample grids, PNG and .npz output.
 
 :func:`read_image` and :func:`read_npz_images` are the one place user images are read (``cmkit edit`` inputs and
 masks, ``cmkit eval`` samples, the ``folder`` and ``npz`` data sets): a bad file is one :class:`CmkitError` line
@@ -17,31 +17,10 @@ from torch import Tensor
 
 from .errors import CmkitError
 
+
 #: what an image input may be, for the messages
 IMAGE_INPUT = "an 8-bit PNG or JPEG image"
 NPZ_INPUT = "uint8 NHWC images (N, H, W, 1|3) under 'arr_0'"
-
-
-def append_dims(x: Tensor, ndim: int) -> Tensor:
-    """Append trailing singleton dims so that a (B,) tensor broadcasts against (B, C, H, W)."""
-    if x.ndim > ndim:
-        raise ValueError(f"cannot broadcast a {x.ndim}-d tensor to {ndim} dims")
-    return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """x in fp32, or in its own dtype when that is wider (fp64 stays fp64: the JVP-vs-difference checks use it)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def as_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
-    """σ as a float32 tensor of shape (B,), the form used at every API boundary."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(batch)
-    if sigma.shape != (batch,):
-        raise ValueError(f"sigma must be a scalar or shape ({batch},), got {tuple(sigma.shape)}")
-    return sigma
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -249,14 +228,3 @@ def save_npz(x: Tensor | np.ndarray, path: str | Path, labels: Tensor | None = N
     return path
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (``platform.processor()`` is empty on Linux), for benchmark records."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -12,41 +12,25 @@ accepted). Each handler returns an exit status and raises ``CmkitError`` (one li
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Any
 
 import torch
 
-from ..cli_options import (add_device_option, add_output_option, add_threads_option, apply_threads, check_device,
-                           check_int, check_numbered_outputs, check_output, check_seed, check_threads)
-from ..errors import CmkitError
-from .config import DecoderConfig
-from .decoder import ConsistencyDecoder
-from .files import read_latents, write_images
-from .latents import check_latents, looks_scaled
-from .schedule import steps_to_schedule
-from .weights import convert_decoder
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_DECODE_STEPS = 1024  # the decoder's number of timesteps
-
-
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """'1.0,0.5' → (1.0, 0.5): fractions of the decoder's timesteps, finite, in (0, 1] and strictly decreasing."""
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise CmkitError(f"--schedule must be comma-separated fractions like 1.0,0.5; got {text!r}") from None
-    if not values:
-        raise CmkitError("--schedule is empty; give fractions like 1.0,0.5")
-    if not all(math.isfinite(v) and 0 < v <= 1 for v in values):
-        raise CmkitError(f"--schedule fractions must be finite numbers in (0, 1] like 1.0,0.5; got {text!r}")
-    if any(b >= a for a, b in zip(values, values[1:])):
-        raise CmkitError(f"--schedule fractions must decrease, each step to less noise (e.g. 1.0,0.5); got {text!r}")
-    if len(values) > MAX_DECODE_STEPS:
-        raise CmkitError(f"--schedule has {len(values)} fractions; at most {MAX_DECODE_STEPS} (one per timestep)")
-    return values
+from .options import add_device_option, add_output_option, add_threads_option
+from ..decoder.config import DecoderConfig
+from ..decoder.decoder import ConsistencyDecoder
+from ..decoder.files import read_latents, write_images
+from ..decoder.latents import check_latents, resolve_scaled
+from ..decoder.schedule import DTYPES, MAX_DECODE_STEPS, parse_schedule, steps_to_schedule
+from ..decoder.weights import convert_decoder
+from ..errors import optional_import, CmkitError
+from ..files import read_json
+from ..imageio import from_uint8, read_image, read_npz_images
+from ..inputs import (apply_threads, check_device, check_int, check_numbered_outputs, check_output, check_seed,
+    check_threads)
+from ..nets.autoencoder import KLAutoencoder
+from ..training.decoder import pad_images
 
 
 def resolve_schedule(args: argparse.Namespace) -> tuple[float, ...]:
@@ -56,23 +40,6 @@ def resolve_schedule(args: argparse.Namespace) -> tuple[float, ...]:
         return parse_schedule(args.schedule)
     check_int(args.steps, "--steps", maximum=MAX_DECODE_STEPS)
     return steps_to_schedule(args.steps if args.steps is not None else 2)
-
-
-def resolve_scaled(latents: torch.Tensor, mode: str, scaling_factor: float) -> bool:
-    """Whether to divide the latents by the scaling factor; ``auto`` refuses latents that look pre-scaled.
-
-    With a scaling factor of 1 (decoders trained by ``cmkit train-decoder``) raw and scaled latents coincide.
-    """
-    if mode != "auto":
-        return mode == "scaled"
-    if scaling_factor == 1.0:
-        return False
-    if looks_scaled(latents):
-        std = latents.float().std().item()
-        raise CmkitError(f"these latents look already multiplied by {scaling_factor} (std {std:.2f}, raw SD latents "
-                         "have std ≈ 5): pass --latents scaled if they come from a pipeline's output_type='latent', "
-                         "or --latents raw to decode them as they are")
-    return False
 
 
 def run_decode(args: argparse.Namespace) -> int:
@@ -166,15 +133,10 @@ def load_encoder(path: str, device: str) -> tuple[Any, int, Any]:
     folder, or a pipeline holding one; latents are the posterior mean, unscaled, as ``cmkit decode`` reads)."""
     from pathlib import Path
 
-    from ..autoencoder import KLAutoencoder
-    from ..checkpoint import read_json
-
     root = Path(path).expanduser()
     vae_dir = root / "vae" if (root / "vae" / "config.json").is_file() else root
     config = read_json(vae_dir / "config.json", "model config") if (vae_dir / "config.json").is_file() else {}
     if isinstance(config, dict) and config.get("_class_name") == "AutoencoderKL":
-        from ..errors import optional_import
-
         diffusers = optional_import("diffusers", "diffusers", "encoding with a diffusers AutoencoderKL")
         vae = diffusers.AutoencoderKL.from_pretrained(str(vae_dir)).to(device).eval().requires_grad_(False)
         return (lambda x: vae.encode(x).latent_dist.mean), int(vae.config.in_channels), f"AutoencoderKL {vae_dir}"
@@ -187,8 +149,6 @@ def run_encode(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import numpy as np
-
-    from ..utils import from_uint8, read_image, read_npz_images
 
     check_threads(args.threads)
     device = check_device(args.device)
@@ -205,8 +165,6 @@ def run_encode(args: argparse.Namespace) -> int:
     if a.ndim == 3:  # grey: NHW → NHWC
         a = a[..., None]
     if args.pad_to:
-        from .train import pad_images
-
         check_int(args.pad_to, "--pad-to")
         a = pad_images(torch.from_numpy(a.copy()).permute(0, 3, 1, 2), args.pad_to).permute(0, 2, 3, 1).numpy()
     x = from_uint8(a)

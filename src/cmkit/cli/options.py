@@ -1,0 +1,85 @@
+"""Command-line options shared by several ``cmkit`` commands, declared once here.
+
+``cmkit sample``, ``cmkit eval --model`` and ``cmkit edit`` take the same sampling options
+(:func:`add_sampling_options`); every command that writes a result takes ``-o/--out``
+(:func:`add_output_option`); every command that runs a network takes ``--threads``
+(:func:`add_threads_option`) and ``--device`` (:func:`add_device_option`). The values are checked by
+``cmkit.inputs``, which the web page shares.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..generate import SAMPLERS
+from ..inputs import DEVICE_HELP
+
+
+__all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "add_device_option",
+           "add_class_option"]
+
+
+# an argparse.ArgumentParser or one of its argument groups (both have add_argument)
+Container = Any
+
+
+def add_threads_option(parser: Container) -> None:
+    """``--threads N``: torch CPU threads for the work of the command (0: torch's default)."""
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0: torch's default)")
+
+
+def add_device_option(parser: Container) -> None:
+    """``--device``: where the network runs (default auto: a GPU when there is one); see :func:`check_device`."""
+    parser.add_argument("--device", default="auto",
+                        help=f"torch device: {DEVICE_HELP} (default auto: CUDA when available, else MPS, else cpu)")
+
+
+def add_output_option(parser: Container, *, help: str, required: bool = False, default: str | None = None,
+                      metavar: str | None = None, output_alias: bool = False) -> None:
+    """``-o/--out`` (dest ``out``) for a command's output; ``output_alias`` also accepts the old ``--output``."""
+    flags = ["-o", "--out"] + (["--output"] if output_alias else [])
+    kw: dict[str, Any] = {"dest": "out", "help": help, "metavar": metavar}
+    if required:
+        kw["required"] = True
+    else:
+        kw["default"] = default
+    parser.add_argument(*flags, **kw)
+
+
+def add_sampling_options(parser: Container, *, group: Container | None = None, sampler: bool = True,
+                         batch_size: int | None = None, bf16: bool = True, device: bool = True,
+                         threads: bool = True, steps_default: int | None = None,
+                         steps_help: str = "number of sampling steps",
+                         sigmas_help: str = "explicit comma-separated descending σ list, e.g. 80,0.8 "
+                                            "(instead of --steps)",
+                         seed_help: str = "random seed (default 0)") -> None:
+    """Add the sampling options shared by ``sample``, ``eval --model`` and ``edit``.
+
+    Always: ``--steps``, ``--sigmas`` (parse with :func:`parse_sigmas`) and ``--seed``. Optional groups, for the
+    commands that have them: ``--sampler`` (``sampler``), ``--batch-size`` (pass its default as ``batch_size``;
+    None leaves it out), ``--bf16``, and the runtime options ``--device`` and ``--threads``. The sampling options
+    go into ``group`` when given (an argument group of ``parser``); ``--device``/``--threads`` always go into
+    ``parser`` itself since they govern all of the command's work.
+    """
+    g = group if group is not None else parser
+    g.add_argument("--steps", type=int, default=steps_default, help=steps_help)
+    g.add_argument("--sigmas", help=sigmas_help)
+    if sampler:
+        g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: by model)")
+    g.add_argument("--seed", type=int, default=0, help=seed_help)
+    if batch_size is not None:
+        g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+    if bf16:
+        g.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast (faster on CPU)")
+    if device:
+        add_device_option(parser)
+    if threads:
+        add_threads_option(parser)
+
+
+def add_class_option(parser: Container) -> None:
+    """``--class 207`` (every image) or ``--classes 0,1,2`` (cycled over the images) for class-conditional models."""
+    parser.add_argument("--class", "--classes", dest="classes", metavar="C[,C...]",
+                        help="class label(s) of a class-conditional model: one for every image, or a list cycled "
+                             "over them (default: random labels from the seeds)")
+
+
