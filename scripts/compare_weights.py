@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from cmkit.formats.run_dir import RunDir
-from cmkit.files import load_weights
+from cmkit.files import load_safetensors
 from cmkit.denoiser_config import Config
 from cmkit.generate import default_sampler, generate
 from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
@@ -38,7 +38,7 @@ def main() -> None:
     sampler, sigmas, steps = default_sampler(cfg)
     for name in names:
         model = cfg.model.build().eval()
-        load_weights(model, run.checkpoint / f"{name}.safetensors")
+        load_safetensors(model, run.checkpoint / f"{name}.safetensors")
         x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, seed=0, progress=False, bf16=True)
         fd = frechet_distance_stats(feature_statistics(extractor.extract(to_uint8(x), progress=False)), reference.stats)
         print(f"{args.run}  {name:<12} {sampler} ({steps} steps)  FD vs train split ({args.n} samples): {fd:.3f}")

@@ -107,10 +107,10 @@ def test_edit_help_lists_the_tasks(capsys):
         main(["edit", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    from cmkit.cli.edit import TASK_HELP
+    from cmkit.editing.run import TASKS
 
     listing = " ".join(out.split())  # argparse wraps the one-line descriptions
-    assert all(f"{t} {TASK_HELP[t]}" in listing for t in EDIT_TASKS), out
+    assert all(f"{t} {TASKS[t].help}" in listing for t in EDIT_TASKS), out
     assert "--overwrite" not in out  # the tasks' options are in `cmkit edit TASK --help`
 
 

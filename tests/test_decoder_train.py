@@ -192,9 +192,9 @@ def test_trained_decoder_loads_into_consistency_decoder_and_decodes(runs):
         assert images.shape == (5, 1, 8, 8) and images.abs().max() <= 1
     # the saved decoder is the run's EMA network, bit for bit
     task = DecoderTask(get_config("digits-cdec", [f"autoencoder={runs / 'ae'}", "steps=12"]), Context(torch.device("cpu")))
-    from cmkit.files import load_weights
+    from cmkit.files import load_safetensors
 
-    load_weights(task.model, runs / "cdec" / "checkpoint" / "ema_0.999.safetensors")
+    load_safetensors(task.model, runs / "cdec" / "checkpoint" / "ema_0.999.safetensors")
     assert task.config == c  # same latent statistics recomputed from the same autoencoder and data
     same = ConsistencyDecoder(c, task.model).decode(z, (1.0, 0.5), torch.Generator().manual_seed(0))
     assert torch.equal(same, dec.decode(z, (1.0, 0.5), torch.Generator().manual_seed(0)))

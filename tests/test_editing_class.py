@@ -115,3 +115,23 @@ def test_scm_and_meanflow_models_edit_like_consistency_models(precond, tmp_path,
         err = capsys.readouterr().err
         assert "editing needs a consistency model" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("task", ["denoise", "interpolate"])
+def test_the_page_edits_with_the_class_and_matches_the_cli(setup, task, one_thread):
+    """The web page's backend and ``cmkit edit`` run one dispatcher (cmkit.editing.run): the same image, seed and
+    class give the same output from both, and the page's class reaches the network too."""
+    from cmkit.serve.backend import Backend
+
+    backend = Backend(allow=[setup])
+    image = np.asarray(Image.open(setup / "in.png"))[..., None]
+    kw = dict(sigma=0.5, seed=0, frames=2, seed2=1)
+    page = {c: backend.edit(str(setup / "m"), task, None if task == "interpolate" else image, classes=c, **kw)
+            for c in ("3", "7")}
+    assert not np.array_equal(page["3"].native, page["7"].native) and "(class 3" in page["3"].info
+    if task == "denoise":  # the page adds the noise it removes; the CLI does with --add-noise
+        cli = _run(setup, task, "3", "--input", str(setup / "in.png"), "--sigma", "0.5", "--add-noise")
+        assert np.array_equal(page["3"].native[0, ..., 0].astype(int), cli)
+    else:
+        cli = _run(setup, task, "3", "--seeds", "0,1", "--frames", "2")
+        assert np.array_equal(page["3"].native[..., 0].astype(int), cli[..., 0])

@@ -42,7 +42,8 @@ def test_published_configurations_have_edms_sizes_and_keys(arch, classes):
     with torch.device("meta"):
         net = CLASSES[arch](**kwargs)
     assert sum(p.numel() for p in net.parameters()) == params
-    assert sum(b.numel() for b in net.buffers()) == buffers
+    params_by_name = dict(net.named_parameters())  # the buffers a state dict holds (the embedding's frequencies
+    assert sum(v.numel() for k, v in net.state_dict().items() if k not in params_by_name) == buffers  # are not)
     assert len(net.state_dict()) == tensors
     assert digest(net) == keys
 
@@ -98,15 +99,17 @@ def test_attention_reads_qkv_as_heads_dim_three():
 
 
 def test_noise_embeddings_are_edms():
-    from cmkit.nets.edm import FourierEmbedding, PositionalEmbedding
+    """The one embedding of each kind (cmkit.nets.embedding), as EDM's networks use it, computes EDM's formulas."""
+    from cmkit.nets.embedding import FourierEmbedding, PositionalEmbedding
 
     c = torch.tensor([-1.3, 0.2])
     i = torch.arange(8.0)
     args = c[:, None] * (1e-4 ** (i / 7))[None]  # DDPM++: endpoint=True
-    torch.testing.assert_close(PositionalEmbedding(16, endpoint=True)(c), torch.cat([args.cos(), args.sin()], 1))
+    torch.testing.assert_close(PositionalEmbedding(16, scale=1.0, endpoint=True)(c),
+                               torch.cat([args.cos(), args.sin()], 1))
     args = c[:, None] * (1e-4 ** (i / 8))[None]  # ADM
-    torch.testing.assert_close(PositionalEmbedding(16)(c), torch.cat([args.cos(), args.sin()], 1))
-    emb = FourierEmbedding(16, scale=16)
+    torch.testing.assert_close(PositionalEmbedding(16, scale=1.0)(c), torch.cat([args.cos(), args.sin()], 1))
+    emb = FourierEmbedding(16, scale=16, buffer="freqs")
     args = c[:, None] * (2 * math.pi * emb.freqs)[None]  # EDM: x.ger(2π·freqs)
     torch.testing.assert_close(emb(c), torch.cat([args.cos(), args.sin()], 1))
 

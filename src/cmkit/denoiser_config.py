@@ -16,6 +16,7 @@ from .losses import LOSSES, PRECOND_OF
 from .nets import build_net
 from .nets.edm import VEPrecond, VPPrecond
 from .precond import Precond
+from .sampling import SAMPLER_NAMES
 from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 
@@ -49,7 +50,7 @@ SolverName = Literal["heun", "euler"]
 WeightingName = Literal["uniform", "snr", "snr+1", "karras", "truncated-snr", "inv_dt", "snrpk"]
 
 
-SamplerName = Literal["onestep", "multistep", "heun", "euler", "progdist", "flowmap"]
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # the registry of cmkit.sampling
 
 
 #: EDM's networks (cmkit.nets.edm) and the noise embedding each has.

@@ -23,3 +23,10 @@ def optional_import(module: str, extra: str, what: str) -> ModuleType:
         if e.name != package:
             raise  # the package is there but a sub-module or a dependency of it is not: show the real error
         raise CmkitError(f"{what} needs {package}: pip install 'cmkit[{extra}]'") from None
+
+
+def one_line(text: object, limit: int = 500) -> str:
+    """A message on one line (whitespace runs, newlines included, become one space), at most ``limit`` chars:
+    how the CLI and the web page show every error."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."

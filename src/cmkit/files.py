@@ -165,7 +165,7 @@ def read_torch_state_dict(path: str | Path, what: str, hint: str = "") -> dict[s
     return dict(sd)
 
 
-def load_weights(model: nn.Module, file: Path) -> None:
+def load_safetensors(model: nn.Module, file: Path) -> None:
     """Load safetensors weights strictly, with one clear error for corrupt or mismatched files."""
     load_state(model, read_safetensors(file), str(file), "the model in config.json")
 

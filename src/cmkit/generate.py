@@ -1,8 +1,11 @@
-"""Batched generation from a loaded model with any sampler, for the CLI, grids and evaluation."""
+"""Model → images: the one path the CLI (``cmkit sample``), evaluation (``cmkit eval --model``) and the web page
+take. ``sample_images`` resolves the sampler (``resolve_sampler``: the model's default, ``--steps`` or a σ list,
+checked against the registry ``cmkit.sampling.SAMPLERS``), draws the class labels and generates in batches with
+per-sample seeds (``generate``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,12 +14,11 @@ from tqdm import tqdm
 
 from .denoiser_config import Config
 from .errors import CmkitError
-from .sampling import (edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_flowmap,
-    sample_heun, sample_multistep, sample_progdist, validate_sigmas)
+from .inputs import class_labels
+from .sampling import (SAMPLERS, edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler,
+                       sample_flowmap, sample_heun, sample_multistep, sample_progdist, validate_sigmas)
 from .schedules import DEFAULT_SIGMA_MID, grid_levels, karras_sigmas, nearest_grid_index, training_grid, warn_off_grid
 
-
-SAMPLERS = ("onestep", "multistep", "heun", "euler", "progdist", "flowmap")
 
 
 def default_sampler(cfg: Config) -> tuple[str, list[float], int]:
@@ -43,9 +45,11 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
             sampler = default_sampler(cfg)[0]
     if sampler not in SAMPLERS:
         raise CmkitError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if cfg.is_diffusion() and sampler in ("onestep", "multistep"):
-        raise CmkitError("this is a diffusion model: use --sampler heun, euler or progdist")
-    if not cfg.is_diffusion() and sampler in ("heun", "euler", "progdist"):
+    family = SAMPLERS[sampler].models
+    if cfg.is_diffusion() and family != "diffusion":
+        names = ", ".join(n for n, s in SAMPLERS.items() if s.models == "diffusion")
+        raise CmkitError(f"this is a diffusion model: use --sampler {names}")
+    if not cfg.is_diffusion() and family == "diffusion":
         raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
     if sampler == "flowmap" and c.precond != "meanflow":
         raise CmkitError("--sampler flowmap needs a two-time flow-map model (MeanFlow); this model has "
@@ -99,6 +103,37 @@ def multistep_sigmas(cfg: Config, steps: int) -> list[float]:
     mid = own[1] if len(own) >= 2 else DEFAULT_SIGMA_MID
     i_mid = min(max(nearest_grid_index(mid, grid), steps - 1), len(grid) - 2)
     return grid_levels(grid, steps, 0, i_mid)
+
+
+@dataclass
+class Samples:
+    """Images in [-1, 1] (n, C, H, W), their class labels (None for an unconditional model), and the sampler
+    setting that drew them."""
+
+    images: Tensor
+    labels: Tensor | None
+    sampler: str
+    sigmas: list[float]
+    steps: int
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image."""
+        return nfe(self.sampler, self.steps)
+
+
+def sample_images(model: nn.Module, cfg: Config, n: int, *, sampler: str | None = None, steps: int | None = None,
+                  sigmas: Sequence[float] | None = None, classes: str | None = None, seed: int = 0,
+                  batch_size: int = 256, device: str | torch.device = "cpu", bf16: bool = False,
+                  progress: bool = True) -> Samples:
+    """``n`` images from a loaded model (``cmkit.load.load_model``): the sampler resolved as ``resolve_sampler``
+    does (None: the model's own), class labels from ``classes`` (``"3"`` or ``"0,1,2"``, cycled; random from the
+    seed when None), image i drawn with seed ``seed + i``."""
+    sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
+    labels = class_labels(classes, cfg.model.num_classes, n)
+    x, labels = generate(model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress=progress,
+                         labels=labels, bf16=bf16)
+    return Samples(x, labels, sampler, sigma_list, steps)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .config import set_value
 from .denoiser_config import Config
 from .errors import CmkitError
-from .files import load_state, load_weights, read_safetensors
+from .files import load_state, load_safetensors, read_safetensors
 from .formats.detect import checkpoint_format, read_released_net
 from .formats.model_dir import CONFIG_FILE, MODEL_FILE, read_model_dir
 from .retime import fit_time_embedding, needs_refit
@@ -109,5 +109,5 @@ def load_model(path: str | Path, weights: str = MODEL_FILE, device: str | torch.
         raise CmkitError(f"{d.path / CONFIG_FILE}: model.sigma_min={lo} and sigma_max={hi}; expected "
                          "0 < sigma_min < sigma_max (a damaged or hand-edited config)")
     model = cfg.model.build()
-    load_weights(model, d.path / weights)
+    load_safetensors(model, d.path / weights)
     return model.to(device).eval().requires_grad_(False), cfg

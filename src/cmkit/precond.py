@@ -28,7 +28,7 @@ from .trigflow import t_from_sigma
 
 
 Kind = Literal["edm", "cm", "trigflow", "meanflow"]
-KINDS = ("edm", "cm", "trigflow", "meanflow")
+PRECOND_KINDS = ("edm", "cm", "trigflow", "meanflow")
 
 def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor]:
     """EDM c_skip, c_out, c_in (Karras et al. 2022, Table 1)."""
@@ -84,8 +84,8 @@ class Precond(nn.Module):
     def __init__(self, net: nn.Module, kind: Kind = "cm", sigma_data: float = SIGMA_DATA,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, time_input: str = "default"):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown preconditioning kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if kind not in PRECOND_KINDS:
+            raise ValueError(f"unknown preconditioning kind {kind!r}; expected one of {', '.join(PRECOND_KINDS)}")
         if time_input not in ("default", "t", "log_sigma"):
             raise ValueError(f"unknown time_input {time_input!r}; expected default, t or log_sigma")
         self.net, self.kind = net, kind

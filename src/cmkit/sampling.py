@@ -1,5 +1,6 @@
 """Samplers. Consistency models: one-step and multistep (CM Alg. 1) over a list of σ values.
-Diffusion models (teachers, baselines): EDM Heun (Karras et al. 2022, Alg. 1) and Euler.
+Diffusion models (teachers, baselines): EDM Heun (Karras et al. 2022, Alg. 1), Euler, and progressive
+distillation's DDIM steps; two-time flow maps (MeanFlow): jumps between σ levels. ``SAMPLERS`` names them all.
 
 Every sampler takes ``noise`` sources as a ``torch.Generator``, or a list of per-sample generators
 (``per_sample_generators(seeds)``) so that a sample never depends on the batch it was drawn in.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -159,11 +161,31 @@ def sample_flowmap(model: nn.Module, shape: Sequence[int], sigmas: Sequence[floa
     return x.clamp(-1, 1) if clip else x
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of the sampler registry: which models it samples and what it costs."""
+
+    models: str                     # "consistency" (one- or two-time CMs), "diffusion" (EDM denoisers) or "flowmap"
+    nfe: Callable[[int], int]       # network evaluations per image for ``steps``
+    help: str
+
+
+#: Every sampler by name, in one place (the CLI's --sampler, the config's sample.sampler and the web page read it).
+SAMPLERS: dict[str, Sampler] = {
+    "onestep": Sampler("consistency", lambda steps: 1, "one evaluation from σ_max (CM Algorithm 1 with N = 1)"),
+    "multistep": Sampler("consistency", lambda steps: steps, "CM Algorithm 1 over a descending σ list"),
+    "heun": Sampler("diffusion", lambda steps: 2 * steps - 1, "EDM's deterministic 2nd-order sampler (Algorithm 1)"),
+    "euler": Sampler("diffusion", lambda steps: steps, "first-order probability-flow ODE steps"),
+    "progdist": Sampler("diffusion", lambda steps: steps, "progressive distillation's DDIM student steps"),
+    "flowmap": Sampler("flowmap", lambda steps: steps, "MeanFlow's two-time jumps σ_j → σ_{j+1}"),
+}
+SAMPLER_NAMES = tuple(SAMPLERS)
+
+
 def nfe(sampler: str, steps: int) -> int:
     """Network evaluations of a sampler setting: onestep 1, multistep ``steps``, heun 2·steps-1, euler and
     progdist and flowmap ``steps``."""
-    return {"onestep": 1, "multistep": steps, "heun": 2 * steps - 1, "euler": steps, "progdist": steps,
-            "flowmap": steps}[sampler]
+    return SAMPLERS[sampler].nfe(steps)
 
 
 def random_labels(n: int, num_classes: int, generator: NoiseSource, device: str | torch.device) -> Tensor:

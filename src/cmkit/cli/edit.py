@@ -18,7 +18,6 @@ stroke take --steps/--sigmas (σ levels).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,9 @@ import torch
 from torch import Tensor
 
 from .options import add_class_option, add_device_option, add_output_option, add_sampling_options, add_threads_option
-from ..editing import tasks
 from ..editing.editor import default_edit_sigmas
 from ..editing.masks import BUILTIN, box_mask, builtin_mask, load_mask
+from ..editing.run import TASKS, EditRequest, run_task
 from ..editing.tasks import STROKE_SIGMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, read_image, read_npz_images, save_grid, save_images, save_npz
@@ -38,21 +37,6 @@ from ..inputs import (IMAGE_SUFFIXES, MAX_STEPS, apply_threads, check_device, ch
 from ..load import load_model
 from ..sampling import validate_sigmas
 from ..schedules import training_grid
-
-
-# task → one-line description (the listing of `cmkit edit --help`)
-TASK_HELP = {
-    "inpaint": "fill a masked region (--mask PNG, --box or --builtin), keeping the rest exactly",
-    "colorize": "colour a greyscale image, keeping its luminance (needs a colour model)",
-    "superres": "upscale a size/factor image by --factor, keeping its patch averages",
-    "stroke": "turn a coarse stroke painting into an image (SDEdit-like, from --sigma-start)",
-    "denoise": "remove Gaussian noise of a known level --sigma in one evaluation",
-    "interpolate": "frames between two noise seeds or between two images",
-}
-TASKS = tuple(TASK_HELP)
-# columns of the --panel image, per task
-PANELS = {"inpaint": ("input", "masked", "output"), "colorize": ("grey", "output"), "superres": ("low-res", "output"),
-          "stroke": ("strokes", "output"), "denoise": ("noisy", "output")}
 
 
 def load_images(path: str, channels: int, size: int, index: int | None = None, what: str = "input image",
@@ -168,82 +152,52 @@ def _check_with_model(args: argparse.Namespace, cfg: Any) -> None:
                              f"choose one of {', '.join(map(str, divisors))}")
 
 
-def _cond(args: argparse.Namespace, n: int) -> dict[str, Tensor]:
-    """The class conditioning of ``n`` edited images: ``{}`` for an unconditional model, else ``class_labels``
-    from --class (cycled over the images), or random labels drawn from --seed when it is not given."""
+def _labels(args: argparse.Namespace, n: int) -> Tensor | None:
+    """The class labels of ``n`` edited images: None for an unconditional model, else --class (cycled over the
+    images), or random labels drawn from --seed when it is not given."""
     if not args.num_classes:
-        return {}
+        return None
     labels = class_labels(args.classes, args.num_classes, n)
     if labels is None:
         labels = torch.randint(args.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
         print(f"class-conditional model: random class labels {labels.tolist()} (choose them with --class)")
-    args.labels = labels
-    return {"class_labels": labels.to(args.device)}
+    return labels
 
 
-Edited = tuple[Tensor, list[Tensor]]  # (output images, columns of the --panel image)
-Handler = Callable[[argparse.Namespace, Any, int, int, torch.Generator], Edited]
-
-
-def _inpaint(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    y = load_images(args.input, C, R, args.index, device=args.device)
-    mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
-            else builtin_mask(args.builtin or "center", R)).to(args.device)
-    out = tasks.inpaint(model, y, mask, _sigma_list(args), generator=g, grid=args.grid, **_cond(args, len(y)))
-    return out, [y, y * (1 - mask) - mask, out]
-
-
-def _colorize(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    if C != 3:
-        raise CmkitError("colorization needs a colour (3-channel) model")
-    gray = tasks.to_gray3(load_images(args.input, 3, R, args.index, device=args.device))
-    out = tasks.colorize(model, gray, _sigma_list(args), generator=g, grid=args.grid, **_cond(args, len(gray)))
-    return out, [gray, out]
-
-
-def _superres(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    low = load_images(args.input, C, R // args.factor, args.index, device=args.device)
-    out = tasks.super_resolve(model, low, args.factor, _sigma_list(args), generator=g, grid=args.grid,
-                              **_cond(args, len(low)))
-    return out, [torch.nn.functional.interpolate(low, scale_factor=args.factor, mode="nearest"), out]
-
-
-def _stroke(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    y = load_images(args.input, C, R, args.index, device=args.device)
-    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
-    out = tasks.stroke_guided(model, y, args.sigma_start, args.steps, sigmas, generator=g, grid=args.grid,
-                              **_cond(args, len(y)))
-    return out, [y, out]
-
-
-def _denoise(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    y = load_images(args.input, C, R, args.index, device=args.device)
-    if args.add_noise:
-        y = y + args.sigma * torch.randn(y.shape, generator=g).to(y.device)
-    out = tasks.denoise(model, y, args.sigma, **_cond(args, len(y)))
-    return out, [y.clamp(-1, 1), out]
-
-
-def _interpolate(args: argparse.Namespace, model: Any, C: int, R: int, g: torch.Generator) -> Edited:
-    if args.input or args.input2:
-        if not (args.input and args.input2):
-            raise CmkitError("interpolating images needs --input and --input2")
-        x1 = load_images(args.input, C, R, args.index, device=args.device)
-        x2 = load_images(args.input2, C, R, args.index, flag="--input2", device=args.device)
-        if len(x1) != len(x2):
-            raise CmkitError(f"--input holds {len(x1)} image(s) but --input2 holds {len(x2)}; give as many (or "
-                             "pick one of each with --index)")
-        frames = tasks.interpolate_images(model, x1, x2, args.frames, args.sigma, generator=g, grid=args.grid,
-                                          **_cond(args, len(x1)))
+def _request(args: argparse.Namespace, C: int, R: int) -> EditRequest:
+    """The task's inputs from the files and flags."""
+    task, dev = args.task, args.device
+    sigmas = _sigma_list(args) if task in ("inpaint", "colorize", "superres") else None
+    req = EditRequest(task, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed), grid=args.grid)
+    if task == "superres":
+        req.images, req.factor = load_images(args.input, C, R // args.factor, args.index, device=dev), args.factor
+    elif task == "interpolate":
+        if args.input or args.input2:
+            if not (args.input and args.input2):
+                raise CmkitError("interpolating images needs --input and --input2")
+            req.images = load_images(args.input, C, R, args.index, device=dev)
+            req.images2 = load_images(args.input2, C, R, args.index, flag="--input2", device=dev)
+            if len(req.images) != len(req.images2):
+                raise CmkitError(f"--input holds {len(req.images)} image(s) but --input2 holds {len(req.images2)}; "
+                                 "give as many (or pick one of each with --index)")
+            req.sigma = args.sigma
+        else:
+            req.seeds = tuple(_seeds(args))
+        req.frames = args.frames
     else:
-        s = _seeds(args)
-        z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)).to(args.device) for v in s)
-        frames = tasks.interpolate_noise(model, z1, z2, args.frames, **_cond(args, 1))
-    return frames[:, 0], []
-
-
-HANDLERS: dict[str, Handler] = {"inpaint": _inpaint, "colorize": _colorize, "superres": _superres,
-                                "stroke": _stroke, "denoise": _denoise, "interpolate": _interpolate}
+        req.images = load_images(args.input, 3 if task == "colorize" else C, R, args.index, device=dev)
+    if task == "inpaint":
+        req.mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
+                    else builtin_mask(args.builtin or "center", R)).to(dev)
+    elif task == "stroke":
+        req.sigma_start, req.steps = args.sigma_start, args.steps
+        req.sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
+    elif task == "denoise":
+        req.sigma, req.add_noise = args.sigma, args.add_noise
+    n = 1 if req.images is None else len(req.images)
+    labels = _labels(args, n)
+    req.labels = labels.to(dev) if labels is not None else None
+    return req
 
 
 def write_outputs(args: argparse.Namespace, out: Tensor, panel: list[Tensor], labels: Tensor | None) -> None:
@@ -264,7 +218,7 @@ def write_outputs(args: argparse.Namespace, out: Tensor, panel: list[Tensor], la
     if getattr(args, "panel", None):
         rows = torch.stack([p.cpu().expand(-1, out.shape[1], -1, -1).clamp(-1, 1) for p in panel], 1).flatten(0, 1)
         save_grid(rows, args.panel, nrow=len(panel))
-        print(f"wrote {args.panel} (columns: {' | '.join(PANELS[args.task])})")
+        print(f"wrote {args.panel} (columns: {' | '.join(TASKS[args.task].panel)})")
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -280,13 +234,13 @@ def run_edit(args: argparse.Namespace) -> int:
 
     args.grid = training_grid(cfg)  # default σ lists lie on the grid the model was trained on
     C, R = cfg.model.in_channels, cfg.model.img_resolution
-    g = torch.Generator().manual_seed(args.seed)
-    args.labels = None
     try:
-        out, panel = HANDLERS[args.task](args, model, C, R, g)
+        req = _request(args, C, R)
+        edited = run_task(model, req, (C, R, R), cfg.model.sigma_max)
     except ValueError as e:  # shape problems surfaced by the editor
         raise CmkitError(str(e)) from None
-    write_outputs(args, out.cpu(), panel, args.labels)
+    out, panel = edited.images, edited.panel
+    write_outputs(args, out.cpu(), panel, None if req.labels is None else req.labels.cpu())
     return 0
 
 
@@ -315,7 +269,7 @@ def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None
                    help="also write the images as one enlarged grid to look at (interpolate: one row of frames)")
     if panel:
         p.add_argument("--panel", metavar="PANEL.png",
-                       help=f"also write a side-by-side PNG (columns: {' | '.join(PANELS[task])})")
+                       help=f"also write a side-by-side PNG (columns: {' | '.join(TASKS[task].panel)})")
     if sigmas:
         add_sampling_options(p, sampler=False, batch_size=None, bf16=False, device=True, threads=True,
                              steps_default=steps, steps_help=steps_help, sigmas_help=sigmas_help,
@@ -345,7 +299,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks")
 
     def task(name: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=TASK_HELP[name], description=description)
+        return sub.add_parser(name, help=TASKS[name].help, description=description)
 
     s = task("inpaint", "Inpainting: generate the pixels under a mask (white = generate) and keep the others "
                         "exactly. The mask is a PNG (--mask), a box (--box) or a built-in shape (--builtin, default "

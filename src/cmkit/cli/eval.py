@@ -13,10 +13,10 @@ from typing import Any
 
 from .options import add_class_option, add_output_option, add_sampling_options
 from ..errors import CmkitError
-from ..generate import generate, resolve_sampler
+from ..generate import sample_images
 from ..imageio import to_uint8
 from ..inputs import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int, check_model_arg,
-    check_output, check_seed, check_threads, class_labels, parse_sigmas)
+    check_output, check_seed, check_threads, parse_sigmas)
 from ..load import load_model
 from ..metrics.evaluate import FEATURE_SPACES, evaluate_images, extractor_class
 from ..metrics.frechet import require_scipy
@@ -112,10 +112,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     if args.model is not None:
         sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
         model, cfg = load_model(args.model, device=args.device)
-        sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
-
-        x, _ = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
-                        labels=class_labels(args.classes, cfg.model.num_classes, args.n), bf16=args.bf16)
+        x = sample_images(model, cfg, args.n, sampler=args.sampler, steps=args.steps, sigmas=sigmas,
+                          classes=args.classes, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                          bf16=args.bf16).images
         return run_eval(args, to_uint8(x))
     return run_eval(args, load_images_npz(args.samples) if args.samples else None)
 

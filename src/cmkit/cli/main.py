@@ -23,7 +23,7 @@ from ..datasets import DATASETS, SPLIT_DATASETS, load_dataset
 from ..denoiser_config import Config
 from ..distributed import cpu_name
 from ..editing.gallery import stroke_painting
-from ..errors import CmkitError
+from ..errors import CmkitError, one_line
 from ..files import load_state, read_safetensors
 from ..formats.adm_weights import (RELEASED_MODELS, export_diffusers_pipeline, read_released, released_model_config,
     released_name, released_overrides)
@@ -32,10 +32,10 @@ from ..formats.detect import checkpoint_format, read_released_net
 from ..formats.model_dir import read_model_dir, save_model_dir
 from ..formats.run_dir import RunDir
 from ..formats.zoo import models_root, shipped_models
-from ..generate import generate, resolve_sampler
+from ..generate import sample_images
 from ..imageio import from_uint8, save_grid, save_images, save_npz
 from ..inputs import (IMAGE_SUFFIXES, MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int,
-    check_model_arg, check_numbered_outputs, check_output, check_seed, check_threads, class_labels, parse_sigmas)
+    check_model_arg, check_numbered_outputs, check_output, check_seed, check_threads, parse_sigmas)
 from ..load import config_for, load_model
 from ..lpips import LPIPS_FILE, convert_lpips
 from ..schedules import training_grid
@@ -176,10 +176,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
     apply_threads(args.threads)
     model, cfg = load_model(args.model, device=args.device)
-    sampler, sigmas, steps = resolve_sampler(cfg, args.sampler, args.steps, sigmas)
-
-    x, labels = generate(model, cfg, args.n, sampler, sigmas, steps, args.seed, args.batch_size, args.device,
-                         labels=class_labels(args.classes, cfg.model.num_classes, args.n), bf16=args.bf16)
+    s = sample_images(model, cfg, args.n, sampler=args.sampler, steps=args.steps, sigmas=sigmas, classes=args.classes,
+                      seed=args.seed, batch_size=args.batch_size, device=args.device, bf16=args.bf16)
+    x, labels = s.images, s.labels
     if args.out:
         save_grid(x, args.out)
         print(f"wrote {args.out}")
@@ -478,12 +477,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_cli(sub)
     _add_debug_everywhere(p)
     return p
-
-
-def one_line(text: object, limit: int = 500) -> str:
-    """A message on one line (whitespace runs, newlines included, become one space), at most ``limit`` chars."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:

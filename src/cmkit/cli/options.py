@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..generate import SAMPLERS
+from ..sampling import SAMPLERS
 from ..inputs import DEVICE_HELP
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CmkitError
-from ..files import (TMP, reach_point, atomic_dir, commit_dir, fsync_path, load_weights, read_json, read_safetensors,
+from ..files import (TMP, reach_point, atomic_dir, commit_dir, fsync_path, load_safetensors, read_json, read_safetensors,
     recover_dir, seal_dir, state_dict_for_save, write_json)
 from .model_dir import CONFIG_FILE
 
@@ -213,7 +213,7 @@ class RunDir:
                         optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Restore every module and the optimizer; returns (state, RNG tensors). A damaged file is one line."""
         for name, module in modules.items():
-            load_weights(module, self.checkpoint / f"{name}.safetensors")
+            load_safetensors(module, self.checkpoint / f"{name}.safetensors")
         state = self.state()
         try:
             optimizer_from_flat(optimizer, read_safetensors(self.checkpoint / self.OPTIMIZER), state["optimizer"])

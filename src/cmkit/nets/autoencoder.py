@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import dataclass_from_dict
 from ..errors import CmkitError
-from ..files import load_weights
+from ..files import load_safetensors
 from ..formats.model_dir import read_model_dir, save_model_dir
 
 
@@ -207,5 +207,5 @@ class KLAutoencoder(nn.Module):
         """Load a model directory or a training run's ``model/``; eval mode, frozen."""
         d = read_model_dir(path, "autoencoder")
         model = cls(AutoencoderConfig.from_dict(d.config))
-        load_weights(model, d.weights)  # strict, one-line errors for missing/unexpected/mis-shaped tensors
+        load_safetensors(model, d.weights)  # strict, one-line errors for missing/unexpected/mis-shaped tensors
         return model.to(device).eval().requires_grad_(False)

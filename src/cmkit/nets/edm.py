@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..guidance import keep_mask
 from ..tensors import append_dims, as_sigma
+from .embedding import FourierEmbedding, PositionalEmbedding
 
 
 def init_weight_(t: Tensor, mode: str, fan_in: int, fan_out: int, gain: float = 1.0) -> Tensor:
@@ -174,32 +175,6 @@ class UNetBlock(nn.Module):
         return x
 
 
-class PositionalEmbedding(nn.Module):
-    """[cos, sin] of c·(1/max_positions)^(i/(n-1 if endpoint else n)), i < n = num_channels/2 (no state)."""
-
-    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
-        super().__init__()
-        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
-
-    def forward(self, x: Tensor) -> Tensor:
-        half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
-        args = x.float()[:, None] * (1 / self.max_positions) ** freqs[None]
-        return torch.cat([args.cos(), args.sin()], dim=1)
-
-
-class FourierEmbedding(nn.Module):
-    """[cos, sin] of 2π·c·freqs with fixed freqs ~ N(0, scale²) (the buffer ``freqs``; NCSN++)."""
-
-    def __init__(self, num_channels: int, scale: float = 16.0):
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
-
-    def forward(self, x: Tensor) -> Tensor:
-        args = x.float()[:, None] * (2 * math.pi * self.freqs.float())[None]
-        return torch.cat([args.cos(), args.sin()], dim=1)
-
-
 def decoder_level(dec: nn.ModuleDict, res: int, lowest: bool, cout: int, width: int, skips: list[int],
                   num_blocks: int, attention: Callable[[int], bool], block: dict[str, Any]) -> int:
     """One resolution of EDM's decoder (SongUNet and DhariwalUNet build it alike): at the lowest resolution two
@@ -263,8 +238,8 @@ class SongUNet(nn.Module):
                      resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init,
                      init_zero=init_zero, init_attn=init_attn)
 
-        self.map_noise = PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional" \
-            else FourierEmbedding(noise_channels, fourier_scale)
+        self.map_noise = PositionalEmbedding(noise_channels, scale=1.0, endpoint=True) \
+            if embedding_type == "positional" else FourierEmbedding(noise_channels, fourier_scale, buffer="freqs")
         self.map_label = Linear(num_classes, noise_channels, **init) if num_classes else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -383,7 +358,7 @@ class DhariwalUNet(nn.Module):
         init_zero = {"init_mode": "kaiming_uniform", "init_weight": 0.0, "init_bias": 0.0}
         block = dict(emb_channels=emb_channels, channels_per_head=head_channels, dropout=dropout, init=init,
                      init_zero=init_zero)
-        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_noise = PositionalEmbedding(model_channels, scale=1.0)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)

@@ -11,12 +11,18 @@ from ..tensors import at_least_fp32
 
 
 class PositionalEmbedding(nn.Module):
-    """Sinusoidal embedding of 1000·c_noise (ADM ``timestep_embedding``, max_period 10000)."""
+    """Sinusoids [cos, sin] of scale·c_noise·f_i with f_i = max_period^(−i/(half − endpoint)), i < half = dim/2.
 
-    def __init__(self, dim: int, max_period: float = 10000.0, scale: float = 1000.0):
+    cmkit's networks and ADM (``timestep_embedding``) embed 1000·c_noise (scale 1000, max_period 10000); EDM's
+    networks (``PositionalEmbedding`` of NVlabs/edm ``training/networks.py``) their c_noise as given (scale 1),
+    DDPM++ with ``endpoint=True`` so that the last frequency is 1/max_period. The frequencies are not weights.
+    """
+
+    def __init__(self, dim: int, max_period: float = 10000.0, scale: float = 1000.0, endpoint: bool = False):
         super().__init__()
         half = dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half) / (half - int(endpoint)))
+        self.register_buffer("freqs", freqs, persistent=False)
         self.scale = scale
 
     def forward(self, c_noise: Tensor) -> Tensor:
@@ -25,14 +31,17 @@ class PositionalEmbedding(nn.Module):
 
 
 class FourierEmbedding(nn.Module):
-    """Gaussian Fourier features [cos 2πWc, sin 2πWc], W ~ N(0, scale²) fixed (NCSN++; iCT uses scale 0.02)."""
+    """Gaussian Fourier features [cos 2πc·W, sin 2πc·W], W ~ N(0, scale²) fixed (Song et al. 2021's NCSN++;
+    iCT uses scale 0.02). ``buffer`` names W in the state dict: EDM's NCSN++ (and so its released pickles) calls it
+    ``freqs``, cmkit's networks ``W``."""
 
-    def __init__(self, dim: int, scale: float = 16.0):
+    def __init__(self, dim: int, scale: float = 16.0, buffer: str = "W"):
         super().__init__()
-        self.register_buffer("W", torch.randn(dim // 2) * scale)
+        self.buffer = buffer
+        self.register_buffer(buffer, torch.randn(dim // 2) * scale)
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        args = 2 * math.pi * at_least_fp32(c_noise)[:, None] * self.W[None]
+        args = at_least_fp32(c_noise)[:, None] * (2 * math.pi * getattr(self, self.buffer))[None]  # EDM's order
         return torch.cat([args.cos(), args.sin()], dim=1)
 
 

@@ -31,18 +31,17 @@ from ..decoder.files import read_latents
 from ..decoder.latents import check_latents, resolve_scaled
 from ..decoder.schedule import DTYPES, MAX_DECODE_STEPS, parse_schedule, steps_to_schedule
 from ..denoiser_config import is_diffusion
-from ..editing import tasks
 from ..editing.editor import default_edit_sigmas
+from ..editing.run import TASKS, EditRequest, run_task
 from ..editing.transforms import LUMA
 from ..errors import CmkitError
 from ..formats.model_dir import MODEL_FILE, read_model_dir, resolve_model_dir
 from ..formats.run_dir import RunDir
 from ..formats.zoo import is_model_name, models_root, shipped_model_dir, shipped_models
-from ..generate import generate, multistep_sigmas, resolve_sampler
+from ..generate import multistep_sigmas, sample_images
 from ..imageio import from_uint8, make_grid, to_uint8
 from ..inputs import check_seed, class_labels, parse_sigmas
 from ..load import load_model
-from ..sampling import nfe
 from ..schedules import off_grid_note, training_grid
 
 
@@ -54,12 +53,6 @@ MAX_PAGE_STEPS = 200
 EDIT_DISPLAY = 280
 #: interpolation frames
 MAX_FRAMES = 16
-TASKS = ("inpaint", "stroke", "colorize", "superres", "denoise", "interpolate")
-
-
-def one_line(text: object, limit: int = 400) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 # --- paths ---------------------------------------------------------------------------------------------
@@ -361,14 +354,12 @@ class Backend:
         if sigma_list and len(sigma_list) > MAX_PAGE_STEPS:
             raise CmkitError(f"at most {MAX_PAGE_STEPS} σ levels; got {len(sigma_list)}")
         m = self.load(ref)
-        sampler_name, sigma_list, steps = resolve_sampler(m.cfg, None if sampler in ("", "auto", None) else sampler,
-                                                          steps, sigma_list)
-        labels = class_labels(classes or None, m.cfg.model.num_classes, n)
         t0 = time.perf_counter()
-        x, _ = generate(m.model, m.cfg, n, sampler_name, sigma_list, steps, seed, batch_size=MAX_SAMPLES,
-                        device=self.device, progress=False, labels=labels)
+        s = sample_images(m.model, m.cfg, n, sampler=None if sampler in ("", "auto", None) else sampler, steps=steps,
+                          sigmas=sigma_list, classes=classes or None, seed=seed, batch_size=MAX_SAMPLES,
+                          device=self.device, progress=False)
+        x, sampler_name, sigma_list, evals = s.images, s.sampler, s.sigmas, s.nfe
         ms = 1000 * (time.perf_counter() - t0) / n
-        evals = nfe(sampler_name, steps)
         sig = f", σ = {', '.join(f'{s:.4g}' for s in sigma_list)}" if sampler_name in ("onestep", "multistep") else ""
         info = (f"**{ref}**: {sampler_name}, {evals} network evaluation{'s' if evals > 1 else ''} (NFE){sig}; "
                 f"{n} image{'s' if n > 1 else ''}, **{ms:.1f} ms per image**")
@@ -429,84 +420,78 @@ class Backend:
     def edit(self, ref: str, task: str, image: np.ndarray | None, layers: list[np.ndarray] | None = None,
              composite: np.ndarray | None = None, *, steps: int | None = None, sigma: float = 0.3,
              sigma_start: float = 5.0, factor: int = 4, frames: int = 9, seed: int = 0, seed2: int = 1,
-             image2: np.ndarray | None = None) -> Result:
-        """Run one editing task on ``image`` (uint8 (R, R, C), the model's size) with what was drawn on it."""
+             image2: np.ndarray | None = None, classes: str = "") -> Result:
+        """Run one editing task on ``image`` (uint8 (R, R, C), the model's size) with what was drawn on it, through
+        the dispatcher the CLI uses (``cmkit.editing.run``); ``classes`` labels a class-conditional model's image
+        (random from the seed when empty)."""
         if task not in TASKS:
             raise CmkitError(f"unknown editing task {task!r}; expected one of {', '.join(TASKS)}")
         m = self.editable(ref)
-        C, R = m.channels, m.resolution
-        s = display_scale(R)
-        seed = _int(seed, "seed", 0, 2**62)
-        g = torch.Generator().manual_seed(seed)
-        sigmas = None
-        if steps not in (None, "", 0) and task in ("inpaint", "colorize", "superres"):
-            sigmas = default_edit_sigmas(_int(steps, "steps", 1, MAX_PAGE_STEPS), m.cfg.model.sigma_min,
-                                         m.cfg.model.sigma_max, m.grid)
-        lo, hi = m.cfg.model.sigma_min, m.cfg.model.sigma_max
-        if task == "interpolate" and image is None:
-            z1, z2 = (torch.randn(1, C, R, R, generator=torch.Generator().manual_seed(v)).to(self.device)
-                      for v in (seed, _int(seed2, "second seed", 0, 2**62)))
-            out = tasks.interpolate_noise(m.model, z1, z2, _int(frames, "frames", 2, MAX_FRAMES), hi)[:, 0]
+        req = self._edit_request(m, task, image, layers, composite, steps, sigma, sigma_start, factor, frames,
+                                 _int(seed, "seed", 0, 2**62), seed2, image2)
+        n = 1 if req.images is None else len(req.images)
+        labels = class_labels(classes or None, m.cfg.model.num_classes, n)
+        if labels is None and m.cfg.model.num_classes:
+            labels = torch.randint(m.cfg.model.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+        req.labels = None if labels is None else labels.to(self.device)
+        edited = run_task(m.model, req, (m.channels, m.resolution, m.resolution), m.cfg.model.sigma_max)
+        out, R = edited.images, m.resolution
+        info = edited.info + (f" (class {', '.join(map(str, labels.tolist()))})" if labels is not None else "")
+        if task == "interpolate":
             strip = grid_image(out, nrow=len(out), scale=max(1, 96 // R))
-            return Result({"output": strip, "strip": strip}, f"{len(out)} frames between seeds {seed} and {seed2}",
-                          to_uint8(out))
+            return Result({"output": strip, "strip": strip}, info, to_uint8(out))
+        s = display_scale(R)
+        images = {"output": upscale(to_uint8(out)[0], s),
+                  "panel": grid_image(torch.cat([t.expand(-1, m.channels, -1, -1).clamp(-1, 1) for t in edited.panel]),
+                                      nrow=len(edited.panel), scale=s)}
+        if req.mask is not None:
+            images["mask"] = upscale((req.mask.cpu().numpy() * 255).astype(np.uint8), s)
+        return Result(images, info, to_uint8(out))
+
+    def _edit_request(self, m: Loaded, task: str, image: np.ndarray | None, layers: list[np.ndarray] | None,
+                      composite: np.ndarray | None, steps: Any, sigma: Any, sigma_start: Any, factor: Any,
+                      frames: Any, seed: int, seed2: Any, image2: np.ndarray | None) -> EditRequest:
+        """The page's inputs (an image, the layers drawn on it, the fields of the tab) as an ``EditRequest``."""
+        C, R = m.channels, m.resolution
+        lo, hi = m.cfg.model.sigma_min, m.cfg.model.sigma_max
+        req = EditRequest(task, generator=torch.Generator().manual_seed(seed), grid=m.grid)
+        if steps not in (None, "", 0) and task in ("inpaint", "colorize", "superres"):
+            req.sigmas = default_edit_sigmas(_int(steps, "steps", 1, MAX_PAGE_STEPS), lo, hi, m.grid)
+        if task == "interpolate":
+            req.frames = _int(frames, "frames", 2, MAX_FRAMES)
+            if image is None:
+                req.seeds = (seed, _int(seed2, "second seed", 0, 2**62))
+                return req
+            if image2 is None:
+                raise CmkitError("interpolating images needs a second image")
+            req.images2 = to_tensor(to_model_image(image2, C, R, "the second image")).to(self.device)
+            req.sigma = _float(sigma if sigma else 2.0, "σ", lo, hi)
         if image is None:
             raise CmkitError("no input image: load a held-out image or upload one first")
         y = to_tensor(to_model_image(image, C, R, "the input image")).to(self.device)
-        mask = None
-        with torch.no_grad():
-            if task == "inpaint":
-                mask_np = mask_from_layers(layers, R)
-                if not mask_np.any():
-                    raise CmkitError("draw the region to fill on the image first (the mask is empty)")
-                mask = torch.from_numpy(mask_np).to(self.device)
-                out = tasks.inpaint(m.model, y, mask, sigmas, generator=g, grid=m.grid)
-                shown = [y, y * (1 - mask) + mask, out]  # the masked view: the region to fill in white
-                info = f"inpainted {int(mask_np.sum())} of {R * R} pixels; the others are the input's, unchanged"
-            elif task == "stroke":
-                if composite is None:
-                    raise CmkitError("paint strokes on the canvas first")
-                painted = to_model_image(np.clip(downsample(np.asarray(composite)[..., :3], R), 0, 255)
-                                         .round().astype(np.uint8), C, R, "the stroke painting")
-                strokes = to_tensor(painted).to(self.device)
-                _float(sigma_start, "σ start", lo, hi)
-                out = tasks.stroke_guided(m.model, strokes, float(sigma_start), 3, generator=g, grid=m.grid)
-                shown, info = [strokes, out], f"stroke-guided generation from σ = {float(sigma_start):g}"
-            elif task == "colorize":
-                if C != 3:
-                    raise CmkitError("colorization needs a colour (3-channel) model, e.g. emoji-ect")
-                gray = tasks.to_gray3(y)
-                out = tasks.colorize(m.model, gray, sigmas, generator=g, grid=m.grid)
-                shown, info = [gray, out], "colorized: the luminance is the input's"
-            elif task == "superres":
-                factor = _int(factor, "factor", 2, R)
-                if R % factor:
-                    raise CmkitError(f"factor {factor} does not divide the model's {R}×{R} images")
-                low = torch.nn.functional.avg_pool2d(y, factor)
-                out = tasks.super_resolve(m.model, low, factor, sigmas, generator=g, grid=m.grid)
-                shown = [torch.nn.functional.interpolate(low, scale_factor=factor, mode="nearest"), out]
-                info = f"×{factor} super-resolution of the {R // factor}×{R // factor} average-pooled input"
-            elif task == "denoise":
-                sigma = _float(sigma, "σ", lo, hi)
-                noisy = y + sigma * torch.randn(y.shape, generator=g).to(self.device)
-                out = tasks.denoise(m.model, noisy, sigma)
-                shown, info = [noisy.clamp(-1, 1), out], f"denoised N(0, {sigma:g}²) noise in one evaluation"
-            else:  # interpolate between the input and a second image
-                if image2 is None:
-                    raise CmkitError("interpolating images needs a second image")
-                y2 = to_tensor(to_model_image(image2, C, R, "the second image")).to(self.device)
-                out = tasks.interpolate_images(m.model, y, y2, _int(frames, "frames", 2, MAX_FRAMES),
-                                               _float(sigma if sigma else 2.0, "σ", lo, hi), generator=g,
-                                               grid=m.grid)[:, 0]
-                strip = grid_image(out, nrow=len(out), scale=max(1, 96 // R))
-                return Result({"output": strip, "strip": strip}, f"{len(out)} frames between the two images",
-                              to_uint8(out))
-        images = {"output": upscale(to_uint8(out)[0], s),
-                  "panel": grid_image(torch.cat([t.expand(-1, C, -1, -1).clamp(-1, 1) for t in shown]),
-                                      nrow=len(shown), scale=s)}
-        if mask is not None:
-            images["mask"] = upscale((mask.cpu().numpy() * 255).astype(np.uint8), s)
-        return Result(images, info, to_uint8(out))
+        if task == "inpaint":
+            mask = mask_from_layers(layers, R)
+            if not mask.any():
+                raise CmkitError("draw the region to fill on the image first (the mask is empty)")
+            req.mask = torch.from_numpy(mask).to(self.device)
+        elif task == "stroke":
+            if composite is None:
+                raise CmkitError("paint strokes on the canvas first")
+            painted = to_model_image(np.clip(downsample(np.asarray(composite)[..., :3], R), 0, 255)
+                                     .round().astype(np.uint8), C, R, "the stroke painting")
+            y = to_tensor(painted).to(self.device)
+            req.sigma_start = _float(sigma_start, "σ start", lo, hi)
+        elif task == "colorize" and C != 3:
+            raise CmkitError("colorization needs a colour (3-channel) model, e.g. emoji-ect")
+        elif task == "superres":
+            req.factor = _int(factor, "factor", 2, R)
+            if R % req.factor:
+                raise CmkitError(f"factor {req.factor} does not divide the model's {R}×{R} images")
+            y = torch.nn.functional.avg_pool2d(y, req.factor)
+        elif task == "denoise":
+            req.sigma, req.add_noise = _float(sigma, "σ", lo, hi), True
+        req.images = y
+        return req
 
     # decoding ------------------------------------------------------------------------------------------
 
