@@ -42,3 +42,12 @@ def test_one_table_of_run_kinds():
     assert tuple(RUN_KINDS) == MODEL_KINDS
     for kind, entry in RUN_KINDS.items():
         assert entry.config.kind == kind
+
+
+def test_the_readmes_layout_names_every_module():
+    """The README's Layout section is the tree's map: every module of src/cmkit appears in it by its file name."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = [m for m, path in SOURCE.modules.items()
+               if path.name != "__init__.py" and path.name not in layout and m.replace(".", "/") + ".py" not in layout]
+    assert not missing, missing

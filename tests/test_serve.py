@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 
 from cmkit.errors import CmkitError
-from cmkit.serve.backend import Backend, PathPolicy, mask_from_layers, to_model_image
+from cmkit.serve.backend import Backend
+from cmkit.serve.common import PathPolicy, mask_from_layers, to_model_image
 from cmkit.cli.serve import bind_warning, is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]

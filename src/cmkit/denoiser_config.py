@@ -7,49 +7,26 @@ The override machinery and the sections shared with the autoencoder and decoder 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
 from .config import DATA_CLASSES, require, DataConfig, RunConfig, TrainConfig
+from .errors import CmkitError
 from .losses import LOSSES, PRECOND_OF
-from .nets import build_net
+from .losses.options import options_of, parameters
+from .nets import ARCHS, build_net
 from .nets.edm import VEPrecond, VPPrecond
 from .precond import Precond
 from .sampling import SAMPLER_NAMES
 from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 
-Arch = Literal["unet", "mlp", "adm", "ddpmpp", "ncsnpp", "dhariwal"]
-
-
+Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]  # unet mlp adm ddpmpp ncsnpp dhariwal (cmkit.nets)
 Embedding = Literal["positional", "fourier"]
-
-
 PrecondKind = Literal["edm", "cm", "vp", "ve", "trigflow", "meanflow"]
-
-
-Method = Literal["edm", "cd", "ct", "ict", "ect", "pd", "sct", "scd", "meanflow", "tcm"]
-
-
-JVPName = Literal["jvp", "fd"]
-
-
+Method = Literal[tuple(LOSSES)]  # type: ignore[valid-type]  # edm cd ct ict ect pd sct scd meanflow tcm (cmkit.losses)
 TimeInput = Literal["default", "t", "log_sigma"]
-
-
-TimeDist = Literal["student_t", "lognormal"]
-
-
-DistanceName = Literal["l2", "l1", "pseudo_huber", "lpips"]
-
-
-SolverName = Literal["heun", "euler"]
-
-
-WeightingName = Literal["uniform", "snr", "snr+1", "karras", "truncated-snr", "inv_dt", "snrpk"]
-
-
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # the registry of cmkit.sampling
 
 
@@ -155,53 +132,10 @@ class ModelConfig:
             require(not bad, f"model.attn_resolutions {bad} are never reached; the levels run at {sorted(reached)}")
 
 
-@dataclass
-class LossConfig:
-    """The method and its options; ``None`` keeps the method's published default.
+class _LossSection:
+    """The behaviour of the ``loss`` section; its fields are generated from the losses' declarations below."""
 
-    An option the chosen method does not take is an error (``validate``); the σ range, σ_data and
-    total_steps (= train.steps unless set) reach every method that uses them.
-    """
-
-    method: Method = "ict"                       # edm | cd | ct | ict | ect | pd (progressive distillation)
-                                                 # | sct | scd (sCM) | meanflow | tcm (truncated CM, after ECT)
-    distance: Optional[DistanceName] = None      # cd, ct, ict: l2 | l1 | pseudo_huber | lpips
-    weighting: Optional[WeightingName] = None    # cd, ct: λ(σ) uniform | snr | snr+1 | karras | truncated-snr;
-                                                 # ect: also inv_dt (default) and snrpk (= karras)
-    huber_c: Optional[float] = None              # pseudo-Huber c (None = 0.00054·√d)
-    lpips_weights: Optional[str] = None          # VGG16+LPIPS safetensors for distance=lpips
-    num_scales: Optional[int] = None             # cd: N of the Karras grid; pd: the first stage's N
-    halve_every: Optional[int] = None            # pd: steps per stage (N halves, the student becomes the teacher)
-    mu: Optional[float] = None                   # cd: target EMA rate μ (0 = stopgrad θ)
-    solver: Optional[SolverName] = None          # cd: teacher ODE step heun | euler
-    s0: Optional[int] = None                     # ct, ict: initial discretisation steps
-    s1: Optional[int] = None                     # ct, ict: final discretisation steps
-    mu0: Optional[float] = None                  # ct: initial target EMA rate
-    P_mean: Optional[float] = None               # edm, ict, ect: lognormal σ mean
-    P_std: Optional[float] = None                # edm, ict, ect: lognormal σ std
-    q: Optional[float] = None                    # ect: gap shrink factor per stage
-    k: Optional[float] = None                    # ect: t→r map k
-    b: Optional[float] = None                    # ect: t→r map b
-    double_steps: Optional[int] = None           # ect: steps per stage
-    total_steps: Optional[int] = None            # ct, ict, ect: curriculum length K (None = train.steps)
-    tangent_warmup: Optional[int] = None         # sct, scd: steps H of the tangent warm-up r = min(1, step/H)
-    tangent_c: Optional[float] = None            # sct, scd: c of the tangent normalisation g/(‖g‖_rms + c)
-    tangent_clip: Optional[float] = None         # sct, scd: > 0 clips g to [-clip, clip] instead
-    adaptive_weight: Optional[bool] = None       # sct, scd: learn the weighting w_φ(t)
-    jvp: Optional[JVPName] = None                # sct, scd, meanflow: jvp (forward-mode AD) | fd (central difference)
-    fd_step: Optional[float] = None              # sct, scd, meanflow: step of the central difference
-    ratio_r_eq_t: Optional[float] = None         # meanflow: fraction of the batch with r = t
-    norm_p: Optional[float] = None               # meanflow: adaptive loss normalisation power p
-    norm_c: Optional[float] = None               # meanflow: adaptive loss normalisation constant c
-    imf: Optional[bool] = None                   # meanflow: improved-MeanFlow tangent (the model's velocity)
-    transition_sigma: Optional[float] = None     # tcm: t′, the truncation point in σ
-    boundary_prob: Optional[float] = None        # tcm: fraction of the batch on the boundary loss
-    w_boundary: Optional[float] = None           # tcm: weight of the boundary loss
-    time_dist: Optional[TimeDist] = None         # tcm: student_t | lognormal (ln σ, truncated to [t′, σ_max])
-    df: Optional[float] = None                   # tcm: Student-t degrees of freedom
-    start_stage: Optional[int] = None            # tcm: ECT stage to continue from (Δt keeps shrinking)
-    label_dropout: Optional[float] = None        # edm: p of replacing a label by the null label (CFG teachers)
-    guidance: Optional[float] = None             # scd: classifier-free guidance scale w of the teacher (1 = none)
+    method: str
 
     def options(self) -> dict[str, Any]:
         """The options set in this section (not ``None``), without the method."""
@@ -212,56 +146,71 @@ class LossConfig:
         return LOSSES[self.method]
 
     def accepted(self) -> list[str]:
-        """Option names the method's loss takes (its constructor's parameters, and its base classes' where it
-        passes ``**kwargs`` on)."""
-        names: list[str] = []
-        for cls in self.loss_class().__mro__:
-            params = inspect.signature(cls.__init__).parameters.values()
-            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                      and p.name not in ("self", "sigma_min", "sigma_max", "sigma_data", "rho", *names)]
-            if not any(p.kind == p.VAR_KEYWORD for p in params):
-                break
-        return names
-
-    #: Ranges of the numeric options: (test, what the option must be).
-    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
-        "huber_c": (lambda v: v >= 0, "0 or more"), "num_scales": (lambda v: v >= 2, "at least 2"),
-        "mu": (lambda v: 0 <= v < 1, "in [0, 1)"), "s0": (lambda v: v >= 1, "at least 1"),
-        "s1": (lambda v: v >= 1, "at least 1"), "mu0": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "P_std": (lambda v: v > 0, "positive"), "q": (lambda v: v > 1, "above 1"), "k": (lambda v: v >= 0, "0 or more"),
-        "b": (lambda v: v > 0, "positive"), "double_steps": (lambda v: v >= 1, "at least 1"),
-        "halve_every": (lambda v: v >= 1, "at least 1"),
-        "tangent_warmup": (lambda v: v >= 0, "0 or more"), "tangent_c": (lambda v: v > 0, "positive"),
-        "tangent_clip": (lambda v: v >= 0, "0 or more"), "fd_step": (lambda v: 0 < v <= 0.1, "in (0, 0.1]"),
-        "ratio_r_eq_t": (lambda v: 0 <= v <= 1, "in [0, 1]"), "norm_p": (lambda v: v >= 0, "0 or more"),
-        "norm_c": (lambda v: v > 0, "positive"), "transition_sigma": (lambda v: v > 0, "positive"),
-        "boundary_prob": (lambda v: 0 <= v < 1, "in [0, 1)"), "w_boundary": (lambda v: v >= 0, "0 or more"),
-        "df": (lambda v: v > 0, "positive"), "start_stage": (lambda v: 0 <= v <= 64, "in [0, 64]"),
-        "total_steps": (lambda v: v >= 1, "at least 1"), "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "guidance": (lambda v: 0 <= v <= 20, "in [0, 20]")}
+        """Option names the method's loss takes (its ``OPTIONS``)."""
+        return list(self.loss_class().OPTIONS)
 
     def check(self) -> None:
-        for key, value in self.options().items():
-            ok, what = self.RANGES.get(key, (lambda v: True, ""))
-            require(ok(value), f"loss.{key} must be {what}, got {value}")
-        require(self.s0 is None or self.s1 is None or self.s1 >= self.s0,
-                f"loss.s1={self.s1} must be at least loss.s0={self.s0}")
-        accepted = self.accepted()
-        unused = [k for k in self.options() if k not in accepted]
+        """Every set option is one the method takes, in its range or among its names; the method's rules across
+        options (``RULES``, e.g. s1 ≥ s0) hold for the values it will use (the set ones, else its defaults)."""
+        declared, given = options_of(self.loss_class()), self.options()
+        unused = [k for k in given if k not in declared]
         require(not unused, f"loss.{unused[0] if unused else ''} is not an option of method {self.method!r} "
-                            f"(its options: {', '.join(accepted) or 'none'})")
-        weightings = getattr(self.loss_class(), "WEIGHTINGS", ())
-        require(self.weighting is None or self.weighting in weightings,
-                f"loss.weighting={self.weighting!r} is not a weighting of method {self.method!r} "
-                f"(expected one of {', '.join(weightings)})")
+                            f"(its options: {', '.join(declared) or 'none'})")
+        for key, value in given.items():
+            opt = declared[key][2]
+            problem = opt.problem(value)
+            if problem and opt.choices is not None:
+                raise CmkitError(f"loss.{key}={value!r} is not a {key} of method {self.method!r} (expected "
+                                 f"{problem})")
+            require(problem is None, f"loss.{key} must be {problem}, got {value}")
+        values = {name: given.get(name, default) for name, (_, default, _) in declared.items()}
+        for rule, message in getattr(self.loss_class(), "RULES", ()):
+            require(rule(values), f"{message} (method {self.method!r}: " +
+                    ", ".join(f"loss.{k}={values[k]}" for k in ("s0", "s1") if k in values) + ")")
+
+    def describe(self, steps: int) -> str:
+        """The method's options, one per line: the value it will use (set here, or its default; total_steps is
+        train.steps = ``steps`` unless set) and the help."""
+        given = {**self.options()}
+        defaults = {name: default for name, (_, default, _) in options_of(self.loss_class()).items()}
+        defaults.update({"total_steps": steps} if "total_steps" in defaults else {})
+        rows = [(f"loss.{name}={given.get(name, defaults[name])}", "" if name in given else " (default)", opt.help)
+                for name, (_, _, opt) in options_of(self.loss_class()).items()]
+        width = max((len(a) + len(b) for a, b, _ in rows), default=0)
+        return "\n".join(f"  {a + b:<{width}}  {h}" for a, b, h in rows)
 
     def build(self, model: ModelConfig, steps: int) -> Any:
         """The loss object of ``method`` with the set options, the σ range, σ_data and K."""
         cls = self.loss_class()
-        params = inspect.signature(cls).parameters
+        params = parameters(cls)
         common = {"sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "sigma_data": model.sigma_data,
                   "total_steps": steps}
         return cls(**{**{k: v for k, v in common.items() if k in params}, **self.options()})
+
+
+def _loss_fields() -> list[tuple[str, Any, Any]]:
+    """One field per option of any loss (``cmkit.losses``, each loss's ``OPTIONS``): ``Optional`` of the type its
+    constructors give it, or of a ``Literal`` of every name it takes, defaulting to None (the method's default)."""
+    types: dict[str, Any] = {}  # in the order the options first appear in LOSSES
+    for cls in LOSSES.values():
+        for name, (hint, _, opt) in options_of(cls).items():
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            base = args[0] if len(args) == 1 else hint
+            if opt.choices is not None:  # a Literal of every name any method takes
+                seen = typing.get_args(types.get(name, Literal[()]))
+                base = Literal[seen + tuple(c for c in opt.choices if c not in seen)]
+            elif types.setdefault(name, base) != base:
+                raise TypeError(f"loss option {name} has type {types[name]} in one loss and {base} in {cls.__name__}")
+            types[name] = base
+    return [(name, Optional[hint], field(default=None)) for name, hint in types.items()]
+
+
+LossConfig = dataclasses.make_dataclass(
+    "LossConfig", [("method", Method, field(default="ict")), *_loss_fields()], bases=(_LossSection,),
+    namespace={"__module__": __name__, "__doc__": """The method and its options; ``None`` keeps the method's
+    published default. The options are the union of every loss's ``OPTIONS`` (``cmkit.losses.options``): an option
+    the chosen method does not take is an error (``check``); the σ range, σ_data and total_steps (= train.steps
+    unless set) reach every method that uses them."""})
 
 
 @dataclass

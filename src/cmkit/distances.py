@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .lpips import LazyLPIPS
 
+
 Distance = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -15,10 +15,9 @@ from tqdm import tqdm
 from .denoiser_config import Config
 from .errors import CmkitError
 from .inputs import class_labels
-from .sampling import (SAMPLERS, edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler,
-                       sample_flowmap, sample_heun, sample_multistep, sample_progdist, validate_sigmas)
+from .sampling import (SAMPLERS, edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_flowmap,
+    sample_heun, sample_multistep, sample_progdist, validate_sigmas)
 from .schedules import DEFAULT_SIGMA_MID, grid_levels, karras_sigmas, nearest_grid_index, training_grid, warn_off_grid
-
 
 
 def default_sampler(cfg: Config) -> tuple[str, list[float], int]:

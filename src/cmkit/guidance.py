@@ -6,7 +6,8 @@ replaced by the null label with probability p) also models the unconditional dat
     D_w(x, σ, c) = D(x, σ, ∅) + w·(D(x, σ, c) − D(x, σ, ∅))
 
 (w = 1: the conditional teacher; w = 0: the unconditional one). sCD distils a teacher with guidance
-(consistency-models.md §12.2: "with CFG for conditional models"; §12.3: ImageNet-512 sCD with CFG up to 2.0),
+(Lu & Song 2025, sCM: its class-conditional models are distilled from guided teachers, on ImageNet-512 with
+w up to 2.0),
 so the student samples guided images in one step.
 
 The null label is the integer ``NULL_LABEL`` (−1). cmkit's UNet and MLP give it a zero label embedding, and

@@ -9,7 +9,7 @@ with one of two methods, chosen per run (``loss.jvp``):
   two plain forward passes, O(h²) truncation error, for backbones or kernels without forward-mode AD.
 
 Both run in fp32 with autocast off whatever the run's precision (the tangents, and the time arithmetic they
-carry, lose too much in bf16: frontier-and-checkpoints.md §2 ask 11), and without building an autograd graph:
+carry, lose too much in bf16), and without building an autograd graph:
 the objectives use the derivative only inside a stop-gradient target. Keeping the trainable pass outside the
 transform is also what keeps DDP's gradient synchronisation intact (``torch.func`` bypasses DDP's hooks;
 py-meanflow's caveat): the network evaluated here is always the bare module, never the DDP wrapper.

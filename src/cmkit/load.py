@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .config import set_value
 from .denoiser_config import Config
 from .errors import CmkitError
-from .files import load_state, load_safetensors, read_safetensors
+from .files import load_safetensors, load_state, read_safetensors
 from .formats.detect import checkpoint_format, read_released_net
 from .formats.model_dir import CONFIG_FILE, MODEL_FILE, read_model_dir
 from .retime import fit_time_embedding, needs_refit

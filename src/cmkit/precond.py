@@ -6,9 +6,9 @@ Four kinds, one calling convention:
 - ``cm``: the boundary-shifted form of Song et al. 2023 (Appendix C; ``get_scalings_for_boundary_condition``)
   for consistency models, which makes f_θ(x, σ_min) = x exactly.
 - ``trigflow``: sCM's consistency function f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, t) (Lu & Song 2025,
-  §2; consistency-models.md §12.1), which is EDM's scalings with the output read as −F_θ and c_noise = t
+  §2), which is EDM's scalings with the output read as −F_θ and c_noise = t
   (``cmkit.trigflow``); f(x, 0) = x exactly. It carries the learned adaptive weighting w_φ(t) (``logvar``).
-- ``meanflow``: a two-time flow map of MeanFlow (Geng et al. 2025; frontier-and-checkpoints.md §1): the
+- ``meanflow``: a two-time flow map of MeanFlow (Geng et al. 2025, arXiv 2505.13447): the
   backbone predicts the average velocity u(z_t, t, r) on the rectified path z_t = (1−t)·x0 + t·ε, with
   t = σ/(1+σ) and z_t = x_σ/(1+σ); as a denoiser x0 = z_t − t·u(z_t, t, 0), and ``flow_map`` jumps t → r.
 

@@ -1,7 +1,7 @@
 """Give a trained network another time input, keeping every weight but its noise-embedding MLP.
 
 cmkit's UNet and MLP see the noise level only through one vector, e(σ) = emb_mlp(features(c_noise(σ))), which
-every residual block reads. sCM (consistency-models.md §12.2) wants c_noise(t) = t with a smooth embedding, where
+every residual block reads. sCM (Lu & Song 2025) wants c_noise(t) = t with a smooth embedding, where
 an EDM teacher was trained on ADM's positional features of 1000·ln(σ)/4. Changing the input changes the features
 completely; rather than re-learn them through the diffusion loss, ``fit_time_embedding`` regresses the new
 embedding MLP onto the old vector,

@@ -30,7 +30,8 @@ def as_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
 
 
 def get_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """Capture the RNG that drives dropout on ``device`` (CPU, plus CUDA when used; CM gotcha §15.5)."""
+    """Capture the RNG that drives dropout on ``device`` (CPU, plus CUDA when used), so that a student and its
+    target see the same dropout masks, as the CM code's paired passes do."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 

@@ -1,5 +1,5 @@
-"""TrigFlow (Lu & Song 2025, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", §2;
-reference: consistency-models.md §12.1) and its exact correspondence with EDM's σ parameterisation.
+"""TrigFlow (Lu & Song 2025, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", §2)
+and its exact correspondence with EDM's σ parameterisation.
 
 TrigFlow noises data as x_t = cos t·x0 + sin t·z with z ~ N(0, σ_d² I), t ∈ [0, π/2]. Dividing by cos t gives
 EDM's x_σ = x0 + σ·ε with σ = σ_d·tan t, so every cmkit denoiser ``model(x_σ, σ)`` is a TrigFlow model too:

@@ -27,7 +27,7 @@ from torch import Tensor
 from .options import add_class_option, add_device_option, add_output_option, add_sampling_options, add_threads_option
 from ..editing.editor import default_edit_sigmas
 from ..editing.masks import BUILTIN, box_mask, builtin_mask, load_mask
-from ..editing.run import TASKS, EditRequest, run_task
+from ..editing.run import TASKS, run_task, EditRequest
 from ..editing.tasks import STROKE_SIGMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, read_image, read_npz_images, save_grid, save_images, save_npz

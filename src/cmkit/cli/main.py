@@ -23,7 +23,7 @@ from ..datasets import DATASETS, SPLIT_DATASETS, load_dataset
 from ..denoiser_config import Config
 from ..distributed import cpu_name
 from ..editing.gallery import stroke_painting
-from ..errors import CmkitError, one_line
+from ..errors import one_line, CmkitError
 from ..files import load_state, read_safetensors
 from ..formats.adm_weights import (RELEASED_MODELS, export_diffusers_pipeline, read_released, released_model_config,
     released_name, released_overrides)
@@ -394,23 +394,37 @@ def _add_data_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cmkit`` parser: one small function adds each command (or group of commands)."""
     p = Parser(prog="cmkit", description="Consistency models: train, sample, edit, evaluate.",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_listings, _add_data_commands, _add_train_commands, _add_sample, _add_convert, _add_exports,
+                add_eval, add_edit, add_decoder, add_serve):
+        add(sub)
+    _add_debug_everywhere(p)
+    return p
 
+
+def _add_listings(sub: Any) -> None:
+    """``cmkit presets`` and ``cmkit models``."""
     s = sub.add_parser("presets", help="list the training presets with a one-line description")
     s.set_defaults(func=cmd_presets)
     s = sub.add_parser("models", help="list the models shipped with cmkit")
     s.set_defaults(func=cmd_models)
 
-    _add_data_commands(sub)
+
+def _add_train_commands(sub: Any) -> None:
+    """``cmkit train`` (any kind of preset) and its two named forms."""
     _add_train(sub, "train", None, None, "train a model from a preset (any kind), with key=value overrides")
     _add_train(sub, "train-autoencoder", "autoencoder", "fmnist-ae",
                "train a KL autoencoder (= cmkit train with an autoencoder preset)")
     _add_train(sub, "train-decoder", "decoder", "fmnist-cdec",
                "train a consistency decoder for an autoencoder's latents (= cmkit train with a decoder preset)")
 
+
+def _add_sample(sub: Any) -> None:
+    """``cmkit sample``."""
     s = sub.add_parser("sample", help="generate images from a trained or shipped model",
                        description="Sample a model. Consistency models: --steps 1 (one network evaluation) or "
                                    "--steps 2, or an explicit descending σ list (--sigmas 80,0.8). Diffusion models: "
@@ -426,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_class_option(s)
     s.set_defaults(func=cmd_sample)
 
+
+def _add_convert(sub: Any) -> None:
+    """``cmkit convert``: released checkpoints → model directories."""
     s = sub.add_parser("convert", help="convert released models (OpenAI .pt/diffusers, EDM .pkl, JAX CIFAR-10) to a "
                                        "model directory",
                        description="Convert a checkpoint of openai/consistency_models (a .pt state dict, read with "
@@ -453,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert)
 
+
+def _add_exports(sub: Any) -> None:
+    """``cmkit export`` (a run → a model directory) and ``cmkit export-diffusers``."""
     s = sub.add_parser("export-diffusers", help="write an ADM consistency model as a diffusers "
                                                 "ConsistencyModelPipeline directory")
     s.add_argument("--model", required=True, help="model directory, run directory or shipped name (model.arch=adm)")
@@ -472,11 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--note", help="free-text note stored in the recipe")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
-
-    for add_cli in (add_eval, add_edit, add_decoder, add_serve):
-        add_cli(sub)
-    _add_debug_everywhere(p)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..sampling import SAMPLERS
 from ..inputs import DEVICE_HELP
+from ..sampling import SAMPLERS
 
 
 __all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "add_device_option",

@@ -1,7 +1,7 @@
 """Configuration of the Consistency Decoder network and of its latent space.
 
 The defaults are OpenAI's released decoder (openai/consistencydecoder, 2023), as ported to diffusers'
-``ConsistencyDecoderVAE``: reference doc §1.3 (constants), §1.5 (architecture) and §2.1 (config table).
+``ConsistencyDecoderVAE`` (its constants, architecture and config table; docs/decoder.md).
 ``DecoderConfig.tiny()`` keeps the whole topology (4 levels, ×8 latent upsampling) at a width a test can run.
 """
 from __future__ import annotations

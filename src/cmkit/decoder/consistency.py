@@ -1,6 +1,6 @@
 """Consistency training of a decoder UNet on the released decoder's own discrete schedule.
 
-The consistency decoder (OpenAI 2023; reference doc §1.3–1.4) evaluates, at an integer timestep t
+The consistency decoder (OpenAI 2023, openai/consistencydecoder; docs/decoder.md) evaluates, at an integer timestep t
 of the 1024-step cosine schedule (ᾱ_t, σ_t = √(1/ᾱ_t − 1), σ_d = 0.5),
 
     f_θ(x_t, t) = c_skip(t)·x_t + c_out(t)·F_θ(c_in(t)·x_t ⊕ up(z_norm), t),      x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε

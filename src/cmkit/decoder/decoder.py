@@ -1,7 +1,7 @@
 """``ConsistencyDecoder``: SD latents → images with OpenAI's released consistency decoder (or any of its shape).
 
 The public entry point. Same semantics as openai/consistencydecoder ``ConsistencyDecoder.__call__``
-(reference doc §1.1, §1.4): raw (unscaled) SD-1.x/2.x latents, per-channel normalisation, ×8 nearest
+(docs/decoder.md): raw (unscaled) SD-1.x/2.x latents, per-channel normalisation, ×8 nearest
 upsampling as conditioning, the 64-step distilled cosine schedule, clamping of every x0 estimate; plus a
 ``generator``, any schedule length (1 step included), batches, fp32/bf16/fp16, ``channels_last`` and tiling.
 """

@@ -1,4 +1,4 @@
-"""Multistep consistency sampling of the decoder, untiled or over blended tiles (reference doc §1.4).
+"""Multistep consistency sampling of the decoder, untiled or over blended tiles (docs/decoder.md).
 
 OpenAI ``ConsistencyDecoder.__call__`` in the VP parameterisation (Song et al. 2023, Alg. 1):
 

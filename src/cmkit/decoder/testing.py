@@ -1,7 +1,7 @@
 """Random-weight decoders and synthetic checkpoints in every supported layout, for tests and benchmarks.
 
 Nothing here is downloaded: the OpenAI-layout TorchScript file is a real ``torch.jit.script`` archive of
-an attribute tree named like the released ``decoder.pt`` (reference doc §1.2), whose forward even pins
+an attribute tree named like the released ``decoder.pt`` (openai/consistencydecoder), whose forward even pins
 ``cuda:0`` as the released graph does; the diffusers layout is ``decoder_unet.*`` (+ optional encoder keys).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Overlapping latent tiles and their blending windows, for decoding in memory bounded by the tile size.
 
-The decoder is fully convolutional (reference doc §3.2), so its activation memory grows with the pixel
+The decoder is fully convolutional (no attention), so its activation memory grows with the pixel
 count (§3.3: +1.6 GiB at 256², +5.2 GiB at 512², ~20 GiB extrapolated at 1024²), and diffusers has no
 tiled decode (§2.1, §4 issue 3). Tiles are laid out in latent space, evenly spaced so that neighbours
 overlap by at least ``overlap`` latents; each tile's x0 estimate is weighted by a window that is 1 inside

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import CmkitError
 from . import tasks
+from ..errors import CmkitError
 
 
 @dataclass(frozen=True)

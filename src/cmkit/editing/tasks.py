@@ -105,7 +105,7 @@ def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[f
                 sigma_min=sigma_min, **cond)
 
 
-# σ_1 of stroke-guided generation. The paper gives no value (reference §7.6). On images in [-1, 1] at
+# σ_1 of stroke-guided generation. The paper gives no value (Song et al. 2023, §7.6). On images in [-1, 1] at
 # 28-32 px, σ = 20 drowns the strokes (the output ignores the layout) while σ = 5 keeps the layout and
 # still replaces the flat tones with texture (docs/images/editing/stroke.png).
 STROKE_SIGMA = 5.0

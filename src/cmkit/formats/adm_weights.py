@@ -6,7 +6,7 @@ openai/consistency_models and the diffusers ``UNet2DModel`` layout of the ``open
 * ``adm_config_from_state(state)``: the network shape from the key names and tensor shapes; the image side
   follows from ``channel_mult`` as in the reference's ``create_model`` (64 → 1,2,3,4; 256 → 1,1,2,2,4,4).
 * ``diffusers_to_openai`` / ``openai_to_diffusers``: the key mapping of diffusers'
-  ``convert_consistency_to_diffusers.py`` (reference doc §3.2), both ways; attention ``qkv`` [3C, C, 1, 1] is
+  ``scripts/convert_consistency_to_diffusers.py``, both ways; attention ``qkv`` [3C, C, 1, 1] is
   split into ``to_q/k/v`` [C, C] in (three, heads, head_dim) order.
 
 The state dicts here are the network's own (no ``net.`` prefix of ``cmkit.precond.Precond``).
@@ -222,7 +222,7 @@ def released_model_config(state: dict[str, Tensor], known: dict[str, Any], preco
 
 
 #: The released models' training grids and the 2-step σ of their ``launch.sh`` (``--ts`` converted to σ on
-#: the N-point Karras grid; reference doc consistency-models §6.2): name → (method, N, σ_mid or None).
+#: the N-point Karras grid as ``cm/karras_diffusion.py`` does): name → (method, N, σ_mid or None).
 RELEASED_MODELS: dict[str, tuple[str, int, float | None]] = {
     "cd_imagenet64_l2": ("cd", 40, 1.3824), "cd_imagenet64_lpips": ("cd", 40, 1.3824),
     "ct_imagenet64": ("ct", 201, 1.9128),

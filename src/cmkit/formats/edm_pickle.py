@@ -1,6 +1,6 @@
 """Reading EDM-style pickles without running anything from them: NVlabs/edm's ``network-snapshot-*.pkl`` and
 released ``edm-*.pkl``/``baseline-*.pkl`` files, ECT's snapshots (locuslab/ect), and ``torch.save``d training
-states that embed such modules (reference doc frontier-and-checkpoints §3.3–3.4).
+states that embed such modules (ECT's ``training-state-*.pt``).
 
 EDM pickles are a trap: each network object reduces to ``torch_utils.persistence._reconstruct_persistent_obj``
 with the full source of ``networks.py``, which EDM's loader ``exec``s, and storages go through

@@ -3,7 +3,7 @@
 Each ``checkpoint_N`` is ``flax.serialization.to_bytes(State)``: msgpack of a dict ``step, lr, ema_rate, params,
 [target_params,] params_ema, model_state, opt_state, rng_state`` (``jcm/models/utils.py``), whose arrays are
 msgpack extension 1 (``(shape, dtype name, C-order bytes)``, itself msgpack), numpy scalars extension 3, and arrays
-over 1 GiB ``{"__msgpack_chunked_array__": True, "shape", "chunks"}`` dicts (reference doc §3.5). ``unpackb``
+over 1 GiB ``{"__msgpack_chunked_array__": True, "shape", "chunks"}`` dicts (flax.serialization's chunked arrays). ``unpackb``
 below is a small msgpack decoder written for this (no dependency); it only builds dicts, lists, numbers, strings,
 bytes and numpy arrays.
 

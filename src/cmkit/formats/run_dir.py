@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CmkitError
-from ..files import (TMP, reach_point, atomic_dir, commit_dir, fsync_path, load_safetensors, read_json, read_safetensors,
-    recover_dir, seal_dir, state_dict_for_save, write_json)
+from ..files import (TMP, atomic_dir, commit_dir, fsync_path, load_safetensors, reach_point, read_json,
+    read_safetensors, recover_dir, seal_dir, state_dict_for_save, write_json)
 from .model_dir import CONFIG_FILE
 
 

@@ -1,6 +1,6 @@
 """Read the tensors of a TorchScript (or ``torch.save``) zip archive without running any of its code.
 
-OpenAI's ``decoder.pt`` (reference doc §1.2) is a TorchScript archive whose graph hard-codes
+OpenAI's ``decoder.pt`` (openai/consistencydecoder) is a TorchScript archive whose graph hard-codes
 ``cuda:0`` (openai/consistencydecoder#15), so ``torch.jit.load`` fails without a GPU. The archive is a
 zip holding ``<name>/data.pkl`` (the module tree: ``__torch__.*`` objects whose attributes are tensors),
 ``<name>/constants.pkl`` (tensor constants of the graph) and ``<name>/data/<key>`` (raw storages).

@@ -1,5 +1,7 @@
-"""Training objectives. Each returns per-sample losses (B,); ``LossConfig.build`` (cmkit.config) picks one
-by method name and passes the options the method takes (its constructor's parameters)."""
+"""Training objectives, one file per method. Each returns per-sample losses (B,) and declares its options in
+``OPTIONS`` beside its constructor (``cmkit.losses.options``); ``LossConfig`` (cmkit.denoiser_config) is derived
+from those declarations and builds the loss of ``LOSSES[method]``. A new method is a new file here and a row in
+``LOSSES`` (and in ``PRECOND_OF`` when it trains another preconditioning than the CM one)."""
 from __future__ import annotations
 
 from .base import paired_passes, weighting, Loss

@@ -1,13 +1,14 @@
 """Consistency distillation (Song et al. 2023, Alg. 2; ``consistency_losses`` in the CM code)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
 from .base import WEIGHTINGS, paired_passes, weighting
+from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, at_least, option, within, Option
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from ..solvers import SOLVERS
 from ..tensors import append_dims
@@ -22,6 +23,16 @@ class CDLoss:
 
     needs_teacher = True
     WEIGHTINGS = WEIGHTINGS
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "num_scales": option("N of the Karras σ grid", at_least(2)),
+        "mu": option("target EMA rate μ (0: stopgrad θ)", within(0, 1, high_open=True)),
+        "solver": option("the teacher's ODE step between adjacent σ", choices=("heun", "euler")),
+        "distance": DISTANCE,
+        "weighting": option("λ(σ), at the larger σ", choices=WEIGHTINGS),
+        "huber_c": HUBER_C,
+        "lpips_weights": LPIPS_WEIGHTS,
+    }
 
     def __init__(self, num_scales: int = 18, mu: float = 0.0, solver: str = "heun", distance: str = "l2",
                  weighting: str = "uniform", huber_c: float | None = None, lpips_weights: str | None = None,

@@ -1,13 +1,14 @@
 """Consistency training (Song et al. 2023, Alg. 3) with the adaptive N(k), μ(k) of the reference code."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
 from .base import WEIGHTINGS, paired_passes, weighting
+from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, TOTAL_STEPS, at_least, option, within, Option
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ct_adaptive_schedule, karras_sigmas
 from ..tensors import append_dims
 
@@ -17,6 +18,18 @@ class CTLoss:
 
     needs_teacher = False
     WEIGHTINGS = WEIGHTINGS
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "total_steps": TOTAL_STEPS,
+        "s0": option("initial discretisation steps N(0)", at_least(1)),
+        "s1": option("final discretisation steps N(K)", at_least(1)),
+        "mu0": option("initial target EMA rate μ0", within(0, 1, low_open=True, high_open=True)),
+        "distance": DISTANCE,
+        "weighting": option("λ(σ), at the larger σ", choices=WEIGHTINGS),
+        "huber_c": HUBER_C,
+        "lpips_weights": LPIPS_WEIGHTS,
+    }
+    RULES = ((lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0"),)
 
     def __init__(self, total_steps: int = 800_000, s0: int = 2, s1: int = 150, mu0: float = 0.9,
                  distance: str = "l2", weighting: str = "uniform", huber_c: float | None = None,

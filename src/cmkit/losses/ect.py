@@ -6,13 +6,14 @@ clean data when r = 0 (the boundary condition enforced through the loss).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..distances import default_huber_c, pseudo_huber
 from .base import WEIGHTINGS, paired_passes, weighting
+from .options import HUBER_C, P_MEAN, P_STD, TOTAL_STEPS, at_least, option, positive, Option
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
 
@@ -22,6 +23,18 @@ class ECTLoss:
 
     needs_teacher = False
     WEIGHTINGS = ("inv_dt", *WEIGHTINGS, "snrpk")
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "total_steps": TOTAL_STEPS,
+        "double_steps": option("steps per stage (the gap Δt shrinks by q each stage)", at_least(1)),
+        "P_mean": P_MEAN,
+        "P_std": P_STD,
+        "q": option("gap shrink factor per stage", (lambda v: v > 1, "above 1")),
+        "k": option("k of the t → r map", at_least(0)),
+        "b": option("b of the t → r map", positive()),
+        "huber_c": HUBER_C,
+        "weighting": option("λ(t, r): inv_dt (ECT's), the CM weightings, or snrpk (= karras)", choices=WEIGHTINGS),
+    }
 
     def __init__(self, total_steps: int = 200_000, double_steps: int = 25_000, P_mean: float = -1.1,
                  P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, huber_c: float | None = None,

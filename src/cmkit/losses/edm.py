@@ -1,12 +1,13 @@
 """EDM denoising loss for diffusion teachers (Karras et al. 2022, Eq. 2 with Table 1 weighting)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..guidance import drop_labels
+from .options import P_MEAN, P_STD, option, within, Option
 from ..schedules import SIGMA_DATA
 from ..tensors import append_dims
 
@@ -20,6 +21,13 @@ class EDMLoss:
     """
 
     needs_teacher = False
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "P_mean": P_MEAN,
+        "P_std": P_STD,
+        "label_dropout": option("probability of replacing a label by the null label (a CFG teacher)",
+                                within(0, 1, high_open=True)),
+    }
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, label_dropout: float = 0.0,
                  sigma_data: float = SIGMA_DATA):

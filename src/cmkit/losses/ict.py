@@ -6,13 +6,14 @@ between the two passes.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
 from .base import paired_passes
+from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, P_MEAN, P_STD, TOTAL_STEPS, at_least, option, Option
 from ..schedules import RHO, SIGMA_MAX, SIGMA_MIN, ict_num_scales, karras_sigmas, lognormal_index_probs
 from ..tensors import append_dims
 
@@ -21,6 +22,18 @@ class ICTLoss:
     """L = 1/(σ_{i+1} - σ_i) · d(f_θ(x0 + σ_{i+1}z, σ_{i+1}), f_{sg(θ)}(x0 + σ_i z, σ_i)), i ~ lognormal."""
 
     needs_teacher = False
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "total_steps": TOTAL_STEPS,
+        "s0": option("initial discretisation steps N(0)", at_least(1)),
+        "s1": option("final discretisation steps N(K)", at_least(1)),
+        "P_mean": P_MEAN,
+        "P_std": P_STD,
+        "distance": DISTANCE,
+        "huber_c": HUBER_C,
+        "lpips_weights": LPIPS_WEIGHTS,
+    }
+    RULES = ((lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0"),)
 
     def __init__(self, total_steps: int = 400_000, s0: int = 10, s1: int = 1280, P_mean: float = -1.1,
                  P_std: float = 2.0, distance: str = "pseudo_huber", huber_c: float | None = None,

@@ -1,5 +1,5 @@
-"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447, Algorithm 1;
-frontier-and-checkpoints.md §1) and the improved-MeanFlow tangent (iMF, arXiv 2512.02012) as an option.
+"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447, Algorithm 1)
+and the improved-MeanFlow tangent (iMF, arXiv 2512.02012) as an option.
 
 On the rectified path z_t = (1−t)·x0 + t·ε (ε ~ N(0, I)), the conditional velocity is v = ε − x0 and the
 average velocity from t back to r, u(z_t, t, r) = 1/(t−r)·∫_r^t v dτ, satisfies the MeanFlow identity
@@ -19,12 +19,13 @@ so DDP synchronises every gradient (py-meanflow's ``torch.func`` caveat does not
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..jvp import JVP_MODES, directional_derivative
+from .options import FD_STEP, JVP, P_MEAN, P_STD, at_least, option, positive, within, Option
 from .scm import unwrap
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..tensors import append_dims, get_rng_state, set_rng_state
@@ -47,6 +48,17 @@ class MeanFlowLoss:
     """
 
     needs_teacher = False
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "P_mean": P_MEAN,
+        "P_std": P_STD,
+        "ratio_r_eq_t": option("fraction of the batch with r = t (plain flow matching)", within(0, 1)),
+        "norm_p": option("power p of the adaptive loss normalisation", at_least(0)),
+        "norm_c": option("constant c of the adaptive loss normalisation", positive()),
+        "imf": option("improved MeanFlow: the tangent from the model's own velocity"),
+        "jvp": JVP,
+        "fd_step": FD_STEP,
+    }
 
     def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, ratio_r_eq_t: float = 0.75, norm_p: float = 1.0,
                  norm_c: float = 0.01, imf: bool = False, jvp: str = "jvp", fd_step: float = 1e-4,

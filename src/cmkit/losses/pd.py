@@ -12,12 +12,13 @@ stages the student samples in N_0/2^k Euler steps (``sampling.sample_progdist``)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .base import WEIGHTINGS, weighting
+from .options import at_least, option, Option
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..solvers import euler_step
 from ..tensors import append_dims
@@ -28,6 +29,12 @@ class PDLoss:
 
     needs_teacher = True
     WEIGHTINGS = WEIGHTINGS
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "num_scales": option("N of the first stage (it halves every halve_every steps)", at_least(2)),
+        "halve_every": option("steps per stage (then N halves and the student becomes the teacher)", at_least(1)),
+        "weighting": option("λ(σ)", choices=WEIGHTINGS),
+    }
 
     def __init__(self, num_scales: int = 64, halve_every: int = 1000, weighting: str = "truncated-snr",
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA,

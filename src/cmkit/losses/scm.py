@@ -1,5 +1,5 @@
 """sCM: continuous-time consistency training and distillation with TrigFlow (Lu & Song 2025, ICLR; "Simplifying,
-Stabilizing and Scaling Continuous-Time Consistency Models"; Algorithm 1, consistency-models.md §12.2).
+Stabilizing and Scaling Continuous-Time Consistency Models"; Algorithm 1).
 
     x0 ~ D, z ~ N(0, σ_d² I), t = arctan(e^τ/σ_d) with τ ~ N(P_mean, P_std²), x_t = cos t·x0 + sin t·z
     dx_t/dt = cos t·z − sin t·x0                 (sCT)   |   the teacher's PF-ODE velocity   (sCD)
@@ -17,13 +17,14 @@ depend on the image size. The model is ``Precond(kind="trigflow")``: F_θ is the
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..guidance import guided
 from ..jvp import JVP_MODES, directional_derivative
+from .options import FD_STEP, JVP, P_MEAN, P_STD, at_least, option, positive, within, Option
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..tensors import append_dims, get_rng_state, set_rng_state
 from ..trigflow import lognormal_t, sigma_from_t, velocity_from_denoiser
@@ -52,6 +53,17 @@ class SCTLoss:
     """
 
     needs_teacher = False
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "P_mean": P_MEAN,
+        "P_std": P_STD,
+        "tangent_warmup": option("steps H of the tangent warm-up r = min(1, step/H)", at_least(0)),
+        "tangent_c": option("c of the tangent normalisation g/(‖g‖_rms + c)", positive()),
+        "tangent_clip": option("> 0: clip g to [-clip, clip] instead of normalising", at_least(0)),
+        "jvp": JVP,
+        "fd_step": FD_STEP,
+        "adaptive_weight": option("learn the weighting w_φ(t) (sCM's adaptive weighting)"),
+    }
 
     def __init__(self, P_mean: float = -1.0, P_std: float = 1.6, tangent_warmup: int = 10_000,
                  tangent_c: float = 0.1, tangent_clip: float = 0.0, jvp: str = "jvp", fd_step: float = 1e-4,
@@ -131,6 +143,11 @@ class SCDLoss(SCTLoss):
     """
 
     needs_teacher = True
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        **SCTLoss.OPTIONS,
+        "guidance": option("classifier-free guidance scale w of the teacher (1: none)", within(0, 20)),
+    }
 
     def __init__(self, *args: Any, guidance: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""Truncated consistency models (TCM; Lee et al. 2025, ICLR; frontier-and-checkpoints.md §1): a second stage
+"""Truncated consistency models (TCM; Lee et al. 2025, ICLR, arXiv 2410.14895): a second stage
 after ECT that trains the consistency function only on the truncated range t ≥ t′.
 
 Below t′ the consistency function is the frozen first-stage model f_θ₁ (``train.teacher``, e.g. fmnist-ect), so
@@ -15,7 +15,7 @@ It needs no JVP. Sampling is the usual σ-list sampling of the stage-2 model (on
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..distances import default_huber_c, pseudo_huber
 from .base import paired_passes
 from .ect import ECTLoss
+from .options import at_least, option, positive, within, Option
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
 
@@ -61,6 +62,18 @@ class TCMLoss(ECTLoss):
     needs_teacher = True
     teacher_precond = "cm"
     TIME_DISTS = ("student_t", "lognormal")
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "transition_sigma": option("t′: the truncation point in σ (the first stage's model holds below it)",
+                                   positive()),
+        "boundary_prob": option("fraction of the batch on the boundary loss at t′", within(0, 1, high_open=True)),
+        "w_boundary": option("weight of the boundary loss", at_least(0)),
+        "time_dist": option("σ distribution above t′: Student-t or lognormal ln σ, truncated to [t′, σ_max]",
+                            choices=TIME_DISTS),
+        "df": option("Student-t degrees of freedom", positive()),
+        "start_stage": option("ECT stage to continue from (Δt keeps shrinking)", within(0, 64)),
+        **ECTLoss.OPTIONS,
+    }
 
     def __init__(self, transition_sigma: float = 1.0, boundary_prob: float = 0.25, w_boundary: float = 0.1,
                  time_dist: str = "student_t", df: float = 0.01, start_stage: int = 0, total_steps: int = 200_000,

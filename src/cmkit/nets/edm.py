@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..guidance import keep_mask
-from ..tensors import append_dims, as_sigma
 from .embedding import FourierEmbedding, PositionalEmbedding
+from ..tensors import append_dims, as_sigma
 
 
 def init_weight_(t: Tensor, mode: str, fan_in: int, fan_out: int, gain: float = 1.0) -> Tensor:

@@ -22,10 +22,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import CmkitError, one_line
+from ..errors import one_line, CmkitError
 from ..imageio import make_grid
 from ..sampling import SAMPLERS
-from .backend import MAX_FRAMES, MAX_SAMPLES, display_scale, upscale, Backend
+from .backend import Backend
+from .common import MAX_FRAMES, MAX_SAMPLES, display_scale, upscale
 
 
 SAMPLER_CHOICES = ["auto", *SAMPLERS]  # auto: the model's own (cmkit.generate.resolve_sampler)

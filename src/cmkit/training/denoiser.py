@@ -1,4 +1,5 @@
-"""Training diffusion teachers (EDM) and consistency models (CD, CT, iCT, ECT): the ``DenoiserTask`` of the loop.
+"""Training diffusion teachers (EDM, progressive distillation) and consistency models (CD, CT, iCT, ECT, sCT, sCD,
+MeanFlow, TCM): the ``DenoiserTask`` of the loop.
 
 The loop (``cmkit.training.loop``) does everything every run shares; this task holds what is particular to a
 denoiser ``model(x, sigma, class_labels=None) -> x0``: the method's loss on a deterministic batch, the
@@ -26,7 +27,7 @@ from .task import Context
 
 
 class DenoiserTask:
-    """The loop's task for a ``Config`` run (one of the methods edm, cd, ct, ict, ect)."""
+    """The loop's task for a ``Config`` run (any method of ``cmkit.losses.LOSSES``)."""
 
     @staticmethod
     def build_model(cfg: Config) -> nn.Module:

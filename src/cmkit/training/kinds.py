@@ -12,8 +12,8 @@ from ..config import RunConfig
 from ..denoiser_config import Config
 from ..errors import CmkitError
 from .decoder import AutoencoderTask, DecoderTask
-from .denoiser import DenoiserTask
 from .decoder_config import AutoencoderRunConfig, DecoderRunConfig
+from .denoiser import DenoiserTask
 
 
 @dataclass(frozen=True)

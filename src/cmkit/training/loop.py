@@ -329,7 +329,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 def dry_run(cfg: RunConfig) -> str:
     """Validate ``cfg`` and build its model, loss and optimizer on the meta device (no data, no weights).
 
-    Returns a one-line summary. Raises ``CmkitError`` for any config problem, before any data is loaded.
+    Returns a summary: what it builds, and for a denoiser run the options of its method (``LossConfig.describe``).
+    Raises ``CmkitError`` for any config problem, before any data is loaded.
     """
     cfg.validate()
     task = run_kind(cfg.kind).task
@@ -338,5 +339,8 @@ def dry_run(cfg: RunConfig) -> str:
         model = task.build_model(cfg)
     optimizer = cfg.train.build_optimizer(model.parameters())
     n = sum(p.numel() for p in model.parameters())
-    return (f"builds: {type(model).__name__} with {n:,} parameters, loss {type(loss).__name__}, "
-            f"optimizer {type(optimizer).__name__}")
+    summary = (f"builds: {type(model).__name__} with {n:,} parameters, loss {type(loss).__name__}, "
+               f"optimizer {type(optimizer).__name__}")
+    if hasattr(cfg.loss, "describe"):
+        summary += f"\noptions of loss.method={cfg.loss.method}:\n{cfg.loss.describe(cfg.train.steps)}"
+    return summary

@@ -43,7 +43,7 @@ DIGITS_NET = {"model.img_resolution": 8, "model.in_channels": 1, "model.model_ch
 MEANFLOW_TIME = {"model.embedding": "fourier", "model.fourier_scale": 1.0}
 #: sCM's stable noise input (§12.2): c_noise(t) = t, embedded positionally without ADM's factor 1000.
 SCM_TIME = {"model.precond": "trigflow", "model.time_input": "t", "model.positional_scale": 1.0}
-#: sCM's 2-step middle time t_mid = 1.1 (consistency-models.md §12.3) as σ = σ_d·tan(1.1) with σ_d = 0.5.
+#: sCM's 2-step middle time t_mid = 1.1 (Lu & Song 2025, sCM, 2-step sampling) as σ = σ_d·tan(1.1) with σ_d = 0.5.
 SCM_SIGMA_MID = 0.9824
 FMNIST_NET = {"model.img_resolution": 28, "model.in_channels": 1, "model.model_channels": 32,
               "model.channel_mult": (1, 2, 2), "model.num_blocks": 2, "model.attn_resolutions": (7,),
@@ -70,7 +70,8 @@ LSUN_NET = {"model.arch": "adm", "model.img_resolution": 256, "model.in_channels
 
 
 def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, Preset]:
-    """The CM paper's LSUN-256 recipes for one scene (``launch.sh``; reference doc §5.1, FIDs §9.2)."""
+    """The CM paper's LSUN-256 recipes for one scene (``launch.sh`` of openai/consistency_models; FIDs of
+    Song et al. 2023's LSUN table)."""
     teacher = f"runs/lsun-{scene}-edm"
     two = {m: {"sample.sigmas": (80.0, mids[m])} if m in mids else {} for m in ("cd-l2", "cd-lpips", "ct")}
     cd = {**LSUN_NET, "loss.method": "cd", "loss.num_scales": 40, "loss.mu": 0.95, "loss.solver": "heun",
@@ -245,7 +246,7 @@ PRESETS: dict[str, Preset] = {
     "imagenet64-ct": Preset("ImageNet-64 CT (LPIPS, s0=2, s1=200, μ0=0.95, RAdam 1e-4, batch 2048, 800k); paper FID 13.0 / 11.1", {
         **IMAGENET64_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 200, "loss.mu0": 0.95, "loss.distance": "lpips",
         "train.steps": 800_000, "train.batch_size": 2048, "train.lr": 1e-4, "sample.sigmas": (80.0, 1.9128)}),
-    # LSUN-256 (the published FIDs are unconfirmed readings of the paper's table; reference doc §9.2)
+    # LSUN-256 (the published FIDs are unconfirmed readings of Song et al. 2023's LSUN table)
     **lsun("bedroom", {"edm": "3.57", "cd": "7.80 / 5.22", "ct": "16.0 / 7.85"},
            {"cd-l2": 3.5197, "cd-lpips": 4.3656, "ct": 3.9912}),
     **lsun("cat", {"edm": "6.69", "cd": "11.0 / 8.84", "ct": "20.7 / 11.7"}, {"ct": 5.2485}),
