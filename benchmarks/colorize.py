@@ -15,6 +15,7 @@ image itself (colourfulness 0) and the grey image plus the training split's mean
 Writes benchmarks/results/colorize.md / .json and colorize_gallery.png (ground truth | grey | mean chroma |
 cmkit, 16 rows).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,41 +64,70 @@ def main() -> None:
     x = load_dataset("emoji", split="test", resolution=R).images.float() / 127.5 - 1
     train = load_dataset("emoji", split="train", resolution=R).images.float() / 127.5 - 1
     gray = to_gray3(x)
-    mean_chroma = ColorBasis().inverse(torch.cat([ColorBasis().forward(gray)[:, :1],
-                                                  chroma(train).mean(0, keepdim=True).expand(len(x), -1, -1, -1)], 1))
+    mean_chroma = ColorBasis().inverse(
+        torch.cat(
+            [ColorBasis().forward(gray)[:, :1], chroma(train).mean(0, keepdim=True).expand(len(x), -1, -1, -1)], 1
+        )
+    )
     with torch.no_grad():
         out = colorize(model, gray, default_edit_sigmas(args.steps), generator=torch.Generator().manual_seed(0))
     lum_err = float((ColorBasis().forward(out)[:, :1] - ColorBasis().forward(gray)[:, :1]).abs().max())
     rows = []
-    for name, im in [("ground truth", x), ("grey input", gray),
-                     ("grey + mean training chroma", mean_chroma), (f"cmkit colorize ({args.model})", out)]:
-        rows.append({"method": name, "psnr": None if im is x else psnr(im, x),
-                     "chroma_rmse": None if im is x else float((chroma(im) - chroma(x)).square().mean().sqrt()),
-                     "colourfulness": colourfulness(im)})
+    for name, im in [
+        ("ground truth", x),
+        ("grey input", gray),
+        ("grey + mean training chroma", mean_chroma),
+        (f"cmkit colorize ({args.model})", out),
+    ]:
+        rows.append(
+            {
+                "method": name,
+                "psnr": None if im is x else psnr(im, x),
+                "chroma_rmse": None if im is x else float((chroma(im) - chroma(x)).square().mean().sqrt()),
+                "colourfulness": colourfulness(im),
+            }
+        )
     command = f"python benchmarks/colorize.py --model {args.model}" + (" --bf16" if args.bf16 else "")
-    meta = {"model": args.model, "n": len(x), "editor_sigma_levels": args.steps, "luminance_max_abs_error": lum_err,
-            "network_precision": "bf16 autocast" if args.bf16 else "fp32", "command": command,
-            "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}"}
+    meta = {
+        "model": args.model,
+        "n": len(x),
+        "editor_sigma_levels": args.steps,
+        "luminance_max_abs_error": lum_err,
+        "network_precision": "bf16 autocast" if args.bf16 else "fp32",
+        "command": command,
+        "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}",
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "colorize.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"# Zero-shot colorization on the {len(x)} held-out emoji", "",
-             f"Model `{args.model}` ({meta['network_precision']}), Algorithm 4 with the luminance-axis Q and "
-             f"{args.steps} σ levels; one sample per image (seed 0). Command: `{command}`.", "",
-             "| method | PSNR vs truth (dB) ↑ | chroma RMSE ↓ | colourfulness (truth-like is better) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# Zero-shot colorization on the {len(x)} held-out emoji",
+        "",
+        f"Model `{args.model}` ({meta['network_precision']}), Algorithm 4 with the luminance-axis Q and "
+        f"{args.steps} σ levels; one sample per image (seed 0). Command: `{command}`.",
+        "",
+        "| method | PSNR vs truth (dB) ↑ | chroma RMSE ↓ | colourfulness (truth-like is better) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         p = "—" if r["psnr"] is None else f"{r['psnr']:.2f}"
         c = "—" if r["chroma_rmse"] is None else f"{r['chroma_rmse']:.3f}"
         lines.append(f"| {r['method']} | {p} | {c} | {r['colourfulness']:.1f} |")
-    lines += ["", f"Luminance preservation: max |luminance(output) − luminance(input)| = {lum_err:.2e} "
-              "(the known coordinate is kept exactly).",
-              "A colorization is one plausible choice among many, so PSNR and chroma RMSE against the one true "
-              "colouring reward timid (greyish) answers; colourfulness shows whether the output has the amount "
-              "of colour real emoji have.", "",
-              "Gallery (`colorize_gallery.png`), columns: ground truth | grey input | grey + mean chroma | cmkit."]
+    lines += [
+        "",
+        f"Luminance preservation: max |luminance(output) − luminance(input)| = {lum_err:.2e} "
+        "(the known coordinate is kept exactly).",
+        "A colorization is one plausible choice among many, so PSNR and chroma RMSE against the one true "
+        "colouring reward timid (greyish) answers; colourfulness shows whether the output has the amount "
+        "of colour real emoji have.",
+        "",
+        "Gallery (`colorize_gallery.png`), columns: ground truth | grey input | grey + mean chroma | cmkit.",
+    ]
     (RESULTS / "colorize.md").write_text("\n".join(lines) + "\n")
-    save_grid(torch.stack([x[:16], gray[:16], mean_chroma[:16], out[:16]], 1).flatten(0, 1),
-              RESULTS / "colorize_gallery.png", nrow=4)
+    save_grid(
+        torch.stack([x[:16], gray[:16], mean_chroma[:16], out[:16]], 1).flatten(0, 1),
+        RESULTS / "colorize_gallery.png",
+        nrow=4,
+    )
     print("\n".join(lines))
 
 

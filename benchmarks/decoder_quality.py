@@ -19,6 +19,7 @@ Rows: (a) the autoencoder's own decoder D(μ), (b) the consistency decoder at 1 
 
 ``--quick`` trains throw-away tiny models and writes to a temporary directory, never to benchmarks/results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ from cmkit.imageio import save_grid, to_uint8
 
 RESULTS = Path(__file__).parent / "results"
 QUICK_AE = ["steps=20", "channels=8,16,16", "log_every=10", "ckpt_every=0", "sample_every=0"]
-QUICK_DEC = ["steps=20", "block_out_channels=8,16,16,16", "stats_images=200", "log_every=10", "ckpt_every=0",
-             "sample_every=0"]
+QUICK_DEC = [
+    "steps=20",
+    "block_out_channels=8,16,16,16",
+    "stats_images=200",
+    "log_every=10",
+    "ckpt_every=0",
+    "sample_every=0",
+]
 
 
 def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -61,8 +68,12 @@ def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
         train(get_config("fmnist-ae", (QUICK_AE if args.quick else []) + threads + [f"out_dir={ae_dir}"]))
     if not RunDir(dec_dir).model.is_dir():
         print(f"training the consistency decoder into {dec_dir}")
-        train(get_config("fmnist-cdec", (QUICK_DEC if args.quick else []) + threads
-                         + [f"out_dir={dec_dir}", f"autoencoder={ae_dir}"]))
+        train(
+            get_config(
+                "fmnist-cdec",
+                (QUICK_DEC if args.quick else []) + threads + [f"out_dir={dec_dir}", f"autoencoder={ae_dir}"],
+            )
+        )
     return ae_dir, dec_dir
 
 
@@ -78,7 +89,7 @@ def decode_all(decode, latents: torch.Tensor, batch: int) -> tuple[torch.Tensor,
     """Decode latents in batches with ``decode(z, batch_index)``; returns (images, images per second)."""
     t0, out = time.perf_counter(), []
     for i in range(0, len(latents), batch):
-        out.append(decode(latents[i:i + batch], i // batch).clamp(-1, 1))
+        out.append(decode(latents[i : i + batch], i // batch).clamp(-1, 1))
     return torch.cat(out), len(latents) / (time.perf_counter() - t0)
 
 
@@ -104,19 +115,20 @@ def main() -> None:
     ae = KLAutoencoder.from_pretrained(ae_dir)
     dec = ConsistencyDecoder.from_pretrained(RunDir(dec_dir).model, channels_last=False)
     size = RunDir(dec_dir).saved_config()["data"]["image_size"]
-    test = load_images("fashion_mnist", "", "test", size).images[:args.n]
+    test = load_images("fashion_mnist", "", "test", size).images[: args.n]
     x = test.float() / 127.5 - 1
     original = to_uint8(crop_images(x, 28, 28))
-    latents = torch.cat([ae.encode(x[i:i + args.batch]) for i in range(0, len(x), args.batch)])
+    latents = torch.cat([ae.encode(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])
     extractor = get_extractor("fmnist")
     reference = load_reference("fmnist-test", extractor, progress=False)
     floor = real_floor(reference, extractor, args.n, progress=False)
     decoders = {"autoencoder decoder D(μ)": (1, lambda z, b: ae.decode(z))}
     for steps in (int(s) for s in args.steps.split(",")):
         schedule = steps_to_schedule(steps)
-        decoders[f"consistency decoder, {steps} step{'s' if steps > 1 else ''} (t = "
-                 f"{', '.join(map(str, dec.timesteps(schedule)))})"] = (
-            steps, lambda z, b, s=schedule: dec.decode(z, s, torch.Generator().manual_seed(b)))
+        decoders[
+            f"consistency decoder, {steps} step{'s' if steps > 1 else ''} (t = "
+            f"{', '.join(map(str, dec.timesteps(schedule)))})"
+        ] = (steps, lambda z, b, s=schedule: dec.decode(z, s, torch.Generator().manual_seed(b)))
     rows, grid = [], [crop_images(x[:8], 28, 28)]
     for name, (nfe, fn) in decoders.items():
         images, ips = decode_all(fn, latents, args.batch)
@@ -138,29 +150,42 @@ def run_recipe(run: Path) -> dict:
     return {"steps": s["step"], "wall_s": round(s.get("wall_s", 0.0), 1)}
 
 
-def write(results: Path, rows: list[dict], floor: dict | None, args: argparse.Namespace, ae_dir: Path,
-          dec_dir: Path) -> None:
+def write(
+    results: Path, rows: list[dict], floor: dict | None, args: argparse.Namespace, ae_dir: Path, dec_dir: Path
+) -> None:
     results.mkdir(parents=True, exist_ok=True)
-    machine = f"{cpu_name()}, {args.threads} torch threads, torch {torch.__version__}, load average " \
-              f"{os.getloadavg()[0]:.1f}"
-    meta = {"n_test_images": args.n, "quick": args.quick, "machine": machine,
-            "command": "python " + " ".join(["benchmarks/decoder_quality.py", *sys.argv[1:]]),
-            "autoencoder": {"dir": str(ae_dir), **run_recipe(ae_dir)},
-            "decoder": {"dir": str(dec_dir), **run_recipe(dec_dir)},
-            "feature_space": "FD (Fashion-MNIST classifier features)", "reference": "Fashion-MNIST test split (10,000)"}
+    machine = (
+        f"{cpu_name()}, {args.threads} torch threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
+    )
+    meta = {
+        "n_test_images": args.n,
+        "quick": args.quick,
+        "machine": machine,
+        "command": "python " + " ".join(["benchmarks/decoder_quality.py", *sys.argv[1:]]),
+        "autoencoder": {"dir": str(ae_dir), **run_recipe(ae_dir)},
+        "decoder": {"dir": str(dec_dir), **run_recipe(dec_dir)},
+        "feature_space": "FD (Fashion-MNIST classifier features)",
+        "reference": "Fashion-MNIST test split (10,000)",
+    }
     (results / "decoder.json").write_text(json.dumps({"meta": meta, "floor": floor, "rows": rows}, indent=2))
     lines = [f"# Consistency decoder vs autoencoder decoder ({args.n:,} Fashion-MNIST test images)", ""]
     if args.quick:
         lines += ["**Smoke run (`--quick`): tiny models trained for 20 steps; the numbers mean nothing.**", ""]
-    lines += [f"Autoencoder `{ae_dir}` ({meta['autoencoder'].get('steps', '?')} steps), consistency decoder "
-              f"`{dec_dir}` ({meta['decoder'].get('steps', '?')} steps). Machine: {machine}. Command: "
-              f"`{meta['command']}`.", "",
-              "FD: Fréchet distance in the Fashion-MNIST classifier's feature space (not FID) against the test split; "
-              "PSNR: per image on the 28×28 uint8 crop, averaged (higher = closer to the input).", "",
-              "| decoder | network evals | FD ↓ | PSNR (dB) ↑ | img/s |", "|---|---|---|---|---|"]
+    lines += [
+        f"Autoencoder `{ae_dir}` ({meta['autoencoder'].get('steps', '?')} steps), consistency decoder "
+        f"`{dec_dir}` ({meta['decoder'].get('steps', '?')} steps). Machine: {machine}. Command: "
+        f"`{meta['command']}`.",
+        "",
+        "FD: Fréchet distance in the Fashion-MNIST classifier's feature space (not FID) against the test split; "
+        "PSNR: per image on the 28×28 uint8 crop, averaged (higher = closer to the input).",
+        "",
+        "| decoder | network evals | FD ↓ | PSNR (dB) ↑ | img/s |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['decoder']} | {r['network_evals']} | {r['fd']:.3f} | {r['psnr']:.2f} | "
-                     f"{r['img_per_s']:.1f} |")
+        lines.append(
+            f"| {r['decoder']} | {r['network_evals']} | {r['fd']:.3f} | {r['psnr']:.2f} | {r['img_per_s']:.1f} |"
+        )
     if floor:
         lines.append(f"| real images (floor: {floor['description']}) | — | {floor['fd']:.3f} | — | — |")
     lines += ["", "Grid (`decoder_grid.png`): originals, then one row per decoder in table order."]

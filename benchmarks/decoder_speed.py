@@ -15,6 +15,7 @@ a time), so ``--tiled-schedule 1.0`` measures the same peaks in half the time; t
 
 Writes ``benchmarks/results/decoder_speed.md`` and ``.json`` (``--out`` to change).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ QUICK_WIDTHS = (64, 128, 192, 192)
 
 
 # --- worker (one measurement per process) ----------------------------------------------------------------
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -77,8 +79,14 @@ def build_cmkit(spec: dict):
     dec.prepare(dtype=dtype, channels_last=spec["layout"] == "channels_last")
 
     def decode(z, seed):
-        return dec.decode(z, spec["schedule"], torch.Generator().manual_seed(seed), tile=spec.get("tile"),
-                          tile_overlap=spec.get("tile_overlap"))
+        return dec.decode(
+            z,
+            spec["schedule"],
+            torch.Generator().manual_seed(seed),
+            tile=spec.get("tile"),
+            tile_overlap=spec.get("tile_overlap"),
+        )
+
     return decode
 
 
@@ -107,6 +115,7 @@ def build_diffusers(spec: dict):
 
     def decode(z, seed):
         return vae.decode(z.to(dtype), generator=torch.Generator().manual_seed(seed)).sample
+
     return decode
 
 
@@ -122,8 +131,15 @@ def tiling_difference(spec: dict) -> dict:
         ref = decode(z, 0)
         tiled = build_cmkit(spec)(z, 0)
     d = (tiled - ref).abs()
-    return {"wall_s": [0.0], "max_abs_diff": d.max().item(), "mean_abs_diff": d.mean().item(),
-            "rmse": d.pow(2).mean().sqrt().item(), "weights_mib": 0.0, "extra_peak_mib": 0.0, "ru_maxrss_mib": 0.0}
+    return {
+        "wall_s": [0.0],
+        "max_abs_diff": d.max().item(),
+        "mean_abs_diff": d.mean().item(),
+        "rmse": d.pow(2).mean().sqrt().item(),
+        "weights_mib": 0.0,
+        "extra_peak_mib": 0.0,
+        "ru_maxrss_mib": 0.0,
+    }
 
 
 def worker(spec: dict) -> dict:
@@ -156,18 +172,27 @@ def worker(spec: dict) -> dict:
                 peak = max(peak, mon.peak)
             del out
             gc.collect()
-    return {"build_s": build_s, "wall_s": walls, "weights_mib": (rss_built - rss0) / MiB,
-            "rss_after_build_mib": rss_built / MiB, "peak_rss_mib": peak / MiB, "extra_peak_mib": (peak - rss_built) / MiB,
-            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads()}
+    return {
+        "build_s": build_s,
+        "wall_s": walls,
+        "weights_mib": (rss_built - rss0) / MiB,
+        "rss_after_build_mib": rss_built / MiB,
+        "peak_rss_mib": peak / MiB,
+        "extra_peak_mib": (peak - rss_built) / MiB,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # --- driver ------------------------------------------------------------------------------------------------
 
+
 def measure(spec: dict) -> dict:
     """Run one spec in a fresh interpreter and return its measurements merged into the spec."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if proc.returncode != 0:
         return {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
@@ -175,25 +200,57 @@ def measure(spec: dict) -> dict:
 
 def plan(args: argparse.Namespace) -> list[dict]:
     widths = QUICK_WIDTHS if args.quick else FULL_WIDTHS
-    base = {"widths": list(widths), "seed": 0, "schedule": [1.0, 0.5], "warmup": args.warmup,
-            "repeats": args.repeats, "threads": args.threads}
+    base = {
+        "widths": list(widths),
+        "seed": 0,
+        "schedule": [1.0, 0.5],
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "threads": args.threads,
+    }
     specs = []
     for res in args.sizes:
-        for impl, dtype, layout in [("diffusers", "fp32", "nchw"), ("cmkit", "fp32", "channels_last"),
-                                    ("cmkit", "fp32", "nchw"), ("diffusers", "bf16", "nchw"),
-                                    ("cmkit", "bf16", "channels_last")]:
+        for impl, dtype, layout in [
+            ("diffusers", "fp32", "nchw"),
+            ("cmkit", "fp32", "channels_last"),
+            ("cmkit", "fp32", "nchw"),
+            ("diffusers", "bf16", "nchw"),
+            ("cmkit", "bf16", "channels_last"),
+        ]:
             secondary = dtype == "bf16" or layout == "nchw" and impl == "cmkit"
             if impl == "diffusers" and args.skip_diffusers or secondary and res != args.sizes[0]:
                 continue  # bf16 and cmkit-NCHW rows only at the first size
             specs.append({**base, "task": "decode", "impl": impl, "dtype": dtype, "layout": layout, "res": res})
     for res in args.tiled_sizes:
-        specs.append({**base, "task": "tiled", "impl": "cmkit", "dtype": "fp32", "layout": "channels_last",
-                      "res": res, "tile": args.tile, "tile_overlap": args.tile_overlap, "repeats": 1,
-                      "schedule": list(args.tiled_schedule)})
+        specs.append(
+            {
+                **base,
+                "task": "tiled",
+                "impl": "cmkit",
+                "dtype": "fp32",
+                "layout": "channels_last",
+                "res": res,
+                "tile": args.tile,
+                "tile_overlap": args.tile_overlap,
+                "repeats": 1,
+                "schedule": list(args.tiled_schedule),
+            }
+        )
     bigger = [r for r in args.tiled_sizes if r > 8 * args.tile]
     if args.fidelity and bigger:
-        specs.append({**base, "task": "tiling-diff", "impl": "cmkit", "dtype": "fp32", "layout": "channels_last",
-                      "res": bigger[0], "tile": args.tile, "tile_overlap": args.tile_overlap, "repeats": 1})
+        specs.append(
+            {
+                **base,
+                "task": "tiling-diff",
+                "impl": "cmkit",
+                "dtype": "fp32",
+                "layout": "channels_last",
+                "res": bigger[0],
+                "tile": args.tile,
+                "tile_overlap": args.tile_overlap,
+                "repeats": 1,
+            }
+        )
     return specs
 
 
@@ -204,6 +261,7 @@ def summarize(results: list[dict], args: argparse.Namespace) -> str:
 
     try:
         import diffusers
+
         dv = diffusers.__version__
     except ImportError:
         dv = "not installed"
@@ -225,31 +283,40 @@ def summarize(results: list[dict], args: argparse.Namespace) -> str:
         "| extra peak (MiB) | ru_maxrss (MiB) | time vs diffusers |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ref = {(r["res"], r["dtype"]): min(r["wall_s"]) for r in results
-           if r.get("impl") == "diffusers" and "wall_s" in r}
+    ref = {(r["res"], r["dtype"]): min(r["wall_s"]) for r in results if r.get("impl") == "diffusers" and "wall_s" in r}
     diffs = [r for r in results if r.get("task") == "tiling-diff" and "error" not in r]
     for r in results:
         if r.get("task") == "tiling-diff":
             continue
         if "error" in r:
-            lines.append(f"| {r['task']} | {r['impl']} | {r['dtype']} | {r['layout']} | {r['res']}² | - | "
-                         f"{len(r['schedule'])} | error: {r['error'][:80]} | | | | | |")
+            lines.append(
+                f"| {r['task']} | {r['impl']} | {r['dtype']} | {r['layout']} | {r['res']}² | - | "
+                f"{len(r['schedule'])} | error: {r['error'][:80]} | | | | | |"
+            )
             continue
         best, mean = min(r["wall_s"]), sum(r["wall_s"]) / len(r["wall_s"])
         ratio = ref.get((r["res"], r["dtype"]))
         ratio_s = f"{best / ratio:.2f}×" if ratio and r["impl"] == "cmkit" and r["task"] == "decode" else ""
         tile = f"{r['tile']}/{r['tile_overlap']} lat" if r.get("tile") else "-"
-        lines.append(f"| {r['task']} | {r['impl']} | {r['dtype']} | {r['layout']} | {r['res']}² | {tile} | "
-                     f"{len(r['schedule'])} | {best:.2f} | "
-                     f"{mean:.2f} | {r['weights_mib']:.0f} | {r['extra_peak_mib']:.0f} | {r['ru_maxrss_mib']:.0f} | "
-                     f"{ratio_s} |")
+        lines.append(
+            f"| {r['task']} | {r['impl']} | {r['dtype']} | {r['layout']} | {r['res']}² | {tile} | "
+            f"{len(r['schedule'])} | {best:.2f} | "
+            f"{mean:.2f} | {r['weights_mib']:.0f} | {r['extra_peak_mib']:.0f} | {r['ru_maxrss_mib']:.0f} | "
+            f"{ratio_s} |"
+        )
     for r in diffs:
-        lines += ["", f"Tiled vs untiled decode at {r['res']}² (tile {r['tile']}, overlap {r['tile_overlap']} latents, "
-                  f"same weights, latents and noise; random weights): max |Δ| = {r['max_abs_diff']:.4f}, "
-                  f"mean |Δ| = {r['mean_abs_diff']:.4f}, RMSE = {r['rmse']:.4f} (images in [−1, 1])."]
-    lines += ["", "Ratio = cmkit best wall time / diffusers best wall time at the same size and dtype (< 1: cmkit faster).",
-              "Tiled rows: tile side / overlap in latents (×8 pixels); their extra peak should not grow with the image.",
-              "diffusers' weights column includes the SD encoder of ConsistencyDecoderVAE (34M parameters, unused by decode)."]
+        lines += [
+            "",
+            f"Tiled vs untiled decode at {r['res']}² (tile {r['tile']}, overlap {r['tile_overlap']} latents, "
+            f"same weights, latents and noise; random weights): max |Δ| = {r['max_abs_diff']:.4f}, "
+            f"mean |Δ| = {r['mean_abs_diff']:.4f}, RMSE = {r['rmse']:.4f} (images in [−1, 1]).",
+        ]
+    lines += [
+        "",
+        "Ratio = cmkit best wall time / diffusers best wall time at the same size and dtype (< 1: cmkit faster).",
+        "Tiled rows: tile side / overlap in latents (×8 pixels); their extra peak should not grow with the image.",
+        "diffusers' weights column includes the SD encoder of ConsistencyDecoderVAE (34M parameters, unused by decode).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -260,15 +327,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiled-sizes", type=int, nargs="*", default=None, help="tiled image sides (default 256 512 1024)")
     p.add_argument("--tile", type=int, default=None, help="latent tile side (default 32 = 256 px)")
     p.add_argument("--tile-overlap", type=int, default=None, help="latent overlap (default tile/4)")
-    p.add_argument("--tiled-schedule", type=float, nargs="+", default=[1.0, 0.5],
-                   help="schedule of the tiled rows (default 1.0 0.5; peak memory does not depend on it)")
+    p.add_argument(
+        "--tiled-schedule",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5],
+        help="schedule of the tiled rows (default 1.0 0.5; peak memory does not depend on it)",
+    )
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice; 1 with --quick, robust on a shared CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice; 1 with --quick, robust on a shared CPU)",
+    )
     p.add_argument("--skip-diffusers", action="store_true")
-    p.add_argument("--no-fidelity", dest="fidelity", action="store_false",
-                   help="skip the tiled-vs-untiled difference (two more decodes at the smallest tiled size > tile)")
+    p.add_argument(
+        "--no-fidelity",
+        dest="fidelity",
+        action="store_false",
+        help="skip the tiled-vs-untiled difference (two more decodes at the smallest tiled size > tile)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -276,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     args.sizes = args.sizes if args.sizes is not None else ([64, 128] if args.quick else [256, 512])
-    args.tiled_sizes = args.tiled_sizes if args.tiled_sizes is not None else (
-        [64, 128, 256] if args.quick else [256, 512, 1024])
+    args.tiled_sizes = (
+        args.tiled_sizes if args.tiled_sizes is not None else ([64, 128, 256] if args.quick else [256, 512, 1024])
+    )
     args.tile = args.tile or (8 if args.quick else 32)
     args.tile_overlap = args.tile_overlap if args.tile_overlap is not None else args.tile // 4
     args.repeats = args.repeats or 2
@@ -298,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             shown = f"tiled vs untiled: max {r['max_abs_diff']:.4f} mean {r['mean_abs_diff']:.4f}"
         else:
             shown = f"best {min(r['wall_s']):.2f}s extra {r['extra_peak_mib']:.0f} MiB"
-        print(f"{spec['task']:6s} {spec['impl']:9s} {spec['dtype']} {spec['layout']:13s} {spec['res']}²: {shown}",
-              flush=True)
+        print(
+            f"{spec['task']:6s} {spec['impl']:9s} {spec['dtype']} {spec['layout']:13s} {spec['res']}²: {shown}",
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decoder_speed.json").write_text(json.dumps({"quick": args.quick, "results": results}, indent=2) + "\n")
     (args.out / "decoder_speed.md").write_text(summarize(results, args))

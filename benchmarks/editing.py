@@ -8,6 +8,7 @@ the max absolute error. Writes benchmarks/results/editing.md / .json and a galle
 
     python benchmarks/editing.py --model fmnist-cd --n 2000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,16 +53,20 @@ class BF16(torch.nn.Module):
 
 
 def batched(fn, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fmnist-cd")
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=None,
-                    help="σ levels of the editor (default: every level of the model's training grid but σ_min, "
-                         "or 18 Karras levels for a continuous-time model)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="σ levels of the editor (default: every level of the model's training grid but σ_min, "
+        "or 18 Karras levels for a continuous-time model)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast (about 2× faster)")
     args = ap.parse_args()
@@ -89,11 +94,14 @@ def main() -> None:
     sr = batched(lambda b: super_resolve(model, F.avg_pool2d(b, 4), 4, sigmas, generator=g), x)
     consistency = float((F.avg_pool2d(sr, 4) - low).abs().max())
 
-    rows = [("unedited test images (floor)", "—", x),
-            ("inpaint centre 14×14", "mean fill", mean_fill), ("inpaint centre 14×14", f"cmkit ({args.model})", inpainted),
-            ("super-resolution ×4 (7×7 → 28×28)", "nearest", nearest),
-            ("super-resolution ×4 (7×7 → 28×28)", "bicubic", bicubic),
-            ("super-resolution ×4 (7×7 → 28×28)", f"cmkit ({args.model})", sr)]
+    rows = [
+        ("unedited test images (floor)", "—", x),
+        ("inpaint centre 14×14", "mean fill", mean_fill),
+        ("inpaint centre 14×14", f"cmkit ({args.model})", inpainted),
+        ("super-resolution ×4 (7×7 → 28×28)", "nearest", nearest),
+        ("super-resolution ×4 (7×7 → 28×28)", "bicubic", bicubic),
+        ("super-resolution ×4 (7×7 → 28×28)", f"cmkit ({args.model})", sr),
+    ]
     table = [{"task": t, "method": m, "fd": fd(im), "psnr": psnr(im, x) if m != "—" else None} for t, m, im in rows]
     write(table, consistency, args, cfg)
     gallery = torch.stack([x[:8], mean_fill[:8], inpainted[:8], nearest[:8], bicubic[:8], sr[:8]], 1).flatten(0, 1)
@@ -102,26 +110,43 @@ def main() -> None:
 
 def write(table: list[dict], consistency: float, args: argparse.Namespace, cfg) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "n": args.n, "editor_sigma_levels": args.levels,
-            "feature_space": "FD (Fashion-MNIST classifier features)", "reference": "Fashion-MNIST train split",
-            "sr_consistency_max_abs": consistency, "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}",
-            "network_precision": "bf16 autocast" if args.bf16 else "fp32",
-            "command": f"python benchmarks/editing.py --model {args.model} --n {args.n}"
-            + (f" --steps {args.steps}" if args.steps is not None else "") + (" --bf16" if args.bf16 else "")}
+    meta = {
+        "model": args.model,
+        "n": args.n,
+        "editor_sigma_levels": args.levels,
+        "feature_space": "FD (Fashion-MNIST classifier features)",
+        "reference": "Fashion-MNIST train split",
+        "sr_consistency_max_abs": consistency,
+        "machine": f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}",
+        "network_precision": "bf16 autocast" if args.bf16 else "fp32",
+        "command": f"python benchmarks/editing.py --model {args.model} --n {args.n}"
+        + (f" --steps {args.steps}" if args.steps is not None else "")
+        + (" --bf16" if args.bf16 else ""),
+    }
     (RESULTS / "editing.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
     on_grid = " of the model's training grid" if training_grid(cfg) else ""
-    lines = [f"# Zero-shot editing on {args.n:,} held-out Fashion-MNIST test images", "",
-             f"Model `{args.model}` ({meta['network_precision']}), Algorithm 4 with {args.levels} σ levels{on_grid}. "
-             "FD in the Fashion-MNIST classifier "
-             "feature space (not FID) against the training split; PSNR against the ground truth.",
-             f"Command: `{meta['command']}`.", "", "| task | method | FD ↓ | PSNR (dB) ↑ |", "|---|---|---|---|"]
+    lines = [
+        f"# Zero-shot editing on {args.n:,} held-out Fashion-MNIST test images",
+        "",
+        f"Model `{args.model}` ({meta['network_precision']}), Algorithm 4 with {args.levels} σ levels{on_grid}. "
+        "FD in the Fashion-MNIST classifier "
+        "feature space (not FID) against the training split; PSNR against the ground truth.",
+        f"Command: `{meta['command']}`.",
+        "",
+        "| task | method | FD ↓ | PSNR (dB) ↑ |",
+        "|---|---|---|---|",
+    ]
     for r in table:
         p = "—" if r["psnr"] is None else f"{r['psnr']:.2f}"
         lines.append(f"| {r['task']} | {r['method']} | {r['fd']:.3f} | {p} |")
-    lines += ["", f"Super-resolution consistency: max |avg_pool4(output) − input| = {consistency:.2e} "
-              "(the known patch means are kept exactly).", "",
-              "Gallery (`editing_gallery.png`), columns: ground truth | mean fill | cmkit inpainting | nearest | "
-              "bicubic | cmkit ×4 super-resolution."]
+    lines += [
+        "",
+        f"Super-resolution consistency: max |avg_pool4(output) − input| = {consistency:.2e} "
+        "(the known patch means are kept exactly).",
+        "",
+        "Gallery (`editing_gallery.png`), columns: ground truth | mean fill | cmkit inpainting | nearest | "
+        "bicubic | cmkit ×4 super-resolution.",
+    ]
     (RESULTS / "editing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

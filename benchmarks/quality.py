@@ -16,6 +16,7 @@ Writes benchmarks/results/quality.md, quality.json and sample grids under benchm
 Sampling runs the network under bf16 autocast by default (about 2× faster on this CPU; the sampler state
 and preconditioning stay fp32); ``--fp32`` turns it off. The table says which was used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,6 +80,7 @@ def search_mid(model, cfg, reference, extractor, n: int, iters: int, bf16: bool)
     """The 2-step middle σ with the lowest FD on ``n`` samples (seeds apart from the table's), in [0.1, 10]:
     over the levels of the model's training grid when it has one (the CM paper's search over ``ts``), else
     by golden-section search."""
+
     def score(sigmas: list[float]) -> float:
         x, _ = generate(model, cfg, n, "multistep", sigmas, 2, seed=10_000, progress=False, bf16=bf16)
         feats = extractor.extract(to_uint8(x), progress=False)
@@ -105,8 +107,9 @@ def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
             if r["model"] not in models:
                 models[r["model"]] = load_model(model_dir(r["model"], args.local))
             model, cfg = models[r["model"]]
-            _, ips = timed_generate(model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"],
-                                    args.speed_n, args.bf16)
+            _, ips = timed_generate(
+                model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"], args.speed_n, args.bf16
+            )
             best[i] = max(best.get(i, 0.0), ips)
             print(f"{r['model']} {r['sampler']} {r['steps']}: {ips:.1f} img/s")
     for i, r in enumerate(rows):
@@ -133,14 +136,22 @@ def main() -> None:
     ap.add_argument("--heun-steps", default="18,9,5", help="teacher Heun levels (NFE = 2·levels − 1)")
     ap.add_argument("--only", action="append", help="benchmark only this model (repeatable); other rows are kept")
     ap.add_argument("--fp32", action="store_true", help="sample in fp32 instead of bf16 autocast")
-    ap.add_argument("--speed", action="store_true",
-                    help="only re-time every row of quality.json in this one process (best of --repeats on "
-                         "--speed-n images), so that the speed-ups compare runs under the same load")
+    ap.add_argument(
+        "--speed",
+        action="store_true",
+        help="only re-time every row of quality.json in this one process (best of --repeats on "
+        "--speed-n images), so that the speed-ups compare runs under the same load",
+    )
     ap.add_argument("--speed-n", type=int, default=500)
     ap.add_argument("--resume-log", help="stdout of an interrupted run: the rows it printed are reused, not recomputed")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                    help="take model NAME from DIR instead of the shipped models (repeatable)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="take model NAME from DIR instead of the shipped models (repeatable)",
+    )
     args = ap.parse_args()
     args.local = dict(m.split("=", 1) for m in args.model)
     args.bf16 = not args.fp32
@@ -173,8 +184,7 @@ def main() -> None:
             sigmas = [cfg.model.sigma_max]
         elif sampler in ("multistep", "flowmap"):
             if name not in mids:
-                mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters,
-                                        args.bf16)
+                mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters, args.bf16)
                 print(f"{name}: searched σ_mid = {mids[name]:.4g}")
             cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
             sigmas = multistep_sigmas(cfg, steps)  # on the training grid when the model has one
@@ -182,9 +192,18 @@ def main() -> None:
         m = evaluate(to_uint8(x), reference, extractor, progress=False)
         label = f"{name} {sampler} {steps}" if sampler != "onestep" else f"{name} 1-step"
         save_grid(x[:64], grids / f"{label.replace(' ', '_')}.png", nrow=8)
-        row = {"model": name, "sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps),
-               "sigmas": [round(s, 4) for s in sigmas], "fd": m["fd"], "kid": m["kid_mean"],
-               "precision": m["precision"], "recall": m["recall"], "img_per_s": ips}
+        row = {
+            "model": name,
+            "sampler": sampler,
+            "steps": steps,
+            "nfe": nfe(sampler, steps),
+            "sigmas": [round(s, 4) for s in sigmas],
+            "fd": m["fd"],
+            "kid": m["kid_mean"],
+            "precision": m["precision"],
+            "recall": m["recall"],
+            "img_per_s": ips,
+        }
         rows.append(row)
         print(json.dumps(row))
     write(rows, floor, args)
@@ -209,7 +228,9 @@ def merge(rows: list[dict], args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"{old} was written with other settings (n, bf16); rerun without --only")
     kept = [r for r in prev["rows"] if r["model"] not in args.only]
     order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, SCM_TEACHER, *CONTINUOUS))}
-    return sorted(kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] != TEACHER else -r["nfe"]))
+    return sorted(
+        kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] != TEACHER else -r["nfe"])
+    )
 
 
 def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> None:
@@ -221,26 +242,44 @@ def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> Non
         r["speedup_vs_teacher35"] = r["img_per_s"] / teacher["img_per_s"] if teacher else None
     machine = f"{cpu_name()}, {args.threads} torch threads, torch {torch.__version__}"
     precision = "bf16 autocast (fp32 sampler state)" if args.bf16 else "fp32"
-    timing = (f"img/s: best of {args.repeats} timings of {args.speed_n} images per row, all rows in one process "
-              f"({args.threads} threads, batch {args.speed_n})" if args.speed else
-              "img/s: timed while generating the N samples, one process per --only group (load differs between groups)")
-    meta = {"n_samples": args.n, "bf16": args.bf16, "precision": precision, "timing": timing,
-            "feature_space": "FD (Fashion-MNIST classifier features)", "reference": "Fashion-MNIST test split (10,000)",
-            "machine": machine, "commands": commands(args)}
+    timing = (
+        f"img/s: best of {args.repeats} timings of {args.speed_n} images per row, all rows in one process "
+        f"({args.threads} threads, batch {args.speed_n})"
+        if args.speed
+        else "img/s: timed while generating the N samples, one process per --only group (load differs between groups)"
+    )
+    meta = {
+        "n_samples": args.n,
+        "bf16": args.bf16,
+        "precision": precision,
+        "timing": timing,
+        "feature_space": "FD (Fashion-MNIST classifier features)",
+        "reference": "Fashion-MNIST test split (10,000)",
+        "machine": machine,
+        "commands": commands(args),
+    }
     (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "floor": floor, "rows": rows}, indent=2))
-    lines = [f"# Quality on Fashion-MNIST ({args.n:,} samples vs the test split)", "",
-             f"Feature space: **FD (Fashion-MNIST classifier features)** — not FID. Machine: {machine}. "
-             f"Network precision while sampling: {precision}. {timing}.",
-             "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + ".", "",
-             "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s | speed-up vs teacher-35 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Quality on Fashion-MNIST ({args.n:,} samples vs the test split)",
+        "",
+        f"Feature space: **FD (Fashion-MNIST classifier features)** — not FID. Machine: {machine}. "
+        f"Network precision while sampling: {precision}. {timing}.",
+        "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + ".",
+        "",
+        "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s | speed-up vs teacher-35 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {', '.join(map(str, r['sigmas'])) or '—'} | "
-                     f"{r['fd']:.3f} | {_f(r['fd_vs_teacher35'], 2)} | {r['kid']:.5f} | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} | {r['img_per_s']:.1f} | {_f(r['speedup_vs_teacher35'], 1)}× |")
+        lines.append(
+            f"| {r['model']} | {r['sampler']} | {r['nfe']} | {', '.join(map(str, r['sigmas'])) or '—'} | "
+            f"{r['fd']:.3f} | {_f(r['fd_vs_teacher35'], 2)} | {r['kid']:.5f} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['img_per_s']:.1f} | {_f(r['speedup_vs_teacher35'], 1)}× |"
+        )
     if floor:
-        lines.append(f"| real vs real (floor) | — | — | — | {floor['fd']:.3f} | — | {floor['kid_mean']:.5f} | "
-                     f"{floor['precision']:.3f} | {floor['recall']:.3f} | — | — |")
+        lines.append(
+            f"| real vs real (floor) | — | — | — | {floor['fd']:.3f} | — | {floor['kid_mean']:.5f} | "
+            f"{floor['precision']:.3f} | {floor['recall']:.3f} | — | — |"
+        )
         lines += ["", f"Floor: {floor['description']}."]
     lines += ["", "Sample grids (first 64 samples of each setting) are in `benchmarks/results/quality/`."]
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ kernels do, so a margin over several seeds is the evidence that a bound holds el
 
     python scripts/bound_spread.py --seeds 5 --threads 1,2 [-k sCD] [-o benchmarks/results/bound_spread.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,22 @@ def run(seeds: int, threads: list[int], select: str | None) -> list[dict]:
     for n in threads:
         for seed in range(seeds):
             with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as log:
-                env = {**os.environ, "CMKIT_TEST_SEED": str(seed), "OMP_NUM_THREADS": str(n),
-                       "CMKIT_BOUND_LOG": log.name}
-                cmd = [sys.executable, "-m", "pytest", "-m", "training_bound", "-p", "no:cacheprovider",
-                       *(["-k", select] if select else [])]
+                env = {
+                    **os.environ,
+                    "CMKIT_TEST_SEED": str(seed),
+                    "OMP_NUM_THREADS": str(n),
+                    "CMKIT_BOUND_LOG": log.name,
+                }
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-m",
+                    "training_bound",
+                    "-p",
+                    "no:cacheprovider",
+                    *(["-k", select] if select else []),
+                ]
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 summary = [line for line in proc.stdout.splitlines() if " passed" in line or " failed" in line]
                 print(f"threads {n} seed {seed}: {(summary or ['(no summary)'])[-1]}", file=sys.stderr, flush=True)
@@ -42,15 +55,20 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["test"], r["quantity"])].append(r)
-    out = ["| test | quantity | runs | min | max | limit | margin (limit / max) | fails |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| test | quantity | runs | min | max | limit | margin (limit / max) | fails |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (test, quantity), rs in groups.items():
         values = [r["value"] for r in rs]
         limit = min(r["limit"] for r in rs)
         fails = sum(r["value"] >= r["limit"] for r in rs)
         worst = max(values)
         margin = f"{limit / worst:.2f}×" if worst > 0 else "∞"
-        out.append(f"| `{test.split('::', 1)[1]}` | {quantity} | {len(rs)} | {min(values):.4g} | {worst:.4g} | "
-                   f"{limit:.4g} | {margin} | {fails} |")
+        out.append(
+            f"| `{test.split('::', 1)[1]}` | {quantity} | {len(rs)} | {min(values):.4g} | {worst:.4g} | "
+            f"{limit:.4g} | {margin} | {fails} |"
+        )
     return "\n".join(out)
 
 
@@ -65,8 +83,10 @@ def main() -> None:
     text = table(run(a.seeds, threads, a.select))
     print(text)
     if a.output:
-        Path(a.output).write_text(f"Seeds 0–{a.seeds - 1}, threads {a.threads}; `python scripts/bound_spread.py "
-                                  f"--seeds {a.seeds} --threads {a.threads}`.\n\n{text}\n")
+        Path(a.output).write_text(
+            f"Seeds 0–{a.seeds - 1}, threads {a.threads}; `python scripts/bound_spread.py "
+            f"--seeds {a.seeds} --threads {a.threads}`.\n\n{text}\n"
+        )
 
 
 if __name__ == "__main__":

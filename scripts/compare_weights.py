@@ -6,6 +6,7 @@ diffusion models with the Heun sampler at their preset's steps.
 
     python scripts/compare_weights.py runs/fmnist-cd --n 1000
 """
+
 from __future__ import annotations
 
 import argparse

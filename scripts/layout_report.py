@@ -6,6 +6,7 @@ of cmkit's own modules, the longest functions and the share of long lines.
 
 The layers, lowest first, are ``LAYERS`` below; a module may import from its own layer and the ones beneath it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cmkit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("errors", "tensors", "imageio", "files", "ema", "distributed", "datasets", "config", "inputs")),
     ("formats", ("formats",)),
-    ("math", ("schedules", "trigflow", "solvers", "guidance", "sampling", "toy", "retime", "lpips", "distances",
-              "jvp")),
+    (
+        "math",
+        ("schedules", "trigflow", "solvers", "guidance", "sampling", "toy", "retime", "lpips", "distances", "jvp"),
+    ),
     ("nets", ("nets",)),
     ("precond", ("precond",)),
     ("losses", ("losses",)),
@@ -54,9 +57,9 @@ def layer(module: str) -> int:
 @dataclass
 class Source:
     modules: dict[str, Path] = field(default_factory=dict)
-    imports: dict[str, set[str]] = field(default_factory=dict)      # module -> cmkit modules it imports
+    imports: dict[str, set[str]] = field(default_factory=dict)  # module -> cmkit modules it imports
     local: list[tuple[str, int, str]] = field(default_factory=list)  # (module, line, imported module)
-    functions: list[tuple[int, str]] = field(default_factory=list)   # (lines, "path:line name")
+    functions: list[tuple[int, str]] = field(default_factory=list)  # (lines, "path:line name")
     lines: list[str] = field(default_factory=list)
 
 
@@ -66,7 +69,7 @@ def _targets(module: str, is_pkg: bool, node: ast.stmt, known: set[str]) -> set[
     else:
         if node.level:
             base = module.split(".") if is_pkg else module.split(".")[:-1]
-            base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+            base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
             prefix = ".".join(["cmkit"] + [b for b in base if b] + ([node.module] if node.module else []))
         else:
             prefix = node.module or ""
@@ -170,12 +173,16 @@ def main() -> None:
     print(f"modules: {len(s.modules)}, lines: {len(s.lines)}")
     print(f"import cycles: {cycles(s.imports) or 'none'}")
     print(f"upward imports: {upward(s) or 'none'}")
-    print(f"function-local imports of cmkit modules: {len(statements)}"
-          + "".join(f"\n  {m}:{line}" for m, line in sorted(statements)))
+    print(
+        f"function-local imports of cmkit modules: {len(statements)}"
+        + "".join(f"\n  {m}:{line}" for m, line in sorted(statements))
+    )
     print("ten longest functions:" + "".join(f"\n  {n:4d} {where}" for n, where in s.functions[:10]))
     print(f"functions over 80 lines: {sum(n > 80 for n, _ in s.functions)}")
-    print(f"lines over 100 characters: {long} of {len(s.lines)} ({long / len(s.lines):.1%}); over 120: "
-          f"{sum(len(line) > 120 for line in s.lines)}; longest {max(map(len, s.lines))}")
+    print(
+        f"lines over 100 characters: {long} of {len(s.lines)} ({long / len(s.lines):.1%}); over 120: "
+        f"{sum(len(line) > 120 for line in s.lines)}; longest {max(map(len, s.lines))}"
+    )
 
 
 if __name__ == "__main__":

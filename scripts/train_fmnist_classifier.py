@@ -11,6 +11,7 @@ top-1 accuracy on the 10k test split and writes
 Usage: ``python scripts/train_fmnist_classifier.py [--epochs 7] [--threads 1] [--out DIR]``.
 On a busy 2-core machine ``--threads 1`` is faster than 2 (no oversubscription).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,9 @@ def main() -> None:
     model = FMNISTClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(xs) // args.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
-                                                pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.2
+    )
     t0 = time.time()
     history = []
     for epoch in range(args.epochs):
@@ -79,7 +81,7 @@ def main() -> None:
         perm = torch.randperm(len(xs), generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
             xb, yb = augment(xs[idx], gen, args.shift), ys[idx]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -92,8 +94,15 @@ def main() -> None:
             total += len(idx)
         model.eval()
         test_acc = accuracy(model, x_test, y_test)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / total, "train_acc": correct / total,
-                        "test_acc": test_acc, "elapsed_s": round(time.time() - t0, 1)})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / total,
+                "train_acc": correct / total,
+                "test_acc": test_acc,
+                "elapsed_s": round(time.time() - t0, 1),
+            }
+        )
         print(json.dumps(history[-1]), flush=True)
     wall = time.time() - t0
 
@@ -115,11 +124,22 @@ def main() -> None:
         "test_accuracy_fp32": history[-1]["test_acc"],
         "epochs": args.epochs,
         "wall_time_s": round(wall, 1),
-        "recipe": {"optimizer": "AdamW", "lr": args.lr, "weight_decay": args.weight_decay, "schedule": "OneCycle",
-                   "batch_size": args.batch_size, "augment": f"random shift ±{args.shift} px, horizontal flip p=0.5",
-                   "seed": args.seed, "train_split": "Fashion-MNIST train (60,000)"},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__},
+        "recipe": {
+            "optimizer": "AdamW",
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "schedule": "OneCycle",
+            "batch_size": args.batch_size,
+            "augment": f"random shift ±{args.shift} px, horizontal flip p=0.5",
+            "seed": args.seed,
+            "train_split": "Fashion-MNIST train (60,000)",
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
         "history": history,
         "storage": "fp16 safetensors",
         "command": "python " + " ".join(sys.argv),

@@ -5,6 +5,7 @@ Training-bound tests take their seed from ``CMKIT_TEST_SEED`` (0 unless set) and
 ``bound(name, value, limit)``; ``scripts/bound_spread.py`` reruns them over seeds and thread counts and tabulates
 the spread of every such value against its limit (the margins quoted in the tests' docstrings come from it).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SEED = int(os.environ.get("CMKIT_TEST_SEED", "0"))
 
-TINY = ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1", "train.batch_size=32",
-        "train.log_every=5", "train.sample_every=0", "train.ckpt_every=0", "sample.grid_size=4"]
+TINY = [
+    "model.model_channels=16",
+    "model.channel_mult=1,2",
+    "model.num_blocks=1",
+    "train.batch_size=32",
+    "train.log_every=5",
+    "train.sample_every=0",
+    "train.ckpt_every=0",
+    "sample.grid_size=4",
+]
 
 
 def tiny_config(preset: str, out_dir, *overrides: str):
@@ -49,8 +58,14 @@ def bound(request):
     def check(name: str, value: float, limit: float) -> None:
         log = os.environ.get("CMKIT_BOUND_LOG")
         if log:
-            row = {"test": request.node.nodeid, "quantity": name, "value": float(value), "limit": float(limit),
-                   "seed": SEED, "threads": torch.get_num_threads()}
+            row = {
+                "test": request.node.nodeid,
+                "quantity": name,
+                "value": float(value),
+                "limit": float(limit),
+                "seed": SEED,
+                "threads": torch.get_num_threads(),
+            }
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
         assert value < limit, f"{name} = {value:.4g}, bound < {limit:.4g} (seed {SEED})"

@@ -1,5 +1,6 @@
 """Run by tests/test_continuous_time.py under torchrun: train a few steps, then check every rank holds the same
 weights (the JVP pass runs outside DDP; the trainable pass must still be synchronised)."""
+
 import sys
 
 import torch
@@ -9,9 +10,22 @@ from cmkit.training.loop import Loop
 from cmkit.training.presets import get_config
 
 preset, out, *overrides = sys.argv[1:]
-cfg = get_config(preset, ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1",
-                          "train.batch_size=16", "train.sample_every=0", "train.ckpt_every=0", "train.log_every=1",
-                          "train.num_threads=1", "train.steps=3", f"train.out_dir={out}", *overrides])
+cfg = get_config(
+    preset,
+    [
+        "model.model_channels=16",
+        "model.channel_mult=1,2",
+        "model.num_blocks=1",
+        "train.batch_size=16",
+        "train.sample_every=0",
+        "train.ckpt_every=0",
+        "train.log_every=1",
+        "train.num_threads=1",
+        "train.steps=3",
+        f"train.out_dir={out}",
+        *overrides,
+    ],
+)
 loop = Loop(cfg, progress=False)
 loop.run()
 flat = torch.cat([p.detach().flatten() for p in loop.model.parameters()])

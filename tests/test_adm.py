@@ -1,5 +1,6 @@
 """The ADM UNet of the CM paper's released models (cmkit/nets/adm.py): exact sizes of the released
 configurations, the attention head layout, the noise input, conditioning and the CM boundary condition."""
+
 from __future__ import annotations
 
 import math
@@ -14,15 +15,38 @@ from conftest import check_boundary_and_bf16
 
 # (config, parameters, tensors) of the released checkpoints (cm/unet.py with the launch commands' flags)
 RELEASED = {
-    "imagenet64": (dict(img_resolution=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3,
-                        attn_resolutions=(32, 16, 8), num_classes=1000, head_channels=64, scale_shift=True),
-                   295_899_267, 541),
-    "lsun256": (dict(img_resolution=256, model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_blocks=2,
-                     attn_resolutions=(32, 16, 8), num_classes=0, head_channels=64, scale_shift=False),
-                526_304_771, 566),
+    "imagenet64": (
+        dict(
+            img_resolution=64,
+            model_channels=192,
+            channel_mult=(1, 2, 3, 4),
+            num_blocks=3,
+            attn_resolutions=(32, 16, 8),
+            num_classes=1000,
+            head_channels=64,
+            scale_shift=True,
+        ),
+        295_899_267,
+        541,
+    ),
+    "lsun256": (
+        dict(
+            img_resolution=256,
+            model_channels=256,
+            channel_mult=(1, 1, 2, 2, 4, 4),
+            num_blocks=2,
+            attn_resolutions=(32, 16, 8),
+            num_classes=0,
+            head_channels=64,
+            scale_shift=False,
+        ),
+        526_304_771,
+        566,
+    ),
 }
-TINY = dict(img_resolution=16, model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
-            head_channels=16)
+TINY = dict(
+    img_resolution=16, model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), head_channels=16
+)
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
@@ -37,8 +61,10 @@ def test_released_configurations_have_the_reference_sizes(name):
     assert "time_embed.0.weight" in keys and "out.2.weight" in keys and "middle_block.1.qkv.weight" in keys
     assert ("label_emb.weight" in keys) == bool(kwargs["num_classes"])
     emb = 2 if kwargs["scale_shift"] else 1
-    assert keys["input_blocks.1.0.emb_layers.1.weight"].shape == (emb * kwargs["model_channels"],
-                                                                  4 * kwargs["model_channels"])
+    assert keys["input_blocks.1.0.emb_layers.1.weight"].shape == (
+        emb * kwargs["model_channels"],
+        4 * kwargs["model_channels"],
+    )
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
@@ -63,8 +89,9 @@ def reference_attention(block, x):
     q, k, v = qkv.chunk(3, dim=1)
     d = c // block.heads
     scale = 1 / math.sqrt(math.sqrt(d))
-    weight = torch.einsum("bct,bcs->bts", (q * scale).reshape(b * block.heads, d, -1),
-                          (k * scale).reshape(b * block.heads, d, -1)).softmax(-1)
+    weight = torch.einsum(
+        "bct,bcs->bts", (q * scale).reshape(b * block.heads, d, -1), (k * scale).reshape(b * block.heads, d, -1)
+    ).softmax(-1)
     a = torch.einsum("bts,bcs->bct", weight, v.reshape(b * block.heads, d, -1)).reshape(b, c, h, w)
     return x + block.proj_out(a)
 
@@ -106,8 +133,16 @@ def test_noise_input_is_250_ln_sigma_and_labels_condition():
 
 
 def test_adm_consistency_model_from_the_config_keeps_the_boundary_and_runs_in_bf16():
-    cfg = get_config("digits-ict", ["model.arch=adm", "model.model_channels=32", "model.channel_mult=1,2",
-                                    "model.attn_resolutions=4", "model.head_channels=16"])
+    cfg = get_config(
+        "digits-ict",
+        [
+            "model.arch=adm",
+            "model.model_channels=32",
+            "model.channel_mult=1,2",
+            "model.attn_resolutions=4",
+            "model.head_channels=16",
+        ],
+    )
     check_boundary_and_bf16(cfg)
 
 
@@ -128,12 +163,23 @@ diffusers = pytest.importorskip("diffusers")
 def hub_like_unet(scale_shift: bool, classes: int | None):
     """A tiny UNet2DModel with the Hub configuration of openai/diffusers-cd_imagenet64_l2 (or LSUN's)."""
     return diffusers.UNet2DModel(
-        sample_size=16, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(32, 64, 64),
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
         down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"), downsample_type="resnet",
-        upsample_type="resnet", attention_head_dim=16, norm_num_groups=32, attn_norm_num_groups=32,
-        resnet_time_scale_shift="scale_shift" if scale_shift else "default", num_class_embeds=classes,
-        flip_sin_to_cos=True, freq_shift=0).eval()
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        downsample_type="resnet",
+        upsample_type="resnet",
+        attention_head_dim=16,
+        norm_num_groups=32,
+        attn_norm_num_groups=32,
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
+        num_class_embeds=classes,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    ).eval()
 
 
 @pytest.mark.parametrize("scale_shift,classes", [(True, 10), (False, None)])
@@ -146,8 +192,10 @@ def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_
     d = hub_like_unet(scale_shift, classes)
     # attention weights large enough that the head split matters (with small ones attention is near-uniform
     # and 1 head of 64 or 4 of 16 give the same output, which hid a wrong head width)
-    sd = {k: torch.randn_like(v) * (0.3 if "attentions" in k and k.endswith("weight") else 0.05)
-          for k, v in d.state_dict().items()}
+    sd = {
+        k: torch.randn_like(v) * (0.3 if "attentions" in k and k.endswith("weight") else 0.05)
+        for k, v in d.state_dict().items()
+    }
     d.load_state_dict(sd)
     openai = diffusers_to_openai(sd, levels=3, blocks=2)
     assert openai_to_diffusers(openai).keys() == sd.keys()
@@ -160,11 +208,37 @@ def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_
     with torch.no_grad():
         expected = d(x, 250 * sigma.log(), class_labels=y).sample
     assert main(["convert", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "x"), "--image-size", "16"]) == 2
-    assert main(["convert", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "x"), "--image-size", "16",
-                 "--head-channels", "48"]) == 2  # 48 does not divide the 64 attention channels
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "ckpt.pt"),
+                "-o",
+                str(tmp_path / "x"),
+                "--image-size",
+                "16",
+                "--head-channels",
+                "48",
+            ]
+        )
+        == 2
+    )  # 48 does not divide the 64 attention channels
     torch.save(openai, tmp_path / "wrong.pt")
-    assert main(["convert", str(tmp_path / "wrong.pt"), "-o", str(tmp_path / "wrong"), "--image-size", "16",
-                 "--head-channels", "64"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "wrong.pt"),
+                "-o",
+                str(tmp_path / "wrong"),
+                "--image-size",
+                "16",
+                "--head-channels",
+                "64",
+            ]
+        )
+        == 0
+    )
     with torch.no_grad():  # the wrong head width is a different function: what the refusal above prevents
         wrong = load_model(tmp_path / "wrong")[0].net(x, sigma.log() / 4, y)
     assert (wrong - expected).abs().max() > 1e-3
@@ -192,11 +266,27 @@ def test_released_file_errors_are_one_line(tmp_path, capsys):
     sd = net.state_dict()
     torch.save({k: v for k, v in sd.items() if k != "out.2.bias"}, tmp_path / "missing.pt")
     torch.save({**sd, "out.2.weight": torch.zeros(3, 32, 1, 1)}, tmp_path / "shape.pt")
-    for name, msg in (("evil.pt", "needs full unpickling"), ("missing.pt", "missing out.2.bias"),
-                      ("shape.pt", "out.2.weight is (3, 32, 1, 1), expected (3, 32, 3, 3)"),
-                      ("none.pt", "checkpoint not found")):
-        assert main(["convert", str(tmp_path / name), "-o", str(tmp_path / "o"), "--image-size", "16",
-                     "--head-channels", "16"]) == 2
+    for name, msg in (
+        ("evil.pt", "needs full unpickling"),
+        ("missing.pt", "missing out.2.bias"),
+        ("shape.pt", "out.2.weight is (3, 32, 1, 1), expected (3, 32, 3, 3)"),
+        ("none.pt", "checkpoint not found"),
+    ):
+        assert (
+            main(
+                [
+                    "convert",
+                    str(tmp_path / name),
+                    "-o",
+                    str(tmp_path / "o"),
+                    "--image-size",
+                    "16",
+                    "--head-channels",
+                    "16",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr()
         assert msg in err.err and len(err.err.strip().splitlines()) == 1 and "ran" not in err.out, err.err
 
@@ -207,8 +297,17 @@ def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(t
     from cmkit.formats.model_dir import save_model_dir
     from cmkit.cli.main import main
 
-    cfg = get_config("digits-ict", ["model.arch=adm", "model.model_channels=32", "model.channel_mult=1,2",
-                                    "model.attn_resolutions=4", "model.head_channels=16", "model.num_classes=10"])
+    cfg = get_config(
+        "digits-ict",
+        [
+            "model.arch=adm",
+            "model.model_channels=32",
+            "model.channel_mult=1,2",
+            "model.attn_resolutions=4",
+            "model.head_channels=16",
+            "model.num_classes=10",
+        ],
+    )
     model = cfg.model.build()
     torch.manual_seed(0)
     for p in model.parameters():
@@ -217,8 +316,19 @@ def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(t
     runs = {}
     for bs, cls in ((5, "3,7"), (2, "3,7"), (5, None)):
         out = tmp_path / f"s{bs}{cls}.npz"
-        args = ["sample", "--model", str(tmp_path / "m"), "-n", "5", "--batch-size", str(bs), "--npz", str(out),
-                "-o", ""]
+        args = [
+            "sample",
+            "--model",
+            str(tmp_path / "m"),
+            "-n",
+            "5",
+            "--batch-size",
+            str(bs),
+            "--npz",
+            str(out),
+            "-o",
+            "",
+        ]
         assert main(args + (["--class", cls] if cls else [])) == 0
         z = np.load(out)
         runs[(bs, cls)] = z
@@ -226,11 +336,29 @@ def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(t
     assert np.array_equal(runs[(5, "3,7")]["arr_0"], runs[(2, "3,7")]["arr_0"])  # per-sample seeds
     assert not np.array_equal(runs[(5, None)]["arr_1"], runs[(5, "3,7")]["arr_1"])  # random labels otherwise
     capsys.readouterr()
-    assert main(["sample", "--model", str(tmp_path / "m"), "-n", "2", "--npz", str(tmp_path / "x.npz"), "-o", "",
-                 "--class", "10"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tmp_path / "m"),
+                "-n",
+                "2",
+                "--npz",
+                str(tmp_path / "x.npz"),
+                "-o",
+                "",
+                "--class",
+                "10",
+            ]
+        )
+        == 2
+    )
     assert "must lie in [0, 9]" in capsys.readouterr().err
-    assert main(["sample", "--model", "fmnist-cd", "-n", "2", "--npz", str(tmp_path / "y.npz"), "-o", "",
-                 "--class", "1"]) == 2
+    assert (
+        main(["sample", "--model", "fmnist-cd", "-n", "2", "--npz", str(tmp_path / "y.npz"), "-o", "", "--class", "1"])
+        == 2
+    )
     assert "unconditional" in capsys.readouterr().err
 
 
@@ -241,7 +369,9 @@ def test_a_released_model_samples_two_steps_on_its_published_sigma(tmp_path):
     from cmkit.schedules import karras_sigmas, training_grid
 
     torch.save(ADMUNet(**TINY).state_dict(), tmp_path / "cd_imagenet64_l2.pt")
-    assert main(["convert", str(tmp_path / "cd_imagenet64_l2.pt"), "-o", str(tmp_path / "m"), "--image-size", "16"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "cd_imagenet64_l2.pt"), "-o", str(tmp_path / "m"), "--image-size", "16"]) == 0
+    )
     _, cfg = load_model(tmp_path / "m")
     assert training_grid(cfg) == karras_sigmas(40).tolist()  # CD on N = 40
     two = multistep_sigmas(cfg, 2)
@@ -258,7 +388,9 @@ def test_a_cmkit_adm_model_opens_in_diffusers_consistency_model_pipeline(tmp_pat
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     torch.save(net.state_dict(), tmp_path / "cd_imagenet64_l2.pt")
-    assert main(["convert", str(tmp_path / "cd_imagenet64_l2.pt"), "-o", str(tmp_path / "m"), "--image-size", "16"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "cd_imagenet64_l2.pt"), "-o", str(tmp_path / "m"), "--image-size", "16"]) == 0
+    )
     assert main(["export-diffusers", "--model", str(tmp_path / "m"), "-o", str(tmp_path / "pipe")]) == 0
     pipe = diffusers.ConsistencyModelPipeline.from_pretrained(tmp_path / "pipe")
     model, cfg = load_model(tmp_path / "m")

@@ -1,6 +1,7 @@
 """The committed key manifests of OpenAI's released checkpoints (src/cmkit/nets/manifests, written by
 scripts/adm_manifests.py): the full-size networks, built on the meta device, have exactly those keys and shapes
 in the openai ``.pt`` order, their counts are the reference ones, and the diffusers names are UNet2DModel's."""
+
 from __future__ import annotations
 
 import json

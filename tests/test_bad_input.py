@@ -5,6 +5,7 @@ fragment of the expected message. ``@name`` in a command line is the path of fix
 in a fresh output folder. The shipped ``fmnist-cd`` (28×28) and ``fmnist-edm`` models are the models; a guard
 makes any network evaluation fail the test, so a case passes only when it is refused before sampling or editing.
 """
+
 from __future__ import annotations
 
 import struct
@@ -22,6 +23,7 @@ from cmkit.cli.main import main
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width×height pixels (8-bit grey) and holds no image data: a decompression bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -41,13 +43,18 @@ def files(tmp_path_factory):
         f[name] = d / name
 
     save_png("ok.png", np.full((28, 28), 200, np.uint8))
-    save_png("wide.png", np.full((28, 36), 200, np.uint8))   # 36 wide, 28 high
-    save_png("tall.png", np.full((36, 28), 200, np.uint8))   # 28 wide, 36 high
+    save_png("wide.png", np.full((28, 36), 200, np.uint8))  # 36 wide, 28 high
+    save_png("tall.png", np.full((36, 28), 200, np.uint8))  # 28 wide, 36 high
     save_png("small.png", np.full((20, 20), 200, np.uint8))
     save_png("i16.png", (np.arange(28 * 28).reshape(28, 28) * 83).astype(np.uint16))
     ok = (d / "ok.png").read_bytes()
-    for name, data in {"empty.png": b"", "trunc.png": ok[:len(ok) // 2], "garbage.png": b"\x89PNG\r\n\x1a\nnot a png",
-                       "text.jpg": b"hello, I am not a JPEG", "bomb.png": _png_header_only(30_000, 30_000)}.items():
+    for name, data in {
+        "empty.png": b"",
+        "trunc.png": ok[: len(ok) // 2],
+        "garbage.png": b"\x89PNG\r\n\x1a\nnot a png",
+        "text.jpg": b"hello, I am not a JPEG",
+        "bomb.png": _png_header_only(30_000, 30_000),
+    }.items():
         (d / name).write_bytes(data)
         f[name] = d / name
     Image.fromarray(np.full((28, 28, 3), 90, np.uint8)).save(d / "ok.jpg")
@@ -93,7 +100,7 @@ def files(tmp_path_factory):
     bad = d / "badfolder"
     bad.mkdir()
     (bad / "a.png").write_bytes(ok)
-    (bad / "b.png").write_bytes(ok[:len(ok) // 2])
+    (bad / "b.png").write_bytes(ok[: len(ok) // 2])
     f["badfolder"] = bad
     bomb = d / "bombfolder"
     bomb.mkdir()
@@ -169,11 +176,17 @@ CASES = [
     ("mask-truncated", f"{EDIT} @ok.png --mask @trunc.png", "mask"),
     ("mask-wide", f"{EDIT} @ok.png --mask @wide.png", "mask"),
     ("mask-missing", f"{EDIT} @ok.png --mask @out/none.png", "mask file not found"),
-    ("input2-corrupt", "edit interpolate --model fmnist-cd -o @out/i.png --input @ok.png --input2 @trunc.jpg",
-     "corrupt or truncated"),
+    (
+        "input2-corrupt",
+        "edit interpolate --model fmnist-cd -o @out/i.png --input @ok.png --input2 @trunc.jpg",
+        "corrupt or truncated",
+    ),
     ("stroke-bomb", "edit stroke --model fmnist-cd -o @out/s.png --input @bomb.png", "decompression bomb"),
-    ("folder-truncated", f"{TRAIN} data.name=folder data.root=@badfolder model.img_resolution=8",
-     "b.png cannot be read as an image"),
+    (
+        "folder-truncated",
+        f"{TRAIN} data.name=folder data.root=@badfolder model.img_resolution=8",
+        "b.png cannot be read as an image",
+    ),
     ("folder-bomb", f"{TRAIN} data.name=folder data.root=@bombfolder model.img_resolution=8", "decompression bomb"),
     # 3. array inputs
     ("npz-no-arr0", f"{EDIT} @nokey.npz", "under 'arr_0'; found keys"),
@@ -201,22 +214,43 @@ CASES = [
     ("sigmas-nan", f"{SAMPLE} --sigmas nan", "--sigmas values must be positive finite"),
     ("sigmas-inf", f"{SAMPLE} --sigmas inf,1", "--sigmas values must be positive finite"),
     ("edit-sigmas-range", f"{EDIT} @ok.png --sigmas 500,1", "--sigmas: σ values must lie in"),
-    ("denoise-negative", "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma -1",
-     "--sigma must be positive"),
-    ("denoise-nan", "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma nan",
-     "--sigma must be a finite number"),
-    ("denoise-range", "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma 1e9",
-     "outside the model's σ range"),
-    ("stroke-above-max", "edit stroke --model fmnist-cd --input @ok.png -o @out/s.png --sigma-start 500",
-     "--sigma-start 500 is outside the model's σ range [0.002, 80]"),
-    ("superres-factor-0", "edit superres --model fmnist-cd --input @ok.png -o @out/s.png --factor 0",
-     "--factor must be positive"),
-    ("superres-factor-3", "edit superres --model fmnist-cd --input @ok.png -o @out/s.png --factor 3",
-     "--factor 3 does not divide"),
+    (
+        "denoise-negative",
+        "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma -1",
+        "--sigma must be positive",
+    ),
+    (
+        "denoise-nan",
+        "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma nan",
+        "--sigma must be a finite number",
+    ),
+    (
+        "denoise-range",
+        "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma 1e9",
+        "outside the model's σ range",
+    ),
+    (
+        "stroke-above-max",
+        "edit stroke --model fmnist-cd --input @ok.png -o @out/s.png --sigma-start 500",
+        "--sigma-start 500 is outside the model's σ range [0.002, 80]",
+    ),
+    (
+        "superres-factor-0",
+        "edit superres --model fmnist-cd --input @ok.png -o @out/s.png --factor 0",
+        "--factor must be positive",
+    ),
+    (
+        "superres-factor-3",
+        "edit superres --model fmnist-cd --input @ok.png -o @out/s.png --factor 3",
+        "--factor 3 does not divide",
+    ),
     ("interpolate-frames-0", "edit interpolate --model fmnist-cd -o @out/i.png --frames 0", "--frames must be"),
     ("interpolate-seeds", "edit interpolate --model fmnist-cd -o @out/i.png --seeds=-1,2", "--seeds must be"),
-    ("interpolate-sigma", "edit interpolate --model fmnist-cd -o @out/i.png --input @ok.png --input2 @ok.png "
-     "--sigma inf", "--sigma must be a finite number"),
+    (
+        "interpolate-sigma",
+        "edit interpolate --model fmnist-cd -o @out/i.png --input @ok.png --input2 @ok.png --sigma inf",
+        "--sigma must be a finite number",
+    ),
     ("kid-subsets-0", f"{EVAL} --kid-subsets 0", "--kid-subsets must be positive; got 0"),
     ("sample-n-0", "sample --model fmnist-cd -n 0 -o @out/s.png", "-n must be positive"),
     ("sample-batch-0", f"{SAMPLE} --batch-size 0", "--batch-size must be positive"),
@@ -230,17 +264,26 @@ CASES = [
     ("decode-schedule-up", f"{DECODE} --schedule 0.5,1", "must decrease"),
     ("decode-tile-0", f"{DECODE} --tile 0", "--tile must be positive"),
     ("decode-overlap", f"{DECODE} --tile 4 --tile-overlap 4", "must be smaller than --tile"),
-    ("sample-n-huge", "sample --model fmnist-cd -n 99999999999999999999 -o @out/s.png",
-     "-n must be at most 10,000,000"),
+    (
+        "sample-n-huge",
+        "sample --model fmnist-cd -n 99999999999999999999 -o @out/s.png",
+        "-n must be at most 10,000,000",
+    ),
     ("sample-steps-huge", f"{SAMPLE} --steps 99999999999999999999", "--steps must be at most 10,000"),
     ("edit-steps-huge", f"{EDIT} @ok.png --steps 99999999999999999999", "--steps must be at most 10,000"),
     ("kid-subsets-huge", f"{EVAL} --kid-subsets 99999999999999999999", "--kid-subsets must be at most"),
     ("decode-steps-huge", f"{DECODE} --steps 99999999999999999999", "--steps must be at most 1,024"),
-    ("frames-huge", "edit interpolate --model fmnist-cd -o @out/i.png --frames 100000000",
-     "--frames must be at most 1,000"),
+    (
+        "frames-huge",
+        "edit interpolate --model fmnist-cd -o @out/i.png --frames 100000000",
+        "--frames must be at most 1,000",
+    ),
     ("argparse-int", f"{SAMPLE} -n x", "invalid int value: 'x'"),
-    ("argparse-float", "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma x",
-     "invalid float value: 'x'"),
+    (
+        "argparse-float",
+        "edit denoise --model fmnist-cd --input @ok.png -o @out/d.png --sigma x",
+        "invalid float value: 'x'",
+    ),
     # 5. output paths
     ("sample-exists", "sample --model fmnist-cd -n 1 -o @exists.png", "exists; pass --overwrite"),
     ("sample-npz-exists", f"{SAMPLE} --npz @exists.npz", "exists; pass --overwrite"),
@@ -251,8 +294,7 @@ CASES = [
     ("sample-nothing", "sample --model fmnist-cd -n 1 -o ''", "nothing to write"),
     ("edit-exists", "edit inpaint --model fmnist-cd --input @ok.png -o @exists.png", "exists; pass --overwrite"),
     ("edit-panel-exists", f"{EDIT} @ok.png --panel @exists.png", "exists; pass --overwrite"),
-    ("edit-panel-same", "edit inpaint --model fmnist-cd --input @ok.png -o @out/x.png --panel @out/x.png",
-     "both name"),
+    ("edit-panel-same", "edit inpaint --model fmnist-cd --input @ok.png -o @out/x.png --panel @out/x.png", "both name"),
     ("edit-o-empty", "edit inpaint --model fmnist-cd --input @ok.png -o ''", "nothing to write"),
     ("edit-o-dir", "edit inpaint --model fmnist-cd --input @ok.png -o @dir", "is a directory"),
     ("eval-exists", f"{EVAL} -o @exists.json", "exists; pass --overwrite"),
@@ -308,10 +350,44 @@ def test_good_inputs_still_work(files, tmp_path, capsys, one_thread):
     """The same checks accept the good inputs: a 16-bit PNG, a JPEG, one image of an .npz, both outputs."""
     out, panel = tmp_path / "o.png", tmp_path / "p.png"
     for inp in ("i16.png", "ok.jpg"):
-        assert main(["edit", "denoise", "--model", "fmnist-cd", "--input", str(files[inp]), "-o", str(out),
-                     "--panel", str(panel), "--overwrite"]) == 0
-    assert main(["edit", "inpaint", "--model", "fmnist-cd", "--input", str(files["ok.npz"]), "--index", "2",
-                 "--steps", "1", "-o", str(out), "--overwrite"]) == 0
+        assert (
+            main(
+                [
+                    "edit",
+                    "denoise",
+                    "--model",
+                    "fmnist-cd",
+                    "--input",
+                    str(files[inp]),
+                    "-o",
+                    str(out),
+                    "--panel",
+                    str(panel),
+                    "--overwrite",
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "edit",
+                "inpaint",
+                "--model",
+                "fmnist-cd",
+                "--input",
+                str(files["ok.npz"]),
+                "--index",
+                "2",
+                "--steps",
+                "1",
+                "-o",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert main(["sample", "--model", "fmnist-cd", "-n", "1", "-o", "", "--npz", str(tmp_path / "s.npz")]) == 0
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (1, 28, 28, 1)
     capsys.readouterr()
@@ -323,25 +399,33 @@ def test_unwritable_output_directory_is_refused_before_work(files, tmp_path, mon
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = cmkit.inputs.os.access
-    monkeypatch.setattr(cmkit.inputs.os, "access", lambda p, mode: False if str(p) == str(locked)
-                        else real_access(p, mode))  # root may write anywhere: simulate a read-only folder
-    for argv in (["sample", "--model", "fmnist-cd", "-n", "1", "-o", str(locked / "new" / "s.png")],
-                 ["edit", "denoise", "--model", "fmnist-cd", "--input", str(files["ok.png"]), "-o",
-                  str(locked / "d.png")],
-                 ["eval", "--samples", str(files["ok.npz"]), "--no-floor", "-o", str(locked / "r.json")]):
+    monkeypatch.setattr(
+        cmkit.inputs.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode)
+    )  # root may write anywhere: simulate a read-only folder
+    for argv in (
+        ["sample", "--model", "fmnist-cd", "-n", "1", "-o", str(locked / "new" / "s.png")],
+        ["edit", "denoise", "--model", "fmnist-cd", "--input", str(files["ok.png"]), "-o", str(locked / "d.png")],
+        ["eval", "--samples", str(files["ok.npz"]), "--no-floor", "-o", str(locked / "r.json")],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.strip() == f"cmkit: error: -o {argv[argv.index('-o') + 1]}: cannot write in {locked} " \
-                              "(permission denied)", err
+        assert (
+            err.strip() == f"cmkit: error: -o {argv[argv.index('-o') + 1]}: cannot write in {locked} "
+            "(permission denied)"
+        ), err
     assert not any(locked.iterdir())
 
 
 def test_syntax_errors_are_one_line(capsys):
-    for argv, fragment in ((["sample"], "the following arguments are required: --model"),
-                           ([], "the following arguments are required: COMMAND"),
-                           (["edit", "inpaint", "--model", "m", "--input", "i.png", "-o", "o.png", "--factor", "2"],
-                            "unrecognized arguments: --factor 2"),
-                           (["sample", "--model", "m", "--sampler", "fast"], "invalid choice: 'fast'")):
+    for argv, fragment in (
+        (["sample"], "the following arguments are required: --model"),
+        ([], "the following arguments are required: COMMAND"),
+        (
+            ["edit", "inpaint", "--model", "m", "--input", "i.png", "-o", "o.png", "--factor", "2"],
+            "unrecognized arguments: --factor 2",
+        ),
+        (["sample", "--model", "m", "--sampler", "fast"], "invalid choice: 'fast'"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and fragment in err and "usage:" not in err, err
@@ -356,8 +440,9 @@ def test_unexpected_errors_are_one_line_and_debug_reraises(monkeypatch, capsys):
     monkeypatch.setattr(cmkit.cli.main, "cmd_presets", broken)
     assert main(["presets"]) == 1
     err = capsys.readouterr().err
-    assert err.splitlines() == ["cmkit: error: RuntimeError: something went wrong "
-                                "(rerun with --debug for the traceback)"]
+    assert err.splitlines() == [
+        "cmkit: error: RuntimeError: something went wrong (rerun with --debug for the traceback)"
+    ]
     for argv in (["--debug", "presets"], ["presets", "--debug"]):
         with pytest.raises(RuntimeError, match="went wrong"):
             main(argv)
@@ -367,6 +452,7 @@ def test_interrupt_and_broken_pipe_are_kept(monkeypatch, capsys):
     import cmkit.cli.main
 
     for exc, code in ((KeyboardInterrupt, 130), (BrokenPipeError, 0)):
+
         def raising(args, exc=exc):
             raise exc()
 

@@ -27,8 +27,9 @@ def autoencoders(tmp_path_factory):
     root = tmp_path_factory.mktemp("ae")
     for name in [n for n, p in PRESETS.items() if p.kind == "autoencoder"]:
         m = get_config(name).model
-        KLAutoencoder(AutoencoderConfig(m.in_channels, m.channels, m.num_res_blocks, m.latent_channels,
-                                        m.norm_groups)).save_pretrained(root / name)
+        KLAutoencoder(
+            AutoencoderConfig(m.in_channels, m.channels, m.num_res_blocks, m.latent_channels, m.norm_groups)
+        ).save_pretrained(root / name)
     return root
 
 
@@ -49,23 +50,26 @@ def test_every_preset_dry_runs_and_builds_model_loss_optimizer(preset, capsys, a
         assert all(m.split(":")[0].split("=")[-1] in line for m in missing), (missing, line)
 
 
-@pytest.mark.parametrize("override,msg", [
-    ("loss.method=foo", "config key loss.method: 'foo' is not one of edm, cd, ct, ict, ect"),
-    ("loss.method=ictt", "did you mean ict?"),
-    ("model.arch=vit", "config key model.arch: 'vit' is not one of unet, mlp"),
-    ("loss.mu=0.5", "loss.mu is not an option of method 'ict'"),
-    ("loss.solver=heun", "loss.solver is not an option of method 'ict'"),
-    ("loss.weighting=karras", "loss.weighting is not an option of method 'ict'"),
-    ("loss.method=ct loss.weighting=inv_dt", "loss.weighting='inv_dt' is not a weighting of method 'ct'"),
-    ("model.precond=edm", "loss.method=ict needs model.precond=cm"),
-    ("data.name=digits model.num_classes=3", None),  # digits has 10 classes: allowed
-    ("data.name=digits model.num_classes=11", "model.num_classes=11 but data set 'digits' has 10 classes"),
-    ("data.name=emoji model.num_classes=2", "model.num_classes=2 but data set 'emoji' has no labels"),
-    ("train.teacher=runs/x", "train.teacher is only used by loss.method=cd"),
-    ("train.ema_rates=1.5", "train.ema_rates must lie in [0, 1)"),
-    ("sample.sigmas=0.8,80", "sample.sigmas must decrease"),
-    ("model.attn_resolutions=3", "model.attn_resolutions [3] are never reached"),
-])
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("loss.method=foo", "config key loss.method: 'foo' is not one of edm, cd, ct, ict, ect"),
+        ("loss.method=ictt", "did you mean ict?"),
+        ("model.arch=vit", "config key model.arch: 'vit' is not one of unet, mlp"),
+        ("loss.mu=0.5", "loss.mu is not an option of method 'ict'"),
+        ("loss.solver=heun", "loss.solver is not an option of method 'ict'"),
+        ("loss.weighting=karras", "loss.weighting is not an option of method 'ict'"),
+        ("loss.method=ct loss.weighting=inv_dt", "loss.weighting='inv_dt' is not a weighting of method 'ct'"),
+        ("model.precond=edm", "loss.method=ict needs model.precond=cm"),
+        ("data.name=digits model.num_classes=3", None),  # digits has 10 classes: allowed
+        ("data.name=digits model.num_classes=11", "model.num_classes=11 but data set 'digits' has 10 classes"),
+        ("data.name=emoji model.num_classes=2", "model.num_classes=2 but data set 'emoji' has no labels"),
+        ("train.teacher=runs/x", "train.teacher is only used by loss.method=cd"),
+        ("train.ema_rates=1.5", "train.ema_rates must lie in [0, 1)"),
+        ("sample.sigmas=0.8,80", "sample.sigmas must decrease"),
+        ("model.attn_resolutions=3", "model.attn_resolutions [3] are never reached"),
+    ],
+)
 def test_config_errors_are_one_line_before_any_data_is_loaded(override, msg, capsys):
     # data.root points nowhere: a config error must be reported before the data is looked at
     args = ["train", "--preset", "digits-ict", "data.name=npz", "data.root=/nonexistent.npz", *override.split()]
@@ -103,12 +107,15 @@ def test_dry_run_applies_overrides(capsys):
     assert main(["train", "--preset", "digits-ict", "--dry-run", "--bogus"]) == 2
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["train", "--preset", "nope"], "unknown preset"),
-    (["train", "--preset", "digits-ict", "trian.lr=1"], "unknown config key 'trian.lr'"),
-    (["train", "--preset", "digits-ict", "train.steps=ten"], "cannot read 'ten' as int"),
-    (["sample", "--model", "/nonexistent/model"], "model not found"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["train", "--preset", "nope"], "unknown preset"),
+        (["train", "--preset", "digits-ict", "trian.lr=1"], "unknown config key 'trian.lr'"),
+        (["train", "--preset", "digits-ict", "train.steps=ten"], "cannot read 'ten' as int"),
+        (["sample", "--model", "/nonexistent/model"], "model not found"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(args, msg, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -1,4 +1,5 @@
 """The options shared by the commands (cmkit.cli.options) and the consistency of the CLI's spelling."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,10 @@ OUTPUT_COMMANDS = {
     "sample": ["sample", "--model", "m"],
     "export": ["export", "run"],
     "eval": ["eval", "--samples", "s.npz"],
-    **{f"edit {t}": ["edit", t, "--model", "m", *([] if t == "interpolate" else ["--input", "i.png"])]
-       for t in EDIT_TASKS},
+    **{
+        f"edit {t}": ["edit", t, "--model", "m", *([] if t == "interpolate" else ["--input", "i.png"])]
+        for t in EDIT_TASKS
+    },
     "decode": ["decode", "z.npy", "--weights", "w"],
     "convert-decoder": ["convert-decoder", "src"],
 }
@@ -58,8 +61,9 @@ def test_no_command_spells_its_output_differently():
 
 def test_threads_wherever_work_runs():
     parsers = _subparsers(build_parser())
-    for name in ["sample", "eval", "decode", "convert-decoder", "train", "train-autoencoder", "train-decoder"] + \
-            [f"edit {t}" for t in EDIT_TASKS]:
+    for name in ["sample", "eval", "decode", "convert-decoder", "train", "train-autoencoder", "train-decoder"] + [
+        f"edit {t}" for t in EDIT_TASKS
+    ]:
         assert any("--threads" in a.option_strings for a in parsers[name]._actions), name
     assert build_parser().parse_args([*OUTPUT_COMMANDS["eval"], "--threads", "3"]).threads == 3
 
@@ -80,10 +84,11 @@ def test_bad_sigmas_fail_before_any_model_is_loaded(tmp_path, capsys):
     """sample, eval --model and edit share the parser, and report bad text in one line (exit 2)."""
     (tmp_path / "i.png").write_bytes(b"")  # only its existence is checked before the σ list
     missing = str(tmp_path / "no-model")
-    for argv in (["sample", "--model", missing, "-o", str(tmp_path / "s.png")],
-                 ["eval", "--model", missing],
-                 ["edit", "inpaint", "--model", missing, "--input", str(tmp_path / "i.png"), "-o",
-                  str(tmp_path / "e.png")]):
+    for argv in (
+        ["sample", "--model", missing, "-o", str(tmp_path / "s.png")],
+        ["eval", "--model", missing],
+        ["edit", "inpaint", "--model", missing, "--input", str(tmp_path / "i.png"), "-o", str(tmp_path / "e.png")],
+    ):
         assert main([*argv, "--sigmas", "80,x"]) == 2, argv
         err = capsys.readouterr().err
         assert "--sigmas expects comma-separated numbers" in err and len(err.strip().splitlines()) == 1, err
@@ -114,12 +119,15 @@ def test_edit_help_lists_the_tasks(capsys):
     assert "--overwrite" not in out  # the tasks' options are in `cmkit edit TASK --help`
 
 
-@pytest.mark.parametrize("task,shown,hidden", [
-    ("stroke", ["--sigma-start", "--steps", "--panel", "--threads"], ["--mask", "--box", "--factor", "--frames"]),
-    ("inpaint", ["--mask", "--box", "--builtin", "--sigmas"], ["--factor", "--sigma ", "--add-noise", "--seeds"]),
-    ("denoise", ["--sigma ", "--add-noise"], ["--steps", "--sigmas", "--mask"]),
-    ("interpolate", ["--seeds", "--input2", "--frames"], ["--panel", "--steps", "--mask"]),
-])
+@pytest.mark.parametrize(
+    "task,shown,hidden",
+    [
+        ("stroke", ["--sigma-start", "--steps", "--panel", "--threads"], ["--mask", "--box", "--factor", "--frames"]),
+        ("inpaint", ["--mask", "--box", "--builtin", "--sigmas"], ["--factor", "--sigma ", "--add-noise", "--seeds"]),
+        ("denoise", ["--sigma ", "--add-noise"], ["--steps", "--sigmas", "--mask"]),
+        ("interpolate", ["--seeds", "--input2", "--frames"], ["--panel", "--steps", "--mask"]),
+    ],
+)
 def test_each_edit_task_shows_only_its_options(task, shown, hidden, capsys):
     with pytest.raises(SystemExit):
         main(["edit", task, "--help"])
@@ -139,8 +147,9 @@ def test_edit_tasks_reject_other_tasks_options(capsys):
     with pytest.raises(SystemExit):  # one mask source at a time
         build_parser().parse_args([*base, "--box", "1,1,4,4", "--builtin", "left"])
     with pytest.raises(SystemExit):  # noise seeds or images, not both
-        build_parser().parse_args(["edit", "interpolate", "--model", "m", "-o", "o.png", "--seeds", "0,1",
-                                   "--input", "a.png"])
+        build_parser().parse_args(
+            ["edit", "interpolate", "--model", "m", "-o", "o.png", "--seeds", "0,1", "--input", "a.png"]
+        )
 
 
 def test_edit_stroke_still_takes_the_old_sigma_spelling():

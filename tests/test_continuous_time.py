@@ -1,4 +1,5 @@
 """sCM (TrigFlow sCT/sCD), MeanFlow and TCM: closed forms, JVP against finite differences, and short trainings."""
+
 import json
 import math
 
@@ -24,6 +25,7 @@ SD = 0.5  # σ_d
 
 
 # --- TrigFlow ↔ EDM ----------------------------------------------------------------------------------
+
 
 def test_trigflow_sigma_round_trip_and_velocity_of_the_exact_denoiser():
     sigma = torch.logspace(-3, math.log10(80), 50)
@@ -68,6 +70,7 @@ def test_trigflow_model_is_the_edm_denoiser_with_the_output_read_as_minus_F():
 
 # --- JVP ---------------------------------------------------------------------------------------------
 
+
 def _random_net(net: nn.Module) -> nn.Module:
     torch.manual_seed(1)
     for p in net.parameters():
@@ -99,7 +102,9 @@ def test_jvp_equals_a_central_difference(arch, one_thread):
     with torch.no_grad():
         out, exact = torch.func.jvp(f, (x, t, r), tangents)
         h = 1e-5
-        fd = (f(*(p + h * v for p, v in zip((x, t, r), tangents))) - f(*(p - h * v for p, v in zip((x, t, r), tangents)))) / (2 * h)
+        fd = (
+            f(*(p + h * v for p, v in zip((x, t, r), tangents))) - f(*(p - h * v for p, v in zip((x, t, r), tangents)))
+        ) / (2 * h)
     scale = exact.abs().max()
     assert scale > 1e-3
     assert (exact - fd).abs().max() <= 1e-3 * scale, float((exact - fd).abs().max() / scale)
@@ -122,6 +127,7 @@ def test_jvp_under_bf16_autocast_runs_in_fp32():
 
 
 # --- sCM ---------------------------------------------------------------------------------------------
+
 
 class ExactGaussianF(nn.Module):
     """−F of the exact TrigFlow consistency function for x0 ~ N(0, s²I): f(x_t, t) = x_σ·s/√(s²+σ²).
@@ -204,8 +210,9 @@ def test_scd_with_the_exact_teacher_learns_the_probability_flow_map(seed, bound)
     network after 1200 steps: 0.11, 0.2, 0.11, 0.12."""
     torch.manual_seed(seed)
     gm = GaussianMixture(torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7]]), torch.tensor([0.5, 0.3, 0.2]), 0.08)
-    model = Precond(MLPNet(1, 2, hidden=96, depth=3, embedding="positional", positional_scale=1.0), "trigflow",
-                    time_input="t")
+    model = Precond(
+        MLPNet(1, 2, hidden=96, depth=3, embedding="positional", positional_scale=1.0), "trigflow", time_input="t"
+    )
     steps = 1000
     loss = SCDLoss(tangent_warmup=steps // 5, P_mean=-0.5, P_std=1.6, adaptive_weight=False)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -247,6 +254,7 @@ def _pf_map_errors(model, gm):
 
 # --- MeanFlow ----------------------------------------------------------------------------------------
 
+
 class ExactPointMassU(nn.Module):
     """u(z, t, r) = (z − c)/t: the exact average velocity when all data sit at c (straight paths, u ≡ v)."""
 
@@ -284,6 +292,7 @@ def test_meanflow_time_proposal():
 
 # --- TCM ---------------------------------------------------------------------------------------------
 
+
 def test_tcm_times_and_boundary_rows():
     torch.manual_seed(0)
     s = truncated_log_sigma(5000, 1.0, 80.0, -1.1, 2.0, 0.01, torch.device("cpu"))
@@ -307,6 +316,7 @@ def test_tcm_times_and_boundary_rows():
 
 
 # --- training through the loop ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ect_dir(tmp_path_factory, teacher_dir):
@@ -334,15 +344,27 @@ def test_new_methods_train_on_digits_and_sample(preset, tmp_path, teacher_dir, e
     # sCT and sCD from scratch take sCM's time input (c_noise = t, sinusoids of scale 1): with the presets'
     # 1000·ln(σ)/4 sinusoids, meant for tuning an EDM network, ‖g‖ fell in only 6 of 10 seeded runs
     scm_time = ["model.time_input=t", "model.positional_scale=1"]
-    extra = {"digits-sct": ["train.init_from=", "loss.tangent_warmup=0", "train.lr=1e-3", *scm_time],
-             "digits-scd": ["train.init_from=", f"train.teacher={teacher_dir}", "loss.tangent_warmup=0",
-                            "train.lr=1e-3", *scm_time],
-             "digits-meanflow": ["train.warmup_steps=5", "train.lr=2e-3"],
-             # the student starts from the EDM teacher, so it differs from the frozen ECT stage at t′; with TCM's
-             # w_boundary = 0.1 the consistency rows dominate 60 steps on a barely trained first stage, so the
-             # boundary is weighted up here to see it learn
-             "digits-tcm": [f"train.init_from={teacher_dir}", f"train.teacher={ect_dir}", "train.lr=3e-4",
-                            "loss.boundary_prob=0.5", "loss.w_boundary=1.0"]}[preset]
+    extra = {
+        "digits-sct": ["train.init_from=", "loss.tangent_warmup=0", "train.lr=1e-3", *scm_time],
+        "digits-scd": [
+            "train.init_from=",
+            f"train.teacher={teacher_dir}",
+            "loss.tangent_warmup=0",
+            "train.lr=1e-3",
+            *scm_time,
+        ],
+        "digits-meanflow": ["train.warmup_steps=5", "train.lr=2e-3"],
+        # the student starts from the EDM teacher, so it differs from the frozen ECT stage at t′; with TCM's
+        # w_boundary = 0.1 the consistency rows dominate 60 steps on a barely trained first stage, so the
+        # boundary is weighted up here to see it learn
+        "digits-tcm": [
+            f"train.init_from={teacher_dir}",
+            f"train.teacher={ect_dir}",
+            "train.lr=3e-4",
+            "loss.boundary_prob=0.5",
+            "loss.w_boundary=1.0",
+        ],
+    }[preset]
     out = tmp_path / preset
     steps = 150 if preset == "digits-sct" else 60  # sCT's ‖g‖ falls slowly: 60 steps left 0.90–0.99 of it
     window = steps // 4
@@ -358,8 +380,9 @@ def test_new_methods_train_on_digits_and_sample(preset, tmp_path, teacher_dir, e
     assert torch.isfinite(x).all() and x.std() > 0.05
 
 
-@pytest.mark.parametrize("preset,overrides", [("digits-sct", ["train.init_from=", "loss.tangent_warmup=0"]),
-                                              ("digits-meanflow", [])])
+@pytest.mark.parametrize(
+    "preset,overrides", [("digits-sct", ["train.init_from=", "loss.tangent_warmup=0"]), ("digits-meanflow", [])]
+)
 def test_two_processes_end_with_identical_weights(preset, overrides, tmp_path):
     """torch.func transforms bypass DDP's hooks (py-meanflow's caveat): the objectives keep the trainable pass
     on the DDP wrapper and the JVP on the bare module, so gradients are averaged and the ranks stay equal,
@@ -370,8 +393,19 @@ def test_two_processes_end_with_identical_weights(preset, overrides, tmp_path):
 
     script = Path(__file__).with_name("ddp_weights.py")
     port = {"digits-sct": "29541", "digits-meanflow": "29542"}[preset]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(script), preset, str(tmp_path / "run"), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(script),
+        preset,
+        str(tmp_path / "run"),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RESULT same=True ranks=2" in proc.stdout, proc.stdout[-1000:]
@@ -432,8 +466,14 @@ def test_trigflow_diffusion_teacher_samples_with_heun_and_teaches_scd(tmp_path, 
     assert cfg.is_diffusion() and resolve_sampler(cfg, None, None, None)[0] == "heun"
     with pytest.raises(CmkitError, match="this is a diffusion model"):
         resolve_sampler(cfg, "onestep", None, None)
-    scd = tiny_config("digits-scd", tmp_path / "scd", "train.steps=2", *scm_time, f"train.teacher={teacher}",
-                      f"train.init_from={teacher}")
+    scd = tiny_config(
+        "digits-scd",
+        tmp_path / "scd",
+        "train.steps=2",
+        *scm_time,
+        f"train.teacher={teacher}",
+        f"train.init_from={teacher}",
+    )
     train(scd, progress=False)  # accepts the teacher
     assert not scd.is_diffusion()
     f = scd.model.build().eval()

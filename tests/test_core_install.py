@@ -4,6 +4,7 @@ needs an extra fails with one line naming the package and the extra.
 The optional packages are hidden from ``python -m cmkit`` subprocesses by a ``sitecustomize`` on PYTHONPATH
 whose ``sys.meta_path`` finder refuses them, so these tests run in the full test environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,19 +49,23 @@ def core_env(tmp_path_factory) -> dict[str, str]:
 
 
 def cmkit_run(env: dict[str, str], cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmkit", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cmkit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_blocker_hides_the_optional_packages(core_env, tmp_path):
-    code = ("import importlib\n"
-            f"for name in {OPTIONAL + ('scipy.linalg', 'diffusers.models')!r}:\n"
-            "    try:\n        importlib.import_module(name)\n    except ModuleNotFoundError:\n        continue\n"
-            "    raise SystemExit(f'{name} imported')\n"
-            "import cmkit, cmkit.metrics, cmkit.cli.eval, cmkit.cli.edit, cmkit.cli.decoder, cmkit.cli.serve\n"
-            "import cmkit.decoder.interop, cmkit.lpips, cmkit.distances\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=core_env, capture_output=True, text=True,
-                       timeout=300)
+    code = (
+        "import importlib\n"
+        f"for name in {OPTIONAL + ('scipy.linalg', 'diffusers.models')!r}:\n"
+        "    try:\n        importlib.import_module(name)\n    except ModuleNotFoundError:\n        continue\n"
+        "    raise SystemExit(f'{name} imported')\n"
+        "import cmkit, cmkit.metrics, cmkit.cli.eval, cmkit.cli.edit, cmkit.cli.decoder, cmkit.cli.serve\n"
+        "import cmkit.decoder.interop, cmkit.lpips, cmkit.distances\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=core_env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -72,8 +77,9 @@ def test_help(core_env, tmp_path):
 
 
 def test_one_step_sample_from_a_shipped_model(core_env, tmp_path):
-    r = cmkit_run(core_env, tmp_path, "sample", "--model", "fmnist-cd", "-n", "4", "--steps", "1",
-                  "-o", "x.png", "--npz", "x.npz")
+    r = cmkit_run(
+        core_env, tmp_path, "sample", "--model", "fmnist-cd", "-n", "4", "--steps", "1", "-o", "x.png", "--npz", "x.npz"
+    )
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "x.png").size[0] > 28
     assert np.load(tmp_path / "x.npz")["arr_0"].shape == (4, 28, 28, 1)
@@ -82,8 +88,22 @@ def test_one_step_sample_from_a_shipped_model(core_env, tmp_path):
 def test_inpainting_with_a_shipped_model(core_env, tmp_path):
     img = (np.add.outer(np.arange(28), np.arange(28)) * 4).astype(np.uint8)
     Image.fromarray(img, mode="L").save(tmp_path / "in.png")
-    r = cmkit_run(core_env, tmp_path, "edit", "inpaint", "--model", "fmnist-cd", "--input", "in.png",
-                  "--builtin", "center", "--steps", "2", "-o", "out.png")
+    r = cmkit_run(
+        core_env,
+        tmp_path,
+        "edit",
+        "inpaint",
+        "--model",
+        "fmnist-cd",
+        "--input",
+        "in.png",
+        "--builtin",
+        "center",
+        "--steps",
+        "2",
+        "-o",
+        "out.png",
+    )
     assert r.returncode == 0, r.stderr
     assert min(Image.open(tmp_path / "out.png").size) >= 28
 
@@ -124,8 +144,9 @@ def test_diffusers_adapter_without_diffusers_names_the_extra(core_env, tmp_path)
         except CmkitError as e:
             print(e)
         """)
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=core_env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=core_env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "DiffusersDecoderAdapter needs diffusers: pip install 'cmkit[diffusers]'"
 
@@ -140,7 +161,11 @@ def test_package_data_ships_every_asset():
     package = root / "src" / "cmkit"
     files = [p for p in (package / "assets").rglob("*") if p.is_file()]
     assert any(p.parent.parent.name == "models" for p in files)
-    missed = [str(p.relative_to(package)) for p in files
-              if not any(p.relative_to(package).match(g) and len(p.relative_to(package).parts) == len(Path(g).parts)
-                         for g in globs)]
+    missed = [
+        str(p.relative_to(package))
+        for p in files
+        if not any(
+            p.relative_to(package).match(g) and len(p.relative_to(package).parts) == len(Path(g).parts) for g in globs
+        )
+    ]
     assert not missed, f"not in package-data {globs}: {missed}"

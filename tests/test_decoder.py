@@ -1,4 +1,5 @@
 """Consistency Decoder: network size, schedule constants, OpenAI decoding semantics, dtypes and input checks."""
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,10 @@ def test_full_size_parameter_count_matches_release():
 def test_schedule_constants_match_reference_table():
     """§1.3 numeric table at t = 1008 and 512, ᾱ_1023, max β and the 63 distilled timesteps."""
     s = DecoderSchedule.cosine()
-    table = {1008: (0.0228269, 0.999739, 43.7966, 1.00020, 0.499967, 0.00570895),
-             512: (0.701657, 0.712515, 1.01548, 1.25912, 0.448572, 0.278100)}
+    table = {
+        1008: (0.0228269, 0.999739, 43.7966, 1.00020, 0.499967, 0.00570895),
+        512: (0.701657, 0.712515, 1.01548, 1.25912, 0.448572, 0.278100),
+    }
     for t, values in table.items():
         c = s.at(t)
         got = (c["sqrt_alpha_bar"], c["sqrt_one_minus_alpha_bar"], c["sigma"], c["c_in"], c["c_out"], c["c_skip"])
@@ -130,8 +133,8 @@ def test_batched_decode_equals_per_sample_decodes():
     noise = [torch.randn(3, 3, 32, 40, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     batched = dec.decode(z, noise=noise)
     for i in range(3):
-        single = dec.decode(z[i:i + 1], noise=[n[i:i + 1] for n in noise])
-        torch.testing.assert_close(batched[i:i + 1], single, rtol=0, atol=1e-5)
+        single = dec.decode(z[i : i + 1], noise=[n[i : i + 1] for n in noise])
+        torch.testing.assert_close(batched[i : i + 1], single, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])

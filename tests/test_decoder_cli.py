@@ -1,4 +1,5 @@
 """``cmkit decode`` / ``cmkit convert-decoder`` through ``add_cli`` on a plain argparse parser."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,21 @@ def test_decode_npy_to_png_matches_the_api(tmp_path, weights, capsys):
     wdir, dec = weights
     z = raw_latents(1, 4, 6, seed=1)
     np.save(tmp_path / "z.npy", z.numpy())
-    assert run("decode", tmp_path / "z.npy", "--weights", wdir, "--out", tmp_path / "out.png", "--seed", "3",
-               "--threads", "1") == 0
+    assert (
+        run(
+            "decode",
+            tmp_path / "z.npy",
+            "--weights",
+            wdir,
+            "--out",
+            tmp_path / "out.png",
+            "--seed",
+            "3",
+            "--threads",
+            "1",
+        )
+        == 0
+    )
     img = np.asarray(Image.open(tmp_path / "out.png"))
     assert img.shape == (32, 48, 3) and img.dtype == np.uint8
     expected = dec.decode(z, (1.0, 0.5), torch.Generator().manual_seed(3))
@@ -57,8 +71,22 @@ def test_decode_batch_other_formats_steps_tiles_dtype(tmp_path, weights, fmt, ca
         from safetensors.torch import save_file
 
         save_file({"latent": z}, str(tmp_path / "z.safetensors"))
-    rc = run("decode", tmp_path / f"z.{fmt}", "--weights", wdir, "-o", tmp_path / "img.png", "--steps", "1",
-             "--tile", "4", "--tile-overlap", "2", "--dtype", "bf16")
+    rc = run(
+        "decode",
+        tmp_path / f"z.{fmt}",
+        "--weights",
+        wdir,
+        "-o",
+        tmp_path / "img.png",
+        "--steps",
+        "1",
+        "--tile",
+        "4",
+        "--tile-overlap",
+        "2",
+        "--dtype",
+        "bf16",
+    )
     assert rc == 0
     for i in range(2):
         assert Image.open(tmp_path / f"img_{i}.png").size == (48, 48)
@@ -78,16 +106,39 @@ def test_decode_user_errors(tmp_path, weights):
             run("decode", tmp_path / name, "--weights", wdir, "-o", tmp_path / "x.png")
         assert "\n" not in str(e.value)
     # the same scaled latents are accepted once declared
-    assert run("decode", tmp_path / "scaled.npy", "--weights", wdir, "-o", tmp_path / "s.png", "--latents", "scaled",
-               "--steps", "1") == 0
+    assert (
+        run(
+            "decode",
+            tmp_path / "scaled.npy",
+            "--weights",
+            wdir,
+            "-o",
+            tmp_path / "s.png",
+            "--latents",
+            "scaled",
+            "--steps",
+            "1",
+        )
+        == 0
+    )
     np.save(tmp_path / "ok.npy", raw_latents(1, 4, 4).numpy())
     with pytest.raises(CmkitError, match="no such latent file"):
         run("decode", tmp_path / "missing.npy", "--weights", wdir, "-o", tmp_path / "x.png")
     with pytest.raises(CmkitError, match="no such file or directory; expected"):
         run("decode", tmp_path / "ok.npy", "--weights", tmp_path / "nowhere", "-o", tmp_path / "x.png")
     with pytest.raises(CmkitError, match="either --steps or --schedule"):
-        run("decode", tmp_path / "ok.npy", "--weights", wdir, "-o", tmp_path / "x.png", "--steps", "2",
-            "--schedule", "1,0.5")
+        run(
+            "decode",
+            tmp_path / "ok.npy",
+            "--weights",
+            wdir,
+            "-o",
+            tmp_path / "x.png",
+            "--steps",
+            "2",
+            "--schedule",
+            "1,0.5",
+        )
     with pytest.raises(CmkitError, match="comma-separated fractions"):
         run("decode", tmp_path / "ok.npy", "--weights", wdir, "-o", tmp_path / "x.png", "--schedule", "1;0.5")
     with pytest.raises(CmkitError, match=r"\.png"):
@@ -104,8 +155,10 @@ def test_convert_decoder_command(tmp_path, weights, capsys):
     with pytest.raises(CmkitError, match="SHA-256"):
         run("convert-decoder", src, "-o", tmp_path / "out")
     # the old --output spelling still works
-    assert run("convert-decoder", src, "--output", tmp_path / "out", "--dtype", "fp16", "--no-verify",
-               "--threads", "1") == 0
+    assert (
+        run("convert-decoder", src, "--output", tmp_path / "out", "--dtype", "fp16", "--no-verify", "--threads", "1")
+        == 0
+    )
     w = load_weights(tmp_path / "out")
     assert w.source_format == "cmkit" and w.state_dict["conv_in.weight"].dtype == torch.float16
     torch.testing.assert_close(w.state_dict["conv_in.weight"].float(), dec.unet.conv_in.weight, atol=1e-3, rtol=0)

@@ -1,5 +1,6 @@
 """Interoperability with diffusers (optional extra): decode parity, full-size key compatibility, loading
 ``save_pretrained`` output, and the pipeline-facing adapter. Skipped when diffusers is not installed."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,9 +27,13 @@ def tiny_vae(seed: int = 0):
     """diffusers' ConsistencyDecoderVAE at cmkit's tiny decoder config (4 encoder levels: ×8 like SD)."""
     torch.manual_seed(seed)
     vae = diffusers.ConsistencyDecoderVAE(
-        encoder_block_out_channels=(4, 4, 4, 4), encoder_layers_per_block=1, encoder_norm_num_groups=2,
-        decoder_block_out_channels=TINY.block_out_channels, decoder_layers_per_block=TINY.layers_per_block,
-        decoder_norm_num_groups=TINY.norm_num_groups)
+        encoder_block_out_channels=(4, 4, 4, 4),
+        encoder_layers_per_block=1,
+        encoder_norm_num_groups=2,
+        decoder_block_out_channels=TINY.block_out_channels,
+        decoder_layers_per_block=TINY.layers_per_block,
+        decoder_norm_num_groups=TINY.norm_num_groups,
+    )
     randomize_(vae.decoder_unet, seed)
     return vae.eval()
 
@@ -55,8 +60,15 @@ def test_decode_parity_with_diffusers(vae):
     err = (out - ref).abs().max().item()
     print(f"parity: max |cmkit - diffusers| = {err:.3g} (NCHW)")
     assert err <= 1e-5
-    err_cl = (from_diffusers(vae, channels_last=True).decode(z, generator=torch.Generator().manual_seed(4),
-                                                              clamp=False) - ref).abs().max().item()
+    err_cl = (
+        (
+            from_diffusers(vae, channels_last=True).decode(z, generator=torch.Generator().manual_seed(4), clamp=False)
+            - ref
+        )
+        .abs()
+        .max()
+        .item()
+    )
     print(f"parity: max |cmkit - diffusers| = {err_cl:.3g} (channels_last)")
     assert err_cl <= 1e-4
     # OpenAI's clamp changes only the unclamped regime: with it the result stays in [-1, 1]
@@ -73,8 +85,11 @@ def test_full_size_diffusers_state_dict_loads_without_missing_or_unexpected_keys
     expected = expected_shapes(config)
     assert sum(torch.Size(s).numel() for s in expected.values()) == 621_277_702
     state = full.state_dict()
-    for sd in (state, {k: v.half() for k, v in state.items()},
-               {k: v for k, v in state.items() if k.startswith("decoder_unet.")}):
+    for sd in (
+        state,
+        {k: v.half() for k, v in state.items()},
+        {k: v for k, v in state.items() if k.startswith("decoder_unet.")},
+    ):
         renamed, layout = to_cmkit_names(sd)
         assert layout == "diffusers"
         check_keys(renamed, expected, "full-size diffusers state dict")  # raises on any mismatch
@@ -103,8 +118,9 @@ def test_adapter_has_the_pipeline_decode_interface(vae):
     adapter = DiffusersDecoderAdapter(dec)
     z = raw_latents(1, 4, 4, seed=6)
     scaled = z * adapter.config.scaling_factor  # what a pipeline holds
-    image = adapter.decode(scaled / adapter.config.scaling_factor, return_dict=False,
-                           generator=torch.Generator().manual_seed(2))[0]
+    image = adapter.decode(
+        scaled / adapter.config.scaling_factor, return_dict=False, generator=torch.Generator().manual_seed(2)
+    )[0]
     assert torch.equal(image, dec.decode(z, generator=torch.Generator().manual_seed(2)))
     assert 2 ** (len(adapter.config.block_out_channels) - 1) == 8  # pipelines derive vae_scale_factor from this
     out = adapter.decode(z.half(), generator=torch.Generator().manual_seed(2), num_inference_steps=1)

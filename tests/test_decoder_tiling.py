@@ -1,4 +1,5 @@
 """Tiled decoding: tile geometry, blending, noise consistency, bounded network input, difference to untiled."""
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 
 Tiny networks on the bundled 8×8 digits; every test runs in a few seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,9 +25,18 @@ from cmkit.training.task import Context
 from cmkit.training.loop import train
 from cmkit.training.presets import get_config
 
-TINY_DEC = DecoderConfig(block_out_channels=(8, 16), layers_per_block=1, in_channels=3, out_channels=1,
-                         norm_num_groups=4, latent_channels=2, upscale=2, scaling_factor=1.0,
-                         latent_mean=(0.1, -0.2), latent_std=(0.5, 2.0))
+TINY_DEC = DecoderConfig(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    in_channels=3,
+    out_channels=1,
+    norm_num_groups=4,
+    latent_channels=2,
+    upscale=2,
+    scaling_factor=1.0,
+    latent_mean=(0.1, -0.2),
+    latent_std=(0.5, 2.0),
+)
 TINY_AE = AutoencoderConfig(in_channels=1, channels=(8, 16), latent_channels=2, norm_groups=4)
 QUIET = ["log_every=2", "ckpt_every=0", "sample_every=0", "num_threads=1"]
 
@@ -55,14 +65,40 @@ def batch_and_latents(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def runs(tmp_path_factory):
     """A 12-step digits autoencoder and a 12-step consistency decoder on its latents, trained through the CLI."""
     root = tmp_path_factory.mktemp("dectrain")
-    assert main(["train-autoencoder", "--preset", "digits-ae", "--no-progress", "steps=12", *QUIET,
-                 f"out_dir={root / 'ae'}"]) == 0
-    assert main(["train-decoder", "--preset", "digits-cdec", "--no-progress", "steps=12", *QUIET,
-                 f"autoencoder={root / 'ae'}", f"out_dir={root / 'cdec'}"]) == 0
+    assert (
+        main(
+            [
+                "train-autoencoder",
+                "--preset",
+                "digits-ae",
+                "--no-progress",
+                "steps=12",
+                *QUIET,
+                f"out_dir={root / 'ae'}",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train-decoder",
+                "--preset",
+                "digits-cdec",
+                "--no-progress",
+                "steps=12",
+                *QUIET,
+                f"autoencoder={root / 'ae'}",
+                f"out_dir={root / 'cdec'}",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 # --- the objective ---------------------------------------------------------------------------------
+
 
 def test_grid_is_the_released_64_step_grid_and_the_gap_shrinks_by_stage():
     loss = DecoderConsistencyLoss(TINY_DEC, total_steps=100)
@@ -84,8 +120,9 @@ def test_consistency_function_is_the_decoders_x0_estimate():
     with torch.no_grad():
         f = consistency_function(unet, x_t, upsample_latents(z, TINY_DEC), t, loss.schedule, 1)
         for half, tt in ((slice(0, 8), 512), (slice(8, 16), 1008)):
-            ref = x0_estimate(unet, x_t[half], z[half], tt, loss.schedule.at(tt), TINY_DEC, torch.float32, False,
-                              clamp=False)
+            ref = x0_estimate(
+                unet, x_t[half], z[half], tt, loss.schedule.at(tt), TINY_DEC, torch.float32, False, clamp=False
+            )
             torch.testing.assert_close(f[half], ref, rtol=1e-5, atol=1e-6)
 
 
@@ -167,6 +204,7 @@ def test_autoencoder_loss_goes_down_and_kl_is_the_closed_form(seed, bound):
 
 # --- save / load round trips -------------------------------------------------------------------------
 
+
 def test_autoencoder_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     ae = KLAutoencoder(TINY_AE).eval()
@@ -191,7 +229,9 @@ def test_trained_decoder_loads_into_consistency_decoder_and_decodes(runs):
         images = dec.decode(z, schedule, torch.Generator().manual_seed(0))
         assert images.shape == (5, 1, 8, 8) and images.abs().max() <= 1
     # the saved decoder is the run's EMA network, bit for bit
-    task = DecoderTask(get_config("digits-cdec", [f"autoencoder={runs / 'ae'}", "steps=12"]), Context(torch.device("cpu")))
+    task = DecoderTask(
+        get_config("digits-cdec", [f"autoencoder={runs / 'ae'}", "steps=12"]), Context(torch.device("cpu"))
+    )
     from cmkit.files import load_safetensors
 
     load_safetensors(task.model, runs / "cdec" / "checkpoint" / "ema_0.999.safetensors")
@@ -202,8 +242,9 @@ def test_trained_decoder_loads_into_consistency_decoder_and_decodes(runs):
     mean, std = latent_statistics(ae, (task.batches.data.images.float() / 127.5 - 1)[:500])
     assert len(mean) == 2 and all(s > 0 for s in std)
     z_norm = normalize_latents(z, c)
-    torch.testing.assert_close(z_norm, (z - torch.tensor(c.latent_mean)[:, None, None]) /
-                               torch.tensor(c.latent_std)[:, None, None])
+    torch.testing.assert_close(
+        z_norm, (z - torch.tensor(c.latent_mean)[:, None, None]) / torch.tensor(c.latent_std)[:, None, None]
+    )
     log = [json.loads(line) for line in (runs / "cdec" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8, 10, 12] and {"loss", "gap", "grad_norm"} <= set(log[0])
     assert list((runs / "cdec" / "samples").glob("*.png"))
@@ -237,14 +278,16 @@ def test_resume_is_exact(tmp_path):
     train(get_config("digits-cdec", dec + ["steps=6", f"out_dir={tmp_path / 'straight'}"]), progress=False)
     train(get_config("digits-cdec", dec + ["steps=3", f"out_dir={tmp_path / 'resumed'}"]), progress=False)
     with pytest.raises(CmkitError, match="already holds a training run"):
-        train(get_config("digits-cdec", dec + ["steps=6", f"out_dir={tmp_path / 'resumed'}"]),
-                      progress=False)
+        train(get_config("digits-cdec", dec + ["steps=6", f"out_dir={tmp_path / 'resumed'}"]), progress=False)
     with pytest.raises(CmkitError, match=r"differ from the run's: train\.lr"):
-        train(get_config("digits-cdec", dec + ["steps=6", "lr=1e-3", "resume=true",
-                                                           f"out_dir={tmp_path / 'resumed'}"]), progress=False)
+        train(
+            get_config("digits-cdec", dec + ["steps=6", "lr=1e-3", "resume=true", f"out_dir={tmp_path / 'resumed'}"]),
+            progress=False,
+        )
     # the curriculum's stage length depends on steps: resume with the same total
-    train(get_config("digits-cdec", dec + ["steps=6", "resume=true", f"out_dir={tmp_path / 'resumed'}"]),
-                  progress=False)
+    train(
+        get_config("digits-cdec", dec + ["steps=6", "resume=true", f"out_dir={tmp_path / 'resumed'}"]), progress=False
+    )
     for name in ("model", "ema_0.999"):
         a = load_file(tmp_path / "straight" / "checkpoint" / f"{name}.safetensors")
         b = load_file(tmp_path / "resumed" / "checkpoint" / f"{name}.safetensors")
@@ -252,6 +295,7 @@ def test_resume_is_exact(tmp_path):
 
 
 # --- data and user errors ------------------------------------------------------------------------------
+
 
 def test_pad_and_crop_images():
     u8 = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
@@ -284,8 +328,18 @@ def test_bad_input_gives_one_line_cmkit_errors(tmp_path, runs, capsys):
     dec = ConsistencyDecoder.from_pretrained(runs / "cdec" / "model")
     with pytest.raises(CmkitError, match="takes 2-channel latents"):
         dec.decode(torch.zeros(1, 4, 4, 4))
-    assert main(["train-decoder", "--preset", "digits-cdec", f"autoencoder={tmp_path / 'none'}",
-                 f"out_dir={tmp_path / 'y'}"]) == 2
+    assert (
+        main(
+            [
+                "train-decoder",
+                "--preset",
+                "digits-cdec",
+                f"autoencoder={tmp_path / 'none'}",
+                f"out_dir={tmp_path / 'y'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("cmkit: error:") and "\n" not in err
     assert main(["train-decoder", "--preset", "digits-cdec", "--dry-run", "steps=7", f"autoencoder={runs / 'ae'}"]) == 0
@@ -307,8 +361,21 @@ def test_cli_decodes_latents_of_a_grey_decoder_to_png_files(runs, tmp_path):
     z = KLAutoencoder.from_pretrained(runs / "ae").encode(digits_batch(2)).detach()
     np.save(tmp_path / "z.npy", z.numpy())
     out = tmp_path / "img.png"
-    assert main(["decode", str(tmp_path / "z.npy"), "--weights", str(runs / "cdec" / "model"), "-o", str(out),
-                 "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "decode",
+                str(tmp_path / "z.npy"),
+                "--weights",
+                str(runs / "cdec" / "model"),
+                "-o",
+                str(out),
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     for i in range(2):
         img = np.asarray(Image.open(tmp_path / f"img_{i}.png"))
         assert img.shape == (8, 8) and img.dtype == np.uint8
@@ -332,27 +399,66 @@ def test_cli_encode_then_decode_round_trip(runs, tmp_path, capsys):
         from cmkit.decoder.files import read_latents
 
         torch.testing.assert_close(read_latents(z_file), expected)
-    assert main(["decode", str(tmp_path / "z.npy"), "--weights", str(runs / "cdec" / "model"), "-o",
-                 str(tmp_path / "back.png"), "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "decode",
+                str(tmp_path / "z.npy"),
+                "--weights",
+                str(runs / "cdec" / "model"),
+                "-o",
+                str(tmp_path / "back.png"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert [(tmp_path / f"back_{i}.png").is_file() for i in range(3)] == [True] * 3
     capsys.readouterr()
     from PIL import Image
 
     Image.fromarray(np.full((6, 6), 255, np.uint8)).save(tmp_path / "small.png")
-    assert main(["encode", str(tmp_path / "small.png"), "--autoencoder", str(runs / "ae"), "--pad-to", "8", "-o",
-                 str(tmp_path / "small.npy")]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                str(tmp_path / "small.png"),
+                "--autoencoder",
+                str(runs / "ae"),
+                "--pad-to",
+                "8",
+                "-o",
+                str(tmp_path / "small.npy"),
+            ]
+        )
+        == 0
+    )
     padded = torch.full((1, 1, 8, 8), -1.0)
     padded[..., 1:7, 1:7] = 1.0
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "small.npy")), ae.encode(padded))
     Image.fromarray(np.zeros((7, 7), np.uint8)).save(tmp_path / "odd.png")
-    assert main(["encode", str(tmp_path / "odd.png"), "--autoencoder", str(runs / "ae"), "-o",
-                 str(tmp_path / "odd.npy")]) == 2
+    assert (
+        main(["encode", str(tmp_path / "odd.png"), "--autoencoder", str(runs / "ae"), "-o", str(tmp_path / "odd.npy")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "multiples of the downsampling factor" in err and len(err.strip().splitlines()) == 1
     np.save(tmp_path / "four.npy", np.zeros((1, 4, 4, 4), np.float32))  # SD-shaped latents, a 2-channel decoder
-    assert main(["decode", str(tmp_path / "four.npy"), "--weights", str(runs / "cdec" / "model"), "-o",
-                 str(tmp_path / "four.png")]) == 2
+    assert (
+        main(
+            [
+                "decode",
+                str(tmp_path / "four.npy"),
+                "--weights",
+                str(runs / "cdec" / "model"),
+                "-o",
+                str(tmp_path / "four.png"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "takes 2-channel latents" in err and "SD-1.x/2.x VAE latents have 4" in err
 
@@ -365,14 +471,23 @@ def test_cli_encode_with_a_diffusers_vae(tmp_path):
     from PIL import Image
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    ).eval()
     vae.save_pretrained(tmp_path / "pipe" / "vae")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    assert main(["encode", str(tmp_path / "in.png"), "--autoencoder", str(tmp_path / "pipe"), "-o",
-                 str(tmp_path / "z.npy")]) == 0
+    assert (
+        main(
+            ["encode", str(tmp_path / "in.png"), "--autoencoder", str(tmp_path / "pipe"), "-o", str(tmp_path / "z.npy")]
+        )
+        == 0
+    )
     x = torch.from_numpy(np.asarray(Image.open(tmp_path / "in.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         expected = vae.encode(x).latent_dist.mean

@@ -1,5 +1,6 @@
 """Decoder weights: key mapping, diffusers safetensors, OpenAI TorchScript (read without running it, SHA-256),
 cmkit's format and the converter, and clear errors for anything else."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ from cmkit.decoder.config import DecoderConfig
 from cmkit.decoder.unet import DecoderUNet
 from cmkit.decoder.weights import convert_decoder, load_weights
 from cmkit.decoder.keys import cmkit_to_openai, openai_to_cmkit
-from cmkit.decoder.testing import (openai_module, random_decoder, raw_latents, write_diffusers_checkpoint,
-    write_openai_torchscript)
+from cmkit.decoder.testing import (
+    openai_module,
+    random_decoder,
+    raw_latents,
+    write_diffusers_checkpoint,
+    write_openai_torchscript,
+)
 from cmkit.formats.torchscript import OPENAI_DECODER_SHA256, read_torch_zip, sha256_of
 from cmkit.errors import CmkitError
 
@@ -73,11 +79,20 @@ def test_diffusers_unet_only_file_with_unet_config(tmp_path, tiny):
 
     dec, state = tiny
     save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    unet_cfg = {"_class_name": "UNet2DModel", "block_out_channels": list(TINY.block_out_channels),
-                "layers_per_block": 1, "norm_num_groups": 4, "in_channels": 7, "out_channels": 6,
-                "time_embedding_type": "learned", "resnet_time_scale_shift": "scale_shift", "add_attention": False,
-                "num_train_timesteps": 1024, "down_block_types": ["ResnetDownsampleBlock2D"] * 4,
-                "up_block_types": ["ResnetUpsampleBlock2D"] * 4}
+    unet_cfg = {
+        "_class_name": "UNet2DModel",
+        "block_out_channels": list(TINY.block_out_channels),
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "in_channels": 7,
+        "out_channels": 6,
+        "time_embedding_type": "learned",
+        "resnet_time_scale_shift": "scale_shift",
+        "add_attention": False,
+        "num_train_timesteps": 1024,
+        "down_block_types": ["ResnetDownsampleBlock2D"] * 4,
+        "up_block_types": ["ResnetUpsampleBlock2D"] * 4,
+    }
     (tmp_path / "config.json").write_text(json.dumps(unet_cfg))
     w = load_weights(tmp_path)
     assert w.config == TINY
@@ -147,8 +162,11 @@ def test_openai_time_table_stored_as_graph_constant(tmp_path, tiny):
 def test_torch_save_state_dicts_in_any_layout(tmp_path, tiny):
     _, state = tiny
     openai_state = {cmkit_to_openai(k): v for k, v in state.items()}
-    for name, sd in [("openai.pt", openai_state), ("cmkit.pt", state),
-                     ("vae.pt", {"decoder_unet." + k: v for k, v in state.items()})]:
+    for name, sd in [
+        ("openai.pt", openai_state),
+        ("cmkit.pt", state),
+        ("vae.pt", {"decoder_unet." + k: v for k, v in state.items()}),
+    ]:
         torch.save(sd, tmp_path / name)
         w = load_weights(tmp_path / name, config=TINY)
         assert w.source_format == "torch-state-dict"
@@ -227,16 +245,21 @@ def test_weights_that_would_decode_silently_wrong_are_refused(tmp_path, tiny):
     for label, value in (("nan", state[name].clone().fill_(float("nan"))), ("int", state[name].long())):
         save_file({**state, name: value}, str(tmp_path / f"{label}.safetensors"))
         message = "non-finite values" if label == "nan" else "dtype torch.int64"
-        for load in (lambda p: load_weights(p, config=TINY),
-                     lambda p: convert_decoder(p, tmp_path / f"out-{label}", config=TINY)):
+        for load in (
+            lambda p: load_weights(p, config=TINY),
+            lambda p: convert_decoder(p, tmp_path / f"out-{label}", config=TINY),
+        ):
             with pytest.raises(CmkitError, match=f"tensor {name} has {message}"):
                 load(tmp_path / f"{label}.safetensors")
     assert not (tmp_path / "out-nan").exists() and not (tmp_path / "out-int").exists()
     dec.save_pretrained(tmp_path / "cm")
     from safetensors.torch import load_file
 
-    save_file(load_file(tmp_path / "cm" / "model.safetensors"), str(tmp_path / "meta.safetensors"),
-              metadata={"format": "cmkit", "kind": "decoder", "config": "{not json"})
+    save_file(
+        load_file(tmp_path / "cm" / "model.safetensors"),
+        str(tmp_path / "meta.safetensors"),
+        metadata={"format": "cmkit", "kind": "decoder", "config": "{not json"},
+    )
     with pytest.raises(CmkitError, match="not JSON"):
         load_weights(tmp_path / "meta.safetensors")
 
@@ -285,10 +308,14 @@ def test_crafted_archives_are_refused_before_anything_large_is_read(tmp_path, mo
     refused(bomb, r"storages declare more bytes than the reader allows \(at most 8× the file's size")
     # a member that declares more bytes than its tensor needs (the pickle says 4 floats)
     torch.save({"w": torch.ones(4)}, tmp_path / "small.pt")
-    refused(_rezip(tmp_path / "small.pt", tmp_path / "long.pt", zipfile.ZIP_DEFLATED, {"data/0": bytes(2**20)}),
-            "storage 0 declares 1048576 bytes but its tensor needs 16")
-    refused(_rezip(tmp_path / "small.pt", tmp_path / "short.pt", None, {"data/0": bytes(8)}),
-            r"storage 0 is truncated \(8 < 16 bytes\)")
+    refused(
+        _rezip(tmp_path / "small.pt", tmp_path / "long.pt", zipfile.ZIP_DEFLATED, {"data/0": bytes(2**20)}),
+        "storage 0 declares 1048576 bytes but its tensor needs 16",
+    )
+    refused(
+        _rezip(tmp_path / "small.pt", tmp_path / "short.pt", None, {"data/0": bytes(8)}),
+        r"storage 0 is truncated \(8 < 16 bytes\)",
+    )
     # a tiny storage viewed as a huge tensor (stride 0) would be allocated by the first copy
     torch.save({"w": torch.zeros(1).expand(10**9)}, tmp_path / "expand.pt")
     refused(tmp_path / "expand.pt", r"shape \(1000000000,\) views a storage of only 1 elements")
@@ -312,8 +339,15 @@ def test_storages_are_streamed_into_their_tensors_and_recompressed_archives_stil
     deflated = _rezip(src, tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)  # random weights: ratio ~1.1
     again, script = read_torch_zip(deflated)
     assert script and set(again) == set(ref) and all(torch.equal(again[k], ref[k]) for k in ref)
-    sd = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).half(), "d": torch.tensor([True, False]),
-          "e": torch.randn(4, 4)[:, :2], "f": torch.zeros(0), "g": torch.randn(3).to(torch.bfloat16)}
+    sd = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(5),
+        "c": torch.randn(2).half(),
+        "d": torch.tensor([True, False]),
+        "e": torch.randn(4, 4)[:, :2],
+        "f": torch.zeros(0),
+        "g": torch.randn(3).to(torch.bfloat16),
+    }
     torch.save(sd, tmp_path / "sd.pt")
     out, script = read_torch_zip(tmp_path / "sd.pt")
     assert not script and all(torch.equal(out[k], sd[k]) for k in sd)
@@ -328,11 +362,16 @@ def test_storages_are_streamed_into_their_tensors_and_recompressed_archives_stil
     assert torch.equal(out["w"], big) and peak < 4 * 2**20  # reading it whole, then copying it: 32 MiB
 
 
-@pytest.mark.parametrize("field, value, message", [("in_channels", "7", "in_channels is '7'; expected a positive integer"),
-                                                   ("norm_num_groups", 0, "norm_num_groups is 0"),
-                                                   ("latent_std", [1, 0, 1, 1], "positive finite numbers"),
-                                                   ("block_out_channels", "abc", "non-empty list"),
-                                                   ("norm_eps", float("nan"), "positive finite number")])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("in_channels", "7", "in_channels is '7'; expected a positive integer"),
+        ("norm_num_groups", 0, "norm_num_groups is 0"),
+        ("latent_std", [1, 0, 1, 1], "positive finite numbers"),
+        ("block_out_channels", "abc", "non-empty list"),
+        ("norm_eps", float("nan"), "positive finite number"),
+    ],
+)
 def test_a_damaged_decoder_config_is_one_line(field, value, message):
     """Each field is checked for its type first: no TypeError or ZeroDivisionError from the rules after it."""
     with pytest.raises(CmkitError, match=message):

@@ -1,4 +1,5 @@
 """A real two-process torchrun run on CPU (gloo)."""
+
 import json
 import shutil
 import subprocess
@@ -13,9 +14,25 @@ from conftest import TINY
 
 def test_two_process_torchrun_training(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "cmkit", "train", "--preset", "digits-ict", *TINY, "train.steps=4", "train.num_threads=1",
-           "train.ckpt_every=2", f"train.out_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "cmkit",
+        "train",
+        "--preset",
+        "digits-ict",
+        *TINY,
+        "train.steps=4",
+        "train.num_threads=1",
+        "train.ckpt_every=2",
+        f"train.out_dir={out}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Grad strides do not match" not in proc.stderr  # gradients in the layout of DDP's buckets
@@ -47,13 +64,29 @@ def test_two_process_torchrun_decoder_training(tmp_path):
     from cmkit.decoder.decoder import ConsistencyDecoder
 
     quiet = ["train.num_threads=1", "train.log_every=1", "train.sample_every=0", "train.ckpt_every=0"]
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-            "-m", "cmkit", "train", "--no-progress"]
-    for preset, extra in (("digits-ae", [f"train.out_dir={tmp_path / 'ae'}"]),
-                          ("digits-cdec", [f"train.out_dir={tmp_path / 'cdec'}", f"model.autoencoder={tmp_path / 'ae'}",
-                                           "model.stats_images=64"])):
-        proc = subprocess.run(base + ["--preset", preset, "train.steps=3", *quiet, *extra], capture_output=True,
-                              text=True, timeout=300)
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29534",
+        "-m",
+        "cmkit",
+        "train",
+        "--no-progress",
+    ]
+    for preset, extra in (
+        ("digits-ae", [f"train.out_dir={tmp_path / 'ae'}"]),
+        (
+            "digits-cdec",
+            [f"train.out_dir={tmp_path / 'cdec'}", f"model.autoencoder={tmp_path / 'ae'}", "model.stats_images=64"],
+        ),
+    ):
+        proc = subprocess.run(
+            base + ["--preset", preset, "train.steps=3", *quiet, *extra], capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         state = (tmp_path / preset.split("-")[1] / "checkpoint" / "state.json").read_text()
         assert '"world_size": 2' in state and '"step": 3' in state

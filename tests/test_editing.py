@@ -5,8 +5,16 @@ import torch.nn.functional as F
 
 from cmkit.editing.transforms import ColorBasis, Identity, PatchBasis
 from cmkit.editing.masks import builtin_mask
-from cmkit.editing.tasks import (colorize, denoise, inpaint, interpolate_images, interpolate_noise, stroke_guided,
-    super_resolve, to_gray3)
+from cmkit.editing.tasks import (
+    colorize,
+    denoise,
+    inpaint,
+    interpolate_images,
+    interpolate_noise,
+    stroke_guided,
+    super_resolve,
+    to_gray3,
+)
 from cmkit.editing.editor import edit
 from cmkit.errors import CmkitError
 from cmkit.nets.unet import UNet
@@ -146,15 +154,36 @@ def test_edit_cli_inpaint_and_errors(tmp_path, capsys):
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "in.png")
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "small.png")
     out = tmp_path / "out.png"
-    assert main(["edit", "inpaint", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "in.png"),
-                 "--box", "2,2,6,6", "--steps", "3", "-o", str(out), "--panel", str(tmp_path / "p.png")]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "inpaint",
+                "--model",
+                str(tmp_path / "m"),
+                "--input",
+                str(tmp_path / "in.png"),
+                "--box",
+                "2,2,6,6",
+                "--steps",
+                "3",
+                "-o",
+                str(out),
+                "--panel",
+                str(tmp_path / "p.png"),
+            ]
+        )
+        == 0
+    )
     res = np.asarray(Image.open(out).convert("L"))
     assert res.shape[0] >= 8 and (tmp_path / "p.png").is_file()
     capsys.readouterr()
-    for args, msg in [(["inpaint", "--input", str(tmp_path / "small.png")], "6×6"),
-                      (["inpaint", "--input", str(tmp_path / "in.png"), "--box", "1,2,3"], "four integers"),
-                      (["colorize", "--input", str(tmp_path / "in.png")], "colour"),
-                      (["superres", "--input", str(tmp_path / "in.png"), "--factor", "4"], "2×2")]:
+    for args, msg in [
+        (["inpaint", "--input", str(tmp_path / "small.png")], "6×6"),
+        (["inpaint", "--input", str(tmp_path / "in.png"), "--box", "1,2,3"], "four integers"),
+        (["colorize", "--input", str(tmp_path / "in.png")], "colour"),
+        (["superres", "--input", str(tmp_path / "in.png"), "--factor", "4"], "2×2"),
+    ]:
         assert main(["edit", args[0], "--model", str(tmp_path / "m"), *args[1:], "-o", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
@@ -180,10 +209,12 @@ def test_edit_cli_every_task_with_its_own_options(tmp_path, capsys, one_thread):
     from cmkit.cli.main import main
 
     m, img = _cli_model(tmp_path), str(tmp_path / "in.png")
-    runs = {"superres": ["--input", str(tmp_path / "low.png"), "--factor", "2", "--steps", "2"],
-            "stroke": ["--input", img, "--sigma-start", "3", "--steps", "2"],
-            "denoise": ["--input", img, "--sigma", "0.5", "--add-noise"],
-            "interpolate": ["--input", img, "--input2", str(tmp_path / "in2.png"), "--frames", "3", "--sigma", "1"]}
+    runs = {
+        "superres": ["--input", str(tmp_path / "low.png"), "--factor", "2", "--steps", "2"],
+        "stroke": ["--input", img, "--sigma-start", "3", "--steps", "2"],
+        "denoise": ["--input", img, "--sigma", "0.5", "--add-noise"],
+        "interpolate": ["--input", img, "--input2", str(tmp_path / "in2.png"), "--frames", "3", "--sigma", "1"],
+    }
     for task, extra in runs.items():
         out = tmp_path / f"{task}.png"
         panel = [] if task == "interpolate" else ["--panel", str(tmp_path / f"{task}-panel.png")]
@@ -193,16 +224,33 @@ def test_edit_cli_every_task_with_its_own_options(tmp_path, capsys, one_thread):
         else:
             assert Image.open(out).size == (8, 8) and (tmp_path / f"{task}-panel.png").is_file()
     assert "(3 images, 8×8)" in capsys.readouterr().out
-    assert main(["edit", "interpolate", "--model", m, "--seeds", "2,5", "--frames", "4", "--grid",
-                 str(tmp_path / "seeds.png")]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "interpolate",
+                "--model",
+                m,
+                "--seeds",
+                "2,5",
+                "--frames",
+                "4",
+                "--grid",
+                str(tmp_path / "seeds.png"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "seeds.png").size[0] > 4 * 8 * 2  # one enlarged row of 4 frames
     capsys.readouterr()
-    for argv, msg in [(["interpolate", "--input", img], "--input and --input2"),
-                      (["interpolate", "--seeds", "1"], "two integers"),
-                      (["interpolate", "--frames", "1"], "--frames"),
-                      (["denoise", "--input", img, "--sigma", "0"], "--sigma must be positive"),
-                      (["stroke", "--input", img, "--steps", "0"], "--steps must be positive"),
-                      (["stroke", "--input", str(tmp_path / "nowhere.png")], "input image not found")]:
+    for argv, msg in [
+        (["interpolate", "--input", img], "--input and --input2"),
+        (["interpolate", "--seeds", "1"], "two integers"),
+        (["interpolate", "--frames", "1"], "--frames"),
+        (["denoise", "--input", img, "--sigma", "0"], "--sigma must be positive"),
+        (["stroke", "--input", img, "--steps", "0"], "--steps must be positive"),
+        (["stroke", "--input", str(tmp_path / "nowhere.png")], "input image not found"),
+    ]:
         assert main(["edit", argv[0], "--model", m, *argv[1:], "-o", str(tmp_path / "x.png")]) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
@@ -223,10 +271,26 @@ def test_edit_outputs_are_the_next_commands_inputs(tmp_path, capsys, one_thread)
     npz = np.load(tmp_path / "a.npz")["arr_0"]
     assert png.shape == (8, 8) and npz.shape == (1, 8, 8, 1) and np.array_equal(png, npz[0, ..., 0])
     for source in ("a.png", "a.npz"):
-        assert main(["edit", "denoise", "--model", m, "--input", str(tmp_path / source), "--sigma", "0.1",
-                     "-o", str(tmp_path / f"d-{source}.png")]) == 0, source
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "d-a.png.png")),
-                          np.asarray(Image.open(tmp_path / "d-a.npz.png")))  # the same pixels either way
+        assert (
+            main(
+                [
+                    "edit",
+                    "denoise",
+                    "--model",
+                    m,
+                    "--input",
+                    str(tmp_path / source),
+                    "--sigma",
+                    "0.1",
+                    "-o",
+                    str(tmp_path / f"d-{source}.png"),
+                ]
+            )
+            == 0
+        ), source
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "d-a.png.png")), np.asarray(Image.open(tmp_path / "d-a.npz.png"))
+    )  # the same pixels either way
     capsys.readouterr()
     assert main([*first, "-o", str(tmp_path / "a.png")]) == 2 and "exists" in capsys.readouterr().err
     assert main([*first]) == 2 and "nothing to write" in capsys.readouterr().err
@@ -238,8 +302,18 @@ def test_edit_cli_panel_is_not_overwritten_without_overwrite(tmp_path, capsys, o
     m = _cli_model(tmp_path)
     panel = tmp_path / "panel.png"
     panel.write_bytes(b"keep")
-    argv = ["edit", "inpaint", "--input", str(tmp_path / "in.png"), "--steps", "2", "-o", str(tmp_path / "out.png"),
-            "--panel", str(panel)]
+    argv = [
+        "edit",
+        "inpaint",
+        "--input",
+        str(tmp_path / "in.png"),
+        "--steps",
+        "2",
+        "-o",
+        str(tmp_path / "out.png"),
+        "--panel",
+        str(panel),
+    ]
     # refused before any work: even a model that does not exist is not looked at
     assert main([*argv, "--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``cmkit edit TASK --class C``: class-conditional editing with a tiny class-conditional consistency model
 (ADM, 10 classes, 8×8 digits): the label reaches the network, known regions stay exact, and a label out of range
 or given to an unconditional model is one error line."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,17 @@ def setup(tmp_path_factory):
     from cmkit.training.presets import get_config
 
     root = tmp_path_factory.mktemp("edit_class")
-    cfg = get_config("digits-ict", ["model.arch=adm", "model.model_channels=32", "model.channel_mult=1,2",
-                                    "model.attn_resolutions=4", "model.head_channels=16", "model.num_classes=10"])
+    cfg = get_config(
+        "digits-ict",
+        [
+            "model.arch=adm",
+            "model.model_channels=32",
+            "model.channel_mult=1,2",
+            "model.attn_resolutions=4",
+            "model.head_channels=16",
+            "model.num_classes=10",
+        ],
+    )
     model = cfg.model.build()
     torch.manual_seed(0)
     for name, p in model.named_parameters():  # a strong label embedding: classes visibly differ in 8 bits
@@ -32,15 +42,30 @@ def setup(tmp_path_factory):
 
 def _run(root, task, cls, *extra):
     out = root / f"{task}-{cls}.png"
-    argv = ["edit", task, "--model", str(root / "m"), *extra, "--npz", str(out.with_suffix(".npz")), "--overwrite",
-            "--threads", "1"]
+    argv = [
+        "edit",
+        task,
+        "--model",
+        str(root / "m"),
+        *extra,
+        "--npz",
+        str(out.with_suffix(".npz")),
+        "--overwrite",
+        "--threads",
+        "1",
+    ]
     assert main(argv + (["--class", cls] if cls is not None else [])) == 0, (task, cls)
     a = np.load(out.with_suffix(".npz"))["arr_0"].astype(int)  # the edited 8×8 image(s), uint8 NHWC
     return a[0, ..., 0] if len(a) == 1 else a
 
 
-TASKS = {"inpaint": ["--builtin", "center", "--steps", "2"], "superres": ["--factor", "2", "--steps", "2"],
-         "stroke": ["--steps", "2"], "denoise": ["--sigma", "0.5"], "interpolate": ["--seeds", "0,1", "--frames", "2"]}
+TASKS = {
+    "inpaint": ["--builtin", "center", "--steps", "2"],
+    "superres": ["--factor", "2", "--steps", "2"],
+    "stroke": ["--steps", "2"],
+    "denoise": ["--sigma", "0.5"],
+    "interpolate": ["--seeds", "0,1", "--frames", "2"],
+}
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -74,8 +99,12 @@ def test_without_a_class_labels_are_random_from_the_seed(setup, capsys, one_thre
 
 def test_class_errors_are_one_line(setup, tmp_path, capsys):
     base = ["edit", "denoise", "--input", str(setup / "in.png"), "-o", str(tmp_path / "x.png")]
-    for model, cls, msg in ((str(setup / "m"), "10", "must lie in [0, 9]"), (str(setup / "m"), "-1", "must lie in"),
-                            (str(setup / "m"), "a", "integer labels"), ("fmnist-cd", "1", "unconditional")):
+    for model, cls, msg in (
+        (str(setup / "m"), "10", "must lie in [0, 9]"),
+        (str(setup / "m"), "-1", "must lie in"),
+        (str(setup / "m"), "a", "integer labels"),
+        ("fmnist-cd", "1", "unconditional"),
+    ):
         capsys.readouterr()
         assert main(base + ["--model", model, "--class", cls]) == 2, (model, cls)
         err = capsys.readouterr().err
@@ -101,8 +130,18 @@ def test_scm_and_meanflow_models_edit_like_consistency_models(precond, tmp_path,
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "in.png")
     out = tmp_path / "out.png"
-    argv = ["edit", "inpaint", "--input", str(tmp_path / "in.png"), "--builtin", "center", "--steps", "2",
-            "--threads", "1"]
+    argv = [
+        "edit",
+        "inpaint",
+        "--input",
+        str(tmp_path / "in.png"),
+        "--builtin",
+        "center",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+    ]
     assert main(argv + ["-o", str(out), "--model", str(tmp_path / "m")]) == 0
     known = builtin_mask("center", 8).numpy() == 0
     edited = np.asarray(Image.open(out)).astype(int)  # the 8×8 result itself
@@ -126,8 +165,10 @@ def test_the_page_edits_with_the_class_and_matches_the_cli(setup, task, one_thre
     backend = Backend(allow=[setup])
     image = np.asarray(Image.open(setup / "in.png"))[..., None]
     kw = dict(sigma=0.5, seed=0, frames=2, seed2=1)
-    page = {c: backend.edit(str(setup / "m"), task, None if task == "interpolate" else image, classes=c, **kw)
-            for c in ("3", "7")}
+    page = {
+        c: backend.edit(str(setup / "m"), task, None if task == "interpolate" else image, classes=c, **kw)
+        for c in ("3", "7")
+    }
     assert not np.array_equal(page["3"].native, page["7"].native) and "(class 3" in page["3"].info
     if task == "denoise":  # the page adds the noise it removes; the CLI does with --add-noise
         cli = _run(setup, task, "3", "--input", str(setup / "in.png"), "--sigma", "0.5", "--add-noise")

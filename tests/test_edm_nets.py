@@ -1,5 +1,6 @@
 """EDM's networks in cmkit (cmkit/nets/edm.py): exact sizes and key layouts of EDM's published configurations,
 the attention layout, embeddings, resampling, VP/VE preconditioning in closed form, the CM boundary, presets."""
+
 from __future__ import annotations
 
 import hashlib
@@ -105,8 +106,9 @@ def test_noise_embeddings_are_edms():
     c = torch.tensor([-1.3, 0.2])
     i = torch.arange(8.0)
     args = c[:, None] * (1e-4 ** (i / 7))[None]  # DDPM++: endpoint=True
-    torch.testing.assert_close(PositionalEmbedding(16, scale=1.0, endpoint=True)(c),
-                               torch.cat([args.cos(), args.sin()], 1))
+    torch.testing.assert_close(
+        PositionalEmbedding(16, scale=1.0, endpoint=True)(c), torch.cat([args.cos(), args.sin()], 1)
+    )
     args = c[:, None] * (1e-4 ** (i / 8))[None]  # ADM
     torch.testing.assert_close(PositionalEmbedding(16, scale=1.0)(c), torch.cat([args.cos(), args.sin()], 1))
     emb = FourierEmbedding(16, scale=16, buffer="freqs")
@@ -114,8 +116,15 @@ def test_noise_embeddings_are_edms():
     torch.testing.assert_close(emb(c), torch.cat([args.cos(), args.sin()], 1))
 
 
-TINY = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-            attn_resolutions=(4,), dropout=0.0)
+TINY = dict(
+    img_resolution=8,
+    in_channels=1,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_blocks=1,
+    attn_resolutions=(4,),
+    dropout=0.0,
+)
 
 
 @pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp", "dhariwal"])
@@ -160,12 +169,20 @@ def test_vp_and_ve_preconditioning_closed_forms():
     torch.testing.assert_close(out, x + sigma[:, None, None, None])
 
 
-@pytest.mark.parametrize("arch,embedding", [("ddpmpp", "positional"), ("ncsnpp", "fourier"),
-                                            ("dhariwal", "positional")])
+@pytest.mark.parametrize(
+    "arch,embedding", [("ddpmpp", "positional"), ("ncsnpp", "fourier"), ("dhariwal", "positional")]
+)
 def test_edm_network_as_consistency_model_keeps_the_boundary(arch, embedding, one_thread):
     channels = "32" if arch == "dhariwal" else "16"
-    cfg = get_config("digits-ict", [f"model.arch={arch}", f"model.embedding={embedding}",
-                                    f"model.model_channels={channels}", "model.attn_resolutions=4"])
+    cfg = get_config(
+        "digits-ict",
+        [
+            f"model.arch={arch}",
+            f"model.embedding={embedding}",
+            f"model.model_channels={channels}",
+            "model.attn_resolutions=4",
+        ],
+    )
     check_boundary_and_bf16(cfg)
 
 
@@ -179,9 +196,13 @@ def test_edm_architecture_config_rules():
 
 
 # the paper presets on the paper networks: (preset, arch, parameters of the Precond-wrapped network)
-PAPER = [("cifar10-edm", "ncsnpp", 56_395_523), ("cifar10-cd", "ncsnpp", 56_395_523),
-         ("cifar10-ct", "ncsnpp", 56_395_523), ("cifar10-ict", "ncsnpp", 56_395_523),
-         ("cifar10-ect", "ddpmpp", 55_732_739)]
+PAPER = [
+    ("cifar10-edm", "ncsnpp", 56_395_523),
+    ("cifar10-cd", "ncsnpp", 56_395_523),
+    ("cifar10-ct", "ncsnpp", 56_395_523),
+    ("cifar10-ict", "ncsnpp", 56_395_523),
+    ("cifar10-ect", "ddpmpp", 55_732_739),
+]
 
 
 @pytest.mark.parametrize("preset,arch,params", PAPER)

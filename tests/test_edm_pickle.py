@@ -8,6 +8,7 @@ init kwargs are numpy scalars, and the snapshot is ``dict(ema, loss_fn, augment_
 ``dnnlib.util.EasyDict``. The embedded source, and the fake ``_reconstruct_persistent_obj`` itself, would create a
 marker file if anything ran them.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -25,14 +26,33 @@ import torch
 from cmkit.errors import CmkitError
 from cmkit.nets.edm import DDPMpp, DhariwalUNet, NCSNpp
 
-TINY = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-            attn_resolutions=(4,), dropout=0.0)
+TINY = dict(
+    img_resolution=8,
+    in_channels=1,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_blocks=1,
+    attn_resolutions=(4,),
+    dropout=0.0,
+)
 #: EDM's train.py network kwargs of each architecture (--arch ddpmpp / ncsnpp / adm)
 ARCH_KWARGS = {
-    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                   channel_mult_noise=1, resample_filter=[1, 1]),
-    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1]),
+    "ddpmpp": dict(
+        model_type="SongUNet",
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    ),
+    "ncsnpp": dict(
+        model_type="SongUNet",
+        embedding_type="fourier",
+        encoder_type="residual",
+        decoder_type="standard",
+        channel_mult_noise=2,
+        resample_filter=[1, 3, 3, 1],
+    ),
     "dhariwal": dict(model_type="DhariwalUNet"),
 }
 CLASSES = {"ddpmpp": DDPMpp, "ncsnpp": NCSNpp, "dhariwal": DhariwalUNet}
@@ -92,25 +112,49 @@ def fake_edm_modules(tmp_path, monkeypatch):
     root = types.ModuleType("torch_utils")
     root.persistence = persistence
     dnnlib.util = util
-    for name, mod in (("torch_utils", root), ("torch_utils.persistence", persistence), ("dnnlib", dnnlib),
-                      ("dnnlib.util", util)):
+    for name, mod in (
+        ("torch_utils", root),
+        ("torch_utils.persistence", persistence),
+        ("dnnlib", dnnlib),
+        ("dnnlib.util", util),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
-    yield types.SimpleNamespace(marker=marker, reconstruct=_reconstruct_persistent_obj, EasyDict=EasyDict,
-                                source=marker_source(marker))
+    yield types.SimpleNamespace(
+        marker=marker, reconstruct=_reconstruct_persistent_obj, EasyDict=EasyDict, source=marker_source(marker)
+    )
     assert not marker.exists()
 
 
 def edm_kwargs(arch, net_kwargs, precond_kwargs):
     """EDMPrecond's recorded init kwargs as EDM's train.py passes them (numpy numbers included)."""
-    return dict(img_resolution=net_kwargs["img_resolution"], img_channels=net_kwargs["in_channels"],
-                label_dim=net_kwargs.get("num_classes", 0), use_fp16=False, augment_dim=net_kwargs.get("augment_dim", 0),
-                dropout=np.float64(net_kwargs["dropout"]), model_channels=net_kwargs["model_channels"],
-                channel_mult=list(net_kwargs["channel_mult"]), num_blocks=net_kwargs["num_blocks"],
-                attn_resolutions=list(net_kwargs["attn_resolutions"]), **ARCH_KWARGS[arch], **precond_kwargs)
+    return dict(
+        img_resolution=net_kwargs["img_resolution"],
+        img_channels=net_kwargs["in_channels"],
+        label_dim=net_kwargs.get("num_classes", 0),
+        use_fp16=False,
+        augment_dim=net_kwargs.get("augment_dim", 0),
+        dropout=np.float64(net_kwargs["dropout"]),
+        model_channels=net_kwargs["model_channels"],
+        channel_mult=list(net_kwargs["channel_mult"]),
+        num_blocks=net_kwargs["num_blocks"],
+        attn_resolutions=list(net_kwargs["attn_resolutions"]),
+        **ARCH_KWARGS[arch],
+        **precond_kwargs,
+    )
 
 
-def write_edm_pickle(fake, path, arch="ncsnpp", precond="EDMPrecond", seed=0, classes=0, augment_dim=9,
-                     extra=None, save=False, **precond_kwargs):
+def write_edm_pickle(
+    fake,
+    path,
+    arch="ncsnpp",
+    precond="EDMPrecond",
+    seed=0,
+    classes=0,
+    augment_dim=9,
+    extra=None,
+    save=False,
+    **precond_kwargs,
+):
     """A network with random weights, pickled as EDM snapshots are; returns the network."""
     torch.manual_seed(seed)
     kwargs = dict(TINY, num_classes=classes, augment_dim=augment_dim)
@@ -120,26 +164,49 @@ def write_edm_pickle(fake, path, arch="ncsnpp", precond="EDMPrecond", seed=0, cl
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.1)
     holder = Holder(net)
-    names = {id(holder): (precond, edm_kwargs(arch, kwargs, precond_kwargs)),
-             id(net): ("SongUNet" if arch != "dhariwal" else "DhariwalUNet",
-                       {"img_resolution": 8, "in_channels": 1, "out_channels": 1, "label_dim": classes,
-                        "augment_dim": augment_dim, **{k: v for k, v in kwargs.items() if k not in (
-                            "img_resolution", "in_channels", "num_classes", "augment_dim")}})}
+    names = {
+        id(holder): (precond, edm_kwargs(arch, kwargs, precond_kwargs)),
+        id(net): (
+            "SongUNet" if arch != "dhariwal" else "DhariwalUNet",
+            {
+                "img_resolution": 8,
+                "in_channels": 1,
+                "out_channels": 1,
+                "label_dim": classes,
+                "augment_dim": augment_dim,
+                **{
+                    k: v
+                    for k, v in kwargs.items()
+                    if k not in ("img_resolution", "in_channels", "num_classes", "augment_dim")
+                },
+            },
+        ),
+    }
     for m in net.modules():  # every EDM layer is a persistent class too
         if m is not net and not isinstance(m, torch.nn.ModuleDict):
             names[id(m)] = (type(m).__name__, {"skip_scale": np.float64(np.sqrt(0.5))})
-    data = {"ema": holder, "loss_fn": None, "augment_pipe": None,
-            "dataset_kwargs": fake.EasyDict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip",
-                                            xflip=False, cache=True), **(extra or {})}
+    data = {
+        "ema": holder,
+        "loss_fn": None,
+        "augment_pipe": None,
+        "dataset_kwargs": fake.EasyDict(
+            class_name="training.dataset.ImageFolderDataset", path="cifar10.zip", xflip=False, cache=True
+        ),
+        **(extra or {}),
+    }
     buf = io.BytesIO()
     EDMPickler(buf, fake.reconstruct, fake.source, names).dump(data)
     if save:  # a torch.save training state (ECT's) holding the same objects: a zip archive
+
         class SavePickler(EDMPickler):
             def __init__(self, f, protocol=2):
                 super().__init__(f, fake.reconstruct, fake.source, names, protocol)
 
-        torch.save({"net": holder, "optimizer_state": {}}, path,
-                   pickle_module=types.SimpleNamespace(Pickler=SavePickler, __name__="edm_pickler"))
+        torch.save(
+            {"net": holder, "optimizer_state": {}},
+            path,
+            pickle_module=types.SimpleNamespace(Pickler=SavePickler, __name__="edm_pickler"),
+        )
     else:
         path.write_bytes(buf.getvalue())
     return net
@@ -151,8 +218,7 @@ def forget_fake_modules(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["ncsnpp", "ddpmpp", "dhariwal"])
-def test_snapshot_reads_without_running_its_code_and_tensors_round_trip(arch, fake_edm_modules, tmp_path,
-                                                                        monkeypatch):
+def test_snapshot_reads_without_running_its_code_and_tensors_round_trip(arch, fake_edm_modules, tmp_path, monkeypatch):
     from cmkit.formats.edm_pickle import read_edm_pickle
 
     path = tmp_path / "network-snapshot.pkl"
@@ -164,7 +230,10 @@ def test_snapshot_reads_without_running_its_code_and_tensors_round_trip(arch, fa
     own = net.state_dict()
     assert state.keys() == own.keys()
     assert all(torch.equal(state[k], own[k]) and state[k].dtype == own[k].dtype for k in own)
-    assert notes == {"precond_class": "EDMPrecond", "network_class": "SongUNet" if arch != "dhariwal" else "DhariwalUNet"}
+    assert notes == {
+        "precond_class": "EDMPrecond",
+        "network_class": "SongUNet" if arch != "dhariwal" else "DhariwalUNet",
+    }
     assert model["arch"] == arch and model["precond"] == "edm" and model["num_classes"] == 3
     assert model["augment_dim"] == 9 and model["channel_mult"] == (1, 2) and model["dropout"] == 0.0
 
@@ -181,15 +250,36 @@ def test_converted_network_gives_cmkits_denoiser_output(fake_edm_modules, tmp_pa
     forget_fake_modules(monkeypatch)
     assert main(["convert", str(path), "-o", str(tmp_path / "converted")]) == 0
     model, cfg = load_model(tmp_path / "converted")
-    assert (cfg.model.arch, cfg.model.precond, cfg.model.augment_dim, cfg.sample.sampler) == ("ncsnpp", "edm", 9, "heun")
+    assert (cfg.model.arch, cfg.model.precond, cfg.model.augment_dim, cfg.sample.sampler) == (
+        "ncsnpp",
+        "edm",
+        9,
+        "heun",
+    )
     meta = json.loads((tmp_path / "converted" / "config.json").read_text())
     assert meta["source"]["format"] == "edm-pickle"
     ours = Precond(net.eval(), "edm")
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.05, 30.0])
     with torch.no_grad():
         torch.testing.assert_close(model(x, sigma), ours(x, sigma), rtol=0, atol=0)
-    assert main(["sample", "--model", str(tmp_path / "converted"), "--sampler", "heun", "--steps", "3", "-n", "2",
-                 "-o", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tmp_path / "converted"),
+                "--sampler",
+                "heun",
+                "--steps",
+                "3",
+                "-n",
+                "2",
+                "-o",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_ect_and_vp_preconditioners_map_onto_cmkit(fake_edm_modules, tmp_path, monkeypatch):
@@ -278,7 +368,9 @@ def test_a_torch_save_training_state_reads_the_same(fake_edm_modules, tmp_path, 
     forget_fake_modules(monkeypatch)
     assert checkpoint_format(path) == "edm-pickle"
     _, state, _ = read_edm_pickle(path)
-    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items()) and state.keys() == net.state_dict().keys()
+    assert (
+        all(torch.equal(state[k], v) for k, v in net.state_dict().items()) and state.keys() == net.state_dict().keys()
+    )
     assert not fake_edm_modules.marker.exists()
 
 
@@ -311,9 +403,17 @@ def test_ect_and_cd_start_from_an_edm_pickle_and_train(method, fake_edm_modules,
     forget_fake_modules(monkeypatch)
     assert main(["convert", str(pkl), "-o", str(tmp_path / "teacher")]) == 0
     extra = [f"train.teacher={tmp_path / 'teacher'}"] if method == "cd" else []
-    cfg = tiny_config(f"digits-{method}", tmp_path / "run", "model.arch=ncsnpp", "model.embedding=fourier",
-                      "model.attn_resolutions=4", "train.steps=3", "train.batch_size=8", f"train.init_from={pkl}",
-                      *extra)
+    cfg = tiny_config(
+        f"digits-{method}",
+        tmp_path / "run",
+        "model.arch=ncsnpp",
+        "model.embedding=fourier",
+        "model.attn_resolutions=4",
+        "train.steps=3",
+        "train.batch_size=8",
+        f"train.init_from={pkl}",
+        *extra,
+    )
     from cmkit.training.denoiser import DenoiserTask
     from cmkit.training.task import Context
 
@@ -322,7 +422,11 @@ def test_ect_and_cd_start_from_an_edm_pickle_and_train(method, fake_edm_modules,
     assert all(torch.equal(task.model.net.state_dict()[k], own[k]) for k in task.model.net.state_dict())
     assert "map_augment.weight" in own and "map_augment.weight" not in task.model.net.state_dict()
     result = train(cfg, progress=False)
-    assert result["steps"] == 3 and math.isfinite(result["final_loss"]) and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (
+        result["steps"] == 3
+        and math.isfinite(result["final_loss"])
+        and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    )
 
 
 def test_init_from_a_pickle_of_another_network_is_one_line(fake_edm_modules, tmp_path, monkeypatch):
@@ -332,8 +436,15 @@ def test_init_from_a_pickle_of_another_network_is_one_line(fake_edm_modules, tmp
     pkl = tmp_path / "ddpmpp.pkl"
     write_edm_pickle(fake_edm_modules, pkl, "ddpmpp")
     forget_fake_modules(monkeypatch)
-    cfg = tiny_config("digits-ect", tmp_path / "run", "model.arch=ncsnpp", "model.embedding=fourier",
-                      "model.attn_resolutions=4", "train.steps=1", f"train.init_from={pkl}")
+    cfg = tiny_config(
+        "digits-ect",
+        tmp_path / "run",
+        "model.arch=ncsnpp",
+        "model.embedding=fourier",
+        "model.attn_resolutions=4",
+        "train.steps=1",
+        f"train.init_from={pkl}",
+    )
     with pytest.raises(CmkitError, match="another network: model.arch='ddpmpp'"):
         train(cfg, progress=False)
 

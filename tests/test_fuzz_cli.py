@@ -7,6 +7,7 @@ case must exit 0 or 2 (never 1: the one-line "(rerun with --debug ...)" catch-al
 cause is fixed where it arises), print exactly one error line when it fails, and finish within a time budget.
 Cases are drawn by ``random.Random(0)``; the tiny shipped models and fixtures keep the whole run short.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,43 +25,217 @@ from cmkit.cli.main import build_parser, main
 N_CASES = 500
 CASE_BUDGET_S = 20  # one case; a valid mutation samples at most a handful of 28×28 images
 
-JUNK = ["", "-1", "0", "nan", "inf", "1e9", "x", "@out/missing/none.png", "@dir", "@exists.png", "@garbage.png",
-        "@trunc.png", "@float.npz", "@bomb.png", "@ok.npz", "-5,3", "1,x"]
+JUNK = [
+    "",
+    "-1",
+    "0",
+    "nan",
+    "inf",
+    "1e9",
+    "x",
+    "@out/missing/none.png",
+    "@dir",
+    "@exists.png",
+    "@garbage.png",
+    "@trunc.png",
+    "@float.npz",
+    "@bomb.png",
+    "@ok.npz",
+    "-5,3",
+    "1,x",
+]
 # junk a typed option is more likely to get past argparse with (half the time; else any JUNK)
 INT_JUNK = ["-1", "0", "1", "2", "3", "29", "1025", "10001", "99999999999999999999"]
 FLOAT_JUNK = ["nan", "inf", "-inf", "-1", "0", "1e-9", "1e9", "80.5", "0.001"]
-CONFIG_KEYS = ["train.lr", "train.batch_size", "train.steps", "train.ema_rates", "train.num_threads",
-               "model.channel_mult", "model.img_resolution", "model.sigma_max", "model.sigma_min", "model.num_classes",
-               "model.model_channels", "loss.method", "data.name", "data.root", "sample.sigmas", "train.warmup_steps",
-               "train.out_dir", "model.in_channels", "model.dropout", "train.grad_clip", "lr", "steps"]
+CONFIG_KEYS = [
+    "train.lr",
+    "train.batch_size",
+    "train.steps",
+    "train.ema_rates",
+    "train.num_threads",
+    "model.channel_mult",
+    "model.img_resolution",
+    "model.sigma_max",
+    "model.sigma_min",
+    "model.num_classes",
+    "model.model_channels",
+    "loss.method",
+    "data.name",
+    "data.root",
+    "sample.sigmas",
+    "train.warmup_steps",
+    "train.out_dir",
+    "model.in_channels",
+    "model.dropout",
+    "train.grad_clip",
+    "lr",
+    "steps",
+]
 
 # (command line, flags that are never dropped or changed: dropping them would turn a check into a long run;
 # -n is pinned since any -n is valid and a large one only takes long; its checks are in test_bad_input.py)
 BASES: list[tuple[list[str], set[str]]] = [
     (["sample", "--model", "fmnist-cd", "-n", "2", "-o", "@out/s.png", "--overwrite"], {"-n"}),
-    (["sample", "--model", "fmnist-cd", "-n", "2", "--steps", "2", "-o", "", "--npz", "@out/s.npz", "--batch-size",
-      "1", "--seed", "3"], {"-n"}),
-    (["sample", "--model", "fmnist-edm", "-n", "1", "--steps", "2", "-o", "@out/t.png", "--sampler", "euler"],
-     {"-n", "--steps"}),
-    (["sample", "--model", "fmnist-cd", "-n", "1", "--sigmas", "80,0.8", "-o", "@out/m.png", "--threads", "1",
-      "--device", "cpu"], {"-n"}),
-    (["edit", "inpaint", "--model", "fmnist-cd", "--input", "@ok.png", "--steps", "2", "-o", "@out/e.png",
-      "--box", "2,2,10,10", "--panel", "@out/p.png"], set()),
-    (["edit", "inpaint", "--model", "fmnist-cd", "--input", "@ok.npz", "--index", "1", "--sigmas", "80,5",
-      "-o", "@out/e2.png", "--mask", "@mask.png"], set()),
-    (["edit", "superres", "--model", "fmnist-cd", "--input", "@low.png", "--factor", "4", "--steps", "1", "-o",
-      "@out/sr.png"], set()),
-    (["edit", "stroke", "--model", "fmnist-cd", "--input", "@ok.png", "--sigma-start", "5", "--steps", "2", "-o",
-      "@out/st.png"], set()),
-    (["edit", "denoise", "--model", "fmnist-cd", "--input", "@ok.png", "--sigma", "0.5", "--add-noise", "-o",
-      "@out/dn.png"], set()),
+    (
+        [
+            "sample",
+            "--model",
+            "fmnist-cd",
+            "-n",
+            "2",
+            "--steps",
+            "2",
+            "-o",
+            "",
+            "--npz",
+            "@out/s.npz",
+            "--batch-size",
+            "1",
+            "--seed",
+            "3",
+        ],
+        {"-n"},
+    ),
+    (
+        ["sample", "--model", "fmnist-edm", "-n", "1", "--steps", "2", "-o", "@out/t.png", "--sampler", "euler"],
+        {"-n", "--steps"},
+    ),
+    (
+        [
+            "sample",
+            "--model",
+            "fmnist-cd",
+            "-n",
+            "1",
+            "--sigmas",
+            "80,0.8",
+            "-o",
+            "@out/m.png",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        {"-n"},
+    ),
+    (
+        [
+            "edit",
+            "inpaint",
+            "--model",
+            "fmnist-cd",
+            "--input",
+            "@ok.png",
+            "--steps",
+            "2",
+            "-o",
+            "@out/e.png",
+            "--box",
+            "2,2,10,10",
+            "--panel",
+            "@out/p.png",
+        ],
+        set(),
+    ),
+    (
+        [
+            "edit",
+            "inpaint",
+            "--model",
+            "fmnist-cd",
+            "--input",
+            "@ok.npz",
+            "--index",
+            "1",
+            "--sigmas",
+            "80,5",
+            "-o",
+            "@out/e2.png",
+            "--mask",
+            "@mask.png",
+        ],
+        set(),
+    ),
+    (
+        [
+            "edit",
+            "superres",
+            "--model",
+            "fmnist-cd",
+            "--input",
+            "@low.png",
+            "--factor",
+            "4",
+            "--steps",
+            "1",
+            "-o",
+            "@out/sr.png",
+        ],
+        set(),
+    ),
+    (
+        [
+            "edit",
+            "stroke",
+            "--model",
+            "fmnist-cd",
+            "--input",
+            "@ok.png",
+            "--sigma-start",
+            "5",
+            "--steps",
+            "2",
+            "-o",
+            "@out/st.png",
+        ],
+        set(),
+    ),
+    (
+        [
+            "edit",
+            "denoise",
+            "--model",
+            "fmnist-cd",
+            "--input",
+            "@ok.png",
+            "--sigma",
+            "0.5",
+            "--add-noise",
+            "-o",
+            "@out/dn.png",
+        ],
+        set(),
+    ),
     (["edit", "interpolate", "--model", "fmnist-cd", "--seeds", "0,1", "--frames", "3", "-o", "@out/in.png"], set()),
-    (["edit", "interpolate", "--model", "fmnist-cd", "--input", "@ok.npz", "--input2", "@ok.npz", "--index", "0",
-      "--frames", "2", "--sigma", "2", "-o", "@out/in2.png"], set()),
-    (["eval", "--samples", "@s.npz", "--ref", "@r.npz", "--kid-subsets", "2", "--no-floor", "-o", "@out/r.json"],
-     {"--ref", "--no-floor"}),
-    (["eval", "--model", "fmnist-cd", "-n", "6", "--ref", "@r.npz", "--no-floor", "--kid-subsets", "2"],
-     {"-n", "--ref", "--no-floor", "--model"}),
+    (
+        [
+            "edit",
+            "interpolate",
+            "--model",
+            "fmnist-cd",
+            "--input",
+            "@ok.npz",
+            "--input2",
+            "@ok.npz",
+            "--index",
+            "0",
+            "--frames",
+            "2",
+            "--sigma",
+            "2",
+            "-o",
+            "@out/in2.png",
+        ],
+        set(),
+    ),
+    (
+        ["eval", "--samples", "@s.npz", "--ref", "@r.npz", "--kid-subsets", "2", "--no-floor", "-o", "@out/r.json"],
+        {"--ref", "--no-floor"},
+    ),
+    (
+        ["eval", "--model", "fmnist-cd", "-n", "6", "--ref", "@r.npz", "--no-floor", "--kid-subsets", "2"],
+        {"-n", "--ref", "--no-floor", "--model"},
+    ),
     (["decode", "@z.npy", "--weights", "@dec", "-o", "@out/d.png", "--steps", "1"], set()),
     (["convert-decoder", "@dec", "-o", "@out/conv"], set()),
     (["train", "--preset", "digits-ict", "--dry-run", "train.lr=1e-4", "model.model_channels=16"], {"--dry-run"}),
@@ -79,8 +254,11 @@ def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +277,7 @@ def fixtures(tmp_path_factory):
     Image.fromarray(mask).save(d / "mask.png")
     ok = (d / "ok.png").read_bytes()
     (d / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
-    (d / "trunc.png").write_bytes(ok[:len(ok) // 2])
+    (d / "trunc.png").write_bytes(ok[: len(ok) // 2])
     (d / "bomb.png").write_bytes(_png_header_only(30_000, 30_000))
     (d / "exists.png").write_bytes(b"keep")
     (d / "dir").mkdir()
@@ -114,8 +292,12 @@ def fixtures(tmp_path_factory):
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Every option string of a command's parser and its action, without --help and --debug."""
-    return {s: a for a in parser._actions for s in a.option_strings
-            if not set(a.option_strings) & {"-h", "--help", "--debug"}}
+    return {
+        s: a
+        for a in parser._actions
+        for s in a.option_strings
+        if not set(a.option_strings) & {"-h", "--help", "--debug"}
+    }
 
 
 def _junk(rng: random.Random, action: argparse.Action | None) -> str:
@@ -141,8 +323,8 @@ def _command_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _split(argv: list[str], flags: dict[str, argparse.Action]) -> tuple[list[str], list[list[str]]]:
     """The command words and the rest as items: [flag], [flag, value] or [positional]."""
-    head = [w for w in argv[:2] if not w.startswith("-")][:2 if argv[0] == "edit" else 1]
-    items, rest = [], argv[len(head):]
+    head = [w for w in argv[:2] if not w.startswith("-")][: 2 if argv[0] == "edit" else 1]
+    items, rest = [], argv[len(head) :]
     i = 0
     while i < len(rest):
         w = rest[i]
@@ -248,9 +430,11 @@ def test_fuzz_command_lines(fixtures, tmp_path, monkeypatch, capsys, one_thread)
     finally:
         signal.signal(signal.SIGALRM, previous)
     total = time.perf_counter() - start
-    print(f"{len(cases)} cases in {total:.1f}s: {codes[0]} ran, {codes[2]} refused in one line, "
-          f"{len(failures)} failures ({catch_all} through the catch-all); slowest {slowest[0]:.2f}s: "
-          f"{' '.join(slowest[1] or [])}")
+    print(
+        f"{len(cases)} cases in {total:.1f}s: {codes[0]} ran, {codes[2]} refused in one line, "
+        f"{len(failures)} failures ({catch_all} through the catch-all); slowest {slowest[0]:.2f}s: "
+        f"{' '.join(slowest[1] or [])}"
+    )
     assert not failures, "\n".join(f"{' '.join(c)!r} -> {code}: {line}" for c, code, line in failures)
     assert catch_all == 0, f"{catch_all} cases reached main's catch-all (a bug where the input is not checked)"
     assert codes[0] > 10 and codes[2] > 100  # the fuzz exercises both the work and the checks

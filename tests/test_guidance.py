@@ -1,5 +1,6 @@
 """Classifier-free guidance for distillation teachers (cmkit.guidance): the null label, label dropout, the
 guided denoiser, sCD with a guided teacher, and the config checks."""
+
 import json
 import math
 
@@ -58,8 +59,17 @@ def test_null_label_is_the_network_without_its_label_embedding(arch):
 
 
 def test_edm_networks_read_the_null_label_as_a_zero_one_hot_row():
-    net = _randomise(DDPMpp(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2),
-                            num_blocks=1, attn_resolutions=(), num_classes=3))
+    net = _randomise(
+        DDPMpp(
+            img_resolution=8,
+            in_channels=1,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_blocks=1,
+            attn_resolutions=(),
+            num_classes=3,
+        )
+    )
     x, c = torch.randn(2, 1, 8, 8), torch.randn(2)
     zero_rows = torch.zeros(2, 3)
     torch.testing.assert_close(net(x, c, torch.full((2,), NULL_LABEL)), net(x, c, zero_rows), rtol=0, atol=0)
@@ -148,27 +158,53 @@ def test_conditional_teacher_with_label_dropout_then_guided_scd_train(tmp_path, 
     from cmkit.training.loop import train
 
     teacher = tmp_path / "teacher"
-    train(tiny_config("digits-edm", teacher, "train.steps=30", "model.num_classes=10", "loss.label_dropout=0.2"),
-          progress=False)
+    train(
+        tiny_config("digits-edm", teacher, "train.steps=30", "model.num_classes=10", "loss.label_dropout=0.2"),
+        progress=False,
+    )
     student = tmp_path / "scd"
-    train(tiny_config("digits-scd", student, "train.steps=60", "train.log_every=1", "model.num_classes=10",
-                      "train.init_from=", f"train.teacher={teacher}", "loss.guidance=2.0", "loss.tangent_warmup=0",
-                      "train.lr=1e-3"), progress=False)
+    train(
+        tiny_config(
+            "digits-scd",
+            student,
+            "train.steps=60",
+            "train.log_every=1",
+            "model.num_classes=10",
+            "train.init_from=",
+            f"train.teacher={teacher}",
+            "loss.guidance=2.0",
+            "loss.tangent_warmup=0",
+            "train.lr=1e-3",
+        ),
+        progress=False,
+    )
     rows = [json.loads(line) for line in (student / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert len(rows) == 60
     model, cfg = load_model(student)
     assert cfg.loss.guidance == 2.0
-    x = sample_multistep(model, (4, 1, 8, 8), [80.0, 1.0], generator=torch.Generator().manual_seed(0),
-                         class_labels=torch.tensor([0, 1, 2, 3]))
+    x = sample_multistep(
+        model,
+        (4, 1, 8, 8),
+        [80.0, 1.0],
+        generator=torch.Generator().manual_seed(0),
+        class_labels=torch.tensor([0, 1, 2, 3]),
+    )
     assert torch.isfinite(x).all()
 
 
 def test_guidance_with_an_unconditional_teacher_is_one_error(tmp_path, teacher_dir, one_thread):
     from cmkit.training.loop import train
 
-    cfg = tiny_config("digits-scd", tmp_path / "scd", "train.steps=2", "model.num_classes=10", "train.init_from=",
-                      f"train.teacher={teacher_dir}", "loss.guidance=2.0")
+    cfg = tiny_config(
+        "digits-scd",
+        tmp_path / "scd",
+        "train.steps=2",
+        "model.num_classes=10",
+        "train.init_from=",
+        f"train.teacher={teacher_dir}",
+        "loss.guidance=2.0",
+    )
     with pytest.raises(CmkitError, match="loss.guidance needs a class-conditional teacher"):
         train(cfg, progress=False)
 
@@ -185,10 +221,29 @@ def test_the_class_conditional_digits_presets_train_and_sample_a_class(tmp_path,
     assert cfg.model.num_classes == 10 and cfg.loss.label_dropout == 0.1
     train(cfg, progress=False)
     student = tmp_path / "student"
-    scd = tiny_config("digits-scd-cfg", student, "train.steps=3", f"train.teacher={teacher}",
-                      f"train.init_from={teacher}")
+    scd = tiny_config(
+        "digits-scd-cfg", student, "train.steps=3", f"train.teacher={teacher}", f"train.init_from={teacher}"
+    )
     assert scd.loss.guidance == 2.0 and get_config("digits-scd-cfg").train.teacher == "runs/digits-edm-cond"
     train(scd, progress=False)
-    assert main(["sample", "--model", str(student), "--steps", "1", "-n", "2", "--class", "3", "-o", "",
-                 "--npz", str(tmp_path / "s.npz")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(student),
+                "--steps",
+                "1",
+                "-n",
+                "2",
+                "--class",
+                "3",
+                "-o",
+                "",
+                "--npz",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == [3, 3]

@@ -10,6 +10,7 @@ the order EDM's module tree visits the blocks (one ``ResnetBlockBigGANpp`` per U
 ``AttnBlockpp`` when it has attention; ``Downsample`` for the residual input pyramid), which is the call order
 of ``jcm/models/ncsnpp.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,10 +53,17 @@ def pack(obj, wide: bool = False) -> bytes:
         data = obj.encode()
         if len(data) < 32 and not wide:
             return bytes([0xA0 | len(data)]) + data
-        return b"\xda" + struct.pack(">H", len(data)) + data if len(data) < 65536 else b"\xdb" + struct.pack(">I", len(data)) + data
+        return (
+            b"\xda" + struct.pack(">H", len(data)) + data
+            if len(data) < 65536
+            else b"\xdb" + struct.pack(">I", len(data)) + data
+        )
     if isinstance(obj, (bytes, bytearray)):
-        return (b"\xc4" + struct.pack(">B", len(obj)) if len(obj) < 256 and not wide
-                else b"\xc6" + struct.pack(">I", len(obj))) + bytes(obj)
+        return (
+            b"\xc4" + struct.pack(">B", len(obj))
+            if len(obj) < 256 and not wide
+            else b"\xc6" + struct.pack(">I", len(obj))
+        ) + bytes(obj)
     if isinstance(obj, (list, tuple)):
         head = bytes([0x90 | len(obj)]) if len(obj) < 16 and not wide else b"\xdc" + struct.pack(">H", len(obj))
         return head + b"".join(pack(v, wide) for v in obj)
@@ -77,16 +85,34 @@ def ext(code: int, payload: bytes) -> bytes:
 def chunked(arr: np.ndarray, size: int) -> dict:
     """Flax's layout for arrays over its chunk size: the flat array in pieces, tuples as {"0": ..., "1": ...}."""
     flat = arr.reshape(-1)
-    chunks = [flat[i:i + size] for i in range(0, flat.size, size)]
-    return {"__msgpack_chunked_array__": True, "shape": {str(i): s for i, s in enumerate(arr.shape)},
-            "chunks": {str(i): c for i, c in enumerate(chunks)}}
+    chunks = [flat[i : i + size] for i in range(0, flat.size, size)]
+    return {
+        "__msgpack_chunked_array__": True,
+        "shape": {str(i): s for i, s in enumerate(arr.shape)},
+        "chunks": {str(i): c for i, c in enumerate(chunks)},
+    }
 
 
 def test_msgpack_decoder_reads_every_form():
-    value = {"small": 5, "neg": -7, "big": 2**40, "neg64": -2**40, "u32": 70000, "f": 1.5, "none": None, "t": True,
-             "f0": False, "s": "x" * 40, "b": b"\x00\x01\x02", "list": list(range(20)), "nested": {"a": [1, {"b": "c"}]},
-             "arr": np.arange(6, dtype=np.float32).reshape(2, 3), "i64": np.array([-1, 2**40]),
-             "scalar": np.float32(0.25), "empty": np.zeros((0, 3), np.float32)}
+    value = {
+        "small": 5,
+        "neg": -7,
+        "big": 2**40,
+        "neg64": -(2**40),
+        "u32": 70000,
+        "f": 1.5,
+        "none": None,
+        "t": True,
+        "f0": False,
+        "s": "x" * 40,
+        "b": b"\x00\x01\x02",
+        "list": list(range(20)),
+        "nested": {"a": [1, {"b": "c"}]},
+        "arr": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "i64": np.array([-1, 2**40]),
+        "scalar": np.float32(0.25),
+        "empty": np.zeros((0, 3), np.float32),
+    }
     for wide in (False, True):
         got = unpackb(pack(value, wide))
         assert got.keys() == value.keys()
@@ -101,14 +127,17 @@ def test_msgpack_decoder_reads_every_form():
     assert np.array_equal(unpackb(pack({"w": chunked(big, 4)}))["w"], big)
 
 
-@pytest.mark.parametrize("data,match", [
-    (pack({"a": np.ones(4, np.float32)})[:-3], "ends early"),
-    (pack({"a": 1}) + b"\x00", "trailing"),
-    (b"\xc1", "not a msgpack value"),
-    (ext(5, b"\x00\x01\x02"), "extension type 5"),
-    (ext(1, pack([[2, 2], "object", b"1234"])), "malformed"),
-    (ext(1, pack([[2, 2], "float32", b"1234"])), "holds 4 bytes"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (pack({"a": np.ones(4, np.float32)})[:-3], "ends early"),
+        (pack({"a": 1}) + b"\x00", "trailing"),
+        (b"\xc1", "not a msgpack value"),
+        (ext(5, b"\x00\x01\x02"), "extension type 5"),
+        (ext(1, pack([[2, 2], "object", b"1234"])), "malformed"),
+        (ext(1, pack([[2, 2], "float32", b"1234"])), "holds 4 bytes"),
+    ],
+)
 def test_damaged_msgpack_is_one_line(data, match):
     with pytest.raises(CmkitError, match=match):
         unpackb(data)
@@ -142,9 +171,13 @@ def flax_tree(net: NCSNpp, to=lambda t: t.detach().numpy().copy()):
         for key, module in getattr(net, part).items():
             p = f"{part}.{key}"
             if isinstance(module, UNetBlock):
-                block = {"GroupNorm_0": norm(f"{p}.norm0"), "Conv_0": conv(f"{p}.conv0"),
-                         "Dense_0": dense(f"{p}.affine"), "GroupNorm_1": norm(f"{p}.norm1"),
-                         "Conv_1": conv(f"{p}.conv1")}
+                block = {
+                    "GroupNorm_0": norm(f"{p}.norm0"),
+                    "Conv_0": conv(f"{p}.conv0"),
+                    "Dense_0": dense(f"{p}.affine"),
+                    "GroupNorm_1": norm(f"{p}.norm1"),
+                    "Conv_1": conv(f"{p}.conv1"),
+                }
                 if module.skip is not None:
                     block["Conv_2"] = conv(f"{p}.skip")
                 tree[name("ResnetBlockBigGANpp")] = block
@@ -194,8 +227,15 @@ def test_full_size_flax_ncsnpp_is_edms_ncsnpp_leaf_for_leaf():
     assert attn == [f"enc.16x16_block{i}" for i in range(4)] + ["dec.8x8_in0", "dec.16x16_block4"]
 
 
-TINY = dict(img_resolution=32, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-            attn_resolutions=(16,), dropout=0.0)
+TINY = dict(
+    img_resolution=32,
+    in_channels=3,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_blocks=1,
+    attn_resolutions=(16,),
+    dropout=0.0,
+)
 
 
 def tiny_net(seed):
@@ -210,11 +250,19 @@ def write_state(path, ema: NCSNpp, online: NCSNpp):
     """A training state as jcm's State dataclass serialises (params, params_ema, optimizer moments, RNG)."""
     params, params_ema = flax_tree(online), flax_tree(ema)
     moments = {k: v for k, v in flax_tree(online, to=lambda t: (0 * t).numpy().copy()).items()}
-    state = {"step": 800_000, "lr": np.float32(4e-4), "ema_rate": np.float32(0.9999),
-             "params": params, "params_ema": {"params": params_ema}, "model_state": {},
-             "opt_state": {"0": {"count": np.int32(3), "mu": moments, "nu": moments},
-                           "1": {"big": chunked(np.arange(10, dtype=np.float32), 3)}},
-             "rng_state": np.array([0, 42], dtype=np.uint32)}
+    state = {
+        "step": 800_000,
+        "lr": np.float32(4e-4),
+        "ema_rate": np.float32(0.9999),
+        "params": params,
+        "params_ema": {"params": params_ema},
+        "model_state": {},
+        "opt_state": {
+            "0": {"count": np.int32(3), "mu": moments, "nu": moments},
+            "1": {"big": chunked(np.arange(10, dtype=np.float32), 3)},
+        },
+        "rng_state": np.array([0, 42], dtype=np.uint32),
+    }
     path.write_bytes(pack(state))
 
 
@@ -231,8 +279,13 @@ def test_a_flax_checkpoint_converts_exactly_and_samples(tmp_path, one_thread):
     model, state = read_jax_cifar10(path)
     assert state.keys() == ema.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
-    assert (model["arch"], model["model_channels"], model["channel_mult"], model["num_blocks"], model["precond"]) == \
-        ("ncsnpp", 16, (1, 2), 1, "cm")
+    assert (model["arch"], model["model_channels"], model["channel_mult"], model["num_blocks"], model["precond"]) == (
+        "ncsnpp",
+        16,
+        (1, 2),
+        1,
+        "cm",
+    )
     assert main(["convert", str(path), "-o", str(tmp_path / "cm")]) == 0
     converted, cfg = load_model(tmp_path / "cm")
     x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 80.0])
@@ -241,7 +294,9 @@ def test_a_flax_checkpoint_converts_exactly_and_samples(tmp_path, one_thread):
         assert torch.equal(converted(x, 0.002), x)
     assert main(["convert", str(path), "-o", str(tmp_path / "edm"), "--precond", "edm"]) == 0
     assert load_model(tmp_path / "edm")[1].model.precond == "edm"
-    assert main(["sample", "--model", str(tmp_path / "cm"), "--steps", "1", "-n", "2", "-o", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(["sample", "--model", str(tmp_path / "cm"), "--steps", "1", "-n", "2", "-o", str(tmp_path / "s.png")]) == 0
+    )
 
 
 def test_flax_layouts_in_closed_form():
@@ -254,13 +309,19 @@ def test_flax_layouts_in_closed_form():
     x = torch.randn(2, 3, 32, 32)
     k = torch.from_numpy(tree["Conv_0"]["kernel"])  # [3, 3, in, out]
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    y = sum(torch.einsum("bhwi,io->bhwo", xp[:, dh:dh + 32, dw:dw + 32], k[dh, dw]) for dh in range(3) for dw in range(3))
+    y = sum(
+        torch.einsum("bhwi,io->bhwo", xp[:, dh : dh + 32, dw : dw + 32], k[dh, dw])
+        for dh in range(3)
+        for dw in range(3)
+    )
     y = y + torch.from_numpy(tree["Conv_0"]["bias"])
     with torch.no_grad():
         torch.testing.assert_close(converted.enc["32x32_conv"](x), y.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
         e = torch.randn(2, 32)
         d = tree["Dense_0"]
-        torch.testing.assert_close(converted.map_layer0(e), e @ torch.from_numpy(d["kernel"]) + torch.from_numpy(d["bias"]))
+        torch.testing.assert_close(
+            converted.map_layer0(e), e @ torch.from_numpy(d["kernel"]) + torch.from_numpy(d["bias"])
+        )
         # the attention of the first 16×16 block
         block = converted.enc["16x16_block0"]
         h, emb = torch.randn(2, 16, 16, 16), torch.randn(2, 64)
@@ -269,8 +330,9 @@ def test_flax_layouts_in_closed_form():
         block.num_heads = heads
         out = block(h, emb)
         a = tree["AttnBlockpp_0"]
-        g = F.group_norm(r, 8, torch.from_numpy(a["GroupNorm_0"]["scale"]), torch.from_numpy(a["GroupNorm_0"]["bias"]),
-                         1e-6).permute(0, 2, 3, 1)
+        g = F.group_norm(
+            r, 8, torch.from_numpy(a["GroupNorm_0"]["scale"]), torch.from_numpy(a["GroupNorm_0"]["bias"]), 1e-6
+        ).permute(0, 2, 3, 1)
         nin = [g @ torch.from_numpy(a[f"NIN_{i}"]["W"]) + torch.from_numpy(a[f"NIN_{i}"]["b"]) for i in range(3)]
         q, kk, v = (t.reshape(2, 256, 32) for t in nin)
         w = (torch.einsum("bqc,bkc->bqk", q, kk) / math.sqrt(32)).softmax(-1)

@@ -1,5 +1,6 @@
 """The source keeps its floors (scripts/layout_report.py): no import cycle, no import that points up the layers,
 no function-local import of a cmkit module, and one table of run kinds that matches the model directory's kinds."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +10,9 @@ from pathlib import Path
 from cmkit.formats.model_dir import MODEL_KINDS
 from cmkit.training.kinds import RUN_KINDS
 
-spec = importlib.util.spec_from_file_location("layout_report", Path(__file__).parents[1] / "scripts" / "layout_report.py")
+spec = importlib.util.spec_from_file_location(
+    "layout_report", Path(__file__).parents[1] / "scripts" / "layout_report.py"
+)
 layout = sys.modules["layout_report"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(layout)
 SOURCE = layout.read_source()
@@ -48,6 +51,9 @@ def test_the_readmes_layout_names_every_module():
     """The README's Layout section is the tree's map: every module of src/cmkit appears in it by its file name."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    missing = [m for m, path in SOURCE.modules.items()
-               if path.name != "__init__.py" and path.name not in layout and m.replace(".", "/") + ".py" not in layout]
+    missing = [
+        m
+        for m, path in SOURCE.modules.items()
+        if path.name != "__init__.py" and path.name not in layout and m.replace(".", "/") + ".py" not in layout
+    ]
     assert not missing, missing

@@ -1,5 +1,6 @@
 """Each loss declares its options once (``OPTIONS`` beside its constructor, cmkit.losses.options); the ``loss``
 section of the config, its validation and --dry-run's listing are derived from them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,10 @@ def test_every_range_is_enforced_in_one_line(method):
     assert ranged  # every method has at least one option with a range
 
 
-@pytest.mark.parametrize("method,key,value", [("cd", "mu", 0.5), ("ect", "q", 3.0), ("tcm", "df", 2.0),
-                                              ("scd", "guidance", 2.0), ("meanflow", "imf", True)])
+@pytest.mark.parametrize(
+    "method,key,value",
+    [("cd", "mu", 0.5), ("ect", "q", 3.0), ("tcm", "df", 2.0), ("scd", "guidance", 2.0), ("meanflow", "imf", True)],
+)
 def test_a_set_option_reaches_the_loss(method, key, value):
     cfg = _cfg([f"loss.method={method}", f"loss.{key}={value}"])
     assert getattr(cfg.loss.build(cfg.model, 10), key) == value

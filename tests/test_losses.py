@@ -45,8 +45,15 @@ def grads_of(module: nn.Module) -> list:
     return [p.grad for p in module.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("loss_cls,kw", [(CTLoss, {"total_steps": 100}), (ICTLoss, {"total_steps": 100}),
-                                         (ECTLoss, {"double_steps": 10}), (CDLoss, {"mu": 0.95})])
+@pytest.mark.parametrize(
+    "loss_cls,kw",
+    [
+        (CTLoss, {"total_steps": 100}),
+        (ICTLoss, {"total_steps": 100}),
+        (ECTLoss, {"double_steps": 10}),
+        (CDLoss, {"mu": 0.95}),
+    ],
+)
 def test_no_gradient_reaches_target_or_teacher(loss_cls, kw):
     model, teacher = tiny("cm"), tiny("edm")
     target = make_copy(model)
@@ -72,9 +79,9 @@ def test_shared_dropout_mask_between_passes():
     model = tiny("cm", dropout=0.5).train()
     x, s = torch.randn(3, 1, 8, 8), torch.full((3,), 1.0)
     a, b = paired_passes(model, model, (x, s), (x, s))
-    assert torch.equal(a.detach(), b)           # same inputs, same weights, same dropout masks
+    assert torch.equal(a.detach(), b)  # same inputs, same weights, same dropout masks
     c = model(x, s)
-    assert not torch.allclose(a.detach(), c)     # a fresh pass draws a different mask
+    assert not torch.allclose(a.detach(), c)  # a fresh pass draws a different mask
 
 
 def test_ct_target_is_euler_step_with_x0():

@@ -1,4 +1,5 @@
 """Known-answer tests for the sample-quality metrics: Fréchet distance, KID, precision/recall, schedule search."""
+
 from __future__ import annotations
 
 import math
@@ -23,6 +24,7 @@ def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
 
 
 # --- Fréchet distance (Heusel et al. 2017) ---------------------------------------------------------------------
+
 
 def test_fd_identical_sets_is_zero():
     f = np.random.default_rng(0).normal(size=(2000, 16))
@@ -78,6 +80,7 @@ def test_fd_rejects_mismatched_statistics():
 
 # --- KID (Bińkowski et al. 2018) --------------------------------------------------------------------------------
 
+
 def test_mmd2_unbiased_matches_double_sum():
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 3)) + 0.3
@@ -111,6 +114,7 @@ def test_kid_deterministic_and_checks_shapes():
 
 # --- Precision / recall (Kynkäänniemi et al. 2019) --------------------------------------------------------------
 
+
 def test_manifold_radii_match_brute_force():
     f = np.random.default_rng(7).normal(size=(60, 5)).astype(np.float32)
     d = ((f[:, None, :].astype(np.float64) - f[None, :, :]) ** 2).sum(-1)
@@ -138,6 +142,7 @@ def test_precision_recall_batching_and_partial_overlap():
 
 # --- images -----------------------------------------------------------------------------------------------------
 
+
 def test_float_images_quantise_like_uint8_files():
     a = np.random.default_rng(10).integers(0, 256, size=(4, 6, 6, 3), dtype=np.uint8)
     x = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -148,6 +153,7 @@ def test_float_images_quantise_like_uint8_files():
 
 
 # --- schedule search (CM Sec. 6: search the middle σ on the metric) ---------------------------------------------
+
 
 def test_golden_section_finds_minimum_of_unimodal_function():
     x, fx = golden_section_search(lambda u: (u - 0.3) ** 2 + 1.0, -1.0, 2.0, iters=40)

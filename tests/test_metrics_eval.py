@@ -1,4 +1,5 @@
 """Reference statistics, ``evaluate``/``evaluate_images``, the ``cmkit eval`` subcommand and the shipped classifier."""
+
 from __future__ import annotations
 
 import argparse
@@ -108,8 +109,21 @@ def test_cli_eval_npz_reference(tmp_path, capsys, one_thread):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, size=(60, 28, 28, 1), dtype=np.uint8))
     np.savez(tmp_path / "r.npz", arr_0=rng.integers(0, 256, size=(80, 28, 28, 1), dtype=np.uint8))
-    args = _parser().parse_args(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "r.npz"),
-                                 "-o", str(tmp_path / "out.json"), "--kid-subsets", "5", "--threads", "1"])
+    args = _parser().parse_args(
+        [
+            "eval",
+            "--samples",
+            str(tmp_path / "s.npz"),
+            "--ref",
+            str(tmp_path / "r.npz"),
+            "-o",
+            str(tmp_path / "out.json"),
+            "--kid-subsets",
+            "5",
+            "--threads",
+            "1",
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert FMNIST_LABEL in out and "FID" not in out and "floor" in out

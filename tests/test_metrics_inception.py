@@ -1,4 +1,5 @@
 """The FID Inception-v3 pipeline with random weights (the real weights cannot be downloaded here)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """The CM paper's evaluation (the ADM evaluator's metrics): Inception Score and sFID known answers, the spatial
 feature slice of the FID Inception, and OpenAI-style reference batches (images, statistics, or both)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from cmkit.metrics.inception_score import inception_score, inception_score_from_
 
 # --- Inception Score -------------------------------------------------------------------------------------
 
+
 def test_inception_score_known_answers():
     assert inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)  # uniform: no information
     k = 4
@@ -39,7 +41,7 @@ def test_inception_score_is_the_mean_over_splits_of_5000_as_in_the_evaluator():
     second = np.eye(3)[1 + np.arange(5000) % 2]  # two classes evenly: IS 2
     probs = np.concatenate([first, second])
     assert inception_score(probs) == pytest.approx(1.5)  # (1 + 2) / 2, not the unsplit 2^1.5
-    assert inception_score(probs, split_size=len(probs)) == pytest.approx(2 ** 1.5)
+    assert inception_score(probs, split_size=len(probs)) == pytest.approx(2**1.5)
     # 50,000 samples are 10 splits; a short last split counts as one
     assert inception_score(np.eye(2)[np.arange(5001) % 2]) == pytest.approx((2 + 1) / 2)
 
@@ -56,6 +58,7 @@ def test_inception_score_from_logits_and_bad_input():
 
 
 # --- sFID ------------------------------------------------------------------------------------------------
+
 
 def _exact(mean: np.ndarray, cov: np.ndarray, n: int, seed: int) -> np.ndarray:
     """n vectors whose sample mean and (N − 1) covariance are exactly ``mean`` and ``cov``."""
@@ -98,7 +101,7 @@ class ToyExtractor(FeatureExtractor):
         x = batch.float() / 255
         spatial = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
         if self.fixed is not None:
-            spatial = torch.from_numpy(self.fixed[self.seen:self.seen + len(batch)])
+            spatial = torch.from_numpy(self.fixed[self.seen : self.seen + len(batch)])
         self.seen += len(batch)
         logits = torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, :, 0, 0].mean(1)], 1) * 10
         return self._forward(batch), {"spatial": spatial, "logits": logits}
@@ -127,6 +130,7 @@ def test_sfid_is_the_frechet_distance_of_the_spatial_features_against_mu_s_sigma
 
 
 # --- the FID Inception's extra outputs -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def net():
@@ -161,6 +165,7 @@ def test_spatial_features_are_the_first_7_channels_of_mixed_6d_branch1x1_in_nhwc
 
 # --- reference batches -----------------------------------------------------------------------------------------
 
+
 def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0), np.cov(x, rowvar=False)
 
@@ -175,8 +180,15 @@ def test_reference_batch_with_images_only_stats_only_and_both(tmp_path):
     np.savez(tmp_path / "images.npz", arr_0=ref_images)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     # "both", as VIRTUAL_imagenet64_labeled.npz: data-set statistics (here shifted, so we can see they win)
-    np.savez(tmp_path / "both.npz", arr_0=ref_images, arr_1=np.arange(60), mu=mu + 0.1, sigma=sigma,
-             mu_s=mu_s + 0.1, sigma_s=sigma_s)
+    np.savez(
+        tmp_path / "both.npz",
+        arr_0=ref_images,
+        arr_1=np.arange(60),
+        mu=mu + 0.1,
+        sigma=sigma,
+        mu_s=mu_s + 0.1,
+        sigma_s=sigma_s,
+    )
     results = {}
     for name in ("images", "stats", "both"):
         ref = load_reference(tmp_path / f"{name}.npz", ex, progress=False)
@@ -188,24 +200,28 @@ def test_reference_batch_with_images_only_stats_only_and_both(tmp_path):
     # the stored statistics are used, not the images' own
     s_feats, s_extras = ex.extract_all(samples, progress=False)
     assert both["fd"] == pytest.approx(frechet_distance(*_stats(s_feats), mu + 0.1, sigma), rel=1e-9)
-    assert both["sfid"] == pytest.approx(frechet_distance(*_stats(s_extras["spatial"].astype(np.float64)),
-                                                          mu_s + 0.1, sigma_s), rel=1e-9)
+    assert both["sfid"] == pytest.approx(
+        frechet_distance(*_stats(s_extras["spatial"].astype(np.float64)), mu_s + 0.1, sigma_s), rel=1e-9
+    )
     assert both["fd"] != pytest.approx(img["fd"], rel=1e-3)
     assert both["precision"] == img["precision"] and both["recall"] == img["recall"]  # the images give P/R
     assert img["inception_score"] == st["inception_score"] == both["inception_score"] > 1  # samples only
 
 
-@pytest.mark.parametrize("arrays, match", [
-    (dict(labels=np.arange(3)), "arr_0.*mu.*found keys"),
-    (dict(mu=np.zeros(3), sigma=np.eye(3)), r"shapes \(3,\)/\(3, 3\), expected \(16,\)"),
-    (dict(mu=np.zeros(16), sigma=np.eye(15)), "sigma have shapes"),
-    (dict(mu=np.zeros(16)), "has 'mu' but no 'sigma'"),
-    (dict(mu=np.zeros(16), sigma=np.eye(16), mu_s=np.zeros(4), sigma_s=np.eye(5)), "mu_s/sigma_s"),
-    (dict(mu=np.zeros(16), sigma=np.eye(16), sigma_s=np.eye(4)), "has 'sigma_s' but no 'mu_s'"),
-    (dict(arr_0=np.zeros((2, 16, 16, 3), np.float32)), "float32"),
-    (dict(arr_0=np.zeros((2, 3, 16, 16), np.uint8)), "NCHW"),
-    (dict(mu=np.full(16, np.nan), sigma=np.eye(16)), "non-finite"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(labels=np.arange(3)), "arr_0.*mu.*found keys"),
+        (dict(mu=np.zeros(3), sigma=np.eye(3)), r"shapes \(3,\)/\(3, 3\), expected \(16,\)"),
+        (dict(mu=np.zeros(16), sigma=np.eye(15)), "sigma have shapes"),
+        (dict(mu=np.zeros(16)), "has 'mu' but no 'sigma'"),
+        (dict(mu=np.zeros(16), sigma=np.eye(16), mu_s=np.zeros(4), sigma_s=np.eye(5)), "mu_s/sigma_s"),
+        (dict(mu=np.zeros(16), sigma=np.eye(16), sigma_s=np.eye(4)), "has 'sigma_s' but no 'mu_s'"),
+        (dict(arr_0=np.zeros((2, 16, 16, 3), np.float32)), "float32"),
+        (dict(arr_0=np.zeros((2, 3, 16, 16), np.uint8)), "NCHW"),
+        (dict(mu=np.full(16, np.nan), sigma=np.eye(16)), "non-finite"),
+    ],
+)
 def test_reference_batch_errors_are_one_line(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(CmkitError, match=match) as e:
@@ -215,11 +231,16 @@ def test_reference_batch_errors_are_one_line(tmp_path, arrays, match):
 
 def test_eval_checks_a_reference_batch_for_the_inception_space_before_any_work(tmp_path):
     # OpenAI's layout: pool statistics 2048-d, spatial 2023-d
-    np.savez(tmp_path / "ok.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023),
-             arr_0=np.zeros((4, 64, 64, 3), np.uint8))
+    np.savez(
+        tmp_path / "ok.npz",
+        mu=np.zeros(2048),
+        sigma=np.eye(2048),
+        mu_s=np.zeros(2023),
+        sigma_s=np.eye(2023),
+        arr_0=np.zeros((4, 64, 64, 3), np.uint8),
+    )
     _check_reference_npz(tmp_path / "ok.npz", "inception")
-    np.savez(tmp_path / "wrong.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2048),
-             sigma_s=np.eye(2048))
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2048), sigma_s=np.eye(2048))
     with pytest.raises(CmkitError, match=r"mu_s/sigma_s have shapes \(2048,\)/\(2048, 2048\), expected \(2023,\)"):
         _check_reference_npz(tmp_path / "wrong.npz", "inception")
     with pytest.raises(CmkitError, match="expected \\(128,\\)"):  # the same file in the classifier's space
@@ -231,20 +252,41 @@ def test_cli_eval_reports_is_and_sfid_against_a_virtual_reference_batch(net, tmp
     from safetensors.torch import save_file
 
     weights = tmp_path / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")},
-              str(weights))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}, str(weights)
+    )
     rng = np.random.default_rng(0)
     ref_images = rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
     ex = InceptionExtractor(model=net, batch_size=8)
     feats, extras = ex.extract_all(ref_images, progress=False)
-    np.savez(tmp_path / "VIRTUAL_toy.npz", arr_0=ref_images, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False),
-             mu_s=extras["spatial"].mean(0), sigma_s=np.cov(extras["spatial"], rowvar=False))
+    np.savez(
+        tmp_path / "VIRTUAL_toy.npz",
+        arr_0=ref_images,
+        mu=feats.mean(0),
+        sigma=np.cov(feats, rowvar=False),
+        mu_s=extras["spatial"].mean(0),
+        sigma_s=np.cov(extras["spatial"], rowvar=False),
+    )
     np.savez(tmp_path / "samples.npz", arr_0=ref_images[::-1].copy())
     parser = argparse.ArgumentParser(prog="cmkit")
     add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "--samples", str(tmp_path / "samples.npz"), "--ref",
-                              str(tmp_path / "VIRTUAL_toy.npz"), "--features", "inception", "--inception-weights",
-                              str(weights), "--kid-subsets", "2", "-o", str(tmp_path / "r.json")])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--samples",
+            str(tmp_path / "samples.npz"),
+            "--ref",
+            str(tmp_path / "VIRTUAL_toy.npz"),
+            "--features",
+            "inception",
+            "--inception-weights",
+            str(weights),
+            "--kid-subsets",
+            "2",
+            "-o",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     for row in ("FID", "IS", "sFID", "precision", "recall"):

@@ -1,5 +1,6 @@
 """Progressive distillation (losses/pd.py): closed form on a Gaussian with an exact teacher, the halving
 schedule, the sampler, and training through the loop with an exact resume (the teacher changes per stage)."""
+
 from __future__ import annotations
 
 import pytest
@@ -62,8 +63,14 @@ def test_pd_trains_resumes_bit_for_bit_and_samples(tmp_path, teacher_dir):
     from cmkit.generate import generate, resolve_sampler
     from cmkit.training.loop import Loop, train
 
-    common = ["train.steps=6", "loss.num_scales=4", "loss.halve_every=2", f"train.teacher={teacher_dir}",
-              f"train.init_from={teacher_dir}", "train.ema_rates=0.9"]
+    common = [
+        "train.steps=6",
+        "loss.num_scales=4",
+        "loss.halve_every=2",
+        f"train.teacher={teacher_dir}",
+        f"train.init_from={teacher_dir}",
+        "train.ema_rates=0.9",
+    ]
     train(tiny_config("digits-pd", tmp_path / "a", *common), progress=False)
     first = Loop(tiny_config("digits-pd", tmp_path / "b", *common), progress=False)
     for _ in range(3):  # interrupted inside the second stage, after a teacher swap

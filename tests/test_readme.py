@@ -2,6 +2,7 @@
 README itself made (or a shipped model) runs and exits 0; every other one (long trainings, released files the
 reader must obtain, servers) parses, and a `cmkit train` line also builds its config. The Python block runs with
 its trainings cut to two steps. So the README cannot drift from the code."""
+
 from __future__ import annotations
 
 import re
@@ -86,7 +87,7 @@ def test_every_readme_command_runs_or_parses(tmp_path, monkeypatch, capsys):
                 ran.append(argv)
                 continue
             if argv[0] == "torchrun":
-                argv = ["cmkit", *argv[argv.index("cmkit") + 1:]]
+                argv = ["cmkit", *argv[argv.index("cmkit") + 1 :]]
             assert argv[0] == "cmkit", f"README line that is not a cmkit command: {argv}"
             if runnable(argv):
                 code = main(argv[1:])
@@ -108,8 +109,13 @@ def test_the_python_example_runs(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     real = cmkit.get_config
-    monkeypatch.setattr(cmkit, "get_config", lambda preset, overrides=(): real(
-        preset, [*overrides, "train.steps=2", "train.sample_every=0", "model.model_channels=16"]))
+    monkeypatch.setattr(
+        cmkit,
+        "get_config",
+        lambda preset, overrides=(): real(
+            preset, [*overrides, "train.steps=2", "train.sample_every=0", "model.model_channels=16"]
+        ),
+    )
     (code,) = blocks("python")
     exec(compile(code, str(README), "exec"), {})
     assert (tmp_path / "api_1step.png").is_file() and (tmp_path / "api_cd.png").is_file()

@@ -1,5 +1,6 @@
 """Nothing is lost at any kill point of a checkpoint commit or a log rewrite, and no command destroys what it
 did not create: each crash is simulated by raising at a named step of the commit (``cmkit.files.KILL_POINT``)."""
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def crash_at(point: str, nth: int = 1):
             seen["n"] += 1
             if seen["n"] == nth:
                 raise Crash(point)
+
     return hook
 
 
@@ -60,10 +62,12 @@ def straight(tmp_path_factory):
 
 # the step-4 checkpoint commit: commits run checkpoint, model/ at step 2, then checkpoint at step 4 (the first
 # commit that has an old copy to move aside)
-@pytest.mark.parametrize("point,nth", [("staged", 3), ("old-moved", 1), ("new-moved", 3),
-                                       ("old-moved", 2)])  # the model/ export of step 4
-def test_a_crash_at_any_step_of_a_checkpoint_commit_resumes_bit_for_bit(point, nth, straight, tmp_path, monkeypatch,
-                                                                          capsys):
+@pytest.mark.parametrize(
+    "point,nth", [("staged", 3), ("old-moved", 1), ("new-moved", 3), ("old-moved", 2)]
+)  # the model/ export of step 4
+def test_a_crash_at_any_step_of_a_checkpoint_commit_resumes_bit_for_bit(
+    point, nth, straight, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     monkeypatch.setattr(files, "KILL_POINT", crash_at(point, nth))
     with pytest.raises(Crash):
@@ -101,8 +105,12 @@ def test_resume_without_a_checkpoint_warns_and_starts_at_zero(tmp_path, capsys):
 def test_training_refuses_a_directory_that_is_not_a_run(tmp_path):
     model = tmp_path / "exported"
     train(tiny_config("digits-ct", tmp_path / "run", "train.steps=1"), progress=False)
-    save_model_dir(model, load_file(tmp_path / "run" / "model" / "model.safetensors"), "denoiser",
-                   json.loads((tmp_path / "run" / "model" / "config.json").read_text())["config"])
+    save_model_dir(
+        model,
+        load_file(tmp_path / "run" / "model" / "model.safetensors"),
+        "denoiser",
+        json.loads((tmp_path / "run" / "model" / "config.json").read_text())["config"],
+    )
     before = (model / "config.json").read_text()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -178,8 +186,16 @@ def test_a_test_split_is_refused_for_data_sets_without_one():
 
 # --- interrupts, the run lock, and damaged runs --------------------------------------------------------
 
-TINY_CLI = ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1", "train.batch_size=32",
-            "train.sample_every=0", "train.ckpt_every=0", "sample.grid_size=4", "train.num_threads=1"]
+TINY_CLI = [
+    "model.model_channels=16",
+    "model.channel_mult=1,2",
+    "model.num_blocks=1",
+    "train.batch_size=32",
+    "train.sample_every=0",
+    "train.ckpt_every=0",
+    "sample.grid_size=4",
+    "train.num_threads=1",
+]
 
 
 def _start_training(out, *extra):
@@ -188,9 +204,25 @@ def _start_training(out, *extra):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "cmkit", "train", "--preset", "digits-ct", "--no-progress",
-                             "--out", str(out), *TINY_CLI, "train.log_every=1", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cmkit",
+            "train",
+            "--preset",
+            "digits-ct",
+            "--no-progress",
+            "--out",
+            str(out),
+            *TINY_CLI,
+            "train.log_every=1",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text().strip():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -252,12 +284,17 @@ def _snapshot(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda out: (out / "checkpoint" / "state.json").unlink(), "state.json is missing"),
-    (lambda out: __import__("shutil").rmtree(out / "checkpoint"), "holds a trained model"),
-    (lambda out: [__import__("shutil").rmtree(out / d) for d in ("checkpoint", "model")],
-     "stopped before its first checkpoint"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda out: (out / "checkpoint" / "state.json").unlink(), "state.json is missing"),
+        (lambda out: __import__("shutil").rmtree(out / "checkpoint"), "holds a trained model"),
+        (
+            lambda out: [__import__("shutil").rmtree(out / d) for d in ("checkpoint", "model")],
+            "stopped before its first checkpoint",
+        ),
+    ],
+)
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_damaged_run_is_refused_with_its_files_intact(damage, message, resume, tmp_path):
     out = _run_with_a_model(tmp_path)
@@ -298,6 +335,7 @@ def test_damaged_run_files_are_one_line_not_internal_errors(tmp_path, capsys):
             s = json.loads((d / "checkpoint" / "state.json").read_text())
             s[key] = value
             (d / "checkpoint" / "state.json").write_text(json.dumps(s))
+
         return change
 
     def wrong_moment(d):
@@ -313,11 +351,13 @@ def test_damaged_run_files_are_one_line_not_internal_errors(tmp_path, capsys):
         shutil.rmtree(d / "checkpoint")
         (d / "checkpoint").write_text("x")
 
-    cases = [("step-str", state_with("step", "3"), "step is '3', expected an integer"),
-             ("step-neg", state_with("step", -3), "step is -3"),
-             ("opt", wrong_moment, "exp_avg has shape (3,)"),
-             ("log", log_dir, "log.jsonl is not a file"),
-             ("ckpt", ckpt_file, "checkpoint is a file")]
+    cases = [
+        ("step-str", state_with("step", "3"), "step is '3', expected an integer"),
+        ("step-neg", state_with("step", -3), "step is -3"),
+        ("opt", wrong_moment, "exp_avg has shape (3,)"),
+        ("log", log_dir, "log.jsonl is not a file"),
+        ("ckpt", ckpt_file, "checkpoint is a file"),
+    ]
     for name, change, message in cases:
         d = damaged(name, change)
         capsys.readouterr()

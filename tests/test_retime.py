@@ -1,5 +1,6 @@
 """cmkit.retime: a trained network given another time input (sCM's c_noise(t) = t) by refitting only its
 noise-embedding MLP, as train.init_from does when the run's time input differs from the source's."""
+
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ SCM_TIME = ["model.precond=trigflow", "model.time_input=t", "model.positional_sc
 
 
 SMOOTH = ["model.positional_scale=1"]  # a source whose embedding a smooth input can match (random weights on
-                                      # ADM's 1000·c_noise features give an embedding that is noise in σ)
+# ADM's 1000·c_noise features give an embedding that is noise in σ)
 TINY = ["model.model_channels=16"]
 
 
@@ -46,7 +47,7 @@ def test_fit_changes_only_the_embedding_mlp_and_matches_the_source_embedding(one
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     sigma = torch.tensor(REPORT_SIGMAS)
     with torch.no_grad():
-        err0 = ((embedding(dst, sigma) - embedding(src, sigma)).norm(dim=1) / embedding(src, sigma).norm(dim=1))
+        err0 = (embedding(dst, sigma) - embedding(src, sigma)).norm(dim=1) / embedding(src, sigma).norm(dim=1)
     rng = torch.get_rng_state()
     err = fit_time_embedding(src, dst, steps=1500, seed=seed)
     assert torch.equal(torch.get_rng_state(), rng)  # its noise comes from its own generator

@@ -3,8 +3,15 @@ import torch
 
 from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
-from cmkit.sampling import (edm_sigmas, per_sample_generators, sample_euler, sample_heun, sample_multistep,
-    sample_onestep, validate_sigmas)
+from cmkit.sampling import (
+    edm_sigmas,
+    per_sample_generators,
+    sample_euler,
+    sample_heun,
+    sample_multistep,
+    sample_onestep,
+    validate_sigmas,
+)
 from cmkit.toy import GaussianMixture
 
 
@@ -55,8 +62,10 @@ def test_seeded_determinism():
 def test_per_sample_seeds_make_samples_independent_of_batch_size():
     m = model_cm()
     full = sample_multistep(m, (6, 1, 8, 8), [80, 0.8], generator=per_sample_generators(range(6)))
-    parts = [sample_multistep(m, (k, 1, 8, 8), [80, 0.8], generator=per_sample_generators(range(s, s + k)))
-             for s, k in ((0, 2), (2, 1), (3, 3))]
+    parts = [
+        sample_multistep(m, (k, 1, 8, 8), [80, 0.8], generator=per_sample_generators(range(s, s + k)))
+        for s, k in ((0, 2), (2, 1), (3, 3))
+    ]
     assert torch.allclose(full, torch.cat(parts), atol=1e-5)
 
 
@@ -129,5 +138,7 @@ def test_heun_euler_default_is_unchanged_and_clip_denoised_clamps_every_estimate
     clipped = fn(d, shape, sigmas, generator=torch.Generator().manual_seed(0), clip_denoised=True)
     clamped_d = lambda x, s, **c: d(x, s).clamp(-1, 1)  # noqa: E731
     assert torch.equal(clipped, _ode_reference(clamped_d, shape, sigmas, torch.Generator().manual_seed(0), heun))
-    raw = [fn(d, shape, sigmas, generator=torch.Generator().manual_seed(0), clip=False, clip_denoised=c) for c in (0, 1)]
+    raw = [
+        fn(d, shape, sigmas, generator=torch.Generator().manual_seed(0), clip=False, clip_denoised=c) for c in (0, 1)
+    ]
     assert raw[0].abs().max() > 1.5 and raw[1].abs().max() <= 1 + 1e-6  # estimates in [-1, 1]: so is the ODE's end

@@ -10,8 +10,26 @@ def test_karras_grid_endpoints_and_reference_values():
     s = karras_sigmas(18)
     assert s[0].item() == 80.0 and s[-1].item() == torch.tensor(0.002, dtype=torch.float32).item()
     assert torch.all(s[:-1] > s[1:])
-    ref = [80, 57.59, 40.79, 28.37, 19.35, 12.91, 8.40, 5.32, 3.26, 1.92, 1.09, 0.585, 0.296, 0.140, 0.060,
-           0.023, 0.0075, 0.002]  # CM reference §1.1 (N = 18)
+    ref = [
+        80,
+        57.59,
+        40.79,
+        28.37,
+        19.35,
+        12.91,
+        8.40,
+        5.32,
+        3.26,
+        1.92,
+        1.09,
+        0.585,
+        0.296,
+        0.140,
+        0.060,
+        0.023,
+        0.0075,
+        0.002,
+    ]  # CM reference §1.1 (N = 18)
     for got, want in zip(s.tolist(), ref):
         assert got == pytest.approx(want, rel=0.02, abs=5e-4)
 
@@ -24,15 +42,33 @@ def test_karras_published_middle_points():
     assert karras_sigmas(18)[11].item() == pytest.approx(0.5853, rel=1e-3)
 
 
-@pytest.mark.parametrize("k,N,mu", [(0, 2, 0.810), (1000, 6, 0.9587), (10_000, 17, 0.9869),
-                                    (100_000, 54, 0.9960), (400_000, 107, 0.9980), (800_000, 151, 0.9986)])
+@pytest.mark.parametrize(
+    "k,N,mu",
+    [
+        (0, 2, 0.810),
+        (1000, 6, 0.9587),
+        (10_000, 17, 0.9869),
+        (100_000, 54, 0.9960),
+        (400_000, 107, 0.9980),
+        (800_000, 151, 0.9986),
+    ],
+)
 def test_ct_adaptive_cifar10_table(k, N, mu):
     got_N, got_mu = ct_adaptive_schedule(k, 800_000, s0=2, s1=150, mu0=0.9)
     assert got_N == N and got_mu == pytest.approx(mu, abs=1e-4)
 
 
-@pytest.mark.parametrize("k,N,mu", [(0, 2, 0.9025), (1000, 8, 0.9855), (10_000, 23, 0.9953),
-                                    (100_000, 72, 0.9986), (400_000, 143, 0.9993), (800_000, 201, 0.9995)])
+@pytest.mark.parametrize(
+    "k,N,mu",
+    [
+        (0, 2, 0.9025),
+        (1000, 8, 0.9855),
+        (10_000, 23, 0.9953),
+        (100_000, 72, 0.9986),
+        (400_000, 143, 0.9993),
+        (800_000, 201, 0.9995),
+    ],
+)
 def test_ct_adaptive_imagenet_table(k, N, mu):
     got_N, got_mu = ct_adaptive_schedule(k, 800_000, s0=2, s1=200, mu0=0.95)
     assert got_N == N and got_mu == pytest.approx(mu, abs=1e-4)

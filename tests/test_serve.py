@@ -10,6 +10,7 @@ file input, and ``page.request`` fetches the images the page shows with the page
 Screenshots go to a temporary folder, or to ``$CMKIT_SERVE_SCREENSHOTS`` when set (the README's pictures:
 ``CMKIT_SERVE_SCREENSHOTS=docs/images/serve .venv/bin/python -m pytest tests/test_serve.py``).
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,12 @@ from cmkit.serve.common import PathPolicy, mask_from_layers, to_model_image
 from cmkit.cli.serve import bind_warning, is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = [os.environ.get("CMKIT_CHROMIUM", ""), "/usr/bin/chromium", shutil.which("chromium") or "",
-            shutil.which("chromium-browser") or ""]
+CHROMIUM = [
+    os.environ.get("CMKIT_CHROMIUM", ""),
+    "/usr/bin/chromium",
+    shutil.which("chromium") or "",
+    shutil.which("chromium-browser") or "",
+]
 
 
 def chromium_path() -> str | None:
@@ -43,6 +48,7 @@ def chromium_path() -> str | None:
 
 
 # --- backend, no browser ---------------------------------------------------------------------------------
+
 
 def test_path_policy_refuses_dotdot_and_symlinks_out(tmp_path):
     allowed = tmp_path / "runs"
@@ -227,19 +233,23 @@ def test_serve_without_the_ui_extra_is_one_line(tmp_path):
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.partition('.')[0] == 'gradio':\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, _NoGradio())\n")
+        "sys.meta_path.insert(0, _NoGradio())\n"
+    )
     src = str(Path(cmkit.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
-    run = subprocess.run([sys.executable, "-m", "cmkit", "--help"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "cmkit", "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0 and "serve" in run.stdout
-    run = subprocess.run([sys.executable, "-m", "cmkit", "serve", "--port", "0"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "cmkit", "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 2
     assert run.stderr.strip() == "cmkit: error: cmkit serve needs gradio: pip install 'cmkit[ui]'"
 
 
 # --- the real page in headless Chromium ---------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -261,13 +271,37 @@ def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     runs = tmp / "runs"
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    subprocess.run([sys.executable, "-m", "cmkit", "train", "--preset", "digits-ict", "--no-progress",
-                    "--out", str(runs / "tiny-ict"), "train.steps=3", "train.log_every=1", "train.sample_every=3",
-                    "train.num_threads=1"], check=True, env=env, capture_output=True, timeout=300)
-    x = Backend().held_out("fmnist-cd", 0) if _has_fmnist() else \
-        np.random.default_rng(1).integers(0, 256, (28, 28, 1), dtype=np.uint8)
-    files = {"good": _png(x, tmp / "input28.png"), "image": x,
-             "wrong": _png(np.zeros((32, 32, 3), np.uint8), tmp / "wrong32.png")}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmkit",
+            "train",
+            "--preset",
+            "digits-ict",
+            "--no-progress",
+            "--out",
+            str(runs / "tiny-ict"),
+            "train.steps=3",
+            "train.log_every=1",
+            "train.sample_every=3",
+            "train.num_threads=1",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    x = (
+        Backend().held_out("fmnist-cd", 0)
+        if _has_fmnist()
+        else np.random.default_rng(1).integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    )
+    files = {
+        "good": _png(x, tmp / "input28.png"),
+        "image": x,
+        "wrong": _png(np.zeros((32, 32, 3), np.uint8), tmp / "wrong32.png"),
+    }
     (tmp / "allowed").mkdir()
     from cmkit.decoder.config import DecoderConfig
     from cmkit.decoder.testing import random_decoder, raw_latents
@@ -275,9 +309,28 @@ def site(tmp_path_factory):
     random_decoder(DecoderConfig.tiny()).save_pretrained(tmp / "allowed" / "tiny-decoder")  # random weights
     np.save(tmp / "allowed" / "latents.npy", raw_latents(2, 8, 8).numpy())
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cmkit", "serve", "--port", str(port), "--runs", str(runs),
-                             "--allow", str(tmp / "allowed"), "--threads", "1", "--refresh", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cmkit",
+            "serve",
+            "--port",
+            str(port),
+            "--runs",
+            str(runs),
+            "--allow",
+            str(tmp / "allowed"),
+            "--threads",
+            "1",
+            "--refresh",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -300,8 +353,9 @@ def site(tmp_path_factory):
     # stack's own transport errors when the browser closes mid-transfer (Starlette's ClientDisconnect during an
     # upload, h11's "Too little data for declared Content-Length" on a file response; both seen in fresh-clone
     # runs), so only tracebacks with a frame in cmkit count
-    failures = [t for t in log.split("Traceback (most recent call last):")[1:]
-                if re.search(r'File "[^"]*/cmkit/[^"]*\.py"', t)]
+    failures = [
+        t for t in log.split("Traceback (most recent call last):")[1:] if re.search(r'File "[^"]*/cmkit/[^"]*\.py"', t)
+    ]
     assert not failures, failures[0][-3000:]
 
 
@@ -419,7 +473,7 @@ def test_page_shows_an_error_for_a_wrong_size_upload(page, site, shots):
     status = wait_text(page, "#edit-status", "Error")
     assert "32×32" in status and "28×28" in status
     body = page.locator("body").inner_text()
-    assert "Traceback" not in body and "File \"" not in body
+    assert "Traceback" not in body and 'File "' not in body
     page.locator("#edit-status").screenshot(path=str(shots / "error.png"))
 
 
@@ -442,8 +496,13 @@ def test_page_refuses_a_dotdot_path(page, site, shots):
     status = wait_text(page, "#decode-status", "outside the paths given on the command line")
     assert "root:" not in status
     # gradio's own file route does not serve files it did not write
-    for path in ("/etc/passwd", "../../../../../../etc/passwd", str(site["runs"] / "tiny-ict" / "config.json"),
-                 "README.md", str(ROOT / "pyproject.toml")):  # the last two: the server's working directory
+    for path in (
+        "/etc/passwd",
+        "../../../../../../etc/passwd",
+        str(site["runs"] / "tiny-ict" / "config.json"),
+        "README.md",
+        str(ROOT / "pyproject.toml"),
+    ):  # the last two: the server's working directory
         response = page.request.get(site["url"] + "gradio_api/file=" + path)
         assert response.status in (403, 404), (path, response.status)
 

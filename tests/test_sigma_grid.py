@@ -1,5 +1,6 @@
 """σ levels that match the model: the grid each method trains on, on-grid defaults for sampling and editing,
 and one warning line for a σ off the grid."""
+
 import math
 
 import pytest
@@ -12,8 +13,15 @@ from cmkit.editing.tasks import inpaint, interpolate_images, stroke_guided
 from cmkit.errors import CmkitError
 from cmkit.generate import multistep_sigmas, resolve_sampler
 from cmkit.training.presets import get_config
-from cmkit.schedules import (ct_adaptive_schedule, grid_levels, ict_num_scales, karras_sigmas, nearest_grid_index,
-    off_grid, training_grid)
+from cmkit.schedules import (
+    ct_adaptive_schedule,
+    grid_levels,
+    ict_num_scales,
+    karras_sigmas,
+    nearest_grid_index,
+    off_grid,
+    training_grid,
+)
 
 G18 = karras_sigmas(18).tolist()  # the fmnist-cd / digits-cd / cifar10-cd grid (CM reference §1.1)
 
@@ -27,6 +35,7 @@ def shipped(name):
 
 
 # --- the training grid --------------------------------------------------------------------------------
+
 
 def test_cd_grid_is_the_karras_grid_of_num_scales_with_the_loss_default():
     assert training_grid(preset("digits-cd")) == G18  # bit-identical to what CDLoss trains on
@@ -81,6 +90,7 @@ def test_nearest_index_is_the_rounded_fractional_index_and_off_grid_uses_a_one_p
 
 # --- multistep defaults -------------------------------------------------------------------------------
 
+
 def test_cd_defaults_lie_on_the_grid():
     cfg = preset("digits-cd")  # sample.sigmas = (80, 0.8): 0.8 moves to its nearest level 0.5853
     assert multistep_sigmas(cfg, 1) == [80.0]
@@ -125,6 +135,7 @@ def test_resolve_sampler_warns_once_for_sigmas_off_the_grid(capsys):
 
 
 # --- editing defaults ---------------------------------------------------------------------------------
+
 
 class Recorder(torch.nn.Module):
     """A consistency 'model' that records the σ of every call and returns its input."""

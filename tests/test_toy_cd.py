@@ -1,4 +1,5 @@
 """Ground truth in closed form: CD with the exact Gaussian-mixture denoiser as teacher."""
+
 import copy
 
 import torch

@@ -18,8 +18,13 @@ def fixed_loss(trainer: Loop, seed: int = 123) -> float:
         return float(sum(trainer.task.loss(trainer.net, 0, trainer.generator)[0] for _ in range(4)) / 4)
 
 
-METHODS = [("digits-edm", [], 40), ("digits-ct", [], 120), ("digits-ict", [], 40), ("digits-cd", ["teacher"], 40),
-           ("digits-ect", ["init"], 80)]
+METHODS = [
+    ("digits-edm", [], 40),
+    ("digits-ct", [], 120),
+    ("digits-ict", [], 40),
+    ("digits-cd", ["teacher"], 40),
+    ("digits-ect", ["init"], 80),
+]
 
 
 @pytest.mark.parametrize("preset,needs,steps", METHODS)
@@ -76,8 +81,10 @@ def test_resume_continues_bit_for_bit(preset, tmp_path):
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(v, w), k
     if straight.task.target is not None:
-        assert all(torch.equal(v, w) for v, w in zip(straight.task.target.state_dict().values(),
-                                                       resumed.task.target.state_dict().values()))
+        assert all(
+            torch.equal(v, w)
+            for v, w in zip(straight.task.target.state_dict().values(), resumed.task.target.state_dict().values())
+        )
     sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
@@ -92,16 +99,26 @@ def test_resume_with_a_changed_setting_is_refused_and_the_record_kept(tmp_path):
     run = tmp_path / "run"
     train(tiny_config("digits-ict", run, "train.steps=2"), progress=False)
     record = (run / "config.json").read_text()
-    for changed, key in [("train.lr=1e-3", "train.lr"), ("train.batch_size=16", "train.batch_size"),
-                         ("train.seed=1", "train.seed"), ("train.optimizer=radam", "train.optimizer"),
-                         ("loss.huber_c=0.1", "loss.huber_c"), ("data.flip=true", "data.flip"),
-                         ("train.bf16=true", "train.bf16"), ("train.grad_clip=1", "train.grad_clip")]:
+    for changed, key in [
+        ("train.lr=1e-3", "train.lr"),
+        ("train.batch_size=16", "train.batch_size"),
+        ("train.seed=1", "train.seed"),
+        ("train.optimizer=radam", "train.optimizer"),
+        ("loss.huber_c=0.1", "loss.huber_c"),
+        ("data.flip=true", "data.flip"),
+        ("train.bf16=true", "train.bf16"),
+        ("train.grad_clip=1", "train.grad_clip"),
+    ]:
         with pytest.raises(CmkitError, match=rf"cannot resume .*settings differ from the run's: {key} "):
             Loop(tiny_config("digits-ict", run, "train.steps=4", "train.resume=true", changed), progress=False)
     assert (run / "config.json").read_text() == record
     # run control (steps, logging and checkpoint intervals, threads) may change
-    summary = train(tiny_config("digits-ict", run, "train.steps=4", "train.log_every=1", "train.num_threads=1",
-                                "train.resume=true"), progress=False)
+    summary = train(
+        tiny_config(
+            "digits-ict", run, "train.steps=4", "train.log_every=1", "train.num_threads=1", "train.resume=true"
+        ),
+        progress=False,
+    )
     assert summary["steps"] == 4 and summary["steps_run"] == 2
 
 
@@ -119,8 +136,18 @@ def test_a_run_saved_before_a_setting_existed_resumes(tmp_path):
     summary = train(tiny_config("digits-ict", run, "train.steps=3", "train.resume=true"), progress=False)
     assert summary["steps_run"] == 1
     with pytest.raises(CmkitError, match="model.time_inputs"):
-        Loop(tiny_config("digits-ict", run, "train.steps=4", "train.resume=true", "model.precond=meanflow",
-                         "model.time_inputs=2", "loss.method=meanflow"), progress=False)
+        Loop(
+            tiny_config(
+                "digits-ict",
+                run,
+                "train.steps=4",
+                "train.resume=true",
+                "model.precond=meanflow",
+                "model.time_inputs=2",
+                "loss.method=meanflow",
+            ),
+            progress=False,
+        )
 
 
 def test_nan_guard_skips_step_without_advancing(tmp_path):

@@ -1,5 +1,6 @@
 """The shipped models (five Fashion-MNIST, one colour emoji, the PD baseline): present, loadable by name,
 documented, and sampling and editing correctly."""
+
 import json
 
 import pytest
@@ -38,8 +39,24 @@ def test_shipped_consistency_models_keep_the_boundary_condition(name):
 
 def test_sample_cli_takes_a_shipped_name(tmp_path):
     out = tmp_path / "s.png"
-    assert main(["sample", "--model", "fmnist-cd", "--steps", "2", "-n", "4", "-o", str(out),
-                 "--npz", str(tmp_path / "s.npz")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "fmnist-cd",
+                "--steps",
+                "2",
+                "-n",
+                "4",
+                "-o",
+                str(out),
+                "--npz",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
     import numpy as np
 
     a = np.load(tmp_path / "s.npz")["arr_0"]
@@ -48,8 +65,25 @@ def test_sample_cli_takes_a_shipped_name(tmp_path):
 
 def test_edit_cli_takes_a_shipped_name(tmp_path, capsys, one_thread):
     out = tmp_path / "strip.png"
-    assert main(["edit", "interpolate", "--model", "fmnist-cd", "--seeds", "0,1", "--frames", "3", "--grid", str(out),
-                 "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "interpolate",
+                "--model",
+                "fmnist-cd",
+                "--seeds",
+                "0,1",
+                "--frames",
+                "3",
+                "--grid",
+                str(out),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
 
 
@@ -62,7 +96,7 @@ def test_the_colour_model_colorizes_keeping_the_luminance():
     assert cfg.model.in_channels == 3
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-    disc = ((xx ** 2 + yy ** 2) < 0.6).float()  # a bright disc on black, like an emoji
+    disc = ((xx**2 + yy**2) < 0.6).float()  # a bright disc on black, like an emoji
     gray = to_gray3((disc * 1.6 - 0.8).expand(2, 3, 32, 32) + 0.05 * torch.randn(2, 3, 32, 32, generator=g))
     out = colorize(model, gray, generator=g)
     torch.testing.assert_close(to_gray3(out), gray, atol=1e-4, rtol=0)
@@ -85,8 +119,9 @@ def test_a_local_path_always_wins_over_a_shipped_name(tmp_path, monkeypatch, cap
         resolve_model_dir("./fmnist-cd")  # a path, never a shipped name
     local = tmp_path / "fmnist-cd"
     local.mkdir()  # an existing directory without a model
-    with pytest.raises(CmkitError, match=f"a local path takes precedence over the shipped model 'fmnist-cd', "
-                                         f"which is at {shipped}") as e:
+    with pytest.raises(
+        CmkitError, match=f"a local path takes precedence over the shipped model 'fmnist-cd', which is at {shipped}"
+    ) as e:
         resolve_model_dir("fmnist-cd")
     assert "\n" not in str(e.value)
     (local / "config.json").write_text("{}")  # a training run that has not written its model yet

@@ -4,6 +4,7 @@ zero-shot editing and the Consistency Decoder.
 Calling convention everywhere: a denoiser/consistency function ``model(x, sigma, **cond) -> x0`` with
 x: (B, C, H, W) and sigma: (B,) (or a scalar); samplers take σ values, never grid indices.
 """
+
 from __future__ import annotations
 
 from .denoiser_config import Config
@@ -20,8 +21,35 @@ from .training.presets import PRESETS, get_config
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "CmkitError", "Precond", "cm_scalings", "edm_scalings", "karras_sigmas",
-           "load_model", "read_model_dir", "save_model_dir", "EDMLoss", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss",
-           "PDLoss", "SCTLoss", "SCDLoss", "MeanFlowLoss", "TCMLoss",
-           "sample_onestep", "sample_multistep", "sample_heun", "sample_euler", "edm_sigmas",
-           "per_sample_generators", "PRESETS", "get_config", "Loop", "train", "dry_run"]
+__all__ = [
+    "Config",
+    "CmkitError",
+    "Precond",
+    "cm_scalings",
+    "edm_scalings",
+    "karras_sigmas",
+    "load_model",
+    "read_model_dir",
+    "save_model_dir",
+    "EDMLoss",
+    "CDLoss",
+    "CTLoss",
+    "ICTLoss",
+    "ECTLoss",
+    "PDLoss",
+    "SCTLoss",
+    "SCDLoss",
+    "MeanFlowLoss",
+    "TCMLoss",
+    "sample_onestep",
+    "sample_multistep",
+    "sample_heun",
+    "sample_euler",
+    "edm_sigmas",
+    "per_sample_generators",
+    "PRESETS",
+    "get_config",
+    "Loop",
+    "train",
+    "dry_run",
+]

@@ -9,6 +9,7 @@ consistency-model run (``cmkit.denoiser_config.Config``) and the autoencoder and
 * Options that take one of a fixed set of names are ``Literal`` types, checked while parsing with a
   "did you mean" suggestion; ``validate()`` checks the rules across fields before any data is loaded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,16 @@ DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz"]
 Split = Literal["train", "test"]
 
 #: Keys that may change between a run and its resumption (everything else must match exactly).
-RUN_CONTROL_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every", "train.ckpt_every",
-                    "train.num_threads", "train.out_dir", "train.max_skipped")
+RUN_CONTROL_KEYS = (
+    "train.steps",
+    "train.resume",
+    "train.log_every",
+    "train.sample_every",
+    "train.ckpt_every",
+    "train.num_threads",
+    "train.out_dir",
+    "train.max_skipped",
+)
 #: Classes of the labelled built-in data sets (0 = unlabelled); folder/npz are checked when loaded.
 DATA_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "emoji": 0}
 
@@ -51,43 +60,46 @@ def require(ok: bool, message: str) -> None:
 
 # --- shared sections -------------------------------------------------------------------------------
 
+
 @dataclass
 class DataConfig:
     """Training data."""
 
-    name: DataName = "digits"   # digits | fashion_mnist | mnist | emoji | folder | npz
-    root: str = ""              # folder, .npz file, or directory of IDX files ("" = the bundled/Debian copy)
-    split: Split = "train"      # train | test
-    flip: bool = False          # random horizontal flips (a pure function of seed and step)
+    name: DataName = "digits"  # digits | fashion_mnist | mnist | emoji | folder | npz
+    root: str = ""  # folder, .npz file, or directory of IDX files ("" = the bundled/Debian copy)
+    split: Split = "train"  # train | test
+    flip: bool = False  # random horizontal flips (a pure function of seed and step)
 
     def check(self) -> None:
-        require(self.split == "train" or self.name in SPLIT_DATASETS,
-                f"data.split={self.split}: data set {self.name!r} has no held-out split (only "
-                f"{', '.join(SPLIT_DATASETS)} do)")
+        require(
+            self.split == "train" or self.name in SPLIT_DATASETS,
+            f"data.split={self.split}: data set {self.name!r} has no held-out split (only "
+            f"{', '.join(SPLIT_DATASETS)} do)",
+        )
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, EMAs, precision, seeds, logging and checkpointing (the same for every kind of run)."""
 
-    steps: int = 1000                        # optimisation steps K
-    batch_size: int = 64                     # global batch (split over processes)
-    lr: float = 2e-4                         # learning rate after warm-up
-    optimizer: Optimizer = "radam"           # adam | radam
+    steps: int = 1000  # optimisation steps K
+    batch_size: int = 64  # global batch (split over processes)
+    lr: float = 2e-4  # learning rate after warm-up
+    optimizer: Optimizer = "radam"  # adam | radam
     betas: tuple[float, ...] = (0.9, 0.999)  # Adam β1, β2
-    weight_decay: float = 0.0                # L2 weight decay (Adam's, not AdamW's)
-    warmup_steps: int = 0                    # linear learning-rate warm-up
-    grad_clip: float = 0.0                   # max global gradient norm (0 = off)
+    weight_decay: float = 0.0  # L2 weight decay (Adam's, not AdamW's)
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    grad_clip: float = 0.0  # max global gradient norm (0 = off)
     ema_rates: tuple[float, ...] = (0.999,)  # evaluation EMAs; the first is exported (none: the online weights)
-    bf16: bool = False                       # bfloat16 autocast for the network (σ arithmetic stays fp32)
-    seed: int = 0                            # batches, noise, dropout and initialisation
-    out_dir: str = ""                        # run directory ("" = runs/PRESET)
-    resume: bool = False                     # continue the run in out_dir exactly
-    log_every: int = 10                      # steps between log.jsonl rows
-    sample_every: int = 500                  # steps between sample grids (0 = only at the end)
-    ckpt_every: int = 500                    # steps between checkpoints (0 = only at the end)
-    num_threads: int = 0                     # torch CPU threads (0 = torch's default)
-    max_skipped: int = 20                    # consecutive non-finite steps that stop the run as diverged
+    bf16: bool = False  # bfloat16 autocast for the network (σ arithmetic stays fp32)
+    seed: int = 0  # batches, noise, dropout and initialisation
+    out_dir: str = ""  # run directory ("" = runs/PRESET)
+    resume: bool = False  # continue the run in out_dir exactly
+    log_every: int = 10  # steps between log.jsonl rows
+    sample_every: int = 500  # steps between sample grids (0 = only at the end)
+    ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
+    num_threads: int = 0  # torch CPU threads (0 = torch's default)
+    max_skipped: int = 20  # consecutive non-finite steps that stop the run as diverged
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``."""
@@ -102,20 +114,27 @@ class TrainConfig:
 
     def check(self) -> None:
         most = max_threads()
-        require(self.num_threads <= most, f"train.num_threads must be 0 (torch's default) or at most {most} "
-                                          f"(4 per CPU), got {self.num_threads}")
+        require(
+            self.num_threads <= most,
+            f"train.num_threads must be 0 (torch's default) or at most {most} (4 per CPU), got {self.num_threads}",
+        )
         for key in ("steps", "batch_size", "log_every", "max_skipped"):
             require(getattr(self, key) >= 1, f"train.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("warmup_steps", "sample_every", "ckpt_every", "num_threads"):
             require(getattr(self, key) >= 0, f"train.{key} must be 0 or more, got {getattr(self, key)}")
         require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         require(self.grad_clip >= 0, f"train.grad_clip must be 0 (off) or positive, got {self.grad_clip}")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        require(all(0 <= r < 1 for r in self.ema_rates), f"train.ema_rates must lie in [0, 1), got {list(self.ema_rates)}")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"train.betas must be two numbers in [0, 1), got {list(self.betas)}",
+        )
+        require(
+            all(0 <= r < 1 for r in self.ema_rates), f"train.ema_rates must lie in [0, 1), got {list(self.ema_rates)}"
+        )
 
 
 # --- the run config base ---------------------------------------------------------------------------
+
 
 class RunConfig:
     """What every run config has: a ``kind``, a ``train`` section, dict/JSON round trips and ``validate``."""
@@ -135,8 +154,10 @@ class RunConfig:
         """The inverse of ``to_dict``; unknown sections or keys are one clear error."""
         cfg = cls()
         for section, values in d.items():
-            require(isinstance(values, dict) and section in _section_names(cfg),
-                    f"unknown config section {section!r}; expected one of {', '.join(_section_names(cfg))}")
+            require(
+                isinstance(values, dict) and section in _section_names(cfg),
+                f"unknown config section {section!r}; expected one of {', '.join(_section_names(cfg))}",
+            )
             for key, value in values.items():
                 set_value(cfg, f"{section}.{key}", value)
         return cfg
@@ -150,14 +171,18 @@ class RunConfig:
         left out: what a resume of the saved run must refuse. A key the saved config lacks (a setting added to
         cmkit after the run started) counts as its default, which keeps the behaviour the run was started with."""
         old, new = {**flatten(type(self)().to_dict()), **flatten(saved)}, flatten(self.to_dict())
-        return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-                if k not in RUN_CONTROL_KEYS and old.get(k) != new.get(k)]
+        return [
+            (k, old.get(k), new.get(k))
+            for k in sorted(set(old) | set(new))
+            if k not in RUN_CONTROL_KEYS and old.get(k) != new.get(k)
+        ]
 
 
 # --- the consistency-model / diffusion run ---------------------------------------------------------
 
 
 # --- generic machinery: keys, parsing, overrides ---------------------------------------------------
+
 
 def _section_names(cfg: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg)]
@@ -196,7 +221,11 @@ def resolve_key(cfg: Any, key: str) -> str:
         return matches[0]
     require(not matches, f"config key {key!r} is ambiguous; use one of {', '.join(matches)}")
     close = difflib.get_close_matches(key, keys + [k.rsplit(".", 1)[-1] for k in keys], n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; run `cmkit train --preset NAME --dry-run` to see all keys"
+    hint = (
+        f"; did you mean {', '.join(close)}?"
+        if close
+        else "; run `cmkit train --preset NAME --dry-run` to see all keys"
+    )
     raise CmkitError(f"unknown config key {key!r}{hint}")
 
 

@@ -6,6 +6,7 @@ an image folder, or an ``.npz`` of uint8 NHWC images
 (``arr_0``, optional labels ``arr_1``). Batches are a pure function of (seed, step, rank), which makes
 resumed and multi-process training exactly reproducible.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -27,7 +28,7 @@ EMOJI_RANGES = ((0x1F300, 0x1F650), (0x1F680, 0x1F700), (0x1F900, 0x1FA00), (0x1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 HOW_TO_GET = {
     "fashion_mnist": "install it with `apt-get install dataset-fashion-mnist` or set data.root to a folder "
-                     "holding train-images-idx3-ubyte.gz etc.",
+    "holding train-images-idx3-ubyte.gz etc.",
     "mnist": "set data.root to a folder holding the MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
 }
 
@@ -50,6 +51,7 @@ class ImageData:
 
 # --- readers ---------------------------------------------------------------------------------------
 
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): magic 0x0000 08 ndim, big-endian dims, uint8 data."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -61,8 +63,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise CmkitError(f"{path} is not a uint8 IDX file (expected magic 0x00 0x00 0x08 <ndim>)")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data[4 + 4 * ndim:], np.uint8)
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data[4 + 4 * ndim :], np.uint8)
     if len(data) < 4 + 4 * ndim or body.size != int(np.prod(dims)):
         raise CmkitError(f"{path}: IDX header says {dims} but the file holds {body.size} values (truncated?)")
     return body.reshape(dims)
@@ -86,8 +88,10 @@ def load_idx_dataset(name: str, root: str, split: str) -> ImageData:
     img_path = _find(base, f"{prefix}-images-idx3-ubyte")
     lab_path = _find(base, f"{prefix}-labels-idx1-ubyte")
     if img_path is None or lab_path is None:
-        raise CmkitError(f"{name} not found: expected {prefix}-images-idx3-ubyte[.gz] and "
-                         f"{prefix}-labels-idx1-ubyte[.gz] in '{base}'; {HOW_TO_GET[name]}")
+        raise CmkitError(
+            f"{name} not found: expected {prefix}-images-idx3-ubyte[.gz] and "
+            f"{prefix}-labels-idx1-ubyte[.gz] in '{base}'; {HOW_TO_GET[name]}"
+        )
     images, labels = read_idx(img_path), read_idx(lab_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise CmkitError(f"{img_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
@@ -120,8 +124,9 @@ def load_npz(path: str) -> ImageData:
     labels = None
     if lab is not None:
         if lab.dtype.kind not in "iub" or lab.ndim != 1 or len(lab) != len(a):
-            raise CmkitError(f"{p}: labels under {lab_key!r} must be {len(a)} integers (one per image), got "
-                             f"{lab.dtype} {lab.shape}")
+            raise CmkitError(
+                f"{p}: labels under {lab_key!r} must be {len(a)} integers (one per image), got {lab.dtype} {lab.shape}"
+            )
         if len(lab) and lab.min() < 0:
             raise CmkitError(f"{p}: labels under {lab_key!r} must be class indices >= 0, got {int(lab.min())}")
         labels = torch.from_numpy(lab.astype(np.int64))
@@ -139,8 +144,11 @@ def load_folder(path: str, resolution: int, channels: int) -> ImageData:
     root = Path(path).expanduser()
     if resolution < 1:
         raise CmkitError(f"a folder data set needs the image size: set model.img_resolution (got {resolution})")
-    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()) \
-        if str(path).strip() and root.is_dir() else []
+    files = (
+        sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if str(path).strip() and root.is_dir()
+        else []
+    )
     if not files:
         raise CmkitError(f"no images found in folder '{root}' (expected .png/.jpg files; set data.root)")
     out = []
@@ -186,8 +194,10 @@ def load_emoji(root: str, split: str, resolution: int) -> ImageData:
 
     font = Path(root or EMOJI_FONT)
     if not font.is_file():
-        raise CmkitError(f"emoji font not found: {font}; install it with `apt-get install fonts-noto-color-emoji` "
-                         f"or set data.root to NotoColorEmoji.ttf")
+        raise CmkitError(
+            f"emoji font not found: {font}; install it with `apt-get install fonts-noto-color-emoji` "
+            f"or set data.root to NotoColorEmoji.ttf"
+        )
     if split not in ("train", "test"):
         raise CmkitError(f"unknown split {split!r}; expected 'train' or 'test'")
     size = resolution or 32
@@ -221,8 +231,9 @@ def load_dataset(name: str, root: str = "", split: str = "train", resolution: in
     ``split='test'`` exists for the data sets with a held-out split (``SPLIT_DATASETS``); asking it of another
     one is an error rather than silently training on everything."""
     if split != "train" and name not in SPLIT_DATASETS:
-        raise CmkitError(f"data set {name!r} has no {split!r} split (only {', '.join(SPLIT_DATASETS)} do); "
-                         "use data.split=train")
+        raise CmkitError(
+            f"data set {name!r} has no {split!r} split (only {', '.join(SPLIT_DATASETS)} do); use data.split=train"
+        )
     if name == "digits":
         data = load_digits()
     elif name in ("fashion_mnist", "mnist"):
@@ -236,22 +247,28 @@ def load_dataset(name: str, root: str = "", split: str = "train", resolution: in
     else:
         raise CmkitError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
     if resolution and data.shape[1:] != (resolution, resolution):
-        raise CmkitError(f"data set {name!r} has {data.shape[2]}×{data.shape[1]} images but the model expects "
-                         f"{resolution}×{resolution}" + (f" (set model.img_resolution={data.shape[1]})"
-                                                          if data.shape[1] == data.shape[2] else ""))
+        raise CmkitError(
+            f"data set {name!r} has {data.shape[2]}×{data.shape[1]} images but the model expects "
+            f"{resolution}×{resolution}"
+            + (f" (set model.img_resolution={data.shape[1]})" if data.shape[1] == data.shape[2] else "")
+        )
     if channels and data.shape[0] != channels:
-        raise CmkitError(f"data set {name!r} has {data.shape[0]} channels but the model expects {channels} "
-                         f"(set model.in_channels={data.shape[0]})")
+        raise CmkitError(
+            f"data set {name!r} has {data.shape[0]} channels but the model expects {channels} "
+            f"(set model.in_channels={data.shape[0]})"
+        )
     return data
 
 
 # --- batches ---------------------------------------------------------------------------------------
 
+
 class Batches:
     """Deterministic batches: batch ``step`` is a function of (seed, step) only; rank r gets its slice."""
 
-    def __init__(self, data: ImageData, batch_size: int, seed: int = 0, flip: bool = False,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, data: ImageData, batch_size: int, seed: int = 0, flip: bool = False, rank: int = 0, world_size: int = 1
+    ):
         if batch_size % world_size:
             raise CmkitError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
         if batch_size > len(data):
@@ -266,7 +283,7 @@ class Batches:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(len(self.data), generator=g)
-        idx = self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+        idx = self._perm[j * self.batch_size : (j + 1) * self.batch_size]
         return idx.chunk(self.world_size)[self.rank]
 
     def get(self, step: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:

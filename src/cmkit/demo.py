@@ -5,6 +5,7 @@ demo/teacher_heun35.png (35 evaluations), demo/cd_1step.png (1 evaluation), demo
 editing gallery (``demo/gallery/TASK.png``) made with the shipped Fashion-MNIST CD model and the colour emoji (``emoji-ect``)
 model on held-out images. It ends by printing the command of the web page (``cmkit serve``).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -60,18 +61,23 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = OUT / "runs"
     ensure_trained("digits-edm", runs / "digits-edm")
-    ensure_trained("digits-cd", runs / "digits-cd", f"train.teacher={runs / 'digits-edm'}",
-                   f"train.init_from={runs / 'digits-edm'}")
-    rows = [timed_grid(runs / "digits-edm", "heun", 18, "teacher_heun35.png"),
-            timed_grid(runs / "digits-cd", "onestep", 1, "cd_1step.png"),
-            timed_grid(runs / "digits-cd", "multistep", 2, "cd_2step.png")]
+    ensure_trained(
+        "digits-cd",
+        runs / "digits-cd",
+        f"train.teacher={runs / 'digits-edm'}",
+        f"train.init_from={runs / 'digits-edm'}",
+    )
+    rows = [
+        timed_grid(runs / "digits-edm", "heun", 18, "teacher_heun35.png"),
+        timed_grid(runs / "digits-cd", "onestep", 1, "cd_1step.png"),
+        timed_grid(runs / "digits-cd", "multistep", 2, "cd_2step.png"),
+    ]
     print("\nwrote:")
     for (path, sec), nfe in zip(rows, (35, 1, 2)):
         print(f"  {path}  ({nfe:>2} network evaluations, {1000 * sec:.2f} ms/image)")
     print(f"one-step speed-up over the 35-evaluation teacher: {rows[0][1] / rows[1][1]:.0f}x")
     editing_gallery()
-    print(f"\nweb page on the shipped models and these runs (then open http://127.0.0.1:7860/):\n"
-          f"  {SERVE_COMMAND}")
+    print(f"\nweb page on the shipped models and these runs (then open http://127.0.0.1:7860/):\n  {SERVE_COMMAND}")
 
 
 def held_out(model_name: str, dataset: str, n: int) -> tuple[torch.nn.Module, torch.Tensor, list[float] | None] | None:

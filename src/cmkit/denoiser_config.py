@@ -4,6 +4,7 @@
 the method's loss (``cmkit.losses``); ``validate()`` checks the rules across sections before any data is read.
 The override machinery and the sections shared with the autoencoder and decoder runs are in ``cmkit.config``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,95 +39,140 @@ EDM_EMBEDDING = {"ddpmpp": "positional", "ncsnpp": "fourier", "dhariwal": "posit
 class ModelConfig:
     """Backbone and preconditioning of a denoiser ``model(x, sigma, class_labels=None) -> x0``."""
 
-    arch: Arch = "unet"                          # unet | mlp | adm (the CM paper's released network) |
-                                                 # ddpmpp | ncsnpp | dhariwal (EDM's networks, cmkit.nets.edm)
-    img_resolution: int = 8                      # image side
-    in_channels: int = 1                         # image channels
-    model_channels: int = 32                     # unet: width of the first level
-    channel_mult: tuple[int, ...] = (1, 2)       # unet: width multipliers per level (one halving per level)
-    num_blocks: int = 1                          # unet: residual blocks per level
-    attn_resolutions: tuple[int, ...] = ()       # unet: resolutions with self-attention
-    dropout: float = 0.0                         # dropout probability in residual blocks
-    num_classes: int = 0                         # class-conditional when > 0
-    embedding: Embedding = "positional"          # noise embedding: positional | fourier
-    fourier_scale: float = 16.0                  # fourier embedding frequency scale
-    positional_scale: float = 1000.0             # unet, mlp: positional embedding of scale·c_noise (ADM 1000;
-                                                 # sCM's stable c_noise(t) = t uses 1)
-    head_channels: int = 64                      # unet: channels per attention head
-    hidden: int = 128                            # mlp: hidden width
-    depth: int = 3                               # mlp: hidden layers
-    scale_shift: bool = True                     # adm: scale-shift noise conditioning (use_scale_shift_norm)
-    resblock_updown: bool = True                 # adm: resample inside residual blocks
-    augment_dim: int = 0                         # ddpmpp, ncsnpp, dhariwal: EDM's augmentation-label inputs (9 in
-                                                 # its released CIFAR-10/FFHQ/AFHQ models; no labels are passed)
-    precond: PrecondKind = "cm"                  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
-                                                 # | vp, ve (EDM's baseline-* teachers, sampling only)
-                                                 # | trigflow (sCM) | meanflow (two-time flow map)
-    time_inputs: int = 1                         # unet, mlp: 2 adds a second time input (meanflow's t − r)
-    time_input: TimeInput = "default"            # trigflow's noise input: default (= t, sCM) | t | log_sigma
-                                                 # (EDM's ln σ/4: to fine-tune an EDM-trained network)
-    sigma_min: float = SIGMA_MIN                 # σ_min (consistency boundary)
-    sigma_max: float = SIGMA_MAX                 # σ_max (one-step sampling starts here)
-    sigma_data: float = SIGMA_DATA               # σ_data of the preconditioning and the weightings
+    arch: Arch = "unet"  # unet | mlp | adm (the CM paper's released network) |
+    # ddpmpp | ncsnpp | dhariwal (EDM's networks, cmkit.nets.edm)
+    img_resolution: int = 8  # image side
+    in_channels: int = 1  # image channels
+    model_channels: int = 32  # unet: width of the first level
+    channel_mult: tuple[int, ...] = (1, 2)  # unet: width multipliers per level (one halving per level)
+    num_blocks: int = 1  # unet: residual blocks per level
+    attn_resolutions: tuple[int, ...] = ()  # unet: resolutions with self-attention
+    dropout: float = 0.0  # dropout probability in residual blocks
+    num_classes: int = 0  # class-conditional when > 0
+    embedding: Embedding = "positional"  # noise embedding: positional | fourier
+    fourier_scale: float = 16.0  # fourier embedding frequency scale
+    positional_scale: float = 1000.0  # unet, mlp: positional embedding of scale·c_noise (ADM 1000;
+    # sCM's stable c_noise(t) = t uses 1)
+    head_channels: int = 64  # unet: channels per attention head
+    hidden: int = 128  # mlp: hidden width
+    depth: int = 3  # mlp: hidden layers
+    scale_shift: bool = True  # adm: scale-shift noise conditioning (use_scale_shift_norm)
+    resblock_updown: bool = True  # adm: resample inside residual blocks
+    augment_dim: int = 0  # ddpmpp, ncsnpp, dhariwal: EDM's augmentation-label inputs (9 in
+    # its released CIFAR-10/FFHQ/AFHQ models; no labels are passed)
+    precond: PrecondKind = "cm"  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
+    # | vp, ve (EDM's baseline-* teachers, sampling only)
+    # | trigflow (sCM) | meanflow (two-time flow map)
+    time_inputs: int = 1  # unet, mlp: 2 adds a second time input (meanflow's t − r)
+    time_input: TimeInput = "default"  # trigflow's noise input: default (= t, sCM) | t | log_sigma
+    # (EDM's ln σ/4: to fine-tune an EDM-trained network)
+    sigma_min: float = SIGMA_MIN  # σ_min (consistency boundary)
+    sigma_max: float = SIGMA_MAX  # σ_max (one-step sampling starts here)
+    sigma_data: float = SIGMA_DATA  # σ_data of the preconditioning and the weightings
 
     NET_KEYS: ClassVar[tuple[str, ...]] = (
-        "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks", "attn_resolutions",
-        "dropout", "num_classes", "embedding", "fourier_scale", "positional_scale", "head_channels", "hidden", "depth",
-        "scale_shift", "resblock_updown", "augment_dim", "time_inputs")
+        "img_resolution",
+        "in_channels",
+        "model_channels",
+        "channel_mult",
+        "num_blocks",
+        "attn_resolutions",
+        "dropout",
+        "num_classes",
+        "embedding",
+        "fourier_scale",
+        "positional_scale",
+        "head_channels",
+        "hidden",
+        "depth",
+        "scale_shift",
+        "resblock_updown",
+        "augment_dim",
+        "time_inputs",
+    )
 
     def build(self) -> Any:
         """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
         net = build_net(self.arch, **{k: getattr(self, k) for k in self.NET_KEYS})
         if self.precond in ("vp", "ve"):  # EDM's baseline-* teachers
-
             return VPPrecond(net) if self.precond == "vp" else VEPrecond(net)
         return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max, self.time_input)
 
     def check(self) -> None:
-        for key, most in (("img_resolution", 4096), ("in_channels", 64), ("model_channels", 4096),
-                          ("num_blocks", 64), ("head_channels", 4096), ("hidden", 65536), ("depth", 256)):
+        for key, most in (
+            ("img_resolution", 4096),
+            ("in_channels", 64),
+            ("model_channels", 4096),
+            ("num_blocks", 64),
+            ("head_channels", 4096),
+            ("hidden", 65536),
+            ("depth", 256),
+        ):
             value = getattr(self, key)
             require(1 <= value <= most, f"model.{key} must be between 1 and {most}, got {value}")
-        require(0 <= self.num_classes <= 1_000_000,
-                f"model.num_classes must be 0 (unconditional) to 1,000,000, got {self.num_classes}")
-        require(bool(self.channel_mult) and all(1 <= m <= 64 for m in self.channel_mult) and len(self.channel_mult) <= 12,
-                f"model.channel_mult must be 1 to 12 integers between 1 and 64, got {list(self.channel_mult)}")
+        require(
+            0 <= self.num_classes <= 1_000_000,
+            f"model.num_classes must be 0 (unconditional) to 1,000,000, got {self.num_classes}",
+        )
+        require(
+            bool(self.channel_mult) and all(1 <= m <= 64 for m in self.channel_mult) and len(self.channel_mult) <= 12,
+            f"model.channel_mult must be 1 to 12 integers between 1 and 64, got {list(self.channel_mult)}",
+        )
         require(self.fourier_scale > 0, f"model.fourier_scale must be positive, got {self.fourier_scale}")
         require(self.positional_scale > 0, f"model.positional_scale must be positive, got {self.positional_scale}")
-        require(self.positional_scale == 1000.0 or (self.arch in ("unet", "mlp") and self.embedding == "positional"),
-                "model.positional_scale applies to model.arch=unet or mlp with model.embedding=positional")
-        require(0 < self.sigma_min < self.sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got "
-                                                     f"{self.sigma_min}, {self.sigma_max}")
+        require(
+            self.positional_scale == 1000.0 or (self.arch in ("unet", "mlp") and self.embedding == "positional"),
+            "model.positional_scale applies to model.arch=unet or mlp with model.embedding=positional",
+        )
+        require(
+            0 < self.sigma_min < self.sigma_max,
+            f"need 0 < model.sigma_min < model.sigma_max, got {self.sigma_min}, {self.sigma_max}",
+        )
         require(self.sigma_data > 0, f"model.sigma_data must be positive, got {self.sigma_data}")
         require(0 <= self.dropout < 1, f"model.dropout must lie in [0, 1), got {self.dropout}")
-        require(self.time_input == "default" or self.precond == "trigflow",
-                f"model.time_input={self.time_input} applies to model.precond=trigflow only")
+        require(
+            self.time_input == "default" or self.precond == "trigflow",
+            f"model.time_input={self.time_input} applies to model.precond=trigflow only",
+        )
         require(self.time_inputs in (1, 2), f"model.time_inputs must be 1 or 2, got {self.time_inputs}")
-        require((self.precond == "meanflow") == (self.time_inputs == 2),
-                "model.precond=meanflow and model.time_inputs=2 go together (a flow map takes two times)")
-        require(self.time_inputs == 1 or self.arch in ("unet", "mlp"),
-                f"model.time_inputs=2 needs model.arch=unet or mlp, got {self.arch}")
+        require(
+            (self.precond == "meanflow") == (self.time_inputs == 2),
+            "model.precond=meanflow and model.time_inputs=2 go together (a flow map takes two times)",
+        )
+        require(
+            self.time_inputs == 1 or self.arch in ("unet", "mlp"),
+            f"model.time_inputs=2 needs model.arch=unet or mlp, got {self.arch}",
+        )
         if self.arch == "adm":
-            require(self.embedding == "positional", "model.arch=adm embeds the noise level positionally; "
-                                                    "set model.embedding=positional")
+            require(
+                self.embedding == "positional",
+                "model.arch=adm embeds the noise level positionally; set model.embedding=positional",
+            )
             bad = [m * self.model_channels for m in self.channel_mult if (m * self.model_channels) % 32]
             require(not bad, f"model.arch=adm uses GroupNorm(32): widths {bad} are not multiples of 32")
         if self.arch in EDM_EMBEDDING:
             want = EDM_EMBEDDING[self.arch]
-            require(self.embedding == want, f"model.arch={self.arch} embeds the noise level with "
-                                            f"{want} features; set model.embedding={want}")
+            require(
+                self.embedding == want,
+                f"model.arch={self.arch} embeds the noise level with {want} features; set model.embedding={want}",
+            )
             widths = {m * self.model_channels for m in self.channel_mult} | {self.model_channels}
             bad = sorted(w for w in widths if w < 4 or w % min(32, w // 4))
             require(not bad, f"model.arch={self.arch} uses GroupNorm(min(32, C/4)): widths {bad} do not split")
             require(0 <= self.augment_dim <= 64, f"model.augment_dim must be 0 to 64, got {self.augment_dim}")
         else:
-            require(self.augment_dim == 0, f"model.augment_dim is an option of EDM's networks (model.arch=ddpmpp, "
-                                           f"ncsnpp or dhariwal), not of model.arch={self.arch}")
+            require(
+                self.augment_dim == 0,
+                f"model.augment_dim is an option of EDM's networks (model.arch=ddpmpp, "
+                f"ncsnpp or dhariwal), not of model.arch={self.arch}",
+            )
         if self.arch in ("unet", "adm", *EDM_EMBEDDING):
             levels = 2 ** (len(self.channel_mult) - 1)
-            require(self.img_resolution % levels == 0,
-                    f"model.img_resolution={self.img_resolution} must be divisible by {levels} "
-                    f"(2^(len(model.channel_mult) - 1))")
+            require(
+                self.img_resolution % levels == 0,
+                f"model.img_resolution={self.img_resolution} must be divisible by {levels} "
+                f"(2^(len(model.channel_mult) - 1))",
+            )
             reached = {self.img_resolution // 2**i for i in range(len(self.channel_mult))}
             bad = sorted(set(self.attn_resolutions) - reached)
             require(not bad, f"model.attn_resolutions {bad} are never reached; the levels run at {sorted(reached)}")
@@ -139,8 +185,11 @@ class _LossSection:
 
     def options(self) -> dict[str, Any]:
         """The options set in this section (not ``None``), without the method."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "method" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "method" and getattr(self, f.name) is not None
+        }
 
     def loss_class(self) -> Any:
         return LOSSES[self.method]
@@ -154,19 +203,25 @@ class _LossSection:
         options (``RULES``, e.g. s1 ≥ s0) hold for the values it will use (the set ones, else its defaults)."""
         declared, given = options_of(self.loss_class()), self.options()
         unused = [k for k in given if k not in declared]
-        require(not unused, f"loss.{unused[0] if unused else ''} is not an option of method {self.method!r} "
-                            f"(its options: {', '.join(declared) or 'none'})")
+        require(
+            not unused,
+            f"loss.{unused[0] if unused else ''} is not an option of method {self.method!r} "
+            f"(its options: {', '.join(declared) or 'none'})",
+        )
         for key, value in given.items():
             opt = declared[key][2]
             problem = opt.problem(value)
             if problem and opt.choices is not None:
-                raise CmkitError(f"loss.{key}={value!r} is not a {key} of method {self.method!r} (expected "
-                                 f"{problem})")
+                raise CmkitError(f"loss.{key}={value!r} is not a {key} of method {self.method!r} (expected {problem})")
             require(problem is None, f"loss.{key} must be {problem}, got {value}")
         values = {name: given.get(name, default) for name, (_, default, _) in declared.items()}
         for rule, message in getattr(self.loss_class(), "RULES", ()):
-            require(rule(values), f"{message} (method {self.method!r}: " +
-                    ", ".join(f"loss.{k}={values[k]}" for k in ("s0", "s1") if k in values) + ")")
+            require(
+                rule(values),
+                f"{message} (method {self.method!r}: "
+                + ", ".join(f"loss.{k}={values[k]}" for k in ("s0", "s1") if k in values)
+                + ")",
+            )
 
     def describe(self, steps: int) -> str:
         """The method's options, one per line: the value it will use (set here, or its default; total_steps is
@@ -174,8 +229,10 @@ class _LossSection:
         given = {**self.options()}
         defaults = {name: default for name, (_, default, _) in options_of(self.loss_class()).items()}
         defaults.update({"total_steps": steps} if "total_steps" in defaults else {})
-        rows = [(f"loss.{name}={given.get(name, defaults[name])}", "" if name in given else " (default)", opt.help)
-                for name, (_, _, opt) in options_of(self.loss_class()).items()]
+        rows = [
+            (f"loss.{name}={given.get(name, defaults[name])}", "" if name in given else " (default)", opt.help)
+            for name, (_, _, opt) in options_of(self.loss_class()).items()
+        ]
         width = max((len(a) + len(b) for a, b, _ in rows), default=0)
         return "\n".join(f"  {a + b:<{width}}  {h}" for a, b, h in rows)
 
@@ -183,8 +240,12 @@ class _LossSection:
         """The loss object of ``method`` with the set options, the σ range, σ_data and K."""
         cls = self.loss_class()
         params = parameters(cls)
-        common = {"sigma_min": model.sigma_min, "sigma_max": model.sigma_max, "sigma_data": model.sigma_data,
-                  "total_steps": steps}
+        common = {
+            "sigma_min": model.sigma_min,
+            "sigma_max": model.sigma_max,
+            "sigma_data": model.sigma_data,
+            "total_steps": steps,
+        }
         return cls(**{**{k: v for k, v in common.items() if k in params}, **self.options()})
 
 
@@ -206,29 +267,35 @@ def _loss_fields() -> list[tuple[str, Any, Any]]:
 
 
 LossConfig = dataclasses.make_dataclass(
-    "LossConfig", [("method", Method, field(default="ict")), *_loss_fields()], bases=(_LossSection,),
-    namespace={"__module__": __name__, "__doc__": """The method and its options; ``None`` keeps the method's
+    "LossConfig",
+    [("method", Method, field(default="ict")), *_loss_fields()],
+    bases=(_LossSection,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": """The method and its options; ``None`` keeps the method's
     published default. The options are the union of every loss's ``OPTIONS`` (``cmkit.losses.options``): an option
     the chosen method does not take is an error (``check``); the σ range, σ_data and total_steps (= train.steps
-    unless set) reach every method that uses them."""})
+    unless set) reach every method that uses them.""",
+    },
+)
 
 
 @dataclass
 class CMTrainConfig(TrainConfig):
     """``TrainConfig`` plus where a consistency model starts from."""
 
-    teacher: str = ""      # cd, pd, scd: the EDM teacher; tcm: the frozen first stage (model/run dir or shipped name)
-    init_from: str = ""    # initialise the online network from these weights (cd, ect: the teacher)
+    teacher: str = ""  # cd, pd, scd: the EDM teacher; tcm: the frozen first stage (model/run dir or shipped name)
+    init_from: str = ""  # initialise the online network from these weights (cd, ect: the teacher)
 
 
 @dataclass
 class SampleConfig:
     """Default sampler of the trained model (written into its config.json) and the training grids."""
 
-    sampler: SamplerName = "onestep"        # onestep | multistep | heun | euler | progdist | flowmap (meanflow)
-    sigmas: tuple[float, ...] = ()          # the multistep σ list (descending, in [σ_min, σ_max])
-    steps: int = 18                         # heun/euler: number of σ levels
-    grid_size: int = 64                     # images in the training sample grids
+    sampler: SamplerName = "onestep"  # onestep | multistep | heun | euler | progdist | flowmap (meanflow)
+    sigmas: tuple[float, ...] = ()  # the multistep σ list (descending, in [σ_min, σ_max])
+    steps: int = 18  # heun/euler: number of σ levels
+    grid_size: int = 64  # images in the training sample grids
 
 
 def is_diffusion(precond: str, method: str | None) -> bool:
@@ -260,31 +327,46 @@ class Config(RunConfig):
 
         want = PRECOND_OF.get(method, "cm")
         if method == "edm" and m.precond == "trigflow":  # a TrigFlow diffusion model (sCM's teacher): EDM's
-            want = "trigflow"                            # scalings, so EDM's loss is its velocity loss
-        why = {"edm": "a diffusion model (teacher or PD student) is EDM-preconditioned",
-               "cm": "a consistency model needs the boundary condition f(x, σ_min) = x",
-               "trigflow": "sCM trains TrigFlow's f = cos t·x_t − sin t·σ_d·F_θ",
-               "meanflow": "MeanFlow trains a two-time flow map (also set model.time_inputs=2)"}[want]
+            want = "trigflow"  # scalings, so EDM's loss is its velocity loss
+        why = {
+            "edm": "a diffusion model (teacher or PD student) is EDM-preconditioned",
+            "cm": "a consistency model needs the boundary condition f(x, σ_min) = x",
+            "trigflow": "sCM trains TrigFlow's f = cos t·x_t − sin t·σ_d·F_θ",
+            "meanflow": "MeanFlow trains a two-time flow map (also set model.time_inputs=2)",
+        }[want]
         require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): {why}")
         distils = LOSSES[method].needs_teacher
         users = ", ".join(k for k, v in LOSSES.items() if v.needs_teacher)
-        what = ("the frozen first-stage consistency model (e.g. an ECT run)" if method == "tcm"
-                else "an EDM model or run directory")
-        require(not distils or bool(self.train.teacher),
-                f"loss.method={method} needs a teacher: set train.teacher=PATH ({what})")
-        require(distils or not self.train.teacher,
-                f"train.teacher is only used by loss.method={users} (this run is {method})")
+        what = (
+            "the frozen first-stage consistency model (e.g. an ECT run)"
+            if method == "tcm"
+            else "an EDM model or run directory"
+        )
+        require(
+            not distils or bool(self.train.teacher),
+            f"loss.method={method} needs a teacher: set train.teacher=PATH ({what})",
+        )
+        require(
+            distils or not self.train.teacher,
+            f"train.teacher is only used by loss.method={users} (this run is {method})",
+        )
         for option, default in (("label_dropout", 0.0), ("guidance", 1.0)):
             value = getattr(self.loss, option)
-            require(value in (None, default) or m.num_classes > 0,
-                    f"loss.{option}={value} is classifier-free guidance: it needs a class-conditional model "
-                    f"(model.num_classes > 0)")
+            require(
+                value in (None, default) or m.num_classes > 0,
+                f"loss.{option}={value} is classifier-free guidance: it needs a class-conditional model "
+                f"(model.num_classes > 0)",
+            )
         self.data.check()
         classes = DATA_CLASSES.get(self.data.name)
-        require(not m.num_classes or classes is None or 0 < m.num_classes <= classes,
-                f"model.num_classes={m.num_classes} but data set {self.data.name!r} has "
-                f"{'no labels' if not classes else f'{classes} classes'}")
+        require(
+            not m.num_classes or classes is None or 0 < m.num_classes <= classes,
+            f"model.num_classes={m.num_classes} but data set {self.data.name!r} has "
+            f"{'no labels' if not classes else f'{classes} classes'}",
+        )
         require(self.sample.grid_size >= 1, f"sample.grid_size must be at least 1, got {self.sample.grid_size}")
         s = list(self.sample.sigmas)
-        require(all(a > b for a, b in zip(s, s[1:])) and all(m.sigma_min <= v <= m.sigma_max for v in s),
-                f"sample.sigmas must decrease within [{m.sigma_min}, {m.sigma_max}], got {s}")
+        require(
+            all(a > b for a, b in zip(s, s[1:])) and all(m.sigma_min <= v <= m.sigma_max for v in s),
+            f"sample.sigmas must decrease within [{m.sigma_min}, {m.sigma_max}], got {s}",
+        )

@@ -5,6 +5,7 @@ sqrt(||a-b||² + c²) - c over the L2 *norm* of all pixels (Song & Dhariwal 2023
 default c = 0.00054·√d; with c = 0 it is the plain L2 norm (ECT on CIFAR-10). ``lpips`` is VGG-LPIPS
 (Zhang et al. 2018) with weights loaded from a user-given path.
 """
+
 from __future__ import annotations
 
 import math

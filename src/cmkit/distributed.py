@@ -1,4 +1,5 @@
 """Multi-process helpers for ``torchrun`` (DDP): gloo on CPU, NCCL on GPU. Single process needs nothing."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Exponential moving averages: evaluation EMAs and the CM target network θ⁻ ← μθ⁻ + (1-μ)θ."""
+
 from __future__ import annotations
 
 import copy

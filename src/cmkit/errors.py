@@ -1,4 +1,5 @@
 """User-facing errors: the CLI prints these as one clear line (no traceback) and exits with status 2."""
+
 from __future__ import annotations
 
 import importlib
@@ -29,4 +30,4 @@ def one_line(text: object, limit: int = 500) -> str:
     """A message on one line (whitespace runs, newlines included, become one space), at most ``limit`` chars:
     how the CLI and the web page show every error."""
     line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."

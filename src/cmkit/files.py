@@ -6,6 +6,7 @@ undoes an interrupted swap. Weights are read from safetensors (``read_safetensor
 archives with ``weights_only`` (``read_torch_state_dict``), and loaded into a module with one error line naming
 the missing, unexpected or wrongly shaped tensors (``load_state``).
 """
+
 from __future__ import annotations
 
 import json
@@ -124,8 +125,9 @@ def read_json(path: Path, what: str) -> Any:
         raise CmkitError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
 
 
-def state_dict_for_save(model: nn.Module | dict[str, torch.Tensor],
-                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def state_dict_for_save(
+    model: nn.Module | dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors of a module or state dict, floats optionally cast (e.g. fp16 storage)."""
     sd = model.state_dict() if isinstance(model, nn.Module) else model
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
@@ -154,8 +156,10 @@ def read_torch_state_dict(path: str | Path, what: str, hint: str = "") -> dict[s
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CmkitError(f"cannot read {what} {p}: it needs full unpickling, which could run code; refused "
-                         f"({' '.join(str(e).split())[:160]})") from None
+        raise CmkitError(
+            f"cannot read {what} {p}: it needs full unpickling, which could run code; refused "
+            f"({' '.join(str(e).split())[:160]})"
+        ) from None
     except Exception as e:  # a truncated zip, a file that is not torch's, ...
         raise CmkitError(f"cannot read {what} {p}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
@@ -178,10 +182,17 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str, what:
     unexpected = sorted(set(sd) - set(own))
     bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or bad:
-        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
-                 f"{bad[0]} is {tuple(sd[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
-        raise CmkitError(f"{source} does not match {what}: {len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(bad)} wrongly shaped tensors (e.g. {first})")
+        first = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
+            if unexpected
+            else f"{bad[0]} is {tuple(sd[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}"
+        )
+        raise CmkitError(
+            f"{source} does not match {what}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(bad)} wrongly shaped tensors (e.g. {first})"
+        )
     for k, v in sd.items():  # integer or boolean weights, NaN or inf: a silently black sampler otherwise
         if own[k].is_floating_point() and (not v.is_floating_point() or not bool(torch.isfinite(v).all())):
             kind = f"dtype {v.dtype}" if not v.is_floating_point() else "non-finite values"

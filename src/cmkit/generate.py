@@ -2,6 +2,7 @@
 take. ``sample_images`` resolves the sampler (``resolve_sampler``: the model's default, ``--steps`` or a σ list,
 checked against the registry ``cmkit.sampling.SAMPLERS``), draws the class labels and generates in batches with
 per-sample seeds (``generate``)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,8 +16,19 @@ from tqdm import tqdm
 from .denoiser_config import Config
 from .errors import CmkitError
 from .inputs import class_labels
-from .sampling import (SAMPLERS, edm_sigmas, nfe, per_sample_generators, random_labels, sample_euler, sample_flowmap,
-    sample_heun, sample_multistep, sample_progdist, validate_sigmas)
+from .sampling import (
+    SAMPLERS,
+    edm_sigmas,
+    nfe,
+    per_sample_generators,
+    random_labels,
+    sample_euler,
+    sample_flowmap,
+    sample_heun,
+    sample_multistep,
+    sample_progdist,
+    validate_sigmas,
+)
 from .schedules import DEFAULT_SIGMA_MID, grid_levels, karras_sigmas, nearest_grid_index, training_grid, warn_off_grid
 
 
@@ -28,7 +40,9 @@ def default_sampler(cfg: Config) -> tuple[str, list[float], int]:
     return "onestep", [cfg.model.sigma_max], 1
 
 
-def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas: Sequence[float] | None) -> tuple[str, list[float], int]:
+def resolve_sampler(
+    cfg: Config, sampler: str | None, steps: int | None, sigmas: Sequence[float] | None
+) -> tuple[str, list[float], int]:
     """Turn CLI choices into (sampler, σ list, steps); consistency models take ``steps`` = 1, 2, … or a σ list.
 
     Without ``sigmas`` a k-step sampler uses ``multistep_sigmas`` (on the training grid when the model has one);
@@ -51,8 +65,10 @@ def resolve_sampler(cfg: Config, sampler: str | None, steps: int | None, sigmas:
     if not cfg.is_diffusion() and family == "diffusion":
         raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
     if sampler == "flowmap" and c.precond != "meanflow":
-        raise CmkitError("--sampler flowmap needs a two-time flow-map model (MeanFlow); this model has "
-                         f"precond {c.precond}: use --steps or --sigmas")
+        raise CmkitError(
+            "--sampler flowmap needs a two-time flow-map model (MeanFlow); this model has "
+            f"precond {c.precond}: use --steps or --sigmas"
+        )
     if sampler == "onestep":
         return sampler, [c.sigma_max], 1
     if sampler in ("multistep", "flowmap"):
@@ -121,24 +137,47 @@ class Samples:
         return nfe(self.sampler, self.steps)
 
 
-def sample_images(model: nn.Module, cfg: Config, n: int, *, sampler: str | None = None, steps: int | None = None,
-                  sigmas: Sequence[float] | None = None, classes: str | None = None, seed: int = 0,
-                  batch_size: int = 256, device: str | torch.device = "cpu", bf16: bool = False,
-                  progress: bool = True) -> Samples:
+def sample_images(
+    model: nn.Module,
+    cfg: Config,
+    n: int,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    sigmas: Sequence[float] | None = None,
+    classes: str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    progress: bool = True,
+) -> Samples:
     """``n`` images from a loaded model (``cmkit.load.load_model``): the sampler resolved as ``resolve_sampler``
     does (None: the model's own), class labels from ``classes`` (``"3"`` or ``"0,1,2"``, cycled; random from the
     seed when None), image i drawn with seed ``seed + i``."""
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
-    x, labels = generate(model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress=progress,
-                         labels=labels, bf16=bf16)
+    x, labels = generate(
+        model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress=progress, labels=labels, bf16=bf16
+    )
     return Samples(x, labels, sampler, sigma_list, steps)
 
 
 @torch.no_grad()
-def generate(model: nn.Module, cfg: Config, n: int, sampler: str, sigmas: Sequence[float], steps: int,
-             seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu", progress: bool = True,
-             labels: Tensor | None = None, bf16: bool = False) -> tuple[Tensor, Tensor | None]:
+def generate(
+    model: nn.Module,
+    cfg: Config,
+    n: int,
+    sampler: str,
+    sigmas: Sequence[float],
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    labels: Tensor | None = None,
+    bf16: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """n samples in [-1, 1] (n, C, H, W); sample i uses seed ``seed + i`` whatever the batch size.
 
     ``bf16`` runs the network under bfloat16 autocast (about 2× faster on CPUs with bf16 units); the
@@ -147,15 +186,25 @@ def generate(model: nn.Module, cfg: Config, n: int, sampler: str, sigmas: Sequen
     out, out_labels = [], []
     evals = nfe(sampler, steps)
     # the bar advances at every network evaluation (a 35-NFE Heun batch is 35 ticks, not one), shown in images
-    bar = tqdm(total=n * evals, desc=f"{sampler} ({evals} NFE)", disable=not progress, unit="img",
-               unit_scale=1 / evals, bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} img [{elapsed}<{remaining}]")
+    bar = tqdm(
+        total=n * evals,
+        desc=f"{sampler} ({evals} NFE)",
+        disable=not progress,
+        unit="img",
+        unit_scale=1 / evals,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} img [{elapsed}<{remaining}]",
+    )
     model = _Counted(model, bar)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         gens = per_sample_generators(range(seed + start, seed + start + b))
         cond = {}
         if c.num_classes:
-            y = labels[start:start + b].to(device) if labels is not None else random_labels(b, c.num_classes, gens, device)
+            y = (
+                labels[start : start + b].to(device)
+                if labels is not None
+                else random_labels(b, c.num_classes, gens, device)
+            )
             cond["class_labels"] = y
             out_labels.append(y.cpu())
         shape = (b, c.in_channels, c.img_resolution, c.img_resolution)
@@ -191,8 +240,9 @@ class _Counted(nn.Module):
             return getattr(self.model, name)
 
 
-def _sample(model: nn.Module, cfg: Config, shape: tuple[int, ...], sampler: str, sigmas: Sequence[float],
-            steps: int, kw: dict) -> Tensor:
+def _sample(
+    model: nn.Module, cfg: Config, shape: tuple[int, ...], sampler: str, sigmas: Sequence[float], steps: int, kw: dict
+) -> Tensor:
     c = cfg.model
     if sampler in ("onestep", "multistep"):
         return sample_multistep(model, shape, sigmas, sigma_min=c.sigma_min, sigma_max=c.sigma_max, **kw)

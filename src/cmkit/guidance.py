@@ -13,6 +13,7 @@ so the student samples guided images in one step.
 The null label is the integer ``NULL_LABEL`` (−1). cmkit's UNet and MLP give it a zero label embedding, and
 EDM's networks a zero one-hot row: EDM's own label-dropout convention.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,10 @@ def keep_mask(class_labels: Tensor, classes: int) -> Tensor:
     one error."""
     bad = (class_labels < NULL_LABEL) | (class_labels >= classes)
     if bool(bad.any()):
-        raise ValueError(f"class labels must lie in [0, {classes}) or be {NULL_LABEL} (no class); got "
-                         f"{sorted(set(class_labels[bad].tolist()))[:5]}")
+        raise ValueError(
+            f"class labels must lie in [0, {classes}) or be {NULL_LABEL} (no class); got "
+            f"{sorted(set(class_labels[bad].tolist()))[:5]}"
+        )
     return (class_labels != NULL_LABEL).unsqueeze(1)
 
 

@@ -4,6 +4,7 @@
 masks, ``cmkit eval`` samples, the ``folder`` and ``npz`` data sets): a bad file is one :class:`CmkitError` line
 saying what was expected, never a traceback or a silently misread image.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,27 +72,30 @@ def read_image(path: str | Path, mode: str = "RGB", what: str = "image", size: i
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 if size is not None and im.size != (size, size):
-                    raise CmkitError(f"{what} {p} is {im.width}×{im.height} but {size}×{size} images are expected "
-                                     "here")
+                    raise CmkitError(f"{what} {p} is {im.width}×{im.height} but {size}×{size} images are expected here")
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 out = _to_8bit(im, mode, p, what)
     except CmkitError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CmkitError(f"{what} {p} is too large to decode safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels: "
-                         "a possible decompression bomb)") from None
+        raise CmkitError(
+            f"{what} {p} is too large to decode safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels: "
+            "a possible decompression bomb)"
+        ) from None
     except UnidentifiedImageError:
-        raise CmkitError(f"{what} {p} cannot be read as an image (corrupt, truncated, or not a known format); "
-                         f"expected {IMAGE_INPUT}") from None
+        raise CmkitError(
+            f"{what} {p} cannot be read as an image (corrupt, truncated, or not a known format); expected {IMAGE_INPUT}"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise CmkitError(f"{what} {p} is corrupt or truncated ({detail}); expected {IMAGE_INPUT}") from None
     return np.asarray(out, np.uint8)
 
 
-def read_npz_images(path: str | Path, what: str = "images", *, square: bool = True,
-                    keys: tuple[str, ...] = ("arr_0",)) -> np.ndarray:
+def read_npz_images(
+    path: str | Path, what: str = "images", *, square: bool = True, keys: tuple[str, ...] = ("arr_0",)
+) -> np.ndarray:
     """uint8 NHWC images (N, H, W, C), C ∈ {1, 3}, from an ``.npz`` (NHW is read as one channel).
 
     The first of ``keys`` present holds them. Unreadable files, a missing key, other dtypes (floats are refused,
@@ -138,8 +142,11 @@ def check_nhwc(a: np.ndarray, name: str, *, square: bool = True, key: str = "arr
     """Check (and return) an array of uint8 NHWC images; NHW gets a channel axis. One line per problem."""
     a = np.asarray(a)
     if a.dtype != np.uint8:
-        hint = " (floats are not rescaled: convert them with (x * 255).round().astype(np.uint8) from [0, 1])" \
-            if a.dtype.kind == "f" else ""
+        hint = (
+            " (floats are not rescaled: convert them with (x * 255).round().astype(np.uint8) from [0, 1])"
+            if a.dtype.kind == "f"
+            else ""
+        )
         raise CmkitError(f"{name}: '{key}' holds {a.dtype} values; expected uint8 NHWC images{hint}")
     if a.ndim == 3:
         a = a[..., None]
@@ -163,7 +170,7 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, scale: 
     grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
     for i in range(n):
         r, q = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
     if scale > 1:
         grid = grid.repeat(scale, 0).repeat(scale, 1)
     return grid
@@ -226,5 +233,3 @@ def save_npz(x: Tensor | np.ndarray, path: str | Path, labels: Tensor | None = N
     except OSError as e:
         raise CmkitError(f"cannot write {path}: {e.strerror or e}") from None
     return path
-
-

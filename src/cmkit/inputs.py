@@ -2,6 +2,7 @@
 devices, thread counts, class labels and output paths. Each raises one ``CmkitError`` line that names the option
 (``--steps``, ``-o``) and what was expected, before any work starts; an existing output is never replaced
 without ``--overwrite``."""
+
 from __future__ import annotations
 
 import math
@@ -23,13 +24,13 @@ MAX_SEED = 2**63 - 1
 
 
 #: upper bounds of counts, far above any useful value; they turn a typo (or 1e20) into one line, not a hang
-MAX_STEPS = 10_000        # --steps of a sampler or editor (network evaluations per image)
+MAX_STEPS = 10_000  # --steps of a sampler or editor (network evaluations per image)
 
 
-MAX_IMAGES = 10_000_000   # -n
+MAX_IMAGES = 10_000_000  # -n
 
 
-MAX_BATCH = 1_000_000     # --batch-size
+MAX_BATCH = 1_000_000  # --batch-size
 
 
 def parse_sigmas(text: str) -> list[float]:
@@ -52,8 +53,10 @@ def check_threads(threads: int | None, flag: str = "--threads") -> None:
     if threads is None or threads == 0:
         return
     if threads < 0 or threads > max_threads():
-        raise CmkitError(f"{flag} must be 0 (torch's default) or a positive count up to {max_threads()} "
-                         f"(4 per CPU here); got {threads}")
+        raise CmkitError(
+            f"{flag} must be 0 (torch's default) or a positive count up to {max_threads()} "
+            f"(4 per CPU here); got {threads}"
+        )
 
 
 def apply_threads(threads: int | None) -> None:
@@ -131,8 +134,15 @@ def check_int(value: int | None, flag: str, *, minimum: int = 1, maximum: int | 
         raise CmkitError(f"{flag} must be at most {maximum:,}; got {value}")
 
 
-def check_float(value: float | None, flag: str, *, positive: bool = True, low: float | None = None,
-                high: float | None = None, what: str = "") -> None:
+def check_float(
+    value: float | None,
+    flag: str,
+    *,
+    positive: bool = True,
+    low: float | None = None,
+    high: float | None = None,
+    what: str = "",
+) -> None:
     """A finite float option: positive (default) and inside [low, high] when given (``what`` names the bounds)."""
     if value is None:
         return
@@ -141,8 +151,13 @@ def check_float(value: float | None, flag: str, *, positive: bool = True, low: f
     if positive and value <= 0:
         raise CmkitError(f"{flag} must be positive; got {value:g}")
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low:g}, {high:g}]" if low is not None and high is not None else \
-            f">= {low:g}" if low is not None else f"<= {high:g}"
+        bounds = (
+            f"[{low:g}, {high:g}]"
+            if low is not None and high is not None
+            else f">= {low:g}"
+            if low is not None
+            else f"<= {high:g}"
+        )
         raise CmkitError(f"{flag} {value:g} is outside {what + ' ' if what else ''}{bounds}")
 
 
@@ -157,12 +172,21 @@ def check_seed(seed: int | None, flag: str = "--seed", count: int = 1) -> None:
 def check_model_arg(model: str | None, flag: str = "--model") -> None:
     """A non-empty ``--model`` (an empty one would name the current directory)."""
     if model is not None and not str(model).strip():
-        raise CmkitError(f"{flag} is empty; give a model directory, a run directory or a shipped model name "
-                         "(see `cmkit models`)")
+        raise CmkitError(
+            f"{flag} is empty; give a model directory, a run directory or a shipped model name (see `cmkit models`)"
+        )
 
 
-def check_output(path: str | None, flag: str, overwrite: bool, *, required: bool = False, directory: bool = False,
-                 suffixes: tuple[str, ...] | None = None, example: str | None = None) -> Path | None:
+def check_output(
+    path: str | None,
+    flag: str,
+    overwrite: bool,
+    *,
+    required: bool = False,
+    directory: bool = False,
+    suffixes: tuple[str, ...] | None = None,
+    example: str | None = None,
+) -> Path | None:
     """Check an output path before any work; return it as a Path (None: no output wanted).
 
     ``None`` or ``''`` means "no output" unless ``required``. A file output (``directory=False``) must not be a
@@ -186,8 +210,10 @@ def check_output(path: str | None, flag: str, overwrite: bool, *, required: bool
             example = example or "out" + (suffixes[0] if suffixes else "")
             raise CmkitError(f"{flag} {path} is a directory; expected a file name such as {p / example}")
         if suffixes is not None and p.suffix.lower() not in suffixes:
-            raise CmkitError(f"{flag} {path}: expected a {' or '.join(suffixes[:3])} file name"
-                             f"{' (' + ', '.join(suffixes[3:]) + ' also work)' if len(suffixes) > 3 else ''}")
+            raise CmkitError(
+                f"{flag} {path}: expected a {' or '.join(suffixes[:3])} file name"
+                f"{' (' + ', '.join(suffixes[3:]) + ' also work)' if len(suffixes) > 3 else ''}"
+            )
         if (p.exists() or p.is_symlink()) and not overwrite:
             raise CmkitError(f"{path} exists; pass --overwrite to replace it")
     parent = p.parent

@@ -14,6 +14,7 @@ the objectives use the derivative only inside a stop-gradient target. Keeping th
 transform is also what keeps DDP's gradient synchronisation intact (``torch.func`` bypasses DDP's hooks;
 py-meanflow's caveat): the network evaluated here is always the bare module, never the DDP wrapper.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -42,8 +43,13 @@ def _math_attention() -> ExitStack:
     return stack
 
 
-def directional_derivative(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence[Tensor],
-                           mode: JVPMode = "jvp", fd_step: float = 1e-4) -> tuple[Tensor, Tensor]:
+def directional_derivative(
+    fn: Callable[..., Tensor],
+    primals: Sequence[Tensor],
+    tangents: Sequence[Tensor],
+    mode: JVPMode = "jvp",
+    fd_step: float = 1e-4,
+) -> tuple[Tensor, Tensor]:
     """``(fn(*primals), J_fn(primals)·tangents)`` in fp32 (fp64 inputs stay fp64), without gradients.
 
     Args:

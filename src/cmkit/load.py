@@ -5,6 +5,7 @@ name, an EDM-style pickle or a Flax checkpoint (the format is told by content: `
 (``train.teacher``); ``init_from`` loads one into a model being trained (``train.init_from``), dropping EDM's unused
 augmentation input when the student has none and refitting the noise embedding when the two embed σ differently.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,7 +37,6 @@ def config_for(model: dict[str, Any]) -> Any:
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """(model in eval mode, Config) from a model/run directory, an EDM pickle or a Flax checkpoint."""
     if checkpoint_format(path) == "model-dir":
-
         return load_model(path, device=device)
 
     model_section, state, _ = read_released_net(path)
@@ -61,12 +61,22 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
         _refit_time_input(model, d.config, sd, path, model_cfg)
         return
     section, state, _ = read_released_net(path)
-    keys = ("arch", "img_resolution", "in_channels", "model_channels", "channel_mult", "num_blocks",
-            "attn_resolutions", "num_classes")
-    differ = [f"model.{k}={section[k]!r} (the run has {getattr(model_cfg, k)!r})" for k in keys
-              if (tuple(section[k]) if isinstance(section[k], (list, tuple)) else section[k])
-              != (tuple(getattr(model_cfg, k)) if isinstance(getattr(model_cfg, k), (list, tuple))
-                  else getattr(model_cfg, k))]
+    keys = (
+        "arch",
+        "img_resolution",
+        "in_channels",
+        "model_channels",
+        "channel_mult",
+        "num_blocks",
+        "attn_resolutions",
+        "num_classes",
+    )
+    differ = [
+        f"model.{k}={section[k]!r} (the run has {getattr(model_cfg, k)!r})"
+        for k in keys
+        if (tuple(section[k]) if isinstance(section[k], (list, tuple)) else section[k])
+        != (tuple(getattr(model_cfg, k)) if isinstance(getattr(model_cfg, k), (list, tuple)) else getattr(model_cfg, k))
+    ]
     if differ:
         raise CmkitError(f"train.init_from={path} holds another network: {'; '.join(differ[:3])}")
     if not model_cfg.augment_dim:
@@ -78,8 +88,9 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
 TIME_FIELDS = ("precond", "time_input", "embedding", "positional_scale", "fourier_scale")
 
 
-def _refit_time_input(model: nn.Module, source_config: dict[str, Any], sd: dict[str, Tensor], path: str | Path,
-                      model_cfg: Any) -> None:
+def _refit_time_input(
+    model: nn.Module, source_config: dict[str, Any], sd: dict[str, Tensor], path: str | Path, model_cfg: Any
+) -> None:
     """When the run embeds the noise level differently from the source model (e.g. sCM's c_noise(t) = t from an
     EDM teacher's ln(σ)/4), fit the run's embedding MLP to the source's (``cmkit.retime``), with one line on
     stderr."""
@@ -95,19 +106,26 @@ def _refit_time_input(model: nn.Module, source_config: dict[str, Any], sd: dict[
     if not needs_refit(src, model, lo, hi):
         return
     err = fit_time_embedding(src, model, sigma_min=lo, sigma_max=hi)
-    print(f"train.init_from={path}: the run's time input differs from the source's; fitted its noise-embedding "
-          "MLP to the source's (cmkit.retime), relative error " +
-          ", ".join(f"{e:.2f} at σ={s:g}" for s, e in err.items()), file=sys.stderr)
+    print(
+        f"train.init_from={path}: the run's time input differs from the source's; fitted its noise-embedding "
+        "MLP to the source's (cmkit.retime), relative error "
+        + ", ".join(f"{e:.2f} at σ={s:g}" for s, e in err.items()),
+        file=sys.stderr,
+    )
 
 
-def load_model(path: str | Path, weights: str = MODEL_FILE, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+def load_model(
+    path: str | Path, weights: str = MODEL_FILE, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any]:
     """A diffusion or consistency model from a model/run directory or shipped name: (model in eval mode, Config)."""
     d = read_model_dir(path, "denoiser")
     cfg = Config.from_dict(d.config)
     lo, hi = cfg.model.sigma_min, cfg.model.sigma_max
     if not (0 < lo < hi < float("inf")):
-        raise CmkitError(f"{d.path / CONFIG_FILE}: model.sigma_min={lo} and sigma_max={hi}; expected "
-                         "0 < sigma_min < sigma_max (a damaged or hand-edited config)")
+        raise CmkitError(
+            f"{d.path / CONFIG_FILE}: model.sigma_min={lo} and sigma_max={hi}; expected "
+            "0 < sigma_min < sigma_max (a damaged or hand-edited config)"
+        )
     model = cfg.model.build()
     load_safetensors(model, d.path / weights)
     return model.to(device).eval().requires_grad_(False), cfg

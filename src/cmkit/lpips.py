@@ -6,6 +6,7 @@ Weights are never downloaded: pass a ``.safetensors`` (or plain tensor ``.pth``)
 VGG16 convolutions as ``features.{i}.weight/bias`` (torchvision's numbering) and the five LPIPS linear
 heads as ``lin{k}.weight`` of shape (1, C_k, 1, 1).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,7 @@ from .files import load_state, read_safetensors, read_torch_state_dict
 
 
 VGG_CFG = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512]
-TAPS = (3, 8, 15, 22, 29)          # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision numbering
+TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision numbering
 TAP_CHANNELS = (64, 128, 256, 512, 512)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -55,8 +56,10 @@ class LPIPS(nn.Module):
     def from_file(cls, path: str | Path | None) -> "LPIPS":
         """The network from ``cmkit convert-lpips``'s safetensors file (or a plain tensor ``.pth`` of the same
         keys). A missing, unreadable, mismatched or non-finite file is one ``CmkitError`` line."""
-        hint = ("set loss.lpips_weights=PATH; make the file from the official ones with `cmkit convert-lpips "
-                "--lpips vgg.pth --vgg vgg16-397923af.pth`")
+        hint = (
+            "set loss.lpips_weights=PATH; make the file from the official ones with `cmkit convert-lpips "
+            "--lpips vgg.pth --vgg vgg16-397923af.pth`"
+        )
         if not path or not Path(path).expanduser().is_file():
             raise CmkitError(f"LPIPS weights not found: {path or '(loss.lpips_weights is not set)'} ({hint})")
         p = Path(path).expanduser()
@@ -120,14 +123,24 @@ def convert_lpips(lpips_pth: str | Path, vgg_pth: str | Path) -> dict[str, torch
     heads, vgg = read_torch_state_dict(lpips_pth, "LPIPS heads"), read_torch_state_dict(vgg_pth, "VGG16 weights")
     sd = {k: v for k, v in vgg.items() if k.startswith("features.")}
     for k in range(5):
-        found = [v for name, v in heads.items() if name in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight",
-                                                             f"lin{k}.weight")]
+        found = [
+            v
+            for name, v in heads.items()
+            if name in (f"lin{k}.model.1.weight", f"lin{k}.model.0.weight", f"lin{k}.weight")
+        ]
         if not found:
-            raise CmkitError(f"{lpips_pth} has no lin{k}.model.1.weight: expected the lpips package's "
-                             "weights/v0.1/vgg.pth")
+            raise CmkitError(
+                f"{lpips_pth} has no lin{k}.model.1.weight: expected the lpips package's weights/v0.1/vgg.pth"
+            )
         sd[f"lin{k}.weight"] = found[0]
     model = LPIPS()
-    load_state(model, {k.replace("lin", "lins.", 1) if k.startswith("lin") else k: v for k, v in sd.items()},
-               f"{lpips_pth} + {vgg_pth}", "VGG16-LPIPS (13 convolutions, 5 heads)")
-    return {k.replace("lins.", "lin", 1) if k.startswith("lins.") else k: v.float().contiguous()
-            for k, v in model.state_dict().items()}
+    load_state(
+        model,
+        {k.replace("lin", "lins.", 1) if k.startswith("lin") else k: v for k, v in sd.items()},
+        f"{lpips_pth} + {vgg_pth}",
+        "VGG16-LPIPS (13 convolutions, 5 heads)",
+    )
+    return {
+        k.replace("lins.", "lin", 1) if k.startswith("lins.") else k: v.float().contiguous()
+        for k, v in model.state_dict().items()
+    }

@@ -14,6 +14,7 @@ Four kinds, one calling convention:
 
 σ arithmetic always runs in fp32, also under autocast.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from .trigflow import t_from_sigma
 Kind = Literal["edm", "cm", "trigflow", "meanflow"]
 PRECOND_KINDS = ("edm", "cm", "trigflow", "meanflow")
 
+
 def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor]:
     """EDM c_skip, c_out, c_in (Karras et al. 2022, Table 1)."""
     c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
@@ -38,7 +40,9 @@ def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor,
     return c_skip, c_out, c_in
 
 
-def cm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN) -> tuple[Tensor, Tensor, Tensor]:
+def cm_scalings(
+    sigma: Tensor, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN
+) -> tuple[Tensor, Tensor, Tensor]:
     """Boundary-shifted c_skip, c_out, c_in (CM Appendix C): c_skip(σ_min) = 1, c_out(σ_min) = 0.
 
     Note the c_out denominator uses σ, not σ - σ_min, exactly as in the reference code.
@@ -81,8 +85,15 @@ class Precond(nn.Module):
             ``"trigflow"`` (sCM) or ``"meanflow"`` (two-time flow map); see the module docstring.
     """
 
-    def __init__(self, net: nn.Module, kind: Kind = "cm", sigma_data: float = SIGMA_DATA,
-                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, time_input: str = "default"):
+    def __init__(
+        self,
+        net: nn.Module,
+        kind: Kind = "cm",
+        sigma_data: float = SIGMA_DATA,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        time_input: str = "default",
+    ):
         super().__init__()
         if kind not in PRECOND_KINDS:
             raise ValueError(f"unknown preconditioning kind {kind!r}; expected one of {', '.join(PRECOND_KINDS)}")
@@ -108,8 +119,15 @@ class Precond(nn.Module):
         """TrigFlow's c_noise(t): t (sCM §12.2), or ln(σ_d tan t)/4 for a network fine-tuned from EDM."""
         return c_noise(self.sigma_data * torch.tan(t.float())) if self.trig_log_sigma else t.float()
 
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, *,
-                param: str = "x0", r: Tensor | None = None) -> Any:
+    def forward(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        class_labels: Tensor | None = None,
+        *,
+        param: str = "x0",
+        r: Tensor | None = None,
+    ) -> Any:
         """x: (B, C, H, W) noisy images at level σ; sigma: scalar or (B,). Returns x0 estimates in fp32.
 
         The training objectives of ``trigflow`` and ``meanflow`` call the network in their own
@@ -142,8 +160,9 @@ class Precond(nn.Module):
         """u_θ(z_t, t, r): the average velocity from time t back to time r ≤ t; the backbone sees (t, t − r)."""
         return self.net(z, t, class_labels, t - r).float()
 
-    def flow_map(self, x: Tensor, sigma: Tensor | float, sigma_to: Tensor | float,
-                 class_labels: Tensor | None = None) -> Tensor:
+    def flow_map(
+        self, x: Tensor, sigma: Tensor | float, sigma_to: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor:
         """The MeanFlow jump x_σ → x_{σ_to}: z_r = z_t − (t − r)·u(z_t, t, r), in EDM's x_σ = z/(1−t) scaling."""
         x = x.float()
         sigma = as_sigma(sigma, x.shape[0], x.device)

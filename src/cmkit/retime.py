@@ -19,6 +19,7 @@ network relies on.
 
 ``train.init_from`` calls this when the run's time input differs from the source's (``needs_refit``).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ def embedding(model: nn.Module, sigma: Tensor) -> Tensor:
     """e(σ): the noise-embedding vector a ``Precond``'s backbone adds in its residual blocks."""
     net = model.net
     if not (hasattr(net, "emb") and hasattr(net, "emb_mlp")) or getattr(net, "emb_mlp2", None) is not None:
-        raise CmkitError(f"changing the time input of a {type(net).__name__} is not supported: it needs cmkit's "
-                         "UNet or MLP with one time input (model.arch=unet or mlp)")
+        raise CmkitError(
+            f"changing the time input of a {type(net).__name__} is not supported: it needs cmkit's "
+            "UNet or MLP with one time input (model.arch=unet or mlp)"
+        )
     return net.emb_mlp(net.emb(model.c_noise(sigma)))
 
 
@@ -56,18 +59,30 @@ def needs_refit(src: nn.Module, dst: nn.Module, sigma_min: float, sigma_max: flo
     with torch.no_grad():
         if not hasattr(dst.net, "emb_mlp"):
             if not torch.allclose(src.c_noise(sigma), dst.c_noise(sigma)):
-                raise CmkitError(f"the run's noise input c_noise differs from the source model's, and a "
-                                 f"{type(dst.net).__name__} cannot be refitted to it (only model.arch=unet or mlp); "
-                                 "keep the source's model.precond and model.time_input")
+                raise CmkitError(
+                    f"the run's noise input c_noise differs from the source model's, and a "
+                    f"{type(dst.net).__name__} cannot be refitted to it (only model.arch=unet or mlp); "
+                    "keep the source's model.precond and model.time_input"
+                )
             return False
         a, b = embedding(src, sigma), embedding(dst, sigma)
         # fp32 round-off of σ → t → σ, amplified by ADM's factor 1000, is far below a changed input's O(1)
         return bool((a - b).abs().max() > 1e-2 * a.abs().max())
 
 
-def fit_time_embedding(src: nn.Module, dst: nn.Module, *, steps: int = 10_000, lr: float = 1e-3, batch: int = 1024,
-                       P_mean: float = -0.6, P_std: float = 1.6, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                       seed: int = 0) -> dict[float, float]:
+def fit_time_embedding(
+    src: nn.Module,
+    dst: nn.Module,
+    *,
+    steps: int = 10_000,
+    lr: float = 1e-3,
+    batch: int = 1024,
+    P_mean: float = -0.6,
+    P_std: float = 1.6,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    seed: int = 0,
+) -> dict[float, float]:
     """Fit ``dst``'s embedding MLP so that e_dst(σ) ≈ e_src(σ) (module docstring), Adam with a cosine decay of
     ``lr``; returns the relative error ‖e_dst − e_src‖/‖e_src‖ at ``REPORT_SIGMAS``. Only ``dst.net.emb_mlp``
     changes; the noise draws come from their own generator (the global RNG is left alone)."""

@@ -6,6 +6,7 @@ Every sampler takes ``noise`` sources as a ``torch.Generator``, or a list of per
 (``per_sample_generators(seeds)``) so that a sample never depends on the batch it was drawn in.
 Models follow the convention ``model(x, sigma, **cond) -> x0``.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,9 +53,16 @@ def validate_sigmas(sigmas: Sequence[float], sigma_min: float = SIGMA_MIN, sigma
 
 
 @torch.no_grad()
-def sample_onestep(model: nn.Module, shape: Sequence[int], *, generator: NoiseSource = None,
-                   sigma_max: float = SIGMA_MAX, device: str | torch.device = "cpu", clip: bool = True,
-                   **cond: Any) -> Tensor:
+def sample_onestep(
+    model: nn.Module,
+    shape: Sequence[int],
+    *,
+    generator: NoiseSource = None,
+    sigma_max: float = SIGMA_MAX,
+    device: str | torch.device = "cpu",
+    clip: bool = True,
+    **cond: Any,
+) -> Tensor:
     """x = f_θ(σ_max·z, σ_max): exactly one network evaluation (CM Sec. 3)."""
     z = randn(shape, generator, device)
     x = model(sigma_max * z, torch.full((shape[0],), sigma_max, device=device), **cond)
@@ -62,10 +70,19 @@ def sample_onestep(model: nn.Module, shape: Sequence[int], *, generator: NoiseSo
 
 
 @torch.no_grad()
-def sample_multistep(model: nn.Module, shape: Sequence[int], sigmas: Sequence[float], *,
-                     generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                     device: str | torch.device = "cpu", clip: bool = True,
-                     callback: Callable[[int, Tensor], None] | None = None, **cond: Any) -> Tensor:
+def sample_multistep(
+    model: nn.Module,
+    shape: Sequence[int],
+    sigmas: Sequence[float],
+    *,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    device: str | torch.device = "cpu",
+    clip: bool = True,
+    callback: Callable[[int, Tensor], None] | None = None,
+    **cond: Any,
+) -> Tensor:
     """Multistep consistency sampling (CM Alg. 1) with len(sigmas) network evaluations.
 
     x = σ_0·z; for each σ_j: x̂0 = clamp(f(x, σ_j)); x = x̂0 + sqrt(σ_{j+1}² - σ_min²)·z_j.
@@ -89,9 +106,17 @@ def edm_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGM
 
 
 @torch.no_grad()
-def sample_heun(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequence[float], *,
-                generator: NoiseSource = None, device: str | torch.device = "cpu", clip: bool = True,
-                clip_denoised: bool = False, **cond: Any) -> Tensor:
+def sample_heun(
+    denoiser: nn.Module,
+    shape: Sequence[int],
+    sigmas: Tensor | Sequence[float],
+    *,
+    generator: NoiseSource = None,
+    device: str | torch.device = "cpu",
+    clip: bool = True,
+    clip_denoised: bool = False,
+    **cond: Any,
+) -> Tensor:
     """Deterministic EDM Heun sampler (Karras et al. 2022, Alg. 1); 2·(len(sigmas)-1) - 1 evaluations
     when ``sigmas`` ends with 0 (18 levels + 0 → 35 NFE).
 
@@ -104,17 +129,33 @@ def sample_heun(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequ
 
 
 @torch.no_grad()
-def sample_euler(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequence[float], *,
-                 generator: NoiseSource = None, device: str | torch.device = "cpu", clip: bool = True,
-                 clip_denoised: bool = False, **cond: Any) -> Tensor:
+def sample_euler(
+    denoiser: nn.Module,
+    shape: Sequence[int],
+    sigmas: Tensor | Sequence[float],
+    *,
+    generator: NoiseSource = None,
+    device: str | torch.device = "cpu",
+    clip: bool = True,
+    clip_denoised: bool = False,
+    **cond: Any,
+) -> Tensor:
     """Euler sampler for the PF-ODE; len(sigmas) - 1 evaluations. ``clip`` and ``clip_denoised`` (default
     False) as in ``sample_heun``."""
     return _ode_sample(denoiser, shape, sigmas, generator, device, clip, clip_denoised, heun=False, **cond)
 
 
-def _ode_sample(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequence[float],
-                generator: NoiseSource, device: str | torch.device, clip: bool, clip_denoised: bool, heun: bool,
-                **cond: Any) -> Tensor:
+def _ode_sample(
+    denoiser: nn.Module,
+    shape: Sequence[int],
+    sigmas: Tensor | Sequence[float],
+    generator: NoiseSource,
+    device: str | torch.device,
+    clip: bool,
+    clip_denoised: bool,
+    heun: bool,
+    **cond: Any,
+) -> Tensor:
     s = torch.as_tensor(sigmas, dtype=torch.float32).tolist()
     if any(a <= b for a, b in zip(s, s[1:])):
         raise ValueError(f"σ values must be strictly decreasing, got {s}")
@@ -129,25 +170,52 @@ def _ode_sample(denoiser: nn.Module, shape: Sequence[int], sigmas: Tensor | Sequ
 
 def _clamped(denoiser: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """D(x, σ) clamped to [-1, 1] (the CM reference code's ``clip_denoised``)."""
+
     def clamped(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         return denoiser(x, sigma, **cond).clamp(-1, 1)
+
     return clamped
 
 
 @torch.no_grad()
-def sample_progdist(denoiser: nn.Module, shape: Sequence[int], steps: int, *, generator: NoiseSource = None,
-                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, device: str | torch.device = "cpu",
-                    clip: bool = True, **cond: Any) -> Tensor:
+def sample_progdist(
+    denoiser: nn.Module,
+    shape: Sequence[int],
+    steps: int,
+    *,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    device: str | torch.device = "cpu",
+    clip: bool = True,
+    **cond: Any,
+) -> Tensor:
     """A progressively distilled model's sampler (``sample_progdist`` of the CM code): ``steps`` Euler steps
     down the (steps + 1)-level Karras grid from σ_max to σ_min, i.e. ``steps`` network evaluations."""
-    return sample_euler(denoiser, shape, karras_sigmas(steps + 1, sigma_min, sigma_max), generator=generator,
-                        device=device, clip=clip, **cond)
+    return sample_euler(
+        denoiser,
+        shape,
+        karras_sigmas(steps + 1, sigma_min, sigma_max),
+        generator=generator,
+        device=device,
+        clip=clip,
+        **cond,
+    )
 
 
 @torch.no_grad()
-def sample_flowmap(model: nn.Module, shape: Sequence[int], sigmas: Sequence[float], *, generator: NoiseSource = None,
-                   sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, device: str | torch.device = "cpu",
-                   clip: bool = True, **cond: Any) -> Tensor:
+def sample_flowmap(
+    model: nn.Module,
+    shape: Sequence[int],
+    sigmas: Sequence[float],
+    *,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    device: str | torch.device = "cpu",
+    clip: bool = True,
+    **cond: Any,
+) -> Tensor:
     """Deterministic flow-map sampling of a two-time model (MeanFlow, ``Precond(kind="meanflow")``): from
     x = σ_0·z, jump σ_j → σ_{j+1} with ``model.flow_map`` and finally to 0, len(sigmas) evaluations and no
     fresh noise (MeanFlow's multistep sampler; the 1-step case is x0 = z_1 − u(z_1, 1, 0))."""
@@ -165,8 +233,8 @@ def sample_flowmap(model: nn.Module, shape: Sequence[int], sigmas: Sequence[floa
 class Sampler:
     """One entry of the sampler registry: which models it samples and what it costs."""
 
-    models: str                     # "consistency" (one- or two-time CMs), "diffusion" (EDM denoisers) or "flowmap"
-    nfe: Callable[[int], int]       # network evaluations per image for ``steps``
+    models: str  # "consistency" (one- or two-time CMs), "diffusion" (EDM denoisers) or "flowmap"
+    nfe: Callable[[int], int]  # network evaluations per image for ``steps``
     help: str
 
 
@@ -195,6 +263,18 @@ def random_labels(n: int, num_classes: int, generator: NoiseSource, device: str 
     return torch.randint(num_classes, (n,), generator=generator).to(device)
 
 
-__all__ = ["sample_onestep", "sample_multistep", "sample_heun", "sample_euler", "sample_progdist", "sample_flowmap",
-           "edm_sigmas",
-           "per_sample_generators", "randn", "validate_sigmas", "nfe", "random_labels", "append_dims"]
+__all__ = [
+    "sample_onestep",
+    "sample_multistep",
+    "sample_heun",
+    "sample_euler",
+    "sample_progdist",
+    "sample_flowmap",
+    "edm_sigmas",
+    "per_sample_generators",
+    "randn",
+    "validate_sigmas",
+    "nfe",
+    "random_labels",
+    "append_dims",
+]

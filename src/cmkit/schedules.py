@@ -3,6 +3,7 @@
 Sources: Karras et al. 2022 (EDM) Eq. 5; Song et al. 2023 (CM) Sec. 5 and the reference code's
 ``create_ema_and_scales_fn``; Song & Dhariwal 2023 (iCT) Sec. 3.3-3.5; Geng et al. 2024 (ECT) Sec. 3.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -39,6 +40,7 @@ def karras_sigmas(N: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
 
 # --- CM (Song et al. 2023): adaptive N(k) and μ(k), as in the reference code -----------------------
 
+
 def ct_adaptive_schedule(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> tuple[int, float]:
     """N(k) and μ(k) of the original CT (code form; the paper's μ uses N instead of N-1).
 
@@ -52,6 +54,7 @@ def ct_adaptive_schedule(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float 
 
 
 # --- iCT (Song & Dhariwal 2023) --------------------------------------------------------------------
+
 
 def ict_num_scales(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
     """Exponential curriculum N(k) = min(s0 · 2^{⌊k/K'⌋}, s1) + 1, K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋ (iCT Eq. 11)."""
@@ -71,6 +74,7 @@ def lognormal_index_probs(sigmas_ascending: Tensor, P_mean: float = -1.1, P_std:
 
 
 # --- ECT (Geng et al. 2024) ------------------------------------------------------------------------
+
 
 def ect_r_of_t(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
     """ECT's "sigmoid" t → r map: r = max(0, t·(1 - q^{-(stage+1)}·(1 + k·sigmoid(-b·t)))).
@@ -121,8 +125,11 @@ def training_grid(cfg: Any) -> list[float] | None:
     else:
         K = cfg.loss.total_steps or cfg.train.steps
         k = max(cfg.train.steps - 1, 0)
-        N = (ct_adaptive_schedule(k, K, opt("s0"), opt("s1"), opt("mu0"))[0] if method == "ct"
-             else ict_num_scales(k, K, opt("s0"), opt("s1")))
+        N = (
+            ct_adaptive_schedule(k, K, opt("s0"), opt("s1"), opt("mu0"))[0]
+            if method == "ct"
+            else ict_num_scales(k, K, opt("s0"), opt("s1"))
+        )
     return karras_sigmas(N, cfg.model.sigma_min, cfg.model.sigma_max).tolist()
 
 
@@ -133,8 +140,9 @@ def nearest_grid_index(sigma: float, grid: Sequence[float], rho: float = RHO) ->
     return min(range(len(grid)), key=lambda i: abs(float(grid[i]) ** (1 / rho) - u))
 
 
-def off_grid(sigmas: Sequence[float], grid: Sequence[float],
-             tol: float = GRID_LOG_TOL) -> list[tuple[float, list[float]]]:
+def off_grid(
+    sigmas: Sequence[float], grid: Sequence[float], tol: float = GRID_LOG_TOL
+) -> list[tuple[float, list[float]]]:
     """(σ, its neighbouring grid levels) for every σ farther than ``tol`` in log σ from all levels of ``grid``."""
     out, grid = [], [float(g) for g in grid]
     for s in sigmas:
@@ -155,8 +163,10 @@ def off_grid_note(sigmas: Sequence[float], grid: Sequence[float] | None) -> str 
     values = ", ".join(f"{s:g}" for s, _ in bad)
     near = ", ".join("/".join(f"{g:.4g}" for g in levels) for _, levels in bad)
     verb = "is" if len(bad) == 1 else "are"
-    return (f"σ {values} {verb} off the {len(grid)}-level grid this model was trained on (nearest levels: {near}); "
-            f"used as given, but the model was not trained there")
+    return (
+        f"σ {values} {verb} off the {len(grid)}-level grid this model was trained on (nearest levels: {near}); "
+        f"used as given, but the model was not trained there"
+    )
 
 
 def warn_off_grid(sigmas: Sequence[float], grid: Sequence[float] | None) -> bool:
@@ -175,9 +185,11 @@ def grid_levels(grid: Sequence[float], steps: int, start: int = 0, stop: int | N
     if steps < 1:
         raise ValueError(f"need at least one step, got {steps}")
     if steps > stop - start + 1:
-        raise CmkitError(f"{steps} σ levels do not fit between {grid[start]:.4g} and {grid[stop]:.4g} on the "
-                         f"{len(grid)}-level grid this model was trained on (at most {stop - start + 1}); "
-                         f"give explicit σ values (--sigmas) to sample off the grid")
+        raise CmkitError(
+            f"{steps} σ levels do not fit between {grid[start]:.4g} and {grid[stop]:.4g} on the "
+            f"{len(grid)}-level grid this model was trained on (at most {stop - start + 1}); "
+            f"give explicit σ values (--sigmas) to sample off the grid"
+        )
     if steps == 1:
         return [grid[start]]
     idx = [math.floor(start + j * (stop - start) / (steps - 1) + 0.5) for j in range(steps)]

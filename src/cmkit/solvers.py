@@ -2,6 +2,7 @@
 
 ``denoiser`` follows the library convention D(x, sigma, **cond) -> x0.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

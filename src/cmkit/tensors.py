@@ -1,6 +1,7 @@
 """Tensor helpers every layer uses: broadcasting σ over a batch, fp32 promotion, and the RNG state that drives
 dropout (captured and restored so that a student and its target, or a JVP's primal and tangent passes, see the
 same dropout masks)."""
+
 from __future__ import annotations
 
 import torch

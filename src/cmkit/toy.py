@@ -4,6 +4,7 @@ For p(x0) = Σ_k π_k N(m_k, s²I), the noisy marginal at level σ is Σ_k π_k 
 ideal denoiser is D(x, σ) = E[x0 | x] = Σ_k w_k(x) (m_k + s²/(s²+σ²)·(x - m_k)), with posterior
 weights w_k ∝ π_k N(x; m_k, (s²+σ²)I). Data have shape (B, D, 1, 1) so image code runs unchanged.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ c_in = 1/√(σ²+σ_d²) (so x_t/σ_d = c_in·x_σ). ``Precond(kind="trigflow")
 the backbone's output read as −F_θ and the noise input c_noise(t) = t; the boundary f(x, 0) = x is exact.
 All time arithmetic here runs in fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,14 @@ def velocity_from_denoiser(x_t: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
     return (torch.cos(t) * x_t.float() - x0_hat.float()) / torch.sin(t)
 
 
-def lognormal_t(batch: int, P_mean: float, P_std: float, sigma_data: float, device: torch.device | str,
-                generator: torch.Generator | None = None) -> Tensor:
+def lognormal_t(
+    batch: int,
+    P_mean: float,
+    P_std: float,
+    sigma_data: float,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """sCM's proposal (§12.1): τ ~ N(P_mean, P_std²), t = arctan(e^τ / σ_d) — log-normal in σ = σ_d tan t."""
     tau = torch.randn(batch, device=device, generator=generator) * P_std + P_mean
     return torch.atan(tau.exp() / sigma_data)

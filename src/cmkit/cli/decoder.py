@@ -9,6 +9,7 @@ decoder; ``convert-decoder`` rewrites OpenAI's decoder.pt or diffusers safetenso
 (config.json + model.safetensors), optionally cast. ``-o/--out`` names the output (``--output`` is still
 accepted). Each handler returns an exit status and raises ``CmkitError`` (one line) for user errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,15 @@ from ..decoder.weights import convert_decoder
 from ..errors import optional_import, CmkitError
 from ..files import read_json
 from ..imageio import from_uint8, read_image, read_npz_images
-from ..inputs import (apply_threads, check_device, check_int, check_numbered_outputs, check_output, check_seed,
-    check_threads)
+from ..inputs import (
+    apply_threads,
+    check_device,
+    check_int,
+    check_numbered_outputs,
+    check_output,
+    check_seed,
+    check_threads,
+)
 from ..nets.autoencoder import KLAutoencoder
 from ..training.decoder import pad_images
 
@@ -62,18 +70,32 @@ def run_decode(args: argparse.Namespace) -> int:
         check_latents(latents, DecoderConfig())  # fail fast (3-D input), before loading 2.5 GB of weights
     # a batch: OUT_0.png, OUT_1.png, ...
     check_numbered_outputs(args.out, 1 if args.grid else latents.shape[0], getattr(args, "overwrite", False))
-    decoder = ConsistencyDecoder.from_pretrained(args.weights, device=device, dtype=DTYPES[args.dtype],
-                                                 channels_last=not args.no_channels_last, verify=not args.no_verify)
+    decoder = ConsistencyDecoder.from_pretrained(
+        args.weights,
+        device=device,
+        dtype=DTYPES[args.dtype],
+        channels_last=not args.no_channels_last,
+        verify=not args.no_verify,
+    )
     check_latents(latents, decoder.config)
     scaled = resolve_scaled(latents, args.latents_mode, decoder.config.scaling_factor)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    images = decoder.decode(latents, schedule, generator, clamp=not args.no_clamp, tile=args.tile,
-                            tile_overlap=args.tile_overlap, scaled=scaled)
+    images = decoder.decode(
+        latents,
+        schedule,
+        generator,
+        clamp=not args.no_clamp,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        scaled=scaled,
+    )
     seconds = time.perf_counter() - start
     paths = write_images(images, args.out, grid=args.grid)
-    print(f"decoded {tuple(latents.shape)} -> {tuple(images.shape)} with t={decoder.timesteps(schedule)} "
-          f"in {seconds:.1f}s; wrote {', '.join(map(str, paths))}")
+    print(
+        f"decoded {tuple(latents.shape)} -> {tuple(images.shape)} with t={decoder.timesteps(schedule)} "
+        f"in {seconds:.1f}s; wrote {', '.join(map(str, paths))}"
+    )
     return 0
 
 
@@ -81,20 +103,25 @@ def run_convert(args: argparse.Namespace) -> int:
     """Handler of ``cmkit convert-decoder``."""
     check_output(args.out, "-o", getattr(args, "overwrite", False), required=True, directory=True)
     apply_threads(args.threads)
-    out = convert_decoder(args.src, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
-                          verify=not args.no_verify)
+    out = convert_decoder(
+        args.src, args.out, dtype=DTYPES[args.dtype] if args.dtype else None, verify=not args.no_verify
+    )
     print(f"wrote {out}/model.safetensors and {out}/config.json")
     return 0
 
 
 def _add_decode(subparsers: Any) -> None:
-    p = subparsers.add_parser("decode", help="decode SD latents to images with the consistency decoder",
-                              description="Decode latents to images with a consistency decoder: OpenAI's (raw "
-                                          "SD-1.x/2.x VAE latents) or one trained by cmkit.")
+    p = subparsers.add_parser(
+        "decode",
+        help="decode SD latents to images with the consistency decoder",
+        description="Decode latents to images with a consistency decoder: OpenAI's (raw "
+        "SD-1.x/2.x VAE latents) or one trained by cmkit.",
+    )
     p.add_argument("latents", help="latent file (.npy, .pt, .safetensors) of shape (B, 4, h, w)")
     p.add_argument("--weights", required=True, help="decoder.pt, diffusers safetensors (file or dir) or cmkit dir")
-    add_output_option(p, required=True, metavar="OUT.png", output_alias=True,
-                      help="output .png (batches: OUT_0.png, OUT_1.png, ...)")
+    add_output_option(
+        p, required=True, metavar="OUT.png", output_alias=True, help="output .png (batches: OUT_0.png, OUT_1.png, ...)"
+    )
     p.add_argument("--steps", type=int, default=None, help="number of steps (default 2: t = 1008, 512)")
     p.add_argument("--schedule", default=None, help="explicit fractions, e.g. 1.0,0.5 (OpenAI's default)")
     p.add_argument("--tile", type=int, default=None, help="latent tile side for bounded memory (e.g. 64)")
@@ -103,8 +130,13 @@ def _add_decode(subparsers: Any) -> None:
     add_device_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the decoder's noise (default 0)")
     add_threads_option(p)
-    p.add_argument("--latents", dest="latents_mode", choices=("auto", "raw", "scaled"), default="auto",
-                   help="raw VAE latents (OpenAI's convention), already scaled by 0.18215, or auto-detect")
+    p.add_argument(
+        "--latents",
+        dest="latents_mode",
+        choices=("auto", "raw", "scaled"),
+        default="auto",
+        help="raw VAE latents (OpenAI's convention), already scaled by 0.18215, or auto-detect",
+    )
     p.add_argument("--no-clamp", action="store_true", help="do not clamp x0 estimates (diffusers' behaviour)")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW convolutions")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of OpenAI's decoder.pt")
@@ -114,12 +146,20 @@ def _add_decode(subparsers: Any) -> None:
 
 
 def _add_convert(subparsers: Any) -> None:
-    p = subparsers.add_parser("convert-decoder", help="convert consistency decoder weights to cmkit's format",
-                              description="Convert diffusers safetensors or OpenAI's decoder.pt to "
-                                          "cmkit's format (config.json + model.safetensors).")
+    p = subparsers.add_parser(
+        "convert-decoder",
+        help="convert consistency decoder weights to cmkit's format",
+        description="Convert diffusers safetensors or OpenAI's decoder.pt to "
+        "cmkit's format (config.json + model.safetensors).",
+    )
     p.add_argument("src", help="decoder.pt, diffusers safetensors (file or dir) or a cmkit dir")
-    add_output_option(p, required=True, metavar="OUT_DIR", output_alias=True,
-                      help="output directory (config.json + model.safetensors)")
+    add_output_option(
+        p,
+        required=True,
+        metavar="OUT_DIR",
+        output_alias=True,
+        help="output directory (config.json + model.safetensors)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of OpenAI's decoder.pt")
     add_threads_option(p)
@@ -185,18 +225,32 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def _add_encode(subparsers: Any) -> None:
-    p = subparsers.add_parser("encode", help="encode images to latents with an autoencoder (cmkit's or SD's VAE)",
-                              description="Encode images to raw latents (the posterior mean) with a cmkit "
-                                          "autoencoder or a diffusers AutoencoderKL directory (Stable Diffusion's "
-                                          "vae/, needs diffusers); `cmkit decode` reads the file.")
-    p.add_argument("images", help="an image (.png/.jpg) or an .npz of uint8 NHWC images; sides divisible by the "
-                                  "autoencoder's downsampling factor")
-    p.add_argument("--autoencoder", required=True,
-                   help="cmkit autoencoder (model or run directory) or a diffusers AutoencoderKL directory")
+    p = subparsers.add_parser(
+        "encode",
+        help="encode images to latents with an autoencoder (cmkit's or SD's VAE)",
+        description="Encode images to raw latents (the posterior mean) with a cmkit "
+        "autoencoder or a diffusers AutoencoderKL directory (Stable Diffusion's "
+        "vae/, needs diffusers); `cmkit decode` reads the file.",
+    )
+    p.add_argument(
+        "images",
+        help="an image (.png/.jpg) or an .npz of uint8 NHWC images; sides divisible by the "
+        "autoencoder's downsampling factor",
+    )
+    p.add_argument(
+        "--autoencoder",
+        required=True,
+        help="cmkit autoencoder (model or run directory) or a diffusers AutoencoderKL directory",
+    )
     add_output_option(p, required=True, metavar="OUT.npy", help="latent file: .npy, .pt or .safetensors")
-    p.add_argument("--pad-to", type=int, metavar="N", help="pad the images, centred on black, to N×N first (as "
-                                                           "an autoencoder trained on padded images saw them: "
-                                                           "fmnist-ae, 28 → 32)")
+    p.add_argument(
+        "--pad-to",
+        type=int,
+        metavar="N",
+        help="pad the images, centred on black, to N×N first (as "
+        "an autoencoder trained on padded images saw them: "
+        "fmnist-ae, 28 → 32)",
+    )
     add_device_option(p)
     add_threads_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

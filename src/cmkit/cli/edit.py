@@ -15,6 +15,7 @@ interpolate) a side-by-side PNG of input and output. Every task takes --index (o
 label, or a list cycled over the images; random labels from --seed otherwise); inpaint, colorize, superres and
 stroke take --steps/--sigmas (σ levels).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,36 @@ from ..editing.run import TASKS, run_task, EditRequest
 from ..editing.tasks import STROKE_SIGMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, read_image, read_npz_images, save_grid, save_images, save_npz
-from ..inputs import (IMAGE_SUFFIXES, MAX_STEPS, apply_threads, check_device, check_distinct_outputs, check_float,
-    check_int, check_model_arg, check_numbered_outputs, check_output, check_seed, check_threads, class_labels,
-    parse_sigmas)
+from ..inputs import (
+    IMAGE_SUFFIXES,
+    MAX_STEPS,
+    apply_threads,
+    check_device,
+    check_distinct_outputs,
+    check_float,
+    check_int,
+    check_model_arg,
+    check_numbered_outputs,
+    check_output,
+    check_seed,
+    check_threads,
+    class_labels,
+    parse_sigmas,
+)
 from ..load import load_model
 from ..sampling import validate_sigmas
 from ..schedules import training_grid
 
 
-def load_images(path: str, channels: int, size: int, index: int | None = None, what: str = "input image",
-                flag: str = "--input", device: str | torch.device = "cpu") -> Tensor:
+def load_images(
+    path: str,
+    channels: int,
+    size: int,
+    index: int | None = None,
+    what: str = "input image",
+    flag: str = "--input",
+    device: str | torch.device = "cpu",
+) -> Tensor:
     """PNG/JPEG (one image) or .npz (uint8 NHWC under arr_0; ``index`` picks one) → (B, C, size, size) in [-1, 1].
 
     Every problem (missing, corrupt, 16-bit handled, float arrays, wrong shape or size, ``index`` out of range) is
@@ -50,9 +71,10 @@ def load_images(path: str, channels: int, size: int, index: int | None = None, w
         a = read_npz_images(p, what)
         if index is not None:
             if not 0 <= index < len(a):
-                raise CmkitError(f"--index {index} is out of range: {p} holds {len(a)} image(s) "
-                                 f"(indices 0..{len(a) - 1})")
-            a = a[index:index + 1]
+                raise CmkitError(
+                    f"--index {index} is out of range: {p} holds {len(a)} image(s) (indices 0..{len(a) - 1})"
+                )
+            a = a[index : index + 1]
         if a.shape[1:3] != (size, size):
             raise CmkitError(f"{flag} {p} holds {a.shape[2]}×{a.shape[1]} images but {size}×{size} are expected here")
     else:
@@ -89,11 +111,16 @@ def _check_args(args: argparse.Namespace) -> None:
     npz = check_output(args.npz, "--npz", args.overwrite, suffixes=(".npz",))
     panel = check_output(getattr(args, "panel", None), "--panel", args.overwrite, suffixes=IMAGE_SUFFIXES)
     if not (out or grid or npz or panel):
-        raise CmkitError("nothing to write: give -o OUT.png, --npz OUT.npz, --grid GRID.png"
-                         + (" or --panel PANEL.png" if hasattr(args, "panel") else ""))
+        raise CmkitError(
+            "nothing to write: give -o OUT.png, --npz OUT.npz, --grid GRID.png"
+            + (" or --panel PANEL.png" if hasattr(args, "panel") else "")
+        )
     check_distinct_outputs(("-o", out), ("--grid", grid), ("--npz", npz), ("--panel", panel))
-    for flag, path in (("--input", args.input), ("--input2", getattr(args, "input2", None)),
-                       ("--mask", getattr(args, "mask", None))):
+    for flag, path in (
+        ("--input", args.input),
+        ("--input2", getattr(args, "input2", None)),
+        ("--mask", getattr(args, "mask", None)),
+    ):
         if path is not None and not Path(path).is_file():
             what = "mask file" if flag == "--mask" else "input image"
             raise CmkitError(f"{what} not found: {path}" + (" (a directory)" if path and Path(path).is_dir() else ""))
@@ -148,8 +175,10 @@ def _check_with_model(args: argparse.Namespace, cfg: Any) -> None:
         R = c.img_resolution
         if args.factor > R or R % args.factor:
             divisors = [d for d in range(2, R + 1) if R % d == 0]
-            raise CmkitError(f"--factor {args.factor} does not divide the model's {R}×{R} images; "
-                             f"choose one of {', '.join(map(str, divisors))}")
+            raise CmkitError(
+                f"--factor {args.factor} does not divide the model's {R}×{R} images; "
+                f"choose one of {', '.join(map(str, divisors))}"
+            )
 
 
 def _labels(args: argparse.Namespace, n: int) -> Tensor | None:
@@ -178,8 +207,10 @@ def _request(args: argparse.Namespace, C: int, R: int) -> EditRequest:
             req.images = load_images(args.input, C, R, args.index, device=dev)
             req.images2 = load_images(args.input2, C, R, args.index, flag="--input2", device=dev)
             if len(req.images) != len(req.images2):
-                raise CmkitError(f"--input holds {len(req.images)} image(s) but --input2 holds {len(req.images2)}; "
-                                 "give as many (or pick one of each with --index)")
+                raise CmkitError(
+                    f"--input holds {len(req.images)} image(s) but --input2 holds {len(req.images2)}; "
+                    "give as many (or pick one of each with --index)"
+                )
             req.sigma = args.sigma
         else:
             req.seeds = tuple(_seeds(args))
@@ -187,8 +218,13 @@ def _request(args: argparse.Namespace, C: int, R: int) -> EditRequest:
     else:
         req.images = load_images(args.input, 3 if task == "colorize" else C, R, args.index, device=dev)
     if task == "inpaint":
-        req.mask = (load_mask(args.mask, R) if args.mask else box_mask(args.box, R) if args.box
-                    else builtin_mask(args.builtin or "center", R)).to(dev)
+        req.mask = (
+            load_mask(args.mask, R)
+            if args.mask
+            else box_mask(args.box, R)
+            if args.box
+            else builtin_mask(args.builtin or "center", R)
+        ).to(dev)
     elif task == "stroke":
         req.sigma_start, req.steps = args.sigma_start, args.steps
         req.sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
@@ -207,8 +243,14 @@ def write_outputs(args: argparse.Namespace, out: Tensor, panel: list[Tensor], la
     if args.out:
         check_numbered_outputs(args.out, len(out), args.overwrite)
         files = save_images(out, args.out)
-        print(f"wrote {files[0]}" + (f" … {files[-1].name} ({len(files)} images, {out.shape[-1]}×{out.shape[-2]})"
-                                     if len(files) > 1 else f" ({out.shape[-1]}×{out.shape[-2]})"))
+        print(
+            f"wrote {files[0]}"
+            + (
+                f" … {files[-1].name} ({len(files)} images, {out.shape[-1]}×{out.shape[-2]})"
+                if len(files) > 1
+                else f" ({out.shape[-1]}×{out.shape[-2]})"
+            )
+        )
     if args.npz:
         save_npz(out, args.npz, labels)
         print(f"wrote {args.npz} ({len(out)} images, uint8 NHWC)")
@@ -247,11 +289,19 @@ def run_edit(args: argparse.Namespace) -> int:
 INPUT_HELP = "input image (.png/.jpg) or .npz of uint8 NHWC images, of the model's size"
 
 
-def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None = INPUT_HELP, panel: bool = True,
-                sigmas: bool = True, steps: int | None = None, steps_help: str = "number of σ levels, spaced on the model's training "
-                "grid (default: every level of that grid but σ_min), or on an 18-level Karras grid for models "
-                "without one (ECT, sCM, MeanFlow; default 18)", sigmas_help: str = "explicit descending σ list, e.g. 80,20,5,1 (overrides "
-                "--steps)") -> None:
+def _add_common(
+    p: argparse.ArgumentParser,
+    task: str,
+    *,
+    input_help: str | None = INPUT_HELP,
+    panel: bool = True,
+    sigmas: bool = True,
+    steps: int | None = None,
+    steps_help: str = "number of σ levels, spaced on the model's training "
+    "grid (default: every level of that grid but σ_min), or on an 18-level Karras grid for models "
+    "without one (ECT, sCM, MeanFlow; default 18)",
+    sigmas_help: str = "explicit descending σ list, e.g. 80,20,5,1 (overrides --steps)",
+) -> None:
     """The options the tasks share: model, input, index, out, panel, seed, steps/sigmas, threads, overwrite.
 
     ``input_help=None`` leaves --input to the task (interpolate: an alternative to --seeds); ``panel=False`` and
@@ -260,26 +310,47 @@ def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None
     if input_help is not None:
         p.add_argument("--input", required=True, metavar="IMG", help=input_help)
     p.add_argument("--index", type=int, help="pick one image from an .npz input (default: all of them)")
-    add_output_option(p, metavar="OUT.png",
-                      help="the edited images at the model's size: OUT.png for one image, OUT_0.png, OUT_1.png, ... "
-                           "for several (usable as the next --input)")
-    p.add_argument("--npz", metavar="OUT.npz", help="also write the edited images as uint8 NHWC (arr_0; class "
-                                                    "labels in arr_1), usable as the next --input")
-    p.add_argument("--grid", dest="grid_png", metavar="GRID.png",
-                   help="also write the images as one enlarged grid to look at (interpolate: one row of frames)")
+    add_output_option(
+        p,
+        metavar="OUT.png",
+        help="the edited images at the model's size: OUT.png for one image, OUT_0.png, OUT_1.png, ... "
+        "for several (usable as the next --input)",
+    )
+    p.add_argument(
+        "--npz",
+        metavar="OUT.npz",
+        help="also write the edited images as uint8 NHWC (arr_0; class labels in arr_1), usable as the next --input",
+    )
+    p.add_argument(
+        "--grid",
+        dest="grid_png",
+        metavar="GRID.png",
+        help="also write the images as one enlarged grid to look at (interpolate: one row of frames)",
+    )
     if panel:
-        p.add_argument("--panel", metavar="PANEL.png",
-                       help=f"also write a side-by-side PNG (columns: {' | '.join(TASKS[task].panel)})")
+        p.add_argument(
+            "--panel",
+            metavar="PANEL.png",
+            help=f"also write a side-by-side PNG (columns: {' | '.join(TASKS[task].panel)})",
+        )
     if sigmas:
-        add_sampling_options(p, sampler=False, batch_size=None, bf16=False, device=True, threads=True,
-                             steps_default=steps, steps_help=steps_help, sigmas_help=sigmas_help,
-                             seed_help="seed of the noise (default 0)")
+        add_sampling_options(
+            p,
+            sampler=False,
+            batch_size=None,
+            bf16=False,
+            device=True,
+            threads=True,
+            steps_default=steps,
+            steps_help=steps_help,
+            sigmas_help=sigmas_help,
+            seed_help="seed of the noise (default 0)",
+        )
     else:
         p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
         add_device_option(p)
         add_threads_option(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_class_option(p)
     p.set_defaults(func=run_edit)
 
@@ -287,58 +358,90 @@ def _add_common(p: argparse.ArgumentParser, task: str, *, input_help: str | None
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cmkit edit`` and its task sub-commands."""
     p = subparsers.add_parser(
-        "edit", help="zero-shot editing with a consistency model (CM Algorithm 4)",
+        "edit",
+        help="zero-shot editing with a consistency model (CM Algorithm 4)",
         description="Edit images with a consistency model and no extra training (CM Algorithm 4).\n"
-                    "Inputs must have the model's size (superres: size/factor).\n"
-                    "`cmkit edit TASK --help` shows the options of one task.",
+        "Inputs must have the model's size (superres: size/factor).\n"
+        "`cmkit edit TASK --help` shows the options of one task.",
         epilog="examples:\n"
-               "  cmkit edit inpaint --model fmnist-cd --input img.png --builtin center -o out.png --panel p.png\n"
-               "  cmkit edit superres --model fmnist-cd --input low7x7.png --factor 4 -o out.png\n"
-               "  cmkit edit interpolate --model fmnist-cd --seeds 0,1 --frames 9 --grid strip.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  cmkit edit inpaint --model fmnist-cd --input img.png --builtin center -o out.png --panel p.png\n"
+        "  cmkit edit superres --model fmnist-cd --input low7x7.png --factor 4 -o out.png\n"
+        "  cmkit edit interpolate --model fmnist-cd --seeds 0,1 --frames 9 --grid strip.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks")
 
     def task(name: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=TASKS[name].help, description=description)
 
-    s = task("inpaint", "Inpainting: generate the pixels under a mask (white = generate) and keep the others "
-                        "exactly. The mask is a PNG (--mask), a box (--box) or a built-in shape (--builtin, default "
-                        "center).")
+    s = task(
+        "inpaint",
+        "Inpainting: generate the pixels under a mask (white = generate) and keep the others "
+        "exactly. The mask is a PNG (--mask), a box (--box) or a built-in shape (--builtin, default "
+        "center).",
+    )
     _add_common(s, "inpaint")
     m = s.add_mutually_exclusive_group()
     m.add_argument("--mask", metavar="PNG", help="PNG mask of the model's size, white (>= 128) = generate")
     m.add_argument("--box", metavar="x0,y0,x1,y1", help="box to generate, in pixels (x1, y1 exclusive)")
-    m.add_argument("--builtin", metavar="NAME", help="built-in mask: center|left|right|top|bottom|border "
-                                                     "(default center)")
+    m.add_argument(
+        "--builtin", metavar="NAME", help="built-in mask: center|left|right|top|bottom|border (default center)"
+    )
 
-    s = task("colorize", "Colorization: a colour model fills in the chroma of a greyscale version of the input "
-                         "(colour or grey); the luminance is kept exactly.")
+    s = task(
+        "colorize",
+        "Colorization: a colour model fills in the chroma of a greyscale version of the input "
+        "(colour or grey); the luminance is kept exactly.",
+    )
     _add_common(s, "colorize")
 
-    s = task("superres", "Super-resolution: the input is the model's size divided by --factor; the output keeps "
-                         "its factor×factor patch averages exactly.")
+    s = task(
+        "superres",
+        "Super-resolution: the input is the model's size divided by --factor; the output keeps "
+        "its factor×factor patch averages exactly.",
+    )
     _add_common(s, "superres", input_help="low-resolution image (.png/.jpg) or .npz, of the model's size / --factor")
     s.add_argument("--factor", type=int, default=4, help="upscaling factor p (2, 4, 8; default 4)")
 
-    s = task("stroke", "Stroke-guided generation (SDEdit-like): the stroke painting is noised to --sigma-start, "
-                       "then --steps consistency steps go down from there.")
-    _add_common(s, "stroke", input_help="stroke painting (.png/.jpg) or .npz, of the model's size", steps=3,
-                steps_help="number of σ levels from --sigma-start down (default 3)",
-                sigmas_help="explicit descending σ list, e.g. 5,1.5 (overrides --sigma-start and --steps)")
-    s.add_argument("--sigma-start", type=float, default=STROKE_SIGMA,
-                   help=f"σ the strokes are noised to (default {STROKE_SIGMA:g})")
-    s.add_argument("--sigma", dest="sigma_start", type=float, default=STROKE_SIGMA,
-                   help=argparse.SUPPRESS)  # the old spelling, still accepted
+    s = task(
+        "stroke",
+        "Stroke-guided generation (SDEdit-like): the stroke painting is noised to --sigma-start, "
+        "then --steps consistency steps go down from there.",
+    )
+    _add_common(
+        s,
+        "stroke",
+        input_help="stroke painting (.png/.jpg) or .npz, of the model's size",
+        steps=3,
+        steps_help="number of σ levels from --sigma-start down (default 3)",
+        sigmas_help="explicit descending σ list, e.g. 5,1.5 (overrides --sigma-start and --steps)",
+    )
+    s.add_argument(
+        "--sigma-start",
+        type=float,
+        default=STROKE_SIGMA,
+        help=f"σ the strokes are noised to (default {STROKE_SIGMA:g})",
+    )
+    s.add_argument(
+        "--sigma", dest="sigma_start", type=float, default=STROKE_SIGMA, help=argparse.SUPPRESS
+    )  # the old spelling, still accepted
 
     s = task("denoise", "Denoising: one evaluation of the consistency function at the known noise level --sigma.")
-    _add_common(s, "denoise", sigmas=False,
-                input_help="noisy image (.png/.jpg) or .npz (a clean one with --add-noise), of the model's size")
+    _add_common(
+        s,
+        "denoise",
+        sigmas=False,
+        input_help="noisy image (.png/.jpg) or .npz (a clean one with --add-noise), of the model's size",
+    )
     s.add_argument("--sigma", type=float, default=0.3, help="noise level of the input (default 0.3)")
     s.add_argument("--add-noise", action="store_true", help="add N(0, σ²) noise to a clean input first")
 
-    s = task("interpolate", "Interpolation: one-step samples along the slerp between two noise seeds (--seeds), "
-                            "or between two images through their noised versions (--input, --input2, --sigma). "
-                            "Writes one row of --frames images.")
+    s = task(
+        "interpolate",
+        "Interpolation: one-step samples along the slerp between two noise seeds (--seeds), "
+        "or between two images through their noised versions (--input, --input2, --sigma). "
+        "Writes one row of --frames images.",
+    )
     _add_common(s, "interpolate", input_help=None, panel=False, sigmas=False)
     src = s.add_mutually_exclusive_group()
     src.add_argument("--seeds", metavar="A,B", help="the two noise seeds (default 0,1)")

@@ -4,6 +4,7 @@
 Registered on the main parser by ``add_cli(subparsers)``. The handler only parses and prints; the work is done
 by :func:`cmkit.metrics.evaluate.evaluate_images`, so other sources of images (e.g. ``--model``) can reuse it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,19 @@ from .options import add_class_option, add_output_option, add_sampling_options
 from ..errors import CmkitError
 from ..generate import sample_images
 from ..imageio import to_uint8
-from ..inputs import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int, check_model_arg,
-    check_output, check_seed, check_threads, parse_sigmas)
+from ..inputs import (
+    MAX_BATCH,
+    MAX_IMAGES,
+    MAX_STEPS,
+    apply_threads,
+    check_device,
+    check_int,
+    check_model_arg,
+    check_output,
+    check_seed,
+    check_threads,
+    parse_sigmas,
+)
 from ..load import load_model
 from ..metrics.evaluate import FEATURE_SPACES, evaluate_images, extractor_class
 from ..metrics.frechet import require_scipy
@@ -32,21 +44,35 @@ _INCEPTION_ROWS = (("inception_score", "IS"), ("sfid", "sFID"))
 def add_cli(subparsers: Any) -> None:
     """Register the ``eval`` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser(
-        "eval", help="FD, KID, precision/recall of samples against a reference",
+        "eval",
+        help="FD, KID, precision/recall of samples against a reference",
         description="Fréchet distance, KID and precision/recall (k=3) of samples against a reference set, "
-                    "with the real-vs-real floor (Fashion-MNIST train vs test) beside them; with --features "
-                    "inception also the Inception Score and sFID, as OpenAI's evaluator (evaluations/evaluator.py) "
-                    "reports them, e.g. --ref VIRTUAL_imagenet64_labeled.npz.")
+        "with the real-vs-real floor (Fashion-MNIST train vs test) beside them; with --features "
+        "inception also the Inception Score and sFID, as OpenAI's evaluator (evaluations/evaluator.py) "
+        "reports them, e.g. --ref VIRTUAL_imagenet64_labeled.npz.",
+    )
     p.add_argument("--samples", metavar="S.npz", help="samples as uint8 NHWC images under arr_0")
-    p.add_argument("--ref", default="fmnist-test", metavar="R.npz|fmnist-test|fmnist-train",
-                   help="reference: an .npz of images (arr_0), of statistics (mu, sigma[, mu_s, sigma_s, "
-                        "features]) or both (OpenAI's reference batches), or a Fashion-MNIST split "
-                        "(default: fmnist-test)")
-    p.add_argument("--features", choices=FEATURE_SPACES, default="fmnist",
-                   help="feature space: the shipped Fashion-MNIST classifier (reported as 'FD (Fashion-MNIST "
-                        "classifier features)') or the FID Inception (reported as 'FID'); default fmnist")
-    p.add_argument("--inception-weights", metavar="PATH", default=None,
-                   help="pt_inception-2015-12-05-6726825d.pth (or set CMKIT_INCEPTION_WEIGHTS)")
+    p.add_argument(
+        "--ref",
+        default="fmnist-test",
+        metavar="R.npz|fmnist-test|fmnist-train",
+        help="reference: an .npz of images (arr_0), of statistics (mu, sigma[, mu_s, sigma_s, "
+        "features]) or both (OpenAI's reference batches), or a Fashion-MNIST split "
+        "(default: fmnist-test)",
+    )
+    p.add_argument(
+        "--features",
+        choices=FEATURE_SPACES,
+        default="fmnist",
+        help="feature space: the shipped Fashion-MNIST classifier (reported as 'FD (Fashion-MNIST "
+        "classifier features)') or the FID Inception (reported as 'FID'); default fmnist",
+    )
+    p.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        default=None,
+        help="pt_inception-2015-12-05-6726825d.pth (or set CMKIT_INCEPTION_WEIGHTS)",
+    )
     add_output_option(p, metavar="results.json", help="also write the results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor")
@@ -56,10 +82,14 @@ def add_cli(subparsers: Any) -> None:
     g.add_argument("--model", help="model directory, run directory or shipped model name")
     g.add_argument("-n", type=int, default=10_000, help="number of samples (default 10000)")
     # --device and --threads land on the main parser: they also govern feature extraction
-    add_sampling_options(p, group=g, batch_size=500,
-                         steps_help="sampling steps (consistency: 1, 2, ...; Heun: levels)",
-                         sigmas_help="explicit descending σ list for multistep sampling, e.g. 80,0.8",
-                         seed_help="sample i uses seed+i (default 0)")
+    add_sampling_options(
+        p,
+        group=g,
+        batch_size=500,
+        steps_help="sampling steps (consistency: 1, 2, ...; Heun: levels)",
+        sigmas_help="explicit descending σ list for multistep sampling, e.g. 80,0.8",
+        seed_help="sample i uses seed+i (default 0)",
+    )
     add_class_option(g)
     p.set_defaults(func=run_eval_cli)
 
@@ -112,9 +142,19 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     if args.model is not None:
         sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
         model, cfg = load_model(args.model, device=args.device)
-        x = sample_images(model, cfg, args.n, sampler=args.sampler, steps=args.steps, sigmas=sigmas,
-                          classes=args.classes, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                          bf16=args.bf16).images
+        x = sample_images(
+            model,
+            cfg,
+            args.n,
+            sampler=args.sampler,
+            steps=args.steps,
+            sigmas=sigmas,
+            classes=args.classes,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            bf16=args.bf16,
+        ).images
         return run_eval(args, to_uint8(x))
     return run_eval(args, load_images_npz(args.samples) if args.samples else None)
 
@@ -122,8 +162,10 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 def format_results(result: dict[str, Any]) -> str:
     """A small table: the samples' metrics and the real-vs-real floor side by side."""
     floor = result.get("floor")
-    head = (f"{result['label']}  |  reference {result['reference']} ({result['n_reference']} images)  |  "
-            f"{result['n_samples']} samples")
+    head = (
+        f"{result['label']}  |  reference {result['reference']} ({result['n_reference']} images)  |  "
+        f"{result['n_samples']} samples"
+    )
     lines = [head, f"{'':<10} {'samples':>22} {'real-vs-real floor':>22}"]
 
     def cell(r: dict[str, Any] | None, key: str) -> str:
@@ -153,9 +195,16 @@ def run_eval(args: argparse.Namespace, images: Any = None) -> int:
         if not getattr(args, "samples", None):
             raise CmkitError("cmkit eval: give --samples S.npz (uint8 NHWC images under arr_0)")
         images = load_images_npz(args.samples)
-    result = evaluate_images(images, args.ref, args.features, inception_weights=args.inception_weights,
-                             floor=not args.no_floor, data_root=args.data_root, device=args.device,
-                             kid_subsets=args.kid_subsets)
+    result = evaluate_images(
+        images,
+        args.ref,
+        args.features,
+        inception_weights=args.inception_weights,
+        floor=not args.no_floor,
+        data_root=args.data_root,
+        device=args.device,
+        kid_subsets=args.kid_subsets,
+    )
     print(format_results(result))
     if args.out:
         out = Path(args.out)

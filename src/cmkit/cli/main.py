@@ -4,6 +4,7 @@ User errors print one line (``cmkit: error: ...``) and exit with status 2; no tr
 (argparse) are one line too, exit 2. Anything else that goes wrong is a bug: one line naming the exception, exit 1;
 ``cmkit --debug ...`` (or ``--debug`` anywhere after the command) re-raises it with the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,14 @@ from ..distributed import cpu_name
 from ..editing.gallery import stroke_painting
 from ..errors import one_line, CmkitError
 from ..files import load_state, read_safetensors
-from ..formats.adm_weights import (RELEASED_MODELS, export_diffusers_pipeline, read_released, released_model_config,
-    released_name, released_overrides)
+from ..formats.adm_weights import (
+    RELEASED_MODELS,
+    export_diffusers_pipeline,
+    read_released,
+    released_model_config,
+    released_name,
+    released_overrides,
+)
 from ..formats.cifar10 import CIFAR10_TRAIN, prepare_cifar10
 from ..formats.detect import checkpoint_format, read_released_net
 from ..formats.model_dir import read_model_dir, save_model_dir
@@ -34,8 +41,21 @@ from ..formats.run_dir import RunDir
 from ..formats.zoo import models_root, shipped_models
 from ..generate import sample_images
 from ..imageio import from_uint8, save_grid, save_images, save_npz
-from ..inputs import (IMAGE_SUFFIXES, MAX_BATCH, MAX_IMAGES, MAX_STEPS, apply_threads, check_device, check_int,
-    check_model_arg, check_numbered_outputs, check_output, check_seed, check_threads, parse_sigmas)
+from ..inputs import (
+    IMAGE_SUFFIXES,
+    MAX_BATCH,
+    MAX_IMAGES,
+    MAX_STEPS,
+    apply_threads,
+    check_device,
+    check_int,
+    check_model_arg,
+    check_numbered_outputs,
+    check_output,
+    check_seed,
+    check_threads,
+    parse_sigmas,
+)
 from ..load import config_for, load_model
 from ..lpips import LPIPS_FILE, convert_lpips
 from ..schedules import training_grid
@@ -89,10 +109,12 @@ def cmd_images(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, args.root or "", args.split)
     start = args.index or 0
     if start + args.n > len(data):
-        raise CmkitError(f"--index {start} with -n {args.n} needs {start + args.n} images; the {args.split} split of "
-                         f"{args.data} holds {len(data)}")
-    x = from_uint8(data.images[start:start + args.n].permute(0, 2, 3, 1).numpy())
-    labels = data.labels[start:start + args.n] if data.labels is not None else None
+        raise CmkitError(
+            f"--index {start} with -n {args.n} needs {start + args.n} images; the {args.split} split of "
+            f"{args.data} holds {len(data)}"
+        )
+    x = from_uint8(data.images[start : start + args.n].permute(0, 2, 3, 1).numpy())
+    labels = data.labels[start : start + args.n] if data.labels is not None else None
     if args.downsample > 1:
         if x.shape[-1] % args.downsample:
             raise CmkitError(f"--downsample {args.downsample} does not divide the {x.shape[-1]}×{x.shape[-2]} images")
@@ -105,8 +127,11 @@ def cmd_images(args: argparse.Namespace) -> int:
         return 0
     check_numbered_outputs(out, len(x), args.overwrite)
     files = save_images(x, out)
-    print(f"wrote {files[0]}" + (f" … {files[-1].name}" if len(files) > 1 else "")
-          + f" ({len(x)} image{'s' if len(x) > 1 else ''}, {x.shape[-1]}×{x.shape[-2]})")
+    print(
+        f"wrote {files[0]}"
+        + (f" … {files[-1].name}" if len(files) > 1 else "")
+        + f" ({len(x)} image{'s' if len(x) > 1 else ''}, {x.shape[-1]}×{x.shape[-2]})"
+    )
     return 0
 
 
@@ -146,8 +171,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise CmkitError("give --preset NAME (see `cmkit presets`) or --resume RUN_DIR")
     if args.kind and cfg.kind != args.kind:
-        raise CmkitError(f"preset {args.preset!r} trains a {cfg.kind}, not the {args.kind} this command trains; "
-                         f"use `cmkit train --preset {args.preset}`")
+        raise CmkitError(
+            f"preset {args.preset!r} trains a {cfg.kind}, not the {args.kind} this command trains; "
+            f"use `cmkit train --preset {args.preset}`"
+        )
     if args.dry_run:
         summary = dry_run(cfg)
         print(cfg.to_json())
@@ -176,8 +203,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
     apply_threads(args.threads)
     model, cfg = load_model(args.model, device=args.device)
-    s = sample_images(model, cfg, args.n, sampler=args.sampler, steps=args.steps, sigmas=sigmas, classes=args.classes,
-                      seed=args.seed, batch_size=args.batch_size, device=args.device, bf16=args.bf16)
+    s = sample_images(
+        model,
+        cfg,
+        args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        sigmas=sigmas,
+        classes=args.classes,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        bf16=args.bf16,
+    )
     x, labels = s.images, s.labels
     if args.out:
         save_grid(x, args.out)
@@ -209,13 +247,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not file.is_file():
         found = sorted(p.stem for p in run.checkpoint.glob("*.safetensors"))
         raise CmkitError(f"no weights {weights!r} in {run.checkpoint}; choose one of {', '.join(found)}")
-    recipe = {"run": str(run.root), "weights": weights, "steps": state["step"], "wall_s": state.get("wall_s"),
-              "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, train.num_threads={train_cfg['num_threads']}, "
-                         f"torch {torch.__version__}",
-              "note": args.note or ""}
-    save_model_dir(args.out, read_safetensors(file), model.kind, model.config,
-                   {"description": args.description or "", "recipe": recipe},
-                   dtype=torch.float16 if args.fp16 else None)
+    recipe = {
+        "run": str(run.root),
+        "weights": weights,
+        "steps": state["step"],
+        "wall_s": state.get("wall_s"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, train.num_threads={train_cfg['num_threads']}, "
+        f"torch {torch.__version__}",
+        "note": args.note or "",
+    }
+    save_model_dir(
+        args.out,
+        read_safetensors(file),
+        model.kind,
+        model.config,
+        {"description": args.description or "", "recipe": recipe},
+        dtype=torch.float16 if args.fp16 else None,
+    )
     print(f"wrote {args.out} ({model.kind}, {weights}, step {state['step']})")
     return 0
 
@@ -251,17 +299,26 @@ def attention_head_width(args: argparse.Namespace, known: dict[str, Any], name: 
     them). An openai ``.pt`` alone cannot tell: its qkv weights are laid out alike for any head width, so a
     wrong guess would convert into a different function; that is refused in one line."""
     width = args.head_channels or known.get("head_channels") or (64 if name else None)
-    channels = sorted({model.model_channels * m for level, m in enumerate(model.channel_mult)
-                       if model.img_resolution >> level in model.attn_resolutions} |
-                      {model.model_channels * model.channel_mult[-1]})  # the middle block's attention
+    channels = sorted(
+        {
+            model.model_channels * m
+            for level, m in enumerate(model.channel_mult)
+            if model.img_resolution >> level in model.attn_resolutions
+        }
+        | {model.model_channels * model.channel_mult[-1]}
+    )  # the middle block's attention
     if width is None:
-        raise CmkitError(f"{args.src}: an openai .pt does not record its attention head width (the qkv weights look "
-                         "the same for any); give --head-channels N (the released checkpoints use 64: "
-                         "--head-channels 64, or name the file as released, e.g. cd_imagenet64_l2.pt)")
+        raise CmkitError(
+            f"{args.src}: an openai .pt does not record its attention head width (the qkv weights look "
+            "the same for any); give --head-channels N (the released checkpoints use 64: "
+            "--head-channels 64, or name the file as released, e.g. cd_imagenet64_l2.pt)"
+        )
     bad = [c for c in channels if c % width]
     if width < 1 or bad:
-        raise CmkitError(f"--head-channels {width} does not divide the {bad[0] if bad else channels[0]} channels "
-                         f"of an attention block (attention widths here: {', '.join(map(str, channels))})")
+        raise CmkitError(
+            f"--head-channels {width} does not divide the {bad[0] if bad else channels[0]} channels "
+            f"of an attention block (attention widths here: {', '.join(map(str, channels))})"
+        )
     return int(width)
 
 
@@ -279,11 +336,15 @@ def _write_converted(args: argparse.Namespace, cfg: Any, state: dict[str, Any], 
     model = cfg.model.build()
     m = cfg.model
     load_state(model.net, state, str(args.src), f"the {m.arch} network its shapes describe")
-    meta = {"description": args.description or f"converted from {Path(args.src).name}",
-            "source": {"path": str(args.src), "format": fmt}}
+    meta = {
+        "description": args.description or f"converted from {Path(args.src).name}",
+        "source": {"path": str(args.src), "format": fmt},
+    }
     save_model_dir(args.out, model, "denoiser", cfg.to_dict(), meta, dtype=torch.float16 if args.fp16 else None)
-    print(f"wrote {args.out} ({m.arch} {m.img_resolution}px, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {'class-conditional' if m.num_classes else 'unconditional'}, precond {m.precond})")
+    print(
+        f"wrote {args.out} ({m.arch} {m.img_resolution}px, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, {'class-conditional' if m.num_classes else 'unconditional'}, precond {m.precond})"
+    )
     return 0
 
 
@@ -301,21 +362,33 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
 
 def _add_train(sub: Any, name: str, kind: str | None, default: str | None, help_text: str) -> None:
     """``cmkit train`` (any preset) and its kind-restricted aliases ``train-autoencoder``/``train-decoder``."""
-    s = sub.add_parser(name, help=help_text,
-                       description="Train from a preset (see `cmkit presets`). Overrides are key=value with dotted "
-                                   "keys (train.lr=1e-4) or unique bare names (lr=1e-4). Runs go to runs/PRESET "
-                                   "unless train.out_dir or --out is given; train.resume=true continues a run "
-                                   "exactly (only steps, logging, checkpoint intervals, threads may change).")
-    s.add_argument("--preset", default=default,
-                   help="preset name (see `cmkit presets`)" + (f"; default {default}" if default else ""))
-    s.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR exactly, with its own settings (= its preset and overrides "
-                        "with train.resume=true); key=value may change only steps, logging, checkpoints, threads")
+    s = sub.add_parser(
+        name,
+        help=help_text,
+        description="Train from a preset (see `cmkit presets`). Overrides are key=value with dotted "
+        "keys (train.lr=1e-4) or unique bare names (lr=1e-4). Runs go to runs/PRESET "
+        "unless train.out_dir or --out is given; train.resume=true continues a run "
+        "exactly (only steps, logging, checkpoint intervals, threads may change).",
+    )
+    s.add_argument(
+        "--preset",
+        default=default,
+        help="preset name (see `cmkit presets`)" + (f"; default {default}" if default else ""),
+    )
+    s.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR exactly, with its own settings (= its preset and overrides "
+        "with train.resume=true); key=value may change only steps, logging, checkpoints, threads",
+    )
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     add_output_option(s, help="run directory (same as train.out_dir=...; default runs/PRESET)")
     add_threads_option(s)
-    s.add_argument("--dry-run", action="store_true",
-                   help="check the config, build model, loss and optimizer (no data), print the config as JSON")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, build model, loss and optimizer (no data), print the config as JSON",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train, kind=kind, default_preset=default)
 
@@ -345,36 +418,48 @@ def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_commands(sub: Any) -> None:
     """``images``, ``prepare-data`` and ``convert-lpips``: the files a user needs before training or editing."""
-    s = sub.add_parser("images", help="write images of a data set to files (e.g. held-out inputs for `cmkit edit`)",
-                       description="Write images of a data set (the held-out test split by default) as PNG files "
-                                   "of their own size (OUT.png for one image, OUT_0.png, OUT_1.png, ... for several) or as "
-                                   "one .npz (uint8 NHWC, labels in arr_1): inputs for `cmkit edit` and `cmkit "
-                                   "eval`.",
-                       epilog="examples:\n"
-                              "  cmkit images fashion_mnist --index 3 -o img.png\n"
-                              "  cmkit images fashion_mnist -n 16 -o test.npz\n"
-                              "  cmkit images fashion_mnist --index 3 --downsample 4 -o low7x7.png\n"
-                              "  cmkit images fashion_mnist --index 3 --strokes -o strokes.png\n"
-                              "  cmkit images emoji --index 0 -o emoji.png",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = sub.add_parser(
+        "images",
+        help="write images of a data set to files (e.g. held-out inputs for `cmkit edit`)",
+        description="Write images of a data set (the held-out test split by default) as PNG files "
+        "of their own size (OUT.png for one image, OUT_0.png, OUT_1.png, ... for several) or as "
+        "one .npz (uint8 NHWC, labels in arr_1): inputs for `cmkit edit` and `cmkit "
+        "eval`.",
+        epilog="examples:\n"
+        "  cmkit images fashion_mnist --index 3 -o img.png\n"
+        "  cmkit images fashion_mnist -n 16 -o test.npz\n"
+        "  cmkit images fashion_mnist --index 3 --downsample 4 -o low7x7.png\n"
+        "  cmkit images fashion_mnist --index 3 --strokes -o strokes.png\n"
+        "  cmkit images emoji --index 0 -o emoji.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("data", metavar="DATA", help="data set: digits, fashion_mnist, mnist, emoji, folder or npz")
-    s.add_argument("--split", choices=("test", "train"),
-                   help="test (held out; the default where the data set has one) or train")
+    s.add_argument(
+        "--split", choices=("test", "train"), help="test (held out; the default where the data set has one) or train"
+    )
     s.add_argument("--root", help="data.root of the data set (default: where cmkit looks for it)")
     s.add_argument("--index", type=int, default=0, help="first image (default 0)")
     s.add_argument("-n", type=int, default=1, help="number of images (default 1)")
-    s.add_argument("--downsample", type=int, default=1,
-                   help="average F×F patches (the low-resolution input of `edit superres --factor F`)")
-    s.add_argument("--strokes", action="store_true",
-                   help="a coarse stroke painting of each image (the input of `edit stroke`)")
+    s.add_argument(
+        "--downsample",
+        type=int,
+        default=1,
+        help="average F×F patches (the low-resolution input of `edit superres --factor F`)",
+    )
+    s.add_argument(
+        "--strokes", action="store_true", help="a coarse stroke painting of each image (the input of `edit stroke`)"
+    )
     add_output_option(s, metavar="OUT", help="OUT.png (one file per image) or OUT.npz")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(func=cmd_images)
 
-    s = sub.add_parser("prepare-data", help="turn a downloaded data set archive into the file a preset reads",
-                       description="Write the .npz a paper preset reads from the official archive (read without "
-                                   "running code). cifar10: cifar-10-python.tar.gz → data/cifar10-train.npz, the "
-                                   "cifar10-* presets' data.root.")
+    s = sub.add_parser(
+        "prepare-data",
+        help="turn a downloaded data set archive into the file a preset reads",
+        description="Write the .npz a paper preset reads from the official archive (read without "
+        "running code). cifar10: cifar-10-python.tar.gz → data/cifar10-train.npz, the "
+        "cifar10-* presets' data.root.",
+    )
     s.add_argument("dataset", help="cifar10")
     s.add_argument("archive", help="the official archive (cifar-10-python.tar.gz)")
     s.add_argument("--split", choices=("train", "test"), default="train", help="default train (50,000 images)")
@@ -382,10 +467,13 @@ def _add_data_commands(sub: Any) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_prepare_data)
 
-    s = sub.add_parser("convert-lpips", help="make loss.lpips_weights from the official LPIPS and VGG16 files",
-                       description="Combine the lpips package's linear heads (weights/v0.1/vgg.pth) and "
-                                   "torchvision's ImageNet VGG16 (vgg16-397923af.pth) into the safetensors file "
-                                   "that loss.lpips_weights takes. Both are read with torch.load(weights_only=True).")
+    s = sub.add_parser(
+        "convert-lpips",
+        help="make loss.lpips_weights from the official LPIPS and VGG16 files",
+        description="Combine the lpips package's linear heads (weights/v0.1/vgg.pth) and "
+        "torchvision's ImageNet VGG16 (vgg16-397923af.pth) into the safetensors file "
+        "that loss.lpips_weights takes. Both are read with torch.load(weights_only=True).",
+    )
     s.add_argument("--lpips", required=True, metavar="vgg.pth", help="the LPIPS v0.1 VGG heads")
     s.add_argument("--vgg", required=True, metavar="vgg16-397923af.pth", help="torchvision's VGG16 weights")
     add_output_option(s, help="output .safetensors (default data/lpips-vgg16.safetensors)")
@@ -395,12 +483,26 @@ def _add_data_commands(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cmkit`` parser: one small function adds each command (or group of commands)."""
-    p = Parser(prog="cmkit", description="Consistency models: train, sample, edit, evaluate.",
-               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="cmkit",
+        description="Consistency models: train, sample, edit, evaluate.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_listings, _add_data_commands, _add_train_commands, _add_sample, _add_convert, _add_exports,
-                add_eval, add_edit, add_decoder, add_serve):
+    for add in (
+        _add_listings,
+        _add_data_commands,
+        _add_train_commands,
+        _add_sample,
+        _add_convert,
+        _add_exports,
+        add_eval,
+        add_edit,
+        add_decoder,
+        add_serve,
+    ):
         add(sub)
     _add_debug_everywhere(p)
     return p
@@ -417,23 +519,40 @@ def _add_listings(sub: Any) -> None:
 def _add_train_commands(sub: Any) -> None:
     """``cmkit train`` (any kind of preset) and its two named forms."""
     _add_train(sub, "train", None, None, "train a model from a preset (any kind), with key=value overrides")
-    _add_train(sub, "train-autoencoder", "autoencoder", "fmnist-ae",
-               "train a KL autoencoder (= cmkit train with an autoencoder preset)")
-    _add_train(sub, "train-decoder", "decoder", "fmnist-cdec",
-               "train a consistency decoder for an autoencoder's latents (= cmkit train with a decoder preset)")
+    _add_train(
+        sub,
+        "train-autoencoder",
+        "autoencoder",
+        "fmnist-ae",
+        "train a KL autoencoder (= cmkit train with an autoencoder preset)",
+    )
+    _add_train(
+        sub,
+        "train-decoder",
+        "decoder",
+        "fmnist-cdec",
+        "train a consistency decoder for an autoencoder's latents (= cmkit train with a decoder preset)",
+    )
 
 
 def _add_sample(sub: Any) -> None:
     """``cmkit sample``."""
-    s = sub.add_parser("sample", help="generate images from a trained or shipped model",
-                       description="Sample a model. Consistency models: --steps 1 (one network evaluation) or "
-                                   "--steps 2, or an explicit descending σ list (--sigmas 80,0.8). Diffusion models: "
-                                   "--sampler heun|euler --steps N (Heun: 2N-1 evaluations).")
+    s = sub.add_parser(
+        "sample",
+        help="generate images from a trained or shipped model",
+        description="Sample a model. Consistency models: --steps 1 (one network evaluation) or "
+        "--steps 2, or an explicit descending σ list (--sigmas 80,0.8). Diffusion models: "
+        "--sampler heun|euler --steps N (Heun: 2N-1 evaluations).",
+    )
     s.add_argument("--model", required=True, help="model directory, run directory, or shipped model name")
     s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
 
-    add_sampling_options(s, batch_size=256, sigmas_help="comma-separated descending σ values for multistep sampling",
-                         seed_help="sample i uses seed+i, independent of the batch size")
+    add_sampling_options(
+        s,
+        batch_size=256,
+        sigmas_help="comma-separated descending σ values for multistep sampling",
+        seed_help="sample i uses seed+i, independent of the batch size",
+    )
     add_output_option(s, default="samples.png", help="PNG grid path (default samples.png; '' to skip)")
     s.add_argument("--npz", help="also write uint8 NHWC samples to this .npz (arr_0; labels in arr_1)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -443,28 +562,41 @@ def _add_sample(sub: Any) -> None:
 
 def _add_convert(sub: Any) -> None:
     """``cmkit convert``: released checkpoints → model directories."""
-    s = sub.add_parser("convert", help="convert released models (OpenAI .pt/diffusers, EDM .pkl, JAX CIFAR-10) to a "
-                                       "model directory",
-                       description="Convert a checkpoint of openai/consistency_models (a .pt state dict, read with "
-                                   "weights_only) or of the diffusers openai/diffusers-* repositories (a UNet2DModel "
-                                   "directory), an EDM-style pickle (NVlabs/edm or ECT .pkl snapshots and training "
-                                   "states, read without running any code from the file), or a Flax checkpoint_N of "
-                                   "openai/consistency_models_cifar10 (its EMA parameters, read without JAX) into a "
-                                   "cmkit model directory that every --model option accepts.")
-    s.add_argument("src", help="the .pt/.pkl/checkpoint_N file, or the diffusers directory (holding config.json, "
-                               "or unet/)")
+    s = sub.add_parser(
+        "convert",
+        help="convert released models (OpenAI .pt/diffusers, EDM .pkl, JAX CIFAR-10) to a model directory",
+        description="Convert a checkpoint of openai/consistency_models (a .pt state dict, read with "
+        "weights_only) or of the diffusers openai/diffusers-* repositories (a UNet2DModel "
+        "directory), an EDM-style pickle (NVlabs/edm or ECT .pkl snapshots and training "
+        "states, read without running any code from the file), or a Flax checkpoint_N of "
+        "openai/consistency_models_cifar10 (its EMA parameters, read without JAX) into a "
+        "cmkit model directory that every --model option accepts.",
+    )
+    s.add_argument(
+        "src", help="the .pt/.pkl/checkpoint_N file, or the diffusers directory (holding config.json, or unet/)"
+    )
     s.add_argument("-o", "--out", required=True, help="output model directory")
-    s.add_argument("--precond", choices=("cm", "edm"),
-                   help="cm for the CD/CT models (boundary condition), edm for the EDM teachers (default cm; an EDM "
-                        "pickle says which it holds)")
+    s.add_argument(
+        "--precond",
+        choices=("cm", "edm"),
+        help="cm for the CD/CT models (boundary condition), edm for the EDM teachers (default cm; an EDM "
+        "pickle says which it holds)",
+    )
     s.add_argument("--image-size", type=int, help="image side, when the channel_mult does not tell it (JAX: 32)")
 
-    s.add_argument("--family", choices=sorted(RELEASED_MODELS),
-                   help="which released model this is, when the file name does not say (sets its training grid "
-                        "and the published 2-step σ)")
-    s.add_argument("--head-channels", type=int, metavar="N",
-                   help="channels per attention head of an openai .pt ADM (its file does not record it; the "
-                        "released checkpoints, recognised by name, use 64)")
+    s.add_argument(
+        "--family",
+        choices=sorted(RELEASED_MODELS),
+        help="which released model this is, when the file name does not say (sets its training grid "
+        "and the published 2-step σ)",
+    )
+    s.add_argument(
+        "--head-channels",
+        type=int,
+        metavar="N",
+        help="channels per attention head of an openai .pt ADM (its file does not record it; the "
+        "released checkpoints, recognised by name, use 64)",
+    )
     s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
     s.add_argument("--description", help="one-line description stored in config.json")
     s.add_argument("--overwrite", action="store_true")
@@ -473,8 +605,9 @@ def _add_convert(sub: Any) -> None:
 
 def _add_exports(sub: Any) -> None:
     """``cmkit export`` (a run → a model directory) and ``cmkit export-diffusers``."""
-    s = sub.add_parser("export-diffusers", help="write an ADM consistency model as a diffusers "
-                                                "ConsistencyModelPipeline directory")
+    s = sub.add_parser(
+        "export-diffusers", help="write an ADM consistency model as a diffusers ConsistencyModelPipeline directory"
+    )
     s.add_argument("--model", required=True, help="model directory, run directory or shipped name (model.arch=adm)")
     s.add_argument("-o", "--out", required=True, help="output pipeline directory")
     s.add_argument("--overwrite", action="store_true")
@@ -484,9 +617,13 @@ def _add_exports(sub: Any) -> None:
     s.add_argument("run", help="training run directory")
     s.add_argument("-o", "--out", required=True, help="output model directory")
     s.add_argument("--weights", help="checkpoint weights to export: ema_RATE (default: first EMA) or model (online)")
-    s.add_argument("--head-channels", type=int, metavar="N",
-                   help="channels per attention head of an openai .pt ADM (its file does not record it; the "
-                        "released checkpoints, recognised by name, use 64)")
+    s.add_argument(
+        "--head-channels",
+        type=int,
+        metavar="N",
+        help="channels per attention head of an openai .pt ADM (its file does not record it; the "
+        "released checkpoints, recognised by name, use 64)",
+    )
     s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
     s.add_argument("--description", help="one-line description stored in config.json")
     s.add_argument("--note", help="free-text note stored in the recipe")
@@ -501,8 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         # key=value overrides may follow flags (`train --preset X a=1 --dry-run b=2`); anything else is an error
-        if extra and isinstance(getattr(args, "overrides", None), list) and \
-                all("=" in v and not v.startswith("-") for v in extra):
+        if (
+            extra
+            and isinstance(getattr(args, "overrides", None), list)
+            and all("=" in v and not v.startswith("-") for v in extra)
+        ):
             args.overrides += extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -526,8 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not a user error: one line, and the traceback with --debug
         if debug:
             raise
-        print(f"cmkit: error: {type(e).__name__}: {one_line(e) or '(no message)'} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"cmkit: error: {type(e).__name__}: {one_line(e) or '(no message)'} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

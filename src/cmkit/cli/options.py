@@ -6,6 +6,7 @@
 (:func:`add_threads_option`) and ``--device`` (:func:`add_device_option`). The values are checked by
 ``cmkit.inputs``, which the web page shares.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,8 +15,7 @@ from ..inputs import DEVICE_HELP
 from ..sampling import SAMPLERS
 
 
-__all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "add_device_option",
-           "add_class_option"]
+__all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "add_device_option", "add_class_option"]
 
 
 # an argparse.ArgumentParser or one of its argument groups (both have add_argument)
@@ -29,12 +29,22 @@ def add_threads_option(parser: Container) -> None:
 
 def add_device_option(parser: Container) -> None:
     """``--device``: where the network runs (default auto: a GPU when there is one); see :func:`check_device`."""
-    parser.add_argument("--device", default="auto",
-                        help=f"torch device: {DEVICE_HELP} (default auto: CUDA when available, else MPS, else cpu)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help=f"torch device: {DEVICE_HELP} (default auto: CUDA when available, else MPS, else cpu)",
+    )
 
 
-def add_output_option(parser: Container, *, help: str, required: bool = False, default: str | None = None,
-                      metavar: str | None = None, output_alias: bool = False) -> None:
+def add_output_option(
+    parser: Container,
+    *,
+    help: str,
+    required: bool = False,
+    default: str | None = None,
+    metavar: str | None = None,
+    output_alias: bool = False,
+) -> None:
     """``-o/--out`` (dest ``out``) for a command's output; ``output_alias`` also accepts the old ``--output``."""
     flags = ["-o", "--out"] + (["--output"] if output_alias else [])
     kw: dict[str, Any] = {"dest": "out", "help": help, "metavar": metavar}
@@ -45,13 +55,20 @@ def add_output_option(parser: Container, *, help: str, required: bool = False, d
     parser.add_argument(*flags, **kw)
 
 
-def add_sampling_options(parser: Container, *, group: Container | None = None, sampler: bool = True,
-                         batch_size: int | None = None, bf16: bool = True, device: bool = True,
-                         threads: bool = True, steps_default: int | None = None,
-                         steps_help: str = "number of sampling steps",
-                         sigmas_help: str = "explicit comma-separated descending σ list, e.g. 80,0.8 "
-                                            "(instead of --steps)",
-                         seed_help: str = "random seed (default 0)") -> None:
+def add_sampling_options(
+    parser: Container,
+    *,
+    group: Container | None = None,
+    sampler: bool = True,
+    batch_size: int | None = None,
+    bf16: bool = True,
+    device: bool = True,
+    threads: bool = True,
+    steps_default: int | None = None,
+    steps_help: str = "number of sampling steps",
+    sigmas_help: str = "explicit comma-separated descending σ list, e.g. 80,0.8 (instead of --steps)",
+    seed_help: str = "random seed (default 0)",
+) -> None:
     """Add the sampling options shared by ``sample``, ``eval --model`` and ``edit``.
 
     Always: ``--steps``, ``--sigmas`` (parse with :func:`parse_sigmas`) and ``--seed``. Optional groups, for the
@@ -78,8 +95,11 @@ def add_sampling_options(parser: Container, *, group: Container | None = None, s
 
 def add_class_option(parser: Container) -> None:
     """``--class 207`` (every image) or ``--classes 0,1,2`` (cycled over the images) for class-conditional models."""
-    parser.add_argument("--class", "--classes", dest="classes", metavar="C[,C...]",
-                        help="class label(s) of a class-conditional model: one for every image, or a list cycled "
-                             "over them (default: random labels from the seeds)")
-
-
+    parser.add_argument(
+        "--class",
+        "--classes",
+        dest="classes",
+        metavar="C[,C...]",
+        help="class label(s) of a class-conditional model: one for every image, or a list cycled "
+        "over them (default: random labels from the seeds)",
+    )

@@ -7,6 +7,7 @@
   fmnist-cdec``) and the small KL autoencoder itself (``cmkit.nets.autoencoder``; ``--preset fmnist-ae``).
 * ``cli.add_cli(subparsers)``: the ``decode`` and ``convert-decoder`` subcommands.
 """
+
 from __future__ import annotations
 
 from .config import SD_LATENT_MEAN, SD_LATENT_STD, SD_SCALING_FACTOR, DecoderConfig
@@ -18,7 +19,18 @@ from ..formats.torchscript import OPENAI_DECODER_SHA256
 
 
 __all__ = [
-    "ConsistencyDecoder", "DecoderConfig", "DecoderSchedule", "DecoderUNet", "DecoderWeights", "DEFAULT_SCHEDULE",
-    "OPENAI_DECODER_SHA256", "SD_LATENT_MEAN", "SD_LATENT_STD", "SD_SCALING_FACTOR", "convert_decoder",
-    "load_weights", "save_cmkit", "steps_to_schedule",
+    "ConsistencyDecoder",
+    "DecoderConfig",
+    "DecoderSchedule",
+    "DecoderUNet",
+    "DecoderWeights",
+    "DEFAULT_SCHEDULE",
+    "OPENAI_DECODER_SHA256",
+    "SD_LATENT_MEAN",
+    "SD_LATENT_STD",
+    "SD_SCALING_FACTOR",
+    "convert_decoder",
+    "load_weights",
+    "save_cmkit",
+    "steps_to_schedule",
 ]

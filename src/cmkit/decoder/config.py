@@ -4,6 +4,7 @@ The defaults are OpenAI's released decoder (openai/consistencydecoder, 2023), as
 ``ConsistencyDecoderVAE`` (its constants, architecture and config table; docs/decoder.md).
 ``DecoderConfig.tiny()`` keeps the whole topology (4 levels, ×8 latent upsampling) at a width a test can run.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,6 +73,7 @@ class DecoderConfig:
     def _check_types(self) -> None:
         """Every field of the type it must have (a hand-edited or damaged config.json is one line, not a
         TypeError or ZeroDivisionError further on)."""
+
         def number(v: Any, integer: bool) -> bool:
             ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
             return ok and not isinstance(v, bool) and v > 0
@@ -82,11 +84,23 @@ class DecoderConfig:
                 continue
             if f.name in ("block_out_channels", "latent_mean", "latent_std"):
                 integer = f.name == "block_out_channels"
-                ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
-                    number(x, integer) if (integer or f.name == "latent_std") else
-                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-                want = ("a non-empty list of positive integers" if integer else
-                        "a list of positive finite numbers" if f.name == "latent_std" else "a list of finite numbers")
+                ok = (
+                    isinstance(v, (list, tuple))
+                    and len(v) > 0
+                    and all(
+                        number(x, integer)
+                        if (integer or f.name == "latent_std")
+                        else isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                        for x in v
+                    )
+                )
+                want = (
+                    "a non-empty list of positive integers"
+                    if integer
+                    else "a list of positive finite numbers"
+                    if f.name == "latent_std"
+                    else "a list of finite numbers"
+                )
             else:
                 integer = f.name not in ("norm_eps", "scaling_factor", "sigma_data")
                 ok, want = number(v, integer), "a positive integer" if integer else "a positive finite number"
@@ -141,9 +155,12 @@ class DecoderConfig:
             if any(t != want for t in types):
                 raise CmkitError(f"diffusers config has {key}={types}; the consistency decoder needs {want}")
         cfg = dict(
-            block_out_channels=tuple(get("block_out_channels")), layers_per_block=get("layers_per_block", 3),
-            in_channels=get("in_channels", 7), out_channels=get("out_channels", 6),
-            norm_num_groups=get("norm_num_groups", 32), norm_eps=get("norm_eps", 1e-5),
+            block_out_channels=tuple(get("block_out_channels")),
+            layers_per_block=get("layers_per_block", 3),
+            in_channels=get("in_channels", 7),
+            out_channels=get("out_channels", 6),
+            norm_num_groups=get("norm_num_groups", 32),
+            norm_eps=get("norm_eps", 1e-5),
             num_train_timesteps=get("num_train_timesteps", 1024),
         )
         if not vae and d.get("time_embedding_dim") is not None:

@@ -32,6 +32,7 @@ and the lower index m = n − Δ(k):
 f_θ is ``sampler.f_theta``, the function ``ConsistencyDecoder.decode`` evaluates, so a trained UNet decodes
 unchanged; only the clamp is left out during training.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -79,8 +80,9 @@ def gather(table: Tensor, t: Tensor, ndim: int) -> Tensor:
     return append_dims(table.to(t.device)[t], ndim)
 
 
-def consistency_function(unet: nn.Module, x_t: Tensor, z_up: Tensor, t: Tensor, schedule: DecoderSchedule,
-                         image_channels: int) -> Tensor:
+def consistency_function(
+    unet: nn.Module, x_t: Tensor, z_up: Tensor, t: Tensor, schedule: DecoderSchedule, image_channels: int
+) -> Tensor:
     """f(x_t, t) = c_skip(t)·x_t + c_out(t)·F(c_in(t)·x_t ⊕ z_up, t)[:, :C_img] with per-sample t (B,).
 
     :func:`sampler.f_theta <cmkit.decoder.sampler.f_theta>` with the coefficients gathered per sample, unclamped.
@@ -91,8 +93,9 @@ def consistency_function(unet: nn.Module, x_t: Tensor, z_up: Tensor, t: Tensor, 
 
 def noisy(x0: Tensor, eps: Tensor, t: Tensor, schedule: DecoderSchedule) -> Tensor:
     """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (the decoder's VP forward process)."""
-    sqrt_ab, sqrt_1mab = (gather(getattr(schedule, k), t, x0.ndim)
-                          for k in ("sqrt_alpha_bar", "sqrt_one_minus_alpha_bar"))
+    sqrt_ab, sqrt_1mab = (
+        gather(getattr(schedule, k), t, x0.ndim) for k in ("sqrt_alpha_bar", "sqrt_one_minus_alpha_bar")
+    )
     return sqrt_ab * x0 + sqrt_1mab * eps
 
 
@@ -142,8 +145,16 @@ class DecoderConsistencyLoss:
         """n ∈ {1, …, N−1} per sample, drawn from p(n)."""
         return torch.multinomial(self.probs, batch, replacement=True, generator=generator) + 1
 
-    def __call__(self, unet: nn.Module, x0: Tensor, z_norm: Tensor, *, step: int,
-                 target: nn.Module | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self,
+        unet: nn.Module,
+        x0: Tensor,
+        z_norm: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Per-sample loss (B,) for images x0 (B, C_img, H, W) in [−1, 1] and normalised latents z_norm."""
         B, device = x0.shape[0], x0.device
         n = self.sample_indices(B, generator)
@@ -158,7 +169,8 @@ class DecoderConsistencyLoss:
         if inner.any():
             with torch.no_grad():
                 x_m = noisy(x0[inner], eps[inner], t_m[inner], self.schedule)
-                tgt[inner] = consistency_function(target or unet, x_m, z_up[inner], t_m[inner], self.schedule,
-                                                  C).to(tgt.dtype)
+                tgt[inner] = consistency_function(target or unet, x_m, z_up[inner], t_m[inner], self.schedule, C).to(
+                    tgt.dtype
+                )
         weight = self.schedule.c_out.to(device)[t_n].pow(-self.p)
         return weight * self.d(pred, tgt.detach())

@@ -5,6 +5,7 @@ The public entry point. Same semantics as openai/consistencydecoder ``Consistenc
 upsampling as conditioning, the 64-step distilled cosine schedule, clamping of every x0 estimate; plus a
 ``generator``, any schedule length (1 step included), batches, fp32/bf16/fp16, ``channels_last`` and tiling.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,12 +39,19 @@ class ConsistencyDecoder(nn.Module):
         super().__init__()
         self.config = config or (unet.config if unet is not None else DecoderConfig())
         self.unet = unet if unet is not None else DecoderUNet(self.config)
-        self.schedule = DecoderSchedule.cosine(self.config.num_train_timesteps, self.config.sigma_data,
-                                               self.config.num_distilled_steps)
+        self.schedule = DecoderSchedule.cosine(
+            self.config.num_train_timesteps, self.config.sigma_data, self.config.num_distilled_steps
+        )
 
     @classmethod
-    def from_weights(cls, weights: DecoderWeights, *, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32, channels_last: bool = True) -> ConsistencyDecoder:
+    def from_weights(
+        cls,
+        weights: DecoderWeights,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+    ) -> ConsistencyDecoder:
         """Build on the meta device, then take the checked state dict (no random init, no double memory)."""
         with torch.device("meta"):
             unet = DecoderUNet(weights.config)
@@ -51,16 +59,24 @@ class ConsistencyDecoder(nn.Module):
         return cls(weights.config, unet).prepare(device=device, dtype=dtype, channels_last=channels_last)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, channels_last: bool = True, verify: bool = True,
-                        expected_sha256: str = OPENAI_DECODER_SHA256,
-                        config: DecoderConfig | None = None) -> ConsistencyDecoder:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        verify: bool = True,
+        expected_sha256: str = OPENAI_DECODER_SHA256,
+        config: DecoderConfig | None = None,
+    ) -> ConsistencyDecoder:
         """Load any supported checkpoint (see ``weights.py``): diffusers safetensors, OpenAI decoder.pt, cmkit."""
         weights = load_weights(path, config=config, verify=verify, expected_sha256=expected_sha256)
         return cls.from_weights(weights, device=device, dtype=dtype, channels_last=channels_last)
 
-    def prepare(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                channels_last: bool = True) -> ConsistencyDecoder:
+    def prepare(
+        self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, channels_last: bool = True
+    ) -> ConsistencyDecoder:
         """Move/cast for inference: eval mode, contiguous float weights, optional channels_last convolutions."""
         self.to(device=device, dtype=dtype)
         for p in self.parameters():
@@ -94,10 +110,18 @@ class ConsistencyDecoder(nn.Module):
         return self.unet(x, t)
 
     @torch.inference_mode()
-    def decode(self, latents: Tensor, schedule: Sequence[float] = DEFAULT_SCHEDULE,
-               generator: torch.Generator | None = None, *, clamp: bool = True, tile: int | None = None,
-               tile_overlap: int | None = None, scaled: bool = False,
-               noise: Sequence[Tensor] | None = None) -> Tensor:
+    def decode(
+        self,
+        latents: Tensor,
+        schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        generator: torch.Generator | None = None,
+        *,
+        clamp: bool = True,
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+        scaled: bool = False,
+        noise: Sequence[Tensor] | None = None,
+    ) -> Tensor:
         """Raw SD latents (B, 4, h, w) → float32 images (B, 3, 8h, 8w), in [−1, 1] when ``clamp``.
 
         Args:
@@ -114,6 +138,17 @@ class ConsistencyDecoder(nn.Module):
         if scaled:
             z = z / self.config.scaling_factor
         z_norm = normalize_latents(z, self.config)
-        return sample(self.unet, z_norm, self.timesteps(schedule), self.schedule, self.config,
-                      generator=generator, clamp=clamp, tile=tile, tile_overlap=tile_overlap, dtype=self.dtype,
-                      channels_last=self.channels_last, noise=noise)
+        return sample(
+            self.unet,
+            z_norm,
+            self.timesteps(schedule),
+            self.schedule,
+            self.config,
+            generator=generator,
+            clamp=clamp,
+            tile=tile,
+            tile_overlap=tile_overlap,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+            noise=noise,
+        )

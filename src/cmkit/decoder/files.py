@@ -2,6 +2,7 @@
 
 ``.pt`` files are read with ``torch.load(weights_only=True)``, ``.npy`` without pickles: no user file runs code.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def _pick(tensors: dict[str, Tensor], path: Path) -> Tensor:
     for key in LATENT_KEYS:
         if key in tensors:
             return tensors[key]
-    raise CmkitError(f"{path}: holds {len(tensors)} tensors {sorted(tensors)[:5]}; "
-                     f"store one tensor or name it one of {list(LATENT_KEYS)}")
+    raise CmkitError(
+        f"{path}: holds {len(tensors)} tensors {sorted(tensors)[:5]}; "
+        f"store one tensor or name it one of {list(LATENT_KEYS)}"
+    )
 
 
 def read_latents(path: str | Path) -> Tensor:

@@ -6,6 +6,7 @@
   interface that diffusers pipelines call (``vae.decode(latents / vae.config.scaling_factor, ...)``), with
   cmkit's schedules, clamping and tiling. Reference doc §2.1 ("Use in SD pipelines").
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,12 +23,15 @@ from .unet import DecoderUNet
 from ..errors import optional_import, CmkitError
 
 
-def from_diffusers(model: nn.Module, *, dtype: torch.dtype | None = None,
-                   channels_last: bool = True) -> ConsistencyDecoder:
+def from_diffusers(
+    model: nn.Module, *, dtype: torch.dtype | None = None, channels_last: bool = True
+) -> ConsistencyDecoder:
     """Copy a diffusers ``ConsistencyDecoderVAE`` / ``UNet2DModel`` into a cmkit ``ConsistencyDecoder``."""
     cfg_dict = dict(getattr(model, "config", {}) or {})
     if not cfg_dict:
-        raise CmkitError(f"{type(model).__name__} has no diffusers config; expected ConsistencyDecoderVAE or UNet2DModel")
+        raise CmkitError(
+            f"{type(model).__name__} has no diffusers config; expected ConsistencyDecoderVAE or UNet2DModel"
+        )
     config = DecoderConfig.from_diffusers(cfg_dict)
     unet_module = getattr(model, "decoder_unet", model)
     with torch.device("meta"):
@@ -45,15 +49,27 @@ class DiffusersDecoderAdapter(nn.Module):
     Encoding is not provided: keep the SD VAE for image-to-image pipelines.
     """
 
-    def __init__(self, decoder: ConsistencyDecoder, *, schedule: Sequence[float] = DEFAULT_SCHEDULE,
-                 clamp: bool = True, tile: int | None = None, tile_overlap: int | None = None):
+    def __init__(
+        self,
+        decoder: ConsistencyDecoder,
+        *,
+        schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        clamp: bool = True,
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+    ):
         super().__init__()
         self.decoder = decoder
         self.schedule, self.clamp, self.tile, self.tile_overlap = tuple(schedule), clamp, tile, tile_overlap
         cfg = decoder.config
         levels = max(1, cfg.upscale.bit_length() - 1)
-        self.config = SimpleNamespace(scaling_factor=cfg.scaling_factor, latent_channels=cfg.latent_channels,
-                                      block_out_channels=[0] * (levels + 1), force_upcast=False, shift_factor=None)
+        self.config = SimpleNamespace(
+            scaling_factor=cfg.scaling_factor,
+            latent_channels=cfg.latent_channels,
+            block_out_channels=[0] * (levels + 1),
+            force_upcast=False,
+            shift_factor=None,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,8 +79,13 @@ class DiffusersDecoderAdapter(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.device
 
-    def decode(self, z: Tensor, generator: torch.Generator | None = None, return_dict: bool = True,
-               num_inference_steps: int | None = None) -> Any:
+    def decode(
+        self,
+        z: Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        num_inference_steps: int | None = None,
+    ) -> Any:
         """diffusers' ``ConsistencyDecoderVAE.decode`` signature; ``num_inference_steps`` picks N even steps."""
         optional_import("diffusers", "diffusers", "DiffusersDecoderAdapter")
         try:
@@ -73,8 +94,9 @@ class DiffusersDecoderAdapter(nn.Module):
             from diffusers.models.vae import DecoderOutput
 
         schedule = self.schedule if num_inference_steps is None else steps_to_schedule(num_inference_steps)
-        sample = self.decoder.decode(z, schedule, generator, clamp=self.clamp, tile=self.tile,
-                                     tile_overlap=self.tile_overlap).to(z.dtype)
+        sample = self.decoder.decode(
+            z, schedule, generator, clamp=self.clamp, tile=self.tile, tile_overlap=self.tile_overlap
+        ).to(z.dtype)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def encode(self, *_: Any, **__: Any) -> Any:

@@ -15,6 +15,7 @@ diffusers' ``scripts/convert_consistency_decoder.py``), composed into one mappin
     inside blocks: gn_1→norm1, f_1→conv1, f_t→time_emb_proj, gn_2→norm2, f_2→conv2, f_s→conv_shortcut;
                    .w/.g→.weight, .b→.bias
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,14 @@ DIFFUSERS_PREFIX = "decoder_unet."
 #: Other top-level modules of ``ConsistencyDecoderVAE`` (the SD encoder), ignored when loading the decoder.
 DIFFUSERS_OTHER_PREFIXES = ("encoder.", "quant_conv.")
 
-_RES_SUB = {"gn_1": "norm1", "f_1": "conv1", "f_t": "time_emb_proj", "gn_2": "norm2", "f_2": "conv2",
-            "f_s": "conv_shortcut"}
+_RES_SUB = {
+    "gn_1": "norm1",
+    "f_1": "conv1",
+    "f_t": "time_emb_proj",
+    "gn_2": "norm2",
+    "f_2": "conv2",
+    "f_s": "conv_shortcut",
+}
 _PARAM = {"w": "weight", "g": "weight", "b": "bias", "weight": "weight", "bias": "bias"}
 _BLOCK = re.compile(r"^(down|up)_(\d+)_(conv_(\d+)|downsamp|upsamp)$|^mid_(\d+)$")
 
@@ -107,7 +114,7 @@ def strip_diffusers_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for key, value in state.items():
         if key.startswith(DIFFUSERS_PREFIX):
-            out[key[len(DIFFUSERS_PREFIX):]] = value
+            out[key[len(DIFFUSERS_PREFIX) :]] = value
         elif not key.startswith(DIFFUSERS_OTHER_PREFIXES):
             out[key] = value
     return out

@@ -3,6 +3,7 @@
 Reference doc §1.1 (the API expects the *unscaled* VAE latent; openai/consistencydecoder#8, #17),
 §1.3 (``ldm_transform_latent``) and §6.1–6.2 (input order: image channels first, then the latent).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,18 +24,24 @@ def check_latents(latents: Tensor, config: DecoderConfig) -> None:
         raise CmkitError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
     shape = tuple(latents.shape)
     if latents.ndim == 3 and shape[0] == config.latent_channels:
-        raise CmkitError(f"latents must be 4-D (batch, {config.latent_channels}, h, w); got 3-D {shape}: "
-                         "add the batch dimension (latents[None])")
+        raise CmkitError(
+            f"latents must be 4-D (batch, {config.latent_channels}, h, w); got 3-D {shape}: "
+            "add the batch dimension (latents[None])"
+        )
     if latents.ndim != 4:
         raise CmkitError(f"latents must be 4-D (batch, {config.latent_channels}, h, w); got {latents.ndim}-D {shape}")
     if shape[1] != config.latent_channels:
         hint = " (that looks like an image, not a latent)" if shape[1] in (1, 3) else ""
-        whose = ("SD-1.x/2.x VAE latents" if config.latent_channels == 4 else
-                 "the latents of the autoencoder it was trained for")
+        whose = (
+            "SD-1.x/2.x VAE latents"
+            if config.latent_channels == 4
+            else "the latents of the autoencoder it was trained for"
+        )
         if shape[1] == 4 and config.latent_channels != 4:
             hint = " (SD-1.x/2.x VAE latents have 4: decode them with OpenAI's decoder)"
-        raise CmkitError(f"this decoder takes {config.latent_channels}-channel latents ({whose}); "
-                         f"got shape {shape}{hint}")
+        raise CmkitError(
+            f"this decoder takes {config.latent_channels}-channel latents ({whose}); got shape {shape}{hint}"
+        )
     if not latents.is_floating_point():
         raise CmkitError(f"latents must be floating point, got {latents.dtype}")
     if min(shape[2:]) < 1 or shape[0] < 1:
@@ -81,7 +88,9 @@ def resolve_scaled(latents: torch.Tensor, mode: str, scaling_factor: float) -> b
         return False
     if looks_scaled(latents):
         std = latents.float().std().item()
-        raise CmkitError(f"these latents look already multiplied by {scaling_factor} (std {std:.2f}, raw SD latents "
-                         "have std ≈ 5): pass --latents scaled if they come from a pipeline's output_type='latent', "
-                         "or --latents raw to decode them as they are")
+        raise CmkitError(
+            f"these latents look already multiplied by {scaling_factor} (std {std:.2f}, raw SD latents "
+            "have std ≈ 5): pass --latents scaled if they come from a pipeline's output_type='latent', "
+            "or --latents raw to decode them as they are"
+        )
     return False

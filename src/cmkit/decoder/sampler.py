@@ -15,6 +15,7 @@ tiles' x0 estimates into one image before re-noising. The noise of every step is
 image, in the same order as the untiled decode, so every tile sees exactly the noise values the untiled
 decode uses at its pixels, and one tile covering the latent reproduces the untiled result bit for bit.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -39,9 +40,20 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, device
     return torch.randn(shape, generator=generator, dtype=torch.float32, device=noise_device).to(device)
 
 
-def f_theta(net: Network, x_t: Tensor, z_up: Tensor, t: int | Tensor, c_in: float | Tensor, c_out: float | Tensor,
-            c_skip: float | Tensor, image_channels: int, *, dtype: torch.dtype | None = None,
-            channels_last: bool = False, clamp: bool = False) -> Tensor:
+def f_theta(
+    net: Network,
+    x_t: Tensor,
+    z_up: Tensor,
+    t: int | Tensor,
+    c_in: float | Tensor,
+    c_out: float | Tensor,
+    c_skip: float | Tensor,
+    image_channels: int,
+    *,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    clamp: bool = False,
+) -> Tensor:
     """The consistency function f(x_t, t) = c_out · F_θ(c_in · x_t ⊕ z_up, t)[:, :C_img] + c_skip · x_t (§1.4).
 
     The one implementation behind decoding (:func:`x0_estimate`: integer t, Python-float coefficients) and
@@ -59,15 +71,45 @@ def f_theta(net: Network, x_t: Tensor, z_up: Tensor, t: int | Tensor, c_in: floa
     return x0.clamp_(-1.0, 1.0) if clamp else x0
 
 
-def x0_estimate(net: Network, x_t: Tensor, z_norm: Tensor, t: int, coeffs: dict[str, float],
-                config: DecoderConfig, dtype: torch.dtype, channels_last: bool, clamp: bool) -> Tensor:
+def x0_estimate(
+    net: Network,
+    x_t: Tensor,
+    z_norm: Tensor,
+    t: int,
+    coeffs: dict[str, float],
+    config: DecoderConfig,
+    dtype: torch.dtype,
+    channels_last: bool,
+    clamp: bool,
+) -> Tensor:
     """:func:`f_theta` at one integer timestep with ``schedule.at(t)``'s coefficients, optionally clamped."""
-    return f_theta(net, x_t, upsample_latents(z_norm, config), t, coeffs["c_in"], coeffs["c_out"], coeffs["c_skip"],
-                   config.image_channels, dtype=dtype, channels_last=channels_last, clamp=clamp)
+    return f_theta(
+        net,
+        x_t,
+        upsample_latents(z_norm, config),
+        t,
+        coeffs["c_in"],
+        coeffs["c_out"],
+        coeffs["c_skip"],
+        config.image_channels,
+        dtype=dtype,
+        channels_last=channels_last,
+        clamp=clamp,
+    )
 
 
-def _blended_x0(net: Network, x_t: Tensor, z_norm: Tensor, t: int, coeffs: dict[str, float], tiles: list[Tile],
-                config: DecoderConfig, dtype: torch.dtype, channels_last: bool, clamp: bool) -> Tensor:
+def _blended_x0(
+    net: Network,
+    x_t: Tensor,
+    z_norm: Tensor,
+    t: int,
+    coeffs: dict[str, float],
+    tiles: list[Tile],
+    config: DecoderConfig,
+    dtype: torch.dtype,
+    channels_last: bool,
+    clamp: bool,
+) -> Tensor:
     """The x0 estimate assembled from overlapping tiles, each weighted by its blending window."""
     acc = torch.zeros_like(x_t)
     weight = torch.zeros((1, 1, *x_t.shape[2:]), dtype=torch.float32, device=x_t.device)
@@ -85,14 +127,27 @@ def check_image_size(h: int, w: int, config: DecoderConfig, what: str = "latent"
     """The UNet halves the image len(levels)−1 times: sides must be multiples of ``config.pixel_multiple``."""
     m = config.pixel_multiple
     if (h * config.upscale) % m or (w * config.upscale) % m:
-        raise CmkitError(f"a {h}×{w} {what} gives a {h * config.upscale}×{w * config.upscale} image; "
-                         f"this decoder needs image sides that are multiples of {m}")
+        raise CmkitError(
+            f"a {h}×{w} {what} gives a {h * config.upscale}×{w * config.upscale} image; "
+            f"this decoder needs image sides that are multiples of {m}"
+        )
 
 
-def sample(net: Network, z_norm: Tensor, timesteps: Sequence[int], schedule: DecoderSchedule, config: DecoderConfig,
-           *, generator: torch.Generator | None = None, clamp: bool = True, tile: int | None = None,
-           tile_overlap: int | None = None, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-           noise: Sequence[Tensor] | None = None) -> Tensor:
+def sample(
+    net: Network,
+    z_norm: Tensor,
+    timesteps: Sequence[int],
+    schedule: DecoderSchedule,
+    config: DecoderConfig,
+    *,
+    generator: torch.Generator | None = None,
+    clamp: bool = True,
+    tile: int | None = None,
+    tile_overlap: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    noise: Sequence[Tensor] | None = None,
+) -> Tensor:
     """Decode normalised latents (B, 4, h, w) to images (B, 3, 8h, 8w) in float32, [−1, 1] when ``clamp``.
 
     Args:

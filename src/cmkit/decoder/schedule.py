@@ -10,6 +10,7 @@ diffusers' ``ConsistencyDecoderScheduler`` (§2.2), which parity with diffusers 
     c_out   = σ σ_d / √(σ² + σ_d²)
     c_in    = √(1/ᾱ) / √(σ² + σ_d²)
 """
+
 from __future__ import annotations
 
 import math
@@ -24,11 +25,14 @@ from ..errors import CmkitError
 
 def cosine_betas(num_timesteps: int = 1024, max_beta: float = 0.999) -> Tensor:
     """β_i = min(1 − ᾱ(t_{i+1})/ᾱ(t_i), max_beta) with the cosine ᾱ (s = 0.008), float32 (§1.3)."""
+
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
-             for i in range(num_timesteps)]
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
     return torch.tensor(betas, dtype=torch.float32, device="cpu")  # CPU even under a meta device context
 
 
@@ -45,7 +49,9 @@ class DecoderSchedule:
     num_distilled_steps: int
 
     @classmethod
-    def cosine(cls, num_timesteps: int = 1024, sigma_data: float = 0.5, num_distilled_steps: int = 64) -> DecoderSchedule:
+    def cosine(
+        cls, num_timesteps: int = 1024, sigma_data: float = 0.5, num_distilled_steps: int = 64
+    ) -> DecoderSchedule:
         """The tables in the same float32 operation order as OpenAI and diffusers (bitwise equal)."""
         alpha_bar = torch.cumprod(1.0 - cosine_betas(num_timesteps), dim=0)
         sigma = torch.sqrt(1.0 / alpha_bar - 1)
@@ -90,8 +96,10 @@ class DecoderSchedule:
 
     def at(self, t: int) -> dict[str, float]:
         """The scalars used at timestep t, as Python floats holding the exact float32 values."""
-        return {name: float(getattr(self, name)[t]) for name in
-                ("sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "sigma", "c_skip", "c_out", "c_in")}
+        return {
+            name: float(getattr(self, name)[t])
+            for name in ("sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "sigma", "c_skip", "c_out", "c_in")
+        }
 
 
 def steps_to_schedule(steps: int) -> tuple[float, ...]:

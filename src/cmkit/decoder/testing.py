@@ -4,6 +4,7 @@ Nothing here is downloaded: the OpenAI-layout TorchScript file is a real ``torch
 an attribute tree named like the released ``decoder.pt`` (openai/consistencydecoder), whose forward even pins
 ``cuda:0`` as the released graph does; the diffusers layout is ``decoder_unet.*`` (+ optional encoder keys).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,13 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def random_decoder(config: DecoderConfig | None = None, seed: int = 0, *, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = False) -> ConsistencyDecoder:
+def random_decoder(
+    config: DecoderConfig | None = None,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> ConsistencyDecoder:
     """A ``ConsistencyDecoder`` (tiny by default) with ``randomize_`` weights, ready for inference."""
     dec = ConsistencyDecoder(config or DecoderConfig.tiny())
     randomize_(dec.unet, seed)
@@ -102,27 +108,42 @@ def diffusers_vae_state(state: dict[str, Tensor], with_encoder: bool = True) -> 
 def diffusers_vae_config(config: DecoderConfig) -> dict:
     """A ``ConsistencyDecoderVAE`` ``config.json`` for ``config`` (the keys ``DecoderConfig.from_diffusers`` reads)."""
     return {
-        "_class_name": "ConsistencyDecoderVAE", "scaling_factor": config.scaling_factor,
-        "latent_channels": config.latent_channels, "block_out_channels": [1] * (int(math.log2(config.upscale)) + 1),
-        "decoder_add_attention": False, "decoder_block_out_channels": list(config.block_out_channels),
+        "_class_name": "ConsistencyDecoderVAE",
+        "scaling_factor": config.scaling_factor,
+        "latent_channels": config.latent_channels,
+        "block_out_channels": [1] * (int(math.log2(config.upscale)) + 1),
+        "decoder_add_attention": False,
+        "decoder_block_out_channels": list(config.block_out_channels),
         "decoder_down_block_types": ["ResnetDownsampleBlock2D"] * len(config.block_out_channels),
         "decoder_up_block_types": ["ResnetUpsampleBlock2D"] * len(config.block_out_channels),
-        "decoder_in_channels": config.in_channels, "decoder_out_channels": config.out_channels,
-        "decoder_layers_per_block": config.layers_per_block, "decoder_norm_eps": config.norm_eps,
-        "decoder_norm_num_groups": config.norm_num_groups, "decoder_num_train_timesteps": config.num_train_timesteps,
-        "decoder_resnet_time_scale_shift": "scale_shift", "decoder_time_embedding_type": "learned",
+        "decoder_in_channels": config.in_channels,
+        "decoder_out_channels": config.out_channels,
+        "decoder_layers_per_block": config.layers_per_block,
+        "decoder_norm_eps": config.norm_eps,
+        "decoder_norm_num_groups": config.norm_num_groups,
+        "decoder_num_train_timesteps": config.num_train_timesteps,
+        "decoder_resnet_time_scale_shift": "scale_shift",
+        "decoder_time_embedding_type": "learned",
     }
 
 
-def write_diffusers_checkpoint(state: dict[str, Tensor], config: DecoderConfig, out_dir: str | Path, *,
-                               dtype: torch.dtype = torch.float16, with_encoder: bool = True,
-                               with_config: bool = True) -> Path:
+def write_diffusers_checkpoint(
+    state: dict[str, Tensor],
+    config: DecoderConfig,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    with_encoder: bool = True,
+    with_config: bool = True,
+) -> Path:
     """A diffusers-style ``ConsistencyDecoderVAE`` directory: ``config.json`` + ``diffusion_pytorch_model(.fp16).safetensors``."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "diffusion_pytorch_model.fp16.safetensors" if dtype == torch.float16 else "diffusion_pytorch_model.safetensors"
+    name = (
+        "diffusion_pytorch_model.fp16.safetensors" if dtype == torch.float16 else "diffusion_pytorch_model.safetensors"
+    )
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in diffusers_vae_state(state, with_encoder).items()}
     save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
     if with_config:

@@ -8,6 +8,7 @@ and falls off as sin² / cos² across each overlap with a neighbour (the two wei
 seams are blended, never cut. §6.9 warns that tiling cannot be exact: GroupNorm statistics and the
 receptive field are per tile; ``sampler.py`` keeps the noise identical to the untiled decode.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,10 +57,18 @@ def plan_tiles(h: int, w: int, tile: int, overlap: int) -> list[Tile]:
     tiles = []
     for i, (y0, y1) in enumerate(rows):
         for j, (x0, x1) in enumerate(cols):
-            tiles.append(Tile(
-                y0, y1, x0, x1,
-                top=rows[i - 1][1] - y0 if i > 0 else 0, bottom=y1 - rows[i + 1][0] if i + 1 < len(rows) else 0,
-                left=cols[j - 1][1] - x0 if j > 0 else 0, right=x1 - cols[j + 1][0] if j + 1 < len(cols) else 0))
+            tiles.append(
+                Tile(
+                    y0,
+                    y1,
+                    x0,
+                    x1,
+                    top=rows[i - 1][1] - y0 if i > 0 else 0,
+                    bottom=y1 - rows[i + 1][0] if i + 1 < len(rows) else 0,
+                    left=cols[j - 1][1] - x0 if j > 0 else 0,
+                    right=x1 - cols[j + 1][0] if j + 1 < len(cols) else 0,
+                )
+            )
     return tiles
 
 
@@ -75,7 +84,7 @@ def window_1d(length: int, before: int, after: int) -> Tensor:
     if before:
         w[:before] *= ramp(before)
     if after:
-        w[length - after:] *= ramp(after).flip(0)
+        w[length - after :] *= ramp(after).flip(0)
     return w
 
 

@@ -12,6 +12,7 @@ block's concatenated input is released right after its shortcut conv (``ResBlock
 the ×2 skip of an upsampling block is added through a broadcast view. With gradients enabled (training)
 the same blocks take the plain out-of-place path; both give identical results.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,10 +25,10 @@ from .config import DecoderConfig
 class ResBlock(nn.Module):
     """``ConvResblock`` = diffusers ``ResnetBlock2D(time_embedding_norm="scale_shift")`` (§1.5).
 
-        scale, shift = Linear(SiLU(temb)).chunk(2)
-        h   = Conv3x3(SiLU(GN(x)))                       # resample(h) and resample(x) first if up/down
-        h   = Conv3x3(SiLU(GN(h) · (1 + scale) + shift))
-        out = skip(x) + h                                # 1×1 conv skip iff C_in ≠ C_out
+    scale, shift = Linear(SiLU(temb)).chunk(2)
+    h   = Conv3x3(SiLU(GN(x)))                       # resample(h) and resample(x) first if up/down
+    h   = Conv3x3(SiLU(GN(h) · (1 + scale) + shift))
+    out = skip(x) + h                                # 1×1 conv skip iff C_in ≠ C_out
     """
 
     def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, eps: float, resample: str | None = None):
@@ -101,7 +102,8 @@ class DownBlock(nn.Module):
     def __init__(self, cin: int, cout: int, layers: int, downsample: bool, temb_dim: int, groups: int, eps: float):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResBlock(cin if i == 0 else cout, cout, temb_dim, groups, eps) for i in range(layers)])
+            [ResBlock(cin if i == 0 else cout, cout, temb_dim, groups, eps) for i in range(layers)]
+        )
         if downsample:
             self.downsamplers = nn.ModuleList([ResBlock(cout, cout, temb_dim, groups, eps, resample="down")])
         else:
@@ -130,8 +132,9 @@ class MidBlock(nn.Module):
 class UpBlock(nn.Module):
     """diffusers ``ResnetUpsampleBlock2D``: ``layers + 1`` ResBlocks on [h, skip] concatenations, then a ×2 ResBlock."""
 
-    def __init__(self, cin: int, cprev: int, cout: int, layers: int, upsample: bool, temb_dim: int, groups: int,
-                 eps: float):
+    def __init__(
+        self, cin: int, cprev: int, cout: int, layers: int, upsample: bool, temb_dim: int, groups: int, eps: float
+    ):
         super().__init__()
         self.resnets = nn.ModuleList()
         for i in range(layers):
@@ -168,14 +171,26 @@ class DecoderUNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_proj = nn.Embedding(cfg.num_train_timesteps, ch[0])
         self.time_embedding = TimestepEmbedding(ch[0], temb)
-        self.down_blocks = nn.ModuleList([
-            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < L - 1, temb, groups, eps) for i in range(L)])
+        self.down_blocks = nn.ModuleList(
+            [DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < L - 1, temb, groups, eps) for i in range(L)]
+        )
         self.mid_block = MidBlock(ch[-1], temb, groups, eps)
         rev = ch[::-1]
-        self.up_blocks = nn.ModuleList([
-            UpBlock(rev[min(i + 1, L - 1)], rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, i < L - 1,
-                    temb, groups, eps)
-            for i in range(L)])
+        self.up_blocks = nn.ModuleList(
+            [
+                UpBlock(
+                    rev[min(i + 1, L - 1)],
+                    rev[max(i - 1, 0)],
+                    rev[i],
+                    cfg.layers_per_block + 1,
+                    i < L - 1,
+                    temb,
+                    groups,
+                    eps,
+                )
+                for i in range(L)
+            ]
+        )
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 

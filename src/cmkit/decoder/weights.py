@@ -14,6 +14,7 @@ Reference doc §2.3 (checkpoint names and formats) and §1.2 (OpenAI's TorchScri
 
 The user always gives a path; nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,11 @@ from ..formats.torchscript import OPENAI_DECODER_SHA256, is_torch_zip, is_torchs
 
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-EXPECTED = ("a diffusers ConsistencyDecoderVAE/UNet2DModel .safetensors file or directory "
-            "(openai/consistency-decoder), OpenAI's TorchScript decoder.pt, or a cmkit directory from "
-            "`cmkit convert-decoder`")
+EXPECTED = (
+    "a diffusers ConsistencyDecoderVAE/UNet2DModel .safetensors file or directory "
+    "(openai/consistency-decoder), OpenAI's TorchScript decoder.pt, or a cmkit directory from "
+    "`cmkit convert-decoder`"
+)
 
 
 @dataclass
@@ -84,12 +87,18 @@ def infer_config(state: dict[str, Tensor], source: str) -> DecoderConfig:
         while f"down_blocks.0.resnets.{layers}.conv1.weight" in state:
             layers += 1
         temb = state["time_embedding.linear_1.weight"].shape[0]
-        cfg = dict(block_out_channels=tuple(widths), layers_per_block=layers, in_channels=in_ch,
-                   out_channels=state["conv_out.weight"].shape[0],
-                   num_train_timesteps=state["time_proj.weight"].shape[0],
-                   time_embed_dim=None if temb == 4 * ch0 else temb)
+        cfg = dict(
+            block_out_channels=tuple(widths),
+            layers_per_block=layers,
+            in_channels=in_ch,
+            out_channels=state["conv_out.weight"].shape[0],
+            num_train_timesteps=state["time_proj.weight"].shape[0],
+            time_embed_dim=None if temb == 4 * ch0 else temb,
+        )
     except KeyError as e:
-        raise CmkitError(f"{source}: no consistency decoder weights ({e.args[0]} missing); expected {EXPECTED}") from None
+        raise CmkitError(
+            f"{source}: no consistency decoder weights ({e.args[0]} missing); expected {EXPECTED}"
+        ) from None
     if any(w % 32 for w in widths):
         raise CmkitError(f"{source}: widths {widths} need a config.json (GroupNorm groups cannot be inferred)")
     return DecoderConfig(**cfg)
@@ -139,8 +148,9 @@ def _config_beside(path: Path) -> DecoderConfig | None:
 
 def is_decoder_config(d: dict[str, Any]) -> bool:
     """cmkit's config, a diffusers ``ConsistencyDecoderVAE`` config, or a ``UNet2DModel`` config."""
-    return isinstance(d, dict) and (cmkit_tag(d)[0] == "decoder" or "decoder_block_out_channels" in d
-                                    or d.get("_class_name") == "UNet2DModel")
+    return isinstance(d, dict) and (
+        cmkit_tag(d)[0] == "decoder" or "decoder_block_out_channels" in d or d.get("_class_name") == "UNet2DModel"
+    )
 
 
 def config_from_json(d: dict[str, Any], where: Path | str) -> DecoderConfig:
@@ -150,8 +160,10 @@ def config_from_json(d: dict[str, Any], where: Path | str) -> DecoderConfig:
         return DecoderConfig.from_dict(config)
     if is_decoder_config(d):
         return DecoderConfig.from_diffusers(d)
-    raise CmkitError(f"{where}: not a consistency decoder config (expected cmkit's or a diffusers "
-                     "ConsistencyDecoderVAE/UNet2DModel config.json)")
+    raise CmkitError(
+        f"{where}: not a consistency decoder config (expected cmkit's or a diffusers "
+        "ConsistencyDecoderVAE/UNet2DModel config.json)"
+    )
 
 
 def _resolve_directory(path: Path) -> Path:
@@ -164,12 +176,18 @@ def _resolve_directory(path: Path) -> Path:
     except CmkitError:
         pass
     found = sorted(p.name for p in path.iterdir())[:6]
-    raise CmkitError(f"{path}: no {MODEL_FILE} or {DIFFUSERS_WEIGHTS[0]} in this directory (found {found}); "
-                     f"expected {EXPECTED}")
+    raise CmkitError(
+        f"{path}: no {MODEL_FILE} or {DIFFUSERS_WEIGHTS[0]} in this directory (found {found}); expected {EXPECTED}"
+    )
 
 
-def load_weights(path: str | Path, *, config: DecoderConfig | None = None, verify: bool = True,
-                 expected_sha256: str = OPENAI_DECODER_SHA256) -> DecoderWeights:
+def load_weights(
+    path: str | Path,
+    *,
+    config: DecoderConfig | None = None,
+    verify: bool = True,
+    expected_sha256: str = OPENAI_DECODER_SHA256,
+) -> DecoderWeights:
     """Read decoder weights from any supported file or directory, renamed and checked against the config.
 
     Args:
@@ -219,14 +237,25 @@ def _read(path: Path, verify: bool, expected_sha256: str) -> tuple[dict[str, Ten
     raise CmkitError(f"{path}: unrecognised file format; expected {EXPECTED}")
 
 
-def save_cmkit(state_dict: dict[str, Tensor], config: DecoderConfig, out_dir: str | Path,
-               dtype: torch.dtype | None = None, source: dict[str, Any] | None = None) -> Path:
+def save_cmkit(
+    state_dict: dict[str, Tensor],
+    config: DecoderConfig,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
     """Write a cmkit model directory of kind ``decoder`` (``cmkit.formats.model_dir.save_model_dir``)."""
     return save_model_dir(out_dir, state_dict, "decoder", config.to_dict(), {"source": source or {}}, dtype=dtype)
 
 
-def convert_decoder(src: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-                    verify: bool = True, config: DecoderConfig | None = None) -> Path:
+def convert_decoder(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+    config: DecoderConfig | None = None,
+) -> Path:
     """Any supported checkpoint → cmkit's format (optionally cast, e.g. to float16 to halve the size)."""
     weights = load_weights(src, verify=verify, config=config)
     source = {"path": str(weights.path), "format": weights.source_format}

@@ -10,6 +10,7 @@ Given a reference y, an orthogonal A, the mask Ω of unknown coefficients and de
 
 After every step, and so in the output, the known coefficients equal the reference's exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,12 @@ def replace(transform: Transform, known: Tensor, x: Tensor, omega: Tensor) -> Te
     return transform.inverse(known * (1 - omega) + transform.forward(x) * omega)
 
 
-def default_edit_sigmas(steps: int | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                        grid: Sequence[float] | None = None) -> list[float]:
+def default_edit_sigmas(
+    steps: int | None = None,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    grid: Sequence[float] | None = None,
+) -> list[float]:
     """``steps`` descending σ levels from ``sigma_max`` down, without σ_min (a step at σ_min is the identity).
 
     Without ``grid``: the first ``steps`` (default 18) levels of a (steps + 1)-level Karras grid from
@@ -54,17 +59,30 @@ def default_edit_sigmas(steps: int | None = None, sigma_min: float = SIGMA_MIN, 
     available = len(grid) - 1 - i0
     steps = available if steps is None else steps
     if not 1 <= steps <= available:
-        raise CmkitError(f"{steps} editing σ levels do not fit on the {len(grid)}-level grid this model was trained "
-                         f"on from σ = {grid[i0]:.4g} down (at most {available}); give explicit σ values "
-                         f"(--sigmas) to edit off the grid")
+        raise CmkitError(
+            f"{steps} editing σ levels do not fit on the {len(grid)}-level grid this model was trained "
+            f"on from σ = {grid[i0]:.4g} down (at most {available}); give explicit σ values "
+            f"(--sigmas) to edit off the grid"
+        )
     return grid_levels(grid, steps + 1, i0, len(grid) - 1)[:-1]
 
 
 @torch.no_grad()
-def edit(model: nn.Module, y: Tensor, sigmas: Sequence[float], transform: Transform, omega: Tensor, *,
-         start: Tensor | None = None, generator: NoiseSource = None, sigma_min: float = SIGMA_MIN,
-         sigma_max: float = SIGMA_MAX, clip: bool = True,
-         callback: Callable[[int, Tensor], None] | None = None, **cond: Any) -> Tensor:
+def edit(
+    model: nn.Module,
+    y: Tensor,
+    sigmas: Sequence[float],
+    transform: Transform,
+    omega: Tensor,
+    *,
+    start: Tensor | None = None,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    clip: bool = True,
+    callback: Callable[[int, Tensor], None] | None = None,
+    **cond: Any,
+) -> Tensor:
     """Run Algorithm 4. y: (B, C, H, W) in [-1, 1]; omega broadcastable to y (1 = unknown coefficient)."""
     s = validate_sigmas(sigmas, sigma_min, sigma_max)
     if omega.shape[-2:] != y.shape[-2:]:

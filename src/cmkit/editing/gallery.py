@@ -4,6 +4,7 @@
 Algorithm 4 can be looked at on images no model was trained on: the Fashion-MNIST test split for the
 grey tasks and the held-out emoji split for colorization.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ COLUMNS = {
     "inpaint": "input | masked (grey = to generate) | output",
     "superres": "ground truth | ×4 low-res input (nearest) | output",
     "stroke": f"ground truth | stroke painting | output (σ_start = {tasks.STROKE_SIGMA:g}, or the nearest level of the "
-              "model's training grid, 3 steps)",
+    "model's training grid, 3 steps)",
     "denoise": "clean | noisy (σ = 0.5) | output (1 evaluation)",
     "interpolate": "rows: image A | 7 interpolated frames | image B",
     "colorize": "ground truth | grey input | output",
@@ -43,8 +44,9 @@ def _panel(columns: list[Tensor], path: Path) -> Path:
     return save_grid(rows, path, nrow=len(columns))
 
 
-def grey_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0,
-                 grid: Sequence[float] | None = None) -> dict[str, Path]:
+def grey_gallery(
+    model: nn.Module, x: Tensor, out: Path, seed: int = 0, grid: Sequence[float] | None = None
+) -> dict[str, Path]:
     """Inpainting, ×4 super-resolution, stroke-guided generation, denoising and interpolation on ``x``;
     ``grid``: the model's training σ levels (``training_grid(cfg)``), for its default σ lists."""
     R = x.shape[-1]
@@ -54,13 +56,19 @@ def grey_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0,
         return torch.Generator().manual_seed(seed)
 
     mask = builtin_mask("center", R)
-    written["inpaint"] = _panel([x, x * (1 - mask), tasks.inpaint(model, x, mask, generator=g(), grid=grid)],
-                                out / "inpaint.png")
+    written["inpaint"] = _panel(
+        [x, x * (1 - mask), tasks.inpaint(model, x, mask, generator=g(), grid=grid)], out / "inpaint.png"
+    )
     if R % 4 == 0:
         low = F.avg_pool2d(x, 4)
-        written["superres"] = _panel([x, F.interpolate(low, scale_factor=4, mode="nearest"),
-                                      tasks.super_resolve(model, low, 4, generator=g(), grid=grid)],
-                                     out / "superres.png")
+        written["superres"] = _panel(
+            [
+                x,
+                F.interpolate(low, scale_factor=4, mode="nearest"),
+                tasks.super_resolve(model, low, 4, generator=g(), grid=grid),
+            ],
+            out / "superres.png",
+        )
     strokes = stroke_painting(x)
     stroked = tasks.stroke_guided(model, strokes, tasks.STROKE_SIGMA, 3, generator=g(), grid=grid)
     written["stroke"] = _panel([x, strokes, stroked], out / "stroke.png")
@@ -73,16 +81,18 @@ def grey_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0,
     return written
 
 
-def colour_gallery(model: nn.Module, x: Tensor, out: Path, seed: int = 0,
-                   grid: Sequence[float] | None = None) -> dict[str, Path]:
+def colour_gallery(
+    model: nn.Module, x: Tensor, out: Path, seed: int = 0, grid: Sequence[float] | None = None
+) -> dict[str, Path]:
     """Colorization of the grey versions of the colour images ``x``; ``grid`` as in ``grey_gallery``."""
     gray = tasks.to_gray3(x)
     y = tasks.colorize(model, gray, generator=torch.Generator().manual_seed(seed), grid=grid)
     return {"colorize": _panel([x, gray, y], out / "colorize.png")}
 
 
-def write_gallery(out: str | Path, grey: tuple | None, colour: tuple | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Path]:
+def write_gallery(
+    out: str | Path, grey: tuple | None, colour: tuple | None = None, log: Callable[[str], None] = print
+) -> dict[str, Path]:
     """Write every panel the given (model, held-out images) or (model, held-out images, training grid) tuples
     allow; returns task → PNG. The grid (``training_grid(cfg)``, None for continuous-time models) puts the
     editors' default σ levels on the levels the model was trained on."""

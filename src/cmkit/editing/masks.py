@@ -1,4 +1,5 @@
 """Inpainting masks (1 = unknown, to be generated): built-in shapes, boxes and PNG files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,7 @@ def builtin_mask(name: str, size: int) -> Tensor:
     m = torch.zeros(size, size)
     q, h = size // 4, size // 2
     if name == "center":
-        m[q:q + h, q:q + h] = 1
+        m[q : q + h, q : q + h] = 1
     elif name == "left":
         m[:, :h] = 1
     elif name == "right":
@@ -30,7 +31,7 @@ def builtin_mask(name: str, size: int) -> Tensor:
         m[h:] = 1
     elif name == "border":
         m[:] = 1
-        m[q:q + h, q:q + h] = 0
+        m[q : q + h, q : q + h] = 0
     else:
         raise CmkitError(f"unknown built-in mask {name!r}; expected one of {', '.join(BUILTIN)}")
     return m

@@ -8,6 +8,7 @@ continuous-time models such as ECT). Given one, the default σ lists are levels 
 move to the nearest level, and explicit ``sigmas`` off it are used as given with one warning line. The σ of
 ``denoise`` is the noise actually in the image and is never moved.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,8 +40,9 @@ def check_images(model: nn.Module, x: Tensor, what: str = "input") -> None:
         return
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
         got = "×".join(map(str, x.shape[1:])) if x.ndim == 4 else str(tuple(x.shape))
-        raise CmkitError(f"{what} images are {got} but the model expects {'×'.join(map(str, shape))} "
-                         f"(channels×height×width)")
+        raise CmkitError(
+            f"{what} images are {got} but the model expects {'×'.join(map(str, shape))} (channels×height×width)"
+        )
 
 
 def _sigmas(sigmas: Sequence[float] | None, grid: Sequence[float] | None) -> list[float]:
@@ -56,27 +58,42 @@ def _on_grid(sigma: float, grid: Sequence[float] | None) -> float:
     return float(grid[nearest_grid_index(sigma, grid)]) if grid is not None else sigma
 
 
-def inpaint(model: nn.Module, y: Tensor, mask: Tensor, sigmas: Sequence[float] | None = None, *,
-            generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None,
-            **cond: Any) -> Tensor:
+def inpaint(
+    model: nn.Module,
+    y: Tensor,
+    mask: Tensor,
+    sigmas: Sequence[float] | None = None,
+    *,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    grid: Sequence[float] | None = None,
+    **cond: Any,
+) -> Tensor:
     """Fill the pixels where ``mask`` = 1 (unknown; shape (H, W), (1|B, 1|C, H, W)); keep the others."""
     check_images(model, y)
     if mask.shape[-2:] != y.shape[-2:]:
         raise CmkitError(f"mask is {mask.shape[-2]}×{mask.shape[-1]} but the image is {y.shape[-2]}×{y.shape[-1]}")
     omega = (mask.reshape(1, 1, *mask.shape[-2:]) if mask.ndim == 2 else mask).float()
-    return edit(model, y, _sigmas(sigmas, grid), Identity(), omega, generator=generator,
-                sigma_min=sigma_min, **cond)
+    return edit(model, y, _sigmas(sigmas, grid), Identity(), omega, generator=generator, sigma_min=sigma_min, **cond)
 
 
-def colorize(model: nn.Module, gray: Tensor, sigmas: Sequence[float] | None = None, *,
-             generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None,
-             **cond: Any) -> Tensor:
+def colorize(
+    model: nn.Module,
+    gray: Tensor,
+    sigmas: Sequence[float] | None = None,
+    *,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    grid: Sequence[float] | None = None,
+    **cond: Any,
+) -> Tensor:
     """Colour a grey image: luminance is kept, chroma generated. ``gray`` is (B, 1|3, H, W)."""
     y = to_gray3(gray)
     check_images(model, y)
     A = ColorBasis()
-    return edit(model, y, _sigmas(sigmas, grid), A, A.unknown_mask(y.shape), generator=generator,
-                sigma_min=sigma_min, **cond)
+    return edit(
+        model, y, _sigmas(sigmas, grid), A, A.unknown_mask(y.shape), generator=generator, sigma_min=sigma_min, **cond
+    )
 
 
 def to_gray3(x: Tensor) -> Tensor:
@@ -91,9 +108,17 @@ def to_gray3(x: Tensor) -> Tensor:
     return torch.einsum("c,bchw->bhw", w / w.sum(), x)[:, None].repeat(1, 3, 1, 1)
 
 
-def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[float] | None = None, *,
-                  generator: NoiseSource = None, sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None,
-                  **cond: Any) -> Tensor:
+def super_resolve(
+    model: nn.Module,
+    low: Tensor,
+    factor: int,
+    sigmas: Sequence[float] | None = None,
+    *,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    grid: Sequence[float] | None = None,
+    **cond: Any,
+) -> Tensor:
     """×factor super-resolution of ``low`` (B, C, H/p, W/p): patch means are kept, details generated.
 
     avg_pool(output, p) equals ``low`` up to float error (the consistency check).
@@ -101,8 +126,9 @@ def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[f
     A = PatchBasis(factor)
     y = F.interpolate(low, scale_factor=factor, mode="nearest")
     check_images(model, y, f"low-resolution input ×{factor}: the")
-    return edit(model, y, _sigmas(sigmas, grid), A, A.unknown_mask(y.shape), generator=generator,
-                sigma_min=sigma_min, **cond)
+    return edit(
+        model, y, _sigmas(sigmas, grid), A, A.unknown_mask(y.shape), generator=generator, sigma_min=sigma_min, **cond
+    )
 
 
 # σ_1 of stroke-guided generation. The paper gives no value (Song et al. 2023, §7.6). On images in [-1, 1] at
@@ -111,9 +137,18 @@ def super_resolve(model: nn.Module, low: Tensor, factor: int, sigmas: Sequence[f
 STROKE_SIGMA = 5.0
 
 
-def stroke_guided(model: nn.Module, strokes: Tensor, sigma_start: float = STROKE_SIGMA, steps: int = 3,
-                  sigmas: Sequence[float] | None = None, *, generator: NoiseSource = None,
-                  sigma_min: float = SIGMA_MIN, grid: Sequence[float] | None = None, **cond: Any) -> Tensor:
+def stroke_guided(
+    model: nn.Module,
+    strokes: Tensor,
+    sigma_start: float = STROKE_SIGMA,
+    steps: int = 3,
+    sigmas: Sequence[float] | None = None,
+    *,
+    generator: NoiseSource = None,
+    sigma_min: float = SIGMA_MIN,
+    grid: Sequence[float] | None = None,
+    **cond: Any,
+) -> Tensor:
     """SDEdit-like generation from a coarse stroke painting (CM §7.6): x = strokes + σ_1·z, then
     multistep consistency sampling over σ_1 > σ_2 > … (Alg. 4 with A = I and Ω = 1 everywhere).
 
@@ -127,8 +162,18 @@ def stroke_guided(model: nn.Module, strokes: Tensor, sigma_start: float = STROKE
         sigmas = default_edit_sigmas(steps, sigma_min, sigma_start) if steps > 1 else [sigma_start]
     check_images(model, strokes)
     A = Identity()
-    return edit(model, strokes, sigmas, A, torch.ones(1, 1, *strokes.shape[-2:]), start=strokes,
-                generator=generator, sigma_min=sigma_min, sigma_max=max(SIGMA_MAX, sigmas[0]), **cond)
+    return edit(
+        model,
+        strokes,
+        sigmas,
+        A,
+        torch.ones(1, 1, *strokes.shape[-2:]),
+        start=strokes,
+        generator=generator,
+        sigma_min=sigma_min,
+        sigma_max=max(SIGMA_MAX, sigmas[0]),
+        **cond,
+    )
 
 
 @torch.no_grad()
@@ -151,8 +196,9 @@ def slerp(z1: Tensor, z2: Tensor, alpha: float) -> Tensor:
 
 
 @torch.no_grad()
-def interpolate_noise(model: nn.Module, z1: Tensor, z2: Tensor, frames: int = 9, sigma_max: float = SIGMA_MAX,
-                      **cond: Any) -> Tensor:
+def interpolate_noise(
+    model: nn.Module, z1: Tensor, z2: Tensor, frames: int = 9, sigma_max: float = SIGMA_MAX, **cond: Any
+) -> Tensor:
     """One-step samples f(T·slerp(z1, z2, α), T) for α in linspace(0, 1, frames) → (frames, B, C, H, W)."""
     out = []
     for a in torch.linspace(0, 1, frames).tolist():
@@ -162,8 +208,17 @@ def interpolate_noise(model: nn.Module, z1: Tensor, z2: Tensor, frames: int = 9,
 
 
 @torch.no_grad()
-def interpolate_images(model: nn.Module, x1: Tensor, x2: Tensor, frames: int = 9, sigma: float = 2.0, *,
-                       generator: NoiseSource = None, grid: Sequence[float] | None = None, **cond: Any) -> Tensor:
+def interpolate_images(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor,
+    frames: int = 9,
+    sigma: float = 2.0,
+    *,
+    generator: NoiseSource = None,
+    grid: Sequence[float] | None = None,
+    **cond: Any,
+) -> Tensor:
     """Interpolate two images through their noised versions: n(α) = lerp(x1, x2, α) + σ·slerp(z1, z2, α),
     then one evaluation f(n(α), σ) → (frames, B, C, H, W). With ``grid``, σ is the grid level nearest ``sigma``."""
     sigma = _on_grid(sigma, grid)

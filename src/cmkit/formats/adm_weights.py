@@ -11,6 +11,7 @@ openai/consistency_models and the diffusers ``UNet2DModel`` layout of the ``open
 
 The state dicts here are the network's own (no ``net.`` prefix of ``cmkit.precond.Precond``).
 """
+
 from __future__ import annotations
 
 import re
@@ -62,20 +63,40 @@ def adm_config_from_state(state: dict[str, Tensor], img_resolution: int | None =
     side = img_resolution or {v: k for k, v in CHANNEL_MULT.items()}.get(tuple(mult))
     if side is None:
         raise CmkitError(f"cannot tell the image size of channel_mult {tuple(mult)}; give it (model.img_resolution)")
-    return {"arch": "adm", "img_resolution": int(side), "in_channels": int(in_channels), "model_channels": int(C),
-            "channel_mult": tuple(mult), "num_blocks": int(blocks),
-            "attn_resolutions": tuple(side >> level for level, a in enumerate(attn_levels) if a),
-            "num_classes": int(state["label_emb.weight"].shape[0]) if "label_emb.weight" in state else 0,
-            "head_channels": 64, "scale_shift": int(emb_out) == 2 * mult[0] * int(C), "resblock_updown": True,
-            "embedding": "positional"}
+    return {
+        "arch": "adm",
+        "img_resolution": int(side),
+        "in_channels": int(in_channels),
+        "model_channels": int(C),
+        "channel_mult": tuple(mult),
+        "num_blocks": int(blocks),
+        "attn_resolutions": tuple(side >> level for level, a in enumerate(attn_levels) if a),
+        "num_classes": int(state["label_emb.weight"].shape[0]) if "label_emb.weight" in state else 0,
+        "head_channels": 64,
+        "scale_shift": int(emb_out) == 2 * mult[0] * int(C),
+        "resblock_updown": True,
+        "embedding": "positional",
+    }
 
 
 # --- diffusers UNet2DModel <-> openai names ----------------------------------------------------------
 
-RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
-       "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-       "label_emb": "class_embedding", "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+RES = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+TOP = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb": "class_embedding",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
 
 
 def _block_names(levels: int, blocks: int) -> dict[str, str]:
@@ -90,8 +111,13 @@ def _block_names(levels: int, blocks: int) -> dict[str, str]:
         if level != levels - 1:
             names[f"input_blocks.{i}.0"] = f"down_blocks.{level}.downsamplers.0"
             i += 1
-    names.update({"middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
-                  "middle_block.2": "mid_block.resnets.1"})
+    names.update(
+        {
+            "middle_block.0": "mid_block.resnets.0",
+            "middle_block.1": "mid_block.attentions.0",
+            "middle_block.2": "mid_block.resnets.1",
+        }
+    )
     n = 0
     for up in range(levels):
         for j in range(blocks + 1):
@@ -148,8 +174,9 @@ def diffusers_to_openai(state: dict[str, Tensor], levels: int, blocks: int) -> d
         if module in inverse_top:
             out[f"{inverse_top[module]}.{leaf}"] = value
             continue
-        m = re.match(r"(.+?)\.(norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut|group_norm|to_q|to_k|to_v|to_out\.0)$",
-                     module)
+        m = re.match(
+            r"(.+?)\.(norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut|group_norm|to_q|to_k|to_v|to_out\.0)$", module
+        )
         if m is None or m.group(1) not in targets:
             raise CmkitError(f"unexpected diffusers key {key!r} for a consistency-model UNet2DModel")
         block, part = m.groups()
@@ -178,6 +205,7 @@ def diffusers_to_openai(state: dict[str, Tensor], levels: int, blocks: int) -> d
 
 # --- reading either release format ---------------------------------------------------------------------
 
+
 def read_released(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """An openai-layout state dict and what is known of its shape, from a consistency_models ``.pt``/``.bin``
     or a diffusers ``UNet2DModel`` directory (``config.json`` + ``diffusion_pytorch_model.{safetensors,bin}``,
@@ -187,20 +215,25 @@ def read_released(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise CmkitError(f"checkpoint not found: {p} (expected a consistency_models .pt file or a diffusers "
-                         "UNet2DModel directory)")
+        raise CmkitError(
+            f"checkpoint not found: {p} (expected a consistency_models .pt file or a diffusers UNet2DModel directory)"
+        )
     if p.is_dir() and (p / "unet" / "config.json").is_file():
         p = p / "unet"
     if p.is_file():
         return read_openai_pt(p), {}
     if not (p / "config.json").is_file():
-        raise CmkitError(f"{p}: expected a consistency_models .pt file or a diffusers UNet2DModel directory "
-                         "(config.json + diffusion_pytorch_model.safetensors)")
+        raise CmkitError(
+            f"{p}: expected a consistency_models .pt file or a diffusers UNet2DModel directory "
+            "(config.json + diffusion_pytorch_model.safetensors)"
+        )
     config = json.loads((p / "config.json").read_text())
     if config.get("_class_name") not in (None, "UNet2DModel"):
         raise CmkitError(f"{p / 'config.json'} describes a {config.get('_class_name')}, not a UNet2DModel")
-    weights = next((p / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                    if (p / n).is_file()), None)
+    weights = next(
+        (p / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin") if (p / n).is_file()),
+        None,
+    )
     if weights is None:
         raise CmkitError(f"{p}: no diffusion_pytorch_model.safetensors or .bin beside config.json")
     if weights.suffix == ".safetensors":
@@ -213,8 +246,9 @@ def read_released(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return diffusers_to_openai(state, levels, blocks), {k: v for k, v in known.items() if v}
 
 
-def released_model_config(state: dict[str, Tensor], known: dict[str, Any], precond: str,
-                          img_resolution: int | None = None) -> dict[str, Any]:
+def released_model_config(
+    state: dict[str, Tensor], known: dict[str, Any], precond: str, img_resolution: int | None = None
+) -> dict[str, Any]:
     """The ``model`` section of a cmkit config for a released ADM state dict."""
     fields = adm_config_from_state(state, img_resolution or known.get("img_resolution"))
     fields["head_channels"] = int(known.get("head_channels", 64))
@@ -224,11 +258,15 @@ def released_model_config(state: dict[str, Tensor], known: dict[str, Any], preco
 #: The released models' training grids and the 2-step σ of their ``launch.sh`` (``--ts`` converted to σ on
 #: the N-point Karras grid as ``cm/karras_diffusion.py`` does): name → (method, N, σ_mid or None).
 RELEASED_MODELS: dict[str, tuple[str, int, float | None]] = {
-    "cd_imagenet64_l2": ("cd", 40, 1.3824), "cd_imagenet64_lpips": ("cd", 40, 1.3824),
+    "cd_imagenet64_l2": ("cd", 40, 1.3824),
+    "cd_imagenet64_lpips": ("cd", 40, 1.3824),
     "ct_imagenet64": ("ct", 201, 1.9128),
-    "cd_bedroom256_lpips": ("cd", 40, 4.3656), "cd_bedroom256_l2": ("cd", 40, 3.5197),
+    "cd_bedroom256_lpips": ("cd", 40, 4.3656),
+    "cd_bedroom256_l2": ("cd", 40, 3.5197),
     "ct_bedroom256": ("ct", 151, 3.9912),
-    "cd_cat256_lpips": ("cd", 40, None), "cd_cat256_l2": ("cd", 40, None), "ct_cat256": ("ct", 151, 5.2485),
+    "cd_cat256_lpips": ("cd", 40, None),
+    "cd_cat256_l2": ("cd", 40, None),
+    "ct_cat256": ("ct", 151, 5.2485),
 }
 
 
@@ -255,25 +293,42 @@ def released_overrides(name: str) -> dict[str, Any]:
 
 def diffusers_unet_config(model: dict[str, Any]) -> dict[str, Any]:
     """The ``UNet2DModel`` config of an ADM ``model`` config section (the Hub configuration's block types)."""
-    C, mult, attn, side = model["model_channels"], model["channel_mult"], model["attn_resolutions"], \
-        model["img_resolution"]
+    C, mult, attn, side = (
+        model["model_channels"],
+        model["channel_mult"],
+        model["attn_resolutions"],
+        model["img_resolution"],
+    )
     if not model.get("resblock_updown", True):
         raise CmkitError("only ADM networks with resblock_updown (the released ones) have a diffusers layout here")
     levels = [side >> level in attn for level in range(len(mult))]
-    return {"_class_name": "UNet2DModel", "sample_size": side, "in_channels": model["in_channels"],
-            "out_channels": model["in_channels"], "layers_per_block": model["num_blocks"],
-            "block_out_channels": [C * m for m in mult],
-            "down_block_types": ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in levels],
-            "up_block_types": ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(levels)],
-            "downsample_type": "resnet", "upsample_type": "resnet", "attention_head_dim": model["head_channels"],
-            "norm_num_groups": 32, "attn_norm_num_groups": 32, "norm_eps": 1e-5,
-            "resnet_time_scale_shift": "scale_shift" if model["scale_shift"] else "default",
-            "num_class_embeds": model["num_classes"] or None, "flip_sin_to_cos": True, "freq_shift": 0,
-            "time_embedding_type": "positional", "dropout": model.get("dropout", 0.0)}
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": side,
+        "in_channels": model["in_channels"],
+        "out_channels": model["in_channels"],
+        "layers_per_block": model["num_blocks"],
+        "block_out_channels": [C * m for m in mult],
+        "down_block_types": ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in levels],
+        "up_block_types": ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(levels)],
+        "downsample_type": "resnet",
+        "upsample_type": "resnet",
+        "attention_head_dim": model["head_channels"],
+        "norm_num_groups": 32,
+        "attn_norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "resnet_time_scale_shift": "scale_shift" if model["scale_shift"] else "default",
+        "num_class_embeds": model["num_classes"] or None,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "time_embedding_type": "positional",
+        "dropout": model.get("dropout", 0.0),
+    }
 
 
-def export_diffusers_pipeline(state: dict[str, Tensor], model: dict[str, Any], out: str | Path,
-                              num_train_timesteps: int = 40) -> Path:
+def export_diffusers_pipeline(
+    state: dict[str, Tensor], model: dict[str, Any], out: str | Path, num_train_timesteps: int = 40
+) -> Path:
     """A ``ConsistencyModelPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler/``) from the
     network state dict (openai names) and ``model`` config section of a cmkit consistency model."""
     import json
@@ -282,18 +337,31 @@ def export_diffusers_pipeline(state: dict[str, Tensor], model: dict[str, Any], o
 
     out = Path(out)
     if model.get("precond") != "cm" or model.get("arch") != "adm":
-        raise CmkitError("a diffusers ConsistencyModelPipeline needs an ADM consistency model (model.arch=adm, "
-                         "model.precond=cm)")
+        raise CmkitError(
+            "a diffusers ConsistencyModelPipeline needs an ADM consistency model (model.arch=adm, model.precond=cm)"
+        )
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "scheduler").mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in openai_to_diffusers(state).items()},
-              out / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in openai_to_diffusers(state).items()},
+        out / "unet" / "diffusion_pytorch_model.safetensors",
+    )
     (out / "unet" / "config.json").write_text(json.dumps(diffusers_unet_config(model), indent=2))
-    scheduler = {"_class_name": "CMStochasticIterativeScheduler", "num_train_timesteps": num_train_timesteps,
-                 "sigma_min": model["sigma_min"], "sigma_max": model["sigma_max"],
-                 "sigma_data": model["sigma_data"], "s_noise": 1.0, "rho": 7.0, "clip_denoised": True}
+    scheduler = {
+        "_class_name": "CMStochasticIterativeScheduler",
+        "num_train_timesteps": num_train_timesteps,
+        "sigma_min": model["sigma_min"],
+        "sigma_max": model["sigma_max"],
+        "sigma_data": model["sigma_data"],
+        "s_noise": 1.0,
+        "rho": 7.0,
+        "clip_denoised": True,
+    }
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {"_class_name": "ConsistencyModelPipeline", "unet": ["diffusers", "UNet2DModel"],
-             "scheduler": ["diffusers", "CMStochasticIterativeScheduler"]}
+    index = {
+        "_class_name": "ConsistencyModelPipeline",
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "CMStochasticIterativeScheduler"],
+    }
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out

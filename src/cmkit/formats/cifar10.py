@@ -5,6 +5,7 @@ in CHW order) and ``labels``; ``prepare_cifar10`` writes one ``.npz`` of uint8 N
 labels under ``arr_1``, what ``data.name=npz`` reads. The pickles are read by ``SafeUnpickler``, which builds only
 numpy arrays, dtypes and plain containers; nothing from the file is executed, and nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,16 +22,24 @@ from ..imageio import save_npz
 
 
 CIFAR10_TRAIN = "data/cifar10-train.npz"  #: where the CIFAR-10 presets look for their data (data.root)
-CIFAR10_MEMBERS = {"train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
-                   "test": ["cifar-10-batches-py/test_batch"]}
+CIFAR10_MEMBERS = {
+    "train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
+    "test": ["cifar-10-batches-py/test_batch"],
+}
 
 
 class SafeUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and plain Python data only: any other global in the stream is refused."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
@@ -68,8 +77,10 @@ def prepare_cifar10(archive: str | Path, out: str | Path, split: str = "train") 
     if split not in CIFAR10_MEMBERS:
         raise CmkitError(f"unknown split {split!r}; expected 'train' or 'test'")
     if not archive.is_file():
-        raise CmkitError(f"CIFAR-10 archive not found: {archive} (the official cifar-10-python.tar.gz from "
-                         "https://www.cs.toronto.edu/~kriz/cifar.html)")
+        raise CmkitError(
+            f"CIFAR-10 archive not found: {archive} (the official cifar-10-python.tar.gz from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html)"
+        )
     images, labels = [], []
     try:
         with tarfile.open(archive, "r:*") as tar:
@@ -89,5 +100,3 @@ def prepare_cifar10(archive: str | Path, out: str | Path, split: str = "train") 
     x = np.concatenate(images)
     save_npz(x, out, torch.from_numpy(np.concatenate(labels)))
     return len(x), out
-
-

@@ -5,6 +5,7 @@ archive embedding ``torch_utils.persistence`` modules: ECT training states), a F
 (openai/consistency_models_cifar10 ``checkpoint_N``) and a plain torch state dict apart. ``read_released_net``
 reads the two foreign formats into (cmkit ``model`` section as a dict, backbone state dict).
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -47,8 +48,9 @@ def checkpoint_format(path: str | Path) -> str:
     raise CmkitError(f"{p}: not a model directory, an EDM .pkl, a Flax msgpack checkpoint or a torch archive")
 
 
-def read_released_net(path: str | Path, precond: str | None = None,
-                      img_resolution: int | None = None) -> tuple[dict[str, Any], dict[str, Tensor], str]:
+def read_released_net(
+    path: str | Path, precond: str | None = None, img_resolution: int | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor], str]:
     """(model section, backbone state dict, format) of an EDM-style pickle or a Flax CIFAR-10 checkpoint;
     ``precond`` overrides the preconditioning (a Flax file does not say whether it holds the EDM teacher) and
     ``img_resolution`` the image side of a Flax file (32)."""

@@ -19,6 +19,7 @@ to cmkit's own inert replacements and refuses every other one:
 maps the init kwargs onto a cmkit ``model`` config section (``ddpmpp``, ``ncsnpp`` or ``dhariwal`` with EDM,
 VP, VE or — ECT's ``ECMPrecond`` — CM preconditioning).
 """
+
 from __future__ import annotations
 
 import io
@@ -82,8 +83,9 @@ def _persistent(meta: Any) -> Persistent:
         raise CmkitError("a torch_utils.persistence object in the pickle is not a class record")
     state = meta.get("state")
     src = meta.get("module_src")
-    return Persistent(meta["class_name"], state if isinstance(state, dict) else {},
-                      len(src) if isinstance(src, str) else 0)
+    return Persistent(
+        meta["class_name"], state if isinstance(state, dict) else {}, len(src) if isinstance(src, str) else 0
+    )
 
 
 def _load_from_bytes(data: Any) -> Any:
@@ -93,8 +95,9 @@ def _load_from_bytes(data: Any) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise CmkitError(f"a storage in the pickle is not a plain torch storage ({' '.join(str(e).split())[:160]})") \
-            from None
+        raise CmkitError(
+            f"a storage in the pickle is not a plain torch storage ({' '.join(str(e).split())[:160]})"
+        ) from None
 
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
@@ -148,11 +151,21 @@ try:  # numpy arrays: numpy's own reconstructor (object arrays hold only what th
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct as _np_reconstruct
-ALLOWED.update({("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-                ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct, ("numpy", "ndarray"): np.ndarray})
+ALLOWED.update(
+    {
+        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+    }
+)
 # protocol-2 pickles (torch.save) name these by their Python 2 modules
-ALLOWED.update({("__builtin__" if m == "builtins" else "copy_reg", n): f for (m, n), f in list(ALLOWED.items())
-                if m in ("builtins", "copyreg")})
+ALLOWED.update(
+    {
+        ("__builtin__" if m == "builtins" else "copy_reg", n): f
+        for (m, n), f in list(ALLOWED.items())
+        if m in ("builtins", "copyreg")
+    }
+)
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -164,11 +177,16 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle's hook
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
-        if module.startswith("torch.nn.modules.") and name.isidentifier() and isinstance(getattr(torch.nn, name, None),
-                                                                                        type):
+        if (
+            module.startswith("torch.nn.modules.")
+            and name.isidentifier()
+            and isinstance(getattr(torch.nn, name, None), type)
+        ):
             return _torch_module_class(name)
-        raise CmkitError(f"{self.source}: refused: it needs {module}.{name}, which is not an EDM network record, a "
-                         "tensor or plain data (nothing from the file was run)")
+        raise CmkitError(
+            f"{self.source}: refused: it needs {module}.{name}, which is not an EDM network record, a "
+            "tensor or plain data (nothing from the file was run)"
+        )
 
 
 class _PickleModule:
@@ -196,10 +214,20 @@ def load_pickle(path: str | Path) -> Any:
             return SafeUnpickler(f).load()
     except CmkitError:
         raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError, KeyError,
-            RuntimeError, OSError) as e:
-        raise CmkitError(f"{p} is not a readable EDM pickle ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        RuntimeError,
+        OSError,
+    ) as e:
+        raise CmkitError(
+            f"{p} is not a readable EDM pickle ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     finally:
         SafeUnpickler.source = "the pickle"
 
@@ -220,8 +248,9 @@ def find_network(obj: Any, source: str = "the pickle") -> Persistent:
         found = sorted(str(k) for k in obj)
         raise CmkitError(f"{source} holds no EDM network: no 'ema' or 'net' entry (it has {', '.join(found[:8])})")
     name = obj.class_name if isinstance(obj, Persistent) else type(obj).__name__
-    raise CmkitError(f"{source} holds a {name}, not an EDM network (expected one of "
-                     f"{', '.join(PRECOND_CLASSES + NETWORK_CLASSES)})")
+    raise CmkitError(
+        f"{source} holds a {name}, not an EDM network (expected one of {', '.join(PRECOND_CLASSES + NETWORK_CLASSES)})"
+    )
 
 
 def module_state_dict(obj: Any, prefix: str = "") -> dict[str, Tensor]:
@@ -248,12 +277,29 @@ def module_state_dict(obj: Any, prefix: str = "") -> dict[str, Tensor]:
 SONG_VARIANTS = {("positional", "standard", (1, 1), 1): "ddpmpp", ("fourier", "residual", (1, 3, 3, 1), 2): "ncsnpp"}
 #: EDM's constructor defaults (``SongUNet``, ``DhariwalUNet``) for kwargs a pickle leaves out.
 DEFAULTS = {
-    "SongUNet": {"model_channels": 128, "channel_mult": (1, 2, 2, 2), "num_blocks": 4, "attn_resolutions": (16,),
-                 "dropout": 0.10, "augment_dim": 0, "embedding_type": "positional", "encoder_type": "standard",
-                 "decoder_type": "standard", "resample_filter": (1, 1), "channel_mult_noise": 1,
-                 "channel_mult_emb": 4},
-    "DhariwalUNet": {"model_channels": 192, "channel_mult": (1, 2, 3, 4), "num_blocks": 3,
-                     "attn_resolutions": (32, 16, 8), "dropout": 0.10, "augment_dim": 0, "channel_mult_emb": 4},
+    "SongUNet": {
+        "model_channels": 128,
+        "channel_mult": (1, 2, 2, 2),
+        "num_blocks": 4,
+        "attn_resolutions": (16,),
+        "dropout": 0.10,
+        "augment_dim": 0,
+        "embedding_type": "positional",
+        "encoder_type": "standard",
+        "decoder_type": "standard",
+        "resample_filter": (1, 1),
+        "channel_mult_noise": 1,
+        "channel_mult_emb": 4,
+    },
+    "DhariwalUNet": {
+        "model_channels": 192,
+        "channel_mult": (1, 2, 3, 4),
+        "num_blocks": 3,
+        "attn_resolutions": (32, 16, 8),
+        "dropout": 0.10,
+        "augment_dim": 0,
+        "channel_mult_emb": 4,
+    },
 }
 
 
@@ -273,8 +319,10 @@ def edm_model_config(net: Persistent, source: str = "the pickle") -> tuple[dict[
     else:
         backbone = net
     if precond_name == "iDDPMPrecond":
-        raise CmkitError(f"{source}: iDDPM preconditioning (EDM's ADM baseline) is not supported; EDMPrecond, "
-                         "VPPrecond, VEPrecond and ECMPrecond are")
+        raise CmkitError(
+            f"{source}: iDDPM preconditioning (EDM's ADM baseline) is not supported; EDMPrecond, "
+            "VPPrecond, VEPrecond and ECMPrecond are"
+        )
     model_type = backbone.class_name
     if model_type not in NETWORK_CLASSES:
         raise CmkitError(f"{source}: network {model_type!r} is not one of EDM's ({', '.join(NETWORK_CLASSES)})")
@@ -285,28 +333,45 @@ def edm_model_config(net: Persistent, source: str = "the pickle") -> tuple[dict[
     try:
         side, channels = int(kw["img_resolution"]), int(kw["in_channels"])
     except (KeyError, TypeError, ValueError):
-        raise CmkitError(f"{source}: the network record does not say its image size and channels "
-                         "(no img_resolution / in_channels in its init kwargs)") from None
+        raise CmkitError(
+            f"{source}: the network record does not say its image size and channels "
+            "(no img_resolution / in_channels in its init kwargs)"
+        ) from None
     if int(out_channels) != channels:
-        raise CmkitError(f"{source}: the network has {out_channels} output channels for {channels} input channels; "
-                         "only denoisers with equal counts are supported")
+        raise CmkitError(
+            f"{source}: the network has {out_channels} output channels for {channels} input channels; "
+            "only denoisers with equal counts are supported"
+        )
     if int(kw.get("channel_mult_emb", 4)) != 4:
         raise CmkitError(f"{source}: channel_mult_emb={kw['channel_mult_emb']} is not EDM's 4")
     if model_type == "SongUNet":
-        variant = (kw["embedding_type"], kw["encoder_type"], tuple(int(v) for v in kw["resample_filter"]),
-                   int(kw["channel_mult_noise"]))
+        variant = (
+            kw["embedding_type"],
+            kw["encoder_type"],
+            tuple(int(v) for v in kw["resample_filter"]),
+            int(kw["channel_mult_noise"]),
+        )
         arch = SONG_VARIANTS.get(variant)
         if arch is None or kw["decoder_type"] != "standard":
-            raise CmkitError(f"{source}: SongUNet variant {variant + (kw['decoder_type'],)} is neither DDPM++ nor "
-                             "NCSN++ as EDM's train.py builds them")
+            raise CmkitError(
+                f"{source}: SongUNet variant {variant + (kw['decoder_type'],)} is neither DDPM++ nor "
+                "NCSN++ as EDM's train.py builds them"
+            )
     else:
         arch = "dhariwal"
     model: dict[str, Any] = {
-        "arch": arch, "img_resolution": side, "in_channels": channels, "model_channels": int(kw["model_channels"]),
-        "channel_mult": tuple(int(m) for m in kw["channel_mult"]), "num_blocks": int(kw["num_blocks"]),
-        "attn_resolutions": tuple(int(r) for r in kw["attn_resolutions"]), "dropout": float(kw["dropout"]),
-        "num_classes": int(kw.get("label_dim") or 0), "augment_dim": int(kw.get("augment_dim") or 0),
-        "embedding": "fourier" if arch == "ncsnpp" else "positional"}
+        "arch": arch,
+        "img_resolution": side,
+        "in_channels": channels,
+        "model_channels": int(kw["model_channels"]),
+        "channel_mult": tuple(int(m) for m in kw["channel_mult"]),
+        "num_blocks": int(kw["num_blocks"]),
+        "attn_resolutions": tuple(int(r) for r in kw["attn_resolutions"]),
+        "dropout": float(kw["dropout"]),
+        "num_classes": int(kw.get("label_dim") or 0),
+        "augment_dim": int(kw.get("augment_dim") or 0),
+        "embedding": "fourier" if arch == "ncsnpp" else "positional",
+    }
     precond = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "ECMPrecond": "cm"}[precond_name]
     model["precond"] = precond
     if precond in ("edm", "cm"):
@@ -323,7 +388,8 @@ def read_edm_pickle(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]
     net = find_network(obj, str(path))
     model, state = edm_model_config(net, str(path))
     inner = (net.state.get("_modules") or {}).get("model")
-    notes = {"precond_class": net.class_name if net.class_name in PRECOND_CLASSES else None,
-             "network_class": inner.class_name if isinstance(inner, Persistent) else net.class_name}
+    notes = {
+        "precond_class": net.class_name if net.class_name in PRECOND_CLASSES else None,
+        "network_class": inner.class_name if isinstance(inner, Persistent) else net.class_name,
+    }
     return model, state, notes
-

@@ -16,6 +16,7 @@ convolutions HWIO → OIHW, dense kernels transposed, GroupNorm ``scale`` → ``
 ``map_noise.freqs``; EDM's fixed FIR buffers (``resample_filter``, [1, 3, 3, 1]) are added. The noise input is 0.25·ln σ and the scalings are EDM's (teacher) or the boundary-shifted
 ones with σ_min = 0.002 (``get_distiller_fn``), which are cmkit's ``precond=edm`` / ``cm``.
 """
+
 from __future__ import annotations
 
 import struct
@@ -31,8 +32,25 @@ from ..errors import CmkitError
 
 MAX_DEPTH = 64
 #: numpy dtypes a Flax ndarray extension may name (no object dtypes).
-DTYPES = {name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
-                                            "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128")}
+DTYPES = {
+    name: np.dtype(name)
+    for name in (
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "complex64",
+        "complex128",
+    )
+}
 
 
 class MsgpackError(CmkitError):
@@ -46,7 +64,7 @@ class _Reader:
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
             raise MsgpackError(f"msgpack data ends early (need {n} bytes at offset {self.pos} of {len(self.buf)})")
-        out = self.buf[self.pos:self.pos + n]
+        out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -78,8 +96,9 @@ class _Reader:
         if b in (0xCA, 0xCB):
             return self.unpack(">f" if b == 0xCA else ">d")
         if 0xCC <= b <= 0xD3:
-            return self.unpack({0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q",
-                                0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q"}[b])
+            return self.unpack(
+                {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q"}[b]
+            )
         if 0xD4 <= b <= 0xD8:
             return self.ext(self.unpack(">b"), 1 << (b - 0xD4))
         if b in (0xD9, 0xDA, 0xDB):
@@ -120,8 +139,12 @@ class _Reader:
 
 
 def _array(shape: Any, dtype: Any, data: Any) -> np.ndarray:
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape) or dtype not in DTYPES \
-            or not isinstance(data, memoryview):
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(s, int) and s >= 0 for s in shape)
+        or dtype not in DTYPES
+        or not isinstance(data, memoryview)
+    ):
         raise MsgpackError(f"a Flax array record is malformed (shape {shape!r}, dtype {dtype!r})")
     dt = DTYPES[dtype]
     if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != len(data):
@@ -177,8 +200,9 @@ def ema_params(state: dict[str, Any], source: str = "the checkpoint") -> dict[st
     return params
 
 
-def flax_to_edm_names(img_resolution: int, channel_mult: tuple[int, ...], num_blocks: int,
-                      attn_resolutions: tuple[int, ...]) -> list[tuple[str, str, str]]:
+def flax_to_edm_names(
+    img_resolution: int, channel_mult: tuple[int, ...], num_blocks: int, attn_resolutions: tuple[int, ...]
+) -> list[tuple[str, str, str]]:
     """(Flax module, EDM module prefix, kind) in NCSN++'s call order (``jcm/models/ncsnpp.py``, progressive
     "none", progressive_input "residual", BigGAN blocks); kind is fourier, dense, conv, block, attn or fir_conv."""
     counts: dict[str, int] = {}
@@ -188,8 +212,12 @@ def flax_to_edm_names(img_resolution: int, channel_mult: tuple[int, ...], num_bl
         return f"{cls}_{counts[cls] - 1}"
 
     R, last = img_resolution, len(channel_mult) - 1
-    out = [("GaussianFourierProjection_0", "map_noise", "fourier"), ("Dense_0", "map_layer0", "dense"),
-           ("Dense_1", "map_layer1", "dense"), ("Conv_0", f"enc.{R}x{R}_conv", "conv")]
+    out = [
+        ("GaussianFourierProjection_0", "map_noise", "fourier"),
+        ("Dense_0", "map_layer0", "dense"),
+        ("Dense_1", "map_layer1", "dense"),
+        ("Conv_0", f"enc.{R}x{R}_conv", "conv"),
+    ]
     for level in range(len(channel_mult)):
         res = R >> level
         for i in range(num_blocks):
@@ -200,8 +228,11 @@ def flax_to_edm_names(img_resolution: int, channel_mult: tuple[int, ...], num_bl
             out.append((nxt("ResnetBlockBigGANpp"), f"enc.{res // 2}x{res // 2}_down", "block"))
             out.append((nxt("Downsample"), f"enc.{res // 2}x{res // 2}_aux_residual", "fir_conv"))
     r = R >> last
-    out += [(nxt("ResnetBlockBigGANpp"), f"dec.{r}x{r}_in0", "block"), (nxt("AttnBlockpp"), f"dec.{r}x{r}_in0", "attn"),
-            (nxt("ResnetBlockBigGANpp"), f"dec.{r}x{r}_in1", "block")]
+    out += [
+        (nxt("ResnetBlockBigGANpp"), f"dec.{r}x{r}_in0", "block"),
+        (nxt("AttnBlockpp"), f"dec.{r}x{r}_in0", "attn"),
+        (nxt("ResnetBlockBigGANpp"), f"dec.{r}x{r}_in1", "block"),
+    ]
     for level in reversed(range(len(channel_mult))):
         res = R >> level
         for i in range(num_blocks + 1):
@@ -229,8 +260,13 @@ def _leaf(tree: dict[str, Any], module: str, name: str, used: set[str]) -> Any:
     return value
 
 
-def convert_params(params: dict[str, Any], img_resolution: int, channel_mult: tuple[int, ...], num_blocks: int,
-                   attn_resolutions: tuple[int, ...]) -> dict[str, Tensor]:
+def convert_params(
+    params: dict[str, Any],
+    img_resolution: int,
+    channel_mult: tuple[int, ...],
+    num_blocks: int,
+    attn_resolutions: tuple[int, ...],
+) -> dict[str, Tensor]:
     """EDM NCSN++ state dict (``cmkit.nets.edm.NCSNpp`` keys) of a Flax NCSN++ parameter tree; every Flax leaf
     must be used, or one ``CmkitError`` line names the first that is not."""
     out: dict[str, Tensor] = {}
@@ -259,8 +295,10 @@ def convert_params(params: dict[str, Any], img_resolution: int, channel_mult: tu
 
     for flax, edm, kind in flax_to_edm_names(img_resolution, channel_mult, num_blocks, attn_resolutions):
         if flax not in params:
-            raise CmkitError(f"the Flax parameters have no {flax} (expected for {edm}); not the NCSN++ of "
-                             f"channel_mult {channel_mult}, {num_blocks} blocks, attention at {attn_resolutions}")
+            raise CmkitError(
+                f"the Flax parameters have no {flax} (expected for {edm}); not the NCSN++ of "
+                f"channel_mult {channel_mult}, {num_blocks} blocks, attention at {attn_resolutions}"
+            )
         if kind == "fourier":
             out[f"{edm}.freqs"] = get(flax, "W")
         elif kind == "dense":
@@ -293,8 +331,10 @@ def convert_params(params: dict[str, Any], img_resolution: int, channel_mult: tu
     leaves = set(_leaf_paths(params))
     unused = sorted(leaves - used)
     if unused:
-        raise CmkitError(f"{len(unused)} Flax parameters have no place in EDM's NCSN++ (e.g. {unused[0]}); not the "
-                         f"NCSN++ of channel_mult {channel_mult}, {num_blocks} blocks, attention at {attn_resolutions}")
+        raise CmkitError(
+            f"{len(unused)} Flax parameters have no place in EDM's NCSN++ (e.g. {unused[0]}); not the "
+            f"NCSN++ of channel_mult {channel_mult}, {num_blocks} blocks, attention at {attn_resolutions}"
+        )
     return out
 
 
@@ -326,13 +366,25 @@ def ncsnpp_shape(params: dict[str, Any]) -> dict[str, Any]:
     return {"model_channels": int(nf), "in_channels": int(cin), "channel_mult": tuple(mult), "num_blocks": per_level}
 
 
-def read_jax_cifar10(path: str | Path, precond: str = "cm", img_resolution: int = 32,
-                     attn_resolutions: tuple[int, ...] = (16,)) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_jax_cifar10(
+    path: str | Path, precond: str = "cm", img_resolution: int = 32, attn_resolutions: tuple[int, ...] = (16,)
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(cmkit ``model`` config section, NCSN++ state dict) of a consistency_models_cifar10 checkpoint's EMA."""
     params = ema_params(read_flax_state(path), str(path))
     shape = ncsnpp_shape(params)
     state = convert_params(params, img_resolution, shape["channel_mult"], shape["num_blocks"], attn_resolutions)
-    model = {"arch": "ncsnpp", "img_resolution": img_resolution, **shape, "attn_resolutions": tuple(attn_resolutions),
-             "dropout": 0.0, "num_classes": 0, "augment_dim": 0, "embedding": "fourier", "precond": precond,
-             "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5}
+    model = {
+        "arch": "ncsnpp",
+        "img_resolution": img_resolution,
+        **shape,
+        "attn_resolutions": tuple(attn_resolutions),
+        "dropout": 0.0,
+        "num_classes": 0,
+        "augment_dim": 0,
+        "embedding": "fourier",
+        "precond": precond,
+        "sigma_min": 0.002,
+        "sigma_max": 80.0,
+        "sigma_data": 0.5,
+    }
     return model, state

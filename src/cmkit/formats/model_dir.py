@@ -6,6 +6,7 @@ alone is enough. ``save_model_dir`` writes one atomically; ``read_model_dir`` fi
 directory, a run directory's ``model/``, or a shipped model name) and returns its config as a plain dict:
 building the network from it is ``cmkit.load``'s job.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ MODEL_KINDS = ("denoiser", "autoencoder", "decoder")
 
 
 #: Earlier layouts that are still read: config.json tag → (kind, weights file).
-LEGACY = {"cmkit.kl_autoencoder": ("autoencoder", "autoencoder.safetensors"),
-          "cmkit.consistency_decoder": ("decoder", "decoder.safetensors")}
+LEGACY = {
+    "cmkit.kl_autoencoder": ("autoencoder", "autoencoder.safetensors"),
+    "cmkit.consistency_decoder": ("decoder", "decoder.safetensors"),
+}
 
 
 def _a(word: str) -> str:
@@ -49,9 +52,14 @@ class ModelDir:
     weights: Path
 
 
-def save_model_dir(path: str | Path, weights: nn.Module | dict[str, torch.Tensor], kind: str,
-                   config: dict[str, Any], meta: dict[str, Any] | None = None,
-                   dtype: torch.dtype | None = None) -> Path:
+def save_model_dir(
+    path: str | Path,
+    weights: nn.Module | dict[str, torch.Tensor],
+    kind: str,
+    config: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (kind and config also in the metadata) atomically.
 
     An existing ``path`` is replaced only when it holds nothing but those two files (a model directory);
@@ -64,8 +72,10 @@ def save_model_dir(path: str | Path, weights: nn.Module | dict[str, torch.Tensor
         other = sorted(p.name for p in final.iterdir()) if final.is_dir() else [final.name]
         other = [n for n in other if n not in (CONFIG_FILE, MODEL_FILE)]
         if other:
-            raise CmkitError(f"{final} holds other files ({', '.join(other[:4])}); a model directory is written "
-                             f"only into a new directory or over one holding just {CONFIG_FILE} and {MODEL_FILE}")
+            raise CmkitError(
+                f"{final} holds other files ({', '.join(other[:4])}); a model directory is written "
+                f"only into a new directory or over one holding just {CONFIG_FILE} and {MODEL_FILE}"
+            )
     tmp = atomic_dir(final)
     tag = {"kind": kind, "config": json.dumps(config)}
     save_file(state_dict_for_save(weights, dtype), tmp / MODEL_FILE, metadata=tag)
@@ -102,8 +112,11 @@ def resolve_model_dir(path: str | Path) -> Path:
     shipped = shipped_model_dir(str(path))
     if shipped is not None and p.exists() and p.resolve() == shipped.resolve():
         return shipped  # run from inside the shipped models' folder: the same directory either way
-    hint = (f"; a local path takes precedence over the shipped model {path!r}, which is at {shipped}"
-            if shipped is not None else "")
+    hint = (
+        f"; a local path takes precedence over the shipped model {path!r}, which is at {shipped}"
+        if shipped is not None
+        else ""
+    )
     if p.exists():
         run_files = (p / "log.jsonl").exists() or (p / "checkpoint").exists()
         weights_beside = any((p / w).is_file() for w in (MODEL_FILE, *(w for _, w in LEGACY.values())))
@@ -112,18 +125,25 @@ def resolve_model_dir(path: str | Path) -> Path:
         elif (p / CONFIG_FILE).is_file() and (weights_beside or not run_files):
             d = p
         elif p.is_dir() and run_files:
-            raise CmkitError(f"model not found: {p} is a training run without a model yet (model/{CONFIG_FILE} is "
-                             f"written at its first checkpoint){hint}")
+            raise CmkitError(
+                f"model not found: {p} is a training run without a model yet (model/{CONFIG_FILE} is "
+                f"written at its first checkpoint){hint}"
+            )
         else:
             raise CmkitError(f"model not found: {p} holds no {CONFIG_FILE} or model/{CONFIG_FILE}{hint}")
         if shipped is not None:
-            print(f"cmkit: {path!r} is both a local model and a shipped one: using the local {d} "
-                  f"(the shipped one is {shipped})", file=sys.stderr)
+            print(
+                f"cmkit: {path!r} is both a local model and a shipped one: using the local {d} "
+                f"(the shipped one is {shipped})",
+                file=sys.stderr,
+            )
         return d
     if shipped is not None:
         return shipped
-    raise CmkitError(f"model not found: {p} (expected a directory with {CONFIG_FILE} and {MODEL_FILE}, "
-                     f"a training run directory, or a shipped model name; see `cmkit models`)")
+    raise CmkitError(
+        f"model not found: {p} (expected a directory with {CONFIG_FILE} and {MODEL_FILE}, "
+        f"a training run directory, or a shipped model name; see `cmkit models`)"
+    )
 
 
 def read_model_dir(path: str | Path, kind: str | None = None) -> ModelDir:

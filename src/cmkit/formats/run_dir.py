@@ -6,6 +6,7 @@ the optimizer, the RNG states, ``state.json`` and the config, for an exact resum
 atomically (``cmkit.files``), so a crash never leaves half of one; ``train.lock`` keeps two processes from training
 in the same directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CmkitError
-from ..files import (TMP, atomic_dir, commit_dir, fsync_path, load_safetensors, reach_point, read_json,
-    read_safetensors, recover_dir, seal_dir, state_dict_for_save, write_json)
+from ..files import (
+    TMP,
+    atomic_dir,
+    commit_dir,
+    fsync_path,
+    load_safetensors,
+    reach_point,
+    read_json,
+    read_safetensors,
+    recover_dir,
+    seal_dir,
+    state_dict_for_save,
+    write_json,
+)
 from .model_dir import CONFIG_FILE
 
 
@@ -32,6 +45,7 @@ from .model_dir import CONFIG_FILE
 
 
 # --- optimizer state <-> flat tensors + JSON ---------------------------------------------------------
+
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
@@ -52,12 +66,13 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
         state.setdefault(int(idx), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     for p, st in opt.state.items():  # Adam's moments must have their parameter's shape (load_state_dict does not
-        for k, v in st.items():      # check: a wrong one fails at the first step, far from its cause)
+        for k, v in st.items():  # check: a wrong one fails at the first step, far from its cause)
             if torch.is_tensor(v) and v.ndim > 0 and v.shape != p.shape:
                 raise ValueError(f"optimizer state {k} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}")
 
 
 # --- run directories ---------------------------------------------------------------------------------
+
 
 class RunDir:
     """The files of one training run; every task and command uses these names (and only these)."""
@@ -112,20 +127,28 @@ class RunDir:
         before its first step was logged)."""
         if self.has_checkpoint() or not self.root.is_dir():
             return None
-        present = [n for n in (CONFIG_FILE, self.log.name, "model/", "checkpoint/", "samples/")
-                   if (self.root / n.rstrip("/")).exists()]
+        present = [
+            n
+            for n in (CONFIG_FILE, self.log.name, "model/", "checkpoint/", "samples/")
+            if (self.root / n.rstrip("/")).exists()
+        ]
         if set(present) <= {CONFIG_FILE, self.log.name} and not self.read_log():  # nothing trained yet
             return None
         if self.checkpoint.exists() and not self.checkpoint.is_dir():
             return f"{self.checkpoint} is a file, where a run keeps its checkpoint directory"
         if self.checkpoint.exists():
-            return (f"{self.checkpoint} is incomplete: {self.STATE} is missing, so it cannot be resumed exactly "
-                    "(its weights are left as they are)")
+            return (
+                f"{self.checkpoint} is incomplete: {self.STATE} is missing, so it cannot be resumed exactly "
+                "(its weights are left as they are)"
+            )
         if self.model.exists():
-            return (f"{self.root} holds a trained model ({', '.join(present)}) but no checkpoint/ to resume from "
-                    f"(to start from its weights: train.init_from={self.model})")
-        return (f"{self.root} holds a run that stopped before its first checkpoint ({', '.join(present)}; "
-                "no checkpoint/)")
+            return (
+                f"{self.root} holds a trained model ({', '.join(present)}) but no checkpoint/ to resume from "
+                f"(to start from its weights: train.init_from={self.model})"
+            )
+        return (
+            f"{self.root} holds a run that stopped before its first checkpoint ({', '.join(present)}; no checkpoint/)"
+        )
 
     def lock(self) -> str | None:
         """Hold the run directory for this process (``train.lock``, an ``fcntl.flock``). Another live holder is
@@ -145,10 +168,14 @@ class RunDir:
                 holder = f.read(4096).strip() or "unknown process"
                 f.close()
                 if holder.startswith(f"pid {os.getpid()} "):
-                    raise CmkitError(f"{self.root} is held by another Loop of this process; close() it (or let "
-                                     "its run() finish) before opening the run again") from None
-                raise CmkitError(f"{self.root} is being trained by another process ({holder}); wait for it to "
-                                 "finish or stop it, or choose another train.out_dir") from None
+                    raise CmkitError(
+                        f"{self.root} is held by another Loop of this process; close() it (or let "
+                        "its run() finish) before opening the run again"
+                    ) from None
+                raise CmkitError(
+                    f"{self.root} is being trained by another process ({holder}); wait for it to "
+                    "finish or stop it, or choose another train.out_dir"
+                ) from None
             if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break
             f.close()
@@ -175,13 +202,15 @@ class RunDir:
     def state(self) -> dict[str, Any]:
         state = read_json(self.checkpoint / self.STATE, "checkpoint state")
         if not isinstance(state, dict) or not {"step", "skipped", "world_size", "optimizer"} <= set(state):
-            raise CmkitError(f"{self.checkpoint / self.STATE} is damaged (expected step, skipped, world_size, "
-                             "optimizer)")
+            raise CmkitError(
+                f"{self.checkpoint / self.STATE} is damaged (expected step, skipped, world_size, optimizer)"
+            )
         for key, least in (("step", 0), ("skipped", 0), ("world_size", 1)):
             value = state[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise CmkitError(f"{self.checkpoint / self.STATE} is damaged: {key} is {value!r}, expected an "
-                                 f"integer ≥ {least}")
+                raise CmkitError(
+                    f"{self.checkpoint / self.STATE} is damaged: {key} is {value!r}, expected an integer ≥ {least}"
+                )
         if not isinstance(state["optimizer"], dict):
             raise CmkitError(f"{self.checkpoint / self.STATE} is damaged: optimizer is not a JSON object")
         return state
@@ -193,8 +222,14 @@ class RunDir:
             raise CmkitError(f"{self.checkpoint / CONFIG_FILE} is damaged: expected a JSON object of config sections")
         return config
 
-    def save_checkpoint(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                        rng: dict[str, torch.Tensor], state: dict[str, Any], config: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self,
+        modules: dict[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        rng: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        config: dict[str, Any],
+    ) -> None:
         """``checkpoint/``: ``<name>.safetensors`` per module, optimizer, RNG states, config.json, and
         state.json last (its presence marks a complete checkpoint); the log is flushed to disk first."""
         if self.log.is_file():
@@ -209,8 +244,9 @@ class RunDir:
         seal_dir(tmp, self.STATE, {**state, "optimizer": meta})
         commit_dir(tmp, self.checkpoint)
 
-    def load_checkpoint(self, modules: dict[str, nn.Module],
-                        optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def load_checkpoint(
+        self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Restore every module and the optimizer; returns (state, RNG tensors). A damaged file is one line."""
         for name, module in modules.items():
             load_safetensors(module, self.checkpoint / f"{name}.safetensors")
@@ -218,8 +254,9 @@ class RunDir:
         try:
             optimizer_from_flat(optimizer, read_safetensors(self.checkpoint / self.OPTIMIZER), state["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise CmkitError(f"{self.checkpoint / self.OPTIMIZER} does not match this run's optimizer "
-                             f"({type(e).__name__}: {e})") from None
+            raise CmkitError(
+                f"{self.checkpoint / self.OPTIMIZER} does not match this run's optimizer ({type(e).__name__}: {e})"
+            ) from None
         return state, read_safetensors(self.checkpoint / self.RNG)
 
     def read_log(self) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ the size of its storages, while a zip bomb expands ~1000×), each pickle at most
 no tensor may view more elements than its storage holds. Storages are streamed from the zip straight into
 their tensors (no second copy).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,9 +41,16 @@ from ..errors import CmkitError
 OPENAI_DECODER_SHA256 = "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb"
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 _SKIP_ATTRS = {"training", "_is_full_backward_hook"}
 
@@ -70,9 +78,11 @@ def verify_sha256(path: str | Path, expected: str) -> None:
     """Raise a ``CmkitError`` if the file's SHA-256 is not ``expected``."""
     actual = sha256_of(path)
     if actual != expected.lower():
-        raise CmkitError(f"{path}: SHA-256 {actual[:16]}… does not match the expected {expected[:16]}… "
-                         "(OpenAI's decoder.pt release hash); the file is corrupt or not the released decoder "
-                         "(pass verify=False / --no-verify to load it anyway)")
+        raise CmkitError(
+            f"{path}: SHA-256 {actual[:16]}… does not match the expected {expected[:16]}… "
+            "(OpenAI's decoder.pt release hash); the file is corrupt or not the released decoder "
+            "(pass verify=False / --no-verify to load it anyway)"
+        )
 
 
 class ScriptObject:
@@ -122,8 +132,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return lambda x: list(x)
         if module == "torch.jit._pickle" and name == "restore_type_tag":
             return lambda value, _tag: value
-        raise CmkitError(f"{self.path}: refusing to load {module}.{name} from the pickle; expected only tensors "
-                         "and TorchScript modules (a TorchScript decoder.pt or a torch.save'd state dict)")
+        raise CmkitError(
+            f"{self.path}: refusing to load {module}.{name} from the pickle; expected only tensors "
+            "and TorchScript modules (a TorchScript decoder.pt or a torch.save'd state dict)"
+        )
 
     def persistent_load(self, pid: Any) -> Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -147,13 +159,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if info.file_size < nbytes:
             raise CmkitError(f"{self.path}: storage {key} is truncated ({info.file_size} < {nbytes} bytes)")
         if info.file_size > nbytes:
-            raise CmkitError(f"{self.path}: storage {key} declares {info.file_size} bytes but its tensor needs "
-                             f"{nbytes}; refusing a malformed or crafted archive")
+            raise CmkitError(
+                f"{self.path}: storage {key} declares {info.file_size} bytes but its tensor needs "
+                f"{nbytes}; refusing a malformed or crafted archive"
+            )
         if nbytes > self.budget[0]:
-            raise CmkitError(f"{self.path}: its storages declare more bytes than the reader allows "
-                             f"(at most {MAX_EXPANSION}× the file's size and {MAX_STORAGE_BYTES / 2**30:g} GiB in "
-                             f"all; storage {key} alone declares {nbytes} bytes); refusing a crafted or "
-                             "re-compressed archive")
+            raise CmkitError(
+                f"{self.path}: its storages declare more bytes than the reader allows "
+                f"(at most {MAX_EXPANSION}× the file's size and {MAX_STORAGE_BYTES / 2**30:g} GiB in "
+                f"all; storage {key} alone declares {nbytes} bytes); refusing a crafted or "
+                "re-compressed archive"
+            )
         self.budget[0] -= nbytes
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
@@ -162,7 +178,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 chunk = f.read(min(_CHUNK, nbytes - done))
                 if not chunk:
                     break
-                view[done:done + len(chunk)] = chunk
+                view[done : done + len(chunk)] = chunk
                 done += len(chunk)
             f.read(1)  # reach the end of the member, so that zipfile checks its CRC
         if done < nbytes:
@@ -234,12 +250,14 @@ def read_torch_zip(path: str | Path, expected_sha256: str | None = None) -> tupl
         out: dict[str, Tensor] = {}
         budget = [min(MAX_STORAGE_BYTES, MAX_EXPANSION * os.path.getsize(path))]
         try:
-            obj = _RestrictedUnpickler(_read_pickle(archive, f"{root}data.pkl", path), archive, f"{root}data/",
-                                       path, budget).load()
+            obj = _RestrictedUnpickler(
+                _read_pickle(archive, f"{root}data.pkl", path), archive, f"{root}data/", path, budget
+            ).load()
             _collect(obj, "", out, set())
             if f"{root}constants.pkl" in names:
-                consts = _RestrictedUnpickler(_read_pickle(archive, f"{root}constants.pkl", path), archive,
-                                              f"{root}constants/", path, budget).load()
+                consts = _RestrictedUnpickler(
+                    _read_pickle(archive, f"{root}constants.pkl", path), archive, f"{root}constants/", path, budget
+                ).load()
                 for i, c in enumerate(consts if isinstance(consts, (list, tuple)) else ()):
                     if isinstance(c, Tensor):
                         out[f"CONSTANTS.c{i}"] = c
@@ -254,6 +272,8 @@ def _read_pickle(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
     """A pickle member of at most ``MAX_PICKLE_BYTES`` (declared size; zipfile stops reading there)."""
     size = archive.getinfo(name).file_size
     if size > MAX_PICKLE_BYTES:
-        raise CmkitError(f"{path}: {name} declares {size} bytes, more than a module pickle needs "
-                         f"(at most {MAX_PICKLE_BYTES // 2**20} MiB); refusing a crafted archive")
+        raise CmkitError(
+            f"{path}: {name} declares {size} bytes, more than a module pickle needs "
+            f"(at most {MAX_PICKLE_BYTES // 2**20} MiB); refusing a crafted archive"
+        )
     return archive.read(name)

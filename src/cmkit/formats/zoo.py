@@ -1,4 +1,5 @@
 """Models shipped with cmkit (under ``cmkit/assets/models/NAME``), loadable by name."""
+
 from __future__ import annotations
 
 from importlib import resources

@@ -2,6 +2,7 @@
 ``OPTIONS`` beside its constructor (``cmkit.losses.options``); ``LossConfig`` (cmkit.denoiser_config) is derived
 from those declarations and builds the loss of ``LOSSES[method]``. A new method is a new file here and a row in
 ``LOSSES`` (and in ``PRECOND_OF`` when it trains another preconditioning than the CM one)."""
+
 from __future__ import annotations
 
 from .base import paired_passes, weighting, Loss
@@ -16,12 +17,36 @@ from .scm import SCDLoss, SCTLoss
 from .tcm import TCMLoss
 
 
-LOSSES = {"edm": EDMLoss, "cd": CDLoss, "ct": CTLoss, "ict": ICTLoss, "ect": ECTLoss, "pd": PDLoss,
-          "sct": SCTLoss, "scd": SCDLoss, "meanflow": MeanFlowLoss, "tcm": TCMLoss}
+LOSSES = {
+    "edm": EDMLoss,
+    "cd": CDLoss,
+    "ct": CTLoss,
+    "ict": ICTLoss,
+    "ect": ECTLoss,
+    "pd": PDLoss,
+    "sct": SCTLoss,
+    "scd": SCDLoss,
+    "meanflow": MeanFlowLoss,
+    "tcm": TCMLoss,
+}
 #: The preconditioning each method trains (``model.precond``).
 PRECOND_OF = {"edm": "edm", "pd": "edm", "sct": "trigflow", "scd": "trigflow", "meanflow": "meanflow"}
 
 
-__all__ = ["Loss", "EDMLoss", "CDLoss", "CTLoss", "ICTLoss", "ECTLoss", "PDLoss", "SCTLoss", "SCDLoss",
-           "MeanFlowLoss", "TCMLoss", "LOSSES", "PRECOND_OF",
-           "paired_passes", "weighting"]
+__all__ = [
+    "Loss",
+    "EDMLoss",
+    "CDLoss",
+    "CTLoss",
+    "ICTLoss",
+    "ECTLoss",
+    "PDLoss",
+    "SCTLoss",
+    "SCDLoss",
+    "MeanFlowLoss",
+    "TCMLoss",
+    "LOSSES",
+    "PRECOND_OF",
+    "paired_passes",
+    "weighting",
+]

@@ -1,4 +1,5 @@
 """What every training objective shares: the loss interface, λ(σ) weightings and shared dropout RNG."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -25,8 +26,16 @@ class Loss(Protocol):
 
     def stats(self, step: int) -> dict[str, float]: ...
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor: ...
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor: ...
 
 
 #: λ(σ) names shared by the discrete-time objectives (``weighting``).
@@ -49,8 +58,9 @@ def weighting(name: str, sigma: Tensor, sigma_data: float = SIGMA_DATA) -> Tenso
     raise ValueError(f"unknown weighting {name!r}; expected uniform, snr, snr+1, karras or truncated-snr")
 
 
-def paired_passes(model: nn.Module, target: nn.Module, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor],
-                  **cond: Any) -> tuple[Tensor, Tensor]:
+def paired_passes(
+    model: nn.Module, target: nn.Module, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], **cond: Any
+) -> tuple[Tensor, Tensor]:
     """Student f_θ(*a) with gradients and target stopgrad f_θ⁻(*b), with the *same* dropout masks.
 
     The RNG is restored between the passes, so dropout>0 (iCT, ECT) draws identical masks in both.

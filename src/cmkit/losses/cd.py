@@ -1,4 +1,5 @@
 """Consistency distillation (Song et al. 2023, Alg. 2; ``consistency_losses`` in the CM code)."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -34,10 +35,20 @@ class CDLoss:
         "lpips_weights": LPIPS_WEIGHTS,
     }
 
-    def __init__(self, num_scales: int = 18, mu: float = 0.0, solver: str = "heun", distance: str = "l2",
-                 weighting: str = "uniform", huber_c: float | None = None, lpips_weights: str | None = None,
-                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA,
-                 rho: float = RHO):
+    def __init__(
+        self,
+        num_scales: int = 18,
+        mu: float = 0.0,
+        solver: str = "heun",
+        distance: str = "l2",
+        weighting: str = "uniform",
+        huber_c: float | None = None,
+        lpips_weights: str | None = None,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+        rho: float = RHO,
+    ):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
         self.sigmas = karras_sigmas(num_scales, sigma_min, sigma_max, rho)
@@ -50,8 +61,16 @@ class CDLoss:
     def stats(self, step: int) -> dict[str, float]:
         return {"N": len(self.sigmas), "mu": self.mu}
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         if teacher is None:
             raise ValueError("consistency distillation needs a teacher (set teacher=PATH to an EDM model)")
         sigmas = self.sigmas.to(x0.device)

@@ -1,4 +1,5 @@
 """Consistency training (Song et al. 2023, Alg. 3) with the adaptive N(k), μ(k) of the reference code."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -31,10 +32,21 @@ class CTLoss:
     }
     RULES = ((lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0"),)
 
-    def __init__(self, total_steps: int = 800_000, s0: int = 2, s1: int = 150, mu0: float = 0.9,
-                 distance: str = "l2", weighting: str = "uniform", huber_c: float | None = None,
-                 lpips_weights: str | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                 sigma_data: float = SIGMA_DATA, rho: float = RHO):
+    def __init__(
+        self,
+        total_steps: int = 800_000,
+        s0: int = 2,
+        s1: int = 150,
+        mu0: float = 0.9,
+        distance: str = "l2",
+        weighting: str = "uniform",
+        huber_c: float | None = None,
+        lpips_weights: str | None = None,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+        rho: float = RHO,
+    ):
         self.K, self.s0, self.s1, self.mu0 = total_steps, s0, s1, mu0
         self.grid = (sigma_min, sigma_max, rho)
         self.weighting, self.sigma_data = weighting, sigma_data
@@ -50,8 +62,16 @@ class CTLoss:
         N, mu = self.schedule(step)
         return {"N": N, "mu": mu}
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         N, _ = self.schedule(step)
         sigmas = karras_sigmas(N, *self.grid).to(x0.device)
         i = torch.randint(0, N - 1, (x0.shape[0],), device=x0.device)

@@ -4,6 +4,7 @@ Continuous t ~ lognormal and r = r(t, stage) with Δt = t - r shrinking at every
 trained diffusion model. The target is f_{sg(θ)}(x_r, r) with the same noise and dropout mask, or the
 clean data when r = 0 (the boundary condition enforced through the loss).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -36,10 +37,21 @@ class ECTLoss:
         "weighting": option("λ(t, r): inv_dt (ECT's), the CM weightings, or snrpk (= karras)", choices=WEIGHTINGS),
     }
 
-    def __init__(self, total_steps: int = 200_000, double_steps: int = 25_000, P_mean: float = -1.1,
-                 P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, huber_c: float | None = None,
-                 weighting: str = "inv_dt", sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                 sigma_data: float = SIGMA_DATA):
+    def __init__(
+        self,
+        total_steps: int = 200_000,
+        double_steps: int = 25_000,
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        q: float = 2.0,
+        k: float = 8.0,
+        b: float = 1.0,
+        huber_c: float | None = None,
+        weighting: str = "inv_dt",
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+    ):
         if weighting not in self.WEIGHTINGS:
             raise ValueError(f"unknown ECT weighting {weighting!r}; expected one of {', '.join(self.WEIGHTINGS)}")
         self.double_steps, self.P_mean, self.P_std = double_steps, P_mean, P_std
@@ -56,8 +68,16 @@ class ECTLoss:
         t1 = ect_r_of_t(torch.tensor([1.0]), self.stage(step), self.q, self.k, self.b)
         return {"stage": self.stage(step), "r/t@1": float(t1)}
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         B = x0.shape[0]
         t = (torch.randn(B, device=x0.device) * self.P_std + self.P_mean).exp().clamp(self.sigma_min, self.sigma_max)
         r = ect_r_of_t(t, self.stage(step), self.q, self.k, self.b)

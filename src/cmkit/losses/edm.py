@@ -1,4 +1,5 @@
 """EDM denoising loss for diffusion teachers (Karras et al. 2022, Eq. 2 with Table 1 weighting)."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -25,12 +26,14 @@ class EDMLoss:
     OPTIONS: ClassVar[dict[str, Option]] = {
         "P_mean": P_MEAN,
         "P_std": P_STD,
-        "label_dropout": option("probability of replacing a label by the null label (a CFG teacher)",
-                                within(0, 1, high_open=True)),
+        "label_dropout": option(
+            "probability of replacing a label by the null label (a CFG teacher)", within(0, 1, high_open=True)
+        ),
     }
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, label_dropout: float = 0.0,
-                 sigma_data: float = SIGMA_DATA):
+    def __init__(
+        self, P_mean: float = -1.2, P_std: float = 1.2, label_dropout: float = 0.0, sigma_data: float = SIGMA_DATA
+    ):
         self.P_mean, self.P_std, self.label_dropout, self.sigma_data = P_mean, P_std, label_dropout, sigma_data
 
     def target_mu(self, step: int) -> float | None:
@@ -39,8 +42,16 @@ class EDMLoss:
     def stats(self, step: int) -> dict[str, float]:
         return {}
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         sigma = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         if self.label_dropout > 0 and cond.get("class_labels") is not None:

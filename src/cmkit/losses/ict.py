@@ -4,6 +4,7 @@ Changes from CT: no EMA teacher (θ⁻ = stopgrad θ), pseudo-Huber metric (Eq. 
 discretised lognormal σ sampling (Eq. 10), exponential N(k) curriculum (Eq. 11), dropout mask shared
 between the two passes.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -35,10 +36,20 @@ class ICTLoss:
     }
     RULES = ((lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0"),)
 
-    def __init__(self, total_steps: int = 400_000, s0: int = 10, s1: int = 1280, P_mean: float = -1.1,
-                 P_std: float = 2.0, distance: str = "pseudo_huber", huber_c: float | None = None,
-                 lpips_weights: str | None = None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                 rho: float = RHO):
+    def __init__(
+        self,
+        total_steps: int = 400_000,
+        s0: int = 10,
+        s1: int = 1280,
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        distance: str = "pseudo_huber",
+        huber_c: float | None = None,
+        lpips_weights: str | None = None,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        rho: float = RHO,
+    ):
         self.K, self.s0, self.s1 = total_steps, s0, s1
         self.P_mean, self.P_std = P_mean, P_std
         self.grid = (sigma_min, sigma_max, rho)
@@ -58,8 +69,16 @@ class ICTLoss:
             self._cache[N] = (asc, lognormal_index_probs(asc, self.P_mean, self.P_std))
         return self._cache[N]
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         asc, probs = self.grid_and_probs(ict_num_scales(step, self.K, self.s0, self.s1))
         i = torch.multinomial(probs, x0.shape[0], replacement=True).to(x0.device)
         asc = asc.to(x0.device)

@@ -17,6 +17,7 @@ The trainable pass runs through the DDP wrapper; the JVP runs graph-free on the 
 so DDP synchronises every gradient (py-meanflow's ``torch.func`` caveat does not apply). The model is
 ``Precond(kind="meanflow")`` on a two-time backbone (``model.time_inputs=2``).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -60,9 +61,20 @@ class MeanFlowLoss:
         "fd_step": FD_STEP,
     }
 
-    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, ratio_r_eq_t: float = 0.75, norm_p: float = 1.0,
-                 norm_c: float = 0.01, imf: bool = False, jvp: str = "jvp", fd_step: float = 1e-4,
-                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA):
+    def __init__(
+        self,
+        P_mean: float = -0.4,
+        P_std: float = 1.0,
+        ratio_r_eq_t: float = 0.75,
+        norm_p: float = 1.0,
+        norm_c: float = 0.01,
+        imf: bool = False,
+        jvp: str = "jvp",
+        fd_step: float = 1e-4,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+    ):
         if jvp not in JVP_MODES:
             raise ValueError(f"unknown jvp mode {jvp!r}; expected 'jvp' or 'fd'")
         self.P_mean, self.P_std, self.ratio_r_eq_t = P_mean, P_std, ratio_r_eq_t
@@ -86,8 +98,16 @@ class MeanFlowLoss:
         t = t.clamp(self.t_min, self.t_max)
         return t, r.clamp(min=0).minimum(t)
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         bare = unwrap(target or model)
         labels = cond.get("class_labels")
         x0 = x0.float()
@@ -104,8 +124,13 @@ class MeanFlowLoss:
             with torch.no_grad():
                 direction = bare.average_velocity(z, t, t, labels)
             set_rng_state(x0.device, state)
-        _, dudt = directional_derivative(lambda zz, t_, r_: bare.average_velocity(zz, t_, r_, labels), (z, t, r),
-                                         (direction, torch.ones_like(t), torch.zeros_like(r)), self.jvp, self.fd_step)
+        _, dudt = directional_derivative(
+            lambda zz, t_, r_: bare.average_velocity(zz, t_, r_, labels),
+            (z, t, r),
+            (direction, torch.ones_like(t), torch.zeros_like(r)),
+            self.jvp,
+            self.fd_step,
+        )
         u_tgt = meanflow_target(v, t, r, dudt)
         sq = (u.float() - u_tgt).pow(2).flatten(1).sum(1)
         self._last = {"mse": float(sq.detach().mean()) / x0[0].numel()}

@@ -6,6 +6,7 @@ run config (``cmkit.denoiser_config.LossConfig``), its validation, ``--dry-run``
 every constructor parameter is declared are all derived from these two, so a new loss touches its own file and
 the ``LOSSES`` table of ``cmkit.losses`` only.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -51,14 +52,16 @@ def positive() -> tuple[Callable[[Any], bool], str]:
 
 def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> tuple[Callable, str]:
     """[low, high] with either end open: ``within(0, 1, high_open=True)`` is [0, 1)."""
+
     def check(v: Any) -> bool:
         return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
 
     return check, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def option(help: str, rule: tuple[Callable[[Any], bool], str] | None = None,
-           choices: tuple[str, ...] | None = None) -> Option:
+def option(
+    help: str, rule: tuple[Callable[[Any], bool], str] | None = None, choices: tuple[str, ...] | None = None
+) -> Option:
     """``Option(help, choices, *rule)``: ``option("N of the grid", at_least(2))``."""
     check, must = rule if rule is not None else (None, "")
     return Option(help, choices, check, must)

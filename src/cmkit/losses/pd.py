@@ -10,6 +10,7 @@ teacher does in two: on a Karras grid of N intervals, with t = σ(i/N), t2 = σ(
 Every ``halve_every`` steps the student becomes the teacher and N halves (N_0 → N_0/2 → … → 1), so after k
 stages the student samples in N_0/2^k Euler steps (``sampling.sample_progdist``).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -36,9 +37,16 @@ class PDLoss:
         "weighting": option("λ(σ)", choices=WEIGHTINGS),
     }
 
-    def __init__(self, num_scales: int = 64, halve_every: int = 1000, weighting: str = "truncated-snr",
-                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA,
-                 rho: float = RHO):
+    def __init__(
+        self,
+        num_scales: int = 64,
+        halve_every: int = 1000,
+        weighting: str = "truncated-snr",
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+        rho: float = RHO,
+    ):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
         self.N0, self.halve_every, self.weighting = num_scales, halve_every, weighting
@@ -70,8 +78,16 @@ class PDLoss:
         t_, t3_ = append_dims(t, x_t.ndim), append_dims(t3, x_t.ndim)
         return x_t - t_ * (x_t3 - x_t) / (t3_ - t_)
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         if teacher is None:
             raise ValueError("progressive distillation needs a teacher (set train.teacher=PATH to an EDM model)")
         N = self.num_scales(step)

@@ -14,6 +14,7 @@ the DDP wrapper; the JVP runs on the bare module without a graph, ``cmkit.jvp``)
 JVP pass share their dropout masks. ‖g‖_rms = ‖g‖/√D (FastGen normalises the same way), so c = 0.1 does not
 depend on the image size. The model is ``Precond(kind="trigflow")``: F_θ is the negated backbone output.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,10 +66,20 @@ class SCTLoss:
         "adaptive_weight": option("learn the weighting w_φ(t) (sCM's adaptive weighting)"),
     }
 
-    def __init__(self, P_mean: float = -1.0, P_std: float = 1.6, tangent_warmup: int = 10_000,
-                 tangent_c: float = 0.1, tangent_clip: float = 0.0, jvp: str = "jvp", fd_step: float = 1e-4,
-                 adaptive_weight: bool = True, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                 sigma_data: float = SIGMA_DATA):
+    def __init__(
+        self,
+        P_mean: float = -1.0,
+        P_std: float = 1.6,
+        tangent_warmup: int = 10_000,
+        tangent_c: float = 0.1,
+        tangent_clip: float = 0.0,
+        jvp: str = "jvp",
+        fd_step: float = 1e-4,
+        adaptive_weight: bool = True,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+    ):
         if jvp not in JVP_MODES:
             raise ValueError(f"unknown jvp mode {jvp!r}; expected 'jvp' or 'fd'")
         self.P_mean, self.P_std, self.tangent_warmup = P_mean, P_std, tangent_warmup
@@ -91,8 +102,9 @@ class SCTLoss:
         """t from the log-normal proposal, kept inside the model's σ range [σ_min, σ_max]."""
         return lognormal_t(x0.shape[0], self.P_mean, self.P_std, self.sigma_data, x0.device).clamp(*self.t_range)
 
-    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None,
-                 cond: dict[str, Any]) -> Tensor:
+    def velocity(
+        self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None, cond: dict[str, Any]
+    ) -> Tensor:
         """dx_t/dt: the conditional velocity cos t·z − sin t·x0 (sCT)."""
         t = append_dims(t, x0.ndim)
         return torch.cos(t) * z - torch.sin(t) * x0
@@ -100,15 +112,23 @@ class SCTLoss:
     def tangent(self, step: int, x_t: Tensor, t: Tensor, dxdt: Tensor, F_minus: Tensor, J: Tensor) -> Tensor:
         """g of §12.2 (before normalisation), all in fp32."""
         cos, sin = (append_dims(f(t), x_t.ndim) for f in (torch.cos, torch.sin))
-        return -cos**2 * (self.sigma_data * F_minus - dxdt) - self.warmup(step) * (cos * sin * x_t + J)
+        return -(cos**2) * (self.sigma_data * F_minus - dxdt) - self.warmup(step) * (cos * sin * x_t + J)
 
     def normalise(self, g: Tensor) -> Tensor:
         if self.tangent_clip > 0:
             return g.clamp(-self.tangent_clip, self.tangent_clip)
         return g / (rms(g) + self.tangent_c)
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         bare = unwrap(target or model)
         sd = self.sigma_data
         x0 = x0.float()
@@ -122,8 +142,13 @@ class SCTLoss:
         F_theta, w = model(x_t, t, labels, param="F")  # through the DDP wrapper: synchronised gradients
         set_rng_state(x0.device, state)
         cs = append_dims(torch.cos(t) * torch.sin(t), x0.ndim)
-        F_minus, J = directional_derivative(lambda xs, tt: bare.trig_F(xs * sd, tt, labels), (x_t / sd, t),
-                                            (cs * dxdt, torch.cos(t) * torch.sin(t) * sd), self.jvp, self.fd_step)
+        F_minus, J = directional_derivative(
+            lambda xs, tt: bare.trig_F(xs * sd, tt, labels),
+            (x_t / sd, t),
+            (cs * dxdt, torch.cos(t) * torch.sin(t) * sd),
+            self.jvp,
+            self.fd_step,
+        )
         g = self.tangent(step, x_t, t, dxdt, F_minus, J)
         self._last = {"g_rms": float(rms(g).mean())}
         g = self.normalise(g)
@@ -153,8 +178,9 @@ class SCDLoss(SCTLoss):
         super().__init__(*args, **kwargs)
         self.guidance = guidance
 
-    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None,
-                 cond: dict[str, Any]) -> Tensor:
+    def velocity(
+        self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None, cond: dict[str, Any]
+    ) -> Tensor:
         if teacher is None:
             raise ValueError("sCD needs a teacher (train.teacher)")
         x_sigma = x_t / append_dims(torch.cos(t), x_t.ndim)
@@ -163,6 +189,9 @@ class SCDLoss(SCTLoss):
             raise ValueError("loss.guidance needs a class-conditional model and data with labels")
         with torch.autocast(x_t.device.type, enabled=False):
             sigma = sigma_from_t(t, self.sigma_data)
-            D = (teacher(x_sigma, sigma, **cond) if self.guidance == 1.0
-                 else guided(teacher, x_sigma, sigma, labels, self.guidance))
+            D = (
+                teacher(x_sigma, sigma, **cond)
+                if self.guidance == 1.0
+                else guided(teacher, x_sigma, sigma, labels, self.guidance)
+            )
         return velocity_from_denoiser(x_t, t, D)

@@ -12,6 +12,7 @@ the truncated function is f(x, t) = f_θ(x, t) for t ≥ t′ and f_θ₁(x, t) 
 
 It needs no JVP. Sampling is the usual σ-list sampling of the stage-2 model (one step from σ_max).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,16 @@ from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
 
 
-def truncated_log_sigma(batch: int, lo: float, hi: float, P_mean: float, P_std: float, df: float | None,
-                        device: torch.device, candidates: int = 1024) -> Tensor:
+def truncated_log_sigma(
+    batch: int,
+    lo: float,
+    hi: float,
+    P_mean: float,
+    P_std: float,
+    df: float | None,
+    device: torch.device,
+    candidates: int = 1024,
+) -> Tensor:
     """σ in [lo, hi] with ln σ ~ P_mean + P_std·T (Student-t with ``df``; ``None``: normal), truncated by
     rejection; a row with no accepted candidate (extremely unlikely) falls back to log-uniform in [lo, hi]."""
     shape = (batch, candidates)
@@ -64,24 +73,43 @@ class TCMLoss(ECTLoss):
     TIME_DISTS = ("student_t", "lognormal")
 
     OPTIONS: ClassVar[dict[str, Option]] = {
-        "transition_sigma": option("t′: the truncation point in σ (the first stage's model holds below it)",
-                                   positive()),
+        "transition_sigma": option(
+            "t′: the truncation point in σ (the first stage's model holds below it)", positive()
+        ),
         "boundary_prob": option("fraction of the batch on the boundary loss at t′", within(0, 1, high_open=True)),
         "w_boundary": option("weight of the boundary loss", at_least(0)),
-        "time_dist": option("σ distribution above t′: Student-t or lognormal ln σ, truncated to [t′, σ_max]",
-                            choices=TIME_DISTS),
+        "time_dist": option(
+            "σ distribution above t′: Student-t or lognormal ln σ, truncated to [t′, σ_max]", choices=TIME_DISTS
+        ),
         "df": option("Student-t degrees of freedom", positive()),
         "start_stage": option("ECT stage to continue from (Δt keeps shrinking)", within(0, 64)),
         **ECTLoss.OPTIONS,
     }
 
-    def __init__(self, transition_sigma: float = 1.0, boundary_prob: float = 0.25, w_boundary: float = 0.1,
-                 time_dist: str = "student_t", df: float = 0.01, start_stage: int = 0, total_steps: int = 200_000,
-                 double_steps: int = 25_000, P_mean: float = -1.1, P_std: float = 2.0, q: float = 2.0, k: float = 8.0,
-                 b: float = 1.0, huber_c: float | None = None, weighting: str = "inv_dt", sigma_min: float = SIGMA_MIN,
-                 sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA):
-        super().__init__(total_steps, double_steps, P_mean, P_std, q, k, b, huber_c, weighting, sigma_min, sigma_max,
-                         sigma_data)
+    def __init__(
+        self,
+        transition_sigma: float = 1.0,
+        boundary_prob: float = 0.25,
+        w_boundary: float = 0.1,
+        time_dist: str = "student_t",
+        df: float = 0.01,
+        start_stage: int = 0,
+        total_steps: int = 200_000,
+        double_steps: int = 25_000,
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        q: float = 2.0,
+        k: float = 8.0,
+        b: float = 1.0,
+        huber_c: float | None = None,
+        weighting: str = "inv_dt",
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+    ):
+        super().__init__(
+            total_steps, double_steps, P_mean, P_std, q, k, b, huber_c, weighting, sigma_min, sigma_max, sigma_data
+        )
         if time_dist not in self.TIME_DISTS:
             raise ValueError(f"unknown TCM time_dist {time_dist!r}; expected student_t or lognormal")
         if not sigma_min < transition_sigma < sigma_max:
@@ -97,13 +125,28 @@ class TCMLoss(ECTLoss):
     def stats(self, step: int) -> dict[str, float]:
         return {**super().stats(step), "t_prime": self.t_prime, **self._last}
 
-    def __call__(self, model: nn.Module, x0: Tensor, *, step: int, target: nn.Module | None = None,
-                 teacher: nn.Module | None = None, **cond: Any) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
         if teacher is None:
             raise ValueError("TCM needs the frozen first-stage model (train.teacher)")
         B, nd = x0.shape[0], x0.ndim
-        t = truncated_log_sigma(B, self.t_prime, self.sigma_max, self.P_mean, self.P_std,
-                                self.df if self.time_dist == "student_t" else None, x0.device)
+        t = truncated_log_sigma(
+            B,
+            self.t_prime,
+            self.sigma_max,
+            self.P_mean,
+            self.P_std,
+            self.df if self.time_dist == "student_t" else None,
+            x0.device,
+        )
         boundary = torch.rand(B, device=x0.device) < self.boundary_prob
         t = torch.where(boundary, torch.full_like(t, self.t_prime), t)
         r = ect_r_of_t(t, self.stage(step), self.q, self.k, self.b).clamp(min=self.sigma_min)
@@ -112,8 +155,7 @@ class TCMLoss(ECTLoss):
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_r, r), **cond)
         below = append_dims((r < self.t_prime) & ~boundary, nd)
         with torch.no_grad():  # the frozen stage 1: at r below t′, and at t′ itself for the boundary rows
-            frozen = teacher(torch.where(append_dims(boundary, nd), x_t, x_r),
-                             torch.where(boundary, t, r), **cond)
+            frozen = teacher(torch.where(append_dims(boundary, nd), x_t, x_r), torch.where(boundary, t, r), **cond)
         tgt = torch.where(below | append_dims(boundary, nd), frozen, tgt)
         c = default_huber_c(x0.shape[1:]) if self.huber_c is None else self.huber_c
         dist = pseudo_huber(pred, tgt.detach(), c)

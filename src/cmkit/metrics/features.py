@@ -3,6 +3,7 @@
 ``extract(images)`` takes uint8 NHWC images (array or tensor) or float NCHW tensors in [-1, 1] and returns
 (N, D) float64 features, computed in batches under ``torch.no_grad`` with a tqdm progress bar.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -56,23 +57,25 @@ class FeatureExtractor(ABC):
         return self.extract_all(images, progress=progress, extras=False)[0]
 
     @torch.no_grad()
-    def extract_all(self, images: np.ndarray | Tensor, progress: bool = True,
-                    extras: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def extract_all(
+        self, images: np.ndarray | Tensor, progress: bool = True, extras: bool = True
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Features (N, dim) float64 and, with ``extras``, the :attr:`extra_dims` outputs (N, width) float32."""
         a = as_uint8_nhwc(images)
         self.check_images(a)
         out = np.empty((a.shape[0], self.dim), dtype=np.float64)
         more = {k: np.empty((a.shape[0], d), dtype=np.float32) for k, d in self.extra_dims.items()} if extras else {}
-        with tqdm(total=a.shape[0], desc=f"features ({self.name})", unit="img", disable=not progress,
-                  leave=False) as bar:
+        with tqdm(
+            total=a.shape[0], desc=f"features ({self.name})", unit="img", disable=not progress, leave=False
+        ) as bar:
             for i in range(0, a.shape[0], self.batch_size):
-                batch = torch.from_numpy(a[i:i + self.batch_size]).to(self.device).permute(0, 3, 1, 2)
+                batch = torch.from_numpy(a[i : i + self.batch_size]).to(self.device).permute(0, 3, 1, 2)
                 if more:
                     feats, got = self._forward_extras(batch)
                     for k in more:
-                        more[k][i:i + batch.shape[0]] = got[k].float().cpu().numpy()
+                        more[k][i : i + batch.shape[0]] = got[k].float().cpu().numpy()
                 else:
                     feats = self._forward(batch)
-                out[i:i + batch.shape[0]] = feats.double().cpu().numpy()
+                out[i : i + batch.shape[0]] = feats.double().cpu().numpy()
                 bar.update(batch.shape[0])
         return out, more

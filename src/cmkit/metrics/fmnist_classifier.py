@@ -5,6 +5,7 @@ JSON record (test accuracy, epochs, wall time) ship in ``cmkit/assets``. Distanc
 space are a Fréchet distance on classifier features, in the spirit of FID (Heusel et al. 2017) but
 not comparable to it: always label them ``FD (Fashion-MNIST classifier features)``, never "FID".
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,13 +41,20 @@ class FMNISTClassifier(nn.Module):
     def __init__(self, feature_dim: int = FEATURE_DIM, dropout: float = 0.3) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            *_conv(1, 32), nn.MaxPool2d(2),                                       # 14×14
-            *_conv(32, 64), nn.MaxPool2d(2), nn.Dropout(0.1),                     # 7×7
-            *_conv(64, 128), *_conv(128, 128), nn.MaxPool2d(2), nn.Dropout(0.1),  # 3×3
+            *_conv(1, 32),
+            nn.MaxPool2d(2),  # 14×14
+            *_conv(32, 64),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.1),  # 7×7
+            *_conv(64, 128),
+            *_conv(128, 128),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.1),  # 3×3
             nn.Flatten(),
         )
-        self.embed = nn.Sequential(nn.Linear(128 * 3 * 3, feature_dim, bias=False),
-                                   nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True))
+        self.embed = nn.Sequential(
+            nn.Linear(128 * 3 * 3, feature_dim, bias=False), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True)
+        )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, NUM_CLASSES))
 
     def features(self, x: Tensor) -> Tensor:
@@ -83,9 +91,9 @@ def accuracy(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarray, bat
     """Top-1 accuracy on uint8 NHWC (N, 28, 28, 1) images."""
     correct = 0
     for i in range(0, len(images_uint8), batch_size):
-        x = torch.from_numpy(images_uint8[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = torch.from_numpy(images_uint8[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
         pred = model(x).argmax(1).numpy()
-        correct += int((pred == labels[i:i + batch_size]).sum())
+        correct += int((pred == labels[i : i + batch_size]).sum())
     return correct / len(images_uint8)
 
 
@@ -102,8 +110,9 @@ class FMNISTExtractor(FeatureExtractor):
     label = FMNIST_LABEL
     dim = FEATURE_DIM
 
-    def __init__(self, weights: str | Path | None = None, *, device: str | torch.device = "cpu",
-                 batch_size: int = 500) -> None:
+    def __init__(
+        self, weights: str | Path | None = None, *, device: str | torch.device = "cpu", batch_size: int = 500
+    ) -> None:
         super().__init__(device, batch_size)
         self._weights = Path(weights) if weights else WEIGHTS
         self.model = load_classifier(self._weights).to(self.device)
@@ -117,8 +126,10 @@ class FMNISTExtractor(FeatureExtractor):
 
     def check_images(self, images: np.ndarray) -> None:
         if images.shape[1:] != (28, 28, 1):
-            raise CmkitError(f"the Fashion-MNIST classifier features need 28×28 grey images (N, 28, 28, 1), "
-                             f"got {images.shape}; use --features inception for other images")
+            raise CmkitError(
+                f"the Fashion-MNIST classifier features need 28×28 grey images (N, 28, 28, 1), "
+                f"got {images.shape}; use --features inception for other images"
+            )
 
     def _forward(self, batch: Tensor) -> Tensor:
         return self.model.features(batch.float() / 127.5 - 1)

@@ -6,6 +6,7 @@ result is not finite, retry with ε·I added to both covariances (ε = 1e-6); dr
 Covariances use ``np.cov(rowvar=False)`` (the unbiased N − 1 estimator) in float64. scipy (``cmkit[metrics]``)
 is imported on first use, so that a core install can import this module.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -46,14 +47,17 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
         return linalg.sqrtm(a)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, TTUR/ADM numerics)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise CmkitError(f"feature statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape} (different feature extractors?)")
+        raise CmkitError(
+            f"feature statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape} (different feature extractors?)"
+        )
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():

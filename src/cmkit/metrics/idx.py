@@ -3,6 +3,7 @@
 The location is ``root``, else ``$CMKIT_FMNIST_DIR``, else where the Debian package
 ``dataset-fashion-mnist`` installs the IDX files.
 """
+
 from __future__ import annotations
 
 import os

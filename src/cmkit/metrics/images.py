@@ -3,6 +3,7 @@
 Float images (cmkit's convention: (B, C, H, W) in [-1, 1]) are quantised exactly as samples are written to
 PNG/.npz (``round((x + 1) · 127.5)``), so a metric never depends on whether samples went through a file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -16,6 +16,7 @@ softmax weights without their bias (the evaluator multiplies by ``softmax/logits
 
 Weights are never downloaded: pass a path, or set ``CMKIT_INCEPTION_WEIGHTS``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -104,8 +105,13 @@ class FIDInceptionC(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = layer(d)
         return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_tf_avg_pool(x))], 1)
 
@@ -187,8 +193,19 @@ class FIDInceptionV3(nn.Module):
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         s = None
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             if spatial and block is self.Mixed_6d:  # a 1×1 conv recomputed: cheap, and the blocks stay plain
                 s = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
             x = block(x)
@@ -204,12 +221,15 @@ def resolve_weights(path: str | Path | None) -> Path:
     """The Inception weights file: ``path``, else ``$CMKIT_INCEPTION_WEIGHTS``; CmkitError if neither exists."""
     given = path or os.environ.get(WEIGHTS_ENV)
     if not given:
-        raise CmkitError(f"Inception weights not given: pass --inception-weights PATH or set {WEIGHTS_ENV} "
-                         f"to {WEIGHTS_FILE} (pytorch-fid's release; cmkit never downloads it)")
+        raise CmkitError(
+            f"Inception weights not given: pass --inception-weights PATH or set {WEIGHTS_ENV} "
+            f"to {WEIGHTS_FILE} (pytorch-fid's release; cmkit never downloads it)"
+        )
     p = Path(given).expanduser()
     if not p.is_file():
-        raise CmkitError(f"Inception weights file not found: {p} (expected {WEIGHTS_FILE}; "
-                         f"set --inception-weights or {WEIGHTS_ENV})")
+        raise CmkitError(
+            f"Inception weights file not found: {p} (expected {WEIGHTS_FILE}; set --inception-weights or {WEIGHTS_ENV})"
+        )
     return p
 
 
@@ -231,8 +251,10 @@ def load_inception(path: str | Path | None = None) -> FIDInceptionV3:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise CmkitError(f"{p}: not the FID Inception state dict ({len(missing)} missing keys, e.g. {missing[:2]}; "
-                         f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+        raise CmkitError(
+            f"{p}: not the FID Inception state dict ({len(missing)} missing keys, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -252,8 +274,14 @@ class InceptionExtractor(FeatureExtractor):
     dim = 2048
     extra_dims = {"spatial": SPATIAL_DIM, "logits": NUM_CLASSES}
 
-    def __init__(self, weights: str | Path | None = None, *, model: FIDInceptionV3 | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 50) -> None:
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        *,
+        model: FIDInceptionV3 | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 50,
+    ) -> None:
         super().__init__(device, batch_size)
         if model is None:
             self._weights: Path | None = resolve_weights(weights)
@@ -298,5 +326,13 @@ def random_inception(seed: int = 0) -> FIDInceptionV3:
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["FIDInceptionV3", "InceptionExtractor", "load_inception", "random_inception", "resolve_weights",
-           "WEIGHTS_ENV", "FID_LABEL", "SPATIAL_DIM"]
+__all__ = [
+    "FIDInceptionV3",
+    "InceptionExtractor",
+    "load_inception",
+    "random_inception",
+    "resolve_weights",
+    "WEIGHTS_ENV",
+    "FID_LABEL",
+    "SPATIAL_DIM",
+]

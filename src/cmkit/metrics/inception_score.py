@@ -7,6 +7,7 @@ split may be smaller), the score of each split is computed and the mean over spl
 predictions are the softmax of the FID Inception's logits (pool_3 times the softmax weights, no bias). Terms
 with p(y|x) = 0 contribute 0 (the limit of p log p), so exactly one-hot predictions are allowed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,7 @@ def inception_score(probs: np.ndarray, split_size: int = SPLIT_SIZE) -> float:
         raise CmkitError("the Inception Score needs rows of non-negative probabilities that sum to 1")
     scores = []
     for i in range(0, len(p), split_size):
-        part = p[i:i + split_size]
+        part = p[i : i + split_size]
         marginal = part.mean(axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)

@@ -6,6 +6,7 @@ torch-fidelity): per subset m = min(subset_size, N₁, N₂) vectors are drawn w
 MMD²_u = Σ_{i≠j} k(xᵢ,xⱼ)/(m(m−1)) + Σ_{i≠j} k(yᵢ,yⱼ)/(m(m−1)) − 2 Σ_{i,j} k(xᵢ,yⱼ)/m².
 Reported as the mean and standard deviation over subsets (raw value, not ×1000).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,17 +30,26 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3) -> float:
     return float((sum_xx + sum_yy) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m))
 
 
-def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, n_subsets: int = 100,
-                              subset_size: int = 1000, degree: int = 3, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    features1: np.ndarray,
+    features2: np.ndarray,
+    n_subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    seed: int = 0,
+) -> tuple[float, float]:
     """KID between feature sets (N₁, D) and (N₂, D): (mean, std) of the unbiased MMD² over random subsets."""
     f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise CmkitError(f"KID needs feature arrays (N, D) of the same D, got {f1.shape} and {f2.shape}")
     m = min(subset_size, f1.shape[0], f2.shape[0])
     rng = np.random.default_rng(seed)
-    values = np.array([
-        mmd2_unbiased(f1[rng.choice(f1.shape[0], m, replace=False)], f2[rng.choice(f2.shape[0], m, replace=False)],
-                      degree)
-        for _ in range(n_subsets)
-    ])
+    values = np.array(
+        [
+            mmd2_unbiased(
+                f1[rng.choice(f1.shape[0], m, replace=False)], f2[rng.choice(f2.shape[0], m, replace=False)], degree
+            )
+            for _ in range(n_subsets)
+        ]
+    )
     return float(values.mean()), float(values.std())

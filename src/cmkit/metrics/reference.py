@@ -10,6 +10,7 @@ also hold ``features`` (for KID and precision/recall) and ``feature_space`` (the
 Statistics of data-set splits are cached under ``$CMKIT_CACHE`` (default ``~/.cache/cmkit``) keyed by the
 extractor's weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,17 +55,24 @@ class Reference:
         return self.stats.n if self.stats.n else (0 if self.features is None else len(self.features))
 
 
-def reference_from_features(features: np.ndarray, name: str, feature_space: str,
-                            spatial: np.ndarray | FeatureStats | None = None) -> Reference:
+def reference_from_features(
+    features: np.ndarray, name: str, feature_space: str, spatial: np.ndarray | FeatureStats | None = None
+) -> Reference:
     """A reference from already extracted features (N, D) (and sFID's spatial features or statistics)."""
     if spatial is not None and not isinstance(spatial, FeatureStats):
         spatial = feature_statistics(spatial)
-    return Reference(name=name, stats=feature_statistics(features), feature_space=feature_space,
-                     features=np.asarray(features, np.float64), spatial=spatial)
+    return Reference(
+        name=name,
+        stats=feature_statistics(features),
+        feature_space=feature_space,
+        features=np.asarray(features, np.float64),
+        spatial=spatial,
+    )
 
 
-def reference_from_images(images: np.ndarray, extractor: FeatureExtractor, name: str = "images",
-                          progress: bool = True) -> Reference:
+def reference_from_images(
+    images: np.ndarray, extractor: FeatureExtractor, name: str = "images", progress: bool = True
+) -> Reference:
     """Extract features of ``images`` (uint8 NHWC or float NCHW in [-1, 1]) and fit the reference statistics."""
     feats, extras = extractor.extract_all(images, progress=progress)
     return reference_from_features(feats, name, extractor.name, extras.get("spatial"))
@@ -74,8 +82,12 @@ def save_reference(ref: Reference, path: str | Path) -> Path:
     """Write ``mu``, ``sigma``, ``n``, ``feature_space`` (and ``features``, ``mu_s``/``sigma_s`` if known)."""
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {"mu": ref.stats.mu, "sigma": ref.stats.sigma, "n": np.array(ref.n),
-                                     "feature_space": np.array(ref.feature_space)}
+    arrays: dict[str, np.ndarray] = {
+        "mu": ref.stats.mu,
+        "sigma": ref.stats.sigma,
+        "n": np.array(ref.n),
+        "feature_space": np.array(ref.feature_space),
+    }
     if ref.features is not None:
         arrays["features"] = ref.features.astype(np.float32)
     if ref.spatial is not None:
@@ -92,8 +104,9 @@ def _cache_path(split: str, extractor: FeatureExtractor) -> Path | None:
     return root / "refstats" / f"{split}-{key}.npz"
 
 
-def _stats_pair(data: np.lib.npyio.NpzFile, p: Path, mu_key: str, sigma_key: str, dim: int | None,
-                what: str) -> FeatureStats | None:
+def _stats_pair(
+    data: np.lib.npyio.NpzFile, p: Path, mu_key: str, sigma_key: str, dim: int | None, what: str
+) -> FeatureStats | None:
     """(μ, Σ) stored under ``mu_key``/``sigma_key``, checked against ``dim`` features; None when absent."""
     keys = set(data.files)
     if mu_key not in keys and sigma_key not in keys:
@@ -128,9 +141,14 @@ def _header_only(p: Path, key: str) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
 
 
-def read_reference_npz(path: str | Path, dim: int | None = None, spatial_dim: int | None = None,
-                       feature_space: str | None = None, *, images: bool = True,
-                       ) -> tuple[FeatureStats | None, FeatureStats | None, np.ndarray | None, np.ndarray | None]:
+def read_reference_npz(
+    path: str | Path,
+    dim: int | None = None,
+    spatial_dim: int | None = None,
+    feature_space: str | None = None,
+    *,
+    images: bool = True,
+) -> tuple[FeatureStats | None, FeatureStats | None, np.ndarray | None, np.ndarray | None]:
     """The parts of a reference ``.npz``: (stats, spatial stats, features, images), each None when absent.
 
     ``dim``/``spatial_dim`` are the feature widths the statistics must have (``mu`` (dim,), ``sigma``
@@ -148,16 +166,19 @@ def read_reference_npz(path: str | Path, dim: int | None = None, spatial_dim: in
             if "feature_space" in keys and feature_space is not None:
                 space = str(data["feature_space"])
                 if space != feature_space:
-                    raise CmkitError(f"{p}: statistics were computed with the {space!r} features, "
-                                     f"not {feature_space!r}")
+                    raise CmkitError(
+                        f"{p}: statistics were computed with the {space!r} features, not {feature_space!r}"
+                    )
             stats = _stats_pair(data, p, "mu", "sigma", dim, "pool_3 " if spatial_dim else "")
             spatial = _stats_pair(data, p, "mu_s", "sigma_s", spatial_dim, "spatial (sFID) ") if spatial_dim else None
             feats = None
             if "features" in keys:
                 feats = np.asarray(data["features"])
                 if feats.ndim != 2 or (dim is not None and feats.shape[1] != dim) or feats.dtype.kind != "f":
-                    raise CmkitError(f"{p}: 'features' has shape {feats.shape} ({feats.dtype}), expected float "
-                                     f"(N, {dim if dim is not None else 'D'})")
+                    raise CmkitError(
+                        f"{p}: 'features' has shape {feats.shape} ({feats.dtype}), expected float "
+                        f"(N, {dim if dim is not None else 'D'})"
+                    )
                 feats = feats.astype(np.float64)
             imgs = None
             if "arr_0" in keys:
@@ -168,8 +189,10 @@ def read_reference_npz(path: str | Path, dim: int | None = None, spatial_dim: in
     except (ValueError, OSError, EOFError, KeyError) as e:
         raise CmkitError(f"--ref {p} is not a readable .npz archive ({' '.join(str(e).split())[:200]})") from None
     if stats is None and imgs is None:
-        raise CmkitError(f"{p}: expected images under 'arr_0' and/or statistics 'mu' and 'sigma' (and 'mu_s', "
-                         f"'sigma_s' for sFID), found keys {sorted(keys)}")
+        raise CmkitError(
+            f"{p}: expected images under 'arr_0' and/or statistics 'mu' and 'sigma' (and 'mu_s', "
+            f"'sigma_s' for sFID), found keys {sorted(keys)}"
+        )
     return stats, spatial, feats, (imgs if images else None)
 
 
@@ -194,8 +217,9 @@ def load_reference_npz(path: str | Path, extractor: FeatureExtractor, progress: 
     return Reference(p.name, stats, extractor.name, feats, spatial)
 
 
-def load_fmnist_reference(split: str, extractor: FeatureExtractor, data_root: str | Path | None = None,
-                          progress: bool = True) -> Reference:
+def load_fmnist_reference(
+    split: str, extractor: FeatureExtractor, data_root: str | Path | None = None, progress: bool = True
+) -> Reference:
     """Features and statistics of a whole Fashion-MNIST split ('train' or 'test'), cached when possible."""
     name = f"fmnist-{split}"
     cache = _cache_path(split, extractor)
@@ -214,13 +238,18 @@ def load_fmnist_reference(split: str, extractor: FeatureExtractor, data_root: st
     return ref
 
 
-def load_reference(spec: str | Path | Reference, extractor: FeatureExtractor, data_root: str | Path | None = None,
-                   progress: bool = True) -> Reference:
+def load_reference(
+    spec: str | Path | Reference,
+    extractor: FeatureExtractor,
+    data_root: str | Path | None = None,
+    progress: bool = True,
+) -> Reference:
     """Resolve a reference given as a :class:`Reference`, ``fmnist-test``/``fmnist-train``, or an ``.npz`` path."""
     if isinstance(spec, Reference):
         if spec.feature_space != extractor.name:
-            raise CmkitError(f"reference {spec.name!r} is in the {spec.feature_space!r} feature space, "
-                             f"not {extractor.name!r}")
+            raise CmkitError(
+                f"reference {spec.name!r} is in the {spec.feature_space!r} feature space, not {extractor.name!r}"
+            )
         return spec
     if str(spec) in FMNIST_SPLITS:
         return load_fmnist_reference(FMNIST_SPLITS[str(spec)], extractor, data_root, progress)

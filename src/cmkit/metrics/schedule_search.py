@@ -9,6 +9,7 @@ open interval between its neighbours so the σ list stays strictly decreasing. `
 the caller's: sample with ``sigmas`` (e.g. ``[80.0, σ_mid]``) using fixed seeds (common random numbers make the
 metric a smooth function of σ), and return FD (lower is better). For reference, ECT uses σ_mid = 0.821 on CIFAR-10.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,9 @@ class _Recorder:
         return self._seen[key]
 
 
-def search_sigma_mid(score_fn: ScoreFn, lo: float, hi: float, iters: int = 10, *,
-                     sigma_max: float = 80.0) -> SearchResult:
+def search_sigma_mid(
+    score_fn: ScoreFn, lo: float, hi: float, iters: int = 10, *, sigma_max: float = 80.0
+) -> SearchResult:
     """Golden-section search in log σ ∈ [lo, hi] for the middle σ of the 2-step sampler ``[sigma_max, σ]``."""
     if not 0 < lo < hi <= sigma_max:
         raise CmkitError(f"need 0 < lo < hi <= sigma_max, got lo={lo}, hi={hi}, sigma_max={sigma_max}")
@@ -78,8 +80,9 @@ def search_sigma_mid(score_fn: ScoreFn, lo: float, hi: float, iters: int = 10, *
     return SearchResult([sigma_max, math.exp(log_s)], score, rec.history)
 
 
-def search_schedule(score_fn: ScoreFn, sigmas: Sequence[float], lo: float, hi: float, iters: int = 8,
-                    sweeps: int = 2) -> SearchResult:
+def search_schedule(
+    score_fn: ScoreFn, sigmas: Sequence[float], lo: float, hi: float, iters: int = 8, sweeps: int = 2
+) -> SearchResult:
     """Coordinate-wise golden-section search over the intermediate σ of a k-step schedule.
 
     ``sigmas`` is the initial list [σ_max, σ_1, ..., σ_{k-1}] (strictly decreasing); σ_max stays fixed and each
@@ -101,7 +104,7 @@ def search_schedule(score_fn: ScoreFn, sigmas: Sequence[float], lo: float, hi: f
             margin = 1e-6 * (math.log(upper) - math.log(lower))  # keep strict ordering at the ends
 
             def f(u: float, i: int = i) -> float:
-                return rec(s[:i] + [math.exp(u)] + s[i + 1:])
+                return rec(s[:i] + [math.exp(u)] + s[i + 1 :])
 
             u, score = golden_section_search(f, math.log(lower) + margin, math.log(upper) - margin, iters)
             if score < best:

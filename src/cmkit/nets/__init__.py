@@ -1,4 +1,5 @@
 """Backbones F_θ(x_in, c_noise, class_labels) -> (B, C, H, W). Build one from a config with ``build_net``."""
+
 from __future__ import annotations
 
 import inspect

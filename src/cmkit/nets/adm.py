@@ -13,6 +13,7 @@ Differences from cmkit's own ``UNet`` that the released weights depend on:
 ``attn_resolutions`` are feature-map sides (64-pixel images with attention at downsample factors 2, 4, 8
 have it at 32, 16, 8), as everywhere in cmkit.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -53,15 +54,17 @@ def resample(x: Tensor, mode: str) -> Tensor:
 class ResBlock(nn.Module):
     """GN–SiLU–[resample]–conv, noise conditioning (scale-shift or add), GN–SiLU–dropout–conv, plus a skip."""
 
-    def __init__(self, cin: int, emb_dim: int, dropout: float, cout: int | None = None, scale_shift: bool = True,
-                 mode: str = ""):
+    def __init__(
+        self, cin: int, emb_dim: int, dropout: float, cout: int | None = None, scale_shift: bool = True, mode: str = ""
+    ):
         super().__init__()
         cout = cout or cin
         self.mode, self.scale_shift = mode, scale_shift
         self.in_layers = nn.Sequential(GroupNorm32(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout if scale_shift else cout))
-        self.out_layers = nn.Sequential(GroupNorm32(cout), nn.SiLU(), nn.Dropout(dropout),
-                                        zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(cout), nn.SiLU(), nn.Dropout(dropout), zero(nn.Conv2d(cout, cout, 3, padding=1))
+        )
         self.skip_connection = nn.Identity() if cout == cin else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -130,10 +133,20 @@ class ADMUNet(nn.Module):
         resblock_updown: resample inside residual blocks instead of strided/upsampling convolutions.
     """
 
-    def __init__(self, img_resolution: int = 64, in_channels: int = 3, model_channels: int = 192,
-                 channel_mult: Sequence[int] = (1, 2, 3, 4), num_blocks: int = 3,
-                 attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.0, num_classes: int = 0,
-                 head_channels: int = 64, scale_shift: bool = True, resblock_updown: bool = True):
+    def __init__(
+        self,
+        img_resolution: int = 64,
+        in_channels: int = 3,
+        model_channels: int = 192,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        num_blocks: int = 3,
+        attn_resolutions: Sequence[int] = (32, 16, 8),
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        head_channels: int = 64,
+        scale_shift: bool = True,
+        resblock_updown: bool = True,
+    ):
         super().__init__()
         emb_dim, attn = 4 * model_channels, set(attn_resolutions)
         self.embed = PositionalEmbedding(model_channels)  # no parameters: the state dict is ADM's

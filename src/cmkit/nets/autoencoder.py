@@ -14,6 +14,7 @@ decoder expects (``vae.encode(x).latent_dist.mean``); ``decode`` is the autoenco
 
 Saved as a cmkit model directory (``config.json`` + ``model.safetensors``, kind ``autoencoder``; no pickles).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -181,14 +182,16 @@ class KLAutoencoder(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
         return self.decoder(mean + (0.5 * logvar).exp() * eps), mean, logvar
 
-    def loss(self, x: Tensor, kl_weight: float = 1e-3, reconstruction: str = "l1",
-             generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, x: Tensor, kl_weight: float = 1e-3, reconstruction: str = "l1", generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
         """Per-sample L(x) = d(x, D(z)) + β·KL/(C·H·W) (module docstring) and its two terms as floats."""
         return self.loss_from(x, *self(x, generator), kl_weight, reconstruction)
 
     @staticmethod
-    def loss_from(x: Tensor, recon: Tensor, mean: Tensor, logvar: Tensor, kl_weight: float = 1e-3,
-                  reconstruction: str = "l1") -> tuple[Tensor, dict[str, float]]:
+    def loss_from(
+        x: Tensor, recon: Tensor, mean: Tensor, logvar: Tensor, kl_weight: float = 1e-3, reconstruction: str = "l1"
+    ) -> tuple[Tensor, dict[str, float]]:
         """``loss`` from the outputs of a forward pass (so that the pass can run through a DDP wrapper)."""
         if reconstruction not in ("l1", "l2"):
             raise CmkitError(f"reconstruction loss must be 'l1' or 'l2', got {reconstruction!r}")

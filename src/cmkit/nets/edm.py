@@ -18,6 +18,7 @@ CM boundary-shifted scalings. ``class_labels`` are integer labels (B,) or EDM's 
 ``VPPrecond`` and ``VEPrecond`` are the preconditionings of EDM's ``baseline-*`` pickles (Song et al. 2021's
 VP and VE formulations as EDM Table 1 writes them), for sampling those models as teachers.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,14 +51,25 @@ def init_weight_(t: Tensor, mode: str, fan_in: int, fan_out: int, gain: float = 
 class Linear(nn.Module):
     """A dense layer (keys ``weight`` [out, in], ``bias``) with EDM's initialisation options."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_mode: str = "kaiming_normal",
-                 init_weight: float = 1.0, init_bias: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(init_weight_(torch.empty(out_features, in_features), init_mode, in_features,
-                                                out_features, init_weight))
-        self.bias = nn.Parameter(init_weight_(torch.empty(out_features), init_mode, in_features, out_features,
-                                              init_bias)) if bias else None
+        self.weight = nn.Parameter(
+            init_weight_(torch.empty(out_features, in_features), init_mode, in_features, out_features, init_weight)
+        )
+        self.bias = (
+            nn.Parameter(init_weight_(torch.empty(out_features), init_mode, in_features, out_features, init_bias))
+            if bias
+            else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -68,18 +80,39 @@ class Conv2d(nn.Module):
     ``resample_filter`` (a buffer, ff/Σ², only when resampling); ``fused`` resamples after (down) or before (up)
     the convolution in one padding, as EDM's ``fused_resample``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
-                 down: bool = False, resample_filter: Sequence[int] = (1, 1), fused: bool = False,
-                 init_mode: str = "kaiming_normal", init_weight: float = 1.0, init_bias: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        bias: bool = True,
+        up: bool = False,
+        down: bool = False,
+        resample_filter: Sequence[int] = (1, 1),
+        fused: bool = False,
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ):
         super().__init__()
         if up and down:
             raise ValueError("a convolution resamples up or down, not both")
         self.in_channels, self.out_channels, self.up, self.down, self.fused = in_channels, out_channels, up, down, fused
         fan_in, fan_out = in_channels * kernel * kernel, out_channels * kernel * kernel
-        self.weight = nn.Parameter(init_weight_(torch.empty(out_channels, in_channels, kernel, kernel), init_mode,
-                                                fan_in, fan_out, init_weight)) if kernel else None
-        self.bias = nn.Parameter(init_weight_(torch.empty(out_channels), init_mode, fan_in, fan_out, init_bias)) \
-            if kernel and bias else None
+        self.weight = (
+            nn.Parameter(
+                init_weight_(
+                    torch.empty(out_channels, in_channels, kernel, kernel), init_mode, fan_in, fan_out, init_weight
+                )
+            )
+            if kernel
+            else None
+        )
+        self.bias = (
+            nn.Parameter(init_weight_(torch.empty(out_channels), init_mode, fan_in, fan_out, init_bias))
+            if kernel and bias
+            else None
+        )
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         self.register_buffer("resample_filter", (torch.outer(f, f) / f.sum() ** 2)[None, None] if up or down else None)
 
@@ -89,16 +122,22 @@ class Conv2d(nn.Module):
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         if self.fused and self.up and w is not None:
-            x = F.conv_transpose2d(x, (4 * f).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2,
-                                   padding=max(f_pad - w_pad, 0))
+            x = F.conv_transpose2d(
+                x,
+                (4 * f).tile(self.in_channels, 1, 1, 1),
+                groups=self.in_channels,
+                stride=2,
+                padding=max(f_pad - w_pad, 0),
+            )
             x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
         else:
             if self.up:
-                x = F.conv_transpose2d(x, (4 * f).tile(self.in_channels, 1, 1, 1), groups=self.in_channels,
-                                       stride=2, padding=f_pad)
+                x = F.conv_transpose2d(
+                    x, (4 * f).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad
+                )
             if self.down:
                 x = F.conv2d(x, f.tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
@@ -127,16 +166,33 @@ class UNetBlock(nn.Module):
     """EDM's residual block (norm0–conv0, ``affine`` noise conditioning, norm1–dropout–conv1, ``skip``), scaled by
     ``skip_scale``, optionally followed by self-attention (norm2, qkv, proj)."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
-                 attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64,
-                 dropout: float = 0.0, skip_scale: float = 1.0, eps: float = 1e-5,
-                 resample_filter: Sequence[int] = (1, 1), resample_proj: bool = False, adaptive_scale: bool = True,
-                 init: dict | None = None, init_zero: dict | None = None, init_attn: dict | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int | None = None,
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        skip_scale: float = 1.0,
+        eps: float = 1e-5,
+        resample_filter: Sequence[int] = (1, 1),
+        resample_proj: bool = False,
+        adaptive_scale: bool = True,
+        init: dict | None = None,
+        init_zero: dict | None = None,
+        init_attn: dict | None = None,
+    ):
         super().__init__()
         init = init or {}
         init_zero = init_zero if init_zero is not None else {"init_weight": 0.0}
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = (
+            0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        )
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
@@ -146,8 +202,9 @@ class UNetBlock(nn.Module):
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter,
-                               **init)
+            self.skip = Conv2d(
+                in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init
+            )
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(out_channels, 3 * out_channels, 1, **(init_attn if init_attn is not None else init))
@@ -169,14 +226,24 @@ class UNetBlock(nn.Module):
             d = c // self.num_heads
             # channels ordered (heads, head_dim, 3): EDM's layout
             q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, d, 3, h * w).unbind(2)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                               v.transpose(1, 2).float())  # softmax(qᵀk/√d) in fp32, as EDM
+            a = F.scaled_dot_product_attention(
+                q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
+            )  # softmax(qᵀk/√d) in fp32, as EDM
             x = (self.proj(a.transpose(1, 2).reshape(b, c, h, w).contiguous().to(x.dtype)) + x) * self.skip_scale
         return x
 
 
-def decoder_level(dec: nn.ModuleDict, res: int, lowest: bool, cout: int, width: int, skips: list[int],
-                  num_blocks: int, attention: Callable[[int], bool], block: dict[str, Any]) -> int:
+def decoder_level(
+    dec: nn.ModuleDict,
+    res: int,
+    lowest: bool,
+    cout: int,
+    width: int,
+    skips: list[int],
+    num_blocks: int,
+    attention: Callable[[int], bool],
+    block: dict[str, Any],
+) -> int:
     """One resolution of EDM's decoder (SongUNet and DhariwalUNet build it alike): at the lowest resolution two
     middle blocks ``in0`` (with attention) and ``in1``, elsewhere an ``up`` block; then ``num_blocks + 1`` blocks
     that each take one encoder skip (``attention(idx)`` says which attend). Returns the output width."""
@@ -205,8 +272,9 @@ def one_hot(class_labels: Tensor | None, classes: int, batch: int) -> Tensor:
         keep = keep_mask(class_labels, classes)
         return F.one_hot(class_labels.long().clamp(min=0), classes).float() * keep
     if class_labels.shape != (batch, classes):
-        raise ValueError(f"class_labels must be (B,) integers or (B, {classes}) one-hot rows, got "
-                         f"{tuple(class_labels.shape)}")
+        raise ValueError(
+            f"class_labels must be (B,) integers or (B, {classes}) one-hot rows, got {tuple(class_labels.shape)}"
+        )
     return class_labels.float()
 
 
@@ -218,15 +286,33 @@ class SongUNet(nn.Module):
     sampling does too). ``fourier_scale`` sets the spread of NCSN++'s frequencies at initialisation.
     """
 
-    def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None,
-                 num_classes: int = 0, augment_dim: int = 0, model_channels: int = 128,
-                 channel_mult: Sequence[int] = (2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
-                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.10, label_dropout: float = 0.0,
-                 embedding_type: str = "positional", channel_mult_noise: int = 1, encoder_type: str = "standard",
-                 decoder_type: str = "standard", resample_filter: Sequence[int] = (1, 1), fourier_scale: float = 16.0):
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        num_classes: int = 0,
+        augment_dim: int = 0,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (2, 2, 2),
+        channel_mult_emb: int = 4,
+        num_blocks: int = 4,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.10,
+        label_dropout: float = 0.0,
+        embedding_type: str = "positional",
+        channel_mult_noise: int = 1,
+        encoder_type: str = "standard",
+        decoder_type: str = "standard",
+        resample_filter: Sequence[int] = (1, 1),
+        fourier_scale: float = 16.0,
+    ):
         super().__init__()
-        if embedding_type not in ("fourier", "positional") or encoder_type not in ("standard", "skip", "residual") \
-                or decoder_type not in ("standard", "skip"):
+        if (
+            embedding_type not in ("fourier", "positional")
+            or encoder_type not in ("standard", "skip", "residual")
+            or decoder_type not in ("standard", "skip")
+        ):
             raise ValueError(f"unknown SongUNet variant {embedding_type}/{encoder_type}/{decoder_type}")
         out_channels = out_channels or in_channels
         self.num_classes, self.label_dropout = num_classes, label_dropout
@@ -234,12 +320,25 @@ class SongUNet(nn.Module):
         init = {"init_mode": "xavier_uniform"}
         init_zero = {"init_mode": "xavier_uniform", "init_weight": 1e-5}
         init_attn = {"init_mode": "xavier_uniform", "init_weight": math.sqrt(0.2)}
-        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                     resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init,
-                     init_zero=init_zero, init_attn=init_attn)
+        block = dict(
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            resample_filter=resample_filter,
+            resample_proj=True,
+            adaptive_scale=False,
+            init=init,
+            init_zero=init_zero,
+            init_attn=init_attn,
+        )
 
-        self.map_noise = PositionalEmbedding(noise_channels, scale=1.0, endpoint=True) \
-            if embedding_type == "positional" else FourierEmbedding(noise_channels, fourier_scale, buffer="freqs")
+        self.map_noise = (
+            PositionalEmbedding(noise_channels, scale=1.0, endpoint=True)
+            if embedding_type == "positional"
+            else FourierEmbedding(noise_channels, fourier_scale, buffer="freqs")
+        )
         self.map_label = Linear(num_classes, noise_channels, **init) if num_classes else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -255,11 +354,14 @@ class SongUNet(nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(
+                        caux, caux, 0, down=True, resample_filter=resample_filter
+                    )
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
                 if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True, fused=True,
-                                                                   resample_filter=resample_filter, **init)
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                        caux, cout, 3, down=True, fused=True, resample_filter=resample_filter, **init
+                    )
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
@@ -269,17 +371,28 @@ class SongUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            cout = decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult, skips,
-                                 num_blocks, lambda idx: idx == num_blocks and res in attn_resolutions, block)
+            cout = decoder_level(
+                self.dec,
+                res,
+                level == len(channel_mult) - 1,
+                cout,
+                model_channels * mult,
+                skips,
+                num_blocks,
+                lambda idx: idx == num_blocks and res in attn_resolutions,
+                block,
+            )
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True,
-                                                             resample_filter=resample_filter)
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(
+                        out_channels, out_channels, 0, up=True, resample_filter=resample_filter
+                    )
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
-                augment_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
+    ) -> Tensor:
         emb = self.map_noise(c_noise)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # [sin, cos], as score_sde
         if self.map_label is not None:
@@ -321,49 +434,115 @@ class SongUNet(nn.Module):
 class DDPMpp(SongUNet):
     """DDPM++ as EDM's ``train.py --arch=ddpmpp`` builds it (positional embedding, [1, 1] filter)."""
 
-    def __init__(self, img_resolution: int = 32, in_channels: int = 3, model_channels: int = 128,
-                 channel_mult: Sequence[int] = (2, 2, 2), num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
-                 dropout: float = 0.10, num_classes: int = 0, augment_dim: int = 0):
-        super().__init__(img_resolution, in_channels, None, num_classes, augment_dim, model_channels, channel_mult,
-                         4, num_blocks, attn_resolutions, dropout, embedding_type="positional", channel_mult_noise=1,
-                         encoder_type="standard", decoder_type="standard", resample_filter=(1, 1))
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (2, 2, 2),
+        num_blocks: int = 4,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.10,
+        num_classes: int = 0,
+        augment_dim: int = 0,
+    ):
+        super().__init__(
+            img_resolution,
+            in_channels,
+            None,
+            num_classes,
+            augment_dim,
+            model_channels,
+            channel_mult,
+            4,
+            num_blocks,
+            attn_resolutions,
+            dropout,
+            embedding_type="positional",
+            channel_mult_noise=1,
+            encoder_type="standard",
+            decoder_type="standard",
+            resample_filter=(1, 1),
+        )
 
 
 class NCSNpp(SongUNet):
     """NCSN++ as EDM's ``train.py --arch=ncsnpp`` builds it (Fourier embedding, residual encoder, [1, 3, 3, 1])."""
 
-    def __init__(self, img_resolution: int = 32, in_channels: int = 3, model_channels: int = 128,
-                 channel_mult: Sequence[int] = (2, 2, 2), num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
-                 dropout: float = 0.10, num_classes: int = 0, augment_dim: int = 0, fourier_scale: float = 16.0):
-        super().__init__(img_resolution, in_channels, None, num_classes, augment_dim, model_channels, channel_mult,
-                         4, num_blocks, attn_resolutions, dropout, embedding_type="fourier", channel_mult_noise=2,
-                         encoder_type="residual", decoder_type="standard", resample_filter=(1, 3, 3, 1),
-                         fourier_scale=fourier_scale)
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (2, 2, 2),
+        num_blocks: int = 4,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.10,
+        num_classes: int = 0,
+        augment_dim: int = 0,
+        fourier_scale: float = 16.0,
+    ):
+        super().__init__(
+            img_resolution,
+            in_channels,
+            None,
+            num_classes,
+            augment_dim,
+            model_channels,
+            channel_mult,
+            4,
+            num_blocks,
+            attn_resolutions,
+            dropout,
+            embedding_type="fourier",
+            channel_mult_noise=2,
+            encoder_type="residual",
+            decoder_type="standard",
+            resample_filter=(1, 3, 3, 1),
+            fourier_scale=fourier_scale,
+        )
 
 
 class DhariwalUNet(nn.Module):
     """EDM's ``DhariwalUNet`` (its ADM), ``net(x_in, c_noise, class_labels) -> F``; module tree ``map_*``,
     ``enc``, ``dec``, ``out_norm``, ``out_conv`` as EDM's (not openai's ``input_blocks``: see ``nets.adm``)."""
 
-    def __init__(self, img_resolution: int = 64, in_channels: int = 3, out_channels: int | None = None,
-                 num_classes: int = 0, augment_dim: int = 0, model_channels: int = 192,
-                 channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_emb: int = 4, num_blocks: int = 3,
-                 attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10, label_dropout: float = 0.0,
-                 head_channels: int = 64):
+    def __init__(
+        self,
+        img_resolution: int = 64,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        num_classes: int = 0,
+        augment_dim: int = 0,
+        model_channels: int = 192,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
+        channel_mult_emb: int = 4,
+        num_blocks: int = 3,
+        attn_resolutions: Sequence[int] = (32, 16, 8),
+        dropout: float = 0.10,
+        label_dropout: float = 0.0,
+        head_channels: int = 64,
+    ):
         super().__init__()
         out_channels = out_channels or in_channels
         self.num_classes, self.label_dropout = num_classes, label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = {"init_mode": "kaiming_uniform", "init_weight": math.sqrt(1 / 3), "init_bias": math.sqrt(1 / 3)}
         init_zero = {"init_mode": "kaiming_uniform", "init_weight": 0.0, "init_bias": 0.0}
-        block = dict(emb_channels=emb_channels, channels_per_head=head_channels, dropout=dropout, init=init,
-                     init_zero=init_zero)
+        block = dict(
+            emb_channels=emb_channels, channels_per_head=head_channels, dropout=dropout, init=init, init_zero=init_zero
+        )
         self.map_noise = PositionalEmbedding(model_channels, scale=1.0)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.map_label = Linear(num_classes, emb_channels, bias=False, init_mode="kaiming_normal",
-                                init_weight=math.sqrt(num_classes)) if num_classes else None
+        self.map_label = (
+            Linear(
+                num_classes, emb_channels, bias=False, init_mode="kaiming_normal", init_weight=math.sqrt(num_classes)
+            )
+            if num_classes
+            else None
+        )
         self.enc = nn.ModuleDict()
         cout = in_channels
         for level, mult in enumerate(channel_mult):
@@ -380,13 +559,23 @@ class DhariwalUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            cout = decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult, skips,
-                                 num_blocks, lambda idx: res in attn_resolutions, block)
+            cout = decoder_level(
+                self.dec,
+                res,
+                level == len(channel_mult) - 1,
+                cout,
+                model_channels * mult,
+                skips,
+                num_blocks,
+                lambda idx: res in attn_resolutions,
+                block,
+            )
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
-                augment_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
+    ) -> Tensor:
         emb = self.map_noise(c_noise)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -410,11 +599,13 @@ class DhariwalUNet(nn.Module):
 
 # --- EDM's baseline preconditionings (VP, VE); EDM and CM ones are cmkit.precond.Precond ----------------
 
+
 class VPPrecond(nn.Module):
     """VP preconditioning (EDM Table 1): D = x − σ·F(x/√(σ²+1), (M−1)·t(σ)), t(σ) the VP schedule's inverse."""
 
-    def __init__(self, net: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000,
-                 epsilon_t: float = 1e-5):
+    def __init__(
+        self, net: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5
+    ):
         super().__init__()
         self.net, self.beta_d, self.beta_min, self.M = net, beta_d, beta_min, M
         t = torch.tensor([epsilon_t, 1.0], dtype=torch.float64)  # (EDM's fp32 gives σ_min = 0.00098, not 0.0010)

@@ -1,5 +1,6 @@
 """Noise-level embeddings, always computed in fp32 or better (sCM / rCM report instabilities otherwise; fp64
 inputs stay fp64, which the JVP-vs-finite-difference checks use)."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Residual blocks with scale-shift noise conditioning, attention via ``scaled_dot_
 chosen resolutions, dropout, optional class conditioning, positional or Fourier noise embedding.
 The same class builds the tiny CPU presets and the paper-size ones.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -102,18 +103,34 @@ class UNet(nn.Module):
             the first and added to it; its last layer starts at zero, so a fresh second input changes nothing.
     """
 
-    def __init__(self, img_resolution: int = 32, in_channels: int = 3, out_channels: int | None = None,
-                 model_channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2), num_blocks: int = 2,
-                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, num_classes: int = 0,
-                 embedding: str = "positional", fourier_scale: float = 16.0, positional_scale: float = 1000.0,
-                 head_channels: int = 64, time_inputs: int = 1, **_: object):
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        model_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        embedding: str = "positional",
+        fourier_scale: float = 16.0,
+        positional_scale: float = 1000.0,
+        head_channels: int = 64,
+        time_inputs: int = 1,
+        **_: object,
+    ):
         super().__init__()
         C, emb_dim = model_channels, 4 * model_channels
         self.img_resolution, self.in_channels = img_resolution, in_channels
         self.emb = make_embedding(embedding, C, fourier_scale, positional_scale)
         self.emb_mlp = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.emb_mlp2 = (nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
-                         if time_inputs == 2 else None)
+        self.emb_mlp2 = (
+            nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
+            if time_inputs == 2
+            else None
+        )
         self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, C, 3, padding=1)
 
@@ -127,12 +144,18 @@ class UNet(nn.Module):
                 self.enc.append(Down(ch))
                 skips.append(ch)
                 res = (res + 1) // 2
-        self.mid = nn.ModuleList([self._stage(ch, ch, emb_dim, dropout, True, head_channels),
-                                  self._stage(ch, ch, emb_dim, dropout, False, head_channels)])
+        self.mid = nn.ModuleList(
+            [
+                self._stage(ch, ch, emb_dim, dropout, True, head_channels),
+                self._stage(ch, ch, emb_dim, dropout, False, head_channels),
+            ]
+        )
         self.dec = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_blocks + 1):
-                self.dec.append(self._stage(ch + skips.pop(), C * mult, emb_dim, dropout, res in attn_resolutions, head_channels))
+                self.dec.append(
+                    self._stage(ch + skips.pop(), C * mult, emb_dim, dropout, res in attn_resolutions, head_channels)
+                )
                 ch = C * mult
             if level > 0:
                 self.dec.append(Up(ch))
@@ -153,8 +176,9 @@ class UNet(nn.Module):
             h = block(h)
         return h
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
-                c_noise2: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, c_noise2: Tensor | None = None
+    ) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # noise embedding in fp32
             emb = self.emb_mlp(self.emb(c_noise))
             if self.emb_mlp2 is not None:

@@ -20,6 +20,7 @@ Security: the server binds 127.0.0.1 unless ``--host`` says otherwise (a non-loc
 a request reads files only under the paths given on the command line (``--runs``, ``--allow``; ``..`` and symbolic
 links are resolved first, ``backend.PathPolicy``); shipped models are chosen by name.
 """
+
 from __future__ import annotations
 
 from .backend import Backend, PathPolicy

@@ -6,6 +6,7 @@ goes to the server's log, never to the page). Gradio runs the handlers on its wo
 so the page stays responsive while a model works. Elements carry ``elem_id`` s (``sample-run``, ``edit-canvas``,
 ``runs-loss``...) that the browser test and the screenshots use.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -30,12 +31,22 @@ from .common import MAX_FRAMES, MAX_SAMPLES, display_scale, upscale
 
 
 SAMPLER_CHOICES = ["auto", *SAMPLERS]  # auto: the model's own (cmkit.generate.resolve_sampler)
-TASK_LABELS = {"inpaint": "inpaint (draw the region to fill)", "stroke": "stroke-guided (paint strokes)",
-               "colorize": "colorize", "superres": "super-resolve", "denoise": "denoise",
-               "interpolate": "interpolate"}
-PANEL_LABELS = {"inpaint": "input | known region (white: generated) | output", "stroke": "strokes | output",
-                "colorize": "grey input | output", "superres": "low-resolution input | output",
-                "denoise": "noisy input | output", "interpolate": "frames"}
+TASK_LABELS = {
+    "inpaint": "inpaint (draw the region to fill)",
+    "stroke": "stroke-guided (paint strokes)",
+    "colorize": "colorize",
+    "superres": "super-resolve",
+    "denoise": "denoise",
+    "interpolate": "interpolate",
+}
+PANEL_LABELS = {
+    "inpaint": "input | known region (white: generated) | output",
+    "stroke": "strokes | output",
+    "colorize": "grey input | output",
+    "superres": "low-resolution input | output",
+    "denoise": "noisy input | output",
+    "interpolate": "frames",
+}
 PLOTS = (("loss", "loss"), ("grad_norm", "grad norm"), ("lr", "learning rate"), ("img_per_s", "images / s"))
 PALETTE = ["#ffffff", "#000000", "#808080", "#c0c0c0", "#e02020", "#20a020", "#2040e0", "#f0d020"]
 CSS = """
@@ -103,8 +114,16 @@ def _write_png(images: np.ndarray, name: str) -> str:
 def _plot(key: str, title: str) -> Any:
     import gradio as gr
 
-    return gr.LinePlot(x="step", y="value", title=title, label=title, x_title="step", y_title=title, height=220,
-                       elem_id=f"runs-{key.replace('_', '-')}")
+    return gr.LinePlot(
+        x="step",
+        y="value",
+        title=title,
+        label=title,
+        x_title="step",
+        y_title=title,
+        height=220,
+        elem_id=f"runs-{key.replace('_', '-')}",
+    )
 
 
 @dataclass
@@ -134,9 +153,11 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
 
     models = _Models(backend.model_choices(), backend.model_choices(consistency_only=True))
     with gr.Blocks(title="cmkit", delete_cache=(3600, 3600)) as demo:  # Gradio's copies of outputs: an hour
-        gr.Markdown("## cmkit: consistency models, one network evaluation per image\n"
-                    "Sample, edit by drawing, decode latents and watch training runs. Models are loaded once and "
-                    "cached; files are read only under the paths given to `cmkit serve`.")
+        gr.Markdown(
+            "## cmkit: consistency models, one network evaluation per image\n"
+            "Sample, edit by drawing, decode latents and watch training runs. Models are loaded once and "
+            "cached; files are read only under the paths given to `cmkit serve`."
+        )
         with gr.Tabs():
             sample = _sample_tab(backend, models)
             edit = _edit_tab(backend, models)
@@ -148,15 +169,21 @@ def build(backend: Backend, refresh_s: float = 5.0) -> Any:
             out: list[Any] = list(guarded(sample.model_changed, n)(s_ref)) if s_ref else [gr.skip()] * n
             try:
                 img = backend.held_out(e_ref, 0) if e_ref else None
-                out += [img, _editor_value(img) if img is not None else gr.skip(),
-                        "held-out image #0 loaded: draw on it, or upload your own" if img is not None else ""]
+                out += [
+                    img,
+                    _editor_value(img) if img is not None else gr.skip(),
+                    "held-out image #0 loaded: draw on it, or upload your own" if img is not None else "",
+                ]
             except Exception as e:  # no data set installed, or a damaged one: the page still opens
                 out += [gr.skip(), gr.skip(), f"no held-out images ({one_line(e)}); upload an image instead"]
             out += list(guarded(runs.view, len(runs.outputs))(run))
             return tuple(out)
 
-        demo.load(on_load, [sample.model, edit.model, runs.select],
-                  [*sample.outputs, edit.src, edit.canvas, edit.status, *runs.outputs])
+        demo.load(
+            on_load,
+            [sample.model, edit.model, runs.select],
+            [*sample.outputs, edit.src, edit.canvas, edit.status, *runs.outputs],
+        )
     return demo
 
 
@@ -182,37 +209,61 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
     with gr.Tab("Sample", id="sample"):
         with gr.Row():
             with gr.Column(scale=1):
-                s_model = gr.Dropdown(models.all, value=models.default, allow_custom_value=True,
-                                      label="model (shipped name, or a model/run directory)", elem_id="sample-model")
+                s_model = gr.Dropdown(
+                    models.all,
+                    value=models.default,
+                    allow_custom_value=True,
+                    label="model (shipped name, or a model/run directory)",
+                    elem_id="sample-model",
+                )
                 s_info = gr.Markdown(elem_id="sample-info")
-                s_sampler = gr.Radio(SAMPLER_CHOICES, value="auto", label="sampler (auto: 1-step for consistency "
-                                     "models, Heun for diffusion models)", elem_id="sample-sampler")
+                s_sampler = gr.Radio(
+                    SAMPLER_CHOICES,
+                    value="auto",
+                    label="sampler (auto: 1-step for consistency models, Heun for diffusion models)",
+                    elem_id="sample-sampler",
+                )
                 with gr.Row():
                     s_steps = gr.Number(1, precision=0, label="steps", minimum=1, elem_id="sample-steps")
                     s_seed = gr.Number(0, precision=0, label="seed", minimum=0, elem_id="sample-seed")
-                    s_n = gr.Number(16, precision=0, label=f"images (≤ {MAX_SAMPLES})", minimum=1,
-                                    maximum=MAX_SAMPLES, elem_id="sample-n")
-                s_schedule = gr.Dropdown([], label="σ schedules of this model (fills the σ list)",
-                                         elem_id="sample-schedule")
-                s_sigmas = gr.Textbox("", label="σ list for multistep (e.g. 80,1.9233; empty: from steps)",
-                                      elem_id="sample-sigmas")
+                    s_n = gr.Number(
+                        16,
+                        precision=0,
+                        label=f"images (≤ {MAX_SAMPLES})",
+                        minimum=1,
+                        maximum=MAX_SAMPLES,
+                        elem_id="sample-n",
+                    )
+                s_schedule = gr.Dropdown(
+                    [], label="σ schedules of this model (fills the σ list)", elem_id="sample-schedule"
+                )
+                s_sigmas = gr.Textbox(
+                    "", label="σ list for multistep (e.g. 80,1.9233; empty: from steps)", elem_id="sample-sigmas"
+                )
                 s_class = gr.Textbox("", label="class label(s), conditional models only", elem_id="sample-class")
                 s_run = gr.Button("Generate", variant="primary", elem_id="sample-run")
             with gr.Column(scale=2):
                 s_status = gr.Markdown(elem_id="sample-status")
-                s_out = gr.Image(label="samples", type="numpy", format="png", interactive=False,
-                                 elem_id="sample-out", buttons=["download"])
+                s_out = gr.Image(
+                    label="samples",
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    elem_id="sample-out",
+                    buttons=["download"],
+                )
         compare = _compare_row(backend, models)
 
     def model_changed(ref: str) -> tuple:
         info = backend.model_info(ref)
         sched = [f"{k}: {_schedule_text(v)}" for k, v in info["schedules"].items()]
-        text = (f"{info['kind']}, {info['channels']}×{info['resolution']}×{info['resolution']}"
-                + (f", {info['num_classes']} classes" if info["num_classes"] else "")
-                + (f". {info['description']}" if info["description"] else ""))
+        text = (
+            f"{info['kind']}, {info['channels']}×{info['resolution']}×{info['resolution']}"
+            + (f", {info['num_classes']} classes" if info["num_classes"] else "")
+            + (f". {info['description']}" if info["description"] else "")
+        )
         teacher = backend.teacher_for(ref) if info["schedules"] else None
-        return (text, gr.update(choices=sched, value=None), gr.update(value=teacher), "auto",
-                info["default_steps"], "")
+        return (text, gr.update(choices=sched, value=None), gr.update(value=teacher), "auto", info["default_steps"], "")
 
     def do_sample(ref: str, sampler: str, steps: Any, sigmas: str, seed: Any, n: Any, classes: str) -> tuple:
         r = backend.sample(ref, sampler, steps, sigmas, seed, n, classes)
@@ -224,11 +275,13 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
 
     outputs = [s_info, s_schedule, compare.teacher, s_sampler, s_steps, s_status]
     s_model.change(guarded(model_changed, len(outputs)), s_model, outputs)
-    s_schedule.change(lambda v: (v.split(":", 1)[1].strip() if v and ":" in v else gr.skip()), s_schedule, s_sigmas)
-    s_run.click(guarded(do_sample, 2), [s_model, s_sampler, s_steps, s_sigmas, s_seed, s_n, s_class],
-                [s_out, s_status])
-    compare.button.click(guarded(do_compare, 3), [s_model, compare.teacher, compare.steps, s_seed, s_n],
-                         [compare.cm, compare.te, compare.status])
+    s_schedule.change(lambda v: v.split(":", 1)[1].strip() if v and ":" in v else gr.skip(), s_schedule, s_sigmas)
+    s_run.click(guarded(do_sample, 2), [s_model, s_sampler, s_steps, s_sigmas, s_seed, s_n, s_class], [s_out, s_status])
+    compare.button.click(
+        guarded(do_compare, 3),
+        [s_model, compare.teacher, compare.steps, s_seed, s_n],
+        [compare.cm, compare.te, compare.status],
+    )
     return _Tab(model=s_model, outputs=outputs, model_changed=model_changed)
 
 
@@ -238,18 +291,35 @@ def _compare_row(backend: Backend, models: _Models) -> SimpleNamespace:
 
     gr.Markdown("### Consistency model vs teacher: the same seeds, 1 step against Heun")
     with gr.Row():
-        teacher = gr.Dropdown(models.edm, value=None, allow_custom_value=True,
-                              label="teacher: a diffusion model (filled in from the model's recipe)",
-                              elem_id="sample-teacher")
-        steps = gr.Number(18, precision=0, label="teacher Heun steps (2N-1 evaluations)", minimum=2,
-                          elem_id="sample-teacher-steps")
+        teacher = gr.Dropdown(
+            models.edm,
+            value=None,
+            allow_custom_value=True,
+            label="teacher: a diffusion model (filled in from the model's recipe)",
+            elem_id="sample-teacher",
+        )
+        steps = gr.Number(
+            18, precision=0, label="teacher Heun steps (2N-1 evaluations)", minimum=2, elem_id="sample-teacher-steps"
+        )
         button = gr.Button("Compare with the teacher", elem_id="sample-compare")
     status = gr.Markdown(elem_id="compare-status")
     with gr.Row():
-        cm = gr.Image(label="consistency model, 1 step", type="numpy", format="png", interactive=False, height=240,
-                      elem_id="sample-cm-out")
-        te = gr.Image(label="teacher, Heun", type="numpy", format="png", interactive=False, height=240,
-                      elem_id="sample-teacher-out")
+        cm = gr.Image(
+            label="consistency model, 1 step",
+            type="numpy",
+            format="png",
+            interactive=False,
+            height=240,
+            elem_id="sample-cm-out",
+        )
+        te = gr.Image(
+            label="teacher, Heun",
+            type="numpy",
+            format="png",
+            interactive=False,
+            height=240,
+            elem_id="sample-teacher-out",
+        )
     return SimpleNamespace(teacher=teacher, steps=steps, button=button, status=status, cm=cm, te=te)
 
 
@@ -261,17 +331,31 @@ def _edit_tab(backend: Backend, models: _Models) -> _Tab:
         e_src = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                e_model = gr.Dropdown(models.cm, value=models.default_cm, allow_custom_value=True,
-                                      label="consistency model", elem_id="edit-model")
+                e_model = gr.Dropdown(
+                    models.cm,
+                    value=models.default_cm,
+                    allow_custom_value=True,
+                    label="consistency model",
+                    elem_id="edit-model",
+                )
                 with gr.Row():
                     e_index = gr.Number(0, precision=0, minimum=0, label="held-out image #", elem_id="edit-index")
                     e_load = gr.Button("Load held-out image", elem_id="edit-load")
-                e_upload = gr.Image(label="…or upload an image of the model's size", type="numpy", image_mode=None,
-                                    sources=["upload"], format="png", height=160, elem_id="edit-upload")
-                e_task = gr.Radio([(v, k) for k, v in TASK_LABELS.items()], value="inpaint", label="task",
-                                  elem_id="edit-task")
-                e_class = gr.Textbox("", label="class label, conditional models only (empty: random from the seed)",
-                                     elem_id="edit-class")
+                e_upload = gr.Image(
+                    label="…or upload an image of the model's size",
+                    type="numpy",
+                    image_mode=None,
+                    sources=["upload"],
+                    format="png",
+                    height=160,
+                    elem_id="edit-upload",
+                )
+                e_task = gr.Radio(
+                    [(v, k) for k, v in TASK_LABELS.items()], value="inpaint", label="task", elem_id="edit-task"
+                )
+                e_class = gr.Textbox(
+                    "", label="class label, conditional models only (empty: random from the seed)", elem_id="edit-class"
+                )
                 settings = _edit_settings()
                 e_run = gr.Button("Run", variant="primary", elem_id="edit-run")
             with gr.Column(scale=2):
@@ -287,16 +371,41 @@ def _edit_tab(backend: Backend, models: _Models) -> _Tab:
         img = backend.check_upload(ref, image)
         return img, _editor_value(img), f"uploaded image loaded ({img.shape[1]}×{img.shape[0]})"
 
-    def do_edit(ref: str, task: str, src: np.ndarray | None, canvas: dict | None, classes: str, steps: Any,
-                sigma: float, sigma_start: float, factor: Any, between: str, seed: Any, seed2: Any,
-                frames: Any) -> tuple:
+    def do_edit(
+        ref: str,
+        task: str,
+        src: np.ndarray | None,
+        canvas: dict | None,
+        classes: str,
+        steps: Any,
+        sigma: float,
+        sigma_start: float,
+        factor: Any,
+        between: str,
+        seed: Any,
+        seed2: Any,
+        frames: Any,
+    ) -> tuple:
         canvas = canvas or {}
         image, image2 = src, None
         if task == "interpolate":
             image, image2 = (None, None) if between == "two seeds" else (src, backend.held_out(ref, seed2))
-        r = backend.edit(ref, task, image, canvas.get("layers") or [], canvas.get("composite"), steps=steps,
-                         sigma=sigma, sigma_start=sigma_start, factor=factor, frames=frames, seed=seed, seed2=seed2,
-                         image2=image2, classes=classes)
+        r = backend.edit(
+            ref,
+            task,
+            image,
+            canvas.get("layers") or [],
+            canvas.get("composite"),
+            steps=steps,
+            sigma=sigma,
+            sigma_start=sigma_start,
+            factor=factor,
+            frames=frames,
+            seed=seed,
+            seed2=seed2,
+            image2=image2,
+            classes=classes,
+        )
         panel = gr.update(value=r.images.get("panel", r.images.get("strip")), label=PANEL_LABELS[task])
         output = None if task == "interpolate" else r.images["output"]  # the frames are the panel
         return r.images.get("mask"), output, panel, _write_png(r.native, f"{task}.png"), r.info
@@ -305,8 +414,11 @@ def _edit_tab(backend: Backend, models: _Models) -> _Tab:
     e_load.click(guarded(load_held_out, 3), [e_model, e_index], loaded)
     e_model.change(guarded(lambda ref: load_held_out(ref, 0), 3), e_model, loaded)
     e_upload.upload(guarded(uploaded, 3), [e_model, e_upload], loaded)
-    e_run.click(guarded(do_edit, 5), [e_model, e_task, e_src, out.canvas, e_class, *settings],
-                [out.mask, out.out, out.panel, out.file, out.status])
+    e_run.click(
+        guarded(do_edit, 5),
+        [e_model, e_task, e_src, out.canvas, e_class, *settings],
+        [out.mask, out.out, out.panel, out.file, out.status],
+    )
     return _Tab(model=e_model, src=e_src, canvas=out.canvas, status=out.status)
 
 
@@ -316,15 +428,36 @@ def _edit_settings() -> list[Any]:
     import gradio as gr
 
     with gr.Accordion("settings", open=False):
-        steps = gr.Number(0, precision=0, minimum=0, label="σ levels (0: every level of the model's training grid)",
-                          elem_id="edit-steps")
-        sigma = gr.Slider(0.01, 2.0, value=0.3, step=0.01, label="denoise: noise σ added and removed; interpolate "
-                          "images: σ", elem_id="edit-sigma")
-        sigma_start = gr.Slider(0.5, 20.0, value=5.0, step=0.1, label="stroke-guided: σ the strokes are noised to",
-                                elem_id="edit-sigma-start")
+        steps = gr.Number(
+            0,
+            precision=0,
+            minimum=0,
+            label="σ levels (0: every level of the model's training grid)",
+            elem_id="edit-steps",
+        )
+        sigma = gr.Slider(
+            0.01,
+            2.0,
+            value=0.3,
+            step=0.01,
+            label="denoise: noise σ added and removed; interpolate images: σ",
+            elem_id="edit-sigma",
+        )
+        sigma_start = gr.Slider(
+            0.5,
+            20.0,
+            value=5.0,
+            step=0.1,
+            label="stroke-guided: σ the strokes are noised to",
+            elem_id="edit-sigma-start",
+        )
         factor = gr.Dropdown([2, 4, 7, 8], value=4, label="super-resolution factor", elem_id="edit-factor")
-        between = gr.Radio(["two seeds", "the image and a second held-out image"], value="two seeds",
-                           label="interpolate between", elem_id="edit-between")
+        between = gr.Radio(
+            ["two seeds", "the image and a second held-out image"],
+            value="two seeds",
+            label="interpolate between",
+            elem_id="edit-between",
+        )
         with gr.Row():
             seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="edit-seed")
             seed2 = gr.Number(1, precision=0, minimum=0, label="second seed / held-out #", elem_id="edit-seed2")
@@ -337,14 +470,22 @@ def _edit_outputs() -> SimpleNamespace:
     import gradio as gr
 
     status = gr.Markdown(elem_id="edit-status")
-    canvas = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=[], transforms=[], layers=False,
-                            canvas_size=(280, 280), height=380,
-                            brush=gr.Brush(default_size=18, colors=PALETTE, default_color="#ffffff",
-                                           color_mode="defaults"),
-                            label="draw the mask (inpaint) or paint strokes here", elem_id="edit-canvas")
+    canvas = gr.ImageEditor(
+        type="numpy",
+        image_mode="RGBA",
+        sources=[],
+        transforms=[],
+        layers=False,
+        canvas_size=(280, 280),
+        height=380,
+        brush=gr.Brush(default_size=18, colors=PALETTE, default_color="#ffffff", color_mode="defaults"),
+        label="draw the mask (inpaint) or paint strokes here",
+        elem_id="edit-canvas",
+    )
     with gr.Row():
-        mask = gr.Image(label="mask (white: generated)", type="numpy", format="png", interactive=False,
-                        elem_id="edit-mask")
+        mask = gr.Image(
+            label="mask (white: generated)", type="numpy", format="png", interactive=False, elem_id="edit-mask"
+        )
         out = gr.Image(label="output", type="numpy", format="png", interactive=False, elem_id="edit-out")
     panel = gr.Image(label="before | after", type="numpy", format="png", interactive=False, elem_id="edit-panel")
     file = gr.File(label="download the output (model's size, PNG)", elem_id="edit-download")
@@ -358,18 +499,24 @@ def _decode_tab(backend: Backend) -> None:
     with gr.Tab("Decode", id="decode"):
         with gr.Row():
             with gr.Column(scale=1):
-                d_latents = gr.Textbox(label="latents file on the server (.npy, .pt, .safetensors)",
-                                       elem_id="decode-latents")
-                d_weights = gr.Textbox(label="decoder weights on the server (decoder.pt, diffusers safetensors or a "
-                                       "cmkit decoder directory)", elem_id="decode-weights")
+                d_latents = gr.Textbox(
+                    label="latents file on the server (.npy, .pt, .safetensors)", elem_id="decode-latents"
+                )
+                d_weights = gr.Textbox(
+                    label="decoder weights on the server (decoder.pt, diffusers safetensors or a "
+                    "cmkit decoder directory)",
+                    elem_id="decode-weights",
+                )
                 with gr.Row():
                     d_steps = gr.Number(2, precision=0, minimum=1, label="steps", elem_id="decode-steps")
-                    d_schedule = gr.Textbox("", label="or a schedule (fractions, e.g. 1.0,0.5)",
-                                            elem_id="decode-schedule")
+                    d_schedule = gr.Textbox(
+                        "", label="or a schedule (fractions, e.g. 1.0,0.5)", elem_id="decode-schedule"
+                    )
                 with gr.Row():
                     d_dtype = gr.Radio(["fp32", "bf16", "fp16"], value="fp32", label="dtype", elem_id="decode-dtype")
-                    d_tile = gr.Number(0, precision=0, minimum=0, label="tile (latent px, 0: none)",
-                                       elem_id="decode-tile")
+                    d_tile = gr.Number(
+                        0, precision=0, minimum=0, label="tile (latent px, 0: none)", elem_id="decode-tile"
+                    )
                     d_seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="decode-seed")
                 d_run = gr.Button("Decode", variant="primary", elem_id="decode-run")
             with gr.Column(scale=2):
@@ -380,8 +527,9 @@ def _decode_tab(backend: Backend) -> None:
         r = backend.decode(latents, weights, steps, schedule, dtype, tile, seed)
         return r.images["image"], r.info
 
-    d_run.click(guarded(do_decode, 2), [d_latents, d_weights, d_steps, d_schedule, d_dtype, d_tile, d_seed],
-                [d_out, d_status])
+    d_run.click(
+        guarded(do_decode, 2), [d_latents, d_weights, d_steps, d_schedule, d_dtype, d_tile, d_seed], [d_out, d_status]
+    )
 
 
 def _runs_tab(backend: Backend, refresh_s: float) -> _Tab:
@@ -392,9 +540,13 @@ def _runs_tab(backend: Backend, refresh_s: float) -> _Tab:
     with gr.Tab("Runs", id="runs"):
         runs = backend.list_runs()
         with gr.Row():
-            r_select = gr.Dropdown(runs, value=runs[0] if runs else None, label=(
-                f"runs under {backend.runs_root}" if backend.runs_root else "no --runs directory given"),
-                elem_id="runs-select", scale=3)
+            r_select = gr.Dropdown(
+                runs,
+                value=runs[0] if runs else None,
+                label=(f"runs under {backend.runs_root}" if backend.runs_root else "no --runs directory given"),
+                elem_id="runs-select",
+                scale=3,
+            )
             r_refresh = gr.Button("Refresh", elem_id="runs-refresh", scale=1)
             r_auto = gr.Checkbox(True, label=f"refresh every {refresh_s:g} s", elem_id="runs-auto", scale=1)
         r_status = gr.Markdown(elem_id="runs-status")
@@ -402,8 +554,9 @@ def _runs_tab(backend: Backend, refresh_s: float) -> _Tab:
             r_plots = [_plot(key, title) for key, title in PLOTS[:2]]
         with gr.Row():
             r_plots += [_plot(key, title) for key, title in PLOTS[2:]]
-        r_samples = gr.Gallery(label="sample grids over time", columns=4, height=320, object_fit="contain",
-                               elem_id="runs-samples")
+        r_samples = gr.Gallery(
+            label="sample grids over time", columns=4, height=320, object_fit="contain", elem_id="runs-samples"
+        )
         r_config = gr.Code(language="json", label="run config", max_lines=20, elem_id="runs-config")
         timer = gr.Timer(refresh_s)
         r_seen = gr.State(None)  # what the last automatic refresh showed (backend.run_stamp)
@@ -416,8 +569,11 @@ def _runs_tab(backend: Backend, refresh_s: float) -> _Tab:
         v = backend.run_view(name)
         frames = []
         for key, _ in PLOTS:
-            pts = [(r["step"], r[key]) for r in v["rows"] if isinstance(r.get(key), (int, float))
-                   and isinstance(r.get("step"), (int, float))]
+            pts = [
+                (r["step"], r[key])
+                for r in v["rows"]
+                if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))
+            ]
             frames.append(pd.DataFrame(pts, columns=["step", "value"]))
         return (gr.update(choices=names), *frames, v["samples"], json.dumps(v["config"], indent=2), v["status"])
 
@@ -431,8 +587,9 @@ def _runs_tab(backend: Backend, refresh_s: float) -> _Tab:
     view_out = [r_select, *r_plots, r_samples, r_config, r_status]
     r_select.change(guarded(run_view, len(view_out)), r_select, view_out)
     r_refresh.click(guarded(run_view, len(view_out)), r_select, view_out)
-    timer.tick(guarded(tick, len(view_out) + 1), [r_select, r_auto, r_seen], [r_seen, *view_out],
-               show_progress="hidden")
+    timer.tick(
+        guarded(tick, len(view_out) + 1), [r_select, r_auto, r_seen], [r_seen, *view_out], show_progress="hidden"
+    )
     return _Tab(select=r_select, outputs=view_out, view=run_view)
 
 
@@ -440,5 +597,4 @@ def theme() -> Any:
     """Gradio's default theme with the system's fonts: the page makes no request beyond this server."""
     import gradio as gr
 
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "monospace"])
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

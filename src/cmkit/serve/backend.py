@@ -9,6 +9,7 @@ Paths typed in the page go through :class:`PathPolicy`: only files under the pat
 given as paths. Models and decoders are loaded once and cached (:class:`Cache`), keyed by their weights file's
 modification time, so a run that writes a newer export is reloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ from .sample import SampleTab
 class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
     """Models, runs and files of one ``cmkit serve`` process."""
 
-    def __init__(self, runs: str | Path | None = None, allow: list[str | Path] | None = None,
-                 base: str | Path | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        runs: str | Path | None = None,
+        allow: list[str | Path] | None = None,
+        base: str | Path | None = None,
+        device: str = "cpu",
+    ):
         roots = [p for p in [runs, *(allow or [])] if p]
         self.policy = PathPolicy(roots, base)
         self.runs_root = self.policy.roots[0] if runs else None
@@ -46,20 +52,25 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
         """Shipped model names, then the runs under --runs whose export samples: diffusion and consistency
         models (kind ``denoiser``), not autoencoders or decoders; ``consistency_only`` also leaves out diffusion
         models (the editing tasks need a one-step generator)."""
+
         def samples(config_json: Path) -> bool:
             try:
                 meta = json.loads(config_json.read_text())
                 cfg = meta["config"]
                 if meta.get("kind", "denoiser") != "denoiser":
                     return False
-                return not (consistency_only and is_diffusion(cfg["model"].get("precond"),
-                                                              cfg.get("loss", {}).get("method")))
+                return not (
+                    consistency_only and is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method"))
+                )
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return False
 
         names = [name for name in shipped_models() if samples(models_root() / name / "config.json")]
-        names += [str(self.runs_root / run) for run in self.list_runs()
-                  if samples(self.runs_root / run / "model" / "config.json")]
+        names += [
+            str(self.runs_root / run)
+            for run in self.list_runs()
+            if samples(self.runs_root / run / "model" / "config.json")
+        ]
         return names
 
     def model_dir(self, ref: str) -> Path:
@@ -76,12 +87,17 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
             path = self.policy.check(ref, "model")
         except CmkitError:
             if is_model_name(ref):
-                raise CmkitError(f"unknown model {ref!r}: not a shipped model (see `cmkit models`), nor a directory "
-                                 "under the paths given on the command line") from None
+                raise CmkitError(
+                    f"unknown model {ref!r}: not a shipped model (see `cmkit models`), nor a directory "
+                    "under the paths given on the command line"
+                ) from None
             raise
         if not path.exists():
-            raise CmkitError(f"unknown model {ref!r}: not a shipped model (see `cmkit models`) and no such directory"
-                             if is_model_name(ref) else f"model not found: no directory {ref!r}")
+            raise CmkitError(
+                f"unknown model {ref!r}: not a shipped model (see `cmkit models`) and no such directory"
+                if is_model_name(ref)
+                else f"model not found: no directory {ref!r}"
+            )
         d = resolve_model_dir(path)
         if not self.policy.allows(d.resolve()):  # a model/ symlinked out of an allowed run
             raise CmkitError(f"model {ref!r} is outside the paths given on the command line")
@@ -105,9 +121,15 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
         """What the page shows when a model is chosen: a description and the σ schedules it offers."""
         m = self.load(ref)
         c = m.cfg.model
-        info = {"description": m.description, "kind": "consistency model" if m.is_cm else "diffusion (EDM) model",
-                "resolution": m.resolution, "channels": m.channels, "num_classes": int(c.num_classes or 0),
-                "schedules": {}, "default_steps": 1 if m.is_cm else int(m.cfg.sample.steps)}
+        info = {
+            "description": m.description,
+            "kind": "consistency model" if m.is_cm else "diffusion (EDM) model",
+            "resolution": m.resolution,
+            "channels": m.channels,
+            "num_classes": int(c.num_classes or 0),
+            "schedules": {},
+            "default_steps": 1 if m.is_cm else int(m.cfg.sample.steps),
+        }
         if m.is_cm:
             for k in (1, 2, 4):
                 try:
@@ -140,8 +162,10 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
                 cfg = json.loads((models_root() / name / "config.json").read_text())["config"]
             except (OSError, ValueError, KeyError):
                 continue
-            if (is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method"))
-                    and cfg["data"].get("name") == m.cfg.data.name
-                    and cfg["model"].get("img_resolution") == m.resolution):
+            if (
+                is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method"))
+                and cfg["data"].get("name") == m.cfg.data.name
+                and cfg["model"].get("img_resolution") == m.resolution
+            ):
                 return name
         return None

@@ -1,5 +1,6 @@
 """What every tab of the page shares: limits, path checks, the model cache, results, image conversions and the
 checks of form values (each one ``CmkitError`` line)."""
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,7 @@ MAX_FRAMES = 16
 
 # --- paths ---------------------------------------------------------------------------------------------
 
+
 class PathPolicy:
     """The files a request may read: those under ``roots`` (the paths given on the command line).
 
@@ -57,12 +59,15 @@ class PathPolicy:
         p = self._absolute(text).resolve()
         if not self.allows(p):
             given = ", ".join(map(str, self.roots)) or "none"
-            raise CmkitError(f"{what} {text!r} is outside the paths given on the command line ({given}); "
-                             "restart `cmkit serve` with --allow PATH to use it")
+            raise CmkitError(
+                f"{what} {text!r} is outside the paths given on the command line ({given}); "
+                "restart `cmkit serve` with --allow PATH to use it"
+            )
         return p
 
 
 # --- caches --------------------------------------------------------------------------------------------
+
 
 class Cache:
     """A small thread-safe LRU of loaded objects: each key is loaded once, even by concurrent requests."""
@@ -120,6 +125,7 @@ class Result:
 
 # --- image helpers -------------------------------------------------------------------------------------
 
+
 def display_scale(resolution: int, target: int = EDIT_DISPLAY) -> int:
     return max(1, target // max(1, resolution))
 
@@ -149,8 +155,10 @@ def to_model_image(a: np.ndarray, channels: int, resolution: int, what: str = "t
         raise CmkitError(f"{what} has shape {a.shape}; expected a grey or colour image")
     h, w = a.shape[:2]
     if (h, w) != (resolution, resolution):
-        raise CmkitError(f"{what} is {w}×{h} pixels but this model works on {resolution}×{resolution} images; "
-                         f"upload a {resolution}×{resolution} image")
+        raise CmkitError(
+            f"{what} is {w}×{h} pixels but this model works on {resolution}×{resolution} images; "
+            f"upload a {resolution}×{resolution} image"
+        )
     if a.dtype != np.uint8:
         if np.issubdtype(a.dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
             a = a * 255.0
@@ -180,8 +188,10 @@ def downsample(a: np.ndarray, resolution: int) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim == 2:
         a = a[..., None]
-    chans = [np.asarray(Image.fromarray(a[..., c].astype(np.uint8)).resize((resolution, resolution), Image.BOX),
-                        np.float64) for c in range(a.shape[2])]
+    chans = [
+        np.asarray(Image.fromarray(a[..., c].astype(np.uint8)).resize((resolution, resolution), Image.BOX), np.float64)
+        for c in range(a.shape[2])
+    ]
     return np.stack(chans, -1)
 
 

@@ -1,4 +1,5 @@
 """The Edit tab: the six editing tasks on a held-out or uploaded image and what was drawn on it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +13,21 @@ from ..editing.run import TASKS, run_task, EditRequest
 from ..errors import CmkitError
 from ..imageio import to_uint8
 from ..inputs import class_labels
-from .common import (MAX_FRAMES, MAX_PAGE_STEPS, as_float, as_int, display_scale, downsample, grid_image,
-    mask_from_layers, to_model_image, to_tensor, upscale, Loaded, Result)
+from .common import (
+    MAX_FRAMES,
+    MAX_PAGE_STEPS,
+    as_float,
+    as_int,
+    display_scale,
+    downsample,
+    grid_image,
+    mask_from_layers,
+    to_model_image,
+    to_tensor,
+    upscale,
+    Loaded,
+    Result,
+)
 
 
 class EditTab:
@@ -31,9 +45,10 @@ class EditTab:
         name = m.cfg.data.name
         if name not in SPLIT_DATASETS:
             raise CmkitError(f"the data set of {ref!r} ({name}) has no held-out split; upload an image instead")
-        data = self.datasets.get((name, m.resolution, m.channels),
-                                 lambda: load_dataset(name, split="test", resolution=m.resolution,
-                                                      channels=m.channels))
+        data = self.datasets.get(
+            (name, m.resolution, m.channels),
+            lambda: load_dataset(name, split="test", resolution=m.resolution, channels=m.channels),
+        )
         index = as_int(index, "held-out index", 0, len(data) - 1)
         return data.images[index].permute(1, 2, 0).numpy().astype(np.uint8)
 
@@ -41,18 +56,45 @@ class EditTab:
         m = self.editable(ref)
         return to_model_image(image, m.channels, m.resolution, "the uploaded image")
 
-    def edit(self, ref: str, task: str, image: np.ndarray | None, layers: list[np.ndarray] | None = None,
-             composite: np.ndarray | None = None, *, steps: int | None = None, sigma: float = 0.3,
-             sigma_start: float = 5.0, factor: int = 4, frames: int = 9, seed: int = 0, seed2: int = 1,
-             image2: np.ndarray | None = None, classes: str = "") -> Result:
+    def edit(
+        self,
+        ref: str,
+        task: str,
+        image: np.ndarray | None,
+        layers: list[np.ndarray] | None = None,
+        composite: np.ndarray | None = None,
+        *,
+        steps: int | None = None,
+        sigma: float = 0.3,
+        sigma_start: float = 5.0,
+        factor: int = 4,
+        frames: int = 9,
+        seed: int = 0,
+        seed2: int = 1,
+        image2: np.ndarray | None = None,
+        classes: str = "",
+    ) -> Result:
         """Run one editing task on ``image`` (uint8 (R, R, C), the model's size) with what was drawn on it, through
         the dispatcher the CLI uses (``cmkit.editing.run``); ``classes`` labels a class-conditional model's image
         (random from the seed when empty)."""
         if task not in TASKS:
             raise CmkitError(f"unknown editing task {task!r}; expected one of {', '.join(TASKS)}")
         m = self.editable(ref)
-        req = self._edit_request(m, task, image, layers, composite, steps, sigma, sigma_start, factor, frames,
-                                 as_int(seed, "seed", 0, 2**62), seed2, image2)
+        req = self._edit_request(
+            m,
+            task,
+            image,
+            layers,
+            composite,
+            steps,
+            sigma,
+            sigma_start,
+            factor,
+            frames,
+            as_int(seed, "seed", 0, 2**62),
+            seed2,
+            image2,
+        )
         n = 1 if req.images is None else len(req.images)
         labels = class_labels(classes or None, m.cfg.model.num_classes, n)
         if labels is None and m.cfg.model.num_classes:
@@ -65,16 +107,34 @@ class EditTab:
             strip = grid_image(out, nrow=len(out), scale=max(1, 96 // R))
             return Result({"output": strip, "strip": strip}, info, to_uint8(out))
         s = display_scale(R)
-        images = {"output": upscale(to_uint8(out)[0], s),
-                  "panel": grid_image(torch.cat([t.expand(-1, m.channels, -1, -1).clamp(-1, 1) for t in edited.panel]),
-                                      nrow=len(edited.panel), scale=s)}
+        images = {
+            "output": upscale(to_uint8(out)[0], s),
+            "panel": grid_image(
+                torch.cat([t.expand(-1, m.channels, -1, -1).clamp(-1, 1) for t in edited.panel]),
+                nrow=len(edited.panel),
+                scale=s,
+            ),
+        }
         if req.mask is not None:
             images["mask"] = upscale((req.mask.cpu().numpy() * 255).astype(np.uint8), s)
         return Result(images, info, to_uint8(out))
 
-    def _edit_request(self, m: Loaded, task: str, image: np.ndarray | None, layers: list[np.ndarray] | None,
-                      composite: np.ndarray | None, steps: Any, sigma: Any, sigma_start: Any, factor: Any,
-                      frames: Any, seed: int, seed2: Any, image2: np.ndarray | None) -> EditRequest:
+    def _edit_request(
+        self,
+        m: Loaded,
+        task: str,
+        image: np.ndarray | None,
+        layers: list[np.ndarray] | None,
+        composite: np.ndarray | None,
+        steps: Any,
+        sigma: Any,
+        sigma_start: Any,
+        factor: Any,
+        frames: Any,
+        seed: int,
+        seed2: Any,
+        image2: np.ndarray | None,
+    ) -> EditRequest:
         """The page's inputs (an image, the layers drawn on it, the fields of the tab) as an ``EditRequest``."""
         C, R = m.channels, m.resolution
         lo, hi = m.cfg.model.sigma_min, m.cfg.model.sigma_max
@@ -101,8 +161,12 @@ class EditTab:
         elif task == "stroke":
             if composite is None:
                 raise CmkitError("paint strokes on the canvas first")
-            painted = to_model_image(np.clip(downsample(np.asarray(composite)[..., :3], R), 0, 255)
-                                     .round().astype(np.uint8), C, R, "the stroke painting")
+            painted = to_model_image(
+                np.clip(downsample(np.asarray(composite)[..., :3], R), 0, 255).round().astype(np.uint8),
+                C,
+                R,
+                "the stroke painting",
+            )
             y = to_tensor(painted).to(self.device)
             req.sigma_start = as_float(sigma_start, "σ start", lo, hi)
         elif task == "colorize" and C != 3:

@@ -1,4 +1,5 @@
 """The Runs tab: a training run's curves, sample grids and config."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ class RunsTab:
         found = []
         for p in sorted(self.runs_root.glob("*")) + sorted(self.runs_root.glob("*/*")):
             inside_run = p.parent != self.runs_root and RunDir(p.parent).is_run()  # e.g. a run's checkpoint/
-            if (p.is_dir() and not p.name.startswith(".") and not inside_run and RunDir(p).is_run()
-                    and self.policy.allows(p.resolve())):
+            if (
+                p.is_dir()
+                and not p.name.startswith(".")
+                and not inside_run
+                and RunDir(p).is_run()
+                and self.policy.allows(p.resolve())
+            ):
                 found.append(p)
         found.sort(key=lambda p: -run_mtime(p))
         return [str(p.relative_to(self.runs_root)) for p in found]
@@ -53,8 +59,13 @@ class RunsTab:
             return (runs, name)
         log = p / "log.jsonl"
         samples = p / "samples"
-        return (runs, name, log.stat().st_mtime_ns if log.is_file() else 0, log.stat().st_size if log.is_file() else 0,
-                len(list(samples.glob("*.png"))) if samples.is_dir() else 0)
+        return (
+            runs,
+            name,
+            log.stat().st_mtime_ns if log.is_file() else 0,
+            log.stat().st_size if log.is_file() else 0,
+            len(list(samples.glob("*.png"))) if samples.is_dir() else 0,
+        )
 
     def run_view(self, name: str) -> dict[str, Any]:
         """Log rows, sample grids over time, config and a status line of one run."""
@@ -78,8 +89,11 @@ class RunsTab:
                     continue
         age = time.time() - run.log.stat().st_mtime if run.log.is_file() else None
         last = rows[-1] if rows else {}
-        status = (f"**{name}**: step {step}" + (f" of {total}" if total else "") +
-                  (f", loss {last['loss']:.4g}" if isinstance(last.get("loss"), (int, float)) else "") +
-                  (f"; log updated {age:.0f} s ago" if age is not None else "; no log yet") +
-                  (" (training)" if age is not None and age < 60 and total and step < total else ""))
+        status = (
+            f"**{name}**: step {step}"
+            + (f" of {total}" if total else "")
+            + (f", loss {last['loss']:.4g}" if isinstance(last.get("loss"), (int, float)) else "")
+            + (f"; log updated {age:.0f} s ago" if age is not None else "; no log yet")
+            + (" (training)" if age is not None and age < 60 and total and step < total else "")
+        )
         return {"rows": rows, "samples": samples, "config": config, "status": status, "step": step}

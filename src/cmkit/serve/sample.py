@@ -1,4 +1,5 @@
 """The Sample tab: any model with any sampler, and a consistency model beside its teacher."""
+
 from __future__ import annotations
 
 import time
@@ -14,8 +15,16 @@ from .common import MAX_PAGE_STEPS, MAX_SAMPLES, as_int, grid_image, Result
 class SampleTab:
     """The Sample tab: any model with any sampler, and a consistency model beside its teacher. (a part of ``Backend``, which holds the models)."""
 
-    def sample(self, ref: str, sampler: str = "auto", steps: int | None = None, sigmas: str = "", seed: int = 0,
-               n: int = 16, classes: str = "") -> Result:
+    def sample(
+        self,
+        ref: str,
+        sampler: str = "auto",
+        steps: int | None = None,
+        sigmas: str = "",
+        seed: int = 0,
+        n: int = 16,
+        classes: str = "",
+    ) -> Result:
         n, seed = as_int(n, "number of images", 1, MAX_SAMPLES), as_int(seed, "seed", 0, 2**62)
         steps = None if steps in (None, "", 0) else as_int(steps, "steps", 1, MAX_PAGE_STEPS)
         check_seed(seed, count=n)
@@ -24,14 +33,26 @@ class SampleTab:
             raise CmkitError(f"at most {MAX_PAGE_STEPS} σ levels; got {len(sigma_list)}")
         m = self.load(ref)
         t0 = time.perf_counter()
-        s = sample_images(m.model, m.cfg, n, sampler=None if sampler in ("", "auto", None) else sampler, steps=steps,
-                          sigmas=sigma_list, classes=classes or None, seed=seed, batch_size=MAX_SAMPLES,
-                          device=self.device, progress=False)
+        s = sample_images(
+            m.model,
+            m.cfg,
+            n,
+            sampler=None if sampler in ("", "auto", None) else sampler,
+            steps=steps,
+            sigmas=sigma_list,
+            classes=classes or None,
+            seed=seed,
+            batch_size=MAX_SAMPLES,
+            device=self.device,
+            progress=False,
+        )
         x, sampler_name, sigma_list, evals = s.images, s.sampler, s.sigmas, s.nfe
         ms = 1000 * (time.perf_counter() - t0) / n
         sig = f", σ = {', '.join(f'{s:.4g}' for s in sigma_list)}" if sampler_name in ("onestep", "multistep") else ""
-        info = (f"**{ref}**: {sampler_name}, {evals} network evaluation{'s' if evals > 1 else ''} (NFE){sig}; "
-                f"{n} image{'s' if n > 1 else ''}, **{ms:.1f} ms per image**")
+        info = (
+            f"**{ref}**: {sampler_name}, {evals} network evaluation{'s' if evals > 1 else ''} (NFE){sig}; "
+            f"{n} image{'s' if n > 1 else ''}, **{ms:.1f} ms per image**"
+        )
         if (sigmas or "").strip() and sampler_name == "multistep":
             note = off_grid_note(sigma_list, m.grid)
             info += f"  \nnote: {note}" if note else ""
@@ -55,9 +76,11 @@ class SampleTab:
         cm = self.sample(ref, "onestep", 1, "", seed, n)
         te = self.sample(teacher, "heun", tsteps, "", seed, n)
         speed = te.extra["ms_per_image"] / max(cm.extra["ms_per_image"], 1e-9)
-        info = (f"consistency model **{ref}**: 1 NFE, {cm.extra['ms_per_image']:.1f} ms/image · teacher "
-                f"**{teacher}**: Heun, {te.extra['nfe']} NFE, {te.extra['ms_per_image']:.1f} ms/image · "
-                f"**measured speed-up {speed:.0f}×**")
+        info = (
+            f"consistency model **{ref}**: 1 NFE, {cm.extra['ms_per_image']:.1f} ms/image · teacher "
+            f"**{teacher}**: Heun, {te.extra['nfe']} NFE, {te.extra['ms_per_image']:.1f} ms/image · "
+            f"**measured speed-up {speed:.0f}×**"
+        )
         r = Result({"cm": cm.images["grid"], "teacher": te.images["grid"]}, info)
         r.extra.update(speedup=speed, teacher=teacher)
         return r

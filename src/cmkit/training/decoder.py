@@ -18,6 +18,7 @@ The learned timestep table ``nn.Embedding(1024, C0)`` starts from the sinusoidal
 (Vaswani et al. 2017; the fixed DDPM embedding, Ho et al. 2020) instead of N(0, 1) rows, so that nearby
 timesteps start out similar.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,14 +48,16 @@ GRID_IMAGES = 8
 
 # --- data ------------------------------------------------------------------------------------------
 
+
 def pad_images(images: Tensor, size: int) -> Tensor:
     """uint8 (N, C, H, W) → (N, C, size, size), centred on black (0 ↦ −1); e.g. Fashion-MNIST 28 → 32."""
     h, w = images.shape[2:]
     if h > size or w > size:
         raise CmkitError(f"images are {h}×{w}, larger than image_size={size}; set image_size={max(h, w)} or more")
     if (size - h) % 2 or (size - w) % 2:
-        raise CmkitError(f"images are {h}×{w}; image_size={size} would pad unevenly "
-                         f"(use {h + 2 * ((size - h + 1) // 2)})")
+        raise CmkitError(
+            f"images are {h}×{w}; image_size={size} would pad unevenly (use {h + 2 * ((size - h + 1) // 2)})"
+        )
     ph, pw = (size - h) // 2, (size - w) // 2
     return torch.nn.functional.pad(images, (pw, pw, ph, ph), value=0)
 
@@ -69,10 +72,11 @@ def load_images(name: str, root: str, split: str, image_size: int) -> ImageData:
 def crop_images(x: Tensor, h: int, w: int) -> Tensor:
     """Undo ``pad_images``: the centred h×w window."""
     top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
-    return x[:, :, top:top + h, left:left + w]
+    return x[:, :, top : top + h, left : left + w]
 
 
 # --- autoencoder -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AutoencoderLoss:
@@ -93,8 +97,9 @@ class AutoencoderTask:
     @staticmethod
     def build_model(cfg: AutoencoderRunConfig) -> KLAutoencoder:
         m = cfg.model
-        return KLAutoencoder(AutoencoderConfig(m.in_channels, m.channels, m.num_res_blocks, m.latent_channels,
-                                               m.norm_groups))
+        return KLAutoencoder(
+            AutoencoderConfig(m.in_channels, m.channels, m.num_res_blocks, m.latent_channels, m.norm_groups)
+        )
 
     @staticmethod
     def build_loss(cfg: AutoencoderRunConfig) -> AutoencoderLoss:
@@ -104,8 +109,9 @@ class AutoencoderTask:
         self.cfg, self.ctx = cfg, ctx
         data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, cfg.data.image_size)
         if data.shape[0] != cfg.model.in_channels:
-            raise CmkitError(f"data set {cfg.data.name!r} has {data.shape[0]} channels; set "
-                             f"model.in_channels={data.shape[0]}")
+            raise CmkitError(
+                f"data set {cfg.data.name!r} has {data.shape[0]} channels; set model.in_channels={data.shape[0]}"
+            )
         self.model = self.build_model(cfg).to(ctx.device)
         self.objective = self.build_loss(cfg)
         self.batches = Batches(data, cfg.train.batch_size, cfg.train.seed, cfg.data.flip, ctx.rank, ctx.world)
@@ -136,13 +142,14 @@ class AutoencoderTask:
 
 
 @torch.no_grad()
-def latent_statistics(ae: KLAutoencoder, images: Tensor,
-                      batch_size: int = 500) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def latent_statistics(
+    ae: KLAutoencoder, images: Tensor, batch_size: int = 500
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of μ(x) over images (N, C, H, W) in [−1, 1] (float64 sums)."""
     total = torch.zeros(ae.config.latent_channels, dtype=torch.float64)
     total_sq, count = torch.zeros_like(total), 0
     for i in range(0, len(images), batch_size):
-        z = ae.encode(images[i:i + batch_size].float()).double().transpose(0, 1).flatten(1)
+        z = ae.encode(images[i : i + batch_size].float()).double().transpose(0, 1).flatten(1)
         total += z.sum(1)
         total_sq += z.square().sum(1)
         count += z.shape[1]
@@ -169,20 +176,33 @@ def init_decoder_unet(config: DecoderConfig, seed: int = 0) -> DecoderUNet:
     return unet
 
 
-def decoder_config_for(a: AutoencoderConfig, cfg: DecoderRunConfig, latent_mean: tuple[float, ...] | None = None,
-                       latent_std: tuple[float, ...] | None = None) -> DecoderConfig:
+def decoder_config_for(
+    a: AutoencoderConfig,
+    cfg: DecoderRunConfig,
+    latent_mean: tuple[float, ...] | None = None,
+    latent_std: tuple[float, ...] | None = None,
+) -> DecoderConfig:
     """The ``DecoderConfig`` of a decoder for autoencoder ``a``'s latent space (channels, ×f, mean/std, scale 1);
     the statistics default to 0 and 1 (for a dry run: they are measured on the data)."""
     m, size = cfg.model, cfg.data.image_size
-    dcfg = DecoderConfig(block_out_channels=m.block_out_channels, layers_per_block=m.layers_per_block,
-                         in_channels=a.in_channels + a.latent_channels, out_channels=a.in_channels,
-                         norm_num_groups=m.norm_num_groups, time_embed_dim=m.time_embed_dim or None,
-                         latent_channels=a.latent_channels, upscale=a.downsample_factor, scaling_factor=1.0,
-                         latent_mean=latent_mean or (0.0,) * a.latent_channels,
-                         latent_std=latent_std or (1.0,) * a.latent_channels)
+    dcfg = DecoderConfig(
+        block_out_channels=m.block_out_channels,
+        layers_per_block=m.layers_per_block,
+        in_channels=a.in_channels + a.latent_channels,
+        out_channels=a.in_channels,
+        norm_num_groups=m.norm_num_groups,
+        time_embed_dim=m.time_embed_dim or None,
+        latent_channels=a.latent_channels,
+        upscale=a.downsample_factor,
+        scaling_factor=1.0,
+        latent_mean=latent_mean or (0.0,) * a.latent_channels,
+        latent_std=latent_std or (1.0,) * a.latent_channels,
+    )
     if size % dcfg.pixel_multiple or size % a.downsample_factor:
-        raise CmkitError(f"data.image_size={size} must be a multiple of the decoder UNet's {dcfg.pixel_multiple} "
-                         f"(2^(levels−1)) and of the autoencoder's factor {a.downsample_factor}")
+        raise CmkitError(
+            f"data.image_size={size} must be a multiple of the decoder UNet's {dcfg.pixel_multiple} "
+            f"(2^(levels−1)) and of the autoencoder's factor {a.downsample_factor}"
+        )
     return dcfg
 
 
@@ -198,7 +218,9 @@ class DecoderTask:
         try:
             ae = AutoencoderConfig.from_dict(read_model_dir(cfg.model.autoencoder, "autoencoder").config)
         except CmkitError as e:
-            raise CmkitError(f"model.autoencoder: {e}; train one first (e.g. `cmkit train --preset fmnist-ae`)") from None
+            raise CmkitError(
+                f"model.autoencoder: {e}; train one first (e.g. `cmkit train --preset fmnist-ae`)"
+            ) from None
         return decoder_config_for(ae, cfg)
 
     @classmethod
@@ -207,8 +229,9 @@ class DecoderTask:
 
     @classmethod
     def build_loss(cls, cfg: DecoderRunConfig, config: DecoderConfig | None = None) -> DecoderConsistencyLoss:
-        return DecoderConsistencyLoss(config or cls.dry_config(cfg), cfg.train.steps, cfg.loss.gaps,
-                                      cfg.loss.distance, cfg.loss.index_sampling)
+        return DecoderConsistencyLoss(
+            config or cls.dry_config(cfg), cfg.train.steps, cfg.loss.gaps, cfg.loss.distance, cfg.loss.index_sampling
+        )
 
     def __init__(self, cfg: DecoderRunConfig, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
@@ -216,9 +239,11 @@ class DecoderTask:
         self.ae = KLAutoencoder.from_pretrained(cfg.model.autoencoder, device=device)
         data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, cfg.data.image_size)
         if data.shape[0] != self.ae.config.in_channels:
-            raise CmkitError(f"data set {cfg.data.name!r} has {data.shape[0]} channels but the autoencoder "
-                             f"{cfg.model.autoencoder} takes {self.ae.config.in_channels}")
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:cfg.model.stats_images]
+            raise CmkitError(
+                f"data set {cfg.data.name!r} has {data.shape[0]} channels but the autoencoder "
+                f"{cfg.model.autoencoder} takes {self.ae.config.in_channels}"
+            )
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[: cfg.model.stats_images]
         mean, std = latent_statistics(self.ae, data.images[pick].float().to(device) / 127.5 - 1)
         self.config = decoder_config_for(self.ae.config, cfg, mean, std)
         self.model = init_decoder_unet(self.config, t.seed).to(device)
@@ -240,8 +265,11 @@ class DecoderTask:
         return {}
 
     def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        source = {"trained_by": "cmkit train --preset (decoder)", "autoencoder": self.cfg.model.autoencoder,
-                  "train": self.cfg.to_dict()}
+        source = {
+            "trained_by": "cmkit train --preset (decoder)",
+            "autoencoder": self.cfg.model.autoencoder,
+            "train": self.cfg.to_dict(),
+        }
         return "decoder", self.config.to_dict(), {"source": source}
 
     def sample(self, model: nn.Module, out: Path, step: int) -> None:

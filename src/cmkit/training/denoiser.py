@@ -6,6 +6,7 @@ denoiser ``model(x, sigma, class_labels=None) -> x0``: the method's loss on a de
 teacher (CD), the target network θ⁻ where the method has one (CT; CD with μ > 0), and 1-/2-step (CM) or
 Heun (EDM) sample grids with fixed per-sample seeds.
 """
+
 from __future__ import annotations
 
 import sys
@@ -45,11 +46,11 @@ class DenoiserTask:
         if hasattr(getattr(self.objective, "distance", None), "load"):
             self.objective.distance.load()  # LPIPS weights: a missing file fails here, before any data is read
         if t.init_from:  # a model/run directory, an EDM pickle or a Flax checkpoint (cmkit.load)
-
             init_from(self.model, t.init_from, cfg.model)
         self.teacher = self._load_teacher() if self.objective.needs_teacher else None
-        data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, cfg.model.img_resolution,
-                            cfg.model.in_channels)
+        data = load_dataset(
+            cfg.data.name, cfg.data.root, cfg.data.split, cfg.model.img_resolution, cfg.model.in_channels
+        )
         if cfg.model.num_classes and data.labels is None:
             raise CmkitError(f"model.num_classes={cfg.model.num_classes} but data set {cfg.data.name!r} has no labels")
         self.batches = Batches(data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world)
@@ -64,11 +65,15 @@ class DenoiserTask:
             raise CmkitError(f"teacher {self.cfg.train.teacher} is not {what}; loss.method={self.name} needs one")
         if getattr(self.objective, "guidance", 1.0) != 1.0:
             if not tcfg.model.num_classes:
-                raise CmkitError(f"loss.guidance needs a class-conditional teacher; {self.cfg.train.teacher} "
-                                 "is unconditional")
+                raise CmkitError(
+                    f"loss.guidance needs a class-conditional teacher; {self.cfg.train.teacher} is unconditional"
+                )
             if not tcfg.loss.label_dropout:
-                print(f"warning: teacher {self.cfg.train.teacher} records no loss.label_dropout: its unconditional "
-                      "branch (the null label) may be untrained, and guidance meaningless", file=sys.stderr)
+                print(
+                    f"warning: teacher {self.cfg.train.teacher} records no loss.label_dropout: its unconditional "
+                    "branch (the null label) may be untrained, and guidance meaningless",
+                    file=sys.stderr,
+                )
         return teacher.requires_grad_(False)
 
     def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -105,13 +110,15 @@ class DenoiserTask:
         gens = per_sample_generators(range(n), device)
         if self.cfg.is_diffusion() and s.sampler == "progdist":  # a PD student: its current number of steps
             N = self.objective.num_scales(step) if hasattr(self.objective, "num_scales") else s.steps
-            x = sample_progdist(model, shape, N, generator=gens, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
-                                device=device, **cond)
+            x = sample_progdist(
+                model, shape, N, generator=gens, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=device, **cond
+            )
             save_grid(x, out / f"step_{step:06d}_progdist{N}.png")
             return
         if self.cfg.is_diffusion():
-            x = sample_heun(model, shape, edm_sigmas(s.steps, c.sigma_min, c.sigma_max), generator=gens,
-                            device=device, **cond)
+            x = sample_heun(
+                model, shape, edm_sigmas(s.steps, c.sigma_min, c.sigma_max), generator=gens, device=device, **cond
+            )
             save_grid(x, out / f"step_{step:06d}_heun{s.steps}.png")
             return
         grids = [("1step", [c.sigma_max])]
@@ -121,8 +128,16 @@ class DenoiserTask:
         except CmkitError:  # a grid too coarse for two levels (the first steps of a CT curriculum)
             pass
         for name, sigmas in grids:
-            x = sample_multistep(model, shape, sigmas, generator=per_sample_generators(range(n), device),
-                                 sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=device, **cond)
+            x = sample_multistep(
+                model,
+                shape,
+                sigmas,
+                generator=per_sample_generators(range(n), device),
+                sigma_min=c.sigma_min,
+                sigma_max=c.sigma_max,
+                device=device,
+                **cond,
+            )
             save_grid(x, out / f"step_{step:06d}_{name}.png")
 
 

@@ -4,6 +4,7 @@ A run config names its kind (``Config.kind == "denoiser"``; the autoencoder and 
 ``cmkit.training.decoder_config``); presets, ``--resume`` and the loop look the kind up here and nowhere else.
 The kinds are the kinds of model directory a run exports (``cmkit.formats.model_dir.MODEL_KINDS``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ the exact resume (weights, EMAs, optimizer, step, the global torch RNG and the t
 every process; batches are a pure function of (seed, step)), the divergence guard and DDP under
 ``torchrun`` (gloo on CPU, NCCL on GPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -83,8 +84,12 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
         if self.announce:
-            print(f"\ncmkit: {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+            print(
+                f"\ncmkit: {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class Loop:
@@ -133,8 +138,10 @@ class Loop:
         t, main = self.cfg.train, dist.is_main()
         foreign = self.dir.foreign_files()
         if foreign:
-            raise CmkitError(f"train.out_dir={self.dir.root} holds files that are not a cmkit run "
-                             f"({', '.join(foreign[:4])}); choose a new or empty directory")
+            raise CmkitError(
+                f"train.out_dir={self.dir.root} holds files that are not a cmkit run "
+                f"({', '.join(foreign[:4])}); choose a new or empty directory"
+            )
         if main:
             for note in filter(None, [self.dir.lock(), *self.dir.recover()]):
                 print(f"cmkit: {note}", file=sys.stderr)
@@ -143,15 +150,22 @@ class Loop:
         if not self.dir.has_checkpoint():
             damage = self.dir.damage()
             if damage:
-                raise CmkitError(f"{damage}; nothing was changed: choose another train.out_dir, or move those "
-                                 "files away to start again there")
+                raise CmkitError(
+                    f"{damage}; nothing was changed: choose another train.out_dir, or move those "
+                    "files away to start again there"
+                )
             if t.resume and main:
-                print(f"cmkit: warning: train.resume=true but {self.dir.root} has no checkpoint to resume; "
-                      "starting from step 0", file=sys.stderr)
+                print(
+                    f"cmkit: warning: train.resume=true but {self.dir.root} has no checkpoint to resume; "
+                    "starting from step 0",
+                    file=sys.stderr,
+                )
             return False
         if not t.resume:
-            raise CmkitError(f"{self.dir.root} already holds a training run; pass train.resume=true to continue "
-                             "it or choose another train.out_dir")
+            raise CmkitError(
+                f"{self.dir.root} already holds a training run; pass train.resume=true to continue "
+                "it or choose another train.out_dir"
+            )
         self._check_resumable()
         return True
 
@@ -160,8 +174,10 @@ class Loop:
         diff = self.cfg.changes_from(self.dir.saved_config())
         if diff:
             shown = ", ".join(f"{k} ({old!r} → {new!r})" for k, old, new in diff[:5])
-            raise CmkitError(f"cannot resume {self.dir.root}: settings differ from the run's: {shown}"
-                             f"{' …' if len(diff) > 5 else ''}; only {', '.join(RUN_CONTROL_KEYS)} may change")
+            raise CmkitError(
+                f"cannot resume {self.dir.root}: settings differ from the run's: {shown}"
+                f"{' …' if len(diff) > 5 else ''}; only {', '.join(RUN_CONTROL_KEYS)} may change"
+            )
 
     def modules(self) -> dict[str, nn.Module]:
         """Everything a checkpoint holds, by file stem: model, ema_<rate>..., the task's extra modules."""
@@ -171,14 +187,18 @@ class Loop:
     def load_checkpoint(self) -> None:
         state, rng = self.dir.load_checkpoint(self.modules(), self.optimizer)
         if state["world_size"] != self.ctx.world:
-            raise CmkitError(f"cannot resume exactly: {self.dir.checkpoint} was written by {state['world_size']} "
-                             f"processes, this run has {self.ctx.world}")
+            raise CmkitError(
+                f"cannot resume exactly: {self.dir.checkpoint} was written by {state['world_size']} "
+                f"processes, this run has {self.ctx.world}"
+            )
         try:
             torch.set_rng_state(rng[f"rank{self.ctx.rank}"])
             self.generator.set_state(rng[f"generator{self.ctx.rank}"])
         except (KeyError, RuntimeError, TypeError) as e:
-            raise CmkitError(f"{self.dir.checkpoint / RunDir.RNG} is damaged or from another cmkit version "
-                             f"({type(e).__name__}: {e}); it cannot be resumed exactly") from None
+            raise CmkitError(
+                f"{self.dir.checkpoint / RunDir.RNG} is damaged or from another cmkit version "
+                f"({type(e).__name__}: {e}); it cannot be resumed exactly"
+            ) from None
         if f"cuda{self.ctx.rank}" in rng and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng[f"cuda{self.ctx.rank}"], self.ctx.device)
         self.step, self.skipped, self.wall_before = state["step"], state["skipped"], state.get("wall_s", 0.0)
@@ -198,8 +218,13 @@ class Loop:
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, **extra}
-        reason = ("non-finite loss" if not math.isfinite(stats["loss"]) else
-                  "non-finite gradient norm" if not math.isfinite(grad_norm) else "")
+        reason = (
+            "non-finite loss"
+            if not math.isfinite(stats["loss"])
+            else "non-finite gradient norm"
+            if not math.isfinite(grad_norm)
+            else ""
+        )
         if dist.all_reduce_mean(float(not reason), self.ctx.device) < 1.0:  # any rank saw NaN/inf: all skip
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -227,8 +252,13 @@ class Loop:
         if main:
             self.dir.root.mkdir(parents=True, exist_ok=True)
             write_json(self.dir.config, self.cfg.to_dict())
-        bar = tqdm(total=t.steps, initial=self.step, disable=not (main and self.progress), dynamic_ncols=True,
-                   desc=self.task.name)
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=not (main and self.progress),
+            dynamic_ncols=True,
+            desc=self.task.name,
+        )
         self._start, start_step, last = time.time(), self.step, {}
         tick, tick_step = self._start, self.step
         while self.step < t.steps:
@@ -238,7 +268,9 @@ class Loop:
                 raise TrainingInterrupted(
                     f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name} at step {self.step} of "
                     f"{t.steps}; checkpoint written to {self.dir.checkpoint}; resume with: "
-                    f"cmkit train --resume {self.dir.root}", stop.signum or signal.SIGINT)
+                    f"cmkit train --resume {self.dir.root}",
+                    stop.signum or signal.SIGINT,
+                )
             last = self.train_step()
             if last["skipped"]:
                 self.consecutive_skips += 1
@@ -246,9 +278,11 @@ class Loop:
                 if main:  # the attempt at step + 1, with its reason (dropped with later rows on resume)
                     self.dir.append_log({**last, "step": self.step + 1, "skipped_total": self.skipped})
                 if self.consecutive_skips >= t.max_skipped:
-                    raise CmkitError(f"training diverged: {self.consecutive_skips} consecutive steps with "
-                                     f"{last['reason']} after step {self.step} (train.max_skipped="
-                                     f"{t.max_skipped}); the last checkpoint is in {self.dir.checkpoint}")
+                    raise CmkitError(
+                        f"training diverged: {self.consecutive_skips} consecutive steps with "
+                        f"{last['reason']} after step {self.step} (train.max_skipped="
+                        f"{t.max_skipped}); the last checkpoint is in {self.dir.checkpoint}"
+                    )
                 continue
             self.consecutive_skips = 0
             bar.update(1)
@@ -258,9 +292,16 @@ class Loop:
                 tick, tick_step = now, self.step
                 bar.set_postfix(loss=f"{last['loss']:.4g}", img_s=f"{ips:.0f}")
                 if main:
-                    self.dir.append_log({"step": self.step, **{k: v for k, v in last.items() if k != "skipped"},
-                                         "lr": t.lr_at(self.step - 1), "img_per_s": ips, "skipped": self.skipped,
-                                         "wall_s": round(self.wall_s(), 1)})
+                    self.dir.append_log(
+                        {
+                            "step": self.step,
+                            **{k: v for k, v in last.items() if k != "skipped"},
+                            "lr": t.lr_at(self.step - 1),
+                            "img_per_s": ips,
+                            "skipped": self.skipped,
+                            "wall_s": round(self.wall_s(), 1),
+                        }
+                    )
             if t.sample_every and self.step % t.sample_every == 0 and main:
                 self.sample()
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
@@ -272,8 +313,14 @@ class Loop:
         final = last.get("loss")
         if final is not None and self.ctx.world > 1:  # one figure for the run: the mean over the processes
             final = dist.all_reduce_mean(final, self.ctx.device)
-        return {"steps": self.step, "final_loss": final, "wall_s": self.wall_s(),
-                "skipped": self.skipped, "steps_run": self.step - start_step, "out": str(self.dir.root)}
+        return {
+            "steps": self.step,
+            "final_loss": final,
+            "wall_s": self.wall_s(),
+            "skipped": self.skipped,
+            "steps_run": self.step - start_step,
+            "out": str(self.dir.root),
+        }
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether a signal asked to stop, agreed over all processes (a signal may reach them at different steps)."""
@@ -309,8 +356,7 @@ class Loop:
             states["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
         rngs = {f"{name}{r}": s for name, state in states.items() for r, s in enumerate(dist.all_gather_tensor(state))}
         if dist.is_main():
-            state = {"step": self.step, "skipped": self.skipped, "world_size": self.ctx.world,
-                     "wall_s": self.wall_s()}
+            state = {"step": self.step, "skipped": self.skipped, "world_size": self.ctx.world, "wall_s": self.wall_s()}
             self.dir.save_checkpoint(self.modules(), self.optimizer, rngs, state, self.cfg.to_dict())
             model, weights = self.exported()
             kind, config, meta = self.task.export_config()
@@ -339,8 +385,10 @@ def dry_run(cfg: RunConfig) -> str:
         model = task.build_model(cfg)
     optimizer = cfg.train.build_optimizer(model.parameters())
     n = sum(p.numel() for p in model.parameters())
-    summary = (f"builds: {type(model).__name__} with {n:,} parameters, loss {type(loss).__name__}, "
-               f"optimizer {type(optimizer).__name__}")
+    summary = (
+        f"builds: {type(model).__name__} with {n:,} parameters, loss {type(loss).__name__}, "
+        f"optimizer {type(optimizer).__name__}"
+    )
     if hasattr(cfg.loss, "describe"):
         summary += f"\noptions of loss.method={cfg.loss.method}:\n{cfg.loss.describe(cfg.train.steps)}"
     return summary

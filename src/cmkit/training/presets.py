@@ -7,6 +7,7 @@ description (CIFAR-10 on EDM's NCSN++ / DDPM++ and ImageNet-64 on ADM, the paper
 must be given as data.root; teachers may be EDM's released pickles, see cmkit.load).
 Autoencoder and consistency-decoder presets train the latent space and the decoder of ``cmkit.decoder``.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -33,9 +34,18 @@ class Preset:
     kind: str = "denoiser"
 
 
-DIGITS_NET = {"model.img_resolution": 8, "model.in_channels": 1, "model.model_channels": 32,
-              "model.channel_mult": (1, 2), "model.num_blocks": 1, "data.name": "digits",
-              "train.batch_size": 64, "train.log_every": 10, "train.sample_every": 250, "train.ckpt_every": 250}
+DIGITS_NET = {
+    "model.img_resolution": 8,
+    "model.in_channels": 1,
+    "model.model_channels": 32,
+    "model.channel_mult": (1, 2),
+    "model.num_blocks": 1,
+    "data.name": "digits",
+    "train.batch_size": 64,
+    "train.log_every": 10,
+    "train.sample_every": 250,
+    "train.ckpt_every": 250,
+}
 #: A low-frequency time embedding for JVP objectives trained from scratch: with the positional embedding of
 #: 1000·t the time derivative du/dt is dominated by high frequencies and MeanFlow diverges (measured on digits:
 #: ‖u − u_tgt‖² 1.5 → 15 in 150 steps, against 1.4 → 0.6 with Fourier features of scale 1); sCM §12.2 makes
@@ -45,28 +55,84 @@ MEANFLOW_TIME = {"model.embedding": "fourier", "model.fourier_scale": 1.0}
 SCM_TIME = {"model.precond": "trigflow", "model.time_input": "t", "model.positional_scale": 1.0}
 #: sCM's 2-step middle time t_mid = 1.1 (Lu & Song 2025, sCM, 2-step sampling) as σ = σ_d·tan(1.1) with σ_d = 0.5.
 SCM_SIGMA_MID = 0.9824
-FMNIST_NET = {"model.img_resolution": 28, "model.in_channels": 1, "model.model_channels": 32,
-              "model.channel_mult": (1, 2, 2), "model.num_blocks": 2, "model.attn_resolutions": (7,),
-              "data.name": "fashion_mnist", "train.batch_size": 64, "train.bf16": True,
-              "train.log_every": 25, "train.sample_every": 1000, "train.ckpt_every": 500}
-EMOJI_NET = {**FMNIST_NET, "model.img_resolution": 32, "model.in_channels": 3, "model.attn_resolutions": (8,),
-             "data.name": "emoji", "data.flip": True, "train.batch_size": 32}
-CIFAR_NET = {"model.arch": "ncsnpp", "model.img_resolution": 32, "model.in_channels": 3, "model.model_channels": 128,
-             "model.channel_mult": (2, 2, 2), "model.num_blocks": 4, "model.attn_resolutions": (16,),
-             "model.embedding": "fourier", "model.fourier_scale": 16.0, "data.name": "npz", "data.flip": True,
-             "data.root": CIFAR10_TRAIN,
-             "train.log_every": 100, "train.sample_every": 10_000, "train.ckpt_every": 10_000}
-IMAGENET64_NET = {"model.arch": "adm", "model.img_resolution": 64, "model.in_channels": 3, "model.model_channels": 192,
-                  "model.channel_mult": (1, 2, 3, 4), "model.num_blocks": 3, "model.attn_resolutions": (32, 16, 8),
-                  "model.num_classes": 1000, "model.head_channels": 64, "data.name": "folder", "data.flip": True,
-                  "train.bf16": True, "train.log_every": 100, "train.sample_every": 10_000,
-                  "train.ckpt_every": 10_000, "train.ema_rates": (0.999, 0.9999, 0.9999432189950708)}
+FMNIST_NET = {
+    "model.img_resolution": 28,
+    "model.in_channels": 1,
+    "model.model_channels": 32,
+    "model.channel_mult": (1, 2, 2),
+    "model.num_blocks": 2,
+    "model.attn_resolutions": (7,),
+    "data.name": "fashion_mnist",
+    "train.batch_size": 64,
+    "train.bf16": True,
+    "train.log_every": 25,
+    "train.sample_every": 1000,
+    "train.ckpt_every": 500,
+}
+EMOJI_NET = {
+    **FMNIST_NET,
+    "model.img_resolution": 32,
+    "model.in_channels": 3,
+    "model.attn_resolutions": (8,),
+    "data.name": "emoji",
+    "data.flip": True,
+    "train.batch_size": 32,
+}
+CIFAR_NET = {
+    "model.arch": "ncsnpp",
+    "model.img_resolution": 32,
+    "model.in_channels": 3,
+    "model.model_channels": 128,
+    "model.channel_mult": (2, 2, 2),
+    "model.num_blocks": 4,
+    "model.attn_resolutions": (16,),
+    "model.embedding": "fourier",
+    "model.fourier_scale": 16.0,
+    "data.name": "npz",
+    "data.flip": True,
+    "data.root": CIFAR10_TRAIN,
+    "train.log_every": 100,
+    "train.sample_every": 10_000,
+    "train.ckpt_every": 10_000,
+}
+IMAGENET64_NET = {
+    "model.arch": "adm",
+    "model.img_resolution": 64,
+    "model.in_channels": 3,
+    "model.model_channels": 192,
+    "model.channel_mult": (1, 2, 3, 4),
+    "model.num_blocks": 3,
+    "model.attn_resolutions": (32, 16, 8),
+    "model.num_classes": 1000,
+    "model.head_channels": 64,
+    "data.name": "folder",
+    "data.flip": True,
+    "train.bf16": True,
+    "train.log_every": 100,
+    "train.sample_every": 10_000,
+    "train.ckpt_every": 10_000,
+    "train.ema_rates": (0.999, 0.9999, 0.9999432189950708),
+}
 
-LSUN_NET = {"model.arch": "adm", "model.img_resolution": 256, "model.in_channels": 3, "model.model_channels": 256,
-            "model.channel_mult": (1, 1, 2, 2, 4, 4), "model.num_blocks": 2, "model.attn_resolutions": (32, 16, 8),
-            "model.head_channels": 64, "model.scale_shift": False, "data.name": "folder", "data.flip": True,
-            "train.bf16": True, "train.batch_size": 256, "train.log_every": 100, "train.sample_every": 10_000,
-            "train.ckpt_every": 10_000, "train.ema_rates": (0.9999, 0.99994, 0.9999432189950708)}
+LSUN_NET = {
+    "model.arch": "adm",
+    "model.img_resolution": 256,
+    "model.in_channels": 3,
+    "model.model_channels": 256,
+    "model.channel_mult": (1, 1, 2, 2, 4, 4),
+    "model.num_blocks": 2,
+    "model.attn_resolutions": (32, 16, 8),
+    "model.head_channels": 64,
+    "model.scale_shift": False,
+    "data.name": "folder",
+    "data.flip": True,
+    "train.bf16": True,
+    "train.batch_size": 256,
+    "train.log_every": 100,
+    "train.sample_every": 10_000,
+    "train.ckpt_every": 10_000,
+    "train.ema_rates": (0.9999, 0.99994, 0.9999432189950708),
+}
 
 
 def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, Preset]:
@@ -74,196 +140,653 @@ def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, 
     Song et al. 2023's LSUN table)."""
     teacher = f"runs/lsun-{scene}-edm"
     two = {m: {"sample.sigmas": (80.0, mids[m])} if m in mids else {} for m in ("cd-l2", "cd-lpips", "ct")}
-    cd = {**LSUN_NET, "loss.method": "cd", "loss.num_scales": 40, "loss.mu": 0.95, "loss.solver": "heun",
-          "train.steps": 600_000, "train.lr": 1e-5, "train.teacher": teacher, "train.init_from": teacher}
+    cd = {
+        **LSUN_NET,
+        "loss.method": "cd",
+        "loss.num_scales": 40,
+        "loss.mu": 0.95,
+        "loss.solver": "heun",
+        "train.steps": 600_000,
+        "train.lr": 1e-5,
+        "train.teacher": teacher,
+        "train.init_from": teacher,
+    }
     return {
-        f"lsun-{scene}-edm": Preset(f"LSUN {scene.title()}-256 EDM teacher (ADM 256ch, dropout 0.1, RAdam 1e-4, batch 256; "
-                                    f"the paper's teacher was trained by an unpublished script); FID {fids['edm']} "
-                                    "at 79 NFE", {
-            **LSUN_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "loss.P_mean": -1.2,
-            "loss.P_std": 1.2, "train.steps": 600_000, "train.lr": 1e-4, "sample.sampler": "heun",
-            "sample.steps": 40}),
-        f"lsun-{scene}-cd-l2": Preset(f"LSUN {scene.title()}-256 CD (l2, Heun, N=40, μ=0.95, RAdam 1e-5, batch 256, 600k)",
-                                      {**cd, "loss.distance": "l2", **two["cd-l2"]}),
-        f"lsun-{scene}-cd-lpips": Preset(f"LSUN {scene.title()}-256 CD (LPIPS, Heun, N=40, μ=0.95, RAdam 1e-5, batch 256, "
-                                         f"600k); FID {fids['cd']}", {**cd, "loss.distance": "lpips", **two["cd-lpips"]}),
-        f"lsun-{scene}-ct": Preset(f"LSUN {scene.title()}-256 CT (LPIPS, s0=2, s1=150, μ0=0.95, RAdam 5e-5, batch 256, "
-                                   f"1M, from the EDM teacher); FID {fids['ct']}", {
-            **LSUN_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 150, "loss.mu0": 0.95, "loss.distance": "lpips",
-            "train.steps": 1_000_000, "train.lr": 5e-5, "train.init_from": teacher, **two["ct"]}),
+        f"lsun-{scene}-edm": Preset(
+            f"LSUN {scene.title()}-256 EDM teacher (ADM 256ch, dropout 0.1, RAdam 1e-4, batch 256; "
+            f"the paper's teacher was trained by an unpublished script); FID {fids['edm']} "
+            "at 79 NFE",
+            {
+                **LSUN_NET,
+                "model.precond": "edm",
+                "model.dropout": 0.1,
+                "loss.method": "edm",
+                "loss.P_mean": -1.2,
+                "loss.P_std": 1.2,
+                "train.steps": 600_000,
+                "train.lr": 1e-4,
+                "sample.sampler": "heun",
+                "sample.steps": 40,
+            },
+        ),
+        f"lsun-{scene}-cd-l2": Preset(
+            f"LSUN {scene.title()}-256 CD (l2, Heun, N=40, μ=0.95, RAdam 1e-5, batch 256, 600k)",
+            {**cd, "loss.distance": "l2", **two["cd-l2"]},
+        ),
+        f"lsun-{scene}-cd-lpips": Preset(
+            f"LSUN {scene.title()}-256 CD (LPIPS, Heun, N=40, μ=0.95, RAdam 1e-5, batch 256, 600k); FID {fids['cd']}",
+            {**cd, "loss.distance": "lpips", **two["cd-lpips"]},
+        ),
+        f"lsun-{scene}-ct": Preset(
+            f"LSUN {scene.title()}-256 CT (LPIPS, s0=2, s1=150, μ0=0.95, RAdam 5e-5, batch 256, "
+            f"1M, from the EDM teacher); FID {fids['ct']}",
+            {
+                **LSUN_NET,
+                "loss.method": "ct",
+                "loss.s0": 2,
+                "loss.s1": 150,
+                "loss.mu0": 0.95,
+                "loss.distance": "lpips",
+                "train.steps": 1_000_000,
+                "train.lr": 5e-5,
+                "train.init_from": teacher,
+                **two["ct"],
+            },
+        ),
     }
 
 
 PRESETS: dict[str, Preset] = {
     # --- 8×8 digits: minutes on a laptop CPU ---------------------------------------------------------
-    "digits-edm": Preset("8×8 digits EDM diffusion teacher (Heun 18 steps = 35 NFE); ~3 min on 2 CPU cores", {
-        **DIGITS_NET, "model.precond": "edm", "loss.method": "edm", "train.steps": 1500, "train.lr": 1e-3,
-        "train.optimizer": "adam", "train.ema_rates": (0.995,), "sample.sampler": "heun", "sample.steps": 18}),
-    "digits-edm-cond": Preset("8×8 digits class-conditional EDM teacher with 10% label dropout (for --class and "
-                              "classifier-free guidance on a CPU); ~3 min on 2 CPU cores", {
-        **DIGITS_NET, "model.precond": "edm", "model.num_classes": 10, "loss.method": "edm",
-        "loss.label_dropout": 0.1, "train.steps": 1500, "train.lr": 1e-3, "train.optimizer": "adam",
-        "train.ema_rates": (0.995,), "sample.sampler": "heun", "sample.steps": 18}),
-    "digits-scd-cfg": Preset("8×8 digits sCD distilling digits-edm-cond with classifier-free guidance w = 2 into a "
-                             "class-conditional one-step model", {
-        **DIGITS_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "model.num_classes": 10,
-        "loss.method": "scd", "loss.guidance": 2.0, "loss.tangent_warmup": 100, "train.steps": 1000,
-        "train.lr": 2e-4, "train.teacher": "runs/digits-edm-cond", "train.init_from": "runs/digits-edm-cond",
-        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
-    "digits-cd": Preset("8×8 digits consistency distillation from digits-edm (Heun teacher, N=18, μ=0, l2)", {
-        **DIGITS_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "l2",
-        "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm",
-        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.5853)}),
-    "digits-pd": Preset("8×8 digits progressive distillation from digits-edm (Euler, N 8→4→2→1, 250 steps per stage)", {
-        **DIGITS_NET, "model.precond": "edm", "loss.method": "pd", "loss.num_scales": 8, "loss.halve_every": 250,
-        "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm", "train.init_from": "runs/digits-edm",
-        "train.ema_rates": (0.995,), "sample.sampler": "progdist", "sample.steps": 1}),
-    "digits-ct": Preset("8×8 digits original consistency training (adaptive N(k), μ(k); s0=2, s1=150, μ0=0.9)", {
-        **DIGITS_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 1500, "train.lr": 4e-4,
-        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
-    "digits-ict": Preset("8×8 digits improved CT from scratch (pseudo-Huber, lognormal σ, N(k) doubling 10→1280)", {
-        **DIGITS_NET, "loss.method": "ict", "train.steps": 1500, "train.lr": 4e-4, "train.optimizer": "adam",
-        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
-    "digits-ect": Preset("8×8 digits easy consistency tuning from digits-edm (t→r sigmoid map, q=2)", {
-        **DIGITS_NET, "loss.method": "ect", "loss.double_steps": 250, "train.steps": 1000, "train.lr": 2e-4,
-        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
-    "digits-sct": Preset("8×8 digits sCT (TrigFlow continuous-time CT, JVP) tuned from digits-edm", {
-        **DIGITS_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "loss.method": "sct",
-        "loss.tangent_warmup": 100, "train.steps": 1000, "train.lr": 2e-4, "train.init_from": "runs/digits-edm",
-        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
-    "digits-scd": Preset("8×8 digits sCD (TrigFlow continuous-time CD, JVP) from digits-edm", {
-        **DIGITS_NET, "model.precond": "trigflow", "model.time_input": "log_sigma", "loss.method": "scd",
-        "loss.tangent_warmup": 100, "train.steps": 1000, "train.lr": 2e-4, "train.teacher": "runs/digits-edm",
-        "train.init_from": "runs/digits-edm", "train.ema_rates": (0.995,), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
-    "digits-meanflow": Preset("8×8 digits MeanFlow (two-time flow map, JVP) from scratch", {
-        **DIGITS_NET, "model.precond": "meanflow", "model.time_inputs": 2, **MEANFLOW_TIME, "loss.method": "meanflow",
-        "train.steps": 2000, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 100,
-        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 1.0)}),
-    "digits-tcm": Preset("8×8 digits truncated CM (stage 2 after digits-ect; t′ = 1, boundary loss)", {
-        **DIGITS_NET, "loss.method": "tcm", "loss.double_steps": 250, "loss.start_stage": 3, "train.steps": 500,
-        "train.lr": 1e-4, "train.teacher": "runs/digits-ect", "train.init_from": "runs/digits-ect",
-        "train.ema_rates": (0.995,), "sample.sigmas": (80.0, 0.8)}),
+    "digits-edm": Preset(
+        "8×8 digits EDM diffusion teacher (Heun 18 steps = 35 NFE); ~3 min on 2 CPU cores",
+        {
+            **DIGITS_NET,
+            "model.precond": "edm",
+            "loss.method": "edm",
+            "train.steps": 1500,
+            "train.lr": 1e-3,
+            "train.optimizer": "adam",
+            "train.ema_rates": (0.995,),
+            "sample.sampler": "heun",
+            "sample.steps": 18,
+        },
+    ),
+    "digits-edm-cond": Preset(
+        "8×8 digits class-conditional EDM teacher with 10% label dropout (for --class and "
+        "classifier-free guidance on a CPU); ~3 min on 2 CPU cores",
+        {
+            **DIGITS_NET,
+            "model.precond": "edm",
+            "model.num_classes": 10,
+            "loss.method": "edm",
+            "loss.label_dropout": 0.1,
+            "train.steps": 1500,
+            "train.lr": 1e-3,
+            "train.optimizer": "adam",
+            "train.ema_rates": (0.995,),
+            "sample.sampler": "heun",
+            "sample.steps": 18,
+        },
+    ),
+    "digits-scd-cfg": Preset(
+        "8×8 digits sCD distilling digits-edm-cond with classifier-free guidance w = 2 into a "
+        "class-conditional one-step model",
+        {
+            **DIGITS_NET,
+            "model.precond": "trigflow",
+            "model.time_input": "log_sigma",
+            "model.num_classes": 10,
+            "loss.method": "scd",
+            "loss.guidance": 2.0,
+            "loss.tangent_warmup": 100,
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/digits-edm-cond",
+            "train.init_from": "runs/digits-edm-cond",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, SCM_SIGMA_MID),
+        },
+    ),
+    "digits-cd": Preset(
+        "8×8 digits consistency distillation from digits-edm (Heun teacher, N=18, μ=0, l2)",
+        {
+            **DIGITS_NET,
+            "loss.method": "cd",
+            "loss.num_scales": 18,
+            "loss.mu": 0.0,
+            "loss.distance": "l2",
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/digits-edm",
+            "train.init_from": "runs/digits-edm",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.5853),
+        },
+    ),
+    "digits-pd": Preset(
+        "8×8 digits progressive distillation from digits-edm (Euler, N 8→4→2→1, 250 steps per stage)",
+        {
+            **DIGITS_NET,
+            "model.precond": "edm",
+            "loss.method": "pd",
+            "loss.num_scales": 8,
+            "loss.halve_every": 250,
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/digits-edm",
+            "train.init_from": "runs/digits-edm",
+            "train.ema_rates": (0.995,),
+            "sample.sampler": "progdist",
+            "sample.steps": 1,
+        },
+    ),
+    "digits-ct": Preset(
+        "8×8 digits original consistency training (adaptive N(k), μ(k); s0=2, s1=150, μ0=0.9)",
+        {
+            **DIGITS_NET,
+            "loss.method": "ct",
+            "loss.distance": "l2",
+            "train.steps": 1500,
+            "train.lr": 4e-4,
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
+    "digits-ict": Preset(
+        "8×8 digits improved CT from scratch (pseudo-Huber, lognormal σ, N(k) doubling 10→1280)",
+        {
+            **DIGITS_NET,
+            "loss.method": "ict",
+            "train.steps": 1500,
+            "train.lr": 4e-4,
+            "train.optimizer": "adam",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
+    "digits-ect": Preset(
+        "8×8 digits easy consistency tuning from digits-edm (t→r sigmoid map, q=2)",
+        {
+            **DIGITS_NET,
+            "loss.method": "ect",
+            "loss.double_steps": 250,
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.init_from": "runs/digits-edm",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
+    "digits-sct": Preset(
+        "8×8 digits sCT (TrigFlow continuous-time CT, JVP) tuned from digits-edm",
+        {
+            **DIGITS_NET,
+            "model.precond": "trigflow",
+            "model.time_input": "log_sigma",
+            "loss.method": "sct",
+            "loss.tangent_warmup": 100,
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.init_from": "runs/digits-edm",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, SCM_SIGMA_MID),
+        },
+    ),
+    "digits-scd": Preset(
+        "8×8 digits sCD (TrigFlow continuous-time CD, JVP) from digits-edm",
+        {
+            **DIGITS_NET,
+            "model.precond": "trigflow",
+            "model.time_input": "log_sigma",
+            "loss.method": "scd",
+            "loss.tangent_warmup": 100,
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/digits-edm",
+            "train.init_from": "runs/digits-edm",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, SCM_SIGMA_MID),
+        },
+    ),
+    "digits-meanflow": Preset(
+        "8×8 digits MeanFlow (two-time flow map, JVP) from scratch",
+        {
+            **DIGITS_NET,
+            "model.precond": "meanflow",
+            "model.time_inputs": 2,
+            **MEANFLOW_TIME,
+            "loss.method": "meanflow",
+            "train.steps": 2000,
+            "train.lr": 1e-3,
+            "train.optimizer": "adam",
+            "train.warmup_steps": 100,
+            "train.ema_rates": (0.999,),
+            "sample.sigmas": (80.0, 1.0),
+        },
+    ),
+    "digits-tcm": Preset(
+        "8×8 digits truncated CM (stage 2 after digits-ect; t′ = 1, boundary loss)",
+        {
+            **DIGITS_NET,
+            "loss.method": "tcm",
+            "loss.double_steps": 250,
+            "loss.start_stage": 3,
+            "train.steps": 500,
+            "train.lr": 1e-4,
+            "train.teacher": "runs/digits-ect",
+            "train.init_from": "runs/digits-ect",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
     # --- 28×28 Fashion-MNIST: the shipped models (about 1 hour each on one core of a 2-core CPU, bf16; ---
     # --- the recipes in cmkit/assets/models/NAME/config.json say exactly how each was trained) --------
     # sample.sigmas: the 2-step σ_mid that benchmarks/quality.py found best for the shipped model (on its
     # training grid where it has one)
-    "fmnist-edm": Preset("28×28 Fashion-MNIST EDM teacher (Heun 18 steps = 35 NFE), 1.7M-param UNet", {
-        **FMNIST_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "train.steps": 4_500,
-        "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 300, "train.ema_rates": (0.999,),
-        "sample.sampler": "heun", "sample.steps": 18}),
-    "fmnist-cd": Preset("28×28 Fashion-MNIST consistency distillation from fmnist-edm (Heun, N=18, μ=0, pseudo-Huber)", {
-        **FMNIST_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "pseudo_huber",
-        "train.steps": 2_000, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
-        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 1.9233)}),
-    "fmnist-pd": Preset("28×28 Fashion-MNIST progressive distillation from fmnist-edm (Euler, N 16→8→4→2→1, 400 "
-                        "steps per stage; the same budget as fmnist-cd)", {
-        **FMNIST_NET, "model.precond": "edm", "loss.method": "pd", "loss.num_scales": 16, "loss.halve_every": 400,
-        "train.steps": 2_000, "train.lr": 2e-4, "train.teacher": "runs/fmnist-edm", "train.init_from": "runs/fmnist-edm",
-        "train.ema_rates": (0.995, 0.999), "sample.sampler": "progdist", "sample.steps": 1}),
-    "fmnist-ct": Preset("28×28 Fashion-MNIST original consistency training from scratch (adaptive N(k), μ(k))", {
-        **FMNIST_NET, "loss.method": "ct", "loss.distance": "l2", "train.steps": 12_000, "train.lr": 4e-4,
-        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
-    "fmnist-ict": Preset("28×28 Fashion-MNIST improved CT from scratch (pseudo-Huber, lognormal, dropout 0.2)", {
-        **FMNIST_NET, "model.dropout": 0.2, "loss.method": "ict", "train.steps": 3_000, "train.lr": 2e-4,
-        "train.optimizer": "adam", "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 5.1199)}),
-    "fmnist-ect": Preset("28×28 Fashion-MNIST easy consistency tuning from fmnist-edm (dropout 0.1, q=2)", {
-        **FMNIST_NET, "model.dropout": 0.1, "loss.method": "ect", "loss.double_steps": 400, "train.steps": 1_500,
-        "train.lr": 2e-4, "train.init_from": "runs/fmnist-edm", "train.ema_rates": (0.995, 0.999),
-        "sample.sigmas": (80.0, 2.0181)}),
+    "fmnist-edm": Preset(
+        "28×28 Fashion-MNIST EDM teacher (Heun 18 steps = 35 NFE), 1.7M-param UNet",
+        {
+            **FMNIST_NET,
+            "model.precond": "edm",
+            "model.dropout": 0.1,
+            "loss.method": "edm",
+            "train.steps": 4_500,
+            "train.lr": 1e-3,
+            "train.optimizer": "adam",
+            "train.warmup_steps": 300,
+            "train.ema_rates": (0.999,),
+            "sample.sampler": "heun",
+            "sample.steps": 18,
+        },
+    ),
+    "fmnist-cd": Preset(
+        "28×28 Fashion-MNIST consistency distillation from fmnist-edm (Heun, N=18, μ=0, pseudo-Huber)",
+        {
+            **FMNIST_NET,
+            "loss.method": "cd",
+            "loss.num_scales": 18,
+            "loss.mu": 0.0,
+            "loss.distance": "pseudo_huber",
+            "train.steps": 2_000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/fmnist-edm",
+            "train.init_from": "runs/fmnist-edm",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 1.9233),
+        },
+    ),
+    "fmnist-pd": Preset(
+        "28×28 Fashion-MNIST progressive distillation from fmnist-edm (Euler, N 16→8→4→2→1, 400 "
+        "steps per stage; the same budget as fmnist-cd)",
+        {
+            **FMNIST_NET,
+            "model.precond": "edm",
+            "loss.method": "pd",
+            "loss.num_scales": 16,
+            "loss.halve_every": 400,
+            "train.steps": 2_000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/fmnist-edm",
+            "train.init_from": "runs/fmnist-edm",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sampler": "progdist",
+            "sample.steps": 1,
+        },
+    ),
+    "fmnist-ct": Preset(
+        "28×28 Fashion-MNIST original consistency training from scratch (adaptive N(k), μ(k))",
+        {
+            **FMNIST_NET,
+            "loss.method": "ct",
+            "loss.distance": "l2",
+            "train.steps": 12_000,
+            "train.lr": 4e-4,
+            "train.ema_rates": (0.999,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
+    "fmnist-ict": Preset(
+        "28×28 Fashion-MNIST improved CT from scratch (pseudo-Huber, lognormal, dropout 0.2)",
+        {
+            **FMNIST_NET,
+            "model.dropout": 0.2,
+            "loss.method": "ict",
+            "train.steps": 3_000,
+            "train.lr": 2e-4,
+            "train.optimizer": "adam",
+            "train.ema_rates": (0.999,),
+            "sample.sigmas": (80.0, 5.1199),
+        },
+    ),
+    "fmnist-ect": Preset(
+        "28×28 Fashion-MNIST easy consistency tuning from fmnist-edm (dropout 0.1, q=2)",
+        {
+            **FMNIST_NET,
+            "model.dropout": 0.1,
+            "loss.method": "ect",
+            "loss.double_steps": 400,
+            "train.steps": 1_500,
+            "train.lr": 2e-4,
+            "train.init_from": "runs/fmnist-edm",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 2.0181),
+        },
+    ),
     # sCM / MeanFlow / TCM at CPU scale (issue 12); the 2-step σ_mid of sCM is its t_mid = 1.1.
     # sCM's stable time input (§12.2): c_noise(t) = t with a positional embedding of scale 1. The EDM teacher
     # embeds 1000·ln(σ)/4: init_from fits the run's embedding MLP to the teacher's (cmkit.retime), and a short
     # EDM-loss tune follows; sCD / sCT start from this TrigFlow teacher. (fmnist-scd on the EDM teacher's own
     # time input diverged: the tangent's RMS grew from 0.03 to 7 in 500 steps and the 1-step FD was 60.)
-    "fmnist-trigflow": Preset("28×28 Fashion-MNIST TrigFlow teacher: fmnist-edm with sCM's c_noise(t) = t "
-                              "(positional scale 1; embedding refitted, then 300 steps of the EDM loss)", {
-        **FMNIST_NET, **SCM_TIME, "model.dropout": 0.1, "loss.method": "edm", "train.steps": 300,
-        "train.lr": 1e-4, "train.optimizer": "adam", "train.warmup_steps": 50, "train.init_from": "runs/fmnist-edm",
-        "train.ema_rates": (0.999,), "sample.sampler": "heun", "sample.steps": 18}),
-    "fmnist-sct": Preset("28×28 Fashion-MNIST sCT (TrigFlow continuous-time CT, JVP) tuned from fmnist-trigflow", {
-        **FMNIST_NET, **SCM_TIME, "model.dropout": 0.1, "loss.method": "sct", "loss.tangent_warmup": 100,
-        "train.steps": 1_000, "train.lr": 2e-4, "train.init_from": "runs/fmnist-trigflow",
-        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
-    "fmnist-scd": Preset("28×28 Fashion-MNIST sCD (TrigFlow continuous-time CD, JVP) from fmnist-trigflow", {
-        **FMNIST_NET, **SCM_TIME, "loss.method": "scd", "loss.tangent_warmup": 100, "train.steps": 1_000,
-        "train.lr": 2e-4, "train.teacher": "runs/fmnist-trigflow", "train.init_from": "runs/fmnist-trigflow",
-        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, SCM_SIGMA_MID)}),
-    "fmnist-meanflow": Preset("28×28 Fashion-MNIST MeanFlow (two-time flow map, JVP) from scratch", {
-        **FMNIST_NET, "model.precond": "meanflow", "model.time_inputs": 2, **MEANFLOW_TIME, "loss.method": "meanflow",
-        "train.steps": 1_000, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 200,
-        "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 1.0)}),
-    "fmnist-tcm": Preset("28×28 Fashion-MNIST truncated CM: stage 2 after fmnist-ect (t′ = 1, boundary loss 0.25/0.1)", {
-        **FMNIST_NET, "model.dropout": 0.1, "loss.method": "tcm", "loss.double_steps": 400, "loss.start_stage": 3,
-        "train.steps": 800, "train.lr": 1e-4, "train.teacher": "runs/fmnist-ect", "train.init_from": "runs/fmnist-ect",
-        "train.ema_rates": (0.995, 0.999), "sample.sigmas": (80.0, 2.226)}),
+    "fmnist-trigflow": Preset(
+        "28×28 Fashion-MNIST TrigFlow teacher: fmnist-edm with sCM's c_noise(t) = t "
+        "(positional scale 1; embedding refitted, then 300 steps of the EDM loss)",
+        {
+            **FMNIST_NET,
+            **SCM_TIME,
+            "model.dropout": 0.1,
+            "loss.method": "edm",
+            "train.steps": 300,
+            "train.lr": 1e-4,
+            "train.optimizer": "adam",
+            "train.warmup_steps": 50,
+            "train.init_from": "runs/fmnist-edm",
+            "train.ema_rates": (0.999,),
+            "sample.sampler": "heun",
+            "sample.steps": 18,
+        },
+    ),
+    "fmnist-sct": Preset(
+        "28×28 Fashion-MNIST sCT (TrigFlow continuous-time CT, JVP) tuned from fmnist-trigflow",
+        {
+            **FMNIST_NET,
+            **SCM_TIME,
+            "model.dropout": 0.1,
+            "loss.method": "sct",
+            "loss.tangent_warmup": 100,
+            "train.steps": 1_000,
+            "train.lr": 2e-4,
+            "train.init_from": "runs/fmnist-trigflow",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, SCM_SIGMA_MID),
+        },
+    ),
+    "fmnist-scd": Preset(
+        "28×28 Fashion-MNIST sCD (TrigFlow continuous-time CD, JVP) from fmnist-trigflow",
+        {
+            **FMNIST_NET,
+            **SCM_TIME,
+            "loss.method": "scd",
+            "loss.tangent_warmup": 100,
+            "train.steps": 1_000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/fmnist-trigflow",
+            "train.init_from": "runs/fmnist-trigflow",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, SCM_SIGMA_MID),
+        },
+    ),
+    "fmnist-meanflow": Preset(
+        "28×28 Fashion-MNIST MeanFlow (two-time flow map, JVP) from scratch",
+        {
+            **FMNIST_NET,
+            "model.precond": "meanflow",
+            "model.time_inputs": 2,
+            **MEANFLOW_TIME,
+            "loss.method": "meanflow",
+            "train.steps": 1_000,
+            "train.lr": 1e-3,
+            "train.optimizer": "adam",
+            "train.warmup_steps": 200,
+            "train.ema_rates": (0.999,),
+            "sample.sigmas": (80.0, 1.0),
+        },
+    ),
+    "fmnist-tcm": Preset(
+        "28×28 Fashion-MNIST truncated CM: stage 2 after fmnist-ect (t′ = 1, boundary loss 0.25/0.1)",
+        {
+            **FMNIST_NET,
+            "model.dropout": 0.1,
+            "loss.method": "tcm",
+            "loss.double_steps": 400,
+            "loss.start_stage": 3,
+            "train.steps": 800,
+            "train.lr": 1e-4,
+            "train.teacher": "runs/fmnist-ect",
+            "train.init_from": "runs/fmnist-ect",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 2.226),
+        },
+    ),
     # --- 32×32 colour emoji (Noto Color Emoji from Debian): the colour model for colorization ---------
     # Shipped: emoji-ect (EDM pre-training, then ECT). iCT from scratch learned too slowly here: after 1,000
     # steps (25 min) its samples were still coloured noise, where the EDM + ECT pair shows emoji shapes.
-    "emoji-edm": Preset("32×32 colour emoji EDM pre-training for emoji-ect (batch 32)", {
-        **EMOJI_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "train.steps": 2_500,
-        "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 200, "train.ema_rates": (0.999,),
-        "sample.sampler": "heun", "sample.steps": 18}),
-    "emoji-ect": Preset("32×32 colour emoji easy consistency tuning from emoji-edm (for colorization and colour editing)", {
-        **EMOJI_NET, "model.dropout": 0.1, "loss.method": "ect", "loss.double_steps": 500, "train.steps": 2_000,
-        "train.lr": 2e-4, "train.init_from": "runs/emoji-edm", "train.ema_rates": (0.995, 0.999),
-        "sample.sigmas": (80.0, 0.8)}),
-    "emoji-ict": Preset("32×32 colour emoji improved CT from scratch (slow to learn on a CPU budget; see emoji-ect)", {
-        **EMOJI_NET, "train.batch_size": 64, "model.dropout": 0.2, "loss.method": "ict", "train.steps": 4_000,
-        "train.lr": 2e-4, "train.optimizer": "adam", "train.ema_rates": (0.999,), "sample.sigmas": (80.0, 0.8)}),
+    "emoji-edm": Preset(
+        "32×32 colour emoji EDM pre-training for emoji-ect (batch 32)",
+        {
+            **EMOJI_NET,
+            "model.precond": "edm",
+            "model.dropout": 0.1,
+            "loss.method": "edm",
+            "train.steps": 2_500,
+            "train.lr": 1e-3,
+            "train.optimizer": "adam",
+            "train.warmup_steps": 200,
+            "train.ema_rates": (0.999,),
+            "sample.sampler": "heun",
+            "sample.steps": 18,
+        },
+    ),
+    "emoji-ect": Preset(
+        "32×32 colour emoji easy consistency tuning from emoji-edm (for colorization and colour editing)",
+        {
+            **EMOJI_NET,
+            "model.dropout": 0.1,
+            "loss.method": "ect",
+            "loss.double_steps": 500,
+            "train.steps": 2_000,
+            "train.lr": 2e-4,
+            "train.init_from": "runs/emoji-edm",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
+    "emoji-ict": Preset(
+        "32×32 colour emoji improved CT from scratch (slow to learn on a CPU budget; see emoji-ect)",
+        {
+            **EMOJI_NET,
+            "train.batch_size": 64,
+            "model.dropout": 0.2,
+            "loss.method": "ict",
+            "train.steps": 4_000,
+            "train.lr": 2e-4,
+            "train.optimizer": "adam",
+            "train.ema_rates": (0.999,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
     # --- paper recipes (GPU scale) -------------------------------------------------------------------
-    "cifar10-edm": Preset("CIFAR-10 EDM teacher (NCSN++, dropout 0.13, Adam 1e-3); paper FID 2.04 at 35 NFE "
-                          "(EDM's edm-cifar10-32x32-uncond-ve.pkl)", {
-        **CIFAR_NET, "model.precond": "edm", "model.dropout": 0.13, "loss.method": "edm", "train.steps": 400_000,
-        "train.batch_size": 512, "train.lr": 1e-3, "train.optimizer": "adam", "train.warmup_steps": 19_500,
-        "train.ema_rates": (0.99929,), "sample.sampler": "heun", "sample.steps": 18}),
-    "cifar10-cd": Preset("CIFAR-10 CD on NCSN++ (LPIPS, Heun, N=18, μ=0, RAdam 4e-4, batch 512, 800k); paper FID 3.55 (1-step), 2.93 (2-step)", {
-        **CIFAR_NET, "loss.method": "cd", "loss.num_scales": 18, "loss.mu": 0.0, "loss.distance": "lpips",
-        "loss.solver": "heun", "train.steps": 800_000, "train.batch_size": 512, "train.lr": 4e-4,
-        "train.ema_rates": (0.9999,), "train.teacher": "runs/cifar10-edm", "train.init_from": "runs/cifar10-edm",
-        "sample.sigmas": (80.0, 0.5853)}),
-    "cifar10-ct": Preset("CIFAR-10 CT on NCSN++ (LPIPS, s0=2, s1=150, μ0=0.9, RAdam 4e-4, batch 512, 800k, random init); paper FID 8.70 / 5.83", {
-        **CIFAR_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 150, "loss.mu0": 0.9, "loss.distance": "lpips",
-        "train.steps": 800_000, "train.batch_size": 512, "train.lr": 4e-4, "train.ema_rates": (0.9999,),
-        "sample.sigmas": (80.0, 0.5853)}),
-    "cifar10-ict": Preset("CIFAR-10 iCT on NCSN++ (pseudo-Huber, Fourier scale 0.02, dropout 0.3, Adam 1e-4, batch 1024, 400k); paper FID 2.83 / 2.46", {
-        **CIFAR_NET, "model.fourier_scale": 0.02, "model.dropout": 0.3, "loss.method": "ict", "loss.s0": 10,
-        "loss.s1": 1280, "train.steps": 400_000, "train.batch_size": 1024, "train.lr": 1e-4,
-        "train.optimizer": "adam", "train.ema_rates": (0.99993,), "sample.sigmas": (80.0, 0.821)}),
-    "cifar10-ect": Preset("CIFAR-10 ECT (DDPM++, dropout 0.2, RAdam 1e-4, batch 128, 400k, double 25k, c=0); paper FID 3.60 / 2.11", {
-        **CIFAR_NET, "model.arch": "ddpmpp", "model.embedding": "positional", "model.dropout": 0.2, "data.flip": False,
-        "loss.method": "ect", "loss.double_steps": 25_000, "loss.huber_c": 0.0, "train.steps": 400_000,
-        "train.batch_size": 128, "train.lr": 1e-4, "train.ema_rates": (0.9999,),
-        "train.init_from": "edm-cifar10-32x32-uncond-vp.pkl",  # EDM's released DDPM++ (download it)
-        "sample.sigmas": (80.0, 0.821)}),
-    "imagenet64-edm": Preset("ImageNet-64 EDM teacher (ADM 192ch, class-cond, dropout 0.1, RAdam 1e-4, batch 4096); paper FID 2.44 at 79 NFE", {
-        **IMAGENET64_NET, "model.precond": "edm", "model.dropout": 0.1, "loss.method": "edm", "loss.P_mean": -1.2,
-        "loss.P_std": 1.2, "train.steps": 600_000, "train.batch_size": 4096, "train.lr": 1e-4,
-        "sample.sampler": "heun", "sample.steps": 40}),
-    "imagenet64-cd": Preset("ImageNet-64 CD (LPIPS, Heun, N=40, μ=0.95, RAdam 8e-6, batch 2048, 600k); paper FID 6.20 / 4.70", {
-        **IMAGENET64_NET, "loss.method": "cd", "loss.num_scales": 40, "loss.mu": 0.95, "loss.distance": "lpips",
-        "train.steps": 600_000, "train.batch_size": 2048, "train.lr": 8e-6, "train.teacher": "runs/imagenet64-edm",
-        "train.init_from": "runs/imagenet64-edm", "sample.sigmas": (80.0, 1.3824)}),
-    "imagenet64-ct": Preset("ImageNet-64 CT (LPIPS, s0=2, s1=200, μ0=0.95, RAdam 1e-4, batch 2048, 800k); paper FID 13.0 / 11.1", {
-        **IMAGENET64_NET, "loss.method": "ct", "loss.s0": 2, "loss.s1": 200, "loss.mu0": 0.95, "loss.distance": "lpips",
-        "train.steps": 800_000, "train.batch_size": 2048, "train.lr": 1e-4, "sample.sigmas": (80.0, 1.9128)}),
+    "cifar10-edm": Preset(
+        "CIFAR-10 EDM teacher (NCSN++, dropout 0.13, Adam 1e-3); paper FID 2.04 at 35 NFE "
+        "(EDM's edm-cifar10-32x32-uncond-ve.pkl)",
+        {
+            **CIFAR_NET,
+            "model.precond": "edm",
+            "model.dropout": 0.13,
+            "loss.method": "edm",
+            "train.steps": 400_000,
+            "train.batch_size": 512,
+            "train.lr": 1e-3,
+            "train.optimizer": "adam",
+            "train.warmup_steps": 19_500,
+            "train.ema_rates": (0.99929,),
+            "sample.sampler": "heun",
+            "sample.steps": 18,
+        },
+    ),
+    "cifar10-cd": Preset(
+        "CIFAR-10 CD on NCSN++ (LPIPS, Heun, N=18, μ=0, RAdam 4e-4, batch 512, 800k); paper FID 3.55 (1-step), 2.93 (2-step)",
+        {
+            **CIFAR_NET,
+            "loss.method": "cd",
+            "loss.num_scales": 18,
+            "loss.mu": 0.0,
+            "loss.distance": "lpips",
+            "loss.solver": "heun",
+            "train.steps": 800_000,
+            "train.batch_size": 512,
+            "train.lr": 4e-4,
+            "train.ema_rates": (0.9999,),
+            "train.teacher": "runs/cifar10-edm",
+            "train.init_from": "runs/cifar10-edm",
+            "sample.sigmas": (80.0, 0.5853),
+        },
+    ),
+    "cifar10-ct": Preset(
+        "CIFAR-10 CT on NCSN++ (LPIPS, s0=2, s1=150, μ0=0.9, RAdam 4e-4, batch 512, 800k, random init); paper FID 8.70 / 5.83",
+        {
+            **CIFAR_NET,
+            "loss.method": "ct",
+            "loss.s0": 2,
+            "loss.s1": 150,
+            "loss.mu0": 0.9,
+            "loss.distance": "lpips",
+            "train.steps": 800_000,
+            "train.batch_size": 512,
+            "train.lr": 4e-4,
+            "train.ema_rates": (0.9999,),
+            "sample.sigmas": (80.0, 0.5853),
+        },
+    ),
+    "cifar10-ict": Preset(
+        "CIFAR-10 iCT on NCSN++ (pseudo-Huber, Fourier scale 0.02, dropout 0.3, Adam 1e-4, batch 1024, 400k); paper FID 2.83 / 2.46",
+        {
+            **CIFAR_NET,
+            "model.fourier_scale": 0.02,
+            "model.dropout": 0.3,
+            "loss.method": "ict",
+            "loss.s0": 10,
+            "loss.s1": 1280,
+            "train.steps": 400_000,
+            "train.batch_size": 1024,
+            "train.lr": 1e-4,
+            "train.optimizer": "adam",
+            "train.ema_rates": (0.99993,),
+            "sample.sigmas": (80.0, 0.821),
+        },
+    ),
+    "cifar10-ect": Preset(
+        "CIFAR-10 ECT (DDPM++, dropout 0.2, RAdam 1e-4, batch 128, 400k, double 25k, c=0); paper FID 3.60 / 2.11",
+        {
+            **CIFAR_NET,
+            "model.arch": "ddpmpp",
+            "model.embedding": "positional",
+            "model.dropout": 0.2,
+            "data.flip": False,
+            "loss.method": "ect",
+            "loss.double_steps": 25_000,
+            "loss.huber_c": 0.0,
+            "train.steps": 400_000,
+            "train.batch_size": 128,
+            "train.lr": 1e-4,
+            "train.ema_rates": (0.9999,),
+            "train.init_from": "edm-cifar10-32x32-uncond-vp.pkl",  # EDM's released DDPM++ (download it)
+            "sample.sigmas": (80.0, 0.821),
+        },
+    ),
+    "imagenet64-edm": Preset(
+        "ImageNet-64 EDM teacher (ADM 192ch, class-cond, dropout 0.1, RAdam 1e-4, batch 4096); paper FID 2.44 at 79 NFE",
+        {
+            **IMAGENET64_NET,
+            "model.precond": "edm",
+            "model.dropout": 0.1,
+            "loss.method": "edm",
+            "loss.P_mean": -1.2,
+            "loss.P_std": 1.2,
+            "train.steps": 600_000,
+            "train.batch_size": 4096,
+            "train.lr": 1e-4,
+            "sample.sampler": "heun",
+            "sample.steps": 40,
+        },
+    ),
+    "imagenet64-cd": Preset(
+        "ImageNet-64 CD (LPIPS, Heun, N=40, μ=0.95, RAdam 8e-6, batch 2048, 600k); paper FID 6.20 / 4.70",
+        {
+            **IMAGENET64_NET,
+            "loss.method": "cd",
+            "loss.num_scales": 40,
+            "loss.mu": 0.95,
+            "loss.distance": "lpips",
+            "train.steps": 600_000,
+            "train.batch_size": 2048,
+            "train.lr": 8e-6,
+            "train.teacher": "runs/imagenet64-edm",
+            "train.init_from": "runs/imagenet64-edm",
+            "sample.sigmas": (80.0, 1.3824),
+        },
+    ),
+    "imagenet64-ct": Preset(
+        "ImageNet-64 CT (LPIPS, s0=2, s1=200, μ0=0.95, RAdam 1e-4, batch 2048, 800k); paper FID 13.0 / 11.1",
+        {
+            **IMAGENET64_NET,
+            "loss.method": "ct",
+            "loss.s0": 2,
+            "loss.s1": 200,
+            "loss.mu0": 0.95,
+            "loss.distance": "lpips",
+            "train.steps": 800_000,
+            "train.batch_size": 2048,
+            "train.lr": 1e-4,
+            "sample.sigmas": (80.0, 1.9128),
+        },
+    ),
     # LSUN-256 (the published FIDs are unconfirmed readings of Song et al. 2023's LSUN table)
-    **lsun("bedroom", {"edm": "3.57", "cd": "7.80 / 5.22", "ct": "16.0 / 7.85"},
-           {"cd-l2": 3.5197, "cd-lpips": 4.3656, "ct": 3.9912}),
+    **lsun(
+        "bedroom",
+        {"edm": "3.57", "cd": "7.80 / 5.22", "ct": "16.0 / 7.85"},
+        {"cd-l2": 3.5197, "cd-lpips": 4.3656, "ct": 3.9912},
+    ),
     **lsun("cat", {"edm": "6.69", "cd": "11.0 / 8.84", "ct": "20.7 / 11.7"}, {"ct": 5.2485}),
     # --- a latent space and its consistency decoder (cmkit.decoder; CPU) ------------------------------
-    "fmnist-ae": Preset("KL autoencoder, Fashion-MNIST padded to 32×32 → 2×8×8 latents (f = 4), CPU", {},
-                        kind="autoencoder"),
-    "digits-ae": Preset("KL autoencoder, 8×8 digits → 2×4×4 latents (f = 2); a smoke run of seconds", {
-        "data.name": "digits", "data.image_size": 8, "model.channels": (8, 16), "model.norm_groups": 4,
-        "train.steps": 300, "train.batch_size": 32, "train.ckpt_every": 100, "train.sample_every": 100,
-        "train.log_every": 10}, kind="autoencoder"),
-    "fmnist-cdec": Preset("consistency decoder for fmnist-ae latents (4-level UNet 16–32 wide, 0.48M parameters), "
-                          "CPU", {}, kind="decoder"),
-    "digits-cdec": Preset("consistency decoder for digits-ae latents (2-level UNet 8–16 wide); seconds", {
-        "model.autoencoder": "runs/digits-ae", "data.name": "digits", "data.image_size": 8,
-        "model.block_out_channels": (8, 16), "model.norm_num_groups": 4, "model.stats_images": 500,
-        "train.steps": 300, "train.batch_size": 32, "train.ckpt_every": 100, "train.sample_every": 100,
-        "train.log_every": 10}, kind="decoder"),
+    "fmnist-ae": Preset(
+        "KL autoencoder, Fashion-MNIST padded to 32×32 → 2×8×8 latents (f = 4), CPU", {}, kind="autoencoder"
+    ),
+    "digits-ae": Preset(
+        "KL autoencoder, 8×8 digits → 2×4×4 latents (f = 2); a smoke run of seconds",
+        {
+            "data.name": "digits",
+            "data.image_size": 8,
+            "model.channels": (8, 16),
+            "model.norm_groups": 4,
+            "train.steps": 300,
+            "train.batch_size": 32,
+            "train.ckpt_every": 100,
+            "train.sample_every": 100,
+            "train.log_every": 10,
+        },
+        kind="autoencoder",
+    ),
+    "fmnist-cdec": Preset(
+        "consistency decoder for fmnist-ae latents (4-level UNet 16–32 wide, 0.48M parameters), CPU", {}, kind="decoder"
+    ),
+    "digits-cdec": Preset(
+        "consistency decoder for digits-ae latents (2-level UNet 8–16 wide); seconds",
+        {
+            "model.autoencoder": "runs/digits-ae",
+            "data.name": "digits",
+            "data.image_size": 8,
+            "model.block_out_channels": (8, 16),
+            "model.norm_num_groups": 4,
+            "model.stats_images": 500,
+            "train.steps": 300,
+            "train.batch_size": 32,
+            "train.ckpt_every": 100,
+            "train.sample_every": 100,
+            "train.log_every": 10,
+        },
+        kind="decoder",
+    ),
 }
 
 
@@ -278,9 +801,12 @@ def _maker(key: str, value: str) -> str:
     if key == "data.root" and Path(value) == Path(CIFAR10_TRAIN):
         return "cmkit prepare-data cifar10 cifar-10-python.tar.gz (the official archive)"
     if key == "loss.lpips_weights":
-        return (f"cmkit convert-lpips --lpips vgg.pth --vgg vgg16-397923af.pth -o {value} (the lpips package's "
-                "weights/v0.1/vgg.pth and torchvision's VGG16)" if value == LPIPS_FILE else
-                "cmkit convert-lpips --lpips vgg.pth --vgg vgg16-397923af.pth")
+        return (
+            f"cmkit convert-lpips --lpips vgg.pth --vgg vgg16-397923af.pth -o {value} (the lpips package's "
+            "weights/v0.1/vgg.pth and torchvision's VGG16)"
+            if value == LPIPS_FILE
+            else "cmkit convert-lpips --lpips vgg.pth --vgg vgg16-397923af.pth"
+        )
     if Path(value).parent == Path("runs") and name in PRESETS:
         return f"cmkit train --preset {name}"
     if name.endswith(".pkl"):
@@ -315,8 +841,12 @@ def missing_inputs(cfg: Any, raise_error: bool = False) -> list[str]:
     for key, value in wanted:
         if not value or not (Path(value).expanduser().exists() or value in shipped_models()):
             absent.setdefault(value or f"({key} is not set)", []).append(key)
-    missing = [f"{', '.join(keys)}={value}: {_maker(keys[0], value)}" if not value.startswith("(") else
-               f"{value}: {_maker(keys[0], '')}" for value, keys in absent.items()]
+    missing = [
+        f"{', '.join(keys)}={value}: {_maker(keys[0], value)}"
+        if not value.startswith("(")
+        else f"{value}: {_maker(keys[0], '')}"
+        for value, keys in absent.items()
+    ]
     if missing and raise_error:
         raise CmkitError(f"{len(missing)} input file(s) missing: " + "; ".join(missing))
     return missing

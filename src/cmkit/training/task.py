@@ -1,6 +1,7 @@
 """What the loop (``cmkit.training.loop``) needs from one kind of run: the ``Task`` protocol, and the ``Context``
 (device, rank, world size) every task is built with. The tasks are ``cmkit.training.denoiser.DenoiserTask`` and
 the autoencoder and decoder tasks of ``cmkit.training.decoder``; ``cmkit.training.kinds`` maps kinds to them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ class Context:
 class Task(Protocol):
     """What the loop needs from one kind of run."""
 
-    name: str              # progress-bar label
-    model: nn.Module       # the trained (online) network θ
+    name: str  # progress-bar label
+    model: nn.Module  # the trained (online) network θ
 
     @staticmethod
     def build_model(cfg: Any) -> nn.Module:
