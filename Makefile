@@ -32,6 +32,8 @@ browser:
 	  || echo "note: could not install chromium with apt; the browser tests of cmkit serve will be skipped")
 
 test: $(STAMP) data browser
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 demo: $(STAMP) data

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from editing import BF16, psnr  # benchmarks/editing.py, beside this script
 
-from cmkit.load import load_model
 from cmkit.datasets import load_dataset
-from cmkit.editing.transforms import ColorBasis
-from cmkit.editing.tasks import colorize, to_gray3
-from cmkit.editing.editor import default_edit_sigmas
 from cmkit.distributed import cpu_name
+from cmkit.editing.editor import default_edit_sigmas
+from cmkit.editing.tasks import colorize, to_gray3
+from cmkit.editing.transforms import ColorBasis
 from cmkit.imageio import save_grid
+from cmkit.load import load_model
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -33,19 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmkit.nets.autoencoder import KLAutoencoder
 from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.schedule import steps_to_schedule
+from cmkit.distributed import cpu_name
 from cmkit.formats.run_dir import RunDir
+from cmkit.imageio import save_grid, to_uint8
+from cmkit.metrics.evaluate import get_extractor, real_floor
+from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
+from cmkit.metrics.reference import load_reference
+from cmkit.nets.autoencoder import KLAutoencoder
 from cmkit.training.decoder import crop_images, load_images
 from cmkit.training.loop import train
-from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
-from cmkit.metrics.evaluate import get_extractor
-from cmkit.metrics.reference import load_reference
-from cmkit.metrics.evaluate import real_floor
 from cmkit.training.presets import get_config
-from cmkit.distributed import cpu_name
-from cmkit.imageio import save_grid, to_uint8
 
 RESULTS = Path(__file__).parent / "results"
 QUICK_AE = ["steps=20", "channels=8,16,16", "log_every=10", "ckpt_every=0", "sample_every=0"]

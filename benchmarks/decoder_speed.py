@@ -5,7 +5,7 @@ builds the network with random weights (the same ones for cmkit and diffusers), 
 decodes while a thread samples the RSS every 5 ms (``/proc/self/statm``); ``ru_maxrss`` is reported too.
 "extra peak" = peak RSS during decoding − RSS after building, i.e. activation memory (reference doc §3.3).
 
-    .venv/bin/python benchmarks/decoder_speed.py            # full size: 256², 512², tiled 256²–1024² (~1.5 h on 2 cores)
+    .venv/bin/python benchmarks/decoder_speed.py     # full size: 256², 512², tiled 256²–1024² (~1.5 h on 2 cores)
     .venv/bin/python benchmarks/decoder_speed.py --repeats 1 --no-fidelity   # the same, ~50 min
     .venv/bin/python benchmarks/decoder_speed.py --repeats 1 --no-fidelity --tiled-schedule 1.0   # ~35 min
     .venv/bin/python benchmarks/decoder_speed.py --quick    # reduced width and sizes (~2 min), to check it works
@@ -69,8 +69,8 @@ class PeakRSS:
 def build_cmkit(spec: dict):
     import torch
 
-    from cmkit.decoder.decoder import ConsistencyDecoder
     from cmkit.decoder.config import DecoderConfig
+    from cmkit.decoder.decoder import ConsistencyDecoder
     from cmkit.decoder.testing import randomize_
 
     dec = ConsistencyDecoder(DecoderConfig(block_out_channels=tuple(spec["widths"])))
@@ -97,8 +97,8 @@ def build_diffusers(spec: dict):
     from diffusers.schedulers import ConsistencyDecoderScheduler
 
     from cmkit.decoder.config import DecoderConfig
-    from cmkit.decoder.unet import DecoderUNet
     from cmkit.decoder.testing import randomize_
+    from cmkit.decoder.unet import DecoderUNet
 
     with torch.device("meta"):
         vae = ConsistencyDecoderVAE(decoder_block_out_channels=tuple(spec["widths"]))
@@ -315,7 +315,8 @@ def summarize(results: list[dict], args: argparse.Namespace) -> str:
         "",
         "Ratio = cmkit best wall time / diffusers best wall time at the same size and dtype (< 1: cmkit faster).",
         "Tiled rows: tile side / overlap in latents (×8 pixels); their extra peak should not grow with the image.",
-        "diffusers' weights column includes the SD encoder of ConsistencyDecoderVAE (34M parameters, unused by decode).",
+        "diffusers' weights column includes the SD encoder of ConsistencyDecoderVAE (34M parameters, unused by "
+        "decode).",
     ]
     return "\n".join(lines) + "\n"
 

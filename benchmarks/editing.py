@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cmkit.load import load_model
 from cmkit.datasets import load_dataset
-from cmkit.editing.masks import builtin_mask
+from cmkit.distributed import cpu_name
 from cmkit.editing.editor import default_edit_sigmas
+from cmkit.editing.masks import builtin_mask
 from cmkit.editing.tasks import inpaint, super_resolve
-from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
+from cmkit.imageio import save_grid, to_uint8
+from cmkit.load import load_model
 from cmkit.metrics.evaluate import get_extractor
+from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
 from cmkit.metrics.reference import load_reference
 from cmkit.schedules import training_grid
-from cmkit.distributed import cpu_name
-from cmkit.imageio import save_grid, to_uint8
 
 RESULTS = Path(__file__).parent / "results"
 

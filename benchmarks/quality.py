@@ -27,18 +27,17 @@ from pathlib import Path
 
 import torch
 
-from cmkit.load import load_model
+from cmkit.distributed import cpu_name
+from cmkit.formats.zoo import shipped_model_dir
 from cmkit.generate import generate, multistep_sigmas
+from cmkit.imageio import save_grid, to_uint8
+from cmkit.load import load_model
+from cmkit.metrics.evaluate import evaluate, get_extractor, real_floor
 from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
-from cmkit.metrics.evaluate import get_extractor
 from cmkit.metrics.reference import load_reference
-from cmkit.metrics.evaluate import evaluate, real_floor
 from cmkit.metrics.schedule_search import search_sigma_mid
 from cmkit.sampling import nfe
 from cmkit.schedules import training_grid
-from cmkit.distributed import cpu_name
-from cmkit.imageio import save_grid, to_uint8
-from cmkit.formats.zoo import shipped_model_dir
 
 RESULTS = Path(__file__).parent / "results"
 TEACHER = "fmnist-edm"
@@ -53,7 +52,8 @@ SCM_TEACHER = "fmnist-trigflow"
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
-    """(model, sampler, steps): the teacher's Heun levels (18 = 35 NFE, then lower budgets); each CM at 1, 2, 4 steps."""
+    """(model, sampler, steps): the teacher's Heun levels (18 = 35 NFE, then lower budgets); each CM at 1, 2, 4
+    steps."""
     rows = [(TEACHER, "heun", s) for s in heun]
     for name in STUDENTS:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
@@ -266,7 +266,8 @@ def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> Non
         f"Network precision while sampling: {precision}. {timing}.",
         "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + ".",
         "",
-        "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s | speed-up vs teacher-35 |",
+        "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s "
+        "| speed-up vs teacher-35 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

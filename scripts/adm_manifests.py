@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from cmkit.nets.adm import ADMUNet
 from cmkit.formats.adm_weights import diffusers_unet_config, openai_to_diffusers
+from cmkit.nets.adm import ADMUNet
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "cmkit" / "nets" / "manifests"
 

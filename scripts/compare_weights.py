@@ -13,14 +13,14 @@ import argparse
 
 import torch
 
-from cmkit.formats.run_dir import RunDir
-from cmkit.files import load_safetensors
 from cmkit.denoiser_config import Config
+from cmkit.files import load_safetensors
+from cmkit.formats.run_dir import RunDir
 from cmkit.generate import default_sampler, generate
-from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
-from cmkit.metrics.evaluate import get_extractor
-from cmkit.metrics.reference import load_reference
 from cmkit.imageio import to_uint8
+from cmkit.metrics.evaluate import get_extractor
+from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
+from cmkit.metrics.reference import load_reference
 
 
 def main() -> None:

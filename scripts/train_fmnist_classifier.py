@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train the Fashion-MNIST feature classifier shipped in ``cmkit/assets`` (used for "FD (Fashion-MNIST classifier features)").
+"""Train the Fashion-MNIST feature classifier shipped in ``cmkit/assets`` (used for "FD (Fashion-MNIST classifier
+features)").
 
 Trains ``cmkit.metrics.fmnist_classifier.FMNISTClassifier`` on the 60k training split with AdamW and a
 one-cycle learning-rate schedule, light augmentation (random ±2 px shift, horizontal flip), then measures

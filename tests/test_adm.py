@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import check_boundary_and_bf16
 
 from cmkit.nets.adm import ADMUNet
 from cmkit.training.presets import get_config
-
-from conftest import check_boundary_and_bf16
 
 # (config, parameters, tensors) of the released checkpoints (cm/unet.py with the launch commands' flags)
 RELEASED = {
@@ -185,8 +184,8 @@ def hub_like_unet(scale_shift: bool, classes: int | None):
 @pytest.mark.parametrize("scale_shift,classes", [(True, 10), (False, None)])
 def test_equals_diffusers_unet2dmodel_and_round_trips(scale_shift, classes, tmp_path):
     from cmkit.cli.main import main
-    from cmkit.load import load_model
     from cmkit.formats.adm_weights import diffusers_to_openai, openai_to_diffusers
+    from cmkit.load import load_model
 
     torch.manual_seed(0)
     d = hub_like_unet(scale_shift, classes)
@@ -294,8 +293,8 @@ def test_released_file_errors_are_one_line(tmp_path, capsys):
 def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(tmp_path, capsys):
     import numpy as np
 
-    from cmkit.formats.model_dir import save_model_dir
     from cmkit.cli.main import main
+    from cmkit.formats.model_dir import save_model_dir
 
     cfg = get_config(
         "digits-ict",
@@ -364,8 +363,8 @@ def test_class_conditional_sampling_takes_labels_and_is_batch_size_independent(t
 
 def test_a_released_model_samples_two_steps_on_its_published_sigma(tmp_path):
     from cmkit.cli.main import main
-    from cmkit.load import load_model
     from cmkit.generate import multistep_sigmas
+    from cmkit.load import load_model
     from cmkit.schedules import karras_sigmas, training_grid
 
     torch.save(ADMUNet(**TINY).state_dict(), tmp_path / "cd_imagenet64_l2.pt")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import cmkit.nets
-from cmkit.nets.adm import ADMUNet
 from cmkit.formats.adm_weights import adm_config_from_state, diffusers_unet_config, openai_to_diffusers
+from cmkit.nets.adm import ADMUNet
 
 MANIFESTS = Path(cmkit.nets.__file__).parent / "manifests"
 COUNTS = {"adm_imagenet64": (295_899_267, 541), "adm_lsun256": (526_304_771, 566)}  # facts of the release

@@ -4,11 +4,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from cmkit.cli.main import main
 from cmkit.training.presets import PRESETS
-
-from conftest import TINY
 
 
 def test_presets_listing(capsys):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cmkit.cli.main import build_parser, main
-from cmkit.inputs import apply_threads, parse_sigmas
 from cmkit.errors import CmkitError
+from cmkit.inputs import apply_threads, parse_sigmas
 
 EDIT_TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
 

@@ -5,21 +5,19 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 from cmkit.jvp import directional_derivative
 from cmkit.losses.meanflow import MeanFlowLoss
 from cmkit.losses.scm import SCDLoss, SCTLoss
-from cmkit.losses.tcm import TCMLoss
-from cmkit.losses.tcm import truncated_log_sigma
+from cmkit.losses.tcm import TCMLoss, truncated_log_sigma
 from cmkit.nets.mlp import MLPNet
 from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
 from cmkit.schedules import karras_sigmas
 from cmkit.toy import GaussianMixture
 from cmkit.trigflow import sigma_from_t, t_from_sigma, velocity_from_denoiser, x_t_from_x_sigma
-
-from conftest import tiny_config
 
 SD = 0.5  # σ_d
 
@@ -453,10 +451,9 @@ def test_trigflow_diffusion_teacher_samples_with_heun_and_teaches_scd(tmp_path, 
     """sCM's teacher: a TrigFlow network (c_noise = t, positional scale 1) trained with the EDM loss is a diffusion
     model — Heun by default, one-step sampling refused — and sCD accepts it as its teacher; the student starts as
     exactly the teacher's denoiser (f_θ = D at every σ)."""
-    from cmkit.load import load_model
     from cmkit.errors import CmkitError
     from cmkit.generate import resolve_sampler
-    from cmkit.load import init_from
+    from cmkit.load import init_from, load_model
     from cmkit.training.loop import train
 
     scm_time = ["model.precond=trigflow", "model.time_input=t", "model.positional_scale=1"]

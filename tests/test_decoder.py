@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.config import DecoderConfig
-from cmkit.decoder.schedule import DecoderSchedule, steps_to_schedule
-from cmkit.decoder.unet import DecoderUNet
+from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.latents import looks_scaled, normalize_latents
+from cmkit.decoder.schedule import DecoderSchedule, steps_to_schedule
 from cmkit.decoder.testing import random_decoder, raw_latents
+from cmkit.decoder.unet import DecoderUNet
 from cmkit.errors import CmkitError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cmkit.decoder.config import DecoderConfig
-from cmkit.decoder.weights import load_weights
 from cmkit.cli.decoder import add_cli
+from cmkit.decoder.config import DecoderConfig
 from cmkit.decoder.testing import random_decoder, raw_latents, write_openai_torchscript
+from cmkit.decoder.weights import load_weights
 from cmkit.errors import CmkitError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

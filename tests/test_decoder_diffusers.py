@@ -8,14 +8,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.config import DecoderConfig
-from cmkit.decoder.unet import DecoderUNet
-from cmkit.decoder.weights import load_weights
+from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.interop import DiffusersDecoderAdapter, from_diffusers
 from cmkit.decoder.keys import check_keys
 from cmkit.decoder.testing import randomize_, raw_latents
-from cmkit.decoder.weights import expected_shapes, to_cmkit_names
+from cmkit.decoder.unet import DecoderUNet
+from cmkit.decoder.weights import expected_shapes, load_weights, to_cmkit_names
 
 TINY = DecoderConfig.tiny()
 

@@ -14,7 +14,6 @@ from cmkit.decoder.testing import random_decoder, raw_latents
 from cmkit.decoder.tiling import blend_window, plan_tiles, spans
 from cmkit.errors import CmkitError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

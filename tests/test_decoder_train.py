@@ -11,19 +11,18 @@ import json
 import pytest
 import torch
 
-from cmkit.nets.autoencoder import AutoencoderConfig, KLAutoencoder, kl_divergence
 from cmkit.cli.main import main
-from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.config import DecoderConfig
-from cmkit.decoder.latents import resolve_scaled
 from cmkit.decoder.consistency import DecoderConsistencyLoss, consistency_function, gap_at, grid_timesteps, noisy
-from cmkit.decoder.latents import normalize_latents, upsample_latents
+from cmkit.decoder.decoder import ConsistencyDecoder
+from cmkit.decoder.latents import normalize_latents, resolve_scaled, upsample_latents
 from cmkit.decoder.sampler import x0_estimate
-from cmkit.training.decoder import DecoderTask, crop_images, init_decoder_unet, latent_statistics, pad_images
 from cmkit.errors import CmkitError
-from cmkit.training.task import Context
+from cmkit.nets.autoencoder import AutoencoderConfig, KLAutoencoder, kl_divergence
+from cmkit.training.decoder import DecoderTask, crop_images, init_decoder_unet, latent_statistics, pad_images
 from cmkit.training.loop import train
 from cmkit.training.presets import get_config
+from cmkit.training.task import Context
 
 TINY_DEC = DecoderConfig(
     block_out_channels=(8, 16),

@@ -11,10 +11,8 @@ import warnings
 import pytest
 import torch
 
-from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.config import DecoderConfig
-from cmkit.decoder.unet import DecoderUNet
-from cmkit.decoder.weights import convert_decoder, load_weights
+from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.keys import cmkit_to_openai, openai_to_cmkit
 from cmkit.decoder.testing import (
     openai_module,
@@ -23,8 +21,10 @@ from cmkit.decoder.testing import (
     write_diffusers_checkpoint,
     write_openai_torchscript,
 )
-from cmkit.formats.torchscript import OPENAI_DECODER_SHA256, read_torch_zip, sha256_of
+from cmkit.decoder.unet import DecoderUNet
+from cmkit.decoder.weights import convert_decoder, load_weights
 from cmkit.errors import CmkitError
+from cmkit.formats.torchscript import OPENAI_DECODER_SHA256, read_torch_zip, sha256_of
 
 TINY = DecoderConfig.tiny()
 

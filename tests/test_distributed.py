@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import TINY
 
 from cmkit.load import load_model
-
-from conftest import TINY
 
 
 def test_two_process_torchrun_training(tmp_path):
@@ -46,8 +45,8 @@ def test_two_process_torchrun_training(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # resuming with a different number of processes is refused with a clear message
     from cmkit.errors import CmkitError
-    from cmkit.training.presets import get_config
     from cmkit.training.loop import Loop
+    from cmkit.training.presets import get_config
 
     cfg = get_config("digits-ict", TINY + ["train.steps=6", "train.resume=true", f"train.out_dir={out}"])
     try:

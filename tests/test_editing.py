@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkit.editing.transforms import ColorBasis, Identity, PatchBasis
+from cmkit.editing.editor import edit
 from cmkit.editing.masks import builtin_mask
 from cmkit.editing.tasks import (
     colorize,
@@ -15,7 +15,7 @@ from cmkit.editing.tasks import (
     super_resolve,
     to_gray3,
 )
-from cmkit.editing.editor import edit
+from cmkit.editing.transforms import ColorBasis, Identity, PatchBasis
 from cmkit.errors import CmkitError
 from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
@@ -145,8 +145,8 @@ def test_wrong_shapes_are_rejected_with_clear_messages():
 def test_edit_cli_inpaint_and_errors(tmp_path, capsys):
     from PIL import Image
 
-    from cmkit.formats.model_dir import save_model_dir
     from cmkit.cli.main import main
+    from cmkit.formats.model_dir import save_model_dir
     from cmkit.training.presets import get_config
 
     cfg = get_config("digits-ict", ["model.model_channels=16", "model.channel_mult=1,2", "model.num_blocks=1"])

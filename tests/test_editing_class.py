@@ -116,8 +116,8 @@ def test_class_errors_are_one_line(setup, tmp_path, capsys):
 def test_scm_and_meanflow_models_edit_like_consistency_models(precond, tmp_path, capsys, one_thread):
     """Editing takes any one-step generator (CM, sCM's TrigFlow f_θ, MeanFlow's flow map to 0): inpainting keeps
     the known pixels. A TrigFlow network trained with the diffusion loss (sCM's teacher) is refused in one line."""
-    from cmkit.formats.model_dir import save_model_dir
     from cmkit.editing.masks import builtin_mask
+    from cmkit.formats.model_dir import save_model_dir
     from cmkit.training.presets import get_config
 
     preset, extra = {"trigflow": ("digits-sct", ["train.init_from="]), "meanflow": ("digits-meanflow", [])}[precond]

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_boundary_and_bf16
 
 from cmkit.errors import CmkitError
 from cmkit.nets.edm import DDPMpp, DhariwalUNet, NCSNpp, VEPrecond, VPPrecond
 from cmkit.training.presets import get_config
-
-from conftest import check_boundary_and_bf16
 
 # (parameters, buffer elements, tensors, sha256[:16] of the sorted "key:shape" lines) of EDM's constructors as its
 # train.py builds them for CIFAR-10 (--arch ddpmpp / ncsnpp, augment_dim=9) and ImageNet-64 (--arch adm):
@@ -156,7 +155,8 @@ def test_vp_and_ve_preconditioning_closed_forms():
     x, sigma = torch.randn(2, 1, 4, 4), torch.tensor([0.5, 20.0])
     vp = VPPrecond(Probe())
     out = vp(x, sigma)
-    # VP (EDM Table 1): c_skip 1, c_out -σ, c_in 1/√(σ²+1), c_noise (M-1)·σ⁻¹(σ) with σ(t) = √(e^{½β_d t² + β_min t} − 1)
+    # VP (EDM Table 1): c_skip 1, c_out -σ, c_in 1/√(σ²+1), c_noise (M-1)·σ⁻¹(σ)
+    # with σ(t) = √(e^{½β_d t² + β_min t} − 1)
     t = vp.net.c_noise / 999
     torch.testing.assert_close(((0.5 * 19.9 * t**2 + 0.1 * t).exp() - 1).sqrt(), sigma)
     torch.testing.assert_close(vp.net.x, x / (sigma**2 + 1).sqrt()[:, None, None, None])

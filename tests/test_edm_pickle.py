@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import builtins
 import io
-import math
 import json
+import math
 import pickle
 import sys
 import types
@@ -241,8 +241,8 @@ def test_snapshot_reads_without_running_its_code_and_tensors_round_trip(arch, fa
 def test_converted_network_gives_cmkits_denoiser_output(fake_edm_modules, tmp_path, monkeypatch, one_thread):
     """A converted tiny EDM network = cmkit's own network with the same weights, as an EDM-preconditioned
     denoiser; the model directory written by ``cmkit convert`` samples."""
-    from cmkit.load import load_model
     from cmkit.cli.main import main
+    from cmkit.load import load_model
     from cmkit.precond import Precond
 
     path = tmp_path / "edm-tiny.pkl"
@@ -360,8 +360,8 @@ def test_a_storage_that_needs_full_unpickling_is_refused(fake_edm_modules, tmp_p
 
 def test_a_torch_save_training_state_reads_the_same(fake_edm_modules, tmp_path, monkeypatch):
     """ECT's training states: torch.save(dict(net=..., optimizer_state=...)), a zip archive."""
-    from cmkit.formats.edm_pickle import read_edm_pickle
     from cmkit.formats.detect import checkpoint_format
+    from cmkit.formats.edm_pickle import read_edm_pickle
 
     path = tmp_path / "training-state.pt"
     net = write_edm_pickle(fake_edm_modules, path, "ddpmpp", save=True)
@@ -394,9 +394,10 @@ def test_ect_and_cd_start_from_an_edm_pickle_and_train(method, fake_edm_modules,
     """ECT and CD start from an EDM pickle (init_from; CD's teacher is the pickle converted by ``cmkit convert``)
     and train a few steps on 8×8 digits with EDM's NCSN++; the pickle's augmentation input is dropped for the
     student, which has none."""
+    from conftest import tiny_config
+
     from cmkit.cli.main import main
     from cmkit.training.loop import train
-    from conftest import tiny_config
 
     pkl = tmp_path / "edm-digits.pkl"
     net = write_edm_pickle(fake_edm_modules, pkl, "ncsnpp")
@@ -430,8 +431,9 @@ def test_ect_and_cd_start_from_an_edm_pickle_and_train(method, fake_edm_modules,
 
 
 def test_init_from_a_pickle_of_another_network_is_one_line(fake_edm_modules, tmp_path, monkeypatch):
-    from cmkit.training.loop import train
     from conftest import tiny_config
+
+    from cmkit.training.loop import train
 
     pkl = tmp_path / "ddpmpp.pkl"
     write_edm_pickle(fake_edm_modules, pkl, "ddpmpp")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 from cmkit.errors import CmkitError
@@ -17,8 +18,6 @@ from cmkit.nets.edm import DDPMpp
 from cmkit.nets.mlp import MLPNet
 from cmkit.nets.unet import UNet
 from cmkit.trigflow import sigma_from_t, velocity_from_denoiser
-
-from conftest import tiny_config
 
 
 def _randomise(net: nn.Module) -> nn.Module:
@@ -45,9 +44,14 @@ def test_null_label_is_the_network_without_its_label_embedding(arch):
     """A null label adds nothing to the noise embedding: the output equals the same weights built unconditional."""
     kw = dict(img_resolution=8, in_channels=1, num_classes=3)
     if arch == "unet":
-        make = lambda n: UNet(model_channels=16, channel_mult=(1, 2), num_blocks=1, **{**kw, "num_classes": n})
+
+        def make(n):
+            return UNet(model_channels=16, channel_mult=(1, 2), num_blocks=1, **{**kw, "num_classes": n})
     else:
-        make = lambda n: MLPNet(hidden=32, depth=2, **{**kw, "num_classes": n})
+
+        def make(n):
+            return MLPNet(hidden=32, depth=2, **{**kw, "num_classes": n})
+
     cond = _randomise(make(3))
     uncond = make(0).eval()
     missing, unexpected = uncond.load_state_dict(cond.state_dict(), strict=False)
@@ -213,8 +217,8 @@ def test_the_class_conditional_digits_presets_train_and_sample_a_class(tmp_path,
     """digits-edm-cond (label dropout 0.1) and digits-scd-cfg (guidance 2 from it) run through the loop as
     configured, and `cmkit sample --class` takes the student."""
     from cmkit.cli.main import main
-    from cmkit.training.presets import get_config
     from cmkit.training.loop import train
+    from cmkit.training.presets import get_config
 
     teacher = tmp_path / "teacher"
     cfg = tiny_config("digits-edm-cond", teacher, "train.steps=3")

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from cmkit.errors import CmkitError
-from cmkit.nets.edm import NCSNpp, UNetBlock
 from cmkit.formats.jax_cifar10 import convert_params, read_jax_cifar10, unpackb
+from cmkit.nets.edm import NCSNpp, UNetBlock
 
 # --- a msgpack encoder (the writer side of flax.serialization) -------------------------------------------
 
@@ -269,8 +269,8 @@ def write_state(path, ema: NCSNpp, online: NCSNpp):
 def test_a_flax_checkpoint_converts_exactly_and_samples(tmp_path, one_thread):
     """``params_ema`` (not ``params``) lands on EDM's NCSN++ tensor for tensor; the converted consistency
     model equals cmkit's with the same weights (boundary-shifted scalings, σ_min 0.002) and keeps f(x, σ_min) = x."""
-    from cmkit.load import load_model
     from cmkit.cli.main import main
+    from cmkit.load import load_model
     from cmkit.precond import Precond
 
     ema, online = tiny_net(0), tiny_net(1)

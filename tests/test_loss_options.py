@@ -9,11 +9,11 @@ import typing
 
 import pytest
 
+from cmkit.config import apply_overrides
 from cmkit.denoiser_config import Config, LossConfig
 from cmkit.errors import CmkitError
 from cmkit.losses import LOSSES
 from cmkit.losses.options import options_of, undeclared
-from cmkit.config import apply_overrides
 
 
 def _cfg(overrides: list[str]) -> Config:

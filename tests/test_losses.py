@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 from cmkit.distances import default_huber_c, l1, l2, pseudo_huber
-from cmkit.errors import CmkitError
 from cmkit.ema import make_copy
+from cmkit.errors import CmkitError
+from cmkit.losses.base import paired_passes
 from cmkit.losses.cd import CDLoss
 from cmkit.losses.ct import CTLoss
 from cmkit.losses.ect import ECTLoss
 from cmkit.losses.edm import EDMLoss
 from cmkit.losses.ict import ICTLoss
-from cmkit.losses.base import paired_passes
 from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
 from cmkit.toy import GaussianMixture

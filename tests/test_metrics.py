@@ -10,12 +10,12 @@ import torch
 from scipy import linalg
 
 from cmkit.errors import CmkitError
-from cmkit.metrics.images import as_uint8_nhwc
+from cmkit.metrics import precision_recall
 from cmkit.metrics.frechet import feature_statistics, frechet_distance, frechet_distance_stats
-from cmkit.metrics.schedule_search import golden_section_search, search_schedule, search_sigma_mid
+from cmkit.metrics.images import as_uint8_nhwc
 from cmkit.metrics.kid import kernel_inception_distance, mmd2_unbiased
 from cmkit.metrics.precision_recall import manifold_radii
-from cmkit.metrics import precision_recall
+from cmkit.metrics.schedule_search import golden_section_search, search_schedule, search_sigma_mid
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:

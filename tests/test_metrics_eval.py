@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from cmkit.cli.eval import add_cli
 from cmkit.errors import CmkitError
-from cmkit.metrics.fmnist_classifier import FMNIST_LABEL, load_classifier
-from cmkit.metrics.features import FeatureExtractor
 from cmkit.metrics import evaluate
 from cmkit.metrics.evaluate import evaluate_images
-from cmkit.metrics.reference import load_reference, reference_from_images, save_reference
-from cmkit.cli.eval import add_cli
-from cmkit.metrics.fmnist_classifier import FMNISTExtractor, accuracy, classifier_record
+from cmkit.metrics.features import FeatureExtractor
+from cmkit.metrics.fmnist_classifier import FMNIST_LABEL, FMNISTExtractor, accuracy, classifier_record, load_classifier
 from cmkit.metrics.idx import fmnist_available, load_fmnist
+from cmkit.metrics.reference import load_reference, reference_from_images, save_reference
 
 needs_fmnist = pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST IDX files not installed")
 

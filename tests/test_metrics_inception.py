@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from cmkit.errors import CmkitError
-from cmkit.metrics.inception import FIDInceptionV3, InceptionExtractor, load_inception, random_inception
 from cmkit.metrics.evaluate import get_extractor
-from cmkit.metrics.inception import WEIGHTS_ENV
+from cmkit.metrics.inception import WEIGHTS_ENV, FIDInceptionV3, InceptionExtractor, load_inception, random_inception
 
 
 @pytest.fixture(scope="module")

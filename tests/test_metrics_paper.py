@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from cmkit.errors import CmkitError
-from cmkit.metrics.features import FeatureExtractor
-from cmkit.metrics import evaluate
-from cmkit.metrics.frechet import frechet_distance
-from cmkit.metrics.reference import load_reference
-from cmkit.metrics.inception import random_inception
 from cmkit.cli.eval import _check_reference_npz, add_cli
-from cmkit.metrics.inception import SPATIAL_DIM, InceptionExtractor
+from cmkit.errors import CmkitError
+from cmkit.metrics import evaluate
+from cmkit.metrics.features import FeatureExtractor
+from cmkit.metrics.frechet import frechet_distance
+from cmkit.metrics.inception import SPATIAL_DIM, InceptionExtractor, random_inception
 from cmkit.metrics.inception_score import inception_score, inception_score_from_logits, softmax
-
+from cmkit.metrics.reference import load_reference
 
 # --- Inception Score -------------------------------------------------------------------------------------
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from cmkit.losses.pd import PDLoss
 from cmkit.schedules import karras_sigmas
 from cmkit.solvers import euler_step
-
-from conftest import tiny_config
 
 S2 = 0.3  # data ~ N(0, S2·I): the exact denoiser is D(x, σ) = S2/(S2 + σ²)·x
 
@@ -59,8 +58,8 @@ def test_halving_schedule():
 def test_pd_trains_resumes_bit_for_bit_and_samples(tmp_path, teacher_dir):
     from safetensors.torch import load_file
 
-    from cmkit.load import load_model
     from cmkit.generate import generate, resolve_sampler
+    from cmkit.load import load_model
     from cmkit.training.loop import Loop, train
 
     common = [

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from cmkit.cli.main import main
 from cmkit.errors import CmkitError
-from cmkit.lpips import convert_lpips
 from cmkit.formats.cifar10 import prepare_cifar10
+from cmkit.lpips import convert_lpips
 
 
 def _batch(rng, n: int) -> dict:

@@ -7,15 +7,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 from cmkit import files
-from cmkit.formats.run_dir import RunDir
-from cmkit.formats.model_dir import save_model_dir
 from cmkit.errors import CmkitError
+from cmkit.formats.model_dir import save_model_dir
+from cmkit.formats.run_dir import RunDir
 from cmkit.training.loop import Loop, train
-
-from conftest import tiny_config
 
 COMMON = ["train.steps=6", "train.ckpt_every=2", "train.log_every=1", "train.ema_rates=0.9", "model.dropout=0.1"]
 TIMING = ("wall_s", "img_per_s")
@@ -318,7 +317,8 @@ def test_damaged_run_files_are_one_line_not_internal_errors(tmp_path, capsys):
     """Each damage is a user's error (exit 2, one line naming the file), never an internal error (exit 1)."""
     import shutil
 
-    from safetensors.torch import load_file as load, save_file
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file
 
     from cmkit.cli.main import main
 

@@ -4,10 +4,10 @@ noise-embedding MLP, as train.init_from does when the run's time input differs f
 import pytest
 import torch
 
-from cmkit.formats.model_dir import save_model_dir
 from cmkit.errors import CmkitError
-from cmkit.training.presets import get_config
+from cmkit.formats.model_dir import save_model_dir
 from cmkit.retime import REPORT_SIGMAS, embedding, fit_time_embedding, needs_refit
+from cmkit.training.presets import get_config
 
 SCM_TIME = ["model.precond=trigflow", "model.time_input=t", "model.positional_scale=1"]
 

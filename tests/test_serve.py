@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cmkit.cli.serve import bind_warning, is_loopback
 from cmkit.errors import CmkitError
 from cmkit.serve.backend import Backend
 from cmkit.serve.common import PathPolicy, mask_from_layers, to_model_image
-from cmkit.cli.serve import bind_warning, is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = [
@@ -198,8 +198,8 @@ def test_demo_prints_a_valid_serve_command():
 
 
 def test_serve_cli_defaults_to_localhost_and_warns_for_0000(monkeypatch, capsys):
-    from cmkit.cli.main import build_parser, main
     import cmkit.cli.serve
+    from cmkit.cli.main import build_parser, main
 
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     launched = {}

@@ -6,13 +6,12 @@ import math
 import pytest
 import torch
 
-from cmkit.formats.model_dir import read_model_dir
 from cmkit.denoiser_config import Config
 from cmkit.editing.editor import default_edit_sigmas
 from cmkit.editing.tasks import inpaint, interpolate_images, stroke_guided
 from cmkit.errors import CmkitError
+from cmkit.formats.model_dir import read_model_dir
 from cmkit.generate import multistep_sigmas, resolve_sampler
-from cmkit.training.presets import get_config
 from cmkit.schedules import (
     ct_adaptive_schedule,
     grid_levels,
@@ -22,6 +21,7 @@ from cmkit.schedules import (
     off_grid,
     training_grid,
 )
+from cmkit.training.presets import get_config
 
 G18 = karras_sigmas(18).tolist()  # the fmnist-cd / digits-cd / cifar10-cd grid (CM reference §1.1)
 

@@ -30,9 +30,9 @@ def test_cd_with_exact_teacher_matches_mixture_statistics(seed, bound):
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):
-        l = loss(model, gm.sample(512), step=step, target=model, teacher=gm).mean()
+        value = loss(model, gm.sample(512), step=step, target=model, teacher=gm).mean()
         opt.zero_grad()
-        l.backward()
+        value.backward()
         opt.step()
         sched.step()
         ema_update(ema, model, 0.99)

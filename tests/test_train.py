@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from cmkit.load import load_model
 from cmkit.errors import CmkitError
+from cmkit.load import load_model
 from cmkit.training.loop import Loop, train
-
-from conftest import tiny_config
 
 
 def fixed_loss(trainer: Loop, seed: int = 123) -> float:
@@ -44,7 +43,7 @@ def test_every_method_trains_and_loss_goes_down(preset, needs, steps, tmp_path, 
     after = fixed_loss(trainer)
     assert summary["steps"] == steps and summary["skipped"] == 0
     bound("fixed-batch loss after / before", after / before, 1.0)
-    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert list((tmp_path / "run" / "samples").glob("*.png"))
 

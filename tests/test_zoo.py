@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from cmkit.load import load_model
 from cmkit.cli.main import main
 from cmkit.formats.zoo import shipped_model_dir, shipped_models
+from cmkit.load import load_model
 
 SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect", "emoji-ect", "fmnist-tcm")
 BASELINES = ("fmnist-pd",)  # progressive distillation (a diffusion model sampled in 1-4 Euler steps)
@@ -108,8 +108,8 @@ def test_a_local_path_always_wins_over_a_shipped_name(tmp_path, monkeypatch, cap
     """``--model fmnist-cd`` beside a run ./fmnist-cd means that run; one stderr line says so when both exist."""
     import shutil
 
-    from cmkit.formats.model_dir import resolve_model_dir
     from cmkit.errors import CmkitError
+    from cmkit.formats.model_dir import resolve_model_dir
     from cmkit.formats.zoo import models_root
 
     shipped = shipped_model_dir("fmnist-cd")

@@ -12,12 +12,11 @@ from .errors import CmkitError
 from .formats.model_dir import read_model_dir, save_model_dir
 from .load import load_model
 from .losses import CDLoss, CTLoss, ECTLoss, EDMLoss, ICTLoss, MeanFlowLoss, PDLoss, SCDLoss, SCTLoss, TCMLoss
-from .precond import cm_scalings, edm_scalings, Precond
+from .precond import Precond, cm_scalings, edm_scalings
 from .sampling import edm_sigmas, per_sample_generators, sample_euler, sample_heun, sample_multistep, sample_onestep
 from .schedules import karras_sigmas
-from .training.loop import dry_run, train, Loop
+from .training.loop import Loop, dry_run, train
 from .training.presets import PRESETS, get_config
-
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,6 @@ from typing import Any, ClassVar, Literal, TypeVar
 from .datasets import SPLIT_DATASETS
 from .errors import CmkitError
 
-
 T = TypeVar("T")
 
 Optimizer = Literal["adam", "radam"]

@@ -21,7 +21,6 @@ from torch import Tensor
 from .errors import CmkitError
 from .imageio import read_image, read_npz_images
 
-
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_RANGES = ((0x1F300, 0x1F650), (0x1F680, 0x1F700), (0x1F900, 0x1FA00), (0x1FA70, 0x1FB00), (0x2600, 0x27C0))

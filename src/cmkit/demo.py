@@ -2,8 +2,8 @@
 
 Runs in a few minutes on a 2-core CPU. Re-running resumes finished runs instantly. Outputs:
 demo/teacher_heun35.png (35 evaluations), demo/cd_1step.png (1 evaluation), demo/cd_2step.png, and an
-editing gallery (``demo/gallery/TASK.png``) made with the shipped Fashion-MNIST CD model and the colour emoji (``emoji-ect``)
-model on held-out images. It ends by printing the command of the web page (``cmkit serve``).
+editing gallery (``demo/gallery/TASK.png``) made with the shipped Fashion-MNIST CD model and the colour emoji
+(``emoji-ect``) model on held-out images. It ends by printing the command of the web page (``cmkit serve``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .load import load_model
 from .schedules import training_grid
 from .training.loop import train
 from .training.presets import get_config
-
 
 OUT = Path("demo")
 #: the one command that opens the page of `cmkit serve` on the shipped models (and the demo's runs)

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
-from .config import DATA_CLASSES, require, DataConfig, RunConfig, TrainConfig
+from .config import DATA_CLASSES, DataConfig, RunConfig, TrainConfig, require
 from .errors import CmkitError
 from .losses import LOSSES, PRECOND_OF
 from .losses.options import options_of, parameters
@@ -21,7 +21,6 @@ from .nets.edm import VEPrecond, VPPrecond
 from .precond import Precond
 from .sampling import SAMPLER_NAMES
 from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
-
 
 Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]  # unet mlp adm ddpmpp ncsnpp dhariwal (cmkit.nets)
 Embedding = Literal["positional", "fourier"]

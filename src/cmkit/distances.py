@@ -16,7 +16,6 @@ from torch import Tensor
 
 from .lpips import LazyLPIPS
 
-
 Distance = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from pathlib import Path
 
 
 def init() -> tuple[int, int, torch.device]:

@@ -14,13 +14,13 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from .errors import CmkitError
-
 
 # --- atomic, durable directories -------------------------------------------------------------------
 #

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .errors import CmkitError
 
-
 #: what an image input may be, for the messages
 IMAGE_INPUT = "an 8-bit PNG or JPEG image"
 NPZ_INPUT = "uint8 NHWC images (N, H, W, 1|3) under 'arr_0'"

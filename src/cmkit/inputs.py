@@ -14,7 +14,6 @@ from .config import max_threads
 from .errors import CmkitError
 from .imageio import numbered_paths
 
-
 #: file types a PNG grid may also be written as (Pillow writes each without extra plugins)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -229,7 +228,8 @@ def check_output(
 
 
 def check_numbered_outputs(out: str | Path, n: int, overwrite: bool, flag: str = "-o") -> None:
-    """``check_output`` for each file that ``n`` images written to ``out`` will take (``cmkit.imageio.numbered_paths``)."""
+    """``check_output`` for each file that ``n`` images written to ``out`` will take
+    (``cmkit.imageio.numbered_paths``)."""
     for path in numbered_paths(out, n):
         check_output(str(path), flag, overwrite, required=True, suffixes=IMAGE_SUFFIXES)
 

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from .tensors import at_least_fp32, get_rng_state, set_rng_state
 
-
 JVPMode = Literal["jvp", "fd"]
 JVP_MODES = ("jvp", "fd")
 

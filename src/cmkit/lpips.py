@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from .errors import CmkitError
 from .files import load_state, read_safetensors, read_torch_state_dict
 
-
 VGG_CFG = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512]
 TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision numbering
 TAP_CHANNELS = (64, 128, 256, 512, 512)

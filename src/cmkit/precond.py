@@ -27,7 +27,6 @@ from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .tensors import append_dims, as_sigma
 from .trigflow import t_from_sigma
 
-
 Kind = Literal["edm", "cm", "trigflow", "meanflow"]
 PRECOND_KINDS = ("edm", "cm", "trigflow", "meanflow")
 

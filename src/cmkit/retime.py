@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from .errors import CmkitError
 
-
 #: σ levels at which ``fit_time_embedding`` reports the remaining relative error of the embedding.
 REPORT_SIGMAS = (0.01, 0.1, 1.0, 10.0, 80.0)
 

@@ -21,7 +21,6 @@ from .schedules import SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from .solvers import euler_step, heun_step
 from .tensors import append_dims
 
-
 NoiseSource = Union[torch.Generator, Sequence[torch.Generator], None]
 
 

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from .errors import CmkitError
 
-
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 SIGMA_DATA = 0.5

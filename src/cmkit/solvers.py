@@ -12,7 +12,6 @@ from torch import Tensor
 
 from .tensors import append_dims
 
-
 Denoiser = Callable[..., Tensor]
 
 

@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from .options import add_device_option, add_output_option, add_threads_option
 from ..decoder.config import DecoderConfig
 from ..decoder.decoder import ConsistencyDecoder
 from ..decoder.files import read_latents, write_images
 from ..decoder.latents import check_latents, resolve_scaled
 from ..decoder.schedule import DTYPES, MAX_DECODE_STEPS, parse_schedule, steps_to_schedule
 from ..decoder.weights import convert_decoder
-from ..errors import optional_import, CmkitError
+from ..errors import CmkitError, optional_import
 from ..files import read_json
 from ..imageio import from_uint8, read_image, read_npz_images
 from ..inputs import (
@@ -39,6 +38,7 @@ from ..inputs import (
 )
 from ..nets.autoencoder import KLAutoencoder
 from ..training.decoder import pad_images
+from .options import add_device_option, add_output_option, add_threads_option
 
 
 def resolve_schedule(args: argparse.Namespace) -> tuple[float, ...]:

@@ -19,16 +19,16 @@ stroke take --steps/--sigmas (σ levels).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .options import add_class_option, add_device_option, add_output_option, add_sampling_options, add_threads_option
 from ..editing.editor import default_edit_sigmas
 from ..editing.masks import BUILTIN, box_mask, builtin_mask, load_mask
-from ..editing.run import TASKS, run_task, EditRequest
+from ..editing.run import TASKS, EditRequest, run_task
 from ..editing.tasks import STROKE_SIGMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, read_image, read_npz_images, save_grid, save_images, save_npz
@@ -51,6 +51,7 @@ from ..inputs import (
 from ..load import load_model
 from ..sampling import validate_sigmas
 from ..schedules import training_grid
+from .options import add_class_option, add_device_option, add_output_option, add_sampling_options, add_threads_option
 
 
 def load_images(
@@ -374,6 +375,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     def task(name: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=TASKS[name].help, description=description)
 
+    for add in (_add_inpaint, _add_colorize, _add_superres, _add_stroke, _add_denoise, _add_interpolate):
+        add(task)
+
+
+def _add_inpaint(task: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``cmkit edit inpaint`` and its options."""
     s = task(
         "inpaint",
         "Inpainting: generate the pixels under a mask (white = generate) and keep the others "
@@ -388,6 +395,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--builtin", metavar="NAME", help="built-in mask: center|left|right|top|bottom|border (default center)"
     )
 
+
+def _add_colorize(task: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``cmkit edit colorize`` and its options."""
     s = task(
         "colorize",
         "Colorization: a colour model fills in the chroma of a greyscale version of the input "
@@ -395,6 +405,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_common(s, "colorize")
 
+
+def _add_superres(task: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``cmkit edit superres`` and its options."""
     s = task(
         "superres",
         "Super-resolution: the input is the model's size divided by --factor; the output keeps "
@@ -403,6 +416,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     _add_common(s, "superres", input_help="low-resolution image (.png/.jpg) or .npz, of the model's size / --factor")
     s.add_argument("--factor", type=int, default=4, help="upscaling factor p (2, 4, 8; default 4)")
 
+
+def _add_stroke(task: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``cmkit edit stroke`` and its options."""
     s = task(
         "stroke",
         "Stroke-guided generation (SDEdit-like): the stroke painting is noised to --sigma-start, "
@@ -426,6 +442,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--sigma", dest="sigma_start", type=float, default=STROKE_SIGMA, help=argparse.SUPPRESS
     )  # the old spelling, still accepted
 
+
+def _add_denoise(task: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``cmkit edit denoise`` and its options."""
     s = task("denoise", "Denoising: one evaluation of the consistency function at the known noise level --sigma.")
     _add_common(
         s,
@@ -436,6 +455,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--sigma", type=float, default=0.3, help="noise level of the input (default 0.3)")
     s.add_argument("--add-noise", action="store_true", help="add N(0, σ²) noise to a clean input first")
 
+
+def _add_interpolate(task: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``cmkit edit interpolate`` and its options."""
     s = task(
         "interpolate",
         "Interpolation: one-step samples along the slerp between two noise seeds (--seeds), "

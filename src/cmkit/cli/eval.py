@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .options import add_class_option, add_output_option, add_sampling_options
 from ..errors import CmkitError
 from ..generate import sample_images
 from ..imageio import to_uint8
@@ -34,7 +33,7 @@ from ..metrics.evaluate import FEATURE_SPACES, evaluate_images, extractor_class
 from ..metrics.frechet import require_scipy
 from ..metrics.images import load_images_npz
 from ..metrics.reference import read_reference_npz
-
+from .options import add_class_option, add_output_option, add_sampling_options
 
 MAX_KID_SUBSETS = 10_000  # the reference code uses 100
 _ROWS = (("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))

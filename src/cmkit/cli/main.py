@@ -14,17 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .decoder import add_cli as add_decoder
-from .edit import add_cli as add_edit
-from .eval import add_cli as add_eval
-from .options import add_class_option, add_output_option, add_sampling_options, add_threads_option
-from .serve import add_cli as add_serve
 from ..config import set_value
 from ..datasets import DATASETS, SPLIT_DATASETS, load_dataset
 from ..denoiser_config import Config
 from ..distributed import cpu_name
 from ..editing.gallery import stroke_painting
-from ..errors import one_line, CmkitError
+from ..errors import CmkitError, one_line
 from ..files import load_state, read_safetensors
 from ..formats.adm_weights import (
     RELEASED_MODELS,
@@ -61,7 +56,11 @@ from ..lpips import LPIPS_FILE, convert_lpips
 from ..schedules import training_grid
 from ..training.loop import dry_run, train
 from ..training.presets import PRESETS, get_config, missing_inputs, run_config
-
+from .decoder import add_cli as add_decoder
+from .edit import add_cli as add_edit
+from .eval import add_cli as add_eval
+from .options import add_class_option, add_output_option, add_sampling_options, add_threads_option
+from .serve import add_cli as add_serve
 
 EXAMPLES = """examples:
   cmkit presets

@@ -14,7 +14,6 @@ from typing import Any
 from ..inputs import DEVICE_HELP
 from ..sampling import SAMPLERS
 
-
 __all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "add_device_option", "add_class_option"]
 
 

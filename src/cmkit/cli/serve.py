@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .options import add_device_option, add_threads_option
-from ..errors import optional_import, CmkitError
+from ..errors import CmkitError, optional_import
 from ..inputs import apply_threads, check_device, check_threads
 from ..serve.app import CSS, build, theme
 from ..serve.backend import Backend
-
+from .options import add_device_option, add_threads_option
 
 DEFAULT_PORT = 7860
 #: the largest upload the page accepts (an image of a model's size is a few kB)

@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
+from ..formats.torchscript import OPENAI_DECODER_SHA256
 from .config import SD_LATENT_MEAN, SD_LATENT_STD, SD_SCALING_FACTOR, DecoderConfig
 from .decoder import DEFAULT_SCHEDULE, ConsistencyDecoder
-from .schedule import steps_to_schedule, DecoderSchedule
+from .schedule import DecoderSchedule, steps_to_schedule
 from .unet import DecoderUNet
-from .weights import convert_decoder, load_weights, save_cmkit, DecoderWeights
-from ..formats.torchscript import OPENAI_DECODER_SHA256
-
+from .weights import DecoderWeights, convert_decoder, load_weights, save_cmkit
 
 __all__ = [
     "ConsistencyDecoder",

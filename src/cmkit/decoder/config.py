@@ -15,7 +15,6 @@ from typing import Any
 from ..config import dataclass_from_dict
 from ..errors import CmkitError
 
-
 #: SD-1.x/2.x VAE latent scale: OpenAI multiplies the *raw* latent by this itself (§1.3).
 SD_SCALING_FACTOR = 0.18215
 #: Per-channel statistics of scaled SD latents used by ``ldm_transform_latent`` (§1.3).
@@ -139,7 +138,8 @@ class DecoderConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> DecoderConfig:
-        """From a diffusers ``config.json``: a ``ConsistencyDecoderVAE`` one (``decoder_*`` keys) or a ``UNet2DModel`` one.
+        """From a diffusers ``config.json``: a ``ConsistencyDecoderVAE`` one (``decoder_*`` keys) or a
+        ``UNet2DModel`` one.
 
         Checks the settings cmkit does not make configurable (block types, attention, time embedding).
         """

@@ -41,15 +41,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import DecoderConfig
-from .latents import upsample_latents
-from .sampler import f_theta
-from .schedule import DecoderSchedule
 from ..distances import get_distance
 from ..errors import CmkitError
 from ..schedules import lognormal_index_probs
 from ..tensors import append_dims
-
+from .config import DecoderConfig
+from .latents import upsample_latents
+from .sampler import f_theta
+from .schedule import DecoderSchedule
 
 DISTANCE_DEGREE = {"l2": 2, "l1": 1, "pseudo_huber": 1}
 INDEX_SAMPLING = ("uniform", "lognormal")

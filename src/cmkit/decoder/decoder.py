@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..formats.torchscript import OPENAI_DECODER_SHA256
 from .config import DecoderConfig
 from .latents import check_latents, normalize_latents
 from .sampler import sample
 from .schedule import DecoderSchedule
 from .unet import DecoderUNet
-from .weights import load_weights, save_cmkit, DecoderWeights
-from ..formats.torchscript import OPENAI_DECODER_SHA256
-
+from .weights import DecoderWeights, load_weights, save_cmkit
 
 DEFAULT_SCHEDULE = (1.0, 0.5)
 

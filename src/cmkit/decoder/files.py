@@ -14,7 +14,6 @@ from torch import Tensor
 from ..errors import CmkitError
 from ..imageio import save_grid, save_images
 
-
 LATENT_KEYS = ("latents", "latent", "z", "sample")
 LATENT_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import CmkitError, optional_import
 from .config import DecoderConfig
 from .decoder import DEFAULT_SCHEDULE, ConsistencyDecoder
 from .schedule import steps_to_schedule
 from .unet import DecoderUNet
-from ..errors import optional_import, CmkitError
 
 
 def from_diffusers(

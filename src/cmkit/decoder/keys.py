@@ -25,7 +25,6 @@ from torch import Tensor
 
 from ..errors import CmkitError
 
-
 #: Prefix of the decoder UNet inside a diffusers ``ConsistencyDecoderVAE`` state dict (§2.3).
 DIFFUSERS_PREFIX = "decoder_unet."
 #: Other top-level modules of ``ConsistencyDecoderVAE`` (the SD encoder), ignored when loading the decoder.

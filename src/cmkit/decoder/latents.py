@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import DecoderConfig
 from ..errors import CmkitError
-
+from .config import DecoderConfig
 
 #: Raw SD latents have a per-channel std of ≈ 4–6 (≈ 1/0.18215 × 0.76–1.04); scaled ones ≈ 0.8–1.
 SCALED_STD_RANGE = (0.4, 1.8)

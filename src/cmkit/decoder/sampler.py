@@ -23,12 +23,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import CmkitError
 from .config import DecoderConfig
 from .latents import upsample_latents
 from .schedule import DecoderSchedule
-from .tiling import blend_window, plan_tiles, Tile
-from ..errors import CmkitError
-
+from .tiling import Tile, blend_window, plan_tiles
 
 #: net(input (B, in_channels, h, w) in the network's dtype/layout, integer t) -> (B, out_channels, h, w).
 Network = Callable[[Tensor, int], Tensor]

@@ -136,7 +136,8 @@ def write_diffusers_checkpoint(
     with_encoder: bool = True,
     with_config: bool = True,
 ) -> Path:
-    """A diffusers-style ``ConsistencyDecoderVAE`` directory: ``config.json`` + ``diffusion_pytorch_model(.fp16).safetensors``."""
+    """A diffusers-style ``ConsistencyDecoderVAE`` directory: ``config.json`` +
+    ``diffusion_pytorch_model(.fp16).safetensors``."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)

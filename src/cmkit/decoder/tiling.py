@@ -41,7 +41,8 @@ class Tile:
 
 
 def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Evenly spaced windows of length ``min(tile, size)`` covering [0, size), neighbours overlapping by ≥ ``overlap``."""
+    """Evenly spaced windows of length ``min(tile, size)`` covering [0, size), neighbours overlapping by at least
+    ``overlap``."""
     if tile >= size:
         return [(0, size)]
     n = math.ceil((size - overlap) / (tile - overlap))

@@ -27,13 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import DecoderConfig
-from .keys import check_keys, is_diffusers_vae_layout, is_openai_layout, openai_to_cmkit, strip_diffusers_prefix
-from .unet import DecoderUNet
 from ..errors import CmkitError
 from ..formats.model_dir import CONFIG_FILE, MODEL_FILE, cmkit_tag, read_model_dir, save_model_dir
 from ..formats.torchscript import OPENAI_DECODER_SHA256, is_torch_zip, is_torchscript, read_torch_zip
-
+from .config import DecoderConfig
+from .keys import check_keys, is_diffusers_vae_layout, is_openai_layout, openai_to_cmkit, strip_diffusers_prefix
+from .unet import DecoderUNet
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 EXPECTED = (

@@ -15,8 +15,7 @@ from .tasks import (
     super_resolve,
     to_gray3,
 )
-from .transforms import orthogonal_with_first_column, ColorBasis, Identity, PatchBasis
-
+from .transforms import ColorBasis, Identity, PatchBasis, orthogonal_with_first_column
 
 __all__ = [
     "edit",

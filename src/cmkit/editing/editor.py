@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CmkitError
-from ..sampling import randn, validate_sigmas, NoiseSource
+from ..sampling import NoiseSource, randn, validate_sigmas
 from ..schedules import SIGMA_MAX, SIGMA_MIN, grid_levels, karras_sigmas, nearest_grid_index
 
 

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..imageio import save_grid
 from . import tasks
 from .masks import builtin_mask
-from ..imageio import save_grid
-
 
 # The column titles of each panel, for the printed index and the README.
 COLUMNS = {

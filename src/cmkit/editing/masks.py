@@ -11,7 +11,6 @@ from torch import Tensor
 from ..errors import CmkitError
 from ..imageio import read_image
 
-
 BUILTIN = ("center", "left", "right", "top", "bottom", "border")
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import tasks
 from ..errors import CmkitError
+from . import tasks
 
 
 @dataclass(frozen=True)

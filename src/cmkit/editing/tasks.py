@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import CmkitError
+from ..sampling import NoiseSource, randn
+from ..schedules import SIGMA_MAX, SIGMA_MIN, nearest_grid_index, warn_off_grid
 from .editor import default_edit_sigmas, edit
 from .transforms import LUMA, ColorBasis, Identity, PatchBasis
-from ..errors import CmkitError
-from ..sampling import randn, NoiseSource
-from ..schedules import SIGMA_MAX, SIGMA_MIN, nearest_grid_index, warn_off_grid
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int] | None:

@@ -11,7 +11,6 @@ from torch import Tensor
 
 from ..errors import CmkitError
 
-
 LUMA = (0.2989, 0.5870, 0.1140)
 
 

@@ -24,7 +24,6 @@ from torch import Tensor
 from ..errors import CmkitError
 from ..files import read_safetensors, read_torch_state_dict
 
-
 #: ``create_model``'s channel_mult for each image side (guided-diffusion / consistency_models script_util).
 CHANNEL_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 

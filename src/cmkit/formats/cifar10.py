@@ -20,7 +20,6 @@ import torch
 from ..errors import CmkitError
 from ..imageio import save_npz
 
-
 CIFAR10_TRAIN = "data/cifar10-train.npz"  #: where the CIFAR-10 presets look for their data (data.root)
 CIFAR10_MEMBERS = {
     "train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 from typing import Any
+
 from torch import Tensor
 
 from ..errors import CmkitError

@@ -3,9 +3,9 @@
 Each ``checkpoint_N`` is ``flax.serialization.to_bytes(State)``: msgpack of a dict ``step, lr, ema_rate, params,
 [target_params,] params_ema, model_state, opt_state, rng_state`` (``jcm/models/utils.py``), whose arrays are
 msgpack extension 1 (``(shape, dtype name, C-order bytes)``, itself msgpack), numpy scalars extension 3, and arrays
-over 1 GiB ``{"__msgpack_chunked_array__": True, "shape", "chunks"}`` dicts (flax.serialization's chunked arrays). ``unpackb``
-below is a small msgpack decoder written for this (no dependency); it only builds dicts, lists, numbers, strings,
-bytes and numpy arrays.
+over 1 GiB ``{"__msgpack_chunked_array__": True, "shape", "chunks"}`` dicts (flax.serialization's chunked arrays).
+``unpackb`` below is a small msgpack decoder written for this (no dependency); it only builds dicts, lists, numbers,
+strings, bytes and numpy arrays.
 
 ``params_ema`` is score_sde's NCSN++ (``jcm/models/ncsnpp.py``: nf 128, ch_mult 2,2,2, 4 blocks, attention at 16,
 BigGAN blocks with FIR [1, 3, 3, 1], residual input pyramid, Fourier features). Flax names modules by class and
@@ -13,8 +13,9 @@ call order (``ResnetBlockBigGANpp_7``, ``AttnBlockpp_2``, ``Downsample_1``, ``Co
 replays that order against EDM's NCSN++ (``cmkit.nets.edm.NCSNpp``), on which every leaf maps one-to-one:
 convolutions HWIO → OIHW, dense kernels transposed, GroupNorm ``scale`` → ``weight``, the attention's four
 ``NIN`` layers (q, k, v, out; W is [in, out]) → EDM's interleaved ``qkv`` and ``proj``, Fourier ``W`` →
-``map_noise.freqs``; EDM's fixed FIR buffers (``resample_filter``, [1, 3, 3, 1]) are added. The noise input is 0.25·ln σ and the scalings are EDM's (teacher) or the boundary-shifted
-ones with σ_min = 0.002 (``get_distiller_fn``), which are cmkit's ``precond=edm`` / ``cm``.
+``map_noise.freqs``; EDM's fixed FIR buffers (``resample_filter``, [1, 3, 3, 1]) are added. The noise input is
+0.25·ln σ and the scalings are EDM's (teacher) or the boundary-shifted ones with σ_min = 0.002
+(``get_distiller_fn``), which are cmkit's ``precond=edm`` / ``cm``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import torch
 from torch import Tensor
 
 from ..errors import CmkitError
-
 
 MAX_DEPTH = 64
 #: numpy dtypes a Flax ndarray extension may name (no object dtypes).

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -21,7 +22,6 @@ from torch import nn
 from ..errors import CmkitError
 from ..files import atomic_dir, commit_dir, seal_dir, state_dict_for_save
 from .zoo import shipped_model_dir
-
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 

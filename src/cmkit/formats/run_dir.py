@@ -37,7 +37,6 @@ from ..files import (
 )
 from .model_dir import CONFIG_FILE
 
-
 # --- weights -----------------------------------------------------------------------------------------
 
 

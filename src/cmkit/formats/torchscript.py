@@ -35,8 +35,7 @@ from torch import Tensor
 
 from ..errors import CmkitError
 
-
-#: SHA-256 of OpenAI's ``decoder.pt``: the second-to-last component of its release URL (§1.2),
+#: SHA-256 of OpenAI's ``decoder.pt``: the second-to-last component of its release URL,
 #: https://openaipublic.azureedge.net/diff-vae/c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb/decoder.pt
 OPENAI_DECODER_SHA256 = "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb"
 
@@ -231,10 +230,11 @@ def is_torchscript(path: str | Path) -> bool:
 
 
 def read_torch_zip(path: str | Path, expected_sha256: str | None = None) -> tuple[dict[str, Tensor], bool]:
-    """Tensors of a TorchScript / torch.save zip as ``{dotted attribute path: CPU tensor}``, plus whether it is TorchScript.
+    """Tensors of a TorchScript / torch.save zip as ``{dotted attribute path: CPU tensor}``, plus whether it is
+    TorchScript.
 
-    ``constants.pkl`` tensors (graph constants, storages under ``constants/``) are returned as ``CONSTANTS.c<i>``. With ``expected_sha256``
-    the file hash is checked first.
+    ``constants.pkl`` tensors (graph constants, storages under ``constants/``) are returned as ``CONSTANTS.c<i>``.
+    With ``expected_sha256`` the file hash is checked first.
     """
     path = str(path)
     if expected_sha256 is not None:

@@ -5,7 +5,7 @@ from those declarations and builds the loss of ``LOSSES[method]``. A new method 
 
 from __future__ import annotations
 
-from .base import paired_passes, weighting, Loss
+from .base import Loss, paired_passes, weighting
 from .cd import CDLoss
 from .ct import CTLoss
 from .ect import ECTLoss
@@ -15,7 +15,6 @@ from .meanflow import MeanFlowLoss
 from .pd import PDLoss
 from .scm import SCDLoss, SCTLoss
 from .tcm import TCMLoss
-
 
 LOSSES = {
     "edm": EDMLoss,

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from .base import WEIGHTINGS, paired_passes, weighting
-from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, at_least, option, within, Option
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from ..solvers import SOLVERS
 from ..tensors import append_dims
+from .base import WEIGHTINGS, paired_passes, weighting
+from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, Option, at_least, option, within
 
 
 class CDLoss:

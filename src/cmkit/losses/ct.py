@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from .base import WEIGHTINGS, paired_passes, weighting
-from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, TOTAL_STEPS, at_least, option, within, Option
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ct_adaptive_schedule, karras_sigmas
 from ..tensors import append_dims
+from .base import WEIGHTINGS, paired_passes, weighting
+from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, TOTAL_STEPS, Option, at_least, option, within
 
 
 class CTLoss:

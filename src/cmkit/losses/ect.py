@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import default_huber_c, pseudo_huber
-from .base import WEIGHTINGS, paired_passes, weighting
-from .options import HUBER_C, P_MEAN, P_STD, TOTAL_STEPS, at_least, option, positive, Option
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
+from .base import WEIGHTINGS, paired_passes, weighting
+from .options import HUBER_C, P_MEAN, P_STD, TOTAL_STEPS, Option, at_least, option, positive
 
 
 class ECTLoss:

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from ..guidance import drop_labels
-from .options import P_MEAN, P_STD, option, within, Option
 from ..schedules import SIGMA_DATA
 from ..tensors import append_dims
+from .options import P_MEAN, P_STD, Option, option, within
 
 
 class EDMLoss:

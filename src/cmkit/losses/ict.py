@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import get_distance
-from .base import paired_passes
-from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, P_MEAN, P_STD, TOTAL_STEPS, at_least, option, Option
 from ..schedules import RHO, SIGMA_MAX, SIGMA_MIN, ict_num_scales, karras_sigmas, lognormal_index_probs
 from ..tensors import append_dims
+from .base import paired_passes
+from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, P_MEAN, P_STD, TOTAL_STEPS, Option, at_least, option
 
 
 class ICTLoss:

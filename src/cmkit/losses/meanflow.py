@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from ..jvp import JVP_MODES, directional_derivative
-from .options import FD_STEP, JVP, P_MEAN, P_STD, at_least, option, positive, within, Option
-from .scm import unwrap
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..tensors import append_dims, get_rng_state, set_rng_state
+from .options import FD_STEP, JVP, P_MEAN, P_STD, Option, at_least, option, positive, within
+from .scm import unwrap
 
 
 def meanflow_target(v: Tensor, t: Tensor, r: Tensor, dudt: Tensor) -> Tensor:

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import WEIGHTINGS, weighting
-from .options import at_least, option, Option
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..solvers import euler_step
 from ..tensors import append_dims
+from .base import WEIGHTINGS, weighting
+from .options import Option, at_least, option
 
 
 class PDLoss:

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from ..guidance import guided
 from ..jvp import JVP_MODES, directional_derivative
-from .options import FD_STEP, JVP, P_MEAN, P_STD, at_least, option, positive, within, Option
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..tensors import append_dims, get_rng_state, set_rng_state
 from ..trigflow import lognormal_t, sigma_from_t, velocity_from_denoiser
+from .options import FD_STEP, JVP, P_MEAN, P_STD, Option, at_least, option, positive, within
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from ..distances import default_huber_c, pseudo_huber
-from .base import paired_passes
-from .ect import ECTLoss
-from .options import at_least, option, positive, within, Option
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
+from .base import paired_passes
+from .ect import ECTLoss
+from .options import Option, at_least, option, positive, within
 
 
 def truncated_log_sigma(

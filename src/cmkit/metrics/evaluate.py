@@ -28,8 +28,7 @@ from .inception import InceptionExtractor
 from .inception_score import inception_score_from_logits
 from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
-from .reference import FMNIST_SPLITS, load_reference, Reference
-
+from .reference import FMNIST_SPLITS, Reference, load_reference
 
 FEATURE_SPACES = ("fmnist", "inception")
 

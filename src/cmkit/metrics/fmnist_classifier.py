@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from ..errors import CmkitError
 from .features import FeatureExtractor
 
-
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS = ASSETS / "fmnist_classifier.safetensors"
 RECORD = ASSETS / "fmnist_classifier.json"

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..errors import optional_import, CmkitError
+from ..errors import CmkitError, optional_import
 
 
 @dataclass(frozen=True)

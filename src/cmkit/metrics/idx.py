@@ -13,7 +13,6 @@ import numpy as np
 
 from ..datasets import FASHION_MNIST_ROOT, load_idx_dataset
 
-
 FMNIST_ENV = "CMKIT_FMNIST_DIR"
 
 

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from ..errors import CmkitError
 from .features import FeatureExtractor
 
-
 WEIGHTS_ENV = "CMKIT_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 NUM_CLASSES = 1008  # the TF graph's softmax size

@@ -14,7 +14,6 @@ import numpy as np
 
 from ..errors import CmkitError
 
-
 SPLIT_SIZE = 5000  # the evaluator's split_size
 
 

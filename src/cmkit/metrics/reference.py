@@ -22,11 +22,10 @@ import numpy as np
 from ..errors import CmkitError
 from ..imageio import check_nhwc, check_npz_archive
 from .features import FeatureExtractor
-from .frechet import feature_statistics, FeatureStats
+from .frechet import FeatureStats, feature_statistics
 from .idx import load_fmnist
 from .images import as_uint8_nhwc
 from .precision_recall import manifold_radii
-
 
 FMNIST_SPLITS = {"fmnist-test": "test", "fmnist-train": "train"}
 

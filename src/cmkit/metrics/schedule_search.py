@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from ..errors import CmkitError
 
-
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 ScoreFn = Callable[[list[float]], float]
 

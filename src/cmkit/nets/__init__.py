@@ -12,7 +12,6 @@ from .edm import DDPMpp, DhariwalUNet, NCSNpp
 from .mlp import MLPNet
 from .unet import UNet
 
-
 ARCHS = {"unet": UNet, "mlp": MLPNet, "adm": ADMUNet, "ddpmpp": DDPMpp, "ncsnpp": NCSNpp, "dhariwal": DhariwalUNet}
 
 

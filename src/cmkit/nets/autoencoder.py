@@ -30,7 +30,6 @@ from ..errors import CmkitError
 from ..files import load_safetensors
 from ..formats.model_dir import read_model_dir, save_model_dir
 
-
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 
 

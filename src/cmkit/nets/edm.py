@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..guidance import keep_mask
-from .embedding import FourierEmbedding, PositionalEmbedding
 from ..tensors import append_dims, as_sigma
+from .embedding import FourierEmbedding, PositionalEmbedding
 
 
 def init_weight_(t: Tensor, mode: str, fan_in: int, fan_out: int, gain: float = 1.0) -> Tensor:
@@ -278,6 +278,28 @@ def one_hot(class_labels: Tensor | None, classes: int, batch: int) -> Tensor:
     return class_labels.float()
 
 
+#: SongUNet's initialisations (EDM ``training/networks.py``): xavier-uniform, near-zero for output layers.
+SONG_INIT = {"init_mode": "xavier_uniform"}
+SONG_INIT_ZERO = {"init_mode": "xavier_uniform", "init_weight": 1e-5}
+
+
+def song_block(emb_channels: int, dropout: float, resample_filter: Sequence[int]) -> dict[str, Any]:
+    """The ``UNetBlock`` arguments every SongUNet block shares (one attention head, √½ skip scale)."""
+    return dict(
+        emb_channels=emb_channels,
+        num_heads=1,
+        dropout=dropout,
+        skip_scale=math.sqrt(0.5),
+        eps=1e-6,
+        resample_filter=resample_filter,
+        resample_proj=True,
+        adaptive_scale=False,
+        init=SONG_INIT,
+        init_zero=SONG_INIT_ZERO,
+        init_attn={"init_mode": "xavier_uniform", "init_weight": math.sqrt(0.2)},
+    )
+
+
 class SongUNet(nn.Module):
     """EDM's ``SongUNet``: DDPM++ or NCSN++ (score_sde's networks), ``net(x_in, c_noise, class_labels) -> F``.
 
@@ -317,22 +339,8 @@ class SongUNet(nn.Module):
         out_channels = out_channels or in_channels
         self.num_classes, self.label_dropout = num_classes, label_dropout
         emb_channels, noise_channels = model_channels * channel_mult_emb, model_channels * channel_mult_noise
-        init = {"init_mode": "xavier_uniform"}
-        init_zero = {"init_mode": "xavier_uniform", "init_weight": 1e-5}
-        init_attn = {"init_mode": "xavier_uniform", "init_weight": math.sqrt(0.2)}
-        block = dict(
-            emb_channels=emb_channels,
-            num_heads=1,
-            dropout=dropout,
-            skip_scale=math.sqrt(0.5),
-            eps=1e-6,
-            resample_filter=resample_filter,
-            resample_proj=True,
-            adaptive_scale=False,
-            init=init,
-            init_zero=init_zero,
-            init_attn=init_attn,
-        )
+        init, init_zero = SONG_INIT, SONG_INIT_ZERO
+        block = song_block(emb_channels, dropout, resample_filter)
 
         self.map_noise = (
             PositionalEmbedding(noise_channels, scale=1.0, endpoint=True)
@@ -344,51 +352,33 @@ class SongUNet(nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        self.enc = nn.ModuleDict()
-        cout = caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(
-                        caux, caux, 0, down=True, resample_filter=resample_filter
-                    )
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, 3, down=True, fused=True, resample_filter=resample_filter, **init
-                    )
-                    caux = cout
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        self.enc, cout = _song_encoder(
+            img_resolution,
+            in_channels,
+            model_channels,
+            channel_mult,
+            num_blocks,
+            attn_resolutions,
+            encoder_type,
+            resample_filter,
+            block,
+            init,
+        )
         skips = [b.out_channels for name, b in self.enc.items() if "aux" not in name]
-
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            cout = decoder_level(
-                self.dec,
-                res,
-                level == len(channel_mult) - 1,
-                cout,
-                model_channels * mult,
-                skips,
-                num_blocks,
-                lambda idx: idx == num_blocks and res in attn_resolutions,
-                block,
-            )
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(
-                        out_channels, out_channels, 0, up=True, resample_filter=resample_filter
-                    )
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
+        self.dec = _song_decoder(
+            img_resolution,
+            out_channels,
+            model_channels,
+            channel_mult,
+            num_blocks,
+            attn_resolutions,
+            decoder_type,
+            resample_filter,
+            block,
+            init_zero,
+            cout,
+            skips,
+        )
 
     def forward(
         self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, augment_labels: Tensor | None = None
@@ -429,6 +419,81 @@ class SongUNet(nn.Module):
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
         return aux
+
+
+def _song_encoder(
+    img_resolution: int,
+    in_channels: int,
+    model_channels: int,
+    channel_mult: Sequence[int],
+    num_blocks: int,
+    attn_resolutions: Sequence[int],
+    encoder_type: str,
+    resample_filter: Sequence[int],
+    block: dict[str, Any],
+    init: dict[str, Any],
+) -> tuple[nn.ModuleDict, int]:
+    """SongUNet's encoder (EDM ``training/networks.py``), named as EDM names it, and its output width."""
+    enc = nn.ModuleDict()
+    cout = caux = in_channels
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            cin, cout = cout, model_channels
+            enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
+        else:
+            enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+            if encoder_type == "skip":
+                enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
+            if encoder_type == "residual":
+                enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                    caux, cout, 3, down=True, fused=True, resample_filter=resample_filter, **init
+                )
+                caux = cout
+        for idx in range(num_blocks):
+            cin, cout = cout, model_channels * mult
+            enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+    return enc, cout
+
+
+def _song_decoder(
+    img_resolution: int,
+    out_channels: int,
+    model_channels: int,
+    channel_mult: Sequence[int],
+    num_blocks: int,
+    attn_resolutions: Sequence[int],
+    decoder_type: str,
+    resample_filter: Sequence[int],
+    block: dict[str, Any],
+    init_zero: dict[str, Any],
+    cout: int,
+    skips: list[int],
+) -> nn.ModuleDict:
+    """SongUNet's decoder, consuming the encoder's skip widths ``skips`` from the end."""
+    dec = nn.ModuleDict()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        cout = decoder_level(
+            dec,
+            res,
+            level == len(channel_mult) - 1,
+            cout,
+            model_channels * mult,
+            skips,
+            num_blocks,
+            lambda idx: idx == num_blocks and res in attn_resolutions,
+            block,
+        )
+        if decoder_type == "skip" or level == 0:
+            if decoder_type == "skip" and level < len(channel_mult) - 1:
+                dec[f"{res}x{res}_aux_up"] = Conv2d(
+                    out_channels, out_channels, 0, up=True, resample_filter=resample_filter
+                )
+            dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
+            dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
+    return dec
 
 
 class DDPMpp(SongUNet):

@@ -25,5 +25,4 @@ from __future__ import annotations
 
 from .backend import Backend, PathPolicy
 
-
 __all__ = ["Backend", "PathPolicy"]

@@ -17,18 +17,18 @@ import tempfile
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import one_line, CmkitError
+from ..errors import CmkitError, one_line
 from ..imageio import make_grid
 from ..sampling import SAMPLERS
 from .backend import Backend
 from .common import MAX_FRAMES, MAX_SAMPLES, display_scale, upscale
-
 
 SAMPLER_CHOICES = ["auto", *SAMPLERS]  # auto: the model's own (cmkit.generate.resolve_sampler)
 TASK_LABELS = {
@@ -254,16 +254,7 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
                 )
         compare = _compare_row(backend, models)
 
-    def model_changed(ref: str) -> tuple:
-        info = backend.model_info(ref)
-        sched = [f"{k}: {_schedule_text(v)}" for k, v in info["schedules"].items()]
-        text = (
-            f"{info['kind']}, {info['channels']}×{info['resolution']}×{info['resolution']}"
-            + (f", {info['num_classes']} classes" if info["num_classes"] else "")
-            + (f". {info['description']}" if info["description"] else "")
-        )
-        teacher = backend.teacher_for(ref) if info["schedules"] else None
-        return (text, gr.update(choices=sched, value=None), gr.update(value=teacher), "auto", info["default_steps"], "")
+    model_changed = partial(_model_summary, backend)
 
     def do_sample(ref: str, sampler: str, steps: Any, sigmas: str, seed: Any, n: Any, classes: str) -> tuple:
         r = backend.sample(ref, sampler, steps, sigmas, seed, n, classes)
@@ -283,6 +274,21 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
         [compare.cm, compare.te, compare.status],
     )
     return _Tab(model=s_model, outputs=outputs, model_changed=model_changed)
+
+
+def _model_summary(backend: Backend, ref: str) -> tuple:
+    """What the Sample tab shows when its model changes: kind and size, σ schedules, teacher, default steps."""
+    import gradio as gr
+
+    info = backend.model_info(ref)
+    sched = [f"{k}: {_schedule_text(v)}" for k, v in info["schedules"].items()]
+    text = (
+        f"{info['kind']}, {info['channels']}×{info['resolution']}×{info['resolution']}"
+        + (f", {info['num_classes']} classes" if info["num_classes"] else "")
+        + (f". {info['description']}" if info["description"] else "")
+    )
+    teacher = backend.teacher_for(ref) if info["schedules"] else None
+    return (text, gr.update(choices=sched, value=None), gr.update(value=teacher), "auto", info["default_steps"], "")
 
 
 def _compare_row(backend: Backend, models: _Models) -> SimpleNamespace:
@@ -371,55 +377,60 @@ def _edit_tab(backend: Backend, models: _Models) -> _Tab:
         img = backend.check_upload(ref, image)
         return img, _editor_value(img), f"uploaded image loaded ({img.shape[1]}×{img.shape[0]})"
 
-    def do_edit(
-        ref: str,
-        task: str,
-        src: np.ndarray | None,
-        canvas: dict | None,
-        classes: str,
-        steps: Any,
-        sigma: float,
-        sigma_start: float,
-        factor: Any,
-        between: str,
-        seed: Any,
-        seed2: Any,
-        frames: Any,
-    ) -> tuple:
-        canvas = canvas or {}
-        image, image2 = src, None
-        if task == "interpolate":
-            image, image2 = (None, None) if between == "two seeds" else (src, backend.held_out(ref, seed2))
-        r = backend.edit(
-            ref,
-            task,
-            image,
-            canvas.get("layers") or [],
-            canvas.get("composite"),
-            steps=steps,
-            sigma=sigma,
-            sigma_start=sigma_start,
-            factor=factor,
-            frames=frames,
-            seed=seed,
-            seed2=seed2,
-            image2=image2,
-            classes=classes,
-        )
-        panel = gr.update(value=r.images.get("panel", r.images.get("strip")), label=PANEL_LABELS[task])
-        output = None if task == "interpolate" else r.images["output"]  # the frames are the panel
-        return r.images.get("mask"), output, panel, _write_png(r.native, f"{task}.png"), r.info
-
     loaded = [e_src, out.canvas, out.status]
     e_load.click(guarded(load_held_out, 3), [e_model, e_index], loaded)
     e_model.change(guarded(lambda ref: load_held_out(ref, 0), 3), e_model, loaded)
     e_upload.upload(guarded(uploaded, 3), [e_model, e_upload], loaded)
     e_run.click(
-        guarded(do_edit, 5),
+        guarded(partial(_run_edit, backend), 5),
         [e_model, e_task, e_src, out.canvas, e_class, *settings],
         [out.mask, out.out, out.panel, out.file, out.status],
     )
     return _Tab(model=e_model, src=e_src, canvas=out.canvas, status=out.status)
+
+
+def _run_edit(
+    backend: Backend,
+    ref: str,
+    task: str,
+    src: np.ndarray | None,
+    canvas: dict | None,
+    classes: str,
+    steps: Any,
+    sigma: float,
+    sigma_start: float,
+    factor: Any,
+    between: str,
+    seed: Any,
+    seed2: Any,
+    frames: Any,
+) -> tuple:
+    """The Edit tab's Run: the task on the loaded image and what was drawn on it, through ``Backend.edit``."""
+    import gradio as gr
+
+    canvas = canvas or {}
+    image, image2 = src, None
+    if task == "interpolate":
+        image, image2 = (None, None) if between == "two seeds" else (src, backend.held_out(ref, seed2))
+    r = backend.edit(
+        ref,
+        task,
+        image,
+        canvas.get("layers") or [],
+        canvas.get("composite"),
+        steps=steps,
+        sigma=sigma,
+        sigma_start=sigma_start,
+        factor=factor,
+        frames=frames,
+        seed=seed,
+        seed2=seed2,
+        image2=image2,
+        classes=classes,
+    )
+    panel = gr.update(value=r.images.get("panel", r.images.get("strip")), label=PANEL_LABELS[task])
+    output = None if task == "interpolate" else r.images["output"]  # the frames are the panel
+    return r.images.get("mask"), output, panel, _write_png(r.native, f"{task}.png"), r.info
 
 
 def _edit_settings() -> list[Any]:

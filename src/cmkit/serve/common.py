@@ -18,7 +18,6 @@ from ..editing.transforms import LUMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, make_grid, to_uint8
 
-
 #: the most images one page request generates (a grid of 8×8)
 MAX_SAMPLES = 64
 #: the most σ levels / sampler steps / decoder steps a page request runs

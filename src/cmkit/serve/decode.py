@@ -12,11 +12,11 @@ from ..decoder.latents import check_latents, resolve_scaled
 from ..decoder.schedule import DTYPES, MAX_DECODE_STEPS, parse_schedule, steps_to_schedule
 from ..errors import CmkitError
 from ..imageio import to_uint8
-from .common import MAX_PAGE_STEPS, as_int, grid_image, PeakRSS, Result
+from .common import MAX_PAGE_STEPS, PeakRSS, Result, as_int, grid_image
 
 
 class DecodeTab:
-    """The Decode tab: a latents file and decoder weights on the server → images. (a part of ``Backend``, which holds the models)."""
+    """The Decode tab's work; a part of ``Backend``, which holds the models."""
 
     def decode(
         self,

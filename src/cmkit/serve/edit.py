@@ -9,13 +9,15 @@ import torch
 
 from ..datasets import SPLIT_DATASETS, load_dataset
 from ..editing.editor import default_edit_sigmas
-from ..editing.run import TASKS, run_task, EditRequest
+from ..editing.run import TASKS, EditRequest, run_task
 from ..errors import CmkitError
 from ..imageio import to_uint8
 from ..inputs import class_labels
 from .common import (
     MAX_FRAMES,
     MAX_PAGE_STEPS,
+    Loaded,
+    Result,
     as_float,
     as_int,
     display_scale,
@@ -25,13 +27,11 @@ from .common import (
     to_model_image,
     to_tensor,
     upscale,
-    Loaded,
-    Result,
 )
 
 
 class EditTab:
-    """The Edit tab: the six editing tasks on a held-out or uploaded image and what was drawn on it. (a part of ``Backend``, which holds the models)."""
+    """The Edit tab's work; a part of ``Backend``, which holds the models."""
 
     def editable(self, ref: str) -> Loaded:
         m = self.load(ref)

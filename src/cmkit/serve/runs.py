@@ -15,7 +15,7 @@ from .common import run_mtime
 
 
 class RunsTab:
-    """The Runs tab: a training run's curves, sample grids and config. (a part of ``Backend``, which holds the models)."""
+    """The Runs tab's work; a part of ``Backend``, which holds the models."""
 
     def list_runs(self) -> list[str]:
         """Runs under --runs (two levels deep), as paths relative to it, newest first."""

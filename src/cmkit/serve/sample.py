@@ -9,11 +9,11 @@ from ..generate import sample_images
 from ..imageio import to_uint8
 from ..inputs import check_seed, parse_sigmas
 from ..schedules import off_grid_note
-from .common import MAX_PAGE_STEPS, MAX_SAMPLES, as_int, grid_image, Result
+from .common import MAX_PAGE_STEPS, MAX_SAMPLES, Result, as_int, grid_image
 
 
 class SampleTab:
-    """The Sample tab: any model with any sampler, and a consistency model beside its teacher. (a part of ``Backend``, which holds the models)."""
+    """The Sample tab's work; a part of ``Backend``, which holds the models."""
 
     def sample(
         self,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..datasets import load_dataset, Batches, ImageData
+from ..datasets import Batches, ImageData, load_dataset
 from ..decoder.config import DecoderConfig
 from ..decoder.consistency import DecoderConsistencyLoss
 from ..decoder.decoder import ConsistencyDecoder
@@ -41,7 +41,6 @@ from ..imageio import save_grid
 from ..nets.autoencoder import AutoencoderConfig, KLAutoencoder
 from .decoder_config import AutoencoderRunConfig, DecoderRunConfig
 from .task import Context
-
 
 GRID_IMAGES = 8
 

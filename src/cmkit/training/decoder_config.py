@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..config import require, DataConfig, DataName, RunConfig, TrainConfig
+from ..config import DataConfig, DataName, RunConfig, TrainConfig, require
 from ..decoder.consistency import check_gaps
 
 

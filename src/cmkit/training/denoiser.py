@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..datasets import load_dataset, Batches
+from ..datasets import Batches, load_dataset
 from ..denoiser_config import Config
 from ..ema import ema_update, make_copy
 from ..errors import CmkitError

@@ -625,7 +625,8 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "cifar10-cd": Preset(
-        "CIFAR-10 CD on NCSN++ (LPIPS, Heun, N=18, μ=0, RAdam 4e-4, batch 512, 800k); paper FID 3.55 (1-step), 2.93 (2-step)",
+        "CIFAR-10 CD on NCSN++ (LPIPS, Heun, N=18, μ=0, RAdam 4e-4, batch 512, 800k); "
+        "paper FID 3.55 (1-step), 2.93 (2-step)",
         {
             **CIFAR_NET,
             "loss.method": "cd",
@@ -643,7 +644,8 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "cifar10-ct": Preset(
-        "CIFAR-10 CT on NCSN++ (LPIPS, s0=2, s1=150, μ0=0.9, RAdam 4e-4, batch 512, 800k, random init); paper FID 8.70 / 5.83",
+        "CIFAR-10 CT on NCSN++ (LPIPS, s0=2, s1=150, μ0=0.9, RAdam 4e-4, batch 512, 800k, random init); "
+        "paper FID 8.70 / 5.83",
         {
             **CIFAR_NET,
             "loss.method": "ct",
@@ -659,7 +661,8 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "cifar10-ict": Preset(
-        "CIFAR-10 iCT on NCSN++ (pseudo-Huber, Fourier scale 0.02, dropout 0.3, Adam 1e-4, batch 1024, 400k); paper FID 2.83 / 2.46",
+        "CIFAR-10 iCT on NCSN++ (pseudo-Huber, Fourier scale 0.02, dropout 0.3, Adam 1e-4, batch 1024, 400k); "
+        "paper FID 2.83 / 2.46",
         {
             **CIFAR_NET,
             "model.fourier_scale": 0.02,
@@ -695,7 +698,8 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "imagenet64-edm": Preset(
-        "ImageNet-64 EDM teacher (ADM 192ch, class-cond, dropout 0.1, RAdam 1e-4, batch 4096); paper FID 2.44 at 79 NFE",
+        "ImageNet-64 EDM teacher (ADM 192ch, class-cond, dropout 0.1, RAdam 1e-4, batch 4096); "
+        "paper FID 2.44 at 79 NFE",
         {
             **IMAGENET64_NET,
             "model.precond": "edm",
