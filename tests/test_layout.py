@@ -57,3 +57,8 @@ def test_the_readmes_layout_names_every_module():
         if path.name != "__init__.py" and path.name not in layout and m.replace(".", "/") + ".py" not in layout
     ]
     assert not missing, missing
+
+
+def test_no_function_is_over_80_lines():
+    """Long functions are split into named steps (the page per tab, the parser per command, a network per part)."""
+    assert [where for n, where in SOURCE.functions if n > 80] == []
