@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CmkitError
-from ..generate import sample_images
 from ..imageio import to_uint8
 from ..inputs import (
     MAX_BATCH,
@@ -28,12 +27,11 @@ from ..inputs import (
     check_threads,
     parse_sigmas,
 )
-from ..load import load_model
 from ..metrics.evaluate import FEATURE_SPACES, evaluate_images, extractor_class
 from ..metrics.frechet import require_scipy
 from ..metrics.images import load_images_npz
 from ..metrics.reference import read_reference_npz
-from .options import add_class_option, add_output_option, add_sampling_options
+from .options import add_class_option, add_output_option, add_sampling_options, sample_from_args
 
 MAX_KID_SUBSETS = 10_000  # the reference code uses 100
 _ROWS = (("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
@@ -139,22 +137,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     check_eval_args(args)
     apply_threads(args.threads)
     if args.model is not None:
-        sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
-        model, cfg = load_model(args.model, device=args.device)
-        x = sample_images(
-            model,
-            cfg,
-            args.n,
-            sampler=args.sampler,
-            steps=args.steps,
-            sigmas=sigmas,
-            classes=args.classes,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            bf16=args.bf16,
-        ).images
-        return run_eval(args, to_uint8(x))
+        return run_eval(args, to_uint8(sample_from_args(args).images))
     return run_eval(args, load_images_npz(args.samples) if args.samples else None)
 
 

@@ -34,7 +34,6 @@ from ..formats.detect import checkpoint_format, read_released_net
 from ..formats.model_dir import read_model_dir, save_model_dir
 from ..formats.run_dir import RunDir
 from ..formats.zoo import models_root, shipped_models
-from ..generate import sample_images
 from ..imageio import from_uint8, save_grid, save_images, save_npz
 from ..inputs import (
     IMAGE_SUFFIXES,
@@ -51,7 +50,7 @@ from ..inputs import (
     check_threads,
     parse_sigmas,
 )
-from ..load import config_for, load_model
+from ..load import config_for
 from ..lpips import LPIPS_FILE, convert_lpips
 from ..schedules import training_grid
 from ..training.loop import dry_run, train
@@ -59,7 +58,13 @@ from ..training.presets import PRESETS, get_config, missing_inputs, run_config
 from .decoder import add_cli as add_decoder
 from .edit import add_cli as add_edit
 from .eval import add_cli as add_eval
-from .options import add_class_option, add_output_option, add_sampling_options, add_threads_option
+from .options import (
+    add_class_option,
+    add_output_option,
+    add_sampling_options,
+    add_threads_option,
+    sample_from_args,
+)
 from .serve import add_cli as add_serve
 
 EXAMPLES = """examples:
@@ -199,22 +204,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     npz = check_output(args.npz, "--npz", args.overwrite, suffixes=(".npz",))
     if out is None and npz is None:
         raise CmkitError("nothing to write: give -o FILE.png and/or --npz FILE.npz")
-    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
+    if args.sigmas:
+        parse_sigmas(args.sigmas)  # a bad σ list is one line before the model is loaded
     apply_threads(args.threads)
-    model, cfg = load_model(args.model, device=args.device)
-    s = sample_images(
-        model,
-        cfg,
-        args.n,
-        sampler=args.sampler,
-        steps=args.steps,
-        sigmas=sigmas,
-        classes=args.classes,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        bf16=args.bf16,
-    )
+    s = sample_from_args(args)
     x, labels = s.images, s.labels
     if args.out:
         save_grid(x, args.out)

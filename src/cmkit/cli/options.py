@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
-from ..inputs import DEVICE_HELP
+from ..generate import Samples, sample_images
+from ..inputs import DEVICE_HELP, parse_sigmas
+from ..load import load_model
 from ..sampling import SAMPLERS
 
 __all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "add_device_option", "add_class_option"]
@@ -19,6 +22,25 @@ __all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "a
 
 # an argparse.ArgumentParser or one of its argument groups (both have add_argument)
 Container = Any
+
+
+def sample_from_args(args: argparse.Namespace) -> Samples:
+    """``--model`` and the sampling options of ``add_sampling_options`` → images (``cmkit sample``, ``cmkit eval``)."""
+    model, cfg = load_model(args.model, device=args.device)
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
+    return sample_images(
+        model,
+        cfg,
+        args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        sigmas=sigmas,
+        classes=args.classes,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        bf16=args.bf16,
+    )
 
 
 def add_threads_option(parser: Container) -> None:

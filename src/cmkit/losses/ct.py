@@ -11,7 +11,18 @@ from ..distances import get_distance
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ct_adaptive_schedule, karras_sigmas
 from ..tensors import append_dims
 from .base import WEIGHTINGS, paired_passes, weighting
-from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, TOTAL_STEPS, Option, at_least, option, within
+from .options import (
+    DISTANCE,
+    HUBER_C,
+    LPIPS_WEIGHTS,
+    S0,
+    S1,
+    S1_AT_LEAST_S0,
+    TOTAL_STEPS,
+    Option,
+    option,
+    within,
+)
 
 
 class CTLoss:
@@ -22,15 +33,15 @@ class CTLoss:
 
     OPTIONS: ClassVar[dict[str, Option]] = {
         "total_steps": TOTAL_STEPS,
-        "s0": option("initial discretisation steps N(0)", at_least(1)),
-        "s1": option("final discretisation steps N(K)", at_least(1)),
+        "s0": S0,
+        "s1": S1,
         "mu0": option("initial target EMA rate μ0", within(0, 1, low_open=True, high_open=True)),
         "distance": DISTANCE,
         "weighting": option("λ(σ), at the larger σ", choices=WEIGHTINGS),
         "huber_c": HUBER_C,
         "lpips_weights": LPIPS_WEIGHTS,
     }
-    RULES = ((lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0"),)
+    RULES = (S1_AT_LEAST_S0,)
 
     def __init__(
         self,

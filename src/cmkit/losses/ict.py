@@ -16,7 +16,18 @@ from ..distances import get_distance
 from ..schedules import RHO, SIGMA_MAX, SIGMA_MIN, ict_num_scales, karras_sigmas, lognormal_index_probs
 from ..tensors import append_dims
 from .base import paired_passes
-from .options import DISTANCE, HUBER_C, LPIPS_WEIGHTS, P_MEAN, P_STD, TOTAL_STEPS, Option, at_least, option
+from .options import (
+    DISTANCE,
+    HUBER_C,
+    LPIPS_WEIGHTS,
+    P_MEAN,
+    P_STD,
+    S0,
+    S1,
+    S1_AT_LEAST_S0,
+    TOTAL_STEPS,
+    Option,
+)
 
 
 class ICTLoss:
@@ -26,15 +37,15 @@ class ICTLoss:
 
     OPTIONS: ClassVar[dict[str, Option]] = {
         "total_steps": TOTAL_STEPS,
-        "s0": option("initial discretisation steps N(0)", at_least(1)),
-        "s1": option("final discretisation steps N(K)", at_least(1)),
+        "s0": S0,
+        "s1": S1,
         "P_mean": P_MEAN,
         "P_std": P_STD,
         "distance": DISTANCE,
         "huber_c": HUBER_C,
         "lpips_weights": LPIPS_WEIGHTS,
     }
-    RULES = ((lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0"),)
+    RULES = (S1_AT_LEAST_S0,)
 
     def __init__(
         self,
