@@ -214,18 +214,14 @@ class _LossSection:
                 raise CmkitError(f"loss.{key}={value!r} is not a {key} of method {self.method!r} (expected {problem})")
             require(problem is None, f"loss.{key} must be {problem}, got {value}")
         values = {name: given.get(name, default) for name, (_, default, _) in declared.items()}
-        for rule, message in getattr(self.loss_class(), "RULES", ()):
-            require(
-                rule(values),
-                f"{message} (method {self.method!r}: "
-                + ", ".join(f"loss.{k}={values[k]}" for k in ("s0", "s1") if k in values)
-                + ")",
-            )
+        for rule, message, keys in getattr(self.loss_class(), "RULES", ()):
+            shown = ", ".join(f"loss.{k}={values[k]}" for k in keys)
+            require(rule(values), f"{message} (method {self.method!r}: {shown})")
 
     def describe(self, steps: int) -> str:
         """The method's options, one per line: the value it will use (set here, or its default; total_steps is
         train.steps = ``steps`` unless set) and the help."""
-        given = {**self.options()}
+        given = self.options()
         defaults = {name: default for name, (_, default, _) in options_of(self.loss_class()).items()}
         defaults.update({"total_steps": steps} if "total_steps" in defaults else {})
         rows = [

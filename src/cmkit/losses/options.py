@@ -78,7 +78,8 @@ P_STD = option("std of the lognormal ln σ", positive())
 TOTAL_STEPS = option("curriculum length K in optimisation steps (None: train.steps)", at_least(1))
 S0 = option("initial discretisation steps N(0)", at_least(1))
 S1 = option("final discretisation steps N(K)", at_least(1))
-S1_AT_LEAST_S0 = (lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0")  # CT's and iCT's curricula
+#: A rule across options: (check of the values the method will use, message, the options it names).
+S1_AT_LEAST_S0 = (lambda o: o["s1"] >= o["s0"], "loss.s1 must be at least loss.s0", ("s0", "s1"))  # CT, iCT
 JVP = option("tangent by forward-mode AD (jvp) or a central difference (fd)", choices=("jvp", "fd"))
 FD_STEP = option("step of the central difference (jvp=fd)", within(0, 0.1, low_open=True))
 
