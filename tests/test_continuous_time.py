@@ -405,7 +405,11 @@ def test_two_processes_end_with_identical_weights(preset, overrides, tmp_path):
         *overrides,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # on failure: the lines that say why (a child's abort message comes long before torchrun's summary)
+    why = [
+        line for line in proc.stderr.splitlines() if any(w in line for w in ("rror", "xception", "terminate", "bort"))
+    ]
+    assert proc.returncode == 0, "\n".join(why[-30:]) + "\n" + proc.stderr[-1500:]
     assert "RESULT same=True ranks=2" in proc.stdout, proc.stdout[-1000:]
 
 

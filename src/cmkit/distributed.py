@@ -53,7 +53,10 @@ def all_reduce_mean(x: float, device: torch.device) -> float:
 
 
 def cleanup() -> None:
+    """Leave the process group: every rank first reaches a barrier, so no rank closes its connections (gloo's
+    sockets) while a peer is still in a collective with it."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
