@@ -221,12 +221,11 @@ class _LossSection:
     def describe(self, steps: int) -> str:
         """The method's options, one per line: the value it will use (set here, or its default; total_steps is
         train.steps = ``steps`` unless set) and the help."""
-        given = self.options()
-        defaults = {name: default for name, (_, default, _) in options_of(self.loss_class()).items()}
-        defaults.update({"total_steps": steps} if "total_steps" in defaults else {})
+        given, declared = self.options(), options_of(self.loss_class())
+        defaults = {name: steps if name == "total_steps" else default for name, (_, default, _) in declared.items()}
         rows = [
             (f"loss.{name}={given.get(name, defaults[name])}", "" if name in given else " (default)", opt.help)
-            for name, (_, _, opt) in options_of(self.loss_class()).items()
+            for name, (_, _, opt) in declared.items()
         ]
         width = max((len(a) + len(b) for a, b, _ in rows), default=0)
         return "\n".join(f"  {a + b:<{width}}  {h}" for a, b, h in rows)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..editing.editor import default_edit_sigmas
 from ..editing.masks import BUILTIN, box_mask, builtin_mask, load_mask
-from ..editing.run import TASKS, EditRequest, run_task
+from ..editing.run import TASKS, EditRequest, edit_labels, run_task
 from ..editing.tasks import STROKE_SIGMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, read_image, read_npz_images, save_grid, save_images, save_npz
@@ -185,11 +185,8 @@ def _check_with_model(args: argparse.Namespace, cfg: Any) -> None:
 def _labels(args: argparse.Namespace, n: int) -> Tensor | None:
     """The class labels of ``n`` edited images: None for an unconditional model, else --class (cycled over the
     images), or random labels drawn from --seed when it is not given."""
-    if not args.num_classes:
-        return None
-    labels = class_labels(args.classes, args.num_classes, n)
-    if labels is None:
-        labels = torch.randint(args.num_classes, (n,), generator=torch.Generator().manual_seed(args.seed))
+    labels = edit_labels(args.classes, args.num_classes, n, args.seed)
+    if labels is not None and not args.classes:
         print(f"class-conditional model: random class labels {labels.tolist()} (choose them with --class)")
     return labels
 

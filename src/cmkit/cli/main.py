@@ -48,7 +48,6 @@ from ..inputs import (
     check_output,
     check_seed,
     check_threads,
-    parse_sigmas,
 )
 from ..load import config_for
 from ..lpips import LPIPS_FILE, convert_lpips
@@ -204,8 +203,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     npz = check_output(args.npz, "--npz", args.overwrite, suffixes=(".npz",))
     if out is None and npz is None:
         raise CmkitError("nothing to write: give -o FILE.png and/or --npz FILE.npz")
-    if args.sigmas:
-        parse_sigmas(args.sigmas)  # a bad σ list is one line before the model is loaded
     apply_threads(args.threads)
     s = sample_from_args(args)
     x, labels = s.images, s.labels

@@ -26,8 +26,8 @@ Container = Any
 
 def sample_from_args(args: argparse.Namespace) -> Samples:
     """``--model`` and the sampling options of ``add_sampling_options`` → images (``cmkit sample``, ``cmkit eval``)."""
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None  # a bad σ list is one line before any loading
     model, cfg = load_model(args.model, device=args.device)
-    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
     return sample_images(
         model,
         cfg,

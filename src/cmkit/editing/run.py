@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CmkitError
+from ..inputs import class_labels
 from . import tasks
 
 
@@ -70,6 +71,15 @@ class Edited:
     images: Tensor  # the output (B, C, R, R), or the interpolation frames (frames, C, R, R)
     panel: list[Tensor]  # the panel's columns, named by TASKS[task].panel (none for interpolate)
     info: str  # one line saying what was done
+
+
+def edit_labels(classes: str | None, num_classes: int, n: int, seed: int) -> Tensor | None:
+    """The class labels of ``n`` edited images: None for an unconditional model, else ``classes`` ("3" or "0,1,2",
+    cycled over the images), or random labels drawn from ``seed`` when it is empty (the CLI and the page alike)."""
+    labels = class_labels(classes or None, num_classes, n)
+    if labels is None and num_classes:
+        labels = torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    return labels
 
 
 def run_task(model: nn.Module, req: EditRequest, shape: tuple[int, int, int], sigma_max: float) -> Edited:

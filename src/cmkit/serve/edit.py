@@ -9,10 +9,9 @@ import torch
 
 from ..datasets import SPLIT_DATASETS, load_dataset
 from ..editing.editor import default_edit_sigmas
-from ..editing.run import TASKS, EditRequest, run_task
+from ..editing.run import TASKS, EditRequest, edit_labels, run_task
 from ..errors import CmkitError
 from ..imageio import to_uint8
-from ..inputs import class_labels
 from .common import (
     MAX_FRAMES,
     MAX_PAGE_STEPS,
@@ -96,9 +95,7 @@ class EditTab:
             image2,
         )
         n = 1 if req.images is None else len(req.images)
-        labels = class_labels(classes or None, m.cfg.model.num_classes, n)
-        if labels is None and m.cfg.model.num_classes:
-            labels = torch.randint(m.cfg.model.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+        labels = edit_labels(classes, m.cfg.model.num_classes, n, seed)
         req.labels = None if labels is None else labels.to(self.device)
         edited = run_task(m.model, req, (m.channels, m.resolution, m.resolution), m.cfg.model.sigma_max)
         out, R = edited.images, m.resolution
