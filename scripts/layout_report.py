@@ -18,7 +18,22 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cmkit"
 
 #: cmkit's floors, lowest first: (name, module-name prefixes). The longest matching prefix decides.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("errors", "tensors", "imageio", "files", "ema", "distributed", "datasets", "config", "inputs")),
+    (
+        "base",
+        (
+            "errors",
+            "tensors",
+            "imageio",
+            "files",
+            "ema",
+            "distributed",
+            "noise",
+            "shards",
+            "datasets",
+            "config",
+            "inputs",
+        ),
+    ),
     ("formats", ("formats",)),
     (
         "math",

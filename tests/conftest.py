@@ -93,14 +93,16 @@ def one_thread():
 
 
 def check_boundary_and_bf16(cfg) -> None:
-    """A consistency model built from ``cfg`` with weights far from zero: f(x, σ_min) = x exactly, and a bf16
-    autocast forward returns finite fp32."""
+    """A consistency model built from ``cfg`` with weights far from zero: f(x, σ_min) = x exactly, and a bf16 or fp16
+    autocast forward returns finite fp32 (σ arithmetic and the noise embedding stay fp32)."""
     model = cfg.model.build().eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x, cfg.model.sigma_min), x)  # f(x, σ_min) = x exactly
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = model(x, 2.0)
-    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                y = model(x, 2.0)
+                assert torch.equal(model(x, cfg.model.sigma_min), x)
+            assert y.dtype == torch.float32 and torch.isfinite(y).all()

@@ -291,6 +291,19 @@ def test_meanflow_time_proposal():
 # --- TCM ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("df", [2.0, 5.0, None])
+def test_tcm_truncated_time_distribution_is_the_truncated_student_t(df):
+    """ln σ = P_mean + P_std·T, T ~ t(ν) (Bailey's polar method) or N(0, 1), truncated to [ln 1, ln 80]: a KS test
+    against the closed-form truncated CDF (p > 1e-3; the draws are seeded)."""
+    from scipy import stats
+
+    torch.manual_seed(0)
+    s = truncated_log_sigma(20_000, 1.0, 80.0, -1.1, 2.0, df, torch.device("cpu"))
+    law = stats.norm() if df is None else stats.t(df)
+    a, b = law.cdf((0.0 + 1.1) / 2), law.cdf((math.log(80.0) + 1.1) / 2)
+    assert stats.kstest(s.log().double().numpy(), lambda v: (law.cdf((v + 1.1) / 2) - a) / (b - a)).pvalue > 1e-3
+
+
 def test_tcm_times_and_boundary_rows():
     torch.manual_seed(0)
     s = truncated_log_sigma(5000, 1.0, 80.0, -1.1, 2.0, 0.01, torch.device("cpu"))

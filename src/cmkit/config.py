@@ -27,7 +27,8 @@ from .errors import CmkitError
 T = TypeVar("T")
 
 Optimizer = Literal["adam", "radam"]
-DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz"]
+DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz", "shards"]
+Noise = Literal["stream", "per_sample"]
 Split = Literal["train", "test"]
 
 #: Keys that may change between a run and its resumption (everything else must match exactly).
@@ -40,6 +41,8 @@ RUN_CONTROL_KEYS = (
     "train.num_threads",
     "train.out_dir",
     "train.max_skipped",
+    "data.workers",
+    "model.checkpointing",
 )
 #: Classes of the labelled built-in data sets (0 = unlabelled); folder/npz are checked when loaded.
 DATA_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "emoji": 0}
@@ -64,12 +67,14 @@ def require(ok: bool, message: str) -> None:
 class DataConfig:
     """Training data."""
 
-    name: DataName = "digits"  # digits | fashion_mnist | mnist | emoji | folder | npz
-    root: str = ""  # folder, .npz file, or directory of IDX files ("" = the bundled/Debian copy)
+    name: DataName = "digits"  # digits | fashion_mnist | mnist | emoji | folder | npz | shards
+    root: str = ""  # folder, .npz file, shard set or directory of IDX files ("" = the bundled/Debian copy)
     split: Split = "train"  # train | test
     flip: bool = False  # random horizontal flips (a pure function of seed and step)
+    workers: int = 0  # data-loader processes preparing the next batches (0 = in the training process)
 
     def check(self) -> None:
+        require(self.workers >= 0, f"data.workers must be 0 or more, got {self.workers}")
         require(
             self.split == "train" or self.name in SPLIT_DATASETS,
             f"data.split={self.split}: data set {self.name!r} has no held-out split (only "
@@ -82,7 +87,9 @@ class TrainConfig:
     """Optimisation, EMAs, precision, seeds, logging and checkpointing (the same for every kind of run)."""
 
     steps: int = 1000  # optimisation steps K
-    batch_size: int = 64  # global batch (split over processes)
+    batch_size: int = 64  # global batch (split over processes, then into train.accum microbatches)
+    accum: int = 1  # gradient-accumulation microbatches per process and step
+    noise: Noise = "stream"  # stream (one generator per process) | per_sample (a step is independent of the split)
     lr: float = 2e-4  # learning rate after warm-up
     optimizer: Optimizer = "radam"  # adam | radam
     betas: tuple[float, ...] = (0.9, 0.999)  # Adam β1, β2
@@ -91,6 +98,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global gradient norm (0 = off)
     ema_rates: tuple[float, ...] = (0.999,)  # evaluation EMAs; the first is exported (none: the online weights)
     bf16: bool = False  # bfloat16 autocast for the network (σ arithmetic stays fp32)
+    fp16: bool = False  # float16 autocast with dynamic loss scaling (the CM paper's setting; overflows skip)
     seed: int = 0  # batches, noise, dropout and initialisation
     out_dir: str = ""  # run directory ("" = runs/PRESET)
     resume: bool = False  # continue the run in out_dir exactly
@@ -103,6 +111,12 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``."""
         return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
+
+    def autocast_dtype(self) -> Any:
+        """The network's autocast dtype (bf16 or fp16), or None for fp32."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
 
     def build_optimizer(self, params: Any) -> Any:
         """Adam or RAdam over ``params`` with this section's lr, betas and weight decay."""
@@ -117,10 +131,15 @@ class TrainConfig:
             self.num_threads <= most,
             f"train.num_threads must be 0 (torch's default) or at most {most} (4 per CPU), got {self.num_threads}",
         )
-        for key in ("steps", "batch_size", "log_every", "max_skipped"):
+        for key in ("steps", "batch_size", "accum", "log_every", "max_skipped"):
             require(getattr(self, key) >= 1, f"train.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("warmup_steps", "sample_every", "ckpt_every", "num_threads"):
             require(getattr(self, key) >= 0, f"train.{key} must be 0 or more, got {getattr(self, key)}")
+        require(
+            self.batch_size % self.accum == 0,
+            f"train.batch_size={self.batch_size} must be divisible by train.accum={self.accum} (equal microbatches)",
+        )
+        require(not (self.bf16 and self.fp16), "train.bf16 and train.fp16 exclude each other; choose one")
         require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         require(self.grad_clip >= 0, f"train.grad_clip must be 0 (off) or positive, got {self.grad_clip}")
         require(

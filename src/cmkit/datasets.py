@@ -2,29 +2,32 @@
 
 Sources: scikit-learn's 8×8 digits (bundled), Fashion-MNIST / MNIST IDX files (default location: the
 Debian package ``dataset-fashion-mnist``), colour emoji rendered from Debian's ``fonts-noto-color-emoji``,
-an image folder, or an ``.npz`` of uint8 NHWC images
-(``arr_0``, optional labels ``arr_1``). Batches are a pure function of (seed, step, rank), which makes
-resumed and multi-process training exactly reproducible.
+an image folder, an ``.npz`` of uint8 NHWC images (``arr_0``, optional labels ``arr_1``), or a shard set on disk
+(``cmkit.shards``: data sets too large for memory, read image by image). Batches are a pure function of
+(seed, step, rank), which makes resumed and multi-process training exactly reproducible; ``Batches`` can prepare
+them ahead in ``torch.utils.data`` worker processes (``data.workers``) without changing them.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import CmkitError
-from .imageio import read_image, read_npz_images
+from .imageio import crop_resize, read_image, read_npz_images
+from .shards import ShardSet, image_files
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_RANGES = ((0x1F300, 0x1F650), (0x1F680, 0x1F700), (0x1F900, 0x1FA00), (0x1FA70, 0x1FB00), (0x2600, 0x27C0))
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 HOW_TO_GET = {
     "fashion_mnist": "install it with `apt-get install dataset-fashion-mnist` or set data.root to a folder "
     "holding train-images-idx3-ubyte.gz etc.",
@@ -46,6 +49,10 @@ class ImageData:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def take(self, idx: Tensor) -> Tensor:
+        """uint8 images at the given indices (what ``ShardSet.take`` reads from disk)."""
+        return self.images[idx]
 
 
 # --- readers ---------------------------------------------------------------------------------------
@@ -134,28 +141,18 @@ def load_npz(path: str) -> ImageData:
 
 
 def load_folder(path: str, resolution: int, channels: int) -> ImageData:
-    """Every image file under ``path`` (recursively), centre-cropped to a square and resized.
+    """Every image file under ``path`` (recursively), centre-cropped to a square and resized, decoded into memory
+    before training (for large folders, ``cmkit prepare-data folder`` makes a shard set once, in parallel).
 
     Files are read by :func:`cmkit.imageio.read_image`: a corrupt, truncated, oversized (decompression bomb) or
     32-bit/float file is one error line naming it; 16-bit greys are scaled to 8 bits."""
     from PIL import Image
 
-    root = Path(path).expanduser()
     if resolution < 1:
         raise CmkitError(f"a folder data set needs the image size: set model.img_resolution (got {resolution})")
-    files = (
-        sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        if str(path).strip() and root.is_dir()
-        else []
-    )
-    if not files:
-        raise CmkitError(f"no images found in folder '{root}' (expected .png/.jpg files; set data.root)")
     out = []
-    for f in files:
-        im = Image.fromarray(read_image(f, "L" if channels == 1 else "RGB", "image"))
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+    for f in image_files(path):
+        im = crop_resize(Image.fromarray(read_image(f, "L" if channels == 1 else "RGB", "image")), resolution, "center")
         a = np.asarray(im, np.uint8)
         out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     return ImageData(torch.from_numpy(np.stack(out)))
@@ -221,11 +218,14 @@ def load_emoji(root: str, split: str, resolution: int) -> ImageData:
 
 
 SPLIT_DATASETS = ("fashion_mnist", "mnist", "emoji")
-DATASETS = ("digits", "fashion_mnist", "mnist", "emoji", "folder", "npz")
+DATASETS = ("digits", "fashion_mnist", "mnist", "emoji", "folder", "npz", "shards")
 
 
-def load_dataset(name: str, root: str = "", split: str = "train", resolution: int = 0, channels: int = 0) -> ImageData:
-    """Load a data set by name (``digits``, ``fashion_mnist``, ``mnist``, ``emoji``, ``folder``, ``npz``).
+def load_dataset(
+    name: str, root: str = "", split: str = "train", resolution: int = 0, channels: int = 0
+) -> ImageData | ShardSet:
+    """Load a data set by name (``digits``, ``fashion_mnist``, ``mnist``, ``emoji``, ``folder``, ``npz``) or open
+    a shard set (``shards``: nothing is read until a batch asks for its images).
 
     ``split='test'`` exists for the data sets with a held-out split (``SPLIT_DATASETS``); asking it of another
     one is an error rather than silently training on everything."""
@@ -243,6 +243,8 @@ def load_dataset(name: str, root: str = "", split: str = "train", resolution: in
         data = load_npz(root)
     elif name == "folder":
         data = load_folder(root, resolution, channels or 3)
+    elif name == "shards":
+        data = ShardSet(root)
     else:
         raise CmkitError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
     if resolution and data.shape[1:] != (resolution, resolution):
@@ -263,19 +265,36 @@ def load_dataset(name: str, root: str = "", split: str = "train", resolution: in
 
 
 class Batches:
-    """Deterministic batches: batch ``step`` is a function of (seed, step) only; rank r gets its slice."""
+    """Deterministic batches: batch ``step`` is a function of (seed, step) only; rank r gets its slice.
+
+    ``workers`` > 0 prepares the coming batches in that many ``torch.utils.data`` worker processes (with pinned
+    memory for a GPU) while the current step runs; the batches are the same as with ``workers=0``. ``get`` takes
+    a microbatch of the rank's batch for gradient accumulation."""
 
     def __init__(
-        self, data: ImageData, batch_size: int, seed: int = 0, flip: bool = False, rank: int = 0, world_size: int = 1
+        self,
+        data: ImageData | ShardSet,
+        batch_size: int,
+        seed: int = 0,
+        flip: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        accum: int = 1,
     ):
-        if batch_size % world_size:
-            raise CmkitError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
+        if batch_size % (world_size * accum):
+            raise CmkitError(
+                f"train.batch_size={batch_size} must be divisible by the {world_size} processes × train.accum={accum}"
+            )
         if batch_size > len(data):
             raise CmkitError(f"train.batch_size={batch_size} is larger than the data set ({len(data)} images)")
         self.data, self.batch_size, self.seed, self.flip = data, batch_size, seed, flip
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.workers, self.accum = rank, world_size, workers, accum
         self.per_epoch = len(data) // batch_size
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        self._cached: tuple[int, tuple[Tensor, Tensor | None]] | None = None
+        self._loader: Iterator | None = None
+        self._next = -1
 
     def indices(self, step: int) -> Tensor:
         epoch, j = divmod(step, self.per_epoch)
@@ -285,13 +304,81 @@ class Batches:
         idx = self._perm[j * self.batch_size : (j + 1) * self.batch_size]
         return idx.chunk(self.world_size)[self.rank]
 
-    def get(self, step: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
-        """(images in [-1, 1] as float32 (b, C, H, W), labels (b,) or None) for this rank at ``step``."""
+    def compute(self, step: int) -> tuple[Tensor, Tensor | None]:
+        """This rank's batch of ``step`` on the CPU: images in [-1, 1] as float32 (b, C, H, W), labels or None."""
         idx = self.indices(step)
-        x = self.data.images[idx].float() / 127.5 - 1
+        x = self.data.take(idx).float() / 127.5 - 1
         if self.flip:
             g = torch.Generator().manual_seed(self.seed * 7_919 + step)
             mask = torch.rand(self.batch_size, generator=g).chunk(self.world_size)[self.rank] < 0.5
             x = torch.where(mask[:, None, None, None], x.flip(-1), x)
         labels = self.data.labels[idx] if self.data.labels is not None else None
-        return x.to(device), (labels.to(device) if labels is not None else None)
+        return x, labels
+
+    def positions(self, micro: int = 0) -> Tensor:
+        """Where the samples of this rank's microbatch ``micro`` sit in the global batch of a step (the keys of
+        per-sample noise, ``cmkit.noise``)."""
+        per_rank = self.batch_size // self.world_size
+        per_micro = per_rank // self.accum
+        return torch.arange(per_micro) + self.rank * per_rank + micro * per_micro
+
+    def _rank_batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        if self._cached is not None and self._cached[0] == step:  # the microbatches of a step, a retried step
+            return self._cached[1]
+        if not self.workers:
+            batch = self.compute(step)
+        else:
+            if self._loader is None or self._next != step:
+                self._loader, self._next = self._start_loader(step), step
+            batch, self._next = next(self._loader), step + 1
+        self._cached = (step, batch)
+        return batch
+
+    def _start_loader(self, step: int) -> Iterator:
+        loader = torch.utils.data.DataLoader(
+            _StepBatches(self),
+            batch_size=None,
+            sampler=_StepsFrom(step),
+            num_workers=self.workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        return iter(loader)
+
+    def get(self, step: int, device: torch.device | str = "cpu", micro: int = 0) -> tuple[Tensor, Tensor | None]:
+        """(images in [-1, 1] as float32 (b, C, H, W), labels (b,) or None) for this rank at ``step``: the whole
+        rank batch, or with ``accum`` > 1 its microbatch ``micro``."""
+        x, labels = self._rank_batch(step)
+        if self.accum > 1:
+            x = x.chunk(self.accum)[micro]
+            labels = labels.chunk(self.accum)[micro] if labels is not None else None
+        blocking = torch.device(device).type != "cuda"
+        return x.to(device, non_blocking=not blocking), (
+            labels.to(device, non_blocking=not blocking) if labels is not None else None
+        )
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``get`` starts them again)."""
+        self._loader, self._cached = None, None
+
+    def __getstate__(self) -> dict:  # what a worker process receives: no loader of its own
+        return {**self.__dict__, "_loader": None, "_cached": None}
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is the rank's batch of that step (``Batches.compute``), for the worker processes."""
+
+    def __init__(self, batches: Batches):
+        self.batches = batches
+
+    def __getitem__(self, step: int) -> tuple[Tensor, Tensor | None]:
+        return self.batches.compute(step)
+
+
+class _StepsFrom(torch.utils.data.Sampler):
+    """Steps ``start``, ``start + 1``, … without end (the loop stops asking)."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)

@@ -17,6 +17,7 @@ from .errors import CmkitError
 from .losses import LOSSES, PRECOND_OF
 from .losses.options import options_of, parameters
 from .nets import ARCHS, build_net
+from .nets.blocks import set_checkpointing
 from .nets.edm import VEPrecond, VPPrecond
 from .precond import Precond
 from .sampling import SAMPLER_NAMES
@@ -47,6 +48,7 @@ class ModelConfig:
     num_blocks: int = 1  # unet: residual blocks per level
     attn_resolutions: tuple[int, ...] = ()  # unet: resolutions with self-attention
     dropout: float = 0.0  # dropout probability in residual blocks
+    checkpointing: bool = False  # recompute block activations in the backward pass (less memory, 1 more forward)
     num_classes: int = 0  # class-conditional when > 0
     embedding: Embedding = "positional"  # noise embedding: positional | fourier
     fourier_scale: float = 16.0  # fourier embedding frequency scale
@@ -93,11 +95,16 @@ class ModelConfig:
     def build(self) -> Any:
         """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
         net = build_net(self.arch, **{k: getattr(self, k) for k in self.NET_KEYS})
+        set_checkpointing(net, self.checkpointing)
         if self.precond in ("vp", "ve"):  # EDM's baseline-* teachers
             return VPPrecond(net) if self.precond == "vp" else VEPrecond(net)
         return Precond(net, self.precond, self.sigma_data, self.sigma_min, self.sigma_max, self.time_input)
 
     def check(self) -> None:
+        require(
+            not (self.checkpointing and self.arch == "mlp"),
+            "model.checkpointing applies to the unet, adm and EDM networks' blocks; the mlp has none",
+        )
         for key, most in (
             ("img_resolution", 4096),
             ("in_channels", 64),
@@ -142,6 +149,10 @@ class ModelConfig:
             self.time_inputs == 1 or self.arch in ("unet", "mlp"),
             f"model.time_inputs=2 needs model.arch=unet or mlp, got {self.arch}",
         )
+        self._check_arch()
+
+    def _check_arch(self) -> None:
+        """The rules particular to one architecture: embeddings, group-norm widths, levels and attention."""
         if self.arch == "adm":
             require(
                 self.embedding == "positional",

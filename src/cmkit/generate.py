@@ -5,16 +5,25 @@ per-sample seeds (``generate``)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from .denoiser_config import Config
+from .distributed import barrier
 from .errors import CmkitError
+from .imageio import from_uint8, save_npz, write_npz_streamed
 from .inputs import class_labels
 from .sampling import (
     SAMPLERS,
@@ -161,6 +170,85 @@ def sample_images(
         model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress=progress, labels=labels, bf16=bf16
     )
     return Samples(x, labels, sampler, sigma_list, steps)
+
+
+def sample_to_npz(
+    model: nn.Module,
+    cfg: Config,
+    n: int,
+    path: str | Path,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    sigmas: Sequence[float] | None = None,
+    classes: str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    progress: bool = True,
+    grid: int = 0,
+) -> Samples:
+    """``n`` images written to the ``.npz`` ``path`` (uint8 NHWC ``arr_0``, labels ``arr_1``) in bounded memory,
+    spread over the processes of ``torchrun`` (one process without it).
+
+    The work is cut into parts of ``batch_size`` images; part ``c`` goes to rank ``c mod world`` and is written as
+    its own file in ``PATH.parts/`` as soon as it is drawn; rank 0 then streams the parts into ``path``
+    (``cmkit.imageio.write_npz_streamed``) and removes them. Image i is drawn with seed ``seed + i`` (and its
+    label from the same seed when random), so the file is the same for any number of processes and batch size.
+    Parts left by an interrupted run of the same model and settings are kept and not drawn again. Returns the
+    samples' description; its images are only the first ``grid`` (on rank 0, for a preview)."""
+    sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
+    labels = class_labels(classes, cfg.model.num_classes, n)
+    rank, world = (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
+    path = Path(path)
+    parts_dir = path.with_name(path.name + ".parts")
+    settings = {
+        "model": hashlib.sha1(cfg.to_json().encode()).hexdigest(),
+        "weights": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
+        **dict(n=n, seed=seed, sampler=sampler, sigmas=list(sigma_list), steps=steps, batch=batch_size),
+        **dict(classes=classes, bf16=bf16),
+    }
+    if rank == 0:
+        _prepare_parts(parts_dir, settings)
+    barrier()
+    starts = list(range(0, n, batch_size))
+    mine = starts[rank::world]
+    bar = tqdm(total=n, disable=not (progress and rank == 0), unit="img", desc=f"{sampler} → {path.name}")
+    for start in mine:
+        b = min(batch_size, n - start)
+        part = parts_dir / f"part-{start:010d}.npz"
+        if not part.is_file():
+            y = labels[start : start + b] if labels is not None else None
+            x, y = generate(model, cfg, b, sampler, sigma_list, steps, seed + start, b, device, False, y, bf16)
+            save_npz(x, part.with_name(part.name + ".tmp"), y)
+            os.replace(part.with_name(part.name + ".tmp"), part)
+        bar.update(b * world)
+    bar.close()
+    barrier()
+    preview = None
+    if rank == 0:
+        parts = [parts_dir / f"part-{start:010d}.npz" for start in starts]
+        if grid:
+            preview = torch.cat([from_uint8(np.load(f)["arr_0"]) for f in parts[: -(-grid // batch_size)]])[:grid]
+        write_npz_streamed(path, parts)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    barrier()
+    return Samples(preview if preview is not None else torch.empty(0), None, sampler, sigma_list, steps)
+
+
+def _prepare_parts(parts_dir: Path, settings: dict[str, Any]) -> None:
+    """The parts directory of a streamed sampling: kept when an interrupted run left it with the same settings."""
+    manifest = parts_dir / "settings.json"
+    if parts_dir.is_dir():
+        try:
+            same = json.loads(manifest.read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(settings))
 
 
 @torch.no_grad()

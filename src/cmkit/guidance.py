@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import noise
+
 #: The class label that means "no class" (the unconditional branch of a label-dropout model).
 NULL_LABEL = -1
 
@@ -27,7 +29,7 @@ def drop_labels(class_labels: Tensor, p: float) -> Tensor:
     """Replace each label by ``NULL_LABEL`` with probability p (label dropout, for CFG training)."""
     if p <= 0:
         return class_labels
-    drop = torch.rand(class_labels.shape[0], device=class_labels.device) < p
+    drop = noise.rand(class_labels.shape[0], class_labels.device) < p
     return torch.where(drop, torch.full_like(class_labels, NULL_LABEL), class_labels)
 
 

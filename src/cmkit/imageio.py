@@ -7,9 +7,13 @@ saying what was expected, never a traceback or a silently misread image.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import struct
 import warnings
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +94,32 @@ def read_image(path: str | Path, mode: str = "RGB", what: str = "image", size: i
         detail = " ".join(str(e).split()) or type(e).__name__
         raise CmkitError(f"{what} {p} is corrupt or truncated ({detail}); expected {IMAGE_INPUT}") from None
     return np.asarray(out, np.uint8)
+
+
+CROPS = ("adm", "center")
+
+
+def crop_resize(im, size: int, how: str = "adm"):
+    """A PIL image as a ``size``×``size`` square, as the papers prepared their data.
+
+    ``adm``: ADM's ``center_crop_arr`` (Dhariwal & Nichol 2021, the ImageNet-64 and LSUN data of the CM paper):
+    halve with a box filter while the short side is at least 2·size, resize bicubic so that the short side is
+    ``size`` (rounding the long side), then take the centre window. ``center``: crop the centred square, then
+    resize bicubic (the ``folder`` data set's behaviour)."""
+    from PIL import Image
+
+    if how not in CROPS:
+        raise CmkitError(f"unknown crop {how!r}; expected one of {', '.join(CROPS)}")
+    if how == "center":
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        return im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+    while min(im.size) >= 2 * size:
+        im = im.resize((im.width // 2, im.height // 2), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), resample=Image.BICUBIC)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return im.crop((left, top, left + size, top + size))
 
 
 def read_npz_images(
@@ -232,3 +262,37 @@ def save_npz(x: Tensor | np.ndarray, path: str | Path, labels: Tensor | None = N
     except OSError as e:
         raise CmkitError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def write_npz_streamed(path: str | Path, parts: Sequence[Path]) -> tuple[int, bool]:
+    """Concatenate ``.npz`` parts (uint8 NHWC under ``arr_0``, optional labels under ``arr_1``) into one ``.npz``
+    at ``path``, holding one part in memory at a time: ``arr_0`` is streamed into the (uncompressed, zip64)
+    archive, as ``np.savez`` would write it. Written beside ``path`` and renamed; returns (images, labelled)."""
+    path = Path(path)
+    heads = []
+    for part in parts:
+        with np.load(part, allow_pickle=False) as z:
+            heads.append((z["arr_0"].shape, "arr_1" in z.files))
+    if not heads or len({h[0][1:] for h in heads}) != 1 or len({h[1] for h in heads}) != 1:
+        raise CmkitError(f"cannot merge {len(parts)} sample parts into {path}: none, or of different shapes")
+    n, labelled = sum(h[0][0] for h in heads), heads[0][1]
+    header = {"descr": "|u1", "fortran_order": False, "shape": (n, *heads[0][0][1:])}
+    tmp, labels = path.with_name(path.name + ".cmkit-tmp"), []
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for part in parts:
+                    with np.load(part, allow_pickle=False) as z:
+                        f.write(np.ascontiguousarray(z["arr_0"], np.uint8).tobytes())
+                        if labelled:
+                            labels.append(z["arr_1"])
+            if labelled:
+                buf = io.BytesIO()
+                np.save(buf, np.concatenate(labels))
+                zf.writestr("arr_1.npy", buf.getvalue())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CmkitError(f"cannot write {path}: {e.strerror or e}") from None
+    return n, labelled

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import noise
 from .tensors import append_dims
 
 
@@ -54,5 +55,7 @@ def lognormal_t(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """sCM's proposal (§12.1): τ ~ N(P_mean, P_std²), t = arctan(e^τ / σ_d) — log-normal in σ = σ_d tan t."""
-    tau = torch.randn(batch, device=device, generator=generator) * P_std + P_mean
+    tau = (
+        torch.randn(batch, device=device, generator=generator) if generator is not None else noise.randn(batch, device)
+    ) * P_std + P_mean
     return torch.atan(tau.exp() / sigma_data)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as dist
 from ..config import set_value
 from ..datasets import DATASETS, SPLIT_DATASETS, load_dataset
 from ..denoiser_config import Config
@@ -34,7 +35,7 @@ from ..formats.detect import checkpoint_format, read_released_net
 from ..formats.model_dir import read_model_dir, save_model_dir
 from ..formats.run_dir import RunDir
 from ..formats.zoo import models_root, shipped_models
-from ..imageio import from_uint8, save_grid, save_images, save_npz
+from ..imageio import CROPS, from_uint8, save_grid, save_images, save_npz
 from ..inputs import (
     IMAGE_SUFFIXES,
     MAX_BATCH,
@@ -52,17 +53,21 @@ from ..inputs import (
 from ..load import config_for
 from ..lpips import LPIPS_FILE, convert_lpips
 from ..schedules import training_grid
+from ..shards import INDEX as SHARD_INDEX
+from ..shards import prepare_folder, shards_from_arrays
 from ..training.loop import dry_run, train
 from ..training.presets import PRESETS, get_config, missing_inputs, run_config
 from .decoder import add_cli as add_decoder
 from .edit import add_cli as add_edit
 from .eval import add_cli as add_eval
 from .options import (
+    PREVIEW_IMAGES,
     add_class_option,
     add_output_option,
     add_sampling_options,
     add_threads_option,
     sample_from_args,
+    sample_npz_from_args,
 )
 from .serve import add_cli as add_serve
 
@@ -116,7 +121,7 @@ def cmd_images(args: argparse.Namespace) -> int:
             f"--index {start} with -n {args.n} needs {start + args.n} images; the {args.split} split of "
             f"{args.data} holds {len(data)}"
         )
-    x = from_uint8(data.images[start : start + args.n].permute(0, 2, 3, 1).numpy())
+    x = from_uint8(data.take(torch.arange(start, start + args.n)).permute(0, 2, 3, 1).numpy())
     labels = data.labels[start : start + args.n] if data.labels is not None else None
     if args.downsample > 1:
         if x.shape[-1] % args.downsample:
@@ -138,14 +143,44 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+PREPARE_KINDS = ("cifar10", "folder", "npz")
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    """``cmkit prepare-data cifar10 ARCHIVE``: the official archive → the .npz the CIFAR-10 presets read."""
+    """``cmkit prepare-data cifar10 ARCHIVE``: the official archive → the .npz the CIFAR-10 presets read;
+    ``folder DIR`` / ``npz FILE``: images → a shard set (``cmkit.shards``) that training reads from disk."""
+    if args.dataset not in PREPARE_KINDS:
+        raise CmkitError(f"prepare-data knows {', '.join(PREPARE_KINDS)}, not {args.dataset!r}")
     if args.dataset != "cifar10":
-        raise CmkitError(f"prepare-data knows cifar10 (the official cifar-10-python.tar.gz), not {args.dataset!r}")
+        return _prepare_shards(args)
     default = CIFAR10_TRAIN if args.split == "train" else CIFAR10_TRAIN.replace("train", "test")
     out = check_output(args.out or default, "-o", args.overwrite, suffixes=(".npz",))
-    n, path = prepare_cifar10(args.archive, out, args.split)
+    n, path = prepare_cifar10(args.source, out, args.split)
     print(f"wrote {path} ({n} CIFAR-10 {args.split} images, 32×32 uint8 NHWC, labels in arr_1)")
+    return 0
+
+
+def _prepare_shards(args: argparse.Namespace) -> int:
+    """A folder of images or an .npz → a shard set directory (refusing to replace anything but a shard set)."""
+    out = check_output(args.out, "-o", args.overwrite, required=True, directory=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / SHARD_INDEX).is_file():
+        raise CmkitError(f"{out} holds files that are not a shard set; choose a new or empty directory")
+    check_int(args.workers, "--workers", minimum=0)
+    if args.dataset == "npz":
+        data = load_dataset("npz", args.source)
+        labels = data.labels.numpy() if data.labels is not None else None
+        shards = shards_from_arrays(out, data.images.numpy(), labels)
+    else:
+        check_int(args.resolution, "--resolution")
+        shards = prepare_folder(
+            args.source, out, args.resolution, args.channels, args.crop, args.labels, args.workers, progress=True
+        )
+    c, h, w = shards.shape
+    labelled = f", {shards.num_classes} classes" if shards.num_classes else ", unlabelled"
+    print(
+        f"wrote {out} ({len(shards):,} images, {w}×{h}×{c} uint8, {len(shards.shards)} shards{labelled}): "
+        f"train with data.name=shards data.root={out}"
+    )
     return 0
 
 
@@ -204,14 +239,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out is None and npz is None:
         raise CmkitError("nothing to write: give -o FILE.png and/or --npz FILE.npz")
     apply_threads(args.threads)
+    if npz is not None:  # streamed in bounded memory, spread over the processes of torchrun
+        try:
+            s = sample_npz_from_args(args, npz, grid=PREVIEW_IMAGES if out is not None else 0)
+            if dist.is_main():
+                if out is not None:
+                    save_grid(s.images, out)
+                    print(f"wrote {out} (the first {len(s.images)} images)")
+                print(f"wrote {npz} ({args.n} images, uint8 NHWC)")
+        finally:
+            dist.cleanup()
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CmkitError("under torchrun, cmkit sample writes --npz FILE.npz (the processes share the work)")
     s = sample_from_args(args)
-    x, labels = s.images, s.labels
-    if args.out:
-        save_grid(x, args.out)
-        print(f"wrote {args.out}")
-    if args.npz:
-        save_npz(x, args.npz, labels)
-        print(f"wrote {args.npz} ({len(x)} images, uint8 NHWC)")
+    save_grid(s.images, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -441,20 +484,7 @@ def _add_data_commands(sub: Any) -> None:
     add_output_option(s, metavar="OUT", help="OUT.png (one file per image) or OUT.npz")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     s.set_defaults(func=cmd_images)
-
-    s = sub.add_parser(
-        "prepare-data",
-        help="turn a downloaded data set archive into the file a preset reads",
-        description="Write the .npz a paper preset reads from the official archive (read without "
-        "running code). cifar10: cifar-10-python.tar.gz → data/cifar10-train.npz, the "
-        "cifar10-* presets' data.root.",
-    )
-    s.add_argument("dataset", help="cifar10")
-    s.add_argument("archive", help="the official archive (cifar-10-python.tar.gz)")
-    s.add_argument("--split", choices=("train", "test"), default="train", help="default train (50,000 images)")
-    add_output_option(s, help="output .npz (default data/cifar10-train.npz, or -test for the test split)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    s.set_defaults(func=cmd_prepare_data)
+    _add_prepare_data(sub)
 
     s = sub.add_parser(
         "convert-lpips",
@@ -468,6 +498,47 @@ def _add_data_commands(sub: Any) -> None:
     add_output_option(s, help="output .safetensors (default data/lpips-vgg16.safetensors)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_convert_lpips)
+
+
+def _add_prepare_data(sub: Any) -> None:
+    """``prepare-data``: CIFAR-10's archive → .npz; an image folder or an .npz → a shard set."""
+    s = sub.add_parser(
+        "prepare-data",
+        help="turn downloaded data into the files a preset reads (CIFAR-10's archive, image folders → shards)",
+        description="cifar10: the official cifar-10-python.tar.gz (read without running code) → "
+        "data/cifar10-train.npz, the cifar10-* presets' data.root. folder: a folder of images (ImageNet's "
+        "class subfolders, or LSUN exported as images) → a shard set (uint8 .npy shards and index.json) that "
+        "training reads batch by batch from disk (data.name=shards), decoded in parallel and cropped as the "
+        "papers did. npz: an .npz of uint8 NHWC images (labels in arr_1) → a shard set.",
+        epilog="examples:\n"
+        "  cmkit prepare-data cifar10 cifar-10-python.tar.gz\n"
+        "  cmkit prepare-data folder ILSVRC2012/train -o data/imagenet64 --resolution 64\n"
+        "  cmkit prepare-data folder lsun-bedroom-images -o data/lsun-bedroom --resolution 256 --labels none\n"
+        "  cmkit prepare-data npz data/cifar10-train.npz -o data/cifar10-shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("dataset", metavar="KIND", help="cifar10, folder or npz")
+    s.add_argument("source", metavar="SOURCE", help="the archive (cifar10), the image folder, or the .npz")
+    s.add_argument("--split", choices=("train", "test"), default="train", help="cifar10: default train (50,000)")
+    add_output_option(s, help="cifar10: output .npz (default data/cifar10-train.npz); folder/npz: the shard set")
+    s.add_argument("--resolution", type=int, default=64, help="folder: the side of the square images (default 64)")
+    s.add_argument("--channels", type=int, choices=(1, 3), default=3, help="folder: 3 (RGB, default) or 1 (grey)")
+    s.add_argument(
+        "--crop",
+        choices=CROPS,
+        default="adm",
+        help="folder: adm (ADM's center_crop_arr, as the CM paper's ImageNet-64 and LSUN data; default) or "
+        "center (crop the centred square, then resize)",
+    )
+    s.add_argument(
+        "--labels",
+        choices=("auto", "subfolders", "none"),
+        default="auto",
+        help="folder: class labels from the first-level subfolders (auto: when there are at least two)",
+    )
+    s.add_argument("--workers", type=int, default=0, help="folder: decoding processes (default: one per CPU)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.set_defaults(func=cmd_prepare_data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -543,7 +614,11 @@ def _add_sample(sub: Any) -> None:
         seed_help="sample i uses seed+i, independent of the batch size",
     )
     add_output_option(s, default="samples.png", help="PNG grid path (default samples.png; '' to skip)")
-    s.add_argument("--npz", help="also write uint8 NHWC samples to this .npz (arr_0; labels in arr_1)")
+    s.add_argument(
+        "--npz",
+        help="write uint8 NHWC samples to this .npz (arr_0; labels in arr_1), streamed in bounded memory; under "
+        f"torchrun the processes share the work (then -o shows the first {PREVIEW_IMAGES})",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_class_option(s)
     s.set_defaults(func=cmd_sample)

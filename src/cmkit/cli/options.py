@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
-from ..generate import Samples, sample_images
+from .. import distributed as dist
+from ..generate import Samples, sample_images, sample_to_npz
 from ..inputs import DEVICE_HELP, parse_sigmas
 from ..load import load_model
 from ..sampling import SAMPLERS
@@ -40,6 +43,37 @@ def sample_from_args(args: argparse.Namespace) -> Samples:
         batch_size=args.batch_size,
         device=args.device,
         bf16=args.bf16,
+    )
+
+
+#: the images of the preview grid a streamed sampling (``--npz``) writes with ``-o``
+PREVIEW_IMAGES = 256
+
+
+def sample_npz_from_args(args: argparse.Namespace, npz: Path, grid: int = 0) -> Samples:
+    """``--model`` and the sampling options → ``npz``, streamed in bounded memory and, under ``torchrun``, spread
+    over the processes (``cmkit.generate.sample_to_npz``; each process on its own GPU). The returned images are
+    the first ``grid`` (rank 0)."""
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _, _, device = dist.init()
+        if args.device.startswith("cuda") or device.type == "cpu":
+            args.device = str(device)
+    model, cfg = load_model(args.model, device=args.device)
+    return sample_to_npz(
+        model,
+        cfg,
+        args.n,
+        npz,
+        sampler=args.sampler,
+        steps=args.steps,
+        sigmas=sigmas,
+        classes=args.classes,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        bf16=args.bf16,
+        grid=grid,
     )
 
 

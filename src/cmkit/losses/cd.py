@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..distances import get_distance
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from ..solvers import SOLVERS
@@ -74,9 +75,9 @@ class CDLoss:
         if teacher is None:
             raise ValueError("consistency distillation needs a teacher (set teacher=PATH to an EDM model)")
         sigmas = self.sigmas.to(x0.device)
-        i = torch.randint(0, len(sigmas) - 1, (x0.shape[0],), device=x0.device)
+        i = noise.randint(len(sigmas) - 1, x0.shape[0], x0.device)
         t, t2 = sigmas[i], sigmas[i + 1]
-        x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
+        x_t = x0 + append_dims(t, x0.ndim) * noise.randn_like(x0)
         with torch.no_grad():
             x_t2 = self.solver(teacher, x_t, t, t2, **cond)
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_t2, t2), **cond)

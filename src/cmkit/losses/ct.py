@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..distances import get_distance
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ct_adaptive_schedule, karras_sigmas
 from ..tensors import append_dims
@@ -85,9 +85,9 @@ class CTLoss:
     ) -> Tensor:
         N, _ = self.schedule(step)
         sigmas = karras_sigmas(N, *self.grid).to(x0.device)
-        i = torch.randint(0, N - 1, (x0.shape[0],), device=x0.device)
+        i = noise.randint(N - 1, x0.shape[0], x0.device)
         t, t2 = sigmas[i], sigmas[i + 1]
-        z = torch.randn_like(x0)
+        z = noise.randn_like(x0)
         x_t, x_t2 = x0 + append_dims(t, x0.ndim) * z, x0 + append_dims(t2, x0.ndim) * z
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_t2, t2), **cond)
         return weighting(self.weighting, t, self.sigma_data) * self.distance(pred, tgt)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..distances import default_huber_c, pseudo_huber
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
@@ -79,10 +80,10 @@ class ECTLoss:
         **cond: Any,
     ) -> Tensor:
         B = x0.shape[0]
-        t = (torch.randn(B, device=x0.device) * self.P_std + self.P_mean).exp().clamp(self.sigma_min, self.sigma_max)
+        t = (noise.randn(B, x0.device) * self.P_std + self.P_mean).exp().clamp(self.sigma_min, self.sigma_max)
         r = ect_r_of_t(t, self.stage(step), self.q, self.k, self.b)
         r = torch.where(r < self.sigma_min, torch.zeros_like(r), r)  # below σ_min the target is the data
-        e = torch.randn_like(x0)
+        e = noise.randn_like(x0)
         x_t, x_r = x0 + append_dims(t, x0.ndim) * e, x0 + append_dims(r, x0.ndim) * e
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_r, r.clamp(min=self.sigma_min)), **cond)
         tgt = torch.where(append_dims(r, x0.ndim) > 0, torch.nan_to_num(tgt), x0)

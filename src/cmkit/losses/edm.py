@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..guidance import drop_labels
 from ..schedules import SIGMA_DATA
 from ..tensors import append_dims
@@ -52,9 +52,9 @@ class EDMLoss:
         teacher: nn.Module | None = None,
         **cond: Any,
     ) -> Tensor:
-        sigma = (torch.randn(x0.shape[0], device=x0.device) * self.P_std + self.P_mean).exp()
+        sigma = (noise.randn(x0.shape[0], x0.device) * self.P_std + self.P_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         if self.label_dropout > 0 and cond.get("class_labels") is not None:
             cond = {**cond, "class_labels": drop_labels(cond["class_labels"], self.label_dropout)}
-        D = model(x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0), sigma, **cond)
+        D = model(x0 + append_dims(sigma, x0.ndim) * noise.randn_like(x0), sigma, **cond)
         return weight * (D - x0).square().flatten(1).mean(1)

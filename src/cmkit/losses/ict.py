@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..distances import get_distance
 from ..schedules import RHO, SIGMA_MAX, SIGMA_MIN, ict_num_scales, karras_sigmas, lognormal_index_probs
 from ..tensors import append_dims
@@ -91,10 +91,10 @@ class ICTLoss:
         **cond: Any,
     ) -> Tensor:
         asc, probs = self.grid_and_probs(ict_num_scales(step, self.K, self.s0, self.s1))
-        i = torch.multinomial(probs, x0.shape[0], replacement=True).to(x0.device)
+        i = noise.choice(probs, x0.shape[0]).to(x0.device)
         asc = asc.to(x0.device)
         s_lo, s_hi = asc[i], asc[i + 1]
-        z = torch.randn_like(x0)
+        z = noise.randn_like(x0)
         x_hi, x_lo = x0 + append_dims(s_hi, x0.ndim) * z, x0 + append_dims(s_lo, x0.ndim) * z
         pred, tgt = paired_passes(model, target or model, (x_hi, s_hi), (x_lo, s_lo), **cond)
         return self.distance(pred, tgt) / (s_hi - s_lo)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..jvp import JVP_MODES, directional_derivative
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..tensors import append_dims, get_rng_state, set_rng_state
@@ -91,9 +92,9 @@ class MeanFlowLoss:
 
     def sample_times(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(t, r): two logit-normal draws sorted so r ≤ t, r = t for a fraction ``ratio_r_eq_t``."""
-        a, b = (torch.sigmoid(torch.randn(batch, device=device) * self.P_std + self.P_mean) for _ in range(2))
+        a, b = (torch.sigmoid(noise.randn(batch, device) * self.P_std + self.P_mean) for _ in range(2))
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        same = torch.rand(batch, device=device) < self.ratio_r_eq_t
+        same = noise.rand(batch, device) < self.ratio_r_eq_t
         r = torch.where(same, t, r)
         t = t.clamp(self.t_min, self.t_max)
         return t, r.clamp(min=0).minimum(t)
@@ -112,7 +113,7 @@ class MeanFlowLoss:
         labels = cond.get("class_labels")
         x0 = x0.float()
         t, r = self.sample_times(x0.shape[0], x0.device)
-        e = torch.randn_like(x0)
+        e = noise.randn_like(x0)
         tt = append_dims(t, x0.ndim)
         z = (1 - tt) * x0 + tt * e
         v = e - x0

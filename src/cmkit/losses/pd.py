@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..solvers import euler_step
 from ..tensors import append_dims
@@ -91,9 +92,9 @@ class PDLoss:
         if teacher is None:
             raise ValueError("progressive distillation needs a teacher (set train.teacher=PATH to an EDM model)")
         N = self.num_scales(step)
-        i = torch.randint(0, N, (x0.shape[0],), device=x0.device).float()
+        i = noise.randint(N, x0.shape[0], x0.device).float()
         t, t2, t3 = (self.sigma_at(v / N) for v in (i, i + 0.5, i + 1))
-        x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
+        x_t = x0 + append_dims(t, x0.ndim) * noise.randn_like(x0)
         x_hat = self.target(teacher, x_t, t, t2, t3, **cond)
         diff = (model(x_t, t, **cond) - x_hat).float().square().flatten(1).mean(1)
         return weighting(self.weighting, t, self.sigma_data) * diff

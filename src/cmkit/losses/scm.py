@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..guidance import guided
 from ..jvp import JVP_MODES, directional_derivative
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
@@ -133,7 +134,7 @@ class SCTLoss:
         sd = self.sigma_data
         x0 = x0.float()
         t = self.sample_t(x0)
-        z = torch.randn_like(x0) * sd
+        z = noise.randn_like(x0) * sd
         x_t = append_dims(torch.cos(t), x0.ndim) * x0 + append_dims(torch.sin(t), x0.ndim) * z
         with torch.no_grad():
             dxdt = self.velocity(x0, z, x_t, t, teacher, cond).float()

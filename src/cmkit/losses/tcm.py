@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..distances import default_huber_c, pseudo_huber
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
@@ -40,17 +41,25 @@ def truncated_log_sigma(
     candidates: int = 1024,
 ) -> Tensor:
     """σ in [lo, hi] with ln σ ~ P_mean + P_std·T (Student-t with ``df``; ``None``: normal), truncated by
-    rejection; a row with no accepted candidate (extremely unlikely) falls back to log-uniform in [lo, hi]."""
-    shape = (batch, candidates)
+    rejection; a row with no accepted candidate (extremely unlikely) falls back to log-uniform in [lo, hi].
+
+    Student-t draws use Bailey's polar method (Bailey 1994, "Polar generation of random variates with the
+    t-distribution"): for (u, v) uniform in the unit disc, w = u² + v², T = u·sqrt(ν(w^(−2/ν) − 1)/w), which needs
+    only uniform draws, so it runs on per-sample generators too (``cmkit.noise``)."""
     if df is None:
-        x = torch.randn(shape, device=device)
+        x = noise.randn_like(torch.empty(batch, candidates, device=device))
     else:
-        x = torch.distributions.StudentT(torch.tensor(float(df), device=device)).sample(shape)
+        uv = noise.rand_like(torch.empty(batch, 2 * candidates, device=device)).double() * 2 - 1  # w^(-2/ν): fp64
+        u, w = uv[:, ::2], uv[:, ::2] ** 2 + uv[:, 1::2] ** 2
+        inside = (w < 1) & (w > 0)
+        w = torch.where(inside, w, torch.full_like(w, 0.5))
+        t = u * torch.sqrt(df * torch.expm1(-2 / df * torch.log(w)) / w)
+        x = torch.where(inside, t, torch.full_like(w, math.nan)).float()
     log_s = P_mean + P_std * x
     log_lo, log_hi = math.log(lo), math.log(hi)
-    ok = (log_s >= log_lo) & (log_s <= log_hi)
+    ok = (log_s >= log_lo) & (log_s <= log_hi)  # false for NaN (a pair outside the disc)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((batch,), -1, device=device))
-    fallback = torch.empty(batch, device=device).uniform_(log_lo, log_hi)
+    fallback = log_lo + noise.rand(batch, device) * (log_hi - log_lo)
     picked = log_s.gather(1, first.clamp(min=0)[:, None]).squeeze(1)
     return torch.where(first >= 0, picked, fallback).exp()
 
@@ -147,10 +156,10 @@ class TCMLoss(ECTLoss):
             self.df if self.time_dist == "student_t" else None,
             x0.device,
         )
-        boundary = torch.rand(B, device=x0.device) < self.boundary_prob
+        boundary = noise.rand(B, x0.device) < self.boundary_prob
         t = torch.where(boundary, torch.full_like(t, self.t_prime), t)
         r = ect_r_of_t(t, self.stage(step), self.q, self.k, self.b).clamp(min=self.sigma_min)
-        e = torch.randn_like(x0)
+        e = noise.randn_like(x0)
         x_t, x_r = x0 + append_dims(t, nd) * e, x0 + append_dims(r, nd) * e
         pred, tgt = paired_passes(model, target or model, (x_t, t), (x_r, r), **cond)
         below = append_dims((r < self.t_prime) & ~boundary, nd)

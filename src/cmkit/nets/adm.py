@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..guidance import label_embedding
+from .blocks import Block
 from .embedding import PositionalEmbedding
 
 
@@ -51,7 +52,7 @@ def resample(x: Tensor, mode: str) -> Tensor:
     return x
 
 
-class ResBlock(nn.Module):
+class ResBlock(Block):
     """GN–SiLU–[resample]–conv, noise conditioning (scale-shift or add), GN–SiLU–dropout–conv, plus a skip."""
 
     def __init__(
@@ -80,7 +81,7 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(Block):
     """Self-attention over pixels; qkv channels ordered (three, heads, head_dim)."""
 
     def __init__(self, channels: int, head_channels: int):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..guidance import keep_mask
 from ..tensors import append_dims, as_sigma
+from .blocks import Block
 from .embedding import FourierEmbedding, PositionalEmbedding
 
 
@@ -162,7 +163,7 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-class UNetBlock(nn.Module):
+class UNetBlock(Block):
     """EDM's residual block (norm0–conv0, ``affine`` noise conditioning, norm1–dropout–conv1, ``skip``), scaled by
     ``skip_scale``, optionally followed by self-attention (norm2, qkv, proj)."""
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..guidance import label_embedding
+from .blocks import Block
 from .embedding import make_embedding
 
 
@@ -32,7 +33,7 @@ def zero(module: nn.Module) -> nn.Module:
     return module
 
 
-class ResBlock(nn.Module):
+class ResBlock(Block):
     """GN-SiLU-conv, scale-shift by the noise embedding, GN-SiLU-dropout-conv, plus a (1×1) skip."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
@@ -51,7 +52,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Attention(nn.Module):
+class Attention(Block):
     """Multi-head self-attention over pixels (qkv split as (three, heads, head_dim), as in the CM code)."""
 
     def __init__(self, ch: int, head_channels: int = 64):

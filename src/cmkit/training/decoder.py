@@ -39,6 +39,7 @@ from ..errors import CmkitError
 from ..formats.model_dir import read_model_dir
 from ..imageio import save_grid
 from ..nets.autoencoder import AutoencoderConfig, KLAutoencoder
+from ..shards import ShardSet
 from .decoder_config import AutoencoderRunConfig, DecoderRunConfig
 from .task import Context
 
@@ -61,8 +62,11 @@ def pad_images(images: Tensor, size: int) -> Tensor:
     return torch.nn.functional.pad(images, (pw, pw, ph, ph), value=0)
 
 
-def load_images(name: str, root: str, split: str, image_size: int) -> ImageData:
-    """A ``cmkit.datasets`` data set padded to image_size (folders and emoji are resized to it instead)."""
+def load_images(name: str, root: str, split: str, image_size: int) -> ImageData | ShardSet:
+    """A ``cmkit.datasets`` data set padded to image_size (folders and emoji are resized to it instead; a shard
+    set, read from disk batch by batch, must hold image_size² images already)."""
+    if name == "shards":
+        return load_dataset(name, root, split, resolution=image_size)
     resized = name in ("folder", "emoji")
     data = load_dataset(name, root, split, resolution=image_size if resized else 0)
     return ImageData(pad_images(data.images, image_size), data.labels, data.num_classes)
@@ -113,11 +117,16 @@ class AutoencoderTask:
             )
         self.model = self.build_model(cfg).to(ctx.device)
         self.objective = self.build_loss(cfg)
-        self.batches = Batches(data, cfg.train.batch_size, cfg.train.seed, cfg.data.flip, ctx.rank, ctx.world)
-        self.grid = data.images[:GRID_IMAGES].float() / 127.5 - 1
+        t = cfg.train
+        self.batches = Batches(
+            data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world, cfg.data.workers, t.accum
+        )
+        self.grid = data.take(torch.arange(GRID_IMAGES)).float() / 127.5 - 1
 
-    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x, _ = self.batches.get(step, self.ctx.device)
+    def loss(
+        self, net: nn.Module, step: int, generator: torch.Generator, micro: int = 0
+    ) -> tuple[Tensor, dict[str, float]]:
+        x, _ = self.batches.get(step, self.ctx.device, micro)
         loss, terms = self.objective(x, *net(x, generator))
         return loss.mean(), terms
 
@@ -243,15 +252,19 @@ class DecoderTask:
                 f"{cfg.model.autoencoder} takes {self.ae.config.in_channels}"
             )
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[: cfg.model.stats_images]
-        mean, std = latent_statistics(self.ae, data.images[pick].float().to(device) / 127.5 - 1)
+        mean, std = latent_statistics(self.ae, data.take(pick).float().to(device) / 127.5 - 1)
         self.config = decoder_config_for(self.ae.config, cfg, mean, std)
         self.model = init_decoder_unet(self.config, t.seed).to(device)
         self.objective = self.build_loss(cfg, self.config)
-        self.batches = Batches(data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world)
-        self.grid = data.images[:GRID_IMAGES].float().to(device) / 127.5 - 1
+        self.batches = Batches(
+            data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world, cfg.data.workers, t.accum
+        )
+        self.grid = data.take(torch.arange(GRID_IMAGES)).float().to(device) / 127.5 - 1
 
-    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x0, _ = self.batches.get(step, self.ctx.device)
+    def loss(
+        self, net: nn.Module, step: int, generator: torch.Generator, micro: int = 0
+    ) -> tuple[Tensor, dict[str, float]]:
+        x0, _ = self.batches.get(step, self.ctx.device, micro)
         with torch.no_grad():
             z_norm = normalize_latents(self.ae.encode(x0), self.config)
         loss = self.objective(net, x0, z_norm, step=step, target=self.model, generator=generator)

@@ -9,6 +9,7 @@ Heun (EDM) sample grids with fixed per-sample seeds.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import noise
 from ..datasets import Batches, load_dataset
 from ..denoiser_config import Config
 from ..ema import ema_update, make_copy
@@ -53,7 +55,9 @@ class DenoiserTask:
         )
         if cfg.model.num_classes and data.labels is None:
             raise CmkitError(f"model.num_classes={cfg.model.num_classes} but data set {cfg.data.name!r} has no labels")
-        self.batches = Batches(data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world)
+        self.batches = Batches(
+            data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world, cfg.data.workers, t.accum
+        )
         self.target = make_copy(self.model) if self.objective.target_mu(0) is not None else None
 
     def _load_teacher(self) -> nn.Module:
@@ -76,12 +80,18 @@ class DenoiserTask:
                 )
         return teacher.requires_grad_(False)
 
-    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """The method's loss on batch ``step``; noise and σ come from the global RNG (saved per process)."""
-        x0, labels = self.batches.get(step, self.ctx.device)
+    def loss(
+        self, net: nn.Module, step: int, generator: torch.Generator, micro: int = 0
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The method's loss on (microbatch ``micro`` of) batch ``step``; noise and σ come from the global RNG
+        (saved per process) or, with ``train.noise=per_sample``, from per-sample generators (``cmkit.noise``)."""
+        t = self.cfg.train
+        x0, labels = self.batches.get(step, self.ctx.device, micro)
         cond = {"class_labels": labels} if self.cfg.model.num_classes else {}
         target = self.target if self.target is not None else self.model  # stopgrad(θ) when there is no θ⁻
-        value = self.objective(net, x0, step=step, target=target, teacher=self.teacher, **cond).mean()
+        keyed = t.noise == "per_sample"
+        with noise.per_sample(t.seed, step, self.batches.positions(micro)) if keyed else contextlib.nullcontext():
+            value = self.objective(net, x0, step=step, target=target, teacher=self.teacher, **cond).mean()
         return value, self.objective.stats(step)
 
     def after_update(self, step: int) -> None:

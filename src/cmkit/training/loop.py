@@ -1,9 +1,11 @@
 """The one training loop: every kind of run (diffusion/consistency model, autoencoder, consistency decoder)
 is a ``Task`` run by ``Loop``.
 
-Per step: lr warm-up → the task's loss on its deterministic batch (bf16 autocast if asked) → backward →
-NaN/inf guard (agreed over all processes: skip the step without advancing the optimizer, the EMAs or the
-task's schedules) → optional gradient clipping → optimizer → evaluation EMAs → ``task.after_update``
+Per step: lr warm-up → the task's loss on its deterministic batch (bf16 or fp16 autocast if asked) → backward,
+over ``train.accum`` microbatches (one all-reduce per step under DDP; with fp16, of the loss times the dynamic
+loss scale, then unscaled) → NaN/inf guard (agreed over all processes: skip the step without advancing the
+optimizer, the EMAs or the task's schedules; an fp16 overflow also halves the loss scale) → optional gradient
+clipping → optimizer → evaluation EMAs → ``task.after_update``
 (e.g. the CM target network θ⁻ ← μθ⁻ + (1-μ)θ, after the EMAs as in the CM reference code).
 
 The loop owns the progress bar, the JSONL log, sample grids, checkpoints (``cmkit.formats.run_dir.RunDir``),
@@ -14,6 +16,7 @@ every process; batches are a pure function of (seed, step)), the divergence guar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -123,6 +126,7 @@ class Loop:
         self.net: nn.Module = nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
         self.emas = [make_copy(self.model) for _ in t.ema_rates]
         self.optimizer = t.build_optimizer(self.model.parameters())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)  # identity unless fp16
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self.consecutive_skips = 0
         if resuming:
@@ -202,6 +206,8 @@ class Loop:
         if f"cuda{self.ctx.rank}" in rng and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng[f"cuda{self.ctx.rank}"], self.ctx.device)
         self.step, self.skipped, self.wall_before = state["step"], state["skipped"], state.get("wall_s", 0.0)
+        if "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         if dist.is_main():
             self.dir.truncate_log(self.step)
 
@@ -212,12 +218,13 @@ class Loop:
         for g in self.optimizer.param_groups:
             g["lr"] = t.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=t.bf16):
-            loss, extra = self.task.loss(self.net, self.step, self.generator)
-        loss.backward()
+        loss, extra = self.accumulate_gradients()
+        self.scaler.unscale_(self.optimizer)
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, **extra}
+        stats = {"loss": loss, "grad_norm": grad_norm, **extra}
+        if t.fp16:
+            stats["loss_scale"] = self.scaler.get_scale()
         reason = (
             "non-finite loss"
             if not math.isfinite(stats["loss"])
@@ -225,16 +232,39 @@ class Loop:
             if not math.isfinite(grad_norm)
             else ""
         )
+        if t.fp16 and reason == "non-finite gradient norm":
+            reason = f"fp16 overflow at loss scale {stats['loss_scale']:g}"
         if dist.all_reduce_mean(float(not reason), self.ctx.device) < 1.0:  # any rank saw NaN/inf: all skip
             self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: halves the loss scale after an overflow
             self.skipped += 1
             return {**stats, "skipped": True, "reason": reason or "non-finite values on another process"}
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         for rate, ema in zip(t.ema_rates, self.emas):
             ema_update(ema, self.model, rate)
         self.task.after_update(self.step)
         self.step += 1
         return {**stats, "skipped": False}
+
+    def accumulate_gradients(self) -> tuple[float, dict[str, float]]:
+        """The gradient of the step's mean loss, over ``train.accum`` microbatches: each backward adds
+        ∇(loss_m / accum), and under DDP only the last one all-reduces (``no_sync`` before it). Returns the mean
+        loss and the mean of the task's logged values."""
+        t, k = self.cfg.train, self.cfg.train.accum
+        total, extras = 0.0, []
+        for m in range(k):
+            last = m == k - 1
+            sync = contextlib.nullcontext() if last or self.ctx.world == 1 else self.net.no_sync()
+            with sync:
+                dtype = t.autocast_dtype()
+                with torch.autocast(self.ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss, extra = self.task.loss(self.net, self.step, self.generator, m)
+                self.scaler.scale(loss / k).backward()
+            total += float(loss.detach()) / k
+            extras.append(extra)
+        mean = {key: sum(e[key] for e in extras) / k for key in extras[0]} if k > 1 else extras[0]
+        return total, mean
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -245,7 +275,7 @@ class Loop:
             with StopRequest(announce=dist.is_main()) as stop:
                 return self._run(stop)
         finally:
-            self.dir.unlock()
+            self.close()
 
     def _run(self, stop: StopRequest) -> dict[str, Any]:
         t, main = self.cfg.train, dist.is_main()
@@ -333,7 +363,10 @@ class Loop:
         return bool(asked)
 
     def close(self) -> None:
-        """Release the run directory (``run()`` does so when it ends): for a Loop driven step by step."""
+        """Stop the data-loader workers and release the run directory (``run()`` does so when it ends): for a
+        Loop driven step by step."""
+        if hasattr(self.task, "batches"):
+            self.task.batches.close()
         self.dir.unlock()
 
     def wall_s(self) -> float:
@@ -357,6 +390,8 @@ class Loop:
         rngs = {f"{name}{r}": s for name, state in states.items() for r, s in enumerate(dist.all_gather_tensor(state))}
         if dist.is_main():
             state = {"step": self.step, "skipped": self.skipped, "world_size": self.ctx.world, "wall_s": self.wall_s()}
+            if self.cfg.train.fp16:
+                state["grad_scaler"] = self.scaler.state_dict()
             self.dir.save_checkpoint(self.modules(), self.optimizer, rngs, state, self.cfg.to_dict())
             model, weights = self.exported()
             kind, config, meta = self.task.export_config()

@@ -105,9 +105,12 @@ IMAGENET64_NET = {
     "model.attn_resolutions": (32, 16, 8),
     "model.num_classes": 1000,
     "model.head_channels": 64,
-    "data.name": "folder",
+    "data.name": "shards",
+    "data.root": "data/imagenet64",
+    "data.workers": 8,
     "data.flip": True,
     "train.bf16": True,
+    "train.noise": "per_sample",
     "train.log_every": 100,
     "train.sample_every": 10_000,
     "train.ckpt_every": 10_000,
@@ -124,8 +127,10 @@ LSUN_NET = {
     "model.attn_resolutions": (32, 16, 8),
     "model.head_channels": 64,
     "model.scale_shift": False,
-    "data.name": "folder",
+    "data.name": "shards",
+    "data.workers": 8,
     "data.flip": True,
+    "train.noise": "per_sample",
     "train.bf16": True,
     "train.batch_size": 256,
     "train.log_every": 100,
@@ -140,8 +145,9 @@ def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, 
     Song et al. 2023's LSUN table)."""
     teacher = f"runs/lsun-{scene}-edm"
     two = {m: {"sample.sigmas": (80.0, mids[m])} if m in mids else {} for m in ("cd-l2", "cd-lpips", "ct")}
+    net = {**LSUN_NET, "data.root": f"data/lsun-{scene}"}
     cd = {
-        **LSUN_NET,
+        **net,
         "loss.method": "cd",
         "loss.num_scales": 40,
         "loss.mu": 0.95,
@@ -157,7 +163,7 @@ def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, 
             f"the paper's teacher was trained by an unpublished script); FID {fids['edm']} "
             "at 79 NFE",
             {
-                **LSUN_NET,
+                **net,
                 "model.precond": "edm",
                 "model.dropout": 0.1,
                 "loss.method": "edm",
@@ -181,7 +187,7 @@ def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, 
             f"LSUN {scene.title()}-256 CT (LPIPS, s0=2, s1=150, μ0=0.95, RAdam 5e-5, batch 256, "
             f"1M, from the EDM teacher); FID {fids['ct']}",
             {
-                **LSUN_NET,
+                **net,
                 "loss.method": "ct",
                 "loss.s0": 2,
                 "loss.s1": 150,
@@ -815,6 +821,12 @@ def _maker(key: str, value: str) -> str:
         return f"cmkit train --preset {name}"
     if name.endswith(".pkl"):
         return "EDM's released pickles are listed in the README of github.com/NVlabs/edm"
+    if key == "data.root" and name.startswith("imagenet64"):
+        return f"cmkit prepare-data folder ILSVRC2012/train -o {value} --resolution 64 (ImageNet's class folders)"
+    if key == "data.root" and name.startswith("lsun"):
+        return (
+            f"cmkit prepare-data folder LSUN-IMAGES -o {value} --resolution 256 --labels none (LSUN exported as images)"
+        )
     if key == "data.root":
         return "a folder of images (data.name=folder) or an .npz of uint8 NHWC images (data.name=npz)"
     return "give its path"
@@ -827,7 +839,7 @@ def missing_inputs(cfg: Any, raise_error: bool = False) -> list[str]:
     sections = {name: getattr(cfg, name, None) for name in ("data", "train", "loss", "model")}
     wanted: list[tuple[str, str]] = []
     data = sections["data"]
-    if data is not None and getattr(data, "name", "") in ("npz", "folder", "mnist"):
+    if data is not None and getattr(data, "name", "") in ("npz", "folder", "mnist", "shards"):
         wanted.append(("data.root", data.root))
     for key in ("train.teacher", "train.init_from"):
         section, field_name = key.split(".")

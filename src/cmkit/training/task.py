@@ -37,9 +37,11 @@ class Task(Protocol):
         """The loss object of a config (no data, no weights files)."""
         ...
 
-    def loss(self, net: nn.Module, step: int, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """Mean loss of this process's batch at ``step`` (``net`` is ``model``, DDP-wrapped when distributed)
-        and extra values to log."""
+    def loss(
+        self, net: nn.Module, step: int, generator: torch.Generator, micro: int = 0
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Mean loss of this process's batch at ``step``, or of its microbatch ``micro`` of ``train.accum``
+        (``net`` is ``model``, DDP-wrapped when distributed), and extra values to log."""
         ...
 
     def after_update(self, step: int) -> None:
