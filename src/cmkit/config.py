@@ -29,6 +29,7 @@ T = TypeVar("T")
 Optimizer = Literal["adam", "radam"]
 DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz", "shards"]
 Noise = Literal["stream", "per_sample"]
+Parallel = Literal["ddp", "fsdp"]
 Split = Literal["train", "test"]
 
 #: Keys that may change between a run and its resumption (everything else must match exactly).
@@ -90,6 +91,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch (split over processes, then into train.accum microbatches)
     accum: int = 1  # gradient-accumulation microbatches per process and step
     noise: Noise = "stream"  # stream (one generator per process) | per_sample (a step is independent of the split)
+    parallel: Parallel = "ddp"  # under torchrun: ddp (whole copies) | fsdp (parameters, moments and EMAs sharded)
     lr: float = 2e-4  # learning rate after warm-up
     optimizer: Optimizer = "radam"  # adam | radam
     betas: tuple[float, ...] = (0.9, 0.999)  # Adam β1, β2

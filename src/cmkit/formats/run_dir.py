@@ -46,8 +46,8 @@ from .model_dir import CONFIG_FILE
 # --- optimizer state <-> flat tensors + JSON ---------------------------------------------------------
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state dict as flat tensors (``<param index>.<name>``) and JSON (groups, scalars)."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -223,20 +223,20 @@ class RunDir:
 
     def save_checkpoint(
         self,
-        modules: dict[str, nn.Module],
-        optimizer: torch.optim.Optimizer,
+        modules: dict[str, nn.Module | dict[str, torch.Tensor]],
+        optimizer_state: dict[str, Any],
         rng: dict[str, torch.Tensor],
         state: dict[str, Any],
         config: dict[str, Any],
     ) -> None:
-        """``checkpoint/``: ``<name>.safetensors`` per module, optimizer, RNG states, config.json, and
-        state.json last (its presence marks a complete checkpoint); the log is flushed to disk first."""
+        """``checkpoint/``: ``<name>.safetensors`` per module (or state dict), the optimizer's state dict, RNG states,
+        config.json, and state.json last (its presence marks a complete checkpoint); the log is flushed first."""
         if self.log.is_file():
             fsync_path(self.log)
         tmp = atomic_dir(self.checkpoint)
         for name, module in modules.items():
             save_file(state_dict_for_save(module), tmp / f"{name}.safetensors")
-        tensors, meta = optimizer_to_flat(optimizer)
+        tensors, meta = optimizer_to_flat(optimizer_state)
         save_file(tensors, tmp / self.OPTIMIZER)
         save_file(rng, tmp / self.RNG)
         write_json(tmp / CONFIG_FILE, config)

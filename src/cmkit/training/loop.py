@@ -36,6 +36,7 @@ from ..errors import CmkitError
 from ..files import write_json
 from ..formats.model_dir import save_model_dir
 from ..formats.run_dir import RunDir
+from . import sharding
 from .kinds import run_kind
 from .task import Context, Task
 
@@ -123,16 +124,34 @@ class Loop:
         self.generator = torch.Generator().manual_seed(t.seed + rank)  # the tasks that take a generator
         self.task: Task = run_kind(cfg.kind).task(cfg, self.ctx)
         self.model = self.task.model.to(device).train()
-        self.net: nn.Module = nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
+        self.sharded = t.parallel == "fsdp" and world > 1
+        if self.sharded:
+            if "teacher" in self.task.extra_modules():
+                raise CmkitError("train.parallel=fsdp cannot shard a teacher that trains (loss.method=pd); use ddp")
+            sharding.broadcast_from_rank0([self.model, *self.task.extra_modules().values()])
+        ddp = world > 1 and not self.sharded
+        self.net: nn.Module = nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
         self.emas = [make_copy(self.model) for _ in t.ema_rates]
         self.optimizer = t.build_optimizer(self.model.parameters())
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)  # identity unless fp16
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self.consecutive_skips = 0
         if resuming:
-            self.load_checkpoint()
+            self.load_checkpoint()  # into the whole modules, before any sharding
         elif dist.is_main():
             self.dir.truncate_log(0)  # rows of an earlier attempt that never reached a checkpoint
+        if self.sharded:
+            self._shard()
+
+    def _shard(self) -> None:
+        """FSDP: shard the network, its EMAs and the target network, and the optimizer's state like them; rank 0
+        keeps one whole copy (``shadow``) for sample grids and the exported model."""
+        self.shadow = make_copy(self.model) if dist.is_main() else None
+        whole = self.optimizer.state_dict()
+        for module in [self.model, *self.emas, *self.task.extra_modules().values()]:
+            sharding.shard(module)
+        self.optimizer = self.cfg.train.build_optimizer(self.model.parameters())
+        self.optimizer.load_state_dict(sharding.shard_optimizer_state(whole, list(self.model.parameters())))
 
     # --- resume -------------------------------------------------------------------------------------
     def _prepare_dir(self) -> bool:
@@ -219,9 +238,12 @@ class Loop:
             g["lr"] = t.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss, extra = self.accumulate_gradients()
+        if self.sharded:  # FSDP keeps a root module whole after a forward without backward (θ⁻'s pass)
+            for module in self.task.extra_modules().values():
+                module.reshard()
         self.scaler.unscale_(self.optimizer)
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = float(sharding.full(nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
         stats = {"loss": loss, "grad_norm": grad_norm, **extra}
         if t.fp16:
             stats["loss_scale"] = self.scaler.get_scale()
@@ -255,8 +277,10 @@ class Loop:
         total, extras = 0.0, []
         for m in range(k):
             last = m == k - 1
-            sync = contextlib.nullcontext() if last or self.ctx.world == 1 else self.net.no_sync()
-            with sync:
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)
+            ddp = self.ctx.world > 1 and not self.sharded
+            with self.net.no_sync() if ddp and not last else contextlib.nullcontext():
                 dtype = t.autocast_dtype()
                 with torch.autocast(self.ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss, extra = self.task.loss(self.net, self.step, self.generator, m)
@@ -332,14 +356,13 @@ class Loop:
                             "wall_s": round(self.wall_s(), 1),
                         }
                     )
-            if t.sample_every and self.step % t.sample_every == 0 and main:
+            if t.sample_every and self.step % t.sample_every == 0:
                 self.sample()
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
-        if main:
-            self.sample()
+        self.sample()
         final = last.get("loss")
         if final is not None and self.ctx.world > 1:  # one figure for the run: the mean over the processes
             final = dist.all_reduce_mean(final, self.ctx.device)
@@ -379,7 +402,16 @@ class Loop:
         return (self.emas[0], RunDir.weights_name(rates[0])) if rates else (self.model, RunDir.weights_name(None))
 
     def sample(self) -> None:
-        with eval_mode(self.exported()[0]) as model:
+        """Sample grids of the exported network, on rank 0 (every rank takes part in gathering a sharded one)."""
+        model = self.exported()[0]
+        if self.sharded:
+            whole = sharding.full_state_dict(model)
+            if self.shadow is not None:
+                self.shadow.load_state_dict(whole)
+            model = self.shadow
+        if not dist.is_main():
+            return
+        with eval_mode(model) as model:
             self.task.sample(model, self.dir.samples, self.step)
 
     def save_checkpoint(self) -> None:
@@ -388,12 +420,17 @@ class Loop:
         if self.ctx.device.type == "cuda":  # dropout on a GPU draws from the CUDA generator
             states["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
         rngs = {f"{name}{r}": s for name, state in states.items() for r, s in enumerate(dist.all_gather_tensor(state))}
+        modules: dict[str, Any] = self.modules()
+        optimizer_state = self.optimizer.state_dict()
+        if self.sharded:  # whole tensors, gathered by every rank: the files of an unsharded run
+            modules = {name: sharding.full_state_dict(m) for name, m in modules.items()}
+            optimizer_state = sharding.full_optimizer_state(self.optimizer)
         if dist.is_main():
             state = {"step": self.step, "skipped": self.skipped, "world_size": self.ctx.world, "wall_s": self.wall_s()}
             if self.cfg.train.fp16:
                 state["grad_scaler"] = self.scaler.state_dict()
-            self.dir.save_checkpoint(self.modules(), self.optimizer, rngs, state, self.cfg.to_dict())
-            model, weights = self.exported()
+            self.dir.save_checkpoint(modules, optimizer_state, rngs, state, self.cfg.to_dict())
+            model, weights = modules[self.exported()[1]], self.exported()[1]
             kind, config, meta = self.task.export_config()
             save_model_dir(self.dir.model, model, kind, config, {**meta, "step": self.step, "weights": weights})
         dist.barrier()
