@@ -1,6 +1,7 @@
 """Streamed, distributed sampling for evaluation (cmkit sample --npz, under torchrun): the same file whatever the
 number of processes and the batch size, in bounded memory, resumable."""
 
+import json
 import subprocess
 import sys
 
@@ -72,3 +73,19 @@ def test_under_torchrun_sample_needs_an_npz(cond_model, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sample", "--model", str(cond_model), "-n", "2", "-o", "x.png", "--device", "cpu"]) == 2
     assert "--npz" in capsys.readouterr().err
+
+
+def test_eval_under_torchrun_shares_the_sampling_and_gives_the_one_process_figures(tmp_path):
+    args = ["eval", "--model", "fmnist-cd", "-n", "12", "--steps", "1", "--no-floor", "--kid-subsets", "2"]
+    args += ["--batch-size", "5", "--device", "cpu", "--threads", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29553"]
+    proc = subprocess.run(
+        [*cmd, "-m", "cmkit", *args, "-o", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main([*args, "-o", str(tmp_path / "one.json")]) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    # the same images; the features differ only by the thread count's summation order (torchrun sets 1 thread)
+    assert two["n_samples"] == 12 and two["fd"] == pytest.approx(one["fd"], rel=1e-6)
+    assert two["kid_mean"] == pytest.approx(one["kid_mean"], rel=1e-5, abs=1e-9)
+    assert not (tmp_path / "two.json.samples.npz").exists()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as dist
 from ..errors import CmkitError
 from ..imageio import to_uint8
 from ..inputs import (
@@ -31,7 +33,13 @@ from ..metrics.evaluate import FEATURE_SPACES, evaluate_images, extractor_class
 from ..metrics.frechet import require_scipy
 from ..metrics.images import load_images_npz
 from ..metrics.reference import read_reference_npz
-from .options import add_class_option, add_output_option, add_sampling_options, sample_from_args
+from .options import (
+    add_class_option,
+    add_output_option,
+    add_sampling_options,
+    sample_from_args,
+    sample_npz_from_args,
+)
 
 MAX_KID_SUBSETS = 10_000  # the reference code uses 100
 _ROWS = (("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
@@ -136,9 +144,26 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     require_scipy()  # before any sampling: a core install says which extra to add, at once
     check_eval_args(args)
     apply_threads(args.threads)
+    if args.model is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_eval_distributed(args)
     if args.model is not None:
         return run_eval(args, to_uint8(sample_from_args(args).images))
     return run_eval(args, load_images_npz(args.samples) if args.samples else None)
+
+
+def _run_eval_distributed(args: argparse.Namespace) -> int:
+    """Under torchrun: every process draws its share of the samples into one streamed .npz beside ``-o`` (or in
+    the working directory), then rank 0 evaluates it; the file is removed afterwards."""
+    port = os.environ.get("MASTER_PORT", "0")
+    npz = Path(f"{args.out}.samples.npz" if args.out else f"cmkit-eval-samples-{port}.npz").expanduser()
+    try:
+        sample_npz_from_args(args, npz)
+        code = run_eval(args, load_images_npz(npz)) if dist.is_main() else 0
+    finally:
+        if dist.is_main():
+            npz.unlink(missing_ok=True)
+        dist.cleanup()
+    return code
 
 
 def format_results(result: dict[str, Any]) -> str:
