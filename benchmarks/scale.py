@@ -189,12 +189,12 @@ def measure_adm_vs_diffusers(spec: dict) -> dict:
     import torch
 
     from cmkit.formats.adm_weights import diffusers_unet_config, openai_to_diffusers
-    from cmkit.nets.adm import ADMUNet
+    from cmkit.nets import build_net
 
     torch.set_num_threads(spec["threads"])
     cfg = method_config("imagenet64-cd", "cd", False)
     torch.manual_seed(0)
-    net = ADMUNet(**{k: getattr(cfg.model, k) for k in cfg.model.NET_KEYS if k != "dropout"})
+    net = build_net("adm", **{k: getattr(cfg.model, k) for k in cfg.model.NET_KEYS if k != "dropout"})
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.02)
@@ -204,8 +204,8 @@ def measure_adm_vs_diffusers(spec: dict) -> dict:
         d.load_state_dict(openai_to_diffusers(net.state_dict()))
         del net
 
-        def run(x, c, y):
-            return d(x, c, class_labels=y).sample
+        def run(x, c, y):  # diffusers' timestep is ADM's t = 1000·c_noise = 250·ln σ
+            return d(x, 1000 * c, class_labels=y).sample
 
         module = d
     else:
@@ -216,7 +216,7 @@ def measure_adm_vs_diffusers(spec: dict) -> dict:
         module = net
     b = spec["batch"]
     g = torch.Generator().manual_seed(1)
-    x, c, y = torch.randn(b, 3, 64, 64, generator=g), torch.rand(b, generator=g) * 1000, torch.arange(b) % 1000
+    x, c, y = torch.randn(b, 3, 64, 64, generator=g), torch.rand(b, generator=g) * 4 - 2, torch.arange(b) % 1000
     module.train(spec["mode"] == "train")
 
     def once():
@@ -267,6 +267,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the CIFAR-10 networks only, no diffusers comparison")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
+    ap.add_argument("--reuse-steps", action="store_true", help="keep the step rows of --out's .json; rerun the rest")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -281,8 +282,8 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg()[0]
     nets = {k: v for k, v in NETWORKS.items() if not args.quick or k.startswith("CIFAR")}
-    steps = []
-    for name, (preset, batch, methods) in nets.items():
+    steps = json.loads(Path(args.out + ".json").read_text())["steps"] if args.reuse_steps else []
+    for name, (preset, batch, methods) in nets.items() if not args.reuse_steps else ():
         for method in methods:
             for ckpt in (False, True):
                 spec = dict(kind="step", preset=preset, method=method, checkpointing=ckpt, batch=batch)
