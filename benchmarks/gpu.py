@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cmkit.config import apply_overrides  # noqa: E402
+from cmkit.denoiser_config import Config  # noqa: E402
 from cmkit.ema import make_copy  # noqa: E402
 from cmkit.jvp import directional_derivative  # noqa: E402
 from cmkit.lpips import LPIPS  # noqa: E402
-from cmkit.training.presets import get_config  # noqa: E402
+from cmkit.training.presets import PRESETS  # noqa: E402
 
 #: (name, preset, overrides, per-GPU batch)
 TRAINING = [
@@ -47,7 +48,16 @@ QUICK = ["model.model_channels=32", "model.channel_mult=1,2", "model.num_blocks=
 
 
 def config(preset: str, overrides: list[str], quick: bool):
-    cfg = get_config(preset, ["train.teacher=", "train.init_from=", *overrides])
+    """The preset's config; with another ``loss.method`` among ``overrides``, its network and training sections and
+    that method's default loss options. Teachers are random networks (``train.teacher`` only names one)."""
+    own = not any(o.startswith("loss.method=") for o in overrides)
+    keep = [
+        f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        for k, v in PRESETS[preset].values.items()
+        if own or not k.startswith(("loss.", "sample."))
+    ]
+    cfg = apply_overrides(Config(), [*keep, "train.init_from=", *overrides])
+    cfg.train.teacher = "random-weights" if cfg.loss.method in ("cd", "scd") else ""
     if quick:
         apply_overrides(cfg, QUICK + ["model.img_resolution=32"])
     cfg.validate()

@@ -105,7 +105,7 @@ def method_config(preset: str, method: str, checkpointing: bool):
     overrides += [f"model.checkpointing={checkpointing}", "train.init_from="]
     overrides.append(f"train.teacher={'random-weights' if method in ('cd', 'scd') else ''}")
     distance = PRESETS[preset].values.get("loss.distance")
-    if method in ("cd", "ct", "ict") and distance:
+    if method in ("cd", "ct") and distance:  # iCT, ECT and the others keep their own (pseudo-Huber) distance
         overrides.append(f"loss.distance={distance}")
     if method == "meanflow":
         overrides.append("model.time_inputs=2")
@@ -143,7 +143,7 @@ def measure_step(spec: dict) -> dict:
     cfg = method_config(spec["preset"], spec["method"], spec["checkpointing"])
     model = cfg.model.build().train()
     objective = cfg.loss.build(cfg.model, cfg.train.steps)
-    if spec["method"] in ("cd", "ct", "ict") and getattr(cfg.loss, "distance", "") == "lpips":
+    if getattr(cfg.loss, "distance", "") == "lpips":
         objective.distance = LPIPS().requires_grad_(False).eval()  # random VGG16: the real one's FLOPs
     teacher = None
     if objective.needs_teacher:
@@ -268,6 +268,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
     ap.add_argument("--reuse-steps", action="store_true", help="keep the step rows of --out's .json; rerun the rest")
+    ap.add_argument("--method", help="with --reuse-steps: measure this method's rows again")
+    ap.add_argument("--no-diffusers", action="store_true", help="skip the comparison with diffusers' UNet2DModel")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -282,16 +284,18 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg()[0]
     nets = {k: v for k, v in NETWORKS.items() if not args.quick or k.startswith("CIFAR")}
-    steps = json.loads(Path(args.out + ".json").read_text())["steps"] if args.reuse_steps else []
-    for name, (preset, batch, methods) in nets.items() if not args.reuse_steps else ():
-        for method in methods:
+    old = json.loads(Path(args.out + ".json").read_text()) if args.reuse_steps else {"steps": []}
+    steps = [s for s in old["steps"] if s["method"] != args.method]
+    for name, (preset, batch, methods) in nets.items() if not args.reuse_steps or args.method else ():
+        for method in [m for m in methods if not args.method or m == args.method]:
             for ckpt in (False, True):
                 spec = dict(kind="step", preset=preset, method=method, checkpointing=ckpt, batch=batch)
                 r = run_worker({**spec, "threads": args.threads})
                 steps.append({"network": name, **spec, **r})
                 print(name, method, "ckpt" if ckpt else "    ", r, flush=True)
-    versus = []
-    if not args.quick:
+    steps.sort(key=lambda s: (list(NETWORKS).index(s["network"]), ALL_METHODS.index(s["method"]), s["checkpointing"]))
+    versus = old.get("adm_vs_diffusers", []) if args.no_diffusers else []
+    if not args.quick and not args.no_diffusers:
         for mode, batch in (("infer", 4), ("train", 2)):
             for impl in ("diffusers", "cmkit"):
                 spec = dict(kind="adm", impl=impl, mode=mode, batch=batch, repeats=3, threads=args.threads)
