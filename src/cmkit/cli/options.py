@@ -27,23 +27,26 @@ __all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "a
 Container = Any
 
 
-def sample_from_args(args: argparse.Namespace) -> Samples:
-    """``--model`` and the sampling options of ``add_sampling_options`` → images (``cmkit sample``, ``cmkit eval``)."""
-    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None  # a bad σ list is one line before any loading
-    model, cfg = load_model(args.model, device=args.device)
-    return sample_images(
-        model,
-        cfg,
-        args.n,
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``sample_images`` / ``sample_to_npz`` from the options of ``add_sampling_options``
+    (a bad σ list is one line here, before any loading)."""
+    return dict(
         sampler=args.sampler,
         steps=args.steps,
-        sigmas=sigmas,
+        sigmas=parse_sigmas(args.sigmas) if args.sigmas else None,
         classes=args.classes,
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
         bf16=args.bf16,
     )
+
+
+def sample_from_args(args: argparse.Namespace) -> Samples:
+    """``--model`` and the sampling options of ``add_sampling_options`` → images (``cmkit sample``, ``cmkit eval``)."""
+    options = _sampling_options(args)
+    model, cfg = load_model(args.model, device=args.device)
+    return sample_images(model, cfg, args.n, **options)
 
 
 #: the images of the preview grid a streamed sampling (``--npz``) writes with ``-o``
@@ -54,27 +57,13 @@ def sample_npz_from_args(args: argparse.Namespace, npz: Path, grid: int = 0) -> 
     """``--model`` and the sampling options → ``npz``, streamed in bounded memory and, under ``torchrun``, spread
     over the processes (``cmkit.generate.sample_to_npz``; each process on its own GPU). The returned images are
     the first ``grid`` (rank 0)."""
-    sigmas = parse_sigmas(args.sigmas) if args.sigmas else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _, _, device = dist.init()
         if args.device.startswith("cuda") or device.type == "cpu":
             args.device = str(device)
+    options = _sampling_options(args)
     model, cfg = load_model(args.model, device=args.device)
-    return sample_to_npz(
-        model,
-        cfg,
-        args.n,
-        npz,
-        sampler=args.sampler,
-        steps=args.steps,
-        sigmas=sigmas,
-        classes=args.classes,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        bf16=args.bf16,
-        grid=grid,
-    )
+    return sample_to_npz(model, cfg, args.n, npz, grid=grid, **options)
 
 
 def add_threads_option(parser: Container) -> None:

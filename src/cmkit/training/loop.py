@@ -274,14 +274,13 @@ class Loop:
         ∇(loss_m / accum), and under DDP only the last one all-reduces (``no_sync`` before it). Returns the mean
         loss and the mean of the task's logged values."""
         t, k = self.cfg.train, self.cfg.train.accum
+        ddp, dtype = self.ctx.world > 1 and not self.sharded, t.autocast_dtype()
         total, extras = 0.0, []
         for m in range(k):
             last = m == k - 1
             if self.sharded:
                 self.model.set_requires_gradient_sync(last)
-            ddp = self.ctx.world > 1 and not self.sharded
             with self.net.no_sync() if ddp and not last else contextlib.nullcontext():
-                dtype = t.autocast_dtype()
                 with torch.autocast(self.ctx.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss, extra = self.task.loss(self.net, self.step, self.generator, m)
                 self.scaler.scale(loss / k).backward()
