@@ -13,8 +13,9 @@ Writes benchmarks/results/quality.md, quality.json and sample grids under benchm
     python benchmarks/quality.py --only fmnist-edm   # one model; its rows replace those in quality.json
     python benchmarks/quality.py --n 2000 --heun-steps 18 --search-iters 3   # a quick smoke run
 
-Sampling runs the network under bf16 autocast by default (about 2× faster on this CPU; the sampler state
-and preconditioning stay fp32); ``--fp32`` turns it off. The table says which was used.
+Sampling runs the network under bf16 autocast by default (about 2× faster on a CPU with native bf16; the sampler
+state and preconditioning stay fp32); ``--fp32`` turns it off, as it must on an AVX2-only CPU, where autocast is
+about 17× slower than fp32. Each row says which was used (column net) and on which machine.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ CONTINUOUS = ("fmnist-sct", "fmnist-scd", "fmnist-meanflow", "fmnist-tcm")
 # sCT and sCD start from the EDM teacher re-tuned to sCM's time input c_noise = t (fmnist-trigflow); its own
 # Heun-35 row shows what that conversion costs
 SCM_TEACHER = "fmnist-trigflow"
+# one-step quality (issue 21): consistency mid-training from the teacher, then ECT at a small Δt after it
+ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect")
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
@@ -62,6 +65,8 @@ def settings(heun: list[int]) -> list[tuple[str, str, int]]:
     for name in CONTINUOUS:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     rows += [("fmnist-meanflow", "flowmap", 2), ("fmnist-meanflow", "flowmap", 4)]
+    for name in ONESTEP:
+        rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     return rows
 
 
@@ -107,9 +112,8 @@ def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
             if r["model"] not in models:
                 models[r["model"]] = load_model(model_dir(r["model"], args.local))
             model, cfg = models[r["model"]]
-            _, ips = timed_generate(
-                model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"], args.speed_n, args.bf16
-            )
+            bf16 = r.get("net", "bf16" if args.bf16 else "fp32") == "bf16"  # in the row's own precision
+            _, ips = timed_generate(model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"], args.speed_n, bf16)
             best[i] = max(best.get(i, 0.0), ips)
             print(f"{r['model']} {r['sampler']} {r['steps']}: {ips:.1f} img/s")
     for i, r in enumerate(rows):
@@ -203,6 +207,8 @@ def main() -> None:
             "precision": m["precision"],
             "recall": m["recall"],
             "img_per_s": ips,
+            "net": "bf16" if args.bf16 else "fp32",
+            "machine": cpu_name(),
         }
         rows.append(row)
         print(json.dumps(row))
@@ -219,15 +225,18 @@ def commands(args: argparse.Namespace) -> list[str]:
 
 
 def merge(rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    """With --only, keep the other models' rows from the existing quality.json (same n and precision)."""
+    """With --only, keep the other models' rows from the existing quality.json (same n; each row says in which
+    precision its network ran: on a CPU without native bf16, autocast is slower than fp32)."""
     old = RESULTS / "quality.json"
     if not args.only or not old.is_file():
         return rows
     prev = json.loads(old.read_text())
-    if prev["meta"]["n_samples"] != args.n or prev["meta"].get("bf16") != args.bf16:
-        raise SystemExit(f"{old} was written with other settings (n, bf16); rerun without --only")
-    kept = [r for r in prev["rows"] if r["model"] not in args.only]
-    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, SCM_TEACHER, *CONTINUOUS))}
+    if prev["meta"]["n_samples"] != args.n:
+        raise SystemExit(f"{old} was written with another --n ({prev['meta']['n_samples']}); rerun without --only")
+    was = "bf16" if prev["meta"].get("bf16", True) else "fp32"
+    machine = prev["meta"]["machine"].split(",")[0]
+    kept = [{"net": was, "machine": machine, **r} for r in prev["rows"] if r["model"] not in args.only]
+    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, SCM_TEACHER, *CONTINUOUS, *ONESTEP))}
     return sorted(
         kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] != TEACHER else -r["nfe"])
     )
@@ -241,7 +250,8 @@ def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> Non
         r["fd_vs_teacher35"] = r["fd"] / teacher["fd"] if teacher else None
         r["speedup_vs_teacher35"] = r["img_per_s"] / teacher["img_per_s"] if teacher else None
     machine = f"{cpu_name()}, {args.threads} torch threads, torch {torch.__version__}"
-    precision = "bf16 autocast (fp32 sampler state)" if args.bf16 else "fp32"
+    nets = sorted({(r.get("machine", cpu_name()), r.get("net", "bf16" if args.bf16 else "fp32")) for r in rows})
+    precision = "; ".join(f"{n} on {m}" for m, n in nets) + " (bf16 = autocast with an fp32 sampler state; column net)"
     timing = (
         f"img/s: best of {args.repeats} timings of {args.speed_n} images per row, all rows in one process "
         f"({args.threads} threads, batch {args.speed_n})"
@@ -266,19 +276,19 @@ def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> Non
         f"Network precision while sampling: {precision}. {timing}.",
         "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + ".",
         "",
-        "| model | sampler | NFE | σ levels | FD | FD / teacher-35 | KID | precision | recall | img/s "
+        "| model | sampler | NFE | σ levels | net | FD | FD / teacher-35 | KID | precision | recall | img/s "
         "| speed-up vs teacher-35 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['sampler']} | {r['nfe']} | {', '.join(map(str, r['sigmas'])) or '—'} | "
-            f"{r['fd']:.3f} | {_f(r['fd_vs_teacher35'], 2)} | {r['kid']:.5f} | {r['precision']:.3f} | "
-            f"{r['recall']:.3f} | {r['img_per_s']:.1f} | {_f(r['speedup_vs_teacher35'], 1)}× |"
+            f"{r.get('net', '—')} | {r['fd']:.3f} | {_f(r['fd_vs_teacher35'], 2)} | {r['kid']:.5f} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {r['img_per_s']:.1f} | {_f(r['speedup_vs_teacher35'], 1)}× |"
         )
     if floor:
         lines.append(
-            f"| real vs real (floor) | — | — | — | {floor['fd']:.3f} | — | {floor['kid_mean']:.5f} | "
+            f"| real vs real (floor) | — | — | — | — | {floor['fd']:.3f} | — | {floor['kid_mean']:.5f} | "
             f"{floor['precision']:.3f} | {floor['recall']:.3f} | — | — |"
         )
         lines += ["", f"Floor: {floor['description']}."]

@@ -25,6 +25,7 @@ METHODS = {  # preset: the extra settings it needs (teacher, first stage)
     "digits-scd": ["teacher"],
     "digits-meanflow": [],
     "digits-tcm": ["ect"],
+    "digits-cmt": ["teacher", "loss.nfe=2"],  # microbatches of 2 rows hold whole trajectories
 }
 
 
@@ -54,6 +55,7 @@ def test_k_microbatches_give_the_full_batch_gradient(preset, tmp_path, teacher_d
     extra = [f"train.teacher={teacher_dir}"] if "teacher" in needs else []
     extra += [f"train.init_from={teacher_dir}"] if "init" in needs or "teacher" in needs else []
     extra += [f"train.teacher={ect_run}", f"train.init_from={ect_run}"] if "ect" in needs else []
+    extra += [n for n in needs if "=" in n]
     loss1, g1 = step_gradient(preset, tmp_path / "one", 1, extra)
     loss4, g4 = step_gradient(preset, tmp_path / "four", 4, extra)
     assert math.isclose(loss1, loss4, rel_tol=1e-5, abs_tol=1e-7)

@@ -23,6 +23,7 @@ METHODS = [
     ("digits-ict", [], 40),
     ("digits-cd", ["teacher"], 40),
     ("digits-ect", ["init"], 80),
+    ("digits-cmt", ["teacher"], 40),
 ]
 
 
@@ -31,7 +32,8 @@ def test_every_method_trains_and_loss_goes_down(preset, needs, steps, tmp_path, 
     """Each method lowers its own loss on a fixed batch (step 0's noise levels). Measured with
     ``scripts/bound_spread.py`` (seeds 0–4 × 1 and 2 threads; ratio after / before, bound < 1): EDM 0.665–0.671,
     CT 0.984–0.988 in 120 steps (0.991–0.994 in 40: CT's loss moves little, but by 3–4 times its spread),
-    iCT 0.917–0.954 in 40 steps (80 steps were not safer: 0.87–1.006), CD 0.36–0.53, ECT 0.860–0.865 in 80."""
+    iCT 0.917–0.954 in 40 steps (80 steps were not safer: 0.87–1.006), CD 0.36–0.53, ECT 0.860–0.865 in 80,
+    CMT 0.214–0.227."""
     extra = [f"train.steps={steps}", "train.lr=1e-3", "train.optimizer=adam"]
     if "teacher" in needs:
         extra += [f"train.teacher={teacher_dir}", f"train.init_from={teacher_dir}"]

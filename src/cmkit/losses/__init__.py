@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .base import Loss, paired_passes, weighting
 from .cd import CDLoss
+from .cmt import CMTLoss
 from .ct import CTLoss
 from .ect import ECTLoss
 from .edm import EDMLoss
@@ -27,6 +28,7 @@ LOSSES = {
     "scd": SCDLoss,
     "meanflow": MeanFlowLoss,
     "tcm": TCMLoss,
+    "cmt": CMTLoss,
 }
 #: The preconditioning each method trains (``model.precond``).
 PRECOND_OF = {"edm": "edm", "pd": "edm", "sct": "trigflow", "scd": "trigflow", "meanflow": "meanflow"}
@@ -44,6 +46,7 @@ __all__ = [
     "SCDLoss",
     "MeanFlowLoss",
     "TCMLoss",
+    "CMTLoss",
     "LOSSES",
     "PRECOND_OF",
     "paired_passes",

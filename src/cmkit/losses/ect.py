@@ -17,7 +17,7 @@ from ..distances import default_huber_c, pseudo_huber
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ect_r_of_t
 from ..tensors import append_dims
 from .base import WEIGHTINGS, paired_passes, weighting
-from .options import HUBER_C, P_MEAN, P_STD, TOTAL_STEPS, Option, at_least, option, positive
+from .options import HUBER_C, P_MEAN, P_STD, TOTAL_STEPS, Option, at_least, option, positive, within
 
 
 class ECTLoss:
@@ -29,6 +29,7 @@ class ECTLoss:
     OPTIONS: ClassVar[dict[str, Option]] = {
         "total_steps": TOTAL_STEPS,
         "double_steps": option("steps per stage (the gap Δt shrinks by q each stage)", at_least(1)),
+        "start_stage": option("stage to start from (a later stage of ECT, or after mid-training)", within(0, 64)),
         "P_mean": P_MEAN,
         "P_std": P_STD,
         "q": option("gap shrink factor per stage", (lambda v: v > 1, "above 1")),
@@ -49,6 +50,7 @@ class ECTLoss:
         b: float = 1.0,
         huber_c: float | None = None,
         weighting: str = "inv_dt",
+        start_stage: int = 0,
         sigma_min: float = SIGMA_MIN,
         sigma_max: float = SIGMA_MAX,
         sigma_data: float = SIGMA_DATA,
@@ -58,9 +60,11 @@ class ECTLoss:
         self.double_steps, self.P_mean, self.P_std = double_steps, P_mean, P_std
         self.q, self.k, self.b, self.huber_c, self.weighting = q, k, b, huber_c, weighting
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.start_stage = start_stage
 
     def stage(self, step: int) -> int:
-        return step // self.double_steps
+        """``start_stage`` + the stages done: Δt/t at t = 1 is (1 + k·sigmoid(−b))/q^(stage+1) (ECT Eq. 12)."""
+        return self.start_stage + step // self.double_steps
 
     def target_mu(self, step: int) -> float | None:
         return None

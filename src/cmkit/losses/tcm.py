@@ -91,7 +91,6 @@ class TCMLoss(ECTLoss):
             "σ distribution above t′: Student-t or lognormal ln σ, truncated to [t′, σ_max]", choices=TIME_DISTS
         ),
         "df": option("Student-t degrees of freedom", positive()),
-        "start_stage": option("ECT stage to continue from (Δt keeps shrinking)", within(0, 64)),
         **ECTLoss.OPTIONS,
     }
 
@@ -117,19 +116,27 @@ class TCMLoss(ECTLoss):
         sigma_data: float = SIGMA_DATA,
     ):
         super().__init__(
-            total_steps, double_steps, P_mean, P_std, q, k, b, huber_c, weighting, sigma_min, sigma_max, sigma_data
+            total_steps,
+            double_steps,
+            P_mean,
+            P_std,
+            q,
+            k,
+            b,
+            huber_c,
+            weighting,
+            start_stage,
+            sigma_min,
+            sigma_max,
+            sigma_data,
         )
         if time_dist not in self.TIME_DISTS:
             raise ValueError(f"unknown TCM time_dist {time_dist!r}; expected student_t or lognormal")
         if not sigma_min < transition_sigma < sigma_max:
             raise ValueError(f"TCM transition_sigma must lie in ({sigma_min}, {sigma_max}), got {transition_sigma}")
         self.t_prime, self.boundary_prob, self.w_boundary = transition_sigma, boundary_prob, w_boundary
-        self.time_dist, self.df, self.start_stage = time_dist, df, start_stage
+        self.time_dist, self.df = time_dist, df
         self._last: dict[str, float] = {}
-
-    def stage(self, step: int) -> int:
-        """ECT's stage, continuing from ``start_stage`` (the first stage's last one, so Δt keeps shrinking)."""
-        return self.start_stage + step // self.double_steps
 
     def stats(self, step: int) -> dict[str, float]:
         return {**super().stats(step), "t_prime": self.t_prime, **self._last}

@@ -324,6 +324,20 @@ PRESETS: dict[str, Preset] = {
             "sample.sigmas": (80.0, 0.8),
         },
     ),
+    "digits-cmt": Preset(
+        "8×8 digits consistency mid-training from digits-edm (4-step DPM-Solver++ trajectories)",
+        {
+            **DIGITS_NET,
+            "loss.method": "cmt",
+            "loss.nfe": 4,
+            "train.steps": 500,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/digits-edm",
+            "train.init_from": "runs/digits-edm",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
     "digits-sct": Preset(
         "8×8 digits sCT (TrigFlow continuous-time CT, JVP) tuned from digits-edm",
         {
@@ -562,6 +576,40 @@ PRESETS: dict[str, Preset] = {
             "train.init_from": "runs/fmnist-ect",
             "train.ema_rates": (0.995, 0.999),
             "sample.sigmas": (80.0, 2.226),
+        },
+    ),
+    # Consistency mid-training (issue 21): the teacher's 16-step DPM-Solver++ trajectories, each state mapped to the
+    # trajectory's end (4 trajectories per batch of 64); fmnist-cmt-ect then tunes it with ECT at a small Δt.
+    "fmnist-cmt": Preset(
+        "28×28 Fashion-MNIST consistency mid-training from fmnist-edm (16-step DPM-Solver++ trajectories)",
+        {
+            **FMNIST_NET,
+            "model.dropout": 0.1,
+            "loss.method": "cmt",
+            "loss.nfe": 16,
+            "train.steps": 1_000,
+            "train.bf16": False,  # trained on an AVX2-only CPU, where bf16 autocast is ~17× slower than fp32
+            "train.lr": 2e-4,
+            "train.teacher": "runs/fmnist-edm",
+            "train.init_from": "runs/fmnist-edm",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 2.0),
+        },
+    ),
+    "fmnist-cmt-ect": Preset(
+        "28×28 Fashion-MNIST ECT after consistency mid-training (from fmnist-cmt, Δt from ECT's stage 3 down)",
+        {
+            **FMNIST_NET,
+            "model.dropout": 0.1,
+            "loss.method": "ect",
+            "loss.start_stage": 3,
+            "loss.double_steps": 400,
+            "train.steps": 800,
+            "train.lr": 1e-4,
+            "train.bf16": False,
+            "train.init_from": "runs/fmnist-cmt",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 2.0),
         },
     ),
     # --- 32×32 colour emoji (Noto Color Emoji from Debian): the colour model for colorization ---------
