@@ -309,6 +309,8 @@ def main() -> None:
         "started": started,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
+        # with --reuse-steps the step rows keep the date of the run that measured them
+        "steps_started": old["meta"].get("steps_started", old["meta"]["started"]) if "meta" in old else started,
         "gpus": GPUS,
         "utilisation": UTILISATION,
     }
@@ -324,7 +326,13 @@ def report(meta: dict, steps: list[dict], versus: list[dict]) -> str:
         "# Training at real scale: what a step costs, and what the paper recipes would cost",
         "",
         f"Machine: {meta['machine']}; torch {meta['torch']}, Python {meta['python']}; {meta['started']}. "
-        f"Load average before/after: {meta['load_before']:.2f} / {meta['load_after']:.2f}.",
+        f"Load average before/after: {meta['load_before']:.2f} / {meta['load_after']:.2f}."
+        + (
+            f" The step rows were measured on {meta['steps_started']}."
+            if meta.get("steps_started", "") not in ("", meta["started"])
+            else ""
+        )
+        + (f" {meta['note']}." if meta.get("note") else ""),
         "Command: `.venv/bin/python benchmarks/scale.py`. Every row is a fresh process; random weights, fp32, "
         "batch as shown. FLOPs count a whole training step (the method's every network pass, forward and backward, "
         "LPIPS included where the recipe uses it) per image; time and memory are per image at that batch on this "

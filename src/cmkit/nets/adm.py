@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..guidance import label_embedding
-from .blocks import Block
+from .blocks import Block, pixel_attention
 from .embedding import PositionalEmbedding
 
 
@@ -94,10 +94,7 @@ class AttentionBlock(Block):
         self.proj_out = zero(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj_out(a.transpose(-1, -2).reshape(b, c, h, w).contiguous())
+        return x + pixel_attention(self.norm(x), self.qkv, self.proj_out, self.heads)
 
 
 class Resample(nn.Module):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..guidance import keep_mask
 from ..tensors import append_dims, as_sigma
-from .blocks import Block
+from .blocks import Block, pixel_attention
 from .embedding import FourierEmbedding, PositionalEmbedding
 
 
@@ -223,14 +223,9 @@ class UNetBlock(Block):
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
-            b, c, h, w = x.shape
-            d = c // self.num_heads
-            # channels ordered (heads, head_dim, 3): EDM's layout
-            q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, d, 3, h * w).unbind(2)
-            a = F.scaled_dot_product_attention(
-                q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
-            )  # softmax(qᵀk/√d) in fp32, as EDM
-            x = (self.proj(a.transpose(1, 2).reshape(b, c, h, w).contiguous().to(x.dtype)) + x) * self.skip_scale
+            # qkv channels ordered (heads, head_dim, 3), EDM's layout; softmax(qᵀk/√d) in fp32, as EDM
+            attn = pixel_attention(self.norm2(x), self.qkv, self.proj, self.num_heads, "interleaved", fp32=True)
+            x = (attn.to(x.dtype) + x) * self.skip_scale
         return x
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..guidance import label_embedding
-from .blocks import Block
+from .blocks import Block, pixel_attention
 from .embedding import make_embedding
 
 
@@ -62,13 +62,7 @@ class Attention(Block):
         self.proj = zero(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # (B, heads, HW, d)
-        h = F.scaled_dot_product_attention(q, k, v)
-        # contiguous: with one head the reshape is a channels-last view, whose 1×1 convolution returns a
-        # channels-last weight gradient that DDP's buckets must copy ("grad strides do not match")
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W).contiguous())
+        return x + pixel_attention(self.norm(x), self.qkv, self.proj, self.heads)
 
 
 class Down(nn.Module):
