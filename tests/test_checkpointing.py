@@ -74,3 +74,31 @@ def test_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(arch
 def test_checkpointing_an_mlp_is_refused():
     with pytest.raises(CmkitError, match="the mlp has none"):
         apply_overrides(Config(), ["model.arch=mlp", "model.checkpointing=true"]).validate()
+
+
+@pytest.mark.parametrize("layout", ["three", "interleaved"])
+def test_pixel_attention_equals_softmax_attention_through_the_convolutions(layout):
+    """The blocks' attention (1×1 projections as matmuls, fused kernel) is softmax(qᵀk/√d)·v computed the plain way
+    through the 1×1 convolutions, for both orders of the qkv channels; gradients agree too."""
+    from torch import nn
+
+    from cmkit.nets.blocks import pixel_attention
+
+    torch.manual_seed(0)
+    b, c, h, w, heads = 2, 16, 5, 3, 4
+    qkv, proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+    x = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
+    qkv, proj = qkv.double(), proj.double()
+    out = pixel_attention(x, qkv, proj, heads, layout)
+    y = qkv(x).reshape(b, 3, heads, c // heads, h * w)  # (three, heads, head_dim)
+    if layout == "interleaved":  # (heads, head_dim, three)
+        y = qkv(x).reshape(b, heads, c // heads, 3, h * w).permute(0, 3, 1, 2, 4)
+    q, k, v = y.unbind(1)  # (B, heads, d, HW)
+    weights = torch.softmax(q.transpose(-1, -2) @ k / (c // heads) ** 0.5, dim=-1)  # (B, heads, HW, HW)
+    want = proj((v @ weights.transpose(-1, -2)).reshape(b, c, h, w))
+    assert torch.allclose(out, want, atol=1e-12)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    (g_want,) = torch.autograd.grad(want.square().sum(), x)
+    assert torch.allclose(g, g_want, atol=1e-10)
+    with pytest.raises(ValueError, match="unknown qkv layout"):
+        pixel_attention(x, qkv, proj, heads, "heads-first")

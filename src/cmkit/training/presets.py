@@ -612,6 +612,23 @@ PRESETS: dict[str, Preset] = {
             "sample.sigmas": (80.0, 2.0),
         },
     ),
+    "fmnist-cmt-tcm": Preset(
+        "28×28 Fashion-MNIST truncated CM after fmnist-cmt-ect (t′ = 1, boundary loss 0.25/0.1, ECT's stage 4 on)",
+        {
+            **FMNIST_NET,
+            "model.dropout": 0.1,
+            "loss.method": "tcm",
+            "loss.double_steps": 400,
+            "loss.start_stage": 4,
+            "train.steps": 800,
+            "train.lr": 1e-4,
+            "train.bf16": False,
+            "train.teacher": "runs/fmnist-cmt-ect",
+            "train.init_from": "runs/fmnist-cmt-ect",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 2.0),
+        },
+    ),
     # --- 32×32 colour emoji (Noto Color Emoji from Debian): the colour model for colorization ---------
     # Shipped: emoji-ect (EDM pre-training, then ECT). iCT from scratch learned too slowly here: after 1,000
     # steps (25 min) its samples were still coloured noise, where the EDM + ECT pair shows emoji shapes.
