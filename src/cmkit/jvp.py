@@ -30,7 +30,7 @@ JVPMode = Literal["jvp", "fd"]
 JVP_MODES = ("jvp", "fd")
 
 
-def _math_attention() -> ExitStack:
+def math_attention() -> ExitStack:
     """A context that restricts SDPA to the math kernel (forward-mode AD support)."""
     stack = ExitStack()
     try:
@@ -62,7 +62,7 @@ def directional_derivative(
     primals = tuple(at_least_fp32(p.detach()) for p in primals)
     tangents = tuple(at_least_fp32(v.detach()) for v in tangents)
     device = primals[0].device.type
-    with torch.no_grad(), torch.autocast(device, enabled=False), _math_attention():
+    with torch.no_grad(), torch.autocast(device, enabled=False), math_attention():
         if mode == "jvp":
             out, dout = torch.func.jvp(fn, primals, tangents)
             return out, dout

@@ -48,7 +48,8 @@ def pixel_attention(
     math path that materialises the HW × HW matrix (measured on ImageNet-64's ADM: attention 2.8 s → 0.77 s per
     batch of 4 on one thread, and the memory of the matrix). ``layout`` orders qkv's 3C output channels:
     ``"three"`` = (three, heads, head_dim) as ADM and the CM code, ``"interleaved"`` = (heads, head_dim, three) as
-    EDM. ``fp32`` computes the attention in fp32 under autocast (EDM).
+    EDM. ``fp32`` computes the attention in fp32 under autocast (EDM). The fused kernel has no forward-mode
+    derivative: a JVP through these blocks needs SDPA's math kernel, which ``cmkit.jvp`` selects.
     """
     b, c, h, w = x.shape
     weight, bias = qkv.weight.flatten(1), qkv.bias
