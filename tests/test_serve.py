@@ -126,6 +126,15 @@ def test_edit_keeps_unmasked_pixels_and_checks_sizes():
     assert to_model_image(np.zeros((28, 28, 4), np.uint8), 1, 28).shape == (28, 28, 1)
 
 
+def test_teacher_of_a_two_stage_model_is_the_diffusion_model_at_the_root():
+    """TCM's recorded teacher is its frozen first stage (fmnist-ect, a consistency model); the comparison follows
+    the chain to the diffusion model, and a diffusion model is its own teacher."""
+    b = Backend()
+    assert b.teacher_for("fmnist-tcm") == "fmnist-edm"
+    assert b.teacher_for("fmnist-cd") == "fmnist-edm"
+    assert b.teacher_for("fmnist-edm") == "fmnist-edm"
+
+
 def test_decode_tab_backend(tmp_path):
     from cmkit.decoder.config import DecoderConfig
     from cmkit.decoder.testing import random_decoder, raw_latents
@@ -416,13 +425,15 @@ def wait_text(page, selector: str, text: str, timeout: float = 60, also: str | N
     raise AssertionError(f"{text!r} did not appear in {selector}; it shows {content!r}")
 
 
-def test_page_samples_one_step_with_fmnist_cd(page, shots):
-    assert page.locator("#sample-model input").input_value() == "fmnist-cd"
+def test_page_samples_one_step_with_the_best_one_step_model(page, shots):
+    from cmkit.formats.zoo import BEST_ONESTEP
+
+    assert page.locator("#sample-model input").input_value() == BEST_ONESTEP
     page.fill("#sample-steps input", "1")
     page.fill("#sample-n input", "16")
     page.click("#sample-run")
     status = wait_text(page, "#sample-status", "ms per image")
-    assert "1 network evaluation" in status and "fmnist-cd" in status
+    assert "1 network evaluation" in status and BEST_ONESTEP in status
     img = fetch_image(page, "#sample-out")
     assert img.shape[0] > 100 and img.shape[1] > 100
     assert img.std() > 20 and len(np.unique(img)) > 20, "the sample grid is blank"

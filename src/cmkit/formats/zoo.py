@@ -5,6 +5,10 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+#: The shipped consistency model with the best one-step FD in benchmarks/results/quality.md: the web page's Sample
+#: tab opens on it, beside its teacher.
+BEST_ONESTEP = "fmnist-tcm"
+
 
 def models_root() -> Path:
     return Path(str(resources.files("cmkit").joinpath("assets/models")))

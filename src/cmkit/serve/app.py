@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CmkitError, one_line
+from ..formats.zoo import BEST_ONESTEP
 from ..imageio import make_grid
 from ..sampling import SAMPLERS
 from .backend import Backend
@@ -135,7 +136,11 @@ class _Models:
 
     @property
     def default(self) -> str | None:
-        return "fmnist-cd" if "fmnist-cd" in self.all else (self.all[0] if self.all else None)
+        """The Sample tab's first model: the best one-step model (compared with its teacher there)."""
+        for name in (BEST_ONESTEP, "fmnist-cd"):
+            if name in self.all:
+                return name
+        return self.all[0] if self.all else None
 
     @property
     def default_cm(self) -> str | None:

@@ -141,22 +141,25 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
                 info["schedules"]["published (config)"] = own
         return info
 
-    def teacher_for(self, ref: str) -> str | None:
-        """The teacher of a distilled model: its recorded teacher when it can be found, else a shipped EDM model
-        of the same data and size; a diffusion model is its own."""
+    def teacher_for(self, ref: str, _seen: tuple[str, ...] = ()) -> str | None:
+        """The teacher of a distilled model: its recorded teacher when it can be found (followed on when that is
+        itself a consistency model, as TCM's frozen first stage), else a shipped EDM model of the same data and
+        size; a diffusion model is its own."""
         m = self.load(ref)
         if not m.is_cm:
             return ref
         teacher = str(getattr(m.cfg.train, "teacher", "") or "")
-        if teacher:
+        if teacher and teacher not in _seen:
             name = Path(teacher).name
-            if shipped_model_dir(name) is not None:
-                return name
-            try:
-                self.model_dir(teacher)
-                return teacher
-            except CmkitError:
-                pass
+            found = name if shipped_model_dir(name) is not None else None
+            if found is None:
+                try:
+                    self.model_dir(teacher)
+                    found = teacher
+                except CmkitError:
+                    pass
+            if found is not None:
+                return self.teacher_for(found, (*_seen, ref, teacher))
         for name in shipped_models():
             try:
                 cfg = json.loads((models_root() / name / "config.json").read_text())["config"]

@@ -613,14 +613,14 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "fmnist-cmt-tcm": Preset(
-        "28×28 Fashion-MNIST truncated CM after fmnist-cmt-ect (t′ = 1, boundary loss 0.25/0.1, ECT's stage 4 on)",
+        "28×28 Fashion-MNIST truncated CM after fmnist-cmt-ect (t′ = 1, boundary loss 0.25/0.1, stage 4, 400 steps)",
         {
             **FMNIST_NET,
             "model.dropout": 0.1,
             "loss.method": "tcm",
             "loss.double_steps": 400,
             "loss.start_stage": 4,
-            "train.steps": 800,
+            "train.steps": 400,
             "train.lr": 1e-4,
             "train.bf16": False,
             "train.teacher": "runs/fmnist-cmt-ect",
