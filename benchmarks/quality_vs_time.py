@@ -12,6 +12,7 @@ Intermediate checkpoints of a run (``--snapshot NAME:STEP=DIR``, the run's ``che
 points along that model's curve; they are evaluated here at 1 step on the same 10,000 samples.
 
     python benchmarks/quality_vs_time.py --snapshot fmnist-cmt:500=runs/snapshots/fmnist-cmt_step_500
+    python benchmarks/quality_vs_time.py --point fmnist-cmt:500=28.919   # a point measured before
 
 Writes benchmarks/results/quality_vs_time.png and .json.
 """
@@ -121,6 +122,13 @@ def fd_one_step(model_dir: Path, weights: str, reference, extractor, n: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--snapshot", action="append", default=[], metavar="NAME:STEP=DIR")
+    ap.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="NAME:STEP=FD",
+        help="a snapshot's 1-step FD measured before with this script's fd_one_step (not re-evaluated)",
+    )
     ap.add_argument("--weights", default="ema_0.995.safetensors", help="the snapshots' weights file")
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=1)
@@ -152,6 +160,16 @@ def main() -> None:
             fd = fd_one_step(Path(path), args.weights, reference, extractor, args.n)
             print(f"{name} step {step}: {x:.3f} PFLOP, 1-step FD {fd:.3f}", flush=True)
             points.setdefault(name, []).append({"pflop": x, "fd": fd, "stages": chain, "step": int(step)})
+    for spec in args.point:
+        head, fd = spec.split("=", 1)
+        name, step = head.split(":")
+        chain = ancestors(name)
+        for stage in chain:
+            if stage not in flops:
+                flops[stage] = step_flops(stage) * stage_steps(stage)[0]
+        steps, _ = stage_steps(name)
+        x = (sum(flops[s] for s in chain[:-1]) + flops[name] * int(step) / steps) / 1e15
+        points.setdefault(name, []).append({"pflop": x, "fd": float(fd), "stages": chain, "step": int(step)})
     for series in points.values():
         series.sort(key=lambda p: p["pflop"])
     teacher = next(r["fd"] for r in table["rows"] if r["model"] == "fmnist-edm" and r["nfe"] == 35)
