@@ -138,38 +138,37 @@ def main() -> None:
     onestep = {r["model"]: r["fd"] for r in table["rows"] if r["sampler"] in ("onestep", "progdist") and r["nfe"] == 1}
     flops: dict[str, float] = {}
     points: dict[str, list[dict]] = {}
-    for name in onestep:
+
+    def at(name: str, step: int | None) -> tuple[float, list[str]]:
+        """(PFLOP up to ``step`` of stage ``name``, the whole stage when None, earlier stages included; chain)."""
         chain = ancestors(name)
         for stage in chain:
             if stage not in flops:
                 steps, _ = stage_steps(stage)
                 flops[stage] = step_flops(stage) * steps
                 print(f"{stage}: {flops[stage] / 1e15:.3f} PFLOP over {steps} steps", flush=True)
-        total = sum(flops[s] for s in chain)
-        points[name] = [{"pflop": total / 1e15, "fd": onestep[name], "stages": chain, "step": "final"}]
+        share = 1.0 if step is None else step / stage_steps(name)[0]
+        return (sum(flops[s] for s in chain[:-1]) + flops[name] * share) / 1e15, chain
+
+    def add(name: str, step: int | None, fd: float) -> None:
+        x, chain = at(name, step)
+        points.setdefault(name, []).append({"pflop": x, "fd": fd, "stages": chain, "step": step or "final"})
+
+    for name, fd in onestep.items():
+        add(name, None, fd)
     if args.snapshot:
         extractor = get_extractor("fmnist")
         reference = load_reference("fmnist-test", extractor)
         for spec in args.snapshot:
             head, path = spec.split("=", 1)
             name, step = head.split(":")
-            chain = ancestors(name)
-            before = sum(flops[s] for s in chain[:-1])
-            steps, _ = stage_steps(name)
-            x = (before + flops[name] * int(step) / steps) / 1e15
             fd = fd_one_step(Path(path), args.weights, reference, extractor, args.n)
-            print(f"{name} step {step}: {x:.3f} PFLOP, 1-step FD {fd:.3f}", flush=True)
-            points.setdefault(name, []).append({"pflop": x, "fd": fd, "stages": chain, "step": int(step)})
+            print(f"{name} step {step}: 1-step FD {fd:.3f}", flush=True)
+            add(name, int(step), fd)
     for spec in args.point:
         head, fd = spec.split("=", 1)
         name, step = head.split(":")
-        chain = ancestors(name)
-        for stage in chain:
-            if stage not in flops:
-                flops[stage] = step_flops(stage) * stage_steps(stage)[0]
-        steps, _ = stage_steps(name)
-        x = (sum(flops[s] for s in chain[:-1]) + flops[name] * int(step) / steps) / 1e15
-        points.setdefault(name, []).append({"pflop": x, "fd": float(fd), "stages": chain, "step": int(step)})
+        add(name, int(step), float(fd))
     for series in points.values():
         series.sort(key=lambda p: p["pflop"])
     teacher = next(r["fd"] for r in table["rows"] if r["model"] == "fmnist-edm" and r["nfe"] == 35)
