@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("schedules", "trigflow", "solvers", "guidance", "sampling", "toy", "retime", "lpips", "distances", "jvp"),
     ),
     ("nets", ("nets",)),
-    ("precond", ("precond",)),
+    ("precond", ("precond", "discrete_vp")),
     ("losses", ("losses",)),
     ("schema", ("denoiser_config",)),
     ("models", ("load", "generate")),

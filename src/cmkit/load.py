@@ -1,5 +1,6 @@
 """Any denoiser, teacher or ``init_from`` source, in one place: a cmkit model or run directory, a shipped model
-name, an EDM-style pickle or a Flax checkpoint (the format is told by content: ``cmkit.formats.detect``).
+name, a diffusers directory (teachers only), an EDM-style pickle or a Flax checkpoint (the format is told by
+content: ``cmkit.formats.detect``).
 
 ``load_model`` reads a cmkit model directory (model in eval mode, ``Config``); ``load_denoiser`` any of the formats
 (``train.teacher``); ``init_from`` loads one into a model being trained (``train.init_from``), dropping EDM's unused
@@ -16,9 +17,11 @@ from torch import Tensor, nn
 
 from .config import set_value
 from .denoiser_config import Config
+from .discrete_vp import DiscreteVPDenoiser
 from .errors import CmkitError
 from .files import load_safetensors, load_state, read_safetensors
 from .formats.detect import checkpoint_format, read_released_net
+from .formats.diffusers_dir import read_diffusers_dir
 from .formats.model_dir import CONFIG_FILE, MODEL_FILE, read_model_dir
 from .retime import fit_time_embedding, needs_refit
 
@@ -34,10 +37,34 @@ def config_for(model: dict[str, Any]) -> Any:
     return cfg
 
 
+def config_for_diffusers(unet_config: dict[str, Any], denoiser: Any) -> Any:
+    """A ``Config`` describing a diffusers model read as a ``DiscreteVPDenoiser``: image shape, classes, σ range
+    (the schedule's table ends), a VP diffusion model sampled with Heun. It describes, it does not build: the
+    network is the diffusers UNet (``cfg.model.build()`` would give a cmkit network, not that one)."""
+    cfg = Config()
+    size = unet_config.get("sample_size") or 0
+    cfg.model.img_resolution = int(size[0] if isinstance(size, (list, tuple)) else size)
+    cfg.model.in_channels = int(unet_config.get("in_channels", 3))
+    cfg.model.num_classes = int(unet_config.get("num_class_embeds") or 0)
+    cfg.model.precond = "vp"
+    cfg.model.sigma_min, cfg.model.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+    cfg.loss.method, cfg.sample.sampler = "edm", "heun"
+    return cfg
+
+
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """(model in eval mode, Config) from a model/run directory, an EDM pickle or a Flax checkpoint."""
-    if checkpoint_format(path) == "model-dir":
+    """(model in eval mode, Config) from a model/run directory, a diffusers directory (any VP model, as
+    ``cmkit.discrete_vp.DiscreteVPDenoiser``), an EDM pickle or a Flax checkpoint."""
+    fmt = checkpoint_format(path)
+    if fmt == "model-dir":
         return load_model(path, device=device)
+    if fmt == "diffusers":
+        found = read_diffusers_dir(path)
+        try:
+            denoiser = DiscreteVPDenoiser(found.unet, found.alphas_cumprod, found.prediction_type)
+        except CmkitError as e:
+            raise CmkitError(f"{found.scheduler_file}: {e}") from None
+        return denoiser.to(device).eval().requires_grad_(False), config_for_diffusers(found.config, denoiser)
 
     model_section, state, _ = read_released_net(path)
     cfg = config_for(model_section)
@@ -50,7 +77,12 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     """Load the weights of ``path`` (any format ``load_denoiser`` reads) into ``model``'s backbone. From an EDM
     pickle or Flax file the network must be the run's (``model.arch`` and shape); EDM's augmentation input
     (``map_augment``), never used without augmentation labels, is dropped when the run's network has none."""
-    if checkpoint_format(path) == "model-dir":
+    fmt = checkpoint_format(path)
+    if fmt == "diffusers":
+        raise CmkitError(
+            f"train.init_from={path} is a diffusers model: its UNet is not a cmkit network; give it as train.teacher"
+        )
+    if fmt == "model-dir":
         d = read_model_dir(path, "denoiser")
         sd = read_safetensors(d.weights)
         # sCM's learned weighting w_φ (``logvar``) is not part of a diffusion model: it starts fresh

@@ -604,7 +604,12 @@ def _add_sample(sub: Any) -> None:
         "--steps 2, or an explicit descending σ list (--sigmas 80,0.8). Diffusion models: "
         "--sampler heun|euler --steps N (Heun: 2N-1 evaluations).",
     )
-    s.add_argument("--model", required=True, help="model directory, run directory, or shipped model name")
+    s.add_argument(
+        "--model",
+        required=True,
+        help="model directory, run directory, shipped model name, or a diffusers directory (a DDPM-type UNet and "
+        "its scheduler config: sampled in σ-space by Heun/Euler)",
+    )
     s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
 
     add_sampling_options(

@@ -17,7 +17,7 @@ from typing import Any
 from .. import distributed as dist
 from ..generate import Samples, sample_images, sample_to_npz
 from ..inputs import DEVICE_HELP, parse_sigmas
-from ..load import load_model
+from ..load import load_denoiser
 from ..sampling import SAMPLERS
 
 __all__ = ["add_sampling_options", "add_output_option", "add_threads_option", "add_device_option", "add_class_option"]
@@ -45,7 +45,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def sample_from_args(args: argparse.Namespace) -> Samples:
     """``--model`` and the sampling options of ``add_sampling_options`` → images (``cmkit sample``, ``cmkit eval``)."""
     options = _sampling_options(args)
-    model, cfg = load_model(args.model, device=args.device)
+    model, cfg = load_denoiser(args.model, device=args.device)
     return sample_images(model, cfg, args.n, **options)
 
 
@@ -62,7 +62,7 @@ def sample_npz_from_args(args: argparse.Namespace, npz: Path, grid: int = 0) -> 
         if args.device.startswith("cuda") or device.type == "cpu":
             args.device = str(device)
     options = _sampling_options(args)
-    model, cfg = load_model(args.model, device=args.device)
+    model, cfg = load_denoiser(args.model, device=args.device)
     return sample_to_npz(model, cfg, args.n, npz, grid=grid, **options)
 
 

@@ -1,9 +1,9 @@
 """Which file format a released model is in, told by content, and the reader of the foreign ones.
 
-``checkpoint_format(path)`` tells a cmkit model/run directory, an EDM-style pickle (``.pkl``, or a ``torch.save``
-archive embedding ``torch_utils.persistence`` modules: ECT training states), a Flax msgpack training state
-(openai/consistency_models_cifar10 ``checkpoint_N``) and a plain torch state dict apart. ``read_released_net``
-reads the two foreign formats into (cmkit ``model`` section as a dict, backbone state dict).
+``checkpoint_format(path)`` tells a cmkit model/run directory, a diffusers directory, an EDM-style pickle
+(``.pkl``, or a ``torch.save`` archive embedding ``torch_utils.persistence`` modules: ECT training states), a Flax
+msgpack training state (openai/consistency_models_cifar10 ``checkpoint_N``) and a plain torch state dict apart.
+``read_released_net`` reads the two foreign formats into (cmkit ``model`` section as a dict, backbone state dict).
 """
 
 from __future__ import annotations
@@ -15,15 +15,19 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CmkitError
+from .diffusers_dir import is_diffusers_dir
 from .edm_pickle import read_edm_pickle
 from .jax_cifar10 import read_jax_cifar10
 
 
 def checkpoint_format(path: str | Path) -> str:
-    """``model-dir``, ``edm-pickle``, ``flax-msgpack`` or ``torch`` (a state dict archive), or one error line."""
+    """``model-dir``, ``diffusers``, ``edm-pickle``, ``flax-msgpack`` or ``torch`` (a state dict archive), or one
+    error line."""
     p = Path(path).expanduser()
     if not p.exists() and p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin"):
         raise CmkitError(f"checkpoint not found: {p} (released models are never downloaded: give the file you have)")
+    if is_diffusers_dir(p):
+        return "diffusers"  # a diffusers pipeline or UNet directory: formats.diffusers_dir
     if p.is_dir() or not p.exists():
         return "model-dir"  # directories, run directories and shipped names: checkpoint.read_model_dir
     with open(p, "rb") as f:

@@ -78,6 +78,12 @@ class DenoiserTask:
                     "branch (the null label) may be untrained, and guidance meaningless",
                     file=sys.stderr,
                 )
+        if want == "edm" and tcfg.model.sigma_max < self.cfg.model.sigma_max:
+            print(
+                f"warning: teacher {self.cfg.train.teacher} was trained up to σ = {tcfg.model.sigma_max:.4g} (its "
+                f"schedule's end); above it, up to model.sigma_max={self.cfg.model.sigma_max:g}, it is extrapolated",
+                file=sys.stderr,
+            )
         return teacher.requires_grad_(False)
 
     def loss(

@@ -1,0 +1,144 @@
+"""A discrete-time VP diffusion model (DDPM, Stable Diffusion, any diffusers UNet) as a σ-space denoiser.
+
+DDPM-family models are trained on z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for integer timesteps t = 0 … T−1, with the
+schedule's ``alphas_cumprod`` ᾱ_t, and predict ε, v = √ᾱ·ε − √(1−ᾱ)·x0 or x0 itself. The same process in
+cmkit's σ-space (EDM, Karras et al. 2022, §2 and Table 1 "VP") is x = x0 + σ·ε with
+
+    σ_t = √((1 − ᾱ_t)/ᾱ_t),   x = z_t/√ᾱ_t = z_t·√(1 + σ²),
+
+so ``DiscreteVPDenoiser`` gives the denoiser D(x, σ) = x0 of cmkit's calling convention:
+
+    model input  z = x/√(1+σ²) at timestep t(σ),
+    ε-prediction D = x − σ·ε̂,
+    v-prediction D = x/(1+σ²) − σ/√(1+σ²)·v̂,
+    x0-prediction D = x̂0.
+
+The timestep t(σ) for a σ that is not one of the T table values:
+
+- ``lookup="interp"`` (default): a fractional t, linear in ln σ between the two neighbouring table entries
+  (k-diffusion's ``DiscreteSchedule.sigma_to_t``, diffusers' ``_sigma_to_t`` under ``use_karras_sigmas``);
+  diffusers' UNets embed a float timestep like an integer one.
+- ``lookup="nearest"``: the integer t whose σ_t is nearest in ln σ (k-diffusion's ``quantize=True``).
+
+Both give the table's t exactly at a table σ, where D equals diffusers' ``scheduler.step(...).pred_original_sample``.
+The input scaling always uses the σ given. σ outside [σ_0, σ_{T−1}] uses the end timestep. A zero-terminal-SNR
+schedule (ᾱ_{T−1} = 0, σ = ∞) has its last ᾱ raised to 2⁻²⁴, as diffusers' Euler schedulers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CmkitError
+from .tensors import append_dims, as_sigma
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOOKUPS = ("interp", "nearest")
+Lookup = Literal["interp", "nearest"]
+
+
+def sigmas_of(alphas_cumprod: Tensor) -> Tensor:
+    """σ_t = √((1−ᾱ_t)/ᾱ_t) for every table timestep (float64; ᾱ clamped to [2⁻²⁴, 1])."""
+    ac = alphas_cumprod.detach().to("cpu", torch.float64).clamp(2.0**-24, 1.0)
+    return ((1 - ac) / ac).sqrt()
+
+
+def check_prediction_type(prediction_type: str, where: str = "prediction_type") -> str:
+    """``prediction_type`` if diffusers names it (epsilon, v_prediction, sample), else one error line."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise CmkitError(f"{where}={prediction_type!r} is not a prediction type; expected one of {PREDICTION_TYPES}")
+    return prediction_type
+
+
+def x0_from_output(output: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """x0 from the network output in σ-space: ε → x − σ·ε̂, v → x/(1+σ²) − σ·v̂/√(1+σ²), sample → x̂0."""
+    s = append_dims(sigma, x.ndim)
+    if prediction_type == "epsilon":
+        return x - s * output
+    if prediction_type == "v_prediction":
+        return x / (1 + s**2) - s / (1 + s**2).sqrt() * output
+    return output
+
+
+class DiscreteVPDenoiser(nn.Module):
+    """D(x, σ, **cond) → x0 for a network ``unet(z, t, **cond)`` trained on a discrete VP schedule.
+
+    ``unet`` is a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (its ``.sample`` or first output is used) or
+    any callable with that signature. Conditioning passes through by name: ``class_labels`` (``UNet2DModel``'s class
+    embedding), ``encoder_hidden_states`` (text), ``timestep_cond`` (LCM's guidance embedding). A network that also
+    predicts its variance (2·C output channels, "learned_range") has the second half dropped, as diffusers'
+    schedulers do.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module | Callable[..., Any],
+        alphas_cumprod: Tensor,
+        prediction_type: str = "epsilon",
+        lookup: Lookup = "interp",
+    ):
+        super().__init__()
+        if lookup not in LOOKUPS:
+            raise CmkitError(f"lookup={lookup!r}: expected one of {LOOKUPS}")
+        self.unet = unet
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.lookup = lookup
+        table = sigmas_of(torch.as_tensor(alphas_cumprod))
+        if table.ndim != 1 or len(table) < 2 or bool((table[1:] <= table[:-1]).any()):
+            raise CmkitError(
+                "alphas_cumprod must be a strictly decreasing 1-d table of at least 2 timesteps "
+                f"(got shape {tuple(table.shape)})"
+            )
+        self.register_buffer("log_sigmas", table.log().float(), persistent=False)
+        self.sigma_min, self.sigma_max = float(table[0]), float(table[-1])
+
+    @property
+    def sigmas(self) -> Tensor:
+        """σ_t of the T table timesteps, increasing with t."""
+        return self.log_sigmas.exp()
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """The timestep of each σ: fractional (``interp``, linear in ln σ) or the nearest integer (``nearest``)."""
+        ls = self.log_sigmas
+        log_sigma = sigma.float().clamp(min=1e-30).log().clamp(float(ls[0]), float(ls[-1]))
+        if self.lookup == "nearest":
+            return (log_sigma[:, None] - ls[None]).abs().argmin(dim=1)
+        hi = torch.searchsorted(ls, log_sigma).clamp(1, len(ls) - 1)
+        lo = hi - 1
+        frac = (log_sigma - ls[lo]) / (ls[hi] - ls[lo])
+        return lo.float() + frac.clamp(0, 1)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """σ at a (fractional) timestep, linear in ln σ between table entries (the inverse of ``sigma_to_t``)."""
+        t = t.float().clamp(0, len(self.log_sigmas) - 1)
+        lo = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
+        frac = t - lo
+        return (self.log_sigmas[lo] * (1 - frac) + self.log_sigmas[lo + 1] * frac).exp()
+
+    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        x = x.float()
+        sigma = as_sigma(sigma, x.shape[0], x.device)
+        z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
+        cond = {k: v for k, v in cond.items() if v is not None}
+        out = self.unet(z, self.sigma_to_t(sigma), **cond)
+        out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # learned variance ("learned_range"): the first half is the prediction
+        return x0_from_output(out.float(), x, sigma, self.prediction_type)
+
+    def grid_sigmas(self, steps: int, spacing: str = "trailing") -> Tensor:
+        """``steps`` table σ values, decreasing, plus a trailing 0: a sampling grid on the training timesteps
+        (diffusers' ``timestep_spacing``: ``trailing`` starts at t = T−1, ``leading`` at (steps−1)·⌊T/steps⌋)."""
+        T = len(self.log_sigmas)
+        if not 1 <= steps <= T:
+            raise CmkitError(f"steps must be between 1 and {T} (the training timesteps), got {steps}")
+        if spacing == "trailing":
+            t = torch.arange(T, 0, -T / steps).round().long() - 1
+        elif spacing == "leading":
+            t = (torch.arange(steps) * (T // steps)).flip(0)
+        else:
+            raise CmkitError(f"spacing={spacing!r}: expected trailing or leading")
+        return torch.cat([self.sigmas[t], torch.zeros(1)])
