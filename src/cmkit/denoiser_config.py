@@ -64,7 +64,7 @@ class ModelConfig:
     precond: PrecondKind = "cm"  # edm (diffusion teacher) | cm (boundary condition f(x, σ_min) = x)
     # | vp, ve (EDM's baseline-* teachers, sampling only)
     # | trigflow (sCM) | meanflow (two-time flow map)
-    time_inputs: int = 1  # unet, mlp: 2 adds a second time input (meanflow's t − r)
+    time_inputs: int = 1  # unet, mlp: 2 adds a second scalar input (meanflow's t − r; LCM's guidance scale w)
     time_input: TimeInput = "default"  # trigflow's noise input: default (= t, sCM) | t | log_sigma
     # (EDM's ln σ/4: to fine-tune an EDM-trained network)
     sigma_min: float = SIGMA_MIN  # σ_min (consistency boundary)
@@ -142,8 +142,8 @@ class ModelConfig:
         )
         require(self.time_inputs in (1, 2), f"model.time_inputs must be 1 or 2, got {self.time_inputs}")
         require(
-            (self.precond == "meanflow") == (self.time_inputs == 2),
-            "model.precond=meanflow and model.time_inputs=2 go together (a flow map takes two times)",
+            self.precond != "meanflow" or self.time_inputs == 2,
+            "model.precond=meanflow needs model.time_inputs=2 (a flow map takes two times)",
         )
         require(
             self.time_inputs == 1 or self.arch in ("unet", "mlp"),
@@ -300,6 +300,7 @@ class SampleConfig:
     sampler: SamplerName = "onestep"  # onestep | multistep | heun | euler | progdist | flowmap (meanflow)
     sigmas: tuple[float, ...] = ()  # the multistep σ list (descending, in [σ_min, σ_max])
     steps: int = 18  # heun/euler: number of σ levels
+    guidance: float = 1.0  # an LCM model's guidance-scale input w (1: the conditional teacher, 0: unconditional)
     grid_size: int = 64  # images in the training sample grids
 
 
@@ -340,6 +341,16 @@ class Config(RunConfig):
             "meanflow": "MeanFlow trains a two-time flow map (also set model.time_inputs=2)",
         }[want]
         require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): {why}")
+        guidance_input = m.time_inputs == 2 and m.precond != "meanflow"
+        require(
+            guidance_input == (method == "lcm"),
+            "model.time_inputs=2 outside meanflow is LCM's guidance-scale input: loss.method=lcm and "
+            f"model.time_inputs=2 go together (got loss.method={method}, model.time_inputs={m.time_inputs})",
+        )
+        require(
+            method != "lcm" or m.num_classes > 0,
+            "loss.method=lcm distils classifier-free guidance: it needs a class-conditional model (model.num_classes)",
+        )
         distils = LOSSES[method].needs_teacher
         users = ", ".join(k for k, v in LOSSES.items() if v.needs_teacher)
         what = (

@@ -160,16 +160,28 @@ def sample_images(
     device: str | torch.device = "cpu",
     bf16: bool = False,
     progress: bool = True,
+    guidance: float | None = None,
 ) -> Samples:
     """``n`` images from a loaded model (``cmkit.load.load_model``): the sampler resolved as ``resolve_sampler``
     does (None: the model's own), class labels from ``classes`` (``"3"`` or ``"0,1,2"``, cycled; random from the
-    seed when None), image i drawn with seed ``seed + i``."""
+    seed when None), image i drawn with seed ``seed + i``; ``guidance`` is an LCM model's scale w."""
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
+    check_guidance(model, guidance)
     x, labels = generate(
-        model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress=progress, labels=labels, bf16=bf16
+        model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress, labels, bf16, guidance
     )
     return Samples(x, labels, sampler, sigma_list, steps)
+
+
+def check_guidance(model: nn.Module, guidance: float | None) -> None:
+    """A guidance scale is for a guidance-conditioned (LCM) model only, and must be finite and ≥ 0."""
+    if guidance is None:
+        return
+    if not getattr(model, "takes_guidance", False):
+        raise CmkitError("--guidance is the input of a guidance-distilled (LCM) model; this model takes none")
+    if not (guidance >= 0 and guidance < float("inf")):
+        raise CmkitError(f"--guidance must be a finite scale ≥ 0, got {guidance}")
 
 
 def sample_to_npz(
@@ -188,6 +200,7 @@ def sample_to_npz(
     bf16: bool = False,
     progress: bool = True,
     grid: int = 0,
+    guidance: float | None = None,
 ) -> Samples:
     """``n`` images written to the ``.npz`` ``path`` (uint8 NHWC ``arr_0``, labels ``arr_1``) in bounded memory,
     spread over the processes of ``torchrun`` (one process without it).
@@ -200,6 +213,7 @@ def sample_to_npz(
     samples' description; its images are only the first ``grid`` (on rank 0, for a preview)."""
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
+    check_guidance(model, guidance)
     rank, world = (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
     path = Path(path)
     parts_dir = path.with_name(path.name + ".parts")
@@ -207,7 +221,7 @@ def sample_to_npz(
         "model": hashlib.sha1(cfg.to_json().encode()).hexdigest(),
         "weights": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
         **dict(n=n, seed=seed, sampler=sampler, sigmas=list(sigma_list), steps=steps, batch=batch_size),
-        **dict(classes=classes, bf16=bf16),
+        **dict(classes=classes, bf16=bf16, guidance=guidance),
     }
     if rank == 0:
         _prepare_parts(parts_dir, settings)
@@ -220,7 +234,8 @@ def sample_to_npz(
         part = parts_dir / f"part-{start:010d}.npz"
         if not part.is_file():
             y = labels[start : start + b] if labels is not None else None
-            x, y = generate(model, cfg, b, sampler, sigma_list, steps, seed + start, b, device, False, y, bf16)
+            s0 = seed + start
+            x, y = generate(model, cfg, b, sampler, sigma_list, steps, s0, b, device, False, y, bf16, guidance)
             save_npz(x, part.with_name(part.name + ".tmp"), y)
             os.replace(part.with_name(part.name + ".tmp"), part)
         bar.update(b * world)
@@ -265,8 +280,10 @@ def generate(
     progress: bool = True,
     labels: Tensor | None = None,
     bf16: bool = False,
+    guidance: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """n samples in [-1, 1] (n, C, H, W); sample i uses seed ``seed + i`` whatever the batch size.
+    """n samples in [-1, 1] (n, C, H, W); sample i uses seed ``seed + i`` whatever the batch size. ``guidance``:
+    an LCM model's guidance-scale input w (None: the model's ``sample.guidance``).
 
     ``bf16`` runs the network under bfloat16 autocast (about 2× faster on CPUs with bf16 units); the
     preconditioning, the sampler's state and its noise stay fp32 (``precond.py``)."""
@@ -295,6 +312,8 @@ def generate(
             )
             cond["class_labels"] = y
             out_labels.append(y.cpu())
+        if getattr(model, "takes_guidance", False):  # an LCM model: its guidance-scale input w
+            cond["guidance"] = torch.full((b,), cfg.sample.guidance if guidance is None else guidance, device=device)
         shape = (b, c.in_channels, c.img_resolution, c.img_resolution)
         kw = dict(generator=gens, device=device, **cond)
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):

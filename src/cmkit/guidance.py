@@ -53,11 +53,14 @@ def label_embedding(table: nn.Embedding, class_labels: Tensor) -> Tensor:
     return table(class_labels.clamp(min=0)) * keep
 
 
-def guided(denoiser: nn.Module, x: Tensor, sigma: Tensor, class_labels: Tensor, w: float) -> Tensor:
-    """D_w(x, σ, c) = D(x, σ, ∅) + w·(D(x, σ, c) − D(x, σ, ∅)): one call on the doubled batch."""
-    if w == 1.0:
+def guided(denoiser: nn.Module, x: Tensor, sigma: Tensor, class_labels: Tensor, w: float | Tensor) -> Tensor:
+    """D_w(x, σ, c) = D(x, σ, ∅) + w·(D(x, σ, c) − D(x, σ, ∅)): one call on the doubled batch. ``w`` is one
+    scale or one per sample (B,) (LCM draws it per example)."""
+    if not isinstance(w, Tensor) and w == 1.0:
         return denoiser(x, sigma, class_labels=class_labels)
     null = torch.full_like(class_labels, NULL_LABEL)
     D = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=torch.cat([class_labels, null]))
     D_c, D_u = D.chunk(2)
+    if isinstance(w, Tensor):
+        w = w.reshape(-1, *([1] * (x.ndim - 1)))
     return D_u + w * (D_c - D_u)

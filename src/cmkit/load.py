@@ -85,10 +85,14 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     if fmt == "model-dir":
         d = read_model_dir(path, "denoiser")
         sd = read_safetensors(d.weights)
-        # sCM's learned weighting w_φ (``logvar``) is not part of a diffusion model: it starts fresh
-        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("logvar.")}
-        if fresh and not any(k.startswith("logvar.") for k in sd):
-            sd = {**sd, **fresh}
+        # parts a diffusion model has not, which start fresh: sCM's learned weighting w_φ (``logvar``) and an LCM
+        # student's guidance-scale input (the backbone's second scalar input, ``emb_mlp2``; zero-initialised last
+        # layer in the UNet, so the student starts as the teacher)
+        fresh_prefixes = ("logvar.",) + (("net.emb_mlp2.",) if getattr(model, "takes_guidance", False) else ())
+        for prefix in fresh_prefixes:
+            fresh = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+            if fresh and not any(k.startswith(prefix) for k in sd):
+                sd = {**sd, **fresh}
         load_state(model, sd, str(d.weights), "the model in config.json")
         _refit_time_input(model, d.config, sd, path, model_cfg)
         return

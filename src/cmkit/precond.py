@@ -79,7 +79,9 @@ class Precond(nn.Module):
 
     Args:
         net: backbone mapping (B, C, H, W), (B,) [, (B,)] to (B, C, H, W); ``meanflow`` needs one that takes a
-            second time (``net(x, c_noise, class_labels, c_noise2)``, built with ``time_inputs=2``).
+            second time (``net(x, c_noise, class_labels, c_noise2)``, built with ``time_inputs=2``). In the other
+            kinds such a second input is the guidance scale w the model was distilled for (LCM, Luo et al. 2023,
+            §4.2: "ω as an input"); call the denoiser with ``guidance=w`` (B,) or a float.
         kind: ``"edm"`` (diffusion model / teacher), ``"cm"`` (consistency model, f(x, σ_min) = x),
             ``"trigflow"`` (sCM) or ``"meanflow"`` (two-time flow map); see the module docstring.
     """
@@ -102,6 +104,8 @@ class Precond(nn.Module):
         # trigflow's noise input: sCM's c_noise(t) = t, or EDM's ln(σ)/4 to fine-tune an EDM-trained network
         self.trig_log_sigma = kind == "trigflow" and time_input == "log_sigma"
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        #: a guidance-conditioned model (LCM): the backbone's second scalar input is w
+        self.takes_guidance = kind != "meanflow" and getattr(net, "emb_mlp2", None) is not None
         if kind == "trigflow":
             self.logvar = AdaptiveWeight()
 
@@ -126,6 +130,7 @@ class Precond(nn.Module):
         *,
         param: str = "x0",
         r: Tensor | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Any:
         """x: (B, C, H, W) noisy images at level σ; sigma: scalar or (B,). Returns x0 estimates in fp32.
 
@@ -133,6 +138,7 @@ class Precond(nn.Module):
         parameterisation through this same entry point (so a DDP wrapper sees the call):
         ``param="F"`` (trigflow): x is x_t, sigma is t; returns (F_θ(x_t/σ_d, t), w_φ(t)).
         ``param="u"`` (meanflow): x is z_t, sigma is t and ``r`` the second time; returns u_θ(z_t, t, r).
+        ``guidance``: the guidance scale w of a guidance-conditioned model (``takes_guidance``), else None.
         """
         if param == "F" and self.kind == "trigflow":
             return self.trig_F(x, sigma, class_labels), self.logvar(self.trig_c_noise(sigma))
@@ -145,9 +151,19 @@ class Precond(nn.Module):
         if self.kind == "meanflow":
             return self.flow_map(x, sigma, torch.zeros_like(sigma), class_labels)
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        F = self.net(c_in * x, self.c_noise(sigma), class_labels)
+        F = self.net(c_in * x, self.c_noise(sigma), class_labels, *self.guidance_input(guidance, sigma))
         with torch.autocast(x.device.type, enabled=False):
             return c_skip * x + c_out * F.float()
+
+    def guidance_input(self, guidance: Tensor | float | None, sigma: Tensor) -> tuple[Tensor, ...]:
+        """The backbone's extra argument: (w,) as a (B,) tensor for a guidance-conditioned model, else ()."""
+        if not self.takes_guidance:
+            if guidance is not None:
+                raise ValueError("this model was not distilled with a guidance input; do not pass guidance")
+            return ()
+        if guidance is None:
+            raise ValueError("this model is conditioned on the guidance scale w: pass guidance=w (a float or (B,))")
+        return (as_sigma(guidance, sigma.shape[0], sigma.device),)
 
     # --- TrigFlow (sCM) ------------------------------------------------------------------------------
     def trig_F(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:

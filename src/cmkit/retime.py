@@ -38,9 +38,11 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def embedding(model: nn.Module, sigma: Tensor) -> Tensor:
-    """e(σ): the noise-embedding vector a ``Precond``'s backbone adds in its residual blocks."""
+    """e(σ): the noise-embedding vector a ``Precond``'s backbone adds in its residual blocks (for an LCM model, the
+    part of it that σ drives; its guidance input adds its own)."""
     net = model.net
-    if not (hasattr(net, "emb") and hasattr(net, "emb_mlp")) or getattr(net, "emb_mlp2", None) is not None:
+    two_times = getattr(net, "emb_mlp2", None) is not None and not getattr(model, "takes_guidance", False)
+    if not (hasattr(net, "emb") and hasattr(net, "emb_mlp")) or two_times:
         raise CmkitError(
             f"changing the time input of a {type(net).__name__} is not supported: it needs cmkit's "
             "UNet or MLP with one time input (model.arch=unet or mlp)"

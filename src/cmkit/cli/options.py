@@ -39,6 +39,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         device=args.device,
         bf16=args.bf16,
+        guidance=getattr(args, "guidance", None),
     )
 
 
@@ -116,16 +117,22 @@ def add_sampling_options(
     """Add the sampling options shared by ``sample``, ``eval --model`` and ``edit``.
 
     Always: ``--steps``, ``--sigmas`` (parse with :func:`parse_sigmas`) and ``--seed``. Optional groups, for the
-    commands that have them: ``--sampler`` (``sampler``), ``--batch-size`` (pass its default as ``batch_size``;
-    None leaves it out), ``--bf16``, and the runtime options ``--device`` and ``--threads``. The sampling options
-    go into ``group`` when given (an argument group of ``parser``); ``--device``/``--threads`` always go into
-    ``parser`` itself since they govern all of the command's work.
+    commands that have them: ``--sampler`` and ``--guidance`` (``sampler``), ``--batch-size`` (pass its default
+    as ``batch_size``; None leaves it out), ``--bf16``, and the runtime options ``--device`` and ``--threads``.
+    The sampling options go into ``group`` when given (an argument group of ``parser``); ``--device``/``--threads``
+    always go into ``parser`` itself since they govern all of the command's work.
     """
     g = group if group is not None else parser
     g.add_argument("--steps", type=int, default=steps_default, help=steps_help)
     g.add_argument("--sigmas", help=sigmas_help)
     if sampler:
         g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: by model)")
+        g.add_argument(
+            "--guidance",
+            type=float,
+            metavar="W",
+            help="guidance scale w of a guidance-distilled (LCM) model (default: the model's sample.guidance)",
+        )
     g.add_argument("--seed", type=int, default=0, help=seed_help)
     if batch_size is not None:
         g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")

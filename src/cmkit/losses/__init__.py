@@ -12,6 +12,7 @@ from .ct import CTLoss
 from .ect import ECTLoss
 from .edm import EDMLoss
 from .ict import ICTLoss
+from .lcm import LCMLoss
 from .meanflow import MeanFlowLoss
 from .pd import PDLoss
 from .scm import SCDLoss, SCTLoss
@@ -29,6 +30,7 @@ LOSSES = {
     "meanflow": MeanFlowLoss,
     "tcm": TCMLoss,
     "cmt": CMTLoss,
+    "lcm": LCMLoss,
 }
 #: The preconditioning each method trains (``model.precond``).
 PRECOND_OF = {"edm": "edm", "pd": "edm", "sct": "trigflow", "scd": "trigflow", "meanflow": "meanflow"}
@@ -47,6 +49,7 @@ __all__ = [
     "MeanFlowLoss",
     "TCMLoss",
     "CMTLoss",
+    "LCMLoss",
     "LOSSES",
     "PRECOND_OF",
     "paired_passes",

@@ -67,11 +67,11 @@ class DenoiserTask:
         if not (tcfg.is_diffusion() if want == "edm" else tcfg.model.precond == want):
             what = "a diffusion model" if want == "edm" else f"a consistency model (precond {want})"
             raise CmkitError(f"teacher {self.cfg.train.teacher} is not {what}; loss.method={self.name} needs one")
-        if getattr(self.objective, "guidance", 1.0) != 1.0:
+        lcm = hasattr(self.objective, "draw_guidance")  # LCM guides the teacher at every step
+        if lcm or getattr(self.objective, "guidance", 1.0) != 1.0:
             if not tcfg.model.num_classes:
-                raise CmkitError(
-                    f"loss.guidance needs a class-conditional teacher; {self.cfg.train.teacher} is unconditional"
-                )
+                what = "loss.method=lcm" if lcm else "loss.guidance"
+                raise CmkitError(f"{what} needs a class-conditional teacher; {self.cfg.train.teacher} is unconditional")
             if not tcfg.loss.label_dropout:
                 print(
                     f"warning: teacher {self.cfg.train.teacher} records no loss.label_dropout: its unconditional "
@@ -123,6 +123,8 @@ class DenoiserTask:
         n = s.grid_size
         shape = (n, c.in_channels, c.img_resolution, c.img_resolution)
         cond = {"class_labels": torch.arange(n, device=device) % c.num_classes} if c.num_classes else {}
+        if getattr(model, "takes_guidance", False):  # an LCM model: its guidance-scale input
+            cond["guidance"] = torch.full((n,), s.guidance, device=device)
         gens = per_sample_generators(range(n), device)
         if self.cfg.is_diffusion() and s.sampler == "progdist":  # a PD student: its current number of steps
             N = self.objective.num_scales(step) if hasattr(self.objective, "num_scales") else s.steps

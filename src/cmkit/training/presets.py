@@ -254,6 +254,28 @@ PRESETS: dict[str, Preset] = {
             "sample.sigmas": (80.0, SCM_SIGMA_MID),
         },
     ),
+    "digits-lcm": Preset(
+        "8×8 digits latent-consistency-style distillation (LCM) of digits-edm-cond: one class-conditional model "
+        "for every guidance scale w in [1, 4] (w is its input)",
+        {
+            **DIGITS_NET,
+            "model.num_classes": 10,
+            "model.time_inputs": 2,
+            "loss.method": "lcm",
+            "loss.num_scales": 18,
+            "loss.solver": "heun",
+            "loss.mu": 0.95,
+            "loss.guidance_min": 1.0,
+            "loss.guidance_max": 4.0,
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/digits-edm-cond",
+            "train.init_from": "runs/digits-edm-cond",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.5853),
+            "sample.guidance": 2.0,
+        },
+    ),
     "digits-cd": Preset(
         "8×8 digits consistency distillation from digits-edm (Heun teacher, N=18, μ=0, l2)",
         {
