@@ -236,3 +236,42 @@ def test_consistency_distillation_from_a_diffusers_teacher(tmp_path, capsys):
     assert "trained up to σ = 14.6" in capsys.readouterr().err
     result = loop.run()
     assert result["steps_run"] == cfg.train.steps and result["final_loss"] == pytest.approx(result["final_loss"])
+
+
+def test_cd_on_a_discrete_teachers_own_timesteps(tmp_path):
+    """``loss.grid=teacher``: the CD pairs are adjacent points of the teacher's trailing N-step grid and its t = 0
+    (LCM's skipping-step grid: N = 50 of 1,000 timesteps is k = 20); the student's σ range must be the teacher's
+    (one error line names the values), and then it trains."""
+    from cmkit.losses import CDLoss
+
+    sched = ddpm("epsilon", "scaled_linear")
+    D = DiscreteVPDenoiser(tiny_unet(), sched.alphas_cumprod)
+    grid = CDLoss(num_scales=50, grid="teacher").grid_sigmas(D, torch.device("cpu"))
+    t = list(range(999, 0, -20)) + [0]  # 999, 979, …, 19 and 0
+    torch.testing.assert_close(grid, D.sigmas[t])
+    with pytest.raises(ValueError, match="needs a discrete-time teacher"):
+        CDLoss(grid="teacher").grid_sigmas(torch.nn.Identity(), torch.device("cpu"))
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    unet.save_pretrained(tmp_path / "teacher")
+    sched.save_pretrained(tmp_path / "teacher")
+    common = ("train.init_from=", "train.steps=2", "loss.grid=teacher", "loss.num_scales=50")
+    teacher = f"train.teacher={tmp_path / 'teacher'}"
+    with pytest.raises(CmkitError, match=r"set model.sigma_min=0.0291\d* model.sigma_max=14.6\d*"):
+        Loop(tiny_config("digits-cd", tmp_path / "a", teacher, *common), progress=False)
+    lo, hi = D.sigma_min, D.sigma_max
+    sigmas = f"sample.sigmas={hi},0.5"
+    cfg = tiny_config(
+        "digits-cd", tmp_path / "b", teacher, *common, f"model.sigma_min={lo}", f"model.sigma_max={hi}", sigmas
+    )
+    assert Loop(cfg, progress=False).run()["steps_run"] == 2

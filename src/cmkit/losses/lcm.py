@@ -13,7 +13,8 @@ f_θ⁻(x̂_{t_n}, t_n, c, w) at the same w. The model takes w as a second scala
 
 LCM's DDIM solver is the Euler step of the probability-flow ODE in σ-space (x = z/√ᾱ; DDIM's update is exactly
 x_{t2} = x_t + (t2 − t)·(x_t − D)/t there), so ``solver="euler"`` is LCM's; its skipping step k is the spacing of
-the grid (LCM's 50 of a 1,000-step teacher's timesteps, k = 20, correspond to ``num_scales`` Karras levels here).
+the grid: LCM's 50 of a 1,000-step teacher's timesteps (k = 20) are ``grid="teacher"`` with ``num_scales=50``
+(a diffusers teacher, ``cmkit.discrete_vp``), or ``num_scales`` Karras levels for a σ-space (EDM) teacher.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class LCMLoss(CDLoss):
             raise ValueError("LCM distils a teacher: set teacher=PATH to a class-conditional diffusion model")
         if class_labels is None:
             raise ValueError("LCM distils classifier-free guidance: it needs class labels (a class-conditional run)")
-        sigmas = self.sigmas.to(x0.device)
+        sigmas = self.grid_sigmas(teacher, x0.device)
         i = noise.randint(len(sigmas) - 1, x0.shape[0], x0.device)
         t, t2 = sigmas[i], sigmas[i + 1]
         w = self.draw_guidance(x0.shape[0], x0.device)

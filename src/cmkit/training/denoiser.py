@@ -10,6 +10,7 @@ Heun (EDM) sample grids with fixed per-sample seeds.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,31 @@ class DenoiserTask:
                     "branch (the null label) may be untrained, and guidance meaningless",
                     file=sys.stderr,
                 )
-        if want == "edm" and tcfg.model.sigma_max < self.cfg.model.sigma_max:
+        if getattr(self.objective, "grid", "karras") == "teacher":
+            self._check_teacher_grid(teacher)
+        elif want == "edm" and tcfg.model.sigma_max < self.cfg.model.sigma_max:
             print(
                 f"warning: teacher {self.cfg.train.teacher} was trained up to σ = {tcfg.model.sigma_max:.4g} (its "
                 f"schedule's end); above it, up to model.sigma_max={self.cfg.model.sigma_max:g}, it is extrapolated",
                 file=sys.stderr,
             )
         return teacher.requires_grad_(False)
+
+    def _check_teacher_grid(self, teacher: nn.Module) -> None:
+        """``loss.grid=teacher`` trains on a discrete teacher's timesteps: the student's σ range must be theirs, so
+        that its boundary f(x, σ_min) = x sits at the teacher's t = 0."""
+        path, m = self.cfg.train.teacher, self.cfg.model
+        if not hasattr(teacher, "grid_sigmas"):
+            raise CmkitError(
+                f"loss.grid=teacher needs a discrete-time teacher (a diffusers or DDPM directory); {path} is a "
+                "σ-space model: use loss.grid=karras"
+            )
+        lo, hi = teacher.sigma_min, teacher.sigma_max
+        if not (math.isclose(m.sigma_min, lo, rel_tol=1e-3) and math.isclose(m.sigma_max, hi, rel_tol=1e-3)):
+            raise CmkitError(
+                f"loss.grid=teacher: the student's σ range must be the teacher's timesteps' (t = 0 … T−1): set "
+                f"model.sigma_min={lo:.6g} model.sigma_max={hi:.6g} (got {m.sigma_min:g}, {m.sigma_max:g})"
+            )
 
     def loss(
         self, net: nn.Module, step: int, generator: torch.Generator, micro: int = 0
