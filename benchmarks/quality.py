@@ -51,7 +51,7 @@ CONTINUOUS = ("fmnist-sct", "fmnist-scd", "fmnist-meanflow", "fmnist-tcm")
 # Heun-35 row shows what that conversion costs
 SCM_TEACHER = "fmnist-trigflow"
 # one-step quality (issue 21): consistency mid-training from the teacher, then ECT at a small Δt after it
-ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect")
+ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect", "fmnist-cmt-tcm")
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
@@ -146,6 +146,11 @@ def main() -> None:
         help="only re-time every row of quality.json in this one process (best of --repeats on "
         "--speed-n images), so that the speed-ups compare runs under the same load",
     )
+    ap.add_argument(
+        "--steps",
+        default="1,2,4",
+        help="the consistency models' step counts to measure (comma-separated; the teacher's Heun rows are kept)",
+    )
     ap.add_argument("--speed-n", type=int, default=500)
     ap.add_argument("--resume-log", help="stdout of an interrupted run: the rows it printed are reused, not recomputed")
     ap.add_argument("--repeats", type=int, default=2)
@@ -172,7 +177,7 @@ def main() -> None:
     rows, mids = [], {}
     done = printed_rows(args.resume_log) if args.resume_log else {}
     for name, sampler, steps in settings([int(v) for v in args.heun_steps.split(",")]):
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (sampler != "heun" and str(steps) not in args.steps.split(",")):
             continue
         if (name, sampler, steps) in done:
             rows.append(done[(name, sampler, steps)])
