@@ -275,3 +275,36 @@ def test_cd_on_a_discrete_teachers_own_timesteps(tmp_path):
         "digits-cd", tmp_path / "b", teacher, *common, f"model.sigma_min={lo}", f"model.sigma_max={hi}", sigmas
     )
     assert Loop(cfg, progress=False).run()["steps_run"] == 2
+
+
+def test_guiding_a_class_conditional_diffusers_teacher_is_one_error_line(tmp_path):
+    """diffusers' class embedding has no null class, so its unconditional branch does not exist: LCM (which guides
+    the teacher) refuses it in one line instead of failing inside the embedding."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=10,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    unet.save_pretrained(tmp_path / "teacher")
+    ddpm("epsilon").save_pretrained(tmp_path / "teacher")
+    cfg = tiny_config("digits-lcm", tmp_path / "run", f"train.teacher={tmp_path / 'teacher'}", "train.init_from=")
+    with pytest.raises(CmkitError, match="no unconditional branch .* distil it unguided"):
+        Loop(cfg, progress=False)
+
+
+def test_an_fp16_unet_gets_fp16_inputs_and_gives_fp32_x0():
+    unet = tiny_unet().half()
+    D = DiscreteVPDenoiser(unet, ddpm("epsilon").alphas_cumprod)
+    ref = DiscreteVPDenoiser(tiny_unet(), ddpm("epsilon").alphas_cumprod)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = D(x, 2.0)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref(x, 2.0), rtol=0, atol=0.05)

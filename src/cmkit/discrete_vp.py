@@ -123,11 +123,16 @@ class DiscreteVPDenoiser(nn.Module):
         sigma = as_sigma(sigma, x.shape[0], x.device)
         z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
         cond = {k: v for k, v in cond.items() if v is not None}
-        out = self.unet(z, self.sigma_to_t(sigma), **cond)
+        out = self.unet(z.to(self.net_dtype()), self.sigma_to_t(sigma), **cond)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # learned variance ("learned_range"): the first half is the prediction
         return x0_from_output(out.float(), x, sigma, self.prediction_type)
+
+    def net_dtype(self) -> torch.dtype:
+        """The dtype of the network's weights (an fp16 UNet gets fp16 inputs; σ arithmetic stays fp32)."""
+        param = next(self.unet.parameters(), None) if isinstance(self.unet, nn.Module) else None
+        return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
     def grid_sigmas(self, steps: int, spacing: str = "trailing") -> Tensor:
         """``steps`` table σ values, decreasing, plus a trailing 0: a sampling grid on the training timesteps

@@ -70,9 +70,14 @@ class DenoiserTask:
             raise CmkitError(f"teacher {self.cfg.train.teacher} is not {what}; loss.method={self.name} needs one")
         lcm = hasattr(self.objective, "draw_guidance")  # LCM guides the teacher at every step
         if lcm or getattr(self.objective, "guidance", 1.0) != 1.0:
+            what = "loss.method=lcm" if lcm else "loss.guidance"
             if not tcfg.model.num_classes:
-                what = "loss.method=lcm" if lcm else "loss.guidance"
                 raise CmkitError(f"{what} needs a class-conditional teacher; {self.cfg.train.teacher} is unconditional")
+            if hasattr(teacher, "grid_sigmas"):  # a diffusers UNet: its class embedding has no null class
+                raise CmkitError(
+                    f"{what} guides a class-conditional diffusers teacher, which has no unconditional branch (no null "
+                    f"class in its class embedding): {self.cfg.train.teacher} cannot be guided; distil it unguided"
+                )
             if not tcfg.loss.label_dropout:
                 print(
                     f"warning: teacher {self.cfg.train.teacher} records no loss.label_dropout: its unconditional "
