@@ -18,15 +18,17 @@ from cmkit.training.loop import Loop  # noqa: E402
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
-def tiny_unet(seed: int = 0, out_channels: int = 3) -> torch.nn.Module:
+def tiny_unet(seed: int = 0, out_channels: int = 3, channels: int = 3, num_class_embeds: int | None = None):
+    """A random 2-level ``UNet2DModel`` on 8×8 images (``channels=1``: the digits presets' shape)."""
     torch.manual_seed(seed)
     return diffusers.UNet2DModel(
         sample_size=8,
-        in_channels=3,
-        out_channels=out_channels,
+        in_channels=channels,
+        out_channels=out_channels if channels == 3 else channels,
         block_out_channels=(8, 16),
         layers_per_block=1,
         norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     ).eval()
@@ -214,17 +216,7 @@ def test_bad_diffusers_directories_are_one_error_line(tmp_path):
 def test_consistency_distillation_from_a_diffusers_teacher(tmp_path, capsys):
     """``train.teacher`` may be a diffusers directory: CD trains from it (the teacher is the σ-space adapter), and a
     teacher whose schedule ends below the student's σ_max is named in a warning."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(channels=1)
     unet.save_pretrained(tmp_path / "teacher")
     ddpm("epsilon", "scaled_linear").save_pretrained(tmp_path / "teacher")  # σ_max ≈ 14.6 < the student's 80
     cfg = tiny_config(
@@ -252,17 +244,7 @@ def test_cd_on_a_discrete_teachers_own_timesteps(tmp_path):
     with pytest.raises(ValueError, match="needs a discrete-time teacher"):
         CDLoss(grid="teacher").grid_sigmas(torch.nn.Identity(), torch.device("cpu"))
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(channels=1)
     unet.save_pretrained(tmp_path / "teacher")
     sched.save_pretrained(tmp_path / "teacher")
     common = ("train.init_from=", "train.steps=2", "loss.grid=teacher", "loss.num_scales=50")
@@ -280,18 +262,7 @@ def test_cd_on_a_discrete_teachers_own_timesteps(tmp_path):
 def test_guiding_a_class_conditional_diffusers_teacher_is_one_error_line(tmp_path):
     """diffusers' class embedding has no null class, so its unconditional branch does not exist: LCM (which guides
     the teacher) refuses it in one line instead of failing inside the embedding."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=10,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(channels=1, num_class_embeds=10)
     unet.save_pretrained(tmp_path / "teacher")
     ddpm("epsilon").save_pretrained(tmp_path / "teacher")
     cfg = tiny_config("digits-lcm", tmp_path / "run", f"train.teacher={tmp_path / 'teacher'}", "train.init_from=")
