@@ -38,11 +38,11 @@ from cmkit.decoder.schedule import steps_to_schedule
 from cmkit.distributed import cpu_name
 from cmkit.formats.run_dir import RunDir
 from cmkit.imageio import save_grid, to_uint8
+from cmkit.latent import crop_images, load_images
 from cmkit.metrics.evaluate import get_extractor, real_floor
 from cmkit.metrics.frechet import feature_statistics, frechet_distance_stats
 from cmkit.metrics.reference import load_reference
 from cmkit.nets.autoencoder import KLAutoencoder
-from cmkit.training.decoder import crop_images, load_images
 from cmkit.training.loop import train
 from cmkit.training.presets import get_config
 

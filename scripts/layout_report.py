@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("precond", ("precond", "discrete_vp")),
     ("losses", ("losses",)),
     ("schema", ("denoiser_config",)),
-    ("models", ("load", "generate")),
+    ("models", ("load", "generate", "latent")),
     ("libraries", ("decoder", "editing", "metrics")),
     ("training", ("training",)),
     ("serve", ("serve",)),

@@ -18,8 +18,9 @@ from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.latents import normalize_latents, resolve_scaled, upsample_latents
 from cmkit.decoder.sampler import x0_estimate
 from cmkit.errors import CmkitError
+from cmkit.latent import crop_images, latent_statistics, pad_images
 from cmkit.nets.autoencoder import AutoencoderConfig, KLAutoencoder, kl_divergence
-from cmkit.training.decoder import DecoderTask, crop_images, init_decoder_unet, latent_statistics, pad_images
+from cmkit.training.decoder import DecoderTask, init_decoder_unet
 from cmkit.training.loop import train
 from cmkit.training.presets import get_config
 from cmkit.training.task import Context

@@ -161,6 +161,8 @@ class RunConfig:
 
     kind: ClassVar[str]
     train: TrainConfig
+    #: keys a run fills in when it starts (measured on its data) unless the config gives them
+    measured_keys: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict (tuples become lists)."""
@@ -185,6 +187,15 @@ class RunConfig:
     def validate(self) -> None:
         """Rules across fields; raises ``CmkitError`` with one line. Subclasses add their own."""
         self.train.check()
+
+    def adopt_measured(self, saved: dict[str, Any]) -> None:
+        """Take the values a saved run measured when it started (``measured_keys``) where this config leaves them
+        unset: a resume uses them as they were rather than measuring again."""
+        old = flatten(saved)
+        for key in self.measured_keys:
+            section, name = key.split(".")
+            if not getattr(getattr(self, section), name) and old.get(key):
+                set_value(self, key, old[key])
 
     def changes_from(self, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         """(key, saved value, this value) for every setting that differs from a saved config, run-control keys

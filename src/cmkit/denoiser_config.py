@@ -304,6 +304,33 @@ class SampleConfig:
     grid_size: int = 64  # images in the training sample grids
 
 
+@dataclass
+class LatentConfig:
+    """Train in a frozen autoencoder's latent space (``cmkit.latent``: LDM, LCM); empty = pixel space."""
+
+    autoencoder: str = ""  # a KL autoencoder (`cmkit train --preset fmnist-ae`): model/run dir or shipped name
+    image_size: int = 32  # images are padded to this side and encoded (the autoencoder's training side)
+    mean: tuple[float, ...] = ()  # raw-latent mean per channel (measured on the training images when empty)
+    std: tuple[float, ...] = ()  # raw-latent std per channel (measured with the mean)
+    crop: int = 0  # side samples are cropped to after decoding (set from the data when the run starts; 0 = none)
+    stats_images: int = 5000  # training images the mean and std are measured on
+
+    def check(self) -> None:
+        if not self.autoencoder:
+            return
+        require(self.image_size >= 1, f"latent.image_size must be at least 1, got {self.image_size}")
+        require(self.stats_images >= 1, f"latent.stats_images must be at least 1, got {self.stats_images}")
+        require(
+            len(self.mean) == len(self.std) and all(s > 0 for s in self.std),
+            f"latent.mean and latent.std are both empty (measured) or one value per channel with std > 0, got "
+            f"{list(self.mean)} and {list(self.std)}",
+        )
+        require(
+            0 <= self.crop <= self.image_size,
+            f"latent.crop must be in [0, latent.image_size={self.image_size}], got {self.crop}",
+        )
+
+
 def is_diffusion(precond: str, method: str | None) -> bool:
     """``Config.is_diffusion`` from the two fields (also for a config.json read as a dict)."""
     return precond in ("edm", "vp", "ve") or method in ("edm", "pd")
@@ -314,11 +341,13 @@ class Config(RunConfig):
     """A diffusion (EDM) or consistency-model run: model, data, loss, train, sample."""
 
     kind: ClassVar[str] = "denoiser"
+    measured_keys: ClassVar[tuple[str, ...]] = ("latent.mean", "latent.std", "latent.crop")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: CMTrainConfig = field(default_factory=CMTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def is_diffusion(self) -> bool:
         """A diffusion model, sampled by solving its ODE (Heun, Euler, PD's steps): EDM-preconditioned, EDM's VP/VE,
@@ -374,6 +403,7 @@ class Config(RunConfig):
                 f"(model.num_classes > 0)",
             )
         self.data.check()
+        self.latent.check()
         classes = DATA_CLASSES.get(self.data.name)
         require(
             not m.num_classes or classes is None or 0 < m.num_classes <= classes,

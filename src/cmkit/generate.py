@@ -25,6 +25,7 @@ from .distributed import barrier
 from .errors import CmkitError
 from .imageio import from_uint8, save_npz, write_npz_streamed
 from .inputs import class_labels
+from .latent import LatentSpace, RawDecoder
 from .sampling import (
     SAMPLERS,
     edm_sigmas,
@@ -161,15 +162,17 @@ def sample_images(
     bf16: bool = False,
     progress: bool = True,
     guidance: float | None = None,
+    decoder: RawDecoder | None = None,
 ) -> Samples:
     """``n`` images from a loaded model (``cmkit.load.load_model``): the sampler resolved as ``resolve_sampler``
     does (None: the model's own), class labels from ``classes`` (``"3"`` or ``"0,1,2"``, cycled; random from the
-    seed when None), image i drawn with seed ``seed + i``; ``guidance`` is an LCM model's scale w."""
+    seed when None), image i drawn with seed ``seed + i``; ``guidance`` is an LCM model's scale w; ``decoder``
+    decodes a latent model's samples instead of its autoencoder (``cmkit.latent.RawDecoder``)."""
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
     check_guidance(model, guidance)
     x, labels = generate(
-        model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress, labels, bf16, guidance
+        model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress, labels, bf16, guidance, decoder
     )
     return Samples(x, labels, sampler, sigma_list, steps)
 
@@ -201,6 +204,7 @@ def sample_to_npz(
     progress: bool = True,
     grid: int = 0,
     guidance: float | None = None,
+    decoder: RawDecoder | None = None,
 ) -> Samples:
     """``n`` images written to the ``.npz`` ``path`` (uint8 NHWC ``arr_0``, labels ``arr_1``) in bounded memory,
     spread over the processes of ``torchrun`` (one process without it).
@@ -221,7 +225,7 @@ def sample_to_npz(
         "model": hashlib.sha1(cfg.to_json().encode()).hexdigest(),
         "weights": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
         **dict(n=n, seed=seed, sampler=sampler, sigmas=list(sigma_list), steps=steps, batch=batch_size),
-        **dict(classes=classes, bf16=bf16, guidance=guidance),
+        **dict(classes=classes, bf16=bf16, guidance=guidance, decoder=None if decoder is None else repr(decoder)),
     }
     if rank == 0:
         _prepare_parts(parts_dir, settings)
@@ -235,7 +239,7 @@ def sample_to_npz(
         if not part.is_file():
             y = labels[start : start + b] if labels is not None else None
             s0 = seed + start
-            x, y = generate(model, cfg, b, sampler, sigma_list, steps, s0, b, device, False, y, bf16, guidance)
+            x, y = generate(model, cfg, b, sampler, sigma_list, steps, s0, b, device, False, y, bf16, guidance, decoder)
             save_npz(x, part.with_name(part.name + ".tmp"), y)
             os.replace(part.with_name(part.name + ".tmp"), part)
         bar.update(b * world)
@@ -281,13 +285,18 @@ def generate(
     labels: Tensor | None = None,
     bf16: bool = False,
     guidance: float | None = None,
+    decoder: RawDecoder | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """n samples in [-1, 1] (n, C, H, W); sample i uses seed ``seed + i`` whatever the batch size. ``guidance``:
-    an LCM model's guidance-scale input w (None: the model's ``sample.guidance``).
+    an LCM model's guidance-scale input w (None: the model's ``sample.guidance``). A latent model's samples are
+    decoded to images (``cmkit.latent``) by its autoencoder, or by ``decoder`` (e.g. a consistency decoder).
 
     ``bf16`` runs the network under bfloat16 autocast (about 2× faster on CPUs with bf16 units); the
     preconditioning, the sampler's state and its noise stay fp32 (``precond.py``)."""
     c = cfg.model
+    space = LatentSpace.load(cfg, device)
+    if decoder is not None and space is None:
+        raise CmkitError("a latent decoder decodes a latent model's samples; this model works on pixels")
     out, out_labels = [], []
     evals = nfe(sampler, steps)
     # the bar advances at every network evaluation (a 35-NFE Heun batch is 35 ticks, not one), shown in images
@@ -318,6 +327,8 @@ def generate(
         kw = dict(generator=gens, device=device, **cond)
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
             x = _sample(model, cfg, shape, sampler, sigmas, steps, kw)
+        if space is not None:
+            x = space.decode(x, decoder, seed + start)
         out.append(x.cpu())
     bar.close()
     return torch.cat(out), (torch.cat(out_labels) if out_labels else None)

@@ -36,8 +36,8 @@ from ..inputs import (
     check_seed,
     check_threads,
 )
+from ..latent import pad_images
 from ..nets.autoencoder import KLAutoencoder
-from ..training.decoder import pad_images
 from .options import add_device_option, add_output_option, add_threads_option
 
 

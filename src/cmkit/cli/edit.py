@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..editing.editor import default_edit_sigmas
 from ..editing.masks import BUILTIN, box_mask, builtin_mask, load_mask
-from ..editing.run import TASKS, EditRequest, edit_labels, run_task
+from ..editing.run import LATENT_EDIT, TASKS, EditRequest, edit_labels, run_task
 from ..editing.tasks import STROKE_SIGMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, read_image, read_npz_images, save_grid, save_images, save_npz
@@ -268,6 +268,8 @@ def run_edit(args: argparse.Namespace) -> int:
     model, cfg = load_model(args.model, device=args.device)
     if cfg.is_diffusion():
         raise CmkitError("editing needs a consistency model (this one is a diffusion model)")
+    if cfg.latent.autoencoder:
+        raise CmkitError(LATENT_EDIT)
     _check_with_model(args, cfg)
     args.num_classes = cfg.model.num_classes
     class_labels(args.classes, args.num_classes, 1)  # --class for an unconditional model or out of range: now

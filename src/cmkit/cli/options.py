@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
+from ..decoder.decoder import ConsistencyDecoder, LatentDecoder
+from ..decoder.schedule import steps_to_schedule
+from ..errors import CmkitError
 from ..generate import Samples, sample_images, sample_to_npz
 from ..inputs import DEVICE_HELP, parse_sigmas
 from ..load import load_denoiser
@@ -47,7 +50,7 @@ def sample_from_args(args: argparse.Namespace) -> Samples:
     """``--model`` and the sampling options of ``add_sampling_options`` → images (``cmkit sample``, ``cmkit eval``)."""
     options = _sampling_options(args)
     model, cfg = load_denoiser(args.model, device=args.device)
-    return sample_images(model, cfg, args.n, **options)
+    return sample_images(model, cfg, args.n, decoder=latent_decoder_from_args(args), **options)
 
 
 #: the images of the preview grid a streamed sampling (``--npz``) writes with ``-o``
@@ -64,7 +67,18 @@ def sample_npz_from_args(args: argparse.Namespace, npz: Path, grid: int = 0) -> 
             args.device = str(device)
     options = _sampling_options(args)
     model, cfg = load_denoiser(args.model, device=args.device)
-    return sample_to_npz(model, cfg, args.n, npz, grid=grid, **options)
+    return sample_to_npz(model, cfg, args.n, npz, grid=grid, decoder=latent_decoder_from_args(args), **options)
+
+
+def latent_decoder_from_args(args: argparse.Namespace) -> LatentDecoder | None:
+    """``--decoder DIR --decoder-steps N`` → the consistency decoder of a latent model's samples, or None."""
+    path = getattr(args, "decoder", None)
+    if not path:
+        return None
+    if args.decoder_steps < 1:
+        raise CmkitError(f"--decoder-steps must be at least 1, got {args.decoder_steps}")
+    decoder = ConsistencyDecoder.from_pretrained(path, device=args.device, channels_last=False)
+    return decoder.latent_decoder(steps_to_schedule(args.decoder_steps))
 
 
 def add_threads_option(parser: Container) -> None:
@@ -132,6 +146,19 @@ def add_sampling_options(
             type=float,
             metavar="W",
             help="guidance scale w of a guidance-distilled (LCM) model (default: the model's sample.guidance)",
+        )
+        g.add_argument(
+            "--decoder",
+            metavar="DIR",
+            help="a latent model (latent.autoencoder): decode its samples with this consistency decoder (a "
+            "`cmkit train --preset fmnist-cdec` run or model directory) instead of the autoencoder's decoder",
+        )
+        g.add_argument(
+            "--decoder-steps",
+            type=int,
+            default=1,
+            metavar="N",
+            help="steps of the consistency decoder (default 1; evenly spaced fractions of its schedule)",
         )
     g.add_argument("--seed", type=int, default=0, help=seed_help)
     if batch_size is not None:

@@ -104,6 +104,18 @@ class ConsistencyDecoder(nn.Module):
         """Integer timesteps of a schedule of fractions: (1.0, 0.5) → [1008, 512] (§1.3 table)."""
         return self.schedule.timesteps(schedule)
 
+    def per_sample_noise(self, latents: Tensor, steps: int, seed: int) -> list[Tensor]:
+        """The ``noise`` of ``decode`` with image i's draws from its own generator (seed ``seed + i``), so a
+        decoded image does not depend on the batch it is in: ``steps`` tensors (B, C, fh, fw)."""
+        c = self.config
+        shape = (1, c.image_channels, latents.shape[2] * c.upscale, latents.shape[3] * c.upscale)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(latents.shape[0])]
+        return [torch.cat([torch.randn(shape, generator=g) for g in gens]) for _ in range(steps)]
+
+    def latent_decoder(self, schedule: Sequence[float] = DEFAULT_SCHEDULE) -> LatentDecoder:
+        """This decoder as a decoder of a latent denoiser's samples (``cmkit.latent.RawDecoder``)."""
+        return LatentDecoder(self, tuple(schedule))
+
     def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
         """The raw network F_θ (B, 7, H, W) → (B, 6, H, W)."""
         return self.unet(x, t)
@@ -151,3 +163,20 @@ class ConsistencyDecoder(nn.Module):
             channels_last=self.channels_last,
             noise=noise,
         )
+
+
+class LatentDecoder:
+    """``ConsistencyDecoder.decode`` with a fixed schedule and per-sample noise: (raw latents, seed) → images, the
+    ``RawDecoder`` that ``cmkit.generate`` decodes a latent model's samples with."""
+
+    def __init__(self, decoder: ConsistencyDecoder, schedule: tuple[float, ...]):
+        self.decoder, self.schedule = decoder, schedule
+        decoder.timesteps(schedule)  # a bad schedule is one error line now, not at the first batch
+
+    def __call__(self, latents: Tensor, seed: int) -> Tensor:
+        noise = self.decoder.per_sample_noise(latents, len(self.schedule), seed)
+        return self.decoder.decode(latents, self.schedule, noise=noise)
+
+    def __repr__(self) -> str:  # identifies the decoding in a streamed sampling's settings
+        weights = float(sum(p.detach().double().abs().sum() for p in self.decoder.parameters()))
+        return f"ConsistencyDecoder(schedule={list(self.schedule)}, weights={weights})"

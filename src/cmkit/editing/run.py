@@ -18,6 +18,12 @@ from ..errors import CmkitError
 from ..inputs import class_labels
 from . import tasks
 
+#: why a latent model (``latent.autoencoder``) cannot be edited: the tasks' masks and transforms act on pixels
+LATENT_EDIT = (
+    "editing works on pixels and this is a latent model (latent.autoencoder): its masks and transforms would act on "
+    "latents; edit with a pixel-space consistency model"
+)
+
 
 @dataclass(frozen=True)
 class EditTask:

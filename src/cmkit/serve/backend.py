@@ -59,9 +59,9 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
                 cfg = meta["config"]
                 if meta.get("kind", "denoiser") != "denoiser":
                     return False
-                return not (
-                    consistency_only and is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method"))
-                )
+                editable = not is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method"))
+                editable = editable and not cfg.get("latent", {}).get("autoencoder")  # the tasks work on pixels
+                return editable or not consistency_only
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return False
 

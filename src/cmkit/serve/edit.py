@@ -9,7 +9,7 @@ import torch
 
 from ..datasets import SPLIT_DATASETS, load_dataset
 from ..editing.editor import default_edit_sigmas
-from ..editing.run import TASKS, EditRequest, edit_labels, run_task
+from ..editing.run import LATENT_EDIT, TASKS, EditRequest, edit_labels, run_task
 from ..errors import CmkitError
 from ..imageio import to_uint8
 from .common import (
@@ -36,6 +36,8 @@ class EditTab:
         m = self.load(ref)
         if not m.is_cm:
             raise CmkitError(f"{ref!r} is a diffusion (EDM) model; editing needs a consistency model")
+        if m.cfg.latent.autoencoder:
+            raise CmkitError(f"{ref!r}: {LATENT_EDIT}")
         return m
 
     def held_out(self, ref: str, index: int = 0) -> np.ndarray:

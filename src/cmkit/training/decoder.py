@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..datasets import Batches, ImageData, load_dataset
+from ..datasets import Batches
 from ..decoder.config import DecoderConfig
 from ..decoder.consistency import DecoderConsistencyLoss
 from ..decoder.decoder import ConsistencyDecoder
@@ -38,44 +38,12 @@ from ..decoder.unet import DecoderUNet
 from ..errors import CmkitError
 from ..formats.model_dir import read_model_dir
 from ..imageio import save_grid
+from ..latent import latent_statistics, load_images
 from ..nets.autoencoder import AutoencoderConfig, KLAutoencoder
-from ..shards import ShardSet
 from .decoder_config import AutoencoderRunConfig, DecoderRunConfig
 from .task import Context
 
 GRID_IMAGES = 8
-
-
-# --- data ------------------------------------------------------------------------------------------
-
-
-def pad_images(images: Tensor, size: int) -> Tensor:
-    """uint8 (N, C, H, W) → (N, C, size, size), centred on black (0 ↦ −1); e.g. Fashion-MNIST 28 → 32."""
-    h, w = images.shape[2:]
-    if h > size or w > size:
-        raise CmkitError(f"images are {h}×{w}, larger than image_size={size}; set image_size={max(h, w)} or more")
-    if (size - h) % 2 or (size - w) % 2:
-        raise CmkitError(
-            f"images are {h}×{w}; image_size={size} would pad unevenly (use {h + 2 * ((size - h + 1) // 2)})"
-        )
-    ph, pw = (size - h) // 2, (size - w) // 2
-    return torch.nn.functional.pad(images, (pw, pw, ph, ph), value=0)
-
-
-def load_images(name: str, root: str, split: str, image_size: int) -> ImageData | ShardSet:
-    """A ``cmkit.datasets`` data set padded to image_size (folders and emoji are resized to it instead; a shard
-    set, read from disk batch by batch, must hold image_size² images already)."""
-    if name == "shards":
-        return load_dataset(name, root, split, resolution=image_size)
-    resized = name in ("folder", "emoji")
-    data = load_dataset(name, root, split, resolution=image_size if resized else 0)
-    return ImageData(pad_images(data.images, image_size), data.labels, data.num_classes)
-
-
-def crop_images(x: Tensor, h: int, w: int) -> Tensor:
-    """Undo ``pad_images``: the centred h×w window."""
-    top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
-    return x[:, :, top : top + h, left : left + w]
 
 
 # --- autoencoder -----------------------------------------------------------------------------------
@@ -147,23 +115,6 @@ class AutoencoderTask:
 
 
 # --- consistency decoder ---------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def latent_statistics(
-    ae: KLAutoencoder, images: Tensor, batch_size: int = 500
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of μ(x) over images (N, C, H, W) in [−1, 1] (float64 sums)."""
-    total = torch.zeros(ae.config.latent_channels, dtype=torch.float64)
-    total_sq, count = torch.zeros_like(total), 0
-    for i in range(0, len(images), batch_size):
-        z = ae.encode(images[i : i + batch_size].float()).double().transpose(0, 1).flatten(1)
-        total += z.sum(1)
-        total_sq += z.square().sum(1)
-        count += z.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp(min=0).sqrt().clamp(min=1e-6)
-    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def sinusoidal_table(num_timesteps: int, dim: int) -> Tensor:

@@ -19,14 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import noise
-from ..datasets import Batches, load_dataset
+from ..datasets import Batches, ImageData, load_dataset
 from ..denoiser_config import Config
 from ..ema import ema_update, make_copy
 from ..errors import CmkitError
 from ..generate import multistep_sigmas
 from ..imageio import save_grid
+from ..latent import LatentSpace, autoencoder_config, check_latent_shape, latent_statistics, load_images
 from ..load import init_from, load_denoiser
+from ..nets.autoencoder import KLAutoencoder
 from ..sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep, sample_progdist
+from ..shards import ShardSet
 from .task import Context
 
 
@@ -51,15 +54,40 @@ class DenoiserTask:
         if t.init_from:  # a model/run directory, an EDM pickle or a Flax checkpoint (cmkit.load)
             init_from(self.model, t.init_from, cfg.model)
         self.teacher = self._load_teacher() if self.objective.needs_teacher else None
-        data = load_dataset(
-            cfg.data.name, cfg.data.root, cfg.data.split, cfg.model.img_resolution, cfg.model.in_channels
-        )
+        self.latent: LatentSpace | None = None
+        if cfg.latent.autoencoder:  # latent diffusion / LCM: batches are encoded by the frozen autoencoder
+            data = self._latent_data()
+        else:
+            data = load_dataset(
+                cfg.data.name, cfg.data.root, cfg.data.split, cfg.model.img_resolution, cfg.model.in_channels
+            )
         if cfg.model.num_classes and data.labels is None:
             raise CmkitError(f"model.num_classes={cfg.model.num_classes} but data set {cfg.data.name!r} has no labels")
         self.batches = Batches(
             data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world, cfg.data.workers, t.accum
         )
         self.target = make_copy(self.model) if self.objective.target_mu(0) is not None else None
+
+    def _latent_data(self) -> ImageData | ShardSet:
+        """The images padded to the autoencoder's side; the latent standardisation measured on them (unless the
+        config gives it) and written into the config, with the side samples are cropped back to."""
+        cfg, lat = self.cfg, self.cfg.latent
+        check_latent_shape(cfg, autoencoder_config(lat.autoencoder))
+        data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, lat.image_size)
+        if not lat.mean:
+            ae = KLAutoencoder.from_pretrained(lat.autoencoder)
+            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed))
+            lat.mean, lat.std = latent_statistics(ae, data.take(pick[: lat.stats_images]).float() / 127.5 - 1)
+        if not lat.crop and cfg.data.name in ("fashion_mnist", "mnist", "digits", "npz"):  # padded, not resized
+            native = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split)
+            lat.crop = native.shape[1] if native.shape[1] < lat.image_size else 0
+        self.latent = LatentSpace.load(cfg, self.ctx.device)
+        if data.shape[0] != self.latent.ae.config.in_channels:
+            raise CmkitError(
+                f"data set {cfg.data.name!r} has {data.shape[0]} channels but the autoencoder {lat.autoencoder} "
+                f"takes {self.latent.ae.config.in_channels}"
+            )
+        return data
 
     def _load_teacher(self) -> nn.Module:
         """The EDM teacher (CD, PD, sCD), or TCM's frozen first-stage consistency model (``teacher_precond``)."""
@@ -117,6 +145,8 @@ class DenoiserTask:
         (saved per process) or, with ``train.noise=per_sample``, from per-sample generators (``cmkit.noise``)."""
         t = self.cfg.train
         x0, labels = self.batches.get(step, self.ctx.device, micro)
+        if self.latent is not None:
+            x0 = self.latent.encode(x0)
         cond = {"class_labels": labels} if self.cfg.model.num_classes else {}
         target = self.target if self.target is not None else self.model  # stopgrad(θ) when there is no θ⁻
         keyed = t.noise == "per_sample"
@@ -141,6 +171,10 @@ class DenoiserTask:
     def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return "denoiser", self.cfg.to_dict(), {}
 
+    def _pixels(self, x: Tensor) -> Tensor:
+        """A grid's samples as images: latents decoded by the autoencoder."""
+        return self.latent.decode(x) if self.latent is not None else x
+
     def sample(self, model: nn.Module, out: Path, step: int) -> None:
         """1- and 2-step grids (consistency models) or a Heun grid (EDM), with fixed per-sample seeds."""
         c, s, device = self.cfg.model, self.cfg.sample, self.ctx.device
@@ -155,13 +189,13 @@ class DenoiserTask:
             x = sample_progdist(
                 model, shape, N, generator=gens, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=device, **cond
             )
-            save_grid(x, out / f"step_{step:06d}_progdist{N}.png")
+            save_grid(self._pixels(x), out / f"step_{step:06d}_progdist{N}.png")
             return
         if self.cfg.is_diffusion():
             x = sample_heun(
                 model, shape, edm_sigmas(s.steps, c.sigma_min, c.sigma_max), generator=gens, device=device, **cond
             )
-            save_grid(x, out / f"step_{step:06d}_heun{s.steps}.png")
+            save_grid(self._pixels(x), out / f"step_{step:06d}_heun{s.steps}.png")
             return
         grids = [("1step", [c.sigma_max])]
         try:  # the multistep grid on the training σ grid when there is one
@@ -180,7 +214,7 @@ class DenoiserTask:
                 device=device,
                 **cond,
             )
-            save_grid(x, out / f"step_{step:06d}_{name}.png")
+            save_grid(self._pixels(x), out / f"step_{step:06d}_{name}.png")
 
 
 __all__ = ["DenoiserTask"]

@@ -194,7 +194,9 @@ class Loop:
 
     def _check_resumable(self) -> None:
         """Refuse a resume whose settings differ from the run's, except run control (steps, logging, ...)."""
-        diff = self.cfg.changes_from(self.dir.saved_config())
+        saved = self.dir.saved_config()
+        self.cfg.adopt_measured(saved)
+        diff = self.cfg.changes_from(saved)
         if diff:
             shown = ", ".join(f"{k} ({old!r} → {new!r})" for k, old, new in diff[:5])
             raise CmkitError(

@@ -69,6 +69,35 @@ FMNIST_NET = {
     "train.sample_every": 1000,
     "train.ckpt_every": 500,
 }
+FMNIST_LATENT_NET = {  # a UNet on fmnist-ae's latents: Fashion-MNIST padded to 32, 2×8×8, standardised to σ_data
+    "model.img_resolution": 8,
+    "model.in_channels": 2,
+    "model.model_channels": 64,
+    "model.channel_mult": (1, 2),
+    "model.num_blocks": 2,
+    "model.attn_resolutions": (4,),
+    "model.num_classes": 10,
+    "data.name": "fashion_mnist",
+    "latent.autoencoder": "runs/fmnist-ae",
+    "latent.image_size": 32,
+    "train.batch_size": 128,
+    "train.log_every": 25,
+    "train.sample_every": 1000,
+    "train.ckpt_every": 500,
+}
+FMNIST_LATENT_TEACHER = {
+    "model.precond": "edm",
+    "model.dropout": 0.1,
+    "loss.method": "edm",
+    "loss.label_dropout": 0.1,
+    "train.steps": 4000,
+    "train.lr": 1e-3,
+    "train.optimizer": "adam",
+    "train.warmup_steps": 300,
+    "train.ema_rates": (0.999,),
+    "sample.sampler": "heun",
+    "sample.steps": 18,
+}
 EMOJI_NET = {
     **FMNIST_NET,
     "model.img_resolution": 32,
@@ -866,6 +895,32 @@ PRESETS: dict[str, Preset] = {
     ),
     "fmnist-cdec": Preset(
         "consistency decoder for fmnist-ae latents (4-level UNet 16–32 wide, 0.48M parameters), CPU", {}, kind="decoder"
+    ),
+    # --- the latent stack in miniature (cmkit.latent): fmnist-ae's latents → a guided teacher → LCM -----------
+    "fmnist-ldm": Preset(
+        "class-conditional latent EDM teacher on fmnist-ae's 2×8×8 latents (10% label dropout), Heun 18; CPU",
+        {**FMNIST_LATENT_NET, **FMNIST_LATENT_TEACHER},
+    ),
+    "fmnist-lcm": Preset(
+        "latent consistency model (LCM) of fmnist-ldm: one class-conditional 1–4-step model for every guidance "
+        "scale w in [1, 4], decoded by fmnist-ae (or `cmkit sample --decoder runs/fmnist-cdec`); CPU",
+        {
+            **FMNIST_LATENT_NET,
+            "model.time_inputs": 2,
+            "loss.method": "lcm",
+            "loss.num_scales": 50,
+            "loss.solver": "heun",
+            "loss.mu": 0.95,
+            "loss.guidance_min": 1.0,
+            "loss.guidance_max": 4.0,
+            "train.steps": 2000,
+            "train.lr": 1e-4,
+            "train.teacher": "runs/fmnist-ldm",
+            "train.init_from": "runs/fmnist-ldm",
+            "train.ema_rates": (0.999,),
+            "sample.sigmas": (80.0, 0.8),
+            "sample.guidance": 2.0,
+        },
     ),
     "digits-cdec": Preset(
         "consistency decoder for digits-ae latents (2-level UNet 8–16 wide); seconds",
