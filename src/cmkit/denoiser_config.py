@@ -291,6 +291,17 @@ class CMTrainConfig(TrainConfig):
 
     teacher: str = ""  # cd, pd, scd: the EDM teacher; tcm: the frozen first stage (model/run dir or shipped name)
     init_from: str = ""  # initialise the online network from these weights (cd, ect: the teacher)
+    lora_rank: int = 0  # > 0: train only rank-r adapters (LoRA) on the init_from weights (LCM-LoRA); 0 = all weights
+    lora_alpha: float = 0.0  # the adapters' α (scale α/r; 0 = r, scale 1)
+
+    def check(self) -> None:
+        super().check()
+        require(self.lora_rank >= 0, f"train.lora_rank must be 0 (off) or a rank ≥ 1, got {self.lora_rank}")
+        require(self.lora_alpha >= 0, f"train.lora_alpha must be 0 (= the rank) or positive, got {self.lora_alpha}")
+        require(
+            not self.lora_rank or bool(self.init_from),
+            "train.lora_rank adapts the weights of train.init_from (e.g. the teacher's): set train.init_from",
+        )
 
 
 @dataclass

@@ -10,6 +10,7 @@ Heun (EDM) sample grids with fixed per-sample seeds.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from ..imageio import save_grid
 from ..latent import LatentSpace, autoencoder_config, check_latent_shape, latent_statistics, load_images
 from ..load import init_from, load_denoiser
 from ..nets.autoencoder import KLAutoencoder
+from ..nets.lora import LORA_FILE, add_lora, merge_lora, save_lora
 from ..sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep, sample_progdist
 from ..shards import ShardSet
 from .task import Context
@@ -53,6 +55,10 @@ class DenoiserTask:
             self.objective.distance.load()  # LPIPS weights: a missing file fails here, before any data is read
         if t.init_from:  # a model/run directory, an EDM pickle or a Flax checkpoint (cmkit.load)
             init_from(self.model, t.init_from, cfg.model)
+        if t.lora_rank:  # LCM-LoRA: only low-rank adapters on the init_from weights train
+            if t.parallel == "fsdp" and ctx.world > 1:
+                raise CmkitError("train.lora_rank trains small adapters: use train.parallel=ddp, not fsdp")
+            add_lora(self.model, t.lora_rank, t.lora_alpha or None)
         self.teacher = self._load_teacher() if self.objective.needs_teacher else None
         self.latent: LatentSpace | None = None
         if cfg.latent.autoencoder:  # latent diffusion / LCM: batches are encoded by the frozen autoencoder
@@ -170,6 +176,16 @@ class DenoiserTask:
 
     def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return "denoiser", self.cfg.to_dict(), {}
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """What the model directory holds: a LoRA run's network with its adapters merged (a plain network that
+        ``cmkit sample`` loads); the adapters alone go beside it (``export_files``)."""
+        return merge_lora(copy.deepcopy(model)) if self.cfg.train.lora_rank else model
+
+    def export_files(self, model: nn.Module, model_dir: Path) -> None:
+        """A LoRA run's adapters as ``lora.safetensors`` in diffusers' key format (``cmkit.nets.lora``)."""
+        if self.cfg.train.lora_rank:
+            save_lora(model, model_dir / LORA_FILE)
 
     def _pixels(self, x: Tensor) -> Tensor:
         """A grid's samples as images: latents decoded by the autoencoder."""

@@ -433,7 +433,9 @@ class Loop:
             self.dir.save_checkpoint(modules, optimizer_state, rngs, state, self.cfg.to_dict())
             model, weights = modules[self.exported()[1]], self.exported()[1]
             kind, config, meta = self.task.export_config()
-            save_model_dir(self.dir.model, model, kind, config, {**meta, "step": self.step, "weights": weights})
+            export = getattr(self.task, "export_module", lambda m: m)(model)
+            save_model_dir(self.dir.model, export, kind, config, {**meta, "step": self.step, "weights": weights})
+            getattr(self.task, "export_files", lambda *_: None)(model, self.dir.model)
         dist.barrier()
 
 

@@ -22,7 +22,11 @@ class Context:
 
 
 class Task(Protocol):
-    """What the loop needs from one kind of run."""
+    """What the loop needs from one kind of run.
+
+    Optional, for a task whose exported network is not the trained module itself (a LoRA run):
+    ``export_module(model) -> nn.Module`` (what the model directory holds) and ``export_files(model, model_dir)``
+    (files written beside it)."""
 
     name: str  # progress-bar label
     model: nn.Module  # the trained (online) network θ
