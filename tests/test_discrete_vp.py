@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 diffusers = pytest.importorskip("diffusers")
 
-from cmkit.discrete_vp import DiscreteVPDenoiser, sigmas_of  # noqa: E402
+from cmkit.discrete_vp import DiscreteVPDenoiser, LCMDenoiser, guidance_embedding, sigmas_of  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.load import init_from, load_denoiser  # noqa: E402
 from cmkit.sampling import sample_euler, sample_heun  # noqa: E402
@@ -34,9 +34,10 @@ def tiny_unet(seed: int = 0, out_channels: int = 3, channels: int = 3, num_class
     ).eval()
 
 
-def tiny_text_unet(seed: int = 0) -> torch.nn.Module:
+def tiny_text_unet(seed: int = 0, time_cond_proj_dim: int | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
     return diffusers.UNet2DConditionModel(
+        time_cond_proj_dim=time_cond_proj_dim,
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -279,3 +280,68 @@ def test_an_fp16_unet_gets_fp16_inputs_and_gives_fp32_x0():
         out = D(x, 2.0)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref(x, 2.0), rtol=0, atol=0.05)
+
+
+# --- latent consistency models (LCMScheduler) ----------------------------------------------------------
+
+
+def lcm_scheduler() -> "diffusers.LCMScheduler":
+    """Stable Diffusion's scaled-linear schedule, as LCM-Dreamshaper's scheduler config has it."""
+    return diffusers.LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def test_guidance_embedding_is_the_lcm_pipelines():
+    from diffusers import LatentConsistencyModelPipeline
+
+    omega = torch.tensor([0.0, 1.5, 7.5])
+    for dim in (8, 9, 256):
+        theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, omega, dim)
+        assert torch.allclose(guidance_embedding(omega, dim), theirs, atol=1e-6)
+
+
+def test_lcm_denoiser_is_lcm_schedulers_consistency_function_and_its_loop_is_the_multistep_sampler():
+    """On a tiny UNet with a guidance input: at each of LCMScheduler's 4 timesteps (999, 759, 499, 259) cmkit's
+    f(x, σ_t, guidance=w) with x = z_t/√ᾱ_t equals ``step(...).denoised``; the σ-space loop f, then f + σ'·ε with
+    the scheduler's own noise draws, ends on the scheduler's final sample."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    unet, sched, w = tiny_text_unet(time_cond_proj_dim=8), lcm_scheduler(), 8.5
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 759, 499, 259]
+    f = LCMDenoiser(unet, sched.alphas_cumprod, "epsilon", 10.0, guidance_dim=8)
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 12, generator=g)
+    w_emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.full((2,), w - 1), 8)
+    sample, theirs, noise_gen = latents, [], torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = unet(sample, t, encoder_hidden_states=text, timestep_cond=w_emb).sample
+            out = sched.step(eps, t, sample, generator=noise_gen)
+            theirs.append((sample, out.denoised))
+            sample = out.prev_sample
+        sigmas = f.t_to_sigma(sched.timesteps.float())
+        for (z_t, denoised), s in zip(theirs, sigmas):
+            x = z_t * (1 + s**2).sqrt()
+            assert torch.allclose(f(x, s, guidance=w, encoder_hidden_states=text), denoised, atol=1e-5)
+        noise_gen, x = torch.Generator().manual_seed(1), latents * (1 + sigmas[0] ** 2).sqrt()
+        for k, s in enumerate(sigmas):
+            x = f(x, s, guidance=w, encoder_hidden_states=text)
+            if k + 1 < len(sigmas):
+                x = x + sigmas[k + 1] * torch.randn(x.shape, generator=noise_gen)
+    assert torch.allclose(x, sample, atol=1e-5)
+
+
+def test_an_lcm_directory_loads_as_a_consistency_model_with_its_4_step_sigmas(tmp_path):
+    save_pipeline_layout(tmp_path / "lcm", tiny_text_unet(time_cond_proj_dim=8), lcm_scheduler())
+    model, cfg = load_denoiser(tmp_path / "lcm")
+    assert isinstance(model, LCMDenoiser) and model.takes_guidance and not cfg.is_diffusion()
+    assert [round(float(model.sigma_to_t(torch.tensor([s]))), 3) for s in cfg.sample.sigmas] == [999, 759, 499, 259]
+    assert cfg.sample.guidance == 8.5 and cfg.model.time_inputs == 2
+    x, text = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 12)
+    with pytest.raises(CmkitError, match="pass guidance=w"):
+        model(x, 1.0, encoder_hidden_states=text)
+    save_pipeline_layout(tmp_path / "lora", tiny_text_unet(), lcm_scheduler())  # an LCM-LoRA'd SD UNet: no w input
+    model, cfg = load_denoiser(tmp_path / "lora")
+    assert isinstance(model, LCMDenoiser) and not model.takes_guidance and cfg.sample.guidance == 1.0
+    with pytest.raises(CmkitError, match="no guidance input"):
+        model(x, 1.0, guidance=2.0, encoder_hidden_states=text)

@@ -147,3 +147,71 @@ class DiscreteVPDenoiser(nn.Module):
         else:
             raise CmkitError(f"spacing={spacing!r}: expected trailing or leading")
         return torch.cat([self.sigmas[t], torch.zeros(1)])
+
+
+# --- latent consistency models (LCM) -------------------------------------------------------------------
+
+
+def guidance_embedding(omega: Tensor, dim: int) -> Tensor:
+    """LCM's embedding of the guidance strength ω (Luo et al. 2023, §4.2; diffusers'
+    ``get_guidance_scale_embedding``): [sin(1000ω·f_i), cos(1000ω·f_i)], f_i = 10000^(−i/(dim/2 − 1)), zero-padded
+    to ``dim``. LCM embeds ω = w − 1 for the classifier-free-guidance scale w (D_∅ + w(D_c − D_∅))."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (omega.float() * 1000.0)[:, None] * freqs.to(omega.device)[None]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+class LCMDenoiser(DiscreteVPDenoiser):
+    """A latent consistency model from diffusers (``LCMScheduler``; e.g. LCM-Dreamshaper) as cmkit's consistency
+    model f(x, σ, guidance=w, **cond) in σ-space.
+
+    LCM's consistency function (diffusers' ``LCMScheduler.step``, its ``denoised``) at timestep t:
+
+        f = c_out(t)·x̂0 + c_skip(t)·z_t,   c_skip = σ_d²/((s·t)² + σ_d²),   c_out = s·t/√((s·t)² + σ_d²),
+
+    σ_d = 0.5, s = ``timestep_scaling`` (10), z_t = x/√(1+σ²) the VP sample and x̂0 the network's prediction as
+    ``DiscreteVPDenoiser`` reads it. A UNet with ``time_cond_proj_dim`` takes the guidance scale w as
+    ``timestep_cond`` = ``guidance_embedding(w − 1)`` (``takes_guidance``); one without (an LCM-LoRA'd UNet) takes
+    none. k-step sampling in σ-space is LCM's multistep loop: the pipeline's re-noising
+    √ᾱ'·f + √(1−ᾱ')·ε is f + σ'·ε after division by √ᾱ'.
+    """
+
+    sigma_data = 0.5
+
+    def __init__(
+        self,
+        unet: nn.Module | Callable[..., Any],
+        alphas_cumprod: Tensor,
+        prediction_type: str = "epsilon",
+        timestep_scaling: float = 10.0,
+        guidance_dim: int = 0,
+    ):
+        super().__init__(unet, alphas_cumprod, prediction_type)
+        self.timestep_scaling, self.guidance_dim = float(timestep_scaling), int(guidance_dim)
+
+    @property
+    def takes_guidance(self) -> bool:
+        return self.guidance_dim > 0
+
+    def boundary(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip, c_out) at timestep t (diffusers' ``get_scalings_for_boundary_condition_discrete``)."""
+        st = t.float() * self.timestep_scaling
+        d2 = self.sigma_data**2
+        return d2 / (st**2 + d2), st / (st**2 + d2).sqrt()
+
+    def forward(self, x: Tensor, sigma: Tensor | float, guidance: Tensor | float | None = None, **cond: Any) -> Tensor:
+        x = x.float()
+        sigma = as_sigma(sigma, x.shape[0], x.device)
+        if self.takes_guidance:
+            if guidance is None:
+                raise CmkitError("this LCM takes its guidance scale w as an input: pass guidance=w (e.g. 8.5)")
+            w = torch.as_tensor(guidance, dtype=torch.float32, device=x.device).expand(x.shape[0])
+            cond["timestep_cond"] = guidance_embedding(w - 1, self.guidance_dim).to(self.net_dtype())
+        elif guidance is not None:
+            raise CmkitError("this LCM has no guidance input (no time_cond_proj_dim): sample it without guidance")
+        x0 = super().forward(x, sigma, **cond)
+        t = self.sigma_to_t(sigma)
+        c_skip, c_out = (append_dims(c, x.ndim) for c in self.boundary(t))
+        return c_out * x0 + c_skip * x / append_dims((1 + sigma**2).sqrt(), x.ndim)

@@ -17,13 +17,16 @@ from torch import Tensor, nn
 
 from .config import set_value
 from .denoiser_config import Config
-from .discrete_vp import DiscreteVPDenoiser
+from .discrete_vp import DiscreteVPDenoiser, LCMDenoiser
 from .errors import CmkitError
 from .files import load_safetensors, load_state, read_safetensors
 from .formats.detect import checkpoint_format, read_released_net
-from .formats.diffusers_dir import read_diffusers_dir
+from .formats.diffusers_dir import lcm_timesteps, read_diffusers_dir
 from .formats.model_dir import CONFIG_FILE, MODEL_FILE, read_model_dir
 from .retime import fit_time_embedding, needs_refit
+
+#: the guidance scale w diffusers' LCM pipeline samples with by default
+LCM_GUIDANCE = 8.5
 
 
 def config_for(model: dict[str, Any]) -> Any:
@@ -37,7 +40,7 @@ def config_for(model: dict[str, Any]) -> Any:
     return cfg
 
 
-def config_for_diffusers(unet_config: dict[str, Any], denoiser: Any) -> Any:
+def config_for_diffusers(unet_config: dict[str, Any], denoiser: Any, lcm_steps: list[int] | None = None) -> Any:
     """A ``Config`` describing a diffusers model read as a ``DiscreteVPDenoiser``: image shape, classes, σ range
     (the schedule's table ends), a VP diffusion model sampled with Heun. It describes, it does not build: the
     network is the diffusers UNet (``cfg.model.build()`` would give a cmkit network, not that one)."""
@@ -49,6 +52,11 @@ def config_for_diffusers(unet_config: dict[str, Any], denoiser: Any) -> Any:
     cfg.model.precond = "vp"
     cfg.model.sigma_min, cfg.model.sigma_max = denoiser.sigma_min, denoiser.sigma_max
     cfg.loss.method, cfg.sample.sampler = "edm", "heun"
+    if isinstance(denoiser, LCMDenoiser):  # a consistency model: LCM's 4-step timesteps and its default w
+        cfg.model.precond, cfg.loss.method, cfg.sample.sampler = "cm", "lcm", "multistep"
+        cfg.model.time_inputs = 2 if denoiser.takes_guidance else 1
+        cfg.sample.sigmas = tuple(float(s) for s in denoiser.t_to_sigma(torch.tensor(lcm_steps)))
+        cfg.sample.guidance = LCM_GUIDANCE if denoiser.takes_guidance else 1.0
     return cfg
 
 
@@ -60,11 +68,19 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
         return load_model(path, device=device)
     if fmt == "diffusers":
         found = read_diffusers_dir(path)
+        steps = None
         try:
-            denoiser = DiscreteVPDenoiser(found.unet, found.alphas_cumprod, found.prediction_type)
+            if found.is_lcm:
+                scaling = found.scheduler_config.get("timestep_scaling", 10.0)
+                guidance_dim = int(found.config.get("time_cond_proj_dim") or 0)
+                denoiser = LCMDenoiser(found.unet, found.alphas_cumprod, found.prediction_type, scaling, guidance_dim)
+                steps = lcm_timesteps(found.scheduler_config, 4)
+            else:
+                denoiser = DiscreteVPDenoiser(found.unet, found.alphas_cumprod, found.prediction_type)
         except CmkitError as e:
             raise CmkitError(f"{found.scheduler_file}: {e}") from None
-        return denoiser.to(device).eval().requires_grad_(False), config_for_diffusers(found.config, denoiser)
+        cfg = config_for_diffusers(found.config, denoiser, steps)
+        return denoiser.to(device).eval().requires_grad_(False), cfg
 
     model_section, state, _ = read_released_net(path)
     cfg = config_for(model_section)

@@ -79,6 +79,16 @@ def schedule_of(scheduler_config: dict[str, Any], where: str) -> tuple[Any, str]
     return scheduler.alphas_cumprod.clone(), prediction_type
 
 
+def lcm_timesteps(scheduler_config: dict[str, Any], steps: int) -> list[int]:
+    """The timesteps of LCM's ``steps``-step sampling (diffusers' ``LCMScheduler.set_timesteps``: ``steps`` of the
+    skipping-step grid of ``original_inference_steps`` = 50 by default), e.g. 999, 759, 499, 259 at 4 steps."""
+    diffusers = optional_import("diffusers", "diffusers", "a diffusers model")
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    scheduler = diffusers.LCMScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
 def load_diffusers_unet(unet_dir: Path) -> Any:
     """The diffusers UNet of ``unet_dir`` (its ``from_pretrained``, local files only), in eval mode."""
     diffusers = optional_import("diffusers", "diffusers", "a diffusers model")
@@ -100,14 +110,22 @@ class DiffusersModel:
     prediction_type: str
     unet_dir: Path
     scheduler_file: Path
+    scheduler_config: dict[str, Any]
 
     @property
     def config(self) -> dict[str, Any]:
         return dict(self.unet.config)
 
+    @property
+    def is_lcm(self) -> bool:
+        """A latent consistency model: an ``LCMScheduler`` directory or a UNet with LCM's guidance input."""
+        return self.scheduler_config.get("_class_name") == "LCMScheduler" or bool(self.config.get("time_cond_proj_dim"))
+
 
 def read_diffusers_dir(path: str | Path) -> DiffusersModel:
     """The UNet and noise schedule of a diffusers pipeline or UNet directory (``locate``)."""
     unet_dir, scheduler_file = locate(path)
-    alphas_cumprod, prediction_type = schedule_of(_read_json(scheduler_file), str(scheduler_file))
-    return DiffusersModel(load_diffusers_unet(unet_dir), alphas_cumprod, prediction_type, unet_dir, scheduler_file)
+    scheduler_config = _read_json(scheduler_file)
+    alphas_cumprod, prediction_type = schedule_of(scheduler_config, str(scheduler_file))
+    unet = load_diffusers_unet(unet_dir)
+    return DiffusersModel(unet, alphas_cumprod, prediction_type, unet_dir, scheduler_file, scheduler_config)
