@@ -170,3 +170,12 @@ def test_editing_a_latent_model_is_one_line(runs, tmp_path, capsys):
     assert "this is a latent model" in err and err.count("\n") == 0
     with pytest.raises(CmkitError, match="this is a latent model"):
         Backend(runs=tmp_path).editable(str(cm))
+
+
+def test_the_page_samples_a_latent_model_as_images(runs):
+    """The Sample tab shows a latent model's decoded images and describes them, not its latents."""
+    b = Backend(runs=runs)
+    info = b.model_info(str(runs / "ldm"))
+    assert (info["resolution"], info["channels"]) == (8, 1)
+    r = b.sample(str(runs / "ldm"), sampler="heun", steps=3, n=2, classes="3")
+    assert r.native.shape == (2, 8, 8, 1)

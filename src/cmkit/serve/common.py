@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..editing.transforms import LUMA
 from ..errors import CmkitError
 from ..imageio import from_uint8, make_grid, to_uint8
+from ..latent import autoencoder_config
 
 #: the most images one page request generates (a grid of 8×8)
 MAX_SAMPLES = 64
@@ -101,11 +102,14 @@ class Loaded:
 
     @property
     def resolution(self) -> int:
-        return int(self.cfg.model.img_resolution)
+        """The side of the images the model gives (a latent model's decoded and cropped images, not its latents)."""
+        lat = self.cfg.latent
+        return int(lat.crop or lat.image_size) if lat.autoencoder else int(self.cfg.model.img_resolution)
 
     @property
     def channels(self) -> int:
-        return int(self.cfg.model.in_channels)
+        lat = self.cfg.latent
+        return autoencoder_config(lat.autoencoder).in_channels if lat.autoencoder else int(self.cfg.model.in_channels)
 
     @property
     def is_cm(self) -> bool:
