@@ -52,6 +52,10 @@ CONTINUOUS = ("fmnist-sct", "fmnist-scd", "fmnist-meanflow", "fmnist-tcm")
 SCM_TEACHER = "fmnist-trigflow"
 # one-step quality (issue 21): consistency mid-training from the teacher, then ECT at a small Δt after it
 ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect", "fmnist-cmt-tcm")
+# the latent stack in miniature (issue 22): a class-conditional latent EDM teacher on fmnist-ae's 2×8×8 latents and
+# the LCM distilled from it (at its sample.guidance w); both decoded by the autoencoder, FD of the decoded images
+LATENT_TEACHER = "fmnist-ldm"
+LATENT = ("fmnist-lcm",)
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
@@ -66,6 +70,9 @@ def settings(heun: list[int]) -> list[tuple[str, str, int]]:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     rows += [("fmnist-meanflow", "flowmap", 2), ("fmnist-meanflow", "flowmap", 4)]
     for name in ONESTEP:
+        rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
+    rows.append((LATENT_TEACHER, "heun", 18))
+    for name in LATENT:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     return rows
 
@@ -215,6 +222,8 @@ def main() -> None:
             "net": "bf16" if args.bf16 else "fp32",
             "machine": cpu_name(),
         }
+        if getattr(model, "takes_guidance", False):  # an LCM: the guidance scale w it was sampled at
+            row["guidance"] = cfg.sample.guidance
         rows.append(row)
         print(json.dumps(row))
     write(rows, floor, args)
@@ -286,8 +295,9 @@ def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> Non
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        name = f"{r['model']} (w = {r['guidance']:g})" if "guidance" in r else r["model"]
         lines.append(
-            f"| {r['model']} | {r['sampler']} | {r['nfe']} | {', '.join(map(str, r['sigmas'])) or '—'} | "
+            f"| {name} | {r['sampler']} | {r['nfe']} | {', '.join(map(str, r['sigmas'])) or '—'} | "
             f"{r.get('net', '—')} | {r['fd']:.3f} | {_f(r['fd_vs_teacher35'], 2)} | {r['kid']:.5f} | "
             f"{r['precision']:.3f} | {r['recall']:.3f} | {r['img_per_s']:.1f} | {_f(r['speedup_vs_teacher35'], 1)}× |"
         )

@@ -345,3 +345,14 @@ def test_an_lcm_directory_loads_as_a_consistency_model_with_its_4_step_sigmas(tm
     assert isinstance(model, LCMDenoiser) and not model.takes_guidance and cfg.sample.guidance == 1.0
     with pytest.raises(CmkitError, match="no guidance input"):
         model(x, 1.0, guidance=2.0, encoder_hidden_states=text)
+
+
+def test_sampling_a_text_model_without_its_prompt_embeddings_is_one_line(tmp_path, capsys):
+    from cmkit.cli.main import main
+
+    save_pipeline_layout(tmp_path / "sd", tiny_text_unet(), ddpm("epsilon", "scaled_linear"))
+    assert main(["sample", "--model", str(tmp_path / "sd"), "-n", "1", "-o", str(tmp_path / "x.png")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "text-conditioned UNet" in errors[0] and "encoder_hidden_states" in errors[0]
+    model, _ = load_denoiser(tmp_path / "sd")  # with them, it runs
+    assert model(torch.randn(1, 4, 8, 8), 1.0, encoder_hidden_states=torch.randn(1, 3, 12)).shape == (1, 4, 8, 8)

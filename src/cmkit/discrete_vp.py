@@ -123,11 +123,22 @@ class DiscreteVPDenoiser(nn.Module):
         sigma = as_sigma(sigma, x.shape[0], x.device)
         z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
         cond = {k: v for k, v in cond.items() if v is not None}
+        if self.text_conditioned and "encoder_hidden_states" not in cond:
+            raise CmkitError(
+                "this is a text-conditioned UNet (cross-attention): it needs its prompt embeddings as "
+                "encoder_hidden_states=, which cmkit has no text encoder to make; call it from Python with them"
+            )
         out = self.unet(z.to(self.net_dtype()), self.sigma_to_t(sigma), **cond)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # learned variance ("learned_range"): the first half is the prediction
         return x0_from_output(out.float(), x, sigma, self.prediction_type)
+
+    @property
+    def text_conditioned(self) -> bool:
+        """A UNet with cross-attention (Stable Diffusion's ``UNet2DConditionModel``)."""
+        config = getattr(self.unet, "config", None)
+        return bool(getattr(config, "cross_attention_dim", None)) if config is not None else False
 
     def net_dtype(self) -> torch.dtype:
         """The dtype of the network's weights (an fp16 UNet gets fp16 inputs; σ arithmetic stays fp32)."""
