@@ -160,6 +160,7 @@ def test_a_lora_run_trains_only_low_rank_updates_and_exports_the_merged_model_an
             "train.ema_rates=0.5",
             "train.lr=1e-2",
             "train.optimizer=adam",
+            "train.ckpt_every=2",  # two exports: the second replaces a model directory that holds lora.safetensors
         ),
         progress=False,
     )

@@ -24,6 +24,7 @@ from ..files import atomic_dir, commit_dir, seal_dir, state_dict_for_save
 from .zoo import shipped_model_dir
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+LORA_FILE = "lora.safetensors"  # a LoRA run's adapters beside its merged model (cmkit.nets.lora)
 
 
 MODEL_KINDS = ("denoiser", "autoencoder", "decoder")
@@ -59,10 +60,12 @@ def save_model_dir(
     config: dict[str, Any],
     meta: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (kind and config also in the metadata) atomically.
+    """Write ``config.json`` + ``model.safetensors`` (kind and config also in the metadata) atomically, with
+    ``extra`` safetensors files beside them (name → tensors; a LoRA run's ``lora.safetensors``).
 
-    An existing ``path`` is replaced only when it holds nothing but those two files (a model directory);
+    An existing ``path`` is replaced only when it holds nothing but such files (a model directory);
     anything else there is refused with one line, so no other file is ever lost.
     """
     if kind not in MODEL_KINDS:
@@ -70,7 +73,7 @@ def save_model_dir(
     final = Path(path)
     if final.exists():
         other = sorted(p.name for p in final.iterdir()) if final.is_dir() else [final.name]
-        other = [n for n in other if n not in (CONFIG_FILE, MODEL_FILE)]
+        other = [n for n in other if n not in (CONFIG_FILE, MODEL_FILE, LORA_FILE)]
         if other:
             raise CmkitError(
                 f"{final} holds other files ({', '.join(other[:4])}); a model directory is written "
@@ -79,6 +82,8 @@ def save_model_dir(
     tmp = atomic_dir(final)
     tag = {"kind": kind, "config": json.dumps(config)}
     save_file(state_dict_for_save(weights, dtype), tmp / MODEL_FILE, metadata=tag)
+    for name, tensors in (extra or {}).items():
+        save_file(tensors, tmp / name, metadata={"format": "pt"})
     seal_dir(tmp, CONFIG_FILE, {"kind": kind, "config": config, **(meta or {})})
     commit_dir(tmp, final)
     return final

@@ -24,9 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import CmkitError
-
-#: the adapters of a LoRA run, beside its (merged) model in the model directory
-LORA_FILE = "lora.safetensors"
+from ..formats.model_dir import LORA_FILE
 
 #: the layers LCM-LoRA adapts in Stable Diffusion's UNet (diffusers' names): attention projections, the
 #: transformer feed-forward, the resnets' convolutions and time projections, the resamplers

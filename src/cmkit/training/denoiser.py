@@ -24,12 +24,13 @@ from ..datasets import Batches, ImageData, load_dataset
 from ..denoiser_config import Config
 from ..ema import ema_update, make_copy
 from ..errors import CmkitError
+from ..formats.model_dir import LORA_FILE
 from ..generate import multistep_sigmas
 from ..imageio import save_grid
 from ..latent import LatentSpace, autoencoder_config, check_latent_shape, latent_statistics, load_images
 from ..load import init_from, load_denoiser
 from ..nets.autoencoder import KLAutoencoder
-from ..nets.lora import LORA_FILE, add_lora, merge_lora, save_lora
+from ..nets.lora import add_lora, lora_state_dict, merge_lora
 from ..sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep, sample_progdist
 from ..shards import ShardSet
 from .task import Context
@@ -182,10 +183,9 @@ class DenoiserTask:
         ``cmkit sample`` loads); the adapters alone go beside it (``export_files``)."""
         return merge_lora(copy.deepcopy(model)) if self.cfg.train.lora_rank else model
 
-    def export_files(self, model: nn.Module, model_dir: Path) -> None:
+    def export_files(self, model: nn.Module) -> dict[str, dict[str, Tensor]]:
         """A LoRA run's adapters as ``lora.safetensors`` in diffusers' key format (``cmkit.nets.lora``)."""
-        if self.cfg.train.lora_rank:
-            save_lora(model, model_dir / LORA_FILE)
+        return {LORA_FILE: lora_state_dict(model)} if self.cfg.train.lora_rank else {}
 
     def _pixels(self, x: Tensor) -> Tensor:
         """A grid's samples as images: latents decoded by the autoencoder."""

@@ -434,8 +434,9 @@ class Loop:
             model, weights = modules[self.exported()[1]], self.exported()[1]
             kind, config, meta = self.task.export_config()
             export = getattr(self.task, "export_module", lambda m: m)(model)
-            save_model_dir(self.dir.model, export, kind, config, {**meta, "step": self.step, "weights": weights})
-            getattr(self.task, "export_files", lambda *_: None)(model, self.dir.model)
+            extra = getattr(self.task, "export_files", lambda m: {})(model)
+            meta = {**meta, "step": self.step, "weights": weights}
+            save_model_dir(self.dir.model, export, kind, config, meta, extra=extra)
         dist.barrier()
 
 

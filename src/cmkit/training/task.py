@@ -25,8 +25,8 @@ class Task(Protocol):
     """What the loop needs from one kind of run.
 
     Optional, for a task whose exported network is not the trained module itself (a LoRA run):
-    ``export_module(model) -> nn.Module`` (what the model directory holds) and ``export_files(model, model_dir)``
-    (files written beside it)."""
+    ``export_module(model) -> nn.Module`` (what the model directory holds) and ``export_files(model)`` (safetensors
+    files written beside it: name → tensors)."""
 
     name: str  # progress-bar label
     model: nn.Module  # the trained (online) network θ
