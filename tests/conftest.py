@@ -106,3 +106,24 @@ def check_boundary_and_bf16(cfg) -> None:
                 y = model(x, 2.0)
                 assert torch.equal(model(x, cfg.model.sigma_min), x)
             assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def tiny_text_unet(seed: int = 0, time_cond_proj_dim: int | None = None):
+    """A random 2-level diffusers ``UNet2DConditionModel`` on 4×8×8 latents with 12-dim text embeddings (Stable
+    Diffusion's layout in miniature); ``time_cond_proj_dim`` adds LCM's guidance input."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        time_cond_proj_dim=time_cond_proj_dim,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_text_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -31,23 +31,6 @@ def tiny_unet(seed: int = 0, out_channels: int = 3, channels: int = 3, num_class
         num_class_embeds=num_class_embeds,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
-def tiny_text_unet(seed: int = 0, time_cond_proj_dim: int | None = None) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        time_cond_proj_dim=time_cond_proj_dim,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
 
 

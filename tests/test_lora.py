@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_text_unet
 from torch import nn
 
 from cmkit.errors import CmkitError
@@ -38,22 +38,6 @@ def randomise(model: nn.Module, seed: int = 1) -> None:
         for m in lora_layers(model).values():
             m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * 0.3)
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
-
-
-def sd_unet() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
 
 
 def cm_inputs():
@@ -102,19 +86,19 @@ def test_diffusers_loads_the_file_into_its_unet_and_computes_the_same_function(t
     pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
 
-    unet = sd_unet()
+    unet = tiny_text_unet()
     names = add_lora(unet, rank=2, alpha=4, targets=LCM_LORA_TARGETS)
     assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("resnets.0.conv1") for n in names)
     randomise(unet)
     path = save_lora(unet, tmp_path / "pytorch_lora_weights.safetensors")
     state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
-    theirs = sd_unet()
+    theirs = tiny_text_unet()
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=theirs)
     g = torch.Generator().manual_seed(3)
     x, t, text = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 3, 12, generator=g)
     with torch.no_grad():
         ours = unet(x, t, text).sample
-        plain = sd_unet()(x, t, text).sample
+        plain = tiny_text_unet()(x, t, text).sample
         assert (ours - plain).abs().max() > 1e-2
         assert torch.allclose(theirs(x, t, text).sample, ours, atol=1e-5)
 
@@ -128,7 +112,7 @@ def test_a_lora_for_another_network_or_a_bad_file_is_one_error(tmp_path):
         load_lora(wider, path)
     assert not lora_layers(wider)  # nothing was changed
     with pytest.raises(CmkitError, match="a LoRA for another network: .* not an adaptable layer"):
-        load_lora(sd_unet(), path)
+        load_lora(tiny_text_unet(), path)
     with pytest.raises(CmkitError, match="not a LoRA key"):
         load_lora(cmkit_unet(), {"unet.x.weight": torch.zeros(1)})
     (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])

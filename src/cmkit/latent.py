@@ -83,12 +83,30 @@ def latent_statistics(
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def autoencoder_config(path: str) -> AutoencoderConfig:
-    """The config of the autoencoder at ``path`` (model/run directory or shipped name), one error line if none."""
+def sample_statistics(
+    ae: KLAutoencoder, data: ImageData | ShardSet, n: int, seed: int, device: str | torch.device = "cpu"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``latent_statistics`` on ``n`` uint8 training images drawn without replacement with ``seed``."""
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    return latent_statistics(ae, data.take(pick).float().to(device) / 127.5 - 1)
+
+
+def check_image_channels(data: ImageData | ShardSet, ae: KLAutoencoder, data_name: str, ae_path: str) -> None:
+    """The data set's images must have the autoencoder's input channels: one error line."""
+    if data.shape[0] != ae.config.in_channels:
+        raise CmkitError(
+            f"data set {data_name!r} has {data.shape[0]} channels but the autoencoder {ae_path} "
+            f"takes {ae.config.in_channels}"
+        )
+
+
+def autoencoder_config(path: str, key: str = "latent.autoencoder") -> AutoencoderConfig:
+    """The config of the autoencoder at ``path`` (model/run directory or shipped name; the setting ``key``), one
+    error line if there is none."""
     try:
         return AutoencoderConfig.from_dict(read_model_dir(path, "autoencoder").config)
     except CmkitError as e:
-        raise CmkitError(f"latent.autoencoder: {e}; train one first (e.g. `cmkit train --preset fmnist-ae`)") from None
+        raise CmkitError(f"{key}: {e}; train one first (e.g. `cmkit train --preset fmnist-ae`)") from None
 
 
 def check_latent_shape(cfg: Config, ae: AutoencoderConfig) -> None:
@@ -125,7 +143,12 @@ class LatentSpace:
         if not lat.autoencoder:
             return None
         check_latent_shape(cfg, autoencoder_config(lat.autoencoder))
-        ae = KLAutoencoder.from_pretrained(lat.autoencoder, device=device)
+        return cls.from_autoencoder(cfg, KLAutoencoder.from_pretrained(lat.autoencoder, device=device))
+
+    @classmethod
+    def from_autoencoder(cls, cfg: Config, ae: KLAutoencoder) -> LatentSpace:
+        """The latent space of ``cfg`` around an autoencoder already loaded (on its device)."""
+        lat, device = cfg.latent, next(ae.parameters()).device
         c = ae.config.latent_channels
         mean, std = (lat.mean, lat.std) if lat.mean else ((0.0,) * c, (1.0,) * c)
         if len(mean) != c or len(std) != c:
@@ -158,9 +181,11 @@ __all__ = [
     "LatentSpace",
     "RawDecoder",
     "autoencoder_config",
+    "check_image_channels",
     "check_latent_shape",
     "crop_images",
     "latent_statistics",
     "load_images",
     "pad_images",
+    "sample_statistics",
 ]

@@ -36,9 +36,8 @@ from ..decoder.decoder import ConsistencyDecoder
 from ..decoder.latents import normalize_latents
 from ..decoder.unet import DecoderUNet
 from ..errors import CmkitError
-from ..formats.model_dir import read_model_dir
 from ..imageio import save_grid
-from ..latent import latent_statistics, load_images
+from ..latent import autoencoder_config, check_image_channels, load_images, sample_statistics
 from ..nets.autoencoder import AutoencoderConfig, KLAutoencoder
 from .decoder_config import AutoencoderRunConfig, DecoderRunConfig
 from .task import Context
@@ -174,13 +173,7 @@ class DecoderTask:
     def dry_config(cfg: DecoderRunConfig) -> DecoderConfig:
         """The decoder config for the autoencoder's latent space (its config.json, not its weights) with the
         latent statistics left at 0 and 1 (they are measured on the data when the run starts)."""
-        try:
-            ae = AutoencoderConfig.from_dict(read_model_dir(cfg.model.autoencoder, "autoencoder").config)
-        except CmkitError as e:
-            raise CmkitError(
-                f"model.autoencoder: {e}; train one first (e.g. `cmkit train --preset fmnist-ae`)"
-            ) from None
-        return decoder_config_for(ae, cfg)
+        return decoder_config_for(autoencoder_config(cfg.model.autoencoder, "model.autoencoder"), cfg)
 
     @classmethod
     def build_model(cls, cfg: DecoderRunConfig) -> DecoderUNet:
@@ -197,13 +190,8 @@ class DecoderTask:
         t, device = cfg.train, ctx.device
         self.ae = KLAutoencoder.from_pretrained(cfg.model.autoencoder, device=device)
         data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, cfg.data.image_size)
-        if data.shape[0] != self.ae.config.in_channels:
-            raise CmkitError(
-                f"data set {cfg.data.name!r} has {data.shape[0]} channels but the autoencoder "
-                f"{cfg.model.autoencoder} takes {self.ae.config.in_channels}"
-            )
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[: cfg.model.stats_images]
-        mean, std = latent_statistics(self.ae, data.take(pick).float().to(device) / 127.5 - 1)
+        check_image_channels(data, self.ae, cfg.data.name, cfg.model.autoencoder)
+        mean, std = sample_statistics(self.ae, data, cfg.model.stats_images, t.seed, device)
         self.config = decoder_config_for(self.ae.config, cfg, mean, std)
         self.model = init_decoder_unet(self.config, t.seed).to(device)
         self.objective = self.build_loss(cfg, self.config)

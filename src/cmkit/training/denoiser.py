@@ -27,7 +27,14 @@ from ..errors import CmkitError
 from ..formats.model_dir import LORA_FILE
 from ..generate import multistep_sigmas
 from ..imageio import save_grid
-from ..latent import LatentSpace, autoencoder_config, check_latent_shape, latent_statistics, load_images
+from ..latent import (
+    LatentSpace,
+    autoencoder_config,
+    check_image_channels,
+    check_latent_shape,
+    load_images,
+    sample_statistics,
+)
 from ..load import init_from, load_denoiser
 from ..nets.autoencoder import KLAutoencoder
 from ..nets.lora import add_lora, lora_state_dict, merge_lora
@@ -81,19 +88,14 @@ class DenoiserTask:
         cfg, lat = self.cfg, self.cfg.latent
         check_latent_shape(cfg, autoencoder_config(lat.autoencoder))
         data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, lat.image_size)
+        ae = KLAutoencoder.from_pretrained(lat.autoencoder, device=self.ctx.device)
+        check_image_channels(data, ae, cfg.data.name, lat.autoencoder)
         if not lat.mean:
-            ae = KLAutoencoder.from_pretrained(lat.autoencoder)
-            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed))
-            lat.mean, lat.std = latent_statistics(ae, data.take(pick[: lat.stats_images]).float() / 127.5 - 1)
+            lat.mean, lat.std = sample_statistics(ae, data, lat.stats_images, cfg.train.seed, self.ctx.device)
         if not lat.crop and cfg.data.name in ("fashion_mnist", "mnist", "digits", "npz"):  # padded, not resized
             native = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split)
             lat.crop = native.shape[1] if native.shape[1] < lat.image_size else 0
-        self.latent = LatentSpace.load(cfg, self.ctx.device)
-        if data.shape[0] != self.latent.ae.config.in_channels:
-            raise CmkitError(
-                f"data set {cfg.data.name!r} has {data.shape[0]} channels but the autoencoder {lat.autoencoder} "
-                f"takes {self.latent.ae.config.in_channels}"
-            )
+        self.latent = LatentSpace.from_autoencoder(cfg, ae)
         return data
 
     def _load_teacher(self) -> nn.Module:

@@ -85,12 +85,10 @@ FMNIST_LATENT_NET = {  # a UNet on fmnist-ae's latents: Fashion-MNIST padded to 
     "train.sample_every": 1000,
     "train.ckpt_every": 500,
 }
-FMNIST_LATENT_TEACHER = {
+FMNIST_EDM = {  # the recipe of the Fashion-MNIST EDM teachers (fmnist-edm in pixels, fmnist-ldm in latents)
     "model.precond": "edm",
     "model.dropout": 0.1,
     "loss.method": "edm",
-    "loss.label_dropout": 0.1,
-    "train.steps": 4000,
     "train.lr": 1e-3,
     "train.optimizer": "adam",
     "train.warmup_steps": 300,
@@ -457,19 +455,7 @@ PRESETS: dict[str, Preset] = {
     # training grid where it has one)
     "fmnist-edm": Preset(
         "28×28 Fashion-MNIST EDM teacher (Heun 18 steps = 35 NFE), 1.7M-param UNet",
-        {
-            **FMNIST_NET,
-            "model.precond": "edm",
-            "model.dropout": 0.1,
-            "loss.method": "edm",
-            "train.steps": 4_500,
-            "train.lr": 1e-3,
-            "train.optimizer": "adam",
-            "train.warmup_steps": 300,
-            "train.ema_rates": (0.999,),
-            "sample.sampler": "heun",
-            "sample.steps": 18,
-        },
+        {**FMNIST_NET, **FMNIST_EDM, "train.steps": 4_500},
     ),
     "fmnist-cd": Preset(
         "28×28 Fashion-MNIST consistency distillation from fmnist-edm (Heun, N=18, μ=0, pseudo-Huber)",
@@ -899,7 +885,7 @@ PRESETS: dict[str, Preset] = {
     # --- the latent stack in miniature (cmkit.latent): fmnist-ae's latents → a guided teacher → LCM -----------
     "fmnist-ldm": Preset(
         "class-conditional latent EDM teacher on fmnist-ae's 2×8×8 latents (10% label dropout), Heun 18; CPU",
-        {**FMNIST_LATENT_NET, **FMNIST_LATENT_TEACHER},
+        {**FMNIST_LATENT_NET, **FMNIST_EDM, "loss.label_dropout": 0.1, "train.steps": 4000},
     ),
     "fmnist-lcm": Preset(
         "latent consistency model (LCM) of fmnist-ldm: one class-conditional 1–4-step model for every guidance "
