@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from cmkit.distributed import cpu_name
+from cmkit.formats.model_dir import read_model_dir
 from cmkit.formats.zoo import shipped_model_dir
-from cmkit.generate import generate, multistep_sigmas
+from cmkit.generate import cfg_guidance, generate, multistep_sigmas
 from cmkit.imageio import save_grid, to_uint8
 from cmkit.load import load_model
 from cmkit.metrics.evaluate import evaluate, get_extractor, real_floor
@@ -53,7 +54,8 @@ SCM_TEACHER = "fmnist-trigflow"
 # one-step quality (issue 21): consistency mid-training from the teacher, then ECT at a small Δt after it
 ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect", "fmnist-cmt-tcm")
 # the latent stack in miniature (issue 22): a class-conditional latent EDM teacher on fmnist-ae's 2×8×8 latents and
-# the LCM distilled from it (at its sample.guidance w); both decoded by the autoencoder, FD of the decoded images
+# the LCM distilled from it (at its sample.guidance w); both decoded by the autoencoder, FD of the decoded images.
+# The teacher is sampled under classifier-free guidance at the LCM's w (two evaluations per step): what LCM distils
 LATENT_TEACHER = "fmnist-ldm"
 LATENT = ("fmnist-lcm",)
 
@@ -82,10 +84,20 @@ def model_dir(name: str, local: dict[str, str]) -> Path | None:
     return Path(local[name]) if name in local else shipped_model_dir(name)
 
 
-def timed_generate(model, cfg, n, sampler, sigmas, steps, batch, bf16):
+def timed_generate(model, cfg, n, sampler, sigmas, steps, batch, bf16, guidance=None):
     t0 = time.perf_counter()
-    x, _ = generate(model, cfg, n, sampler, sigmas, steps, seed=0, batch_size=batch, progress=False, bf16=bf16)
+    x, _ = generate(
+        model, cfg, n, sampler, sigmas, steps, seed=0, batch_size=batch, progress=False, bf16=bf16, guidance=guidance
+    )
     return x, n / (time.perf_counter() - t0)
+
+
+def teacher_guidance(name: str, local: dict[str, str]) -> float | None:
+    """The classifier-free guidance scale of the latent teacher's row: the w its LCM samples at (None otherwise)."""
+    path = model_dir(LATENT[0], local)
+    if name != LATENT_TEACHER or path is None:
+        return None
+    return float(read_model_dir(path).config["sample"]["guidance"])
 
 
 def search_mid(model, cfg, reference, extractor, n: int, iters: int, bf16: bool) -> float:
@@ -120,7 +132,10 @@ def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
                 models[r["model"]] = load_model(model_dir(r["model"], args.local))
             model, cfg = models[r["model"]]
             bf16 = r.get("net", "bf16" if args.bf16 else "fp32") == "bf16"  # in the row's own precision
-            _, ips = timed_generate(model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"], args.speed_n, bf16)
+            w = r.get("guidance") if not getattr(model, "takes_guidance", False) else None  # a guided teacher's w
+            _, ips = timed_generate(
+                model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"], args.speed_n, bf16, w
+            )
             best[i] = max(best.get(i, 0.0), ips)
             print(f"{r['model']} {r['sampler']} {r['steps']}: {ips:.1f} img/s")
     for i, r in enumerate(rows):
@@ -204,7 +219,8 @@ def main() -> None:
                 print(f"{name}: searched σ_mid = {mids[name]:.4g}")
             cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
             sigmas = multistep_sigmas(cfg, steps)  # on the training grid when the model has one
-        x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch, args.bf16)
+        guidance = teacher_guidance(name, args.local)
+        x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch, args.bf16, guidance)
         m = evaluate(to_uint8(x), reference, extractor, progress=False)
         label = f"{name} {sampler} {steps}" if sampler != "onestep" else f"{name} 1-step"
         save_grid(x[:64], grids / f"{label.replace(' ', '_')}.png", nrow=8)
@@ -212,7 +228,7 @@ def main() -> None:
             "model": name,
             "sampler": sampler,
             "steps": steps,
-            "nfe": nfe(sampler, steps),
+            "nfe": nfe(sampler, steps) * (2 if cfg_guidance(model, guidance) is not None else 1),
             "sigmas": [round(s, 4) for s in sigmas],
             "fd": m["fd"],
             "kid": m["kid_mean"],
@@ -224,6 +240,10 @@ def main() -> None:
         }
         if getattr(model, "takes_guidance", False):  # an LCM: the guidance scale w it was sampled at
             row["guidance"] = cfg.sample.guidance
+        elif guidance is not None:  # a teacher under classifier-free guidance
+            row["guidance"] = guidance
+        if cfg.latent.autoencoder:  # a latent model: its samples cost one evaluation of the autoencoder's decoder too
+            row["decoder"] = Path(cfg.latent.autoencoder).name
         rows.append(row)
         print(json.dumps(row))
     write(rows, floor, args)
@@ -250,9 +270,11 @@ def merge(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     was = "bf16" if prev["meta"].get("bf16", True) else "fp32"
     machine = prev["meta"]["machine"].split(",")[0]
     kept = [{"net": was, "machine": machine, **r} for r in prev["rows"] if r["model"] not in args.only]
-    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, SCM_TEACHER, *CONTINUOUS, *ONESTEP))}
+    teachers = (TEACHER, SCM_TEACHER, LATENT_TEACHER)
+    order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, SCM_TEACHER, *CONTINUOUS, *ONESTEP, *teachers[2:]))}
+    order.update({m: len(order) + i for i, m in enumerate(LATENT)})
     return sorted(
-        kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] != TEACHER else -r["nfe"])
+        kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] not in teachers else -r["nfe"])
     )
 
 
@@ -296,8 +318,9 @@ def write(rows: list[dict], floor: dict | None, args: argparse.Namespace) -> Non
     ]
     for r in rows:
         name = f"{r['model']} (w = {r['guidance']:g})" if "guidance" in r else r["model"]
+        evals = f"{r['nfe']} + 1 decoder" if "decoder" in r else r["nfe"]
         lines.append(
-            f"| {name} | {r['sampler']} | {r['nfe']} | {', '.join(map(str, r['sigmas'])) or '—'} | "
+            f"| {name} | {r['sampler']} | {evals} | {', '.join(map(str, r['sigmas'])) or '—'} | "
             f"{r.get('net', '—')} | {r['fd']:.3f} | {_f(r['fd_vs_teacher35'], 2)} | {r['kid']:.5f} | "
             f"{r['precision']:.3f} | {r['recall']:.3f} | {r['img_per_s']:.1f} | {_f(r['speedup_vs_teacher35'], 1)}× |"
         )

@@ -179,3 +179,26 @@ def test_the_page_samples_a_latent_model_as_images(runs):
     assert (info["resolution"], info["channels"]) == (8, 1)
     r = b.sample(str(runs / "ldm"), sampler="heun", steps=3, n=2, classes="3")
     assert r.native.shape == (2, 8, 8, 1)
+
+
+def test_export_names_another_autoencoder_only_if_it_holds_the_same_weights(runs, tmp_path, capsys):
+    """A latent model is shipped naming a shipped autoencoder (``cmkit export --autoencoder``) instead of the path it
+    was trained with: the same samples through a copy of the same weights; an autoencoder with other weights (an fp16
+    copy) would break the model's measured latent statistics and is refused in one line, writing nothing."""
+    copy = tmp_path / "ae-copy"
+    assert main(["export", str(runs / "ae"), "-o", str(copy)]) == 0
+    out = tmp_path / "ldm"
+    assert main(["export", str(runs / "ldm"), "-o", str(out), "--autoencoder", str(copy)]) == 0
+    model, cfg = load_denoiser(out)
+    assert cfg.latent.autoencoder == str(copy)
+    a = sample_images(model, cfg, 2, steps=3, progress=False).images
+    b = sample_images(*load_denoiser(runs / "ldm"), 2, steps=3, progress=False).images
+    assert torch.equal(a, b)
+    fp16 = tmp_path / "ae-fp16"
+    assert main(["export", str(runs / "ae"), "-o", str(fp16), "--fp16"]) == 0
+    capsys.readouterr()
+    code = main(["export", str(runs / "ldm"), "-o", str(tmp_path / "x"), "--autoencoder", str(fp16)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds other weights" in err and "\n" not in err and not (tmp_path / "x").exists()
+    code = main(["export", str(runs / "ae"), "-o", str(tmp_path / "y"), "--autoencoder", str(copy)])
+    assert code == 2 and "is not a latent model" in capsys.readouterr().err

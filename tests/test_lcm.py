@@ -110,8 +110,8 @@ def test_lcm_with_exact_teacher_samples_each_guidance_scale_in_one_step(seed, bo
 def test_lcm_through_the_loop_and_the_cli(tmp_path, one_thread, capsys):
     """The whole path on 8×8 digits: a class-conditional EDM teacher with label dropout, LCM from it (the student
     starts from the teacher; its guidance input starts at zero), then ``cmkit sample --guidance`` per class; the
-    scale changes the images, a model without the input refuses it in one line, and so does an unconditional
-    teacher."""
+    scale changes the images. The teacher samples under classifier-free guidance (two evaluations per step); a
+    teacher without label dropout refuses a scale in one line, and is refused as an LCM teacher."""
     from cmkit.cli.main import main
     from cmkit.errors import CmkitError
     from cmkit.generate import sample_images
@@ -135,12 +135,28 @@ def test_lcm_through_the_loop_and_the_cli(tmp_path, one_thread, capsys):
     assert cfg.sample.guidance == 2.0 and model.takes_guidance
     x = {w: sample_images(model, cfg, 4, classes="3", guidance=w, progress=False).images for w in (1.0, 4.0)}
     assert (x[1.0] - x[4.0]).abs().max() > 0  # w reaches the sampled network (after 20 steps the change is small)
-    assert main(["sample", "--model", str(teacher), "-n", "2", "--guidance", "2", "-o", str(tmp_path / "t.png")]) == 2
-    assert "takes none" in capsys.readouterr().err
+    # the label-dropout teacher itself samples under classifier-free guidance: w = 1 is the unguided teacher,
+    # and every step evaluates the network on the doubled batch (conditional + null labels)
+    tmodel, tcfg = load_model(teacher)
+    rows = []
+    tmodel.net.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    kw = dict(classes="3", sampler="heun", steps=3, progress=False)
+    x1 = sample_images(tmodel, tcfg, 4, guidance=1.0, **kw).images
+    assert rows == [4] * 5  # Heun with 3 levels: 5 evaluations of the 4 images
+    rows.clear()
+    x3 = sample_images(tmodel, tcfg, 4, guidance=3.0, **kw).images
+    assert rows == [8] * 5 and (x3 - x1).abs().max() > 0  # each on the doubled batch
+    assert torch.equal(x1, sample_images(tmodel, tcfg, 4, **kw).images)
+    assert main(["sample", "--model", str(teacher), "-n", "2", "--guidance", "2", "-o", str(tmp_path / "t.png")]) == 0
+    assert main(["sample", "--model", str(student), "-n", "2", "--guidance", "-1", "-o", str(tmp_path / "s.png")]) == 2
+    assert "finite scale ≥ 0" in capsys.readouterr().err
 
+    uncond = tmp_path / "uncond"
+    train(tiny_config("digits-edm", uncond, "train.steps=2"), progress=False)
+    assert main(["sample", "--model", str(uncond), "-n", "2", "--guidance", "2", "-o", str(tmp_path / "u.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a class-conditional model trained with loss.label_dropout > 0" in err and "\n" not in err
     with pytest.raises(CmkitError, match="loss.method=lcm needs a class-conditional teacher"):
-        uncond = tmp_path / "uncond"
-        train(tiny_config("digits-edm", uncond, "train.steps=2"), progress=False)
         train(tiny_config("digits-lcm", tmp_path / "lcm2", f"train.teacher={uncond}", "train.init_from="))
 
 

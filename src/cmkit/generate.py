@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .denoiser_config import Config
 from .distributed import barrier
 from .errors import CmkitError
+from .guidance import Guided
 from .imageio import from_uint8, save_npz, write_npz_streamed
 from .inputs import class_labels
 from .latent import LatentSpace, RawDecoder
@@ -166,25 +167,47 @@ def sample_images(
 ) -> Samples:
     """``n`` images from a loaded model (``cmkit.load.load_model``): the sampler resolved as ``resolve_sampler``
     does (None: the model's own), class labels from ``classes`` (``"3"`` or ``"0,1,2"``, cycled; random from the
-    seed when None), image i drawn with seed ``seed + i``; ``guidance`` is an LCM model's scale w; ``decoder``
-    decodes a latent model's samples instead of its autoencoder (``cmkit.latent.RawDecoder``)."""
+    seed when None), image i drawn with seed ``seed + i``; ``guidance`` is a scale w (``check_guidance``: an
+    LCM model's input, or classifier-free guidance of a label-dropout diffusion model); ``decoder`` decodes a
+    latent model's samples instead of its autoencoder (``cmkit.latent.RawDecoder``)."""
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
-    check_guidance(model, guidance)
+    check_guidance(model, cfg, guidance)
     x, labels = generate(
         model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress, labels, bf16, guidance, decoder
     )
     return Samples(x, labels, sampler, sigma_list, steps)
 
 
-def check_guidance(model: nn.Module, guidance: float | None) -> None:
-    """A guidance scale is for a guidance-conditioned (LCM) model only, and must be finite and ≥ 0."""
+def check_guidance(model: nn.Module, cfg: Config, guidance: float | None) -> None:
+    """A guidance scale w is the input of a guidance-distilled (LCM) model, or classifier-free guidance of a
+    class-conditional diffusion model trained with label dropout (``cmkit.guidance``); finite and ≥ 0."""
     if guidance is None:
         return
-    if not getattr(model, "takes_guidance", False):
-        raise CmkitError("--guidance is the input of a guidance-distilled (LCM) model; this model takes none")
     if not (guidance >= 0 and guidance < float("inf")):
         raise CmkitError(f"--guidance must be a finite scale ≥ 0, got {guidance}")
+    if getattr(model, "takes_guidance", False):
+        return
+    if not cfg.is_diffusion():
+        raise CmkitError(
+            "--guidance is the input of a guidance-distilled (LCM) model, or classifier-free guidance of a diffusion "
+            "model; this consistency model takes none"
+        )
+    dropout = cfg.loss.label_dropout or 0.0
+    if not (cfg.model.num_classes and dropout > 0):
+        raise CmkitError(
+            "--guidance on a diffusion model is classifier-free guidance: it needs a class-conditional model trained "
+            f"with loss.label_dropout > 0 (this one has model.num_classes={cfg.model.num_classes}, "
+            f"loss.label_dropout={dropout:g})"
+        )
+
+
+def cfg_guidance(model: nn.Module, guidance: float | None) -> float | None:
+    """The scale w at which a diffusion model is sampled under classifier-free guidance (two network evaluations
+    per step and image), or None: unguided, or an LCM model, which takes w as an input."""
+    if guidance is None or guidance == 1.0 or getattr(model, "takes_guidance", False):
+        return None
+    return guidance
 
 
 def sample_to_npz(
@@ -217,7 +240,7 @@ def sample_to_npz(
     samples' description; its images are only the first ``grid`` (on rank 0, for a preview)."""
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
-    check_guidance(model, guidance)
+    check_guidance(model, cfg, guidance)
     rank, world = (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
     path = Path(path)
     parts_dir = path.with_name(path.name + ".parts")
@@ -288,17 +311,20 @@ def generate(
     decoder: RawDecoder | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """n samples in [-1, 1] (n, C, H, W); sample i uses seed ``seed + i`` whatever the batch size. ``guidance``:
-    an LCM model's guidance-scale input w (None: the model's ``sample.guidance``). A latent model's samples are
+    an LCM model's guidance-scale input w (None: the model's ``sample.guidance``), or the scale of classifier-free
+    guidance of a label-dropout diffusion model (None: unguided; ``check_guidance``). A latent model's samples are
     decoded to images (``cmkit.latent``) by its autoencoder, or by ``decoder`` (e.g. a consistency decoder).
 
     ``bf16`` runs the network under bfloat16 autocast (about 2× faster on CPUs with bf16 units); the
     preconditioning, the sampler's state and its noise stay fp32 (``precond.py``)."""
     c = cfg.model
+    check_guidance(model, cfg, guidance)
     space = LatentSpace.load(cfg, device)
     if decoder is not None and space is None:
         raise CmkitError("a latent decoder decodes a latent model's samples; this model works on pixels")
     out, out_labels = [], []
-    evals = nfe(sampler, steps)
+    w_cfg = cfg_guidance(model, guidance)
+    evals = nfe(sampler, steps) * (1 if w_cfg is None else 2)
     # the bar advances at every network evaluation (a 35-NFE Heun batch is 35 ticks, not one), shown in images
     bar = tqdm(
         total=n * evals,
@@ -309,6 +335,8 @@ def generate(
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} img [{elapsed}<{remaining}]",
     )
     model = _Counted(model, bar)
+    if w_cfg is not None:  # a label-dropout diffusion model under classifier-free guidance
+        model = Guided(model, w_cfg)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         gens = per_sample_generators(range(seed + start, seed + start + b))

@@ -64,3 +64,24 @@ def guided(denoiser: nn.Module, x: Tensor, sigma: Tensor, class_labels: Tensor, 
     if isinstance(w, Tensor):
         w = w.reshape(-1, *([1] * (x.ndim - 1)))
     return D_u + w * (D_c - D_u)
+
+
+class Guided(nn.Module):
+    """A label-dropout diffusion model sampled under classifier-free guidance: the denoiser D_w (``guided``) at one
+    scale w, in the samplers' convention ``model(x, sigma, class_labels=...)``. Each evaluation is one call of the
+    network on the doubled batch (conditional and null labels), i.e. two network evaluations per image."""
+
+    def __init__(self, denoiser: nn.Module, w: float):
+        super().__init__()
+        self.denoiser, self.w = denoiser, float(w)
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **cond: Tensor) -> Tensor:
+        if class_labels is None or cond:
+            raise ValueError("a guided denoiser takes class labels and no other conditioning")
+        return guided(self.denoiser, x, sigma, class_labels, self.w)
+
+    def __getattr__(self, name: str):  # samplers read the model's own attributes (sigma_data, kind, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.denoiser, name)

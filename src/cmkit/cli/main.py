@@ -288,16 +288,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"torch {torch.__version__}",
         "note": args.note or "",
     }
+    config = _renamed_autoencoder(model.config, args.autoencoder, run.root) if args.autoencoder else model.config
     save_model_dir(
         args.out,
         read_safetensors(file),
         model.kind,
-        model.config,
+        config,
         {"description": args.description or "", "recipe": recipe},
         dtype=torch.float16 if args.fp16 else None,
     )
     print(f"wrote {args.out} ({model.kind}, {weights}, step {state['step']})")
     return 0
+
+
+def _renamed_autoencoder(config: dict[str, Any], name: str, run: Path) -> dict[str, Any]:
+    """A latent model's config naming the autoencoder ``name`` (e.g. a shipped one) instead of the path it was trained
+    with; both must hold the same weights, since the model's latent statistics were measured with them."""
+    import torch
+
+    trained = (config.get("latent") or {}).get("autoencoder")
+    if not trained:
+        raise CmkitError(f"--autoencoder names a latent model's autoencoder; {run} is not a latent model")
+    old, new = read_model_dir(trained, "autoencoder"), read_model_dir(name, "autoencoder")
+    a, b = read_safetensors(old.weights), read_safetensors(new.weights)
+    same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+    if not same:
+        raise CmkitError(
+            f"--autoencoder {name} holds other weights than {trained}, the autoencoder {run} was trained with (its "
+            "latent statistics hold for that one only); ship the autoencoder in fp32 (cmkit export without --fp16)"
+        )
+    return {**config, "latent": {**config["latent"], "autoencoder": name}}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -696,6 +716,12 @@ def _add_exports(sub: Any) -> None:
     s.add_argument("--fp16", action="store_true", help="store weights in fp16 (loaded back as fp32)")
     s.add_argument("--description", help="one-line description stored in config.json")
     s.add_argument("--note", help="free-text note stored in the recipe")
+    s.add_argument(
+        "--autoencoder",
+        metavar="DIR|NAME",
+        help="a latent model's autoencoder as the exported config names it (e.g. a shipped name), in place of the "
+        "path the run used; it must hold the same weights",
+    )
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
 

@@ -145,7 +145,9 @@ def add_sampling_options(
             "--guidance",
             type=float,
             metavar="W",
-            help="guidance scale w of a guidance-distilled (LCM) model (default: the model's sample.guidance)",
+            help="guidance scale w: the input of a guidance-distilled (LCM) model (default: the model's "
+            "sample.guidance), or classifier-free guidance of a class-conditional diffusion model trained with "
+            "label dropout (default 1: unguided; each step then costs two network evaluations)",
         )
         g.add_argument(
             "--decoder",
