@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("precond", ("precond", "discrete_vp")),
     ("losses", ("losses",)),
     ("schema", ("denoiser_config",)),
-    ("models", ("load", "generate", "latent")),
+    ("models", ("load", "generate", "latent", "prompts")),
     ("libraries", ("decoder", "editing", "metrics")),
     ("training", ("training",)),
     ("serve", ("serve",)),

@@ -202,3 +202,21 @@ def test_export_names_another_autoencoder_only_if_it_holds_the_same_weights(runs
     assert code == 2 and "holds other weights" in err and "\n" not in err and not (tmp_path / "x").exists()
     code = main(["export", str(runs / "ae"), "-o", str(tmp_path / "y"), "--autoencoder", str(copy)])
     assert code == 2 and "is not a latent model" in capsys.readouterr().err
+
+
+def test_latent_samples_are_decoded_unclamped(runs):
+    """Latents are not images: the sampler's clamp to [−1, 1] (right for pixels) is off for a latent model, whose
+    standardised latents reach past ±2σ_data. The images are the decoder's output of the unclamped Heun sample."""
+    from cmkit.sampling import edm_sigmas, per_sample_generators, sample_heun
+
+    model, cfg = load_denoiser(runs / "ldm")
+    n, c = 6, cfg.model
+    labels = torch.full((n,), 3)
+    sigmas = edm_sigmas(3, c.sigma_min, c.sigma_max)
+    z = sample_heun(
+        model, (n, 2, 4, 4), sigmas, generator=per_sample_generators(range(n)), clip=False, class_labels=labels
+    )
+    assert z.abs().max() > 1  # so a clamp would change the images
+    want = LatentSpace.load(cfg).decode(z)
+    got = sample_images(model, cfg, n, sampler="heun", steps=3, classes="3", progress=False).images
+    torch.testing.assert_close(got, want)

@@ -86,6 +86,7 @@ class DiscreteVPDenoiser(nn.Module):
         self.unet = unet
         self.prediction_type = check_prediction_type(prediction_type)
         self.lookup = lookup
+        self.prompt_encoder: nn.Module | None = None  # a pipeline's text encoder (``cmkit.prompts``), set by the loader
         table = sigmas_of(torch.as_tensor(alphas_cumprod))
         if table.ndim != 1 or len(table) < 2 or bool((table[1:] <= table[:-1]).any()):
             raise CmkitError(
@@ -125,8 +126,9 @@ class DiscreteVPDenoiser(nn.Module):
         cond = {k: v for k, v in cond.items() if v is not None}
         if self.text_conditioned and "encoder_hidden_states" not in cond:
             raise CmkitError(
-                "this is a text-conditioned UNet (cross-attention): it needs its prompt embeddings as "
-                "encoder_hidden_states=, which cmkit has no text encoder to make; call it from Python with them"
+                "this is a text-conditioned UNet (cross-attention): it needs prompts (cmkit sample --prompt TEXT, "
+                "sample_images(prompts=[...]), from a pipeline directory with its tokenizer/ and text_encoder/) "
+                "or their embeddings as encoder_hidden_states="
             )
         out = self.unet(z.to(self.net_dtype()), self.sigma_to_t(sigma), **cond)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out

@@ -164,17 +164,33 @@ def sample_images(
     progress: bool = True,
     guidance: float | None = None,
     decoder: RawDecoder | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> Samples:
     """``n`` images from a loaded model (``cmkit.load.load_model``): the sampler resolved as ``resolve_sampler``
     does (None: the model's own), class labels from ``classes`` (``"3"`` or ``"0,1,2"``, cycled; random from the
     seed when None), image i drawn with seed ``seed + i``; ``guidance`` is a scale w (``check_guidance``: an
     LCM model's input, or classifier-free guidance of a label-dropout diffusion model); ``decoder`` decodes a
-    latent model's samples instead of its autoencoder (``cmkit.latent.RawDecoder``)."""
+    latent model's samples instead of its autoencoder (``cmkit.latent.RawDecoder``); ``prompts`` (cycled) are a
+    text-to-image pipeline's (``check_prompts``)."""
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
     check_guidance(model, cfg, guidance)
     x, labels = generate(
-        model, cfg, n, sampler, sigma_list, steps, seed, batch_size, device, progress, labels, bf16, guidance, decoder
+        model,
+        cfg,
+        n,
+        sampler,
+        sigma_list,
+        steps,
+        seed,
+        batch_size,
+        device,
+        progress,
+        labels,
+        bf16,
+        guidance,
+        decoder,
+        prompts,
     )
     return Samples(x, labels, sampler, sigma_list, steps)
 
@@ -210,6 +226,20 @@ def cfg_guidance(model: nn.Module, guidance: float | None) -> float | None:
     return guidance
 
 
+def check_prompts(model: nn.Module, prompts: Sequence[str] | None) -> list[str] | None:
+    """Prompts as a list; one error line unless the model is a text-to-image pipeline's (it has a prompt encoder)."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise CmkitError("prompts must be a non-empty list of strings")
+    if getattr(model, "prompt_encoder", None) is None:
+        raise CmkitError(
+            "--prompt is for a text-to-image pipeline directory (a diffusers directory with tokenizer/ and "
+            "text_encoder/ beside unet/); this model takes no prompts"
+        )
+    return list(prompts)
+
+
 def sample_to_npz(
     model: nn.Module,
     cfg: Config,
@@ -228,6 +258,7 @@ def sample_to_npz(
     grid: int = 0,
     guidance: float | None = None,
     decoder: RawDecoder | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> Samples:
     """``n`` images written to the ``.npz`` ``path`` (uint8 NHWC ``arr_0``, labels ``arr_1``) in bounded memory,
     spread over the processes of ``torchrun`` (one process without it).
@@ -241,6 +272,7 @@ def sample_to_npz(
     sampler, sigma_list, steps = resolve_sampler(cfg, sampler, steps, sigmas)
     labels = class_labels(classes, cfg.model.num_classes, n)
     check_guidance(model, cfg, guidance)
+    prompts = check_prompts(model, prompts)
     rank, world = (torch_dist.get_rank(), torch_dist.get_world_size()) if torch_dist.is_initialized() else (0, 1)
     path = Path(path)
     parts_dir = path.with_name(path.name + ".parts")
@@ -249,6 +281,7 @@ def sample_to_npz(
         "weights": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
         **dict(n=n, seed=seed, sampler=sampler, sigmas=list(sigma_list), steps=steps, batch=batch_size),
         **dict(classes=classes, bf16=bf16, guidance=guidance, decoder=None if decoder is None else repr(decoder)),
+        **({"prompts": prompts} if prompts else {}),
     }
     if rank == 0:
         _prepare_parts(parts_dir, settings)
@@ -261,8 +294,12 @@ def sample_to_npz(
         part = parts_dir / f"part-{start:010d}.npz"
         if not part.is_file():
             y = labels[start : start + b] if labels is not None else None
-            s0 = seed + start
-            x, y = generate(model, cfg, b, sampler, sigma_list, steps, s0, b, device, False, y, bf16, guidance, decoder)
+            s0, p = seed + start, None
+            if prompts:  # this part's prompts, continuing the cycle at image `start`
+                p = [prompts[(start + i) % len(prompts)] for i in range(min(b, len(prompts)))]
+            x, y = generate(
+                model, cfg, b, sampler, sigma_list, steps, s0, b, device, False, y, bf16, guidance, decoder, p
+            )
             save_npz(x, part.with_name(part.name + ".tmp"), y)
             os.replace(part.with_name(part.name + ".tmp"), part)
         bar.update(b * world)
@@ -309,16 +346,21 @@ def generate(
     bf16: bool = False,
     guidance: float | None = None,
     decoder: RawDecoder | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """n samples in [-1, 1] (n, C, H, W); sample i uses seed ``seed + i`` whatever the batch size. ``guidance``:
     an LCM model's guidance-scale input w (None: the model's ``sample.guidance``), or the scale of classifier-free
-    guidance of a label-dropout diffusion model (None: unguided; ``check_guidance``). A latent model's samples are
-    decoded to images (``cmkit.latent``) by its autoencoder, or by ``decoder`` (e.g. a consistency decoder).
+    guidance of a label-dropout diffusion model (None: unguided; ``check_guidance``). ``prompts``: sample i gets
+    ``prompts[i % len(prompts)]``, embedded batch by batch by the model's prompt encoder (``cmkit.prompts``). A
+    latent model's samples are decoded to images (``cmkit.latent``) by its autoencoder, or by ``decoder`` (e.g. a
+    consistency decoder); its sampler does not clamp the latents to [−1, 1] as it does pixels.
 
     ``bf16`` runs the network under bfloat16 autocast (about 2× faster on CPUs with bf16 units); the
     preconditioning, the sampler's state and its noise stay fp32 (``precond.py``)."""
     c = cfg.model
     check_guidance(model, cfg, guidance)
+    prompts = check_prompts(model, prompts)
+    encoder = getattr(model, "prompt_encoder", None)
     space = LatentSpace.load(cfg, device)
     if decoder is not None and space is None:
         raise CmkitError("a latent decoder decodes a latent model's samples; this model works on pixels")
@@ -349,10 +391,13 @@ def generate(
             )
             cond["class_labels"] = y
             out_labels.append(y.cpu())
+        if prompts:
+            batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(b)]
+            cond["encoder_hidden_states"] = encoder.embed(batch_prompts, b).to(device)
         if getattr(model, "takes_guidance", False):  # an LCM model: its guidance-scale input w
             cond["guidance"] = torch.full((b,), cfg.sample.guidance if guidance is None else guidance, device=device)
         shape = (b, c.in_channels, c.img_resolution, c.img_resolution)
-        kw = dict(generator=gens, device=device, **cond)
+        kw = dict(generator=gens, device=device, clip=space is None, **cond)  # latents are not clamped to [-1, 1]
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
             x = _sample(model, cfg, shape, sampler, sigmas, steps, kw)
         if space is not None:

@@ -15,19 +15,22 @@ latent consistency models (Luo et al. 2023, LCM) train cmkit's denoisers on late
   is clamped to [−1, 1] and cropped back to the data's side (``latent.crop``).
 
 The denoiser itself never knows: it is an ordinary ``model(z, sigma, **cond) -> z0`` on (C, h, w) latents.
+A Stable Diffusion pipeline's ``vae/`` is such an autoencoder too (``DiffusersVAE``): its UNet's latents
+scaling_factor·(μ − shift_factor) are the standardisation above with fixed mean and std (``vae_standardisation``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .datasets import ImageData, load_dataset
 from .denoiser_config import Config
 from .errors import CmkitError
+from .formats.diffusers_dir import is_diffusers_vae, load_diffusers_vae
 from .formats.model_dir import read_model_dir
 from .nets.autoencoder import AutoencoderConfig, KLAutoencoder
 from .shards import ShardSet
@@ -126,11 +129,40 @@ def check_latent_shape(cfg: Config, ae: AutoencoderConfig) -> None:
         )
 
 
+class DiffusersVAE(nn.Module):
+    """A diffusers ``AutoencoderKL`` (a Stable Diffusion pipeline's ``vae/``) behind the interface ``LatentSpace``
+    uses: ``encode(x)`` = the posterior mean μ(x), ``decode(raw)`` = images in [−1, 1], ``config.latent_channels``.
+    Its UNet's latents z = scaling_factor·(μ − shift_factor) are this standardisation with mean = shift_factor and
+    std = σ_data/scaling_factor (``vae_standardisation``)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    @property
+    def config(self) -> Any:
+        return self.vae.config
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()
+
+    def decode(self, raw: Tensor) -> Tensor:
+        return self.vae.decode(raw.to(self.vae.dtype)).sample.float()
+
+
+def vae_standardisation(vae_config: Any, channels: int, sigma_data: float) -> tuple[tuple[float, ...], ...]:
+    """(mean, std) per channel under which ``LatentSpace`` maps a diffusers VAE's raw latents to its UNet's:
+    z = scaling_factor·(μ − shift_factor) (diffusers' defaults 0.18215 and none)."""
+    scale = float(getattr(vae_config, "scaling_factor", None) or 0.18215)
+    shift = float(getattr(vae_config, "shift_factor", None) or 0.0)
+    return (shift,) * channels, (sigma_data / scale,) * channels
+
+
 @dataclass
 class LatentSpace:
     """The autoencoder and the standardisation of a latent denoiser (module docstring)."""
 
-    ae: KLAutoencoder
+    ae: KLAutoencoder | DiffusersVAE
     mean: Tensor  # (C,) raw-latent mean per channel
     std: Tensor  # (C,) raw-latent std per channel
     sigma_data: float
@@ -142,11 +174,13 @@ class LatentSpace:
         lat = cfg.latent
         if not lat.autoencoder:
             return None
+        if is_diffusers_vae(lat.autoencoder):  # a text-to-image pipeline's vae/ (its config holds the scaling)
+            return cls.from_autoencoder(cfg, DiffusersVAE(load_diffusers_vae(lat.autoencoder)).to(device))
         check_latent_shape(cfg, autoencoder_config(lat.autoencoder))
         return cls.from_autoencoder(cfg, KLAutoencoder.from_pretrained(lat.autoencoder, device=device))
 
     @classmethod
-    def from_autoencoder(cls, cfg: Config, ae: KLAutoencoder) -> LatentSpace:
+    def from_autoencoder(cls, cfg: Config, ae: KLAutoencoder | DiffusersVAE) -> LatentSpace:
         """The latent space of ``cfg`` around an autoencoder already loaded (on its device)."""
         lat, device = cfg.latent, next(ae.parameters()).device
         c = ae.config.latent_channels
@@ -178,6 +212,7 @@ class LatentSpace:
 
 
 __all__ = [
+    "DiffusersVAE",
     "LatentSpace",
     "RawDecoder",
     "autoencoder_config",
@@ -188,4 +223,5 @@ __all__ = [
     "load_images",
     "pad_images",
     "sample_statistics",
+    "vae_standardisation",
 ]

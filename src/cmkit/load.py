@@ -9,7 +9,9 @@ augmentation input when the student has none and refitting the noise embedding w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,8 +23,10 @@ from .discrete_vp import DiscreteVPDenoiser, LCMDenoiser
 from .errors import CmkitError
 from .files import load_safetensors, load_state, read_safetensors
 from .formats.detect import checkpoint_format, read_released_net
-from .formats.diffusers_dir import lcm_timesteps, read_diffusers_dir
+from .formats.diffusers_dir import is_diffusers_vae, lcm_timesteps, pipeline_root, read_diffusers_dir
 from .formats.model_dir import CONFIG_FILE, MODEL_FILE, read_model_dir
+from .latent import vae_standardisation
+from .prompts import PromptEncoder
 from .retime import fit_time_embedding, needs_refit
 
 #: the guidance scale w diffusers' LCM pipeline samples with by default
@@ -60,6 +64,18 @@ def config_for_diffusers(unet_config: dict[str, Any], denoiser: Any, lcm_steps: 
     return cfg
 
 
+def _pipeline_latents(cfg: Any, root: Path) -> None:
+    """Describe a pipeline's ``vae/`` as the model's latent space (``cmkit.latent``), so samples decode to images."""
+    vae = root / "vae"
+    if not is_diffusers_vae(vae):
+        return
+    vae_config = SimpleNamespace(**json.loads((vae / "config.json").read_text()))
+    channels, factor = cfg.model.in_channels, 2 ** (len(vae_config.block_out_channels) - 1)
+    cfg.latent.autoencoder = str(vae)
+    cfg.latent.image_size = cfg.model.img_resolution * factor
+    cfg.latent.mean, cfg.latent.std = vae_standardisation(vae_config, channels, cfg.model.sigma_data)
+
+
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """(model in eval mode, Config) from a model/run directory, a diffusers directory (any VP model, as
     ``cmkit.discrete_vp.DiscreteVPDenoiser``), an EDM pickle or a Flax checkpoint."""
@@ -80,6 +96,10 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
         except CmkitError as e:
             raise CmkitError(f"{found.scheduler_file}: {e}") from None
         cfg = config_for_diffusers(found.config, denoiser, steps)
+        root = pipeline_root(found.unet_dir)
+        if root is not None:  # a text-to-image pipeline: its prompts and its VAE's latent space
+            denoiser.prompt_encoder = PromptEncoder.load(root)
+            _pipeline_latents(cfg, root)
         return denoiser.to(device).eval().requires_grad_(False), cfg
 
     model_section, state, _ = read_released_net(path)

@@ -43,6 +43,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         bf16=args.bf16,
         guidance=getattr(args, "guidance", None),
+        prompts=getattr(args, "prompt", None),
     )
 
 
@@ -148,6 +149,13 @@ def add_sampling_options(
             help="guidance scale w: the input of a guidance-distilled (LCM) model (default: the model's "
             "sample.guidance), or classifier-free guidance of a class-conditional diffusion model trained with "
             "label dropout (default 1: unguided; each step then costs two network evaluations)",
+        )
+        g.add_argument(
+            "--prompt",
+            action="append",
+            metavar="TEXT",
+            help="a text-to-image pipeline directory (Stable Diffusion, LCM): the prompt; repeat it for several, "
+            "cycled over the images (needs transformers: pip install 'cmkit[sd]')",
         )
         g.add_argument(
             "--decoder",

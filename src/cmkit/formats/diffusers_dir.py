@@ -8,7 +8,9 @@ Two layouts are read, both as ``save_pretrained`` writes them and nothing downlo
 
 The noise schedule (``alphas_cumprod``) is computed by diffusers' own ``DDPMScheduler`` from the scheduler config
 (any scheduler class's config: they share the beta fields), and the prediction type is the config's
-``prediction_type`` (default epsilon, as in diffusers).
+``prediction_type`` (default epsilon, as in diffusers). A text-to-image pipeline's other parts are read here too:
+its ``vae/`` (an ``AutoencoderKL``, ``load_diffusers_vae``) and its ``tokenizer/`` + ``text_encoder/``
+(transformers' CLIP, ``load_text_parts``).
 """
 
 from __future__ import annotations
@@ -129,3 +131,50 @@ def read_diffusers_dir(path: str | Path) -> DiffusersModel:
     alphas_cumprod, prediction_type = schedule_of(scheduler_config, str(scheduler_file))
     unet = load_diffusers_unet(unet_dir)
     return DiffusersModel(unet, alphas_cumprod, prediction_type, unet_dir, scheduler_file, scheduler_config)
+
+
+def pipeline_root(path: str | Path) -> Path | None:
+    """The pipeline directory (with ``model_index.json``) that ``path`` is or whose ``unet/`` it is; None for a bare
+    UNet directory."""
+    p = Path(path).expanduser()
+    for root in (p, p.parent):
+        if (root / "model_index.json").is_file():
+            return root
+    return None
+
+
+def is_diffusers_vae(path: str | Path) -> bool:
+    """True for a diffusers ``AutoencoderKL`` directory (a pipeline's ``vae/``)."""
+    config = Path(path).expanduser() / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_diffusers_vae(path: str | Path) -> Any:
+    """The ``AutoencoderKL`` of a pipeline's ``vae/`` (local files only), in eval mode, frozen."""
+    diffusers = optional_import("diffusers", "sd", "a diffusers VAE")
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(Path(path), local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise CmkitError(f"{path}: cannot load the AutoencoderKL weights ({one_line(e, 200)})") from None
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_parts(root: Path) -> tuple[Any, Any] | None:
+    """(tokenizer, text encoder) of a pipeline directory's ``tokenizer/`` and ``text_encoder/`` (transformers, local
+    files only; the encoder's class is the one its ``config.json`` names), or None when it has no text encoder."""
+    if not (root / "text_encoder" / "config.json").is_file():
+        return None
+    transformers = optional_import("transformers", "sd", "a text-to-image pipeline's prompts")
+    names = _read_json(root / "text_encoder" / "config.json").get("architectures") or ["CLIPTextModel"]
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise CmkitError(f"{root / 'text_encoder'}: its text encoder class {names[0]!r} is not in transformers")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        encoder = cls.from_pretrained(root / "text_encoder", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise CmkitError(f"{root}: cannot load its tokenizer and text encoder ({one_line(e, 200)})") from None
+    return tokenizer, encoder.eval().requires_grad_(False)

@@ -202,6 +202,7 @@ class DenoiserTask:
         if getattr(model, "takes_guidance", False):  # an LCM model: its guidance-scale input
             cond["guidance"] = torch.full((n,), s.guidance, device=device)
         gens = per_sample_generators(range(n), device)
+        cond["clip"] = self.latent is None  # a sampler option, not the model's: latents are not clamped to [-1, 1]
         if self.cfg.is_diffusion() and s.sampler == "progdist":  # a PD student: its current number of steps
             N = self.objective.num_scales(step) if hasattr(self.objective, "num_scales") else s.steps
             x = sample_progdist(
