@@ -220,3 +220,29 @@ def test_latent_samples_are_decoded_unclamped(runs):
     want = LatentSpace.load(cfg).decode(z)
     got = sample_images(model, cfg, n, sampler="heun", steps=3, classes="3", progress=False).images
     torch.testing.assert_close(got, want)
+
+
+def test_a_student_adopts_its_latent_teachers_space_or_is_refused(runs, tmp_path):
+    """LCM from the latent teacher: the student takes the teacher's recorded standardisation (not a re-measurement:
+    here on another number of images, which would differ); a pixel-space student of a latent teacher, and a latent
+    student on another autoencoder, are one error line each."""
+    teacher = json.loads((runs / "ldm" / "model" / "config.json").read_text())["config"]["latent"]
+    ae = f"latent.autoencoder={runs / 'ae'}"
+    teach = (f"train.teacher={runs / 'ldm'}", "train.steps=2", *QUIET[:3])
+    distil = (*teach, f"train.init_from={runs / 'ldm'}")
+    student = tmp_path / "lcm"
+    train(tiny_config("digits-lcm", student, *LATENT[:3], ae, "latent.stats_images=7", *distil), progress=False)
+    got = json.loads((student / "model" / "config.json").read_text())["config"]["latent"]
+    assert (got["mean"], got["std"], got["crop"]) == (teacher["mean"], teacher["std"], teacher["crop"])
+    with pytest.raises(CmkitError, match="is a latent model and this run is not"):
+        train(tiny_config("digits-lcm", tmp_path / "p", *teach, "train.init_from="), progress=False)
+    other = tmp_path / "ae2"
+    assert (
+        main(["train-autoencoder", "--preset", "digits-ae", "--no-progress", "steps=1", *QUIET, f"out_dir={other}"])
+        == 0
+    )
+    with pytest.raises(CmkitError, match="holds other weights than"):
+        train(
+            tiny_config("digits-lcm", tmp_path / "q", *LATENT[:3], f"latent.autoencoder={other}", *distil),
+            progress=False,
+        )

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .datasets import ImageData, load_dataset
 from .denoiser_config import Config
 from .errors import CmkitError
+from .files import read_safetensors
 from .formats.diffusers_dir import is_diffusers_vae, load_diffusers_vae
 from .formats.model_dir import read_model_dir
 from .nets.autoencoder import AutoencoderConfig, KLAutoencoder
@@ -110,6 +111,43 @@ def autoencoder_config(path: str, key: str = "latent.autoencoder") -> Autoencode
         return AutoencoderConfig.from_dict(read_model_dir(path, "autoencoder").config)
     except CmkitError as e:
         raise CmkitError(f"{key}: {e}; train one first (e.g. `cmkit train --preset fmnist-ae`)") from None
+
+
+def same_autoencoder(a: str, b: str) -> bool:
+    """Whether two autoencoders (model/run directories or shipped names) hold the same weights, exactly: a latent
+    model's standardisation was measured with one and holds for it only."""
+    wa, wb = read_model_dir(a, "autoencoder").weights, read_model_dir(b, "autoencoder").weights
+    if wa.resolve() == wb.resolve():
+        return True
+    ta, tb = read_safetensors(wa), read_safetensors(wb)
+    return ta.keys() == tb.keys() and all(ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def adopt_teacher_space(cfg: Config, teacher: Config, teacher_path: str) -> None:
+    """A distilled student works in its teacher's space: pixels for a pixel teacher; for a latent teacher, an
+    autoencoder with the same weights and the teacher's recorded standardisation and crop, adopted rather than
+    measured again (a re-measurement could differ). Anything else is one error line."""
+    lat, tlat = cfg.latent, teacher.latent
+    if bool(lat.autoencoder) != bool(tlat.autoencoder):
+        fix = f"latent.autoencoder={tlat.autoencoder}" if tlat.autoencoder else "no latent.autoencoder"
+        raise CmkitError(
+            f"teacher {teacher_path} is a {'latent' if tlat.autoencoder else 'pixel-space'} model and this run "
+            f"is not: a student works in its teacher's space ({fix})"
+        )
+    if not lat.autoencoder:
+        return
+    if not same_autoencoder(lat.autoencoder, tlat.autoencoder):
+        raise CmkitError(
+            f"latent.autoencoder={lat.autoencoder} holds other weights than {tlat.autoencoder}, the autoencoder of "
+            f"teacher {teacher_path}: a student works in its teacher's latent space"
+        )
+    if lat.mean and (tuple(lat.mean), tuple(lat.std)) != (tuple(tlat.mean), tuple(tlat.std)):
+        raise CmkitError(
+            f"latent.mean/std {list(lat.mean)}/{list(lat.std)} differ from those of teacher {teacher_path} "
+            f"({list(tlat.mean)}/{list(tlat.std)}): leave them unset to adopt the teacher's"
+        )
+    lat.mean, lat.std = tuple(tlat.mean), tuple(tlat.std)
+    lat.crop = lat.crop or tlat.crop
 
 
 def check_latent_shape(cfg: Config, ae: AutoencoderConfig) -> None:
@@ -221,7 +259,9 @@ __all__ = [
     "crop_images",
     "latent_statistics",
     "load_images",
+    "adopt_teacher_space",
     "pad_images",
+    "same_autoencoder",
     "sample_statistics",
     "vae_standardisation",
 ]

@@ -50,6 +50,7 @@ from ..inputs import (
     check_seed,
     check_threads,
 )
+from ..latent import same_autoencoder
 from ..load import config_for
 from ..lpips import LPIPS_FILE, convert_lpips
 from ..schedules import training_grid
@@ -304,15 +305,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _renamed_autoencoder(config: dict[str, Any], name: str, run: Path) -> dict[str, Any]:
     """A latent model's config naming the autoencoder ``name`` (e.g. a shipped one) instead of the path it was trained
     with; both must hold the same weights, since the model's latent statistics were measured with them."""
-    import torch
-
     trained = (config.get("latent") or {}).get("autoencoder")
     if not trained:
         raise CmkitError(f"--autoencoder names a latent model's autoencoder; {run} is not a latent model")
-    old, new = read_model_dir(trained, "autoencoder"), read_model_dir(name, "autoencoder")
-    a, b = read_safetensors(old.weights), read_safetensors(new.weights)
-    same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
-    if not same:
+    if not same_autoencoder(trained, name):
         raise CmkitError(
             f"--autoencoder {name} holds other weights than {trained}, the autoencoder {run} was trained with (its "
             "latent statistics hold for that one only); ship the autoencoder in fp32 (cmkit export without --fp16)"

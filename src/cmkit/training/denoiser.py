@@ -29,6 +29,7 @@ from ..generate import multistep_sigmas
 from ..imageio import save_grid
 from ..latent import (
     LatentSpace,
+    adopt_teacher_space,
     autoencoder_config,
     check_image_channels,
     check_latent_shape,
@@ -67,7 +68,7 @@ class DenoiserTask:
             if t.parallel == "fsdp" and ctx.world > 1:
                 raise CmkitError("train.lora_rank trains small adapters: use train.parallel=ddp, not fsdp")
             add_lora(self.model, t.lora_rank, t.lora_alpha or None)
-        self.teacher = self._load_teacher() if self.objective.needs_teacher else None
+        self.teacher = self._load_teacher() if self.objective.needs_teacher else None  # also adopts its latent space
         self.latent: LatentSpace | None = None
         if cfg.latent.autoencoder:  # latent diffusion / LCM: batches are encoded by the frozen autoencoder
             data = self._latent_data()
@@ -99,8 +100,10 @@ class DenoiserTask:
         return data
 
     def _load_teacher(self) -> nn.Module:
-        """The EDM teacher (CD, PD, sCD), or TCM's frozen first-stage consistency model (``teacher_precond``)."""
+        """The EDM teacher (CD, PD, sCD), or TCM's frozen first-stage consistency model (``teacher_precond``); a
+        latent run takes its teacher's latent standardisation (``cmkit.latent.adopt_teacher_space``)."""
         teacher, tcfg = load_denoiser(self.cfg.train.teacher, device=self.ctx.device)
+        adopt_teacher_space(self.cfg, tcfg, self.cfg.train.teacher)
         want = getattr(self.objective, "teacher_precond", "edm")
         if not (tcfg.is_diffusion() if want == "edm" else tcfg.model.precond == want):
             what = "a diffusion model" if want == "edm" else f"a consistency model (precond {want})"
