@@ -228,7 +228,7 @@ def main() -> None:
             "model": name,
             "sampler": sampler,
             "steps": steps,
-            "nfe": nfe(sampler, steps) * (2 if cfg_guidance(model, guidance) is not None else 1),
+            "nfe": nfe(sampler, steps) * (2 if cfg_guidance(model, cfg, guidance) is not None else 1),
             "sigmas": [round(s, 4) for s in sigmas],
             "fd": m["fd"],
             "kid": m["kid_mean"],

@@ -36,10 +36,8 @@ def tiny_tokenizer(root):
     return transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    """A tiny LCM pipeline directory (with LCM's guidance input, w embedded in 8 dims)."""
-    root = tmp_path_factory.mktemp("pipe") / "lcm"
+def write_pipeline(root, cls, unet, scheduler):
+    """A tiny text-to-image pipeline directory in Stable Diffusion's layout, written by ``cls.save_pretrained``."""
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(
@@ -64,12 +62,10 @@ def pipeline_dir(tmp_path_factory):
         norm_num_groups=4,
         sample_size=16,
     ).eval()
-    scheduler = diffusers.LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = diffusers.LatentConsistencyModelPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tiny_tokenizer(root.parent / "vocab"),
-        unet=tiny_text_unet(seed=1, time_cond_proj_dim=8),
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(root.parent / f"{root.name}-vocab"))
+    pipe = cls(
+        **parts,
+        unet=unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -77,6 +73,17 @@ def pipeline_dir(tmp_path_factory):
     )
     pipe.save_pretrained(root)
     return root
+
+
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A tiny LCM pipeline directory (with LCM's guidance input, w embedded in 8 dims)."""
+    root = tmp_path_factory.mktemp("pipe") / "lcm"
+    unet = tiny_text_unet(seed=1, time_cond_proj_dim=8)
+    return write_pipeline(root, diffusers.LatentConsistencyModelPipeline, unet, diffusers.LCMScheduler(**SD_BETAS))
 
 
 def test_prompts_sample_the_same_images_as_diffusers_lcm_pipeline(pipeline_dir):
@@ -129,3 +136,52 @@ def test_cli_samples_a_pipeline_from_prompts_and_refuses_prompts_elsewhere(pipel
     assert "takes no prompts" in err and "\n" not in err
     with pytest.raises(CmkitError, match="non-empty list of strings"):
         sample_images(model, cfg, 1, prompts="a cat", progress=False)
+
+
+def test_a_stable_diffusion_pipeline_samples_with_classifier_free_guidance_as_diffusers_does(tmp_path):
+    """A non-LCM pipeline (Euler, ε-prediction) is a diffusion model guided with the empty prompt as the null branch,
+    at diffusers' default w = 7.5: cmkit's Euler steps in σ-space through the guided denoiser end on the images of
+    ``StableDiffusionPipeline`` with ``EulerDiscreteScheduler`` (trailing timesteps) from the same initial latents;
+    ``sample_images`` is that loop, guided, on EDM's σ list."""
+    from cmkit.guidance import Guided
+    from cmkit.latent import LatentSpace
+    from cmkit.sampling import edm_sigmas, sample_euler
+
+    scheduler = diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="trailing")
+    root = write_pipeline(tmp_path / "sd", diffusers.StableDiffusionPipeline, tiny_text_unet(seed=2), scheduler)
+    model, cfg = load_denoiser(root)
+    assert cfg.is_diffusion() and cfg.sample.guidance == 7.5
+    prompts = ["a cat", "a dog on a hill"]
+    text, null = model.prompt_encoder(prompts), model.prompt_encoder([""])
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(root, safety_checker=None)
+    pipe.scheduler.set_timesteps(3)
+    sigmas = pipe.scheduler.sigmas.tolist()  # σ at timesteps 999, 666, 333, then 0
+    eps = randn((2, 4, 8, 8), per_sample_generators(range(2)), "cpu")
+    guided = Guided(model, 7.5, null)
+    with torch.no_grad():
+        z = sample_euler(
+            guided,
+            (2, 4, 8, 8),
+            sigmas,
+            generator=per_sample_generators(range(2)),
+            clip=False,
+            encoder_hidden_states=text,
+        )
+    ours = LatentSpace.load(cfg).decode(z)
+    # the pipeline scales the latents it is given by init_noise_sigma = σ_max (trailing spacing): σ_max·ε, as cmkit
+    theirs = pipe(prompts, num_inference_steps=3, guidance_scale=7.5, latents=eps, output_type="pt").images
+    torch.testing.assert_close(ours, theirs * 2 - 1, atol=1e-4, rtol=0)
+
+    with torch.no_grad():
+        z = sample_euler(
+            guided,
+            (2, 4, 8, 8),
+            edm_sigmas(3, cfg.model.sigma_min, cfg.model.sigma_max),
+            generator=per_sample_generators(range(2)),
+            clip=False,
+            encoder_hidden_states=text,
+        )
+    got = sample_images(model, cfg, 2, sampler="euler", steps=3, prompts=prompts, progress=False).images
+    torch.testing.assert_close(got, LatentSpace.load(cfg).decode(z))
+    unguided = sample_images(model, cfg, 2, sampler="euler", steps=3, prompts=prompts, guidance=1.0, progress=False)
+    assert (unguided.images - got).abs().amax() > 1e-3

@@ -311,7 +311,7 @@ class SampleConfig:
     sampler: SamplerName = "onestep"  # onestep | multistep | heun | euler | progdist | flowmap (meanflow)
     sigmas: tuple[float, ...] = ()  # the multistep σ list (descending, in [σ_min, σ_max])
     steps: int = 18  # heun/euler: number of σ levels
-    guidance: float = 1.0  # an LCM model's guidance-scale input w (1: the conditional teacher, 0: unconditional)
+    guidance: float = 1.0  # w: an LCM model's guidance input, or a diffusion model's classifier-free guidance (1: none)
     grid_size: int = 64  # images in the training sample grids
 
 

@@ -204,6 +204,8 @@ def check_guidance(model: nn.Module, cfg: Config, guidance: float | None) -> Non
         raise CmkitError(f"--guidance must be a finite scale ≥ 0, got {guidance}")
     if getattr(model, "takes_guidance", False):
         return
+    if cfg.is_diffusion() and getattr(model, "prompt_encoder", None) is not None:
+        return  # a text-to-image pipeline: guided with the empty prompt as the null branch
     if not cfg.is_diffusion():
         raise CmkitError(
             "--guidance is the input of a guidance-distilled (LCM) model, or classifier-free guidance of a diffusion "
@@ -218,12 +220,14 @@ def check_guidance(model: nn.Module, cfg: Config, guidance: float | None) -> Non
         )
 
 
-def cfg_guidance(model: nn.Module, guidance: float | None) -> float | None:
+def cfg_guidance(model: nn.Module, cfg: Config, guidance: float | None) -> float | None:
     """The scale w at which a diffusion model is sampled under classifier-free guidance (two network evaluations
-    per step and image), or None: unguided, or an LCM model, which takes w as an input."""
-    if guidance is None or guidance == 1.0 or getattr(model, "takes_guidance", False):
+    per step and image): ``guidance``, else the model's ``sample.guidance`` (7.5 for a Stable Diffusion pipeline,
+    as diffusers; 1 for cmkit's teachers). None: unguided (w = 1), or an LCM model, which takes w as an input."""
+    w = cfg.sample.guidance if guidance is None else guidance
+    if w == 1.0 or getattr(model, "takes_guidance", False) or not cfg.is_diffusion():
         return None
-    return guidance
+    return w
 
 
 def check_prompts(model: nn.Module, prompts: Sequence[str] | None) -> list[str] | None:
@@ -365,7 +369,7 @@ def generate(
     if decoder is not None and space is None:
         raise CmkitError("a latent decoder decodes a latent model's samples; this model works on pixels")
     out, out_labels = [], []
-    w_cfg = cfg_guidance(model, guidance)
+    w_cfg = cfg_guidance(model, cfg, guidance)
     evals = nfe(sampler, steps) * (1 if w_cfg is None else 2)
     # the bar advances at every network evaluation (a 35-NFE Heun batch is 35 ticks, not one), shown in images
     bar = tqdm(
@@ -377,8 +381,8 @@ def generate(
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} img [{elapsed}<{remaining}]",
     )
     model = _Counted(model, bar)
-    if w_cfg is not None:  # a label-dropout diffusion model under classifier-free guidance
-        model = Guided(model, w_cfg)
+    if w_cfg is not None:  # a diffusion model under classifier-free guidance (null label, or the empty prompt)
+        model = Guided(model, w_cfg, encoder([""]) if prompts else None)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         gens = per_sample_generators(range(seed + start, seed + start + b))

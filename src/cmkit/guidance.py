@@ -67,18 +67,28 @@ def guided(denoiser: nn.Module, x: Tensor, sigma: Tensor, class_labels: Tensor, 
 
 
 class Guided(nn.Module):
-    """A label-dropout diffusion model sampled under classifier-free guidance: the denoiser D_w (``guided``) at one
-    scale w, in the samplers' convention ``model(x, sigma, class_labels=...)``. Each evaluation is one call of the
-    network on the doubled batch (conditional and null labels), i.e. two network evaluations per image."""
+    """A diffusion model sampled under classifier-free guidance: the denoiser D_w at one scale w, in the samplers'
+    convention ``model(x, sigma, **cond)``. The null branch is the null label for a label-dropout model
+    (``class_labels``), or ``null`` for a text model: the empty prompt's ``encoder_hidden_states`` (1, L, D), as
+    Stable Diffusion's pipelines guide. Each evaluation is one call of the network on the doubled batch, i.e. two
+    network evaluations per image."""
 
-    def __init__(self, denoiser: nn.Module, w: float):
+    def __init__(self, denoiser: nn.Module, w: float, null: Tensor | None = None):
         super().__init__()
-        self.denoiser, self.w = denoiser, float(w)
+        self.denoiser, self.w, self.null = denoiser, float(w), null
 
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **cond: Tensor) -> Tensor:
-        if class_labels is None or cond:
-            raise ValueError("a guided denoiser takes class labels and no other conditioning")
-        return guided(self.denoiser, x, sigma, class_labels, self.w)
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
+        if "encoder_hidden_states" in cond and self.null is not None:
+            text = cond.pop("encoder_hidden_states")
+            null = self.null.to(text).expand_as(text)
+            D = self.denoiser(
+                torch.cat([x, x]), torch.cat([sigma, sigma]), encoder_hidden_states=torch.cat([text, null]), **cond
+            )
+            D_c, D_u = D.chunk(2)
+            return D_u + self.w * (D_c - D_u)
+        if "class_labels" not in cond or len(cond) > 1:
+            raise ValueError("a guided denoiser takes class labels (or prompt embeddings with a null prompt) only")
+        return guided(self.denoiser, x, sigma, cond["class_labels"], self.w)
 
     def __getattr__(self, name: str):  # samplers read the model's own attributes (sigma_data, kind, ...)
         try:

@@ -31,6 +31,8 @@ from .retime import fit_time_embedding, needs_refit
 
 #: the guidance scale w diffusers' LCM pipeline samples with by default
 LCM_GUIDANCE = 8.5
+#: the classifier-free guidance scale diffusers' Stable Diffusion pipeline samples with by default
+SD_GUIDANCE = 7.5
 
 
 def config_for(model: dict[str, Any]) -> Any:
@@ -100,6 +102,8 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> tuple
         if root is not None:  # a text-to-image pipeline: its prompts and its VAE's latent space
             denoiser.prompt_encoder = PromptEncoder.load(root)
             _pipeline_latents(cfg, root)
+            if denoiser.prompt_encoder is not None and cfg.is_diffusion():
+                cfg.sample.guidance = SD_GUIDANCE  # classifier-free guidance with the empty prompt, as diffusers
         return denoiser.to(device).eval().requires_grad_(False), cfg
 
     model_section, state, _ = read_released_net(path)
