@@ -169,3 +169,57 @@ def test_lcm_config_rules(tmp_path):
         tiny_config("digits-cd", tmp_path, "model.time_inputs=2").validate()
     with pytest.raises(CmkitError, match="needs a class-conditional model"):
         tiny_config("digits-lcm", tmp_path, "model.num_classes=0").validate()
+
+
+def test_lcm_distils_a_text_teacher_guided_by_the_empty_prompt_into_a_lora_student():
+    """The text path, LCM-LoRA on Stable Diffusion in miniature: the guided text denoiser is the conditional one at
+    w = 1 and the empty prompt's at w = 0; in the loss the teacher sees each prompt beside the empty prompt, and a
+    student without a guidance input (an LCM denoiser over the teacher's UNet plus LoRA adapters) gets gradients in
+    its adapters only."""
+    import diffusers
+    from conftest import tiny_text_unet
+
+    from cmkit.discrete_vp import DiscreteVPDenoiser, LCMDenoiser
+    from cmkit.guidance import guided_text
+    from cmkit.nets.lora import LCM_LORA_TARGETS, add_lora
+
+    alphas = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    unet = tiny_text_unet(seed=0)
+    seen = []
+
+    class Spy(DiscreteVPDenoiser):
+        def forward(self, x, sigma, **cond):
+            seen.append(cond["encoder_hidden_states"])
+            return super().forward(x, sigma, **cond)
+
+    teacher = Spy(unet, alphas).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x, text, null = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 12, generator=g), torch.randn(1, 5, 12)
+    sigma = torch.tensor([0.5, 2.0, 9.0])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            guided_text(teacher, x, sigma, text, null, 1.0), teacher(x, sigma, encoder_hidden_states=text)
+        )
+        torch.testing.assert_close(
+            guided_text(teacher, x, sigma, text, null, 0.0),
+            teacher(x, sigma, encoder_hidden_states=null.expand_as(text)),
+        )
+    student_unet = copy.deepcopy(unet)
+    add_lora(student_unet, 2, targets=LCM_LORA_TARGETS)
+    student = LCMDenoiser(student_unet, alphas, "epsilon", 10.0).train()
+    torch.manual_seed(0)
+    with torch.no_grad():  # B = 0 at the start: give the adapters a function, so that A gets a gradient too
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+    loss = LCMLoss(num_scales=10, grid="teacher", solver="euler", mu=0.0, guidance_min=2.0, guidance_max=6.0)
+    seen.clear()
+    value = loss(student, x, step=0, teacher=teacher, encoder_hidden_states=text, null_text=null).mean()
+    assert len(seen) == 1 and torch.equal(seen[0], torch.cat([text, null.expand_as(text)]))
+    value.backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.requires_grad}
+    assert grads and all("lora" in n.lower() for n in grads), [n for n in grads if "lora" not in n.lower()][:3]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads.values())
+    assert all(gr.abs().sum() > 0 for gr in grads.values())  # every adapter, A and B, is on the path
+    with pytest.raises(ValueError, match="empty prompt"):
+        loss(student, x, step=0, teacher=teacher, encoder_hidden_states=text)

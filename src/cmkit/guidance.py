@@ -66,6 +66,17 @@ def guided(denoiser: nn.Module, x: Tensor, sigma: Tensor, class_labels: Tensor, 
     return D_u + w * (D_c - D_u)
 
 
+def guided_text(denoiser: nn.Module, x: Tensor, sigma: Tensor, text: Tensor, null: Tensor, w: float | Tensor) -> Tensor:
+    """D_w for a text model (Stable Diffusion's classifier-free guidance): the null branch is the empty prompt's
+    ``encoder_hidden_states`` ``null`` (1, L, D), one call on the doubled batch; ``w`` one scale or one per sample."""
+    null = null.to(text).expand_as(text)
+    D = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), encoder_hidden_states=torch.cat([text, null]))
+    D_c, D_u = D.chunk(2)
+    if isinstance(w, Tensor):
+        w = w.reshape(-1, *([1] * (x.ndim - 1)))
+    return D_u + w * (D_c - D_u)
+
+
 class Guided(nn.Module):
     """A diffusion model sampled under classifier-free guidance: the denoiser D_w at one scale w, in the samplers'
     convention ``model(x, sigma, **cond)``. The null branch is the null label for a label-dropout model
@@ -78,15 +89,9 @@ class Guided(nn.Module):
         self.denoiser, self.w, self.null = denoiser, float(w), null
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
-        if "encoder_hidden_states" in cond and self.null is not None:
-            text = cond.pop("encoder_hidden_states")
-            null = self.null.to(text).expand_as(text)
-            D = self.denoiser(
-                torch.cat([x, x]), torch.cat([sigma, sigma]), encoder_hidden_states=torch.cat([text, null]), **cond
-            )
-            D_c, D_u = D.chunk(2)
-            return D_u + self.w * (D_c - D_u)
-        if "class_labels" not in cond or len(cond) > 1:
+        if set(cond) == {"encoder_hidden_states"} and self.null is not None:
+            return guided_text(self.denoiser, x, sigma, cond["encoder_hidden_states"], self.null, self.w)
+        if set(cond) != {"class_labels"}:
             raise ValueError("a guided denoiser takes class labels (or prompt embeddings with a null prompt) only")
         return guided(self.denoiser, x, sigma, cond["class_labels"], self.w)
 

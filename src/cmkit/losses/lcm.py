@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import noise
-from ..guidance import guided
+from ..guidance import guided, guided_text
 from ..tensors import append_dims
 from .base import paired_passes, weighting
 from .cd import CDLoss
@@ -72,24 +72,39 @@ class LCMLoss(CDLoss):
         target: nn.Module | None = None,
         teacher: nn.Module | None = None,
         class_labels: Tensor | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        null_text: Tensor | None = None,
         **cond: Any,
     ) -> Tensor:
+        """``class_labels`` (the null label is the unconditional branch), or a text model's prompt embeddings
+        ``encoder_hidden_states`` with the empty prompt's ``null_text`` (1, L, D) as that branch. A student without a
+        guidance input (LCM-LoRA on Stable Diffusion) is pulled to the guided teacher at the w drawn per example
+        all the same, as LCM-LoRA trains."""
         if teacher is None:
             raise ValueError("LCM distils a teacher: set teacher=PATH to a class-conditional diffusion model")
-        if class_labels is None:
-            raise ValueError("LCM distils classifier-free guidance: it needs class labels (a class-conditional run)")
+        if (class_labels is None) == (encoder_hidden_states is None):
+            raise ValueError(
+                "LCM distils classifier-free guidance: it needs class labels (a class-conditional run) or prompt "
+                "embeddings (a text model), one of the two"
+            )
+        if encoder_hidden_states is not None and null_text is None:
+            raise ValueError("a text teacher is guided with the empty prompt: pass its embedding as null_text")
         sigmas = self.grid_sigmas(teacher, x0.device)
         i = noise.randint(len(sigmas) - 1, x0.shape[0], x0.device)
         t, t2 = sigmas[i], sigmas[i + 1]
         w = self.draw_guidance(x0.shape[0], x0.device)
         x_t = x0 + append_dims(t, x0.ndim) * noise.randn_like(x0)
 
-        def teacher_w(x: Tensor, sigma: Tensor, class_labels: Tensor) -> Tensor:
-            return guided(teacher, x, sigma, class_labels, w)
+        def teacher_w(x: Tensor, sigma: Tensor) -> Tensor:
+            if class_labels is not None:
+                return guided(teacher, x, sigma, class_labels, w)
+            return guided_text(teacher, x, sigma, encoder_hidden_states, null_text, w)
 
         with torch.no_grad():
-            x_t2 = self.solver(teacher_w, x_t, t, t2, class_labels=class_labels)
-        pred, tgt = paired_passes(
-            model, target or model, (x_t, t), (x_t2, t2), class_labels=class_labels, guidance=w, **cond
-        )
+            x_t2 = self.solver(teacher_w, x_t, t, t2)
+        given = {"class_labels": class_labels} if class_labels is not None else {}
+        given |= {"encoder_hidden_states": encoder_hidden_states} if encoder_hidden_states is not None else {}
+        takes_w = getattr(getattr(model, "module", model), "takes_guidance", True)  # (a DDP wrapper's module)
+        given |= {"guidance": w} if takes_w else {}
+        pred, tgt = paired_passes(model, target or model, (x_t, t), (x_t2, t2), **given, **cond)
         return weighting(self.weighting, t, self.sigma_data) * self.distance(pred, tgt)
