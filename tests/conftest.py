@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 
 import pytest
 import torch
@@ -127,3 +128,72 @@ def tiny_text_unet(seed: int = 0, time_cond_proj_dim: int | None = None):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
+
+
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def tiny_tokenizer(root):
+    """A CLIP tokenizer over single letters (each also as a word end), padded to 16 tokens."""
+    import transformers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    root.mkdir(parents=True)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
+
+
+def write_pipeline(root, cls, unet, scheduler):
+    """A tiny text-to-image pipeline directory in Stable Diffusion's layout, written by ``cls.save_pretrained``: a
+    52-token CLIP vocabulary, a 2-layer text encoder, a 2-level VAE (16×16 images ↔ 4×8×8 latents)."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=54,
+            hidden_size=12,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(root.parent / f"{root.name}-vocab"))
+    pipe = cls(
+        **parts,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline_dir(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline directory (ε-prediction, SD's scaled-linear betas, PNDM as SD 1.5 ships)."""
+    import diffusers
+
+    root = tmp_path_factory.mktemp("sd") / "sd"
+    scheduler = diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True)
+    return write_pipeline(root, diffusers.StableDiffusionPipeline, tiny_text_unet(seed=4), scheduler)

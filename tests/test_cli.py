@@ -33,8 +33,10 @@ def autoencoders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_dry_runs_and_builds_model_loss_optimizer(preset, capsys, autoencoders):
+def test_every_preset_dry_runs_and_builds_model_loss_optimizer(preset, capsys, autoencoders, request):
     extra = [f"model.autoencoder={autoencoders / preset.replace('-cdec', '-ae')}"] if preset.endswith("-cdec") else []
+    if PRESETS[preset].values.get("model.arch") == "diffusers":  # the user's pipeline: a tiny one here
+        extra = [f"train.teacher={request.getfixturevalue('sd_pipeline_dir')}"]
     from cmkit.training.presets import get_config, missing_inputs
 
     missing = missing_inputs(get_config(preset, extra))  # a teacher run, data or LPIPS file not made here

@@ -7,12 +7,11 @@ own ``LatentConsistencyModelPipeline`` on the same noise: the same images.
 from __future__ import annotations
 
 import json
-import string
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_text_unet
+from conftest import SD_BETAS, tiny_text_unet, write_pipeline
 
 from cmkit.cli.main import main
 from cmkit.decoder.testing import random_decoder
@@ -23,59 +22,6 @@ from cmkit.sampling import per_sample_generators, randn
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_tokenizer(root):
-    """A CLIP tokenizer over single letters (each also as a word end), padded to 16 tokens."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    root.mkdir(parents=True)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
-
-
-def write_pipeline(root, cls, unet, scheduler):
-    """A tiny text-to-image pipeline directory in Stable Diffusion's layout, written by ``cls.save_pretrained``."""
-    torch.manual_seed(0)
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=54,
-            hidden_size=12,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
-    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(root.parent / f"{root.name}-vocab"))
-    pipe = cls(
-        **parts,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(root)
-    return root
-
-
-SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +131,67 @@ def test_a_stable_diffusion_pipeline_samples_with_classifier_free_guidance_as_di
     torch.testing.assert_close(got, LatentSpace.load(cfg).decode(z))
     unguided = sample_images(model, cfg, 2, sampler="euler", steps=3, prompts=prompts, guidance=1.0, progress=False)
     assert (unguided.images - got).abs().amax() > 1e-3
+
+
+def write_captioned(folder, n: int = 6):
+    """n random 20×20 RGB images, half captioned in ImageFolder's metadata.jsonl and half by a .txt beside them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        caption = "a cat" if i % 2 else "a dog on a hill"
+        if i < n // 2:
+            rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+        else:
+            (folder / f"{i}.txt").write_text(caption + "\n")
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_lcm_lora_trains_on_captioned_images_and_diffusers_samples_the_same_images(sd_pipeline_dir, tmp_path, capsys):
+    """``cmkit train --preset sd-lcm-lora`` on a Stable Diffusion pipeline directory and a captioned folder trains
+    LoRA adapters only (every other weight stays the teacher's), and the exported ``lora.safetensors`` loaded by
+    diffusers' ``load_lora_weights`` into ``StableDiffusionPipeline`` with ``LCMScheduler`` gives, in one step from
+    the same latents, the images ``cmkit sample`` gives from the exported model."""
+    from cmkit.datasets import load_captions
+    from cmkit.nets.lora import LCM_LORA_TARGETS
+
+    folder = write_captioned(tmp_path / "captioned")
+    assert load_captions(str(folder), 16, 3).captions == ["a dog on a hill", "a cat"] * 3
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "sd-lcm-lora", f"train.teacher={sd_pipeline_dir}", f"data.root={folder}"]
+    small = ["train.steps=3", "train.batch_size=4", "train.lora_rank=4", "train.lr=0.01", "sample.grid_size=2"]
+    assert main([*argv, *small, "train.sample_every=0", "train.ckpt_every=0", "--no-progress", "--out", str(run)]) == 0
+    assert (run / "samples").is_dir() and any((run / "samples").iterdir())  # the final grid, from captions
+    model, cfg = load_denoiser(run)
+    assert cfg.model.arch == "diffusers" and cfg.latent.autoencoder.endswith("vae")
+    teacher = diffusers.UNet2DConditionModel.from_pretrained(sd_pipeline_dir / "unet").state_dict()
+    merged = model.unet.state_dict()
+    changed = {k for k in teacher if not torch.equal(teacher[k], merged[k])}
+    modules = {k.rsplit(".", 1)[0] for k in changed}  # only LCM-LoRA's layers changed, each merged W + s·B·A
+    assert modules and all(any(m.endswith("." + t) for t in LCM_LORA_TARGETS) for m in modules), modules
+
+    prompts = ["a cat", "a dog on a hill"]
+    ours = sample_images(model, cfg, 2, prompts=prompts, steps=1, progress=False).images
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_pipeline_dir, safety_checker=None)
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(run / "model", weight_name="lora.safetensors")
+    sigma = cfg.model.sigma_max
+    eps = randn((2, 4, 8, 8), per_sample_generators(range(2)), "cpu")
+    latents = sigma * eps / (1 + sigma**2) ** 0.5
+    theirs = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt").images
+    torch.testing.assert_close(ours, theirs * 2 - 1, atol=1e-4, rtol=0)
+    pipe.unload_lora_weights()  # the adapters matter: without them diffusers gives other images
+    plain = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt").images
+    assert (plain - theirs).abs().amax() > 1e-3
+
+    # a text teacher on images without captions, and an image without a caption: one error line each
+    assert main([*argv[:4], "data.name=folder", f"data.root={folder}", *small, "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is text-conditioned: train on captioned images (data.name=captions" in err
+    (folder / "5.txt").unlink()
+    with pytest.raises(CmkitError, match=r"no caption for .*5\.png: expected metadata\.jsonl"):
+        load_captions(str(folder), 16, 3)

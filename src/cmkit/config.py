@@ -27,7 +27,7 @@ from .errors import CmkitError
 T = TypeVar("T")
 
 Optimizer = Literal["adam", "radam"]
-DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "npz", "shards"]
+DataName = Literal["digits", "fashion_mnist", "mnist", "emoji", "folder", "captions", "npz", "shards"]
 Noise = Literal["stream", "per_sample"]
 Parallel = Literal["ddp", "fsdp"]
 Split = Literal["train", "test"]
@@ -68,7 +68,8 @@ def require(ok: bool, message: str) -> None:
 class DataConfig:
     """Training data."""
 
-    name: DataName = "digits"  # digits | fashion_mnist | mnist | emoji | folder | npz | shards
+    name: DataName = "digits"  # digits | fashion_mnist | mnist | emoji | folder | captions (captioned images, for a
+    # text-to-image teacher) | npz | shards
     root: str = ""  # folder, .npz file, shard set or directory of IDX files ("" = the bundled/Debian copy)
     split: Split = "train"  # train | test
     flip: bool = False  # random horizontal flips (a pure function of seed and step)

@@ -2,7 +2,8 @@
 
 Sources: scikit-learn's 8×8 digits (bundled), Fashion-MNIST / MNIST IDX files (default location: the
 Debian package ``dataset-fashion-mnist``), colour emoji rendered from Debian's ``fonts-noto-color-emoji``,
-an image folder, an ``.npz`` of uint8 NHWC images (``arr_0``, optional labels ``arr_1``), or a shard set on disk
+an image folder (with captions, for a text-to-image teacher: ``load_captions``), an ``.npz`` of uint8 NHWC images
+(``arr_0``, optional labels ``arr_1``), or a shard set on disk
 (``cmkit.shards``: data sets too large for memory, read image by image). Batches are a pure function of
 (seed, step, rank), which makes resumed and multi-process training exactly reproducible; ``Batches`` can prepare
 them ahead in ``torch.utils.data`` worker processes (``data.workers``) without changing them.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,11 +39,13 @@ HOW_TO_GET = {
 
 @dataclass
 class ImageData:
-    """uint8 images (N, C, H, W) and optional integer labels (N,)."""
+    """uint8 images (N, C, H, W) and optional integer labels (N,); a captioned set has one caption per image and
+    its labels are the image indices (what a batch looks its captions up by)."""
 
     images: Tensor
     labels: Tensor | None = None
     num_classes: int = 0
+    captions: list[str] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -158,6 +162,47 @@ def load_folder(path: str, resolution: int, channels: int) -> ImageData:
     return ImageData(torch.from_numpy(np.stack(out)))
 
 
+#: where the captions of a ``captions`` data set are (``load_captions``)
+CAPTIONS_LAYOUT = (
+    'metadata.jsonl lines {"file_name": "a.png", "text": "a caption"} at the folder\'s top (Hugging Face '
+    "ImageFolder's layout) or a .txt file of the same name beside each image"
+)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """file_name → text of an ImageFolder ``metadata.jsonl``; a line that is not such an object is one error line."""
+    table = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            table[str(row["file_name"])] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            raise CmkitError(f'{path}:{n}: expected a JSON object with "file_name" and "text"') from None
+    return table
+
+
+def load_captions(path: str, resolution: int, channels: int) -> ImageData:
+    """A folder of captioned images (the training data of a text-to-image teacher, e.g. LCM-LoRA on Stable
+    Diffusion): the images as ``load_folder`` reads them, each caption from ``CAPTIONS_LAYOUT``. An image without a
+    caption is one error line naming it."""
+    root = Path(path).expanduser()
+    data = load_folder(path, resolution, channels)
+    meta = root / "metadata.jsonl"
+    table = read_metadata(meta) if meta.is_file() else {}
+    captions = []
+    for f in image_files(path):
+        txt = f.with_suffix(".txt")
+        caption = table.get(f.relative_to(root).as_posix())
+        if caption is None and txt.is_file():
+            caption = txt.read_text(encoding="utf-8").strip()
+        if caption is None:
+            raise CmkitError(f"no caption for {f}: expected {CAPTIONS_LAYOUT}")
+        captions.append(caption)
+    return ImageData(data.images, torch.arange(len(captions)), 0, captions)
+
+
 def render_emoji(font_path: str, size: int = 32) -> np.ndarray:
     """Every colour glyph of the Noto Color Emoji font in EMOJI_RANGES, cropped, centred on white, resized.
 
@@ -218,7 +263,7 @@ def load_emoji(root: str, split: str, resolution: int) -> ImageData:
 
 
 SPLIT_DATASETS = ("fashion_mnist", "mnist", "emoji")
-DATASETS = ("digits", "fashion_mnist", "mnist", "emoji", "folder", "npz", "shards")
+DATASETS = ("digits", "fashion_mnist", "mnist", "emoji", "folder", "captions", "npz", "shards")
 
 
 def load_dataset(
@@ -243,6 +288,8 @@ def load_dataset(
         data = load_npz(root)
     elif name == "folder":
         data = load_folder(root, resolution, channels or 3)
+    elif name == "captions":
+        data = load_captions(root, resolution, channels or 3)
     elif name == "shards":
         data = ShardSet(root)
     else:

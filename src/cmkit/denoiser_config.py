@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 from .config import DATA_CLASSES, DataConfig, RunConfig, TrainConfig, require
+from .discrete_vp import lcm_student, sigmas_of
 from .errors import CmkitError
+from .formats.diffusers_dir import lcm_timesteps, read_schedule, unet_config
 from .losses import LOSSES, PRECOND_OF
 from .losses.options import options_of, parameters
 from .nets import ARCHS, build_net
@@ -23,7 +26,8 @@ from .precond import Precond
 from .sampling import SAMPLER_NAMES
 from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
-Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]  # unet mlp adm ddpmpp ncsnpp dhariwal (cmkit.nets)
+Arch = Literal[(*ARCHS, "diffusers")]  # type: ignore[valid-type]  # unet mlp adm ddpmpp ncsnpp dhariwal (cmkit.nets)
+# and diffusers (a diffusers UNet as an LCM student: cmkit.discrete_vp.lcm_student)
 Embedding = Literal["positional", "fourier"]
 PrecondKind = Literal["edm", "cm", "vp", "ve", "trigflow", "meanflow"]
 Method = Literal[tuple(LOSSES)]  # type: ignore[valid-type]  # edm cd ct ict ect pd sct scd meanflow tcm (cmkit.losses)
@@ -40,7 +44,9 @@ class ModelConfig:
     """Backbone and preconditioning of a denoiser ``model(x, sigma, class_labels=None) -> x0``."""
 
     arch: Arch = "unet"  # unet | mlp | adm (the CM paper's released network) |
-    # ddpmpp | ncsnpp | dhariwal (EDM's networks, cmkit.nets.edm)
+    # ddpmpp | ncsnpp | dhariwal (EDM's networks, cmkit.nets.edm) | diffusers (the UNet of model.diffusers)
+    diffusers: str = ""  # arch=diffusers: the diffusers pipeline or UNet directory whose UNet the student is
+    # (default: train.teacher; its weights come from train.init_from, which defaults to it too)
     img_resolution: int = 8  # image side
     in_channels: int = 1  # image channels
     model_channels: int = 32  # unet: width of the first level
@@ -93,7 +99,10 @@ class ModelConfig:
     )
 
     def build(self) -> Any:
-        """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights."""
+        """Backbone + preconditioning (``cmkit.precond.Precond``) with freshly initialised weights; for
+        ``arch=diffusers`` the diffusers UNet of ``model.diffusers`` as an LCM (``cmkit.discrete_vp.lcm_student``)."""
+        if self.arch == "diffusers":
+            return lcm_student(self.diffusers, self.time_inputs == 2, self.checkpointing)
         net = build_net(self.arch, **{k: getattr(self, k) for k in self.NET_KEYS})
         set_checkpointing(net, self.checkpointing)
         if self.precond in ("vp", "ve"):  # EDM's baseline-* teachers
@@ -146,13 +155,23 @@ class ModelConfig:
             "model.precond=meanflow needs model.time_inputs=2 (a flow map takes two times)",
         )
         require(
-            self.time_inputs == 1 or self.arch in ("unet", "mlp"),
-            f"model.time_inputs=2 needs model.arch=unet or mlp, got {self.arch}",
+            self.time_inputs == 1 or self.arch in ("unet", "mlp", "diffusers"),
+            f"model.time_inputs=2 needs model.arch=unet, mlp or diffusers, got {self.arch}",
         )
         self._check_arch()
 
     def _check_arch(self) -> None:
         """The rules particular to one architecture: embeddings, group-norm widths, levels and attention."""
+        require(
+            self.arch == "diffusers" or not self.diffusers,
+            f"model.diffusers names the UNet of model.arch=diffusers (this network is model.arch={self.arch})",
+        )
+        if self.arch == "diffusers":
+            require(
+                self.precond == "cm",
+                "model.arch=diffusers trains a diffusers UNet as a latent consistency model: model.precond=cm "
+                "(loss.method=lcm)",
+            )
         if self.arch == "adm":
             require(
                 self.embedding == "positional",
@@ -365,9 +384,36 @@ class Config(RunConfig):
         or a TrigFlow network trained with the diffusion loss (sCM's teacher); otherwise a one-step generator."""
         return is_diffusion(self.model.precond, self.loss.method)
 
+    def describe_diffusers_student(self) -> None:
+        """``model.arch=diffusers``: the student is the UNet of ``model.diffusers`` (default ``train.teacher``), so
+        its latent shape, σ range (the ends of its schedule's table, where LCM's boundary sits), initial weights
+        (``train.init_from``) and, unless given, its sampling σ (LCM's 4 timesteps) are that model's."""
+        m, t = self.model, self.train
+        m.diffusers = m.diffusers or t.teacher
+        require(
+            bool(m.diffusers),
+            "model.arch=diffusers is a diffusers UNet: set train.teacher (or model.diffusers) to a diffusers "
+            "pipeline or UNet directory",
+        )
+        t.init_from = t.init_from or m.diffusers
+        if not Path(m.diffusers).expanduser().is_dir():
+            return  # named but absent: `missing_inputs` says so, before anything is built
+        unet = unet_config(m.diffusers)
+        size = unet.get("sample_size") or 0
+        m.img_resolution = int(size[0] if isinstance(size, (list, tuple)) else size)
+        m.in_channels = int(unet.get("in_channels", 4))
+        _, alphas, _, scheduler_config = read_schedule(m.diffusers)
+        table = sigmas_of(alphas)
+        m.sigma_min, m.sigma_max = float(table[0]), float(table[-1])
+        if not self.sample.sigmas:
+            self.sample.sigmas = tuple(float(table[i]) for i in lcm_timesteps(scheduler_config, 4))
+
     def validate(self) -> None:
-        super().validate()
         m, method = self.model, self.loss.method
+        if m.arch == "diffusers":
+            require(method == "lcm", f"model.arch=diffusers is an LCM student: loss.method=lcm (got {method})")
+            self.describe_diffusers_student()
+        super().validate()
         m.check()
         self.loss.check()
 
@@ -383,13 +429,14 @@ class Config(RunConfig):
         require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): {why}")
         guidance_input = m.time_inputs == 2 and m.precond != "meanflow"
         require(
-            guidance_input == (method == "lcm"),
+            guidance_input == (method == "lcm") or m.arch == "diffusers",  # LCM-LoRA: no guidance input
             "model.time_inputs=2 outside meanflow is LCM's guidance-scale input: loss.method=lcm and "
             f"model.time_inputs=2 go together (got loss.method={method}, model.time_inputs={m.time_inputs})",
         )
         require(
-            method != "lcm" or m.num_classes > 0,
-            "loss.method=lcm distils classifier-free guidance: it needs a class-conditional model (model.num_classes)",
+            method != "lcm" or m.num_classes > 0 or m.arch == "diffusers",
+            "loss.method=lcm distils classifier-free guidance: it needs a class-conditional model (model.num_classes) "
+            "or a text-conditioned one (model.arch=diffusers)",
         )
         distils = LOSSES[method].needs_teacher
         users = ", ".join(k for k, v in LOSSES.items() if v.needs_teacher)

@@ -27,12 +27,14 @@ schedule (ᾱ_{T−1} = 0, σ = ∞) has its last ᾱ raised to 2⁻²⁴, as di
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .errors import CmkitError
+from .formats.diffusers_dir import fresh_unet, read_schedule
 from .tensors import append_dims, as_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -228,3 +230,29 @@ class LCMDenoiser(DiscreteVPDenoiser):
         t = self.sigma_to_t(sigma)
         c_skip, c_out = (append_dims(c, x.ndim) for c in self.boundary(t))
         return c_out * x0 + c_skip * x / append_dims((1 + sigma**2).sqrt(), x.ndim)
+
+
+#: the width of LCM's guidance embedding (``time_cond_proj_dim`` of LCM-Dreamshaper and diffusers' LCM scripts)
+LCM_GUIDANCE_DIM = 256
+
+
+def lcm_student(path: str, guidance_input: bool = False, checkpointing: bool = False) -> LCMDenoiser:
+    """The student of latent consistency distillation from the diffusers model at ``path`` (``model.arch=diffusers``):
+    an ``LCMDenoiser`` over a fresh copy of its UNet on its noise schedule, weights not yet loaded
+    (``train.init_from`` loads the teacher's). With ``guidance_input`` the UNet gets LCM's w input
+    (``time_cond_proj_dim`` = 256, Luo et al. 2023, §4.2); without it (LCM-LoRA) guidance is distilled at the one
+    w drawn per example and sampling takes no w. ``checkpointing`` is diffusers' gradient checkpointing."""
+    if not Path(path).expanduser().is_dir():
+        raise CmkitError(
+            f"model.diffusers={path} (train.teacher unless set) not found: expected a local diffusers pipeline "
+            "directory (model_index.json, unet/, scheduler/, …; e.g. Stable Diffusion 1.5) or UNet directory"
+        )
+    with torch.device("cpu"):  # the σ table is data, also when the network is built on the meta device (dry run)
+        unet_dir, alphas, prediction_type, scheduler_config = read_schedule(path)
+    dim = LCM_GUIDANCE_DIM if guidance_input else 0
+    unet = fresh_unet(unet_dir, time_cond_proj_dim=dim or None)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    scaling = float(scheduler_config.get("timestep_scaling", 10.0))
+    with torch.device("cpu"):
+        return LCMDenoiser(unet, alphas, prediction_type, scaling, dim)

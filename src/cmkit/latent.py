@@ -22,6 +22,7 @@ scaling_factor·(μ − shift_factor) are the standardisation above with fixed m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -59,9 +60,9 @@ def load_images(name: str, root: str, split: str, image_size: int) -> ImageData 
     set, read from disk batch by batch, must hold image_size² images already)."""
     if name == "shards":
         return load_dataset(name, root, split, resolution=image_size)
-    resized = name in ("folder", "emoji")
+    resized = name in ("folder", "captions", "emoji")
     data = load_dataset(name, root, split, resolution=image_size if resized else 0)
-    return ImageData(pad_images(data.images, image_size), data.labels, data.num_classes)
+    return ImageData(pad_images(data.images, image_size), data.labels, data.num_classes, data.captions)
 
 
 def crop_images(x: Tensor, h: int, w: int) -> Tensor:
@@ -115,11 +116,19 @@ def autoencoder_config(path: str, key: str = "latent.autoencoder") -> Autoencode
 
 def same_autoencoder(a: str, b: str) -> bool:
     """Whether two autoencoders (model/run directories or shipped names) hold the same weights, exactly: a latent
-    model's standardisation was measured with one and holds for it only."""
-    wa, wb = read_model_dir(a, "autoencoder").weights, read_model_dir(b, "autoencoder").weights
-    if wa.resolve() == wb.resolve():
+    model's standardisation was measured with one and holds for it only. A pipeline's ``vae/`` (diffusers) is
+    compared by its weights too."""
+    if Path(a).expanduser().resolve() == Path(b).expanduser().resolve():
         return True
-    ta, tb = read_safetensors(wa), read_safetensors(wb)
+    if is_diffusers_vae(a) or is_diffusers_vae(b):
+        if not (is_diffusers_vae(a) and is_diffusers_vae(b)):
+            return False
+        ta, tb = load_diffusers_vae(a).state_dict(), load_diffusers_vae(b).state_dict()
+    else:
+        wa, wb = read_model_dir(a, "autoencoder").weights, read_model_dir(b, "autoencoder").weights
+        if wa.resolve() == wb.resolve():
+            return True
+        ta, tb = read_safetensors(wa), read_safetensors(wb)
     return ta.keys() == tb.keys() and all(ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]) for k in ta)
 
 
@@ -128,6 +137,8 @@ def adopt_teacher_space(cfg: Config, teacher: Config, teacher_path: str) -> None
     autoencoder with the same weights and the teacher's recorded standardisation and crop, adopted rather than
     measured again (a re-measurement could differ). Anything else is one error line."""
     lat, tlat = cfg.latent, teacher.latent
+    if cfg.model.arch == "diffusers" and not lat.autoencoder:  # a copy of the teacher's UNet: the teacher's space
+        lat.autoencoder, lat.image_size = tlat.autoencoder, tlat.image_size
     if bool(lat.autoencoder) != bool(tlat.autoencoder):
         fix = f"latent.autoencoder={tlat.autoencoder}" if tlat.autoencoder else "no latent.autoencoder"
         raise CmkitError(

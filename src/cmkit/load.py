@@ -119,9 +119,13 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     (``map_augment``), never used without augmentation labels, is dropped when the run's network has none."""
     fmt = checkpoint_format(path)
     if fmt == "diffusers":
-        raise CmkitError(
-            f"train.init_from={path} is a diffusers model: its UNet is not a cmkit network; give it as train.teacher"
-        )
+        if not isinstance(model, LCMDenoiser):
+            raise CmkitError(
+                f"train.init_from={path} is a diffusers model: its UNet is not a cmkit network (a diffusers student "
+                "is model.arch=diffusers); give it as train.teacher"
+            )
+        _init_diffusers_unet(model, path)
+        return
     if fmt == "model-dir":
         d = read_model_dir(path, "denoiser")
         sd = read_safetensors(d.weights)
@@ -158,6 +162,16 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
     if not model_cfg.augment_dim:
         state = {k: v for k, v in state.items() if not k.startswith("map_augment.")}
     load_state(model.net, state, str(path), f"the run's {model_cfg.arch} network")
+
+
+def _init_diffusers_unet(model: LCMDenoiser, path: str | Path) -> None:
+    """Load the UNet weights of the diffusers directory ``path`` into an ``lcm_student``. LCM's guidance input
+    (``time_embedding.cond_proj``, absent from the teacher) starts at zero, so the student starts as the teacher
+    (diffusers' LCM scripts leave it at its random initialisation)."""
+    source = read_diffusers_dir(path).unet.state_dict()
+    own = model.unet.state_dict()
+    fresh = {k: torch.zeros_like(v) for k, v in own.items() if k.startswith("time_embedding.cond_proj.")}
+    load_state(model.unet, {**fresh, **source}, str(path), "the UNet of model.diffusers")
 
 
 #: The model fields that decide how a network embeds σ (the noise input and its features).
@@ -204,4 +218,7 @@ def load_model(
         )
     model = cfg.model.build()
     load_safetensors(model, d.path / weights)
+    root = pipeline_root(cfg.model.diffusers) if cfg.model.arch == "diffusers" else None
+    if root is not None:  # an LCM distilled from a text-to-image pipeline: the pipeline's prompts
+        model.prompt_encoder = PromptEncoder.load(root)
     return model.to(device).eval().requires_grad_(False), cfg

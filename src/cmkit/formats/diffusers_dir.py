@@ -102,6 +102,33 @@ def load_diffusers_unet(unet_dir: Path) -> Any:
     return unet.eval().requires_grad_(False)
 
 
+def read_schedule(path: str | Path) -> tuple[Path, Any, str, dict[str, Any]]:
+    """(UNet directory, alphas_cumprod, prediction type, scheduler config) of a diffusers directory, without
+    reading any weights."""
+    unet_dir, scheduler_file = locate(path)
+    scheduler_config = _read_json(scheduler_file)
+    alphas_cumprod, prediction_type = schedule_of(scheduler_config, str(scheduler_file))
+    return unet_dir, alphas_cumprod, prediction_type, scheduler_config
+
+
+def unet_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a diffusers directory's UNet (the pipeline's ``unet/`` or the directory itself)."""
+    unet_dir, _ = locate(path)
+    return _read_json(unet_dir / "config.json")
+
+
+def fresh_unet(unet_dir: Path, **changes: Any) -> Any:
+    """The UNet that ``unet_dir``'s config describes, freshly initialised (``from_config``; no weights read), with
+    config ``changes`` (e.g. ``time_cond_proj_dim``, LCM's guidance input)."""
+    diffusers = optional_import("diffusers", "sd", "a diffusers model")
+    cls = getattr(diffusers, unet_class(unet_dir) or "UNet2DModel")
+    config = {k: v for k, v in _read_json(unet_dir / "config.json").items() if not k.startswith("_")}
+    try:
+        return cls.from_config({**config, **changes})
+    except (ValueError, TypeError) as e:
+        raise CmkitError(f"{unet_dir}: cannot build its {cls.__name__} ({one_line(e, 200)})") from None
+
+
 @dataclass
 class DiffusersModel:
     """What a diffusers directory holds for a denoiser: its UNet (eval mode), the schedule's ``alphas_cumprod``,

@@ -143,8 +143,8 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
 
     def teacher_for(self, ref: str, _seen: tuple[str, ...] = ()) -> str | None:
         """The teacher of a distilled model: its recorded teacher when it can be found (followed on when that is
-        itself a consistency model, as TCM's frozen first stage), else a shipped EDM model of the same data and
-        size; a diffusion model is its own."""
+        itself a consistency model, as TCM's frozen first stage), else a shipped EDM model of the same data, size
+        and space (pixels, or the same autoencoder's latents); a diffusion model is its own."""
         m = self.load(ref)
         if not m.is_cm:
             return ref
@@ -162,13 +162,17 @@ class Backend(SampleTab, EditTab, DecodeTab, RunsTab):
                 return self.teacher_for(found, (*_seen, ref, teacher))
         for name in shipped_models():
             try:
-                cfg = json.loads((models_root() / name / "config.json").read_text())["config"]
+                meta = json.loads((models_root() / name / "config.json").read_text())
+                cfg = meta["config"]
             except (OSError, ValueError, KeyError):
+                continue
+            if meta.get("kind", "denoiser") != "denoiser":  # a shipped autoencoder or decoder
                 continue
             if (
                 is_diffusion(cfg["model"].get("precond"), cfg.get("loss", {}).get("method"))
                 and cfg["data"].get("name") == m.cfg.data.name
-                and cfg["model"].get("img_resolution") == m.resolution
+                and cfg["model"].get("img_resolution") == m.cfg.model.img_resolution
+                and (cfg.get("latent") or {}).get("autoencoder", "") == m.cfg.latent.autoencoder  # same space
             ):
                 return name
         return None

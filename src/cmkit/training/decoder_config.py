@@ -91,7 +91,7 @@ class AutoencoderRunConfig(RunConfig):
 class DecoderModelConfig:
     """The decoder UNet and the autoencoder whose latents condition it."""
 
-    autoencoder: str = "runs/fmnist-ae"  # a trained autoencoder (model or run directory)
+    autoencoder: str = "fmnist-ae"  # a trained autoencoder (model or run directory, or the shipped name)
     block_out_channels: tuple[int, ...] = (16, 32, 32, 32)  # widths of the UNet levels
     layers_per_block: int = 1  # residual blocks per down level
     norm_num_groups: int = 8  # GroupNorm groups

@@ -1,10 +1,12 @@
 """Training diffusion teachers (EDM, progressive distillation) and consistency models (CD, CT, iCT, ECT, sCT, sCD,
-MeanFlow, TCM): the ``DenoiserTask`` of the loop.
+MeanFlow, TCM, LCM): the ``DenoiserTask`` of the loop.
 
 The loop (``cmkit.training.loop``) does everything every run shares; this task holds what is particular to a
 denoiser ``model(x, sigma, class_labels=None) -> x0``: the method's loss on a deterministic batch, the
 teacher (CD), the target network θ⁻ where the method has one (CT; CD with μ > 0), and 1-/2-step (CM) or
-Heun (EDM) sample grids with fixed per-sample seeds.
+Heun (EDM) sample grids with fixed per-sample seeds. A text-to-image teacher (a Stable Diffusion pipeline directory)
+trains on captioned images (``data.name=captions``): each batch's captions go through the pipeline's text encoder,
+and the empty prompt is the unconditional branch of the guided teacher (LCM, LCM-LoRA).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..datasets import Batches, ImageData, load_dataset
 from ..denoiser_config import Config
 from ..ema import ema_update, make_copy
 from ..errors import CmkitError
+from ..formats.diffusers_dir import is_diffusers_vae
 from ..formats.model_dir import LORA_FILE
 from ..generate import multistep_sigmas
 from ..imageio import save_grid
@@ -35,10 +38,11 @@ from ..latent import (
     check_latent_shape,
     load_images,
     sample_statistics,
+    vae_standardisation,
 )
 from ..load import init_from, load_denoiser
 from ..nets.autoencoder import KLAutoencoder
-from ..nets.lora import add_lora, lora_state_dict, merge_lora
+from ..nets.lora import LCM_LORA_TARGETS, add_lora, lora_state_dict, merge_lora
 from ..sampling import edm_sigmas, per_sample_generators, sample_heun, sample_multistep, sample_progdist
 from ..shards import ShardSet
 from .task import Context
@@ -67,8 +71,9 @@ class DenoiserTask:
         if t.lora_rank:  # LCM-LoRA: only low-rank adapters on the init_from weights train
             if t.parallel == "fsdp" and ctx.world > 1:
                 raise CmkitError("train.lora_rank trains small adapters: use train.parallel=ddp, not fsdp")
-            add_lora(self.model, t.lora_rank, t.lora_alpha or None)
+            add_lora(self._backbone(), t.lora_rank, t.lora_alpha or None, self._lora_targets())
         self.teacher = self._load_teacher() if self.objective.needs_teacher else None  # also adopts its latent space
+        self.prompts = self._prompt_encoder()  # a text teacher's (None otherwise)
         self.latent: LatentSpace | None = None
         if cfg.latent.autoencoder:  # latent diffusion / LCM: batches are encoded by the frozen autoencoder
             data = self._latent_data()
@@ -78,15 +83,63 @@ class DenoiserTask:
             )
         if cfg.model.num_classes and data.labels is None:
             raise CmkitError(f"model.num_classes={cfg.model.num_classes} but data set {cfg.data.name!r} has no labels")
+        if self.prompts is not None and data.captions is None:
+            raise CmkitError(
+                f"teacher {t.teacher} is text-conditioned: train on captioned images (data.name=captions "
+                f"data.root=FOLDER), not data set {cfg.data.name!r}"
+            )
         self.batches = Batches(
             data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world, cfg.data.workers, t.accum
         )
         self.target = make_copy(self.model) if self.objective.target_mu(0) is not None else None
 
+    def _backbone(self) -> nn.Module:
+        """The network the LoRA adapters go on: the diffusers UNet of ``model.arch=diffusers``, else the model."""
+        return self.model.unet if self.cfg.model.arch == "diffusers" else self.model
+
+    def _lora_targets(self) -> tuple[str, ...] | None:
+        """LCM-LoRA's layers in a diffusers UNet; every linear and convolution of a cmkit network."""
+        return LCM_LORA_TARGETS if self.cfg.model.arch == "diffusers" else None
+
+    def _prompt_encoder(self) -> nn.Module | None:
+        """A text-to-image teacher's prompt encoder (``cmkit.prompts``), with the empty prompt's embedding as
+        ``null_text``; None for any other teacher."""
+        if not getattr(self.teacher, "text_conditioned", False):
+            return None
+        encoder, path = getattr(self.teacher, "prompt_encoder", None), self.cfg.train.teacher
+        if encoder is None:
+            raise CmkitError(
+                f"teacher {path} is a text-conditioned UNet without a tokenizer/ and text_encoder/ beside it: give "
+                "the pipeline directory (with model_index.json) as train.teacher"
+            )
+        if self.cfg.loss.method != "lcm":
+            raise CmkitError(f"a text-to-image teacher is distilled with loss.method=lcm (got {self.cfg.loss.method})")
+        encoder = encoder.to(self.ctx.device)
+        with torch.no_grad():
+            self.null_text = encoder([""])
+        return encoder
+
+    def _text(self, index: Tensor) -> dict[str, Tensor]:
+        """The text conditioning of the images at ``index`` of a captioned data set: their captions' embeddings
+        (``encoder_hidden_states``) and the empty prompt's (``null_text``, the teacher's unconditional branch)."""
+        captions = self.batches.data.captions
+        with torch.no_grad():
+            emb = self.prompts([captions[i] for i in index.tolist()])
+        return {"encoder_hidden_states": emb, "null_text": self.null_text}
+
     def _latent_data(self) -> ImageData | ShardSet:
         """The images padded to the autoencoder's side; the latent standardisation measured on them (unless the
-        config gives it) and written into the config, with the side samples are cropped back to."""
+        config gives it) and written into the config, with the side samples are cropped back to. A pipeline's
+        ``vae/`` has its standardisation in its config (``cmkit.latent.vae_standardisation``)."""
         cfg, lat = self.cfg, self.cfg.latent
+        if is_diffusers_vae(lat.autoencoder):
+            data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, lat.image_size)
+            self.latent = LatentSpace.load(cfg, self.ctx.device)
+            if not lat.mean:
+                vae_config = self.latent.ae.config
+                lat.mean, lat.std = vae_standardisation(vae_config, vae_config.latent_channels, cfg.model.sigma_data)
+                self.latent = LatentSpace.load(cfg, self.ctx.device)
+            return data
         check_latent_shape(cfg, autoencoder_config(lat.autoencoder))
         data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, lat.image_size)
         ae = KLAutoencoder.from_pretrained(lat.autoencoder, device=self.ctx.device)
@@ -109,7 +162,8 @@ class DenoiserTask:
             what = "a diffusion model" if want == "edm" else f"a consistency model (precond {want})"
             raise CmkitError(f"teacher {self.cfg.train.teacher} is not {what}; loss.method={self.name} needs one")
         lcm = hasattr(self.objective, "draw_guidance")  # LCM guides the teacher at every step
-        if lcm or getattr(self.objective, "guidance", 1.0) != 1.0:
+        text = getattr(teacher, "text_conditioned", False)  # guided by the empty prompt (``_prompt_encoder``)
+        if (lcm or getattr(self.objective, "guidance", 1.0) != 1.0) and not text:
             what = "loss.method=lcm" if lcm else "loss.guidance"
             if not tcfg.model.num_classes:
                 raise CmkitError(f"{what} needs a class-conditional teacher; {self.cfg.train.teacher} is unconditional")
@@ -160,6 +214,8 @@ class DenoiserTask:
         if self.latent is not None:
             x0 = self.latent.encode(x0)
         cond = {"class_labels": labels} if self.cfg.model.num_classes else {}
+        if self.prompts is not None:  # captioned images: labels are the image indices
+            cond = self._text(labels)
         target = self.target if self.target is not None else self.model  # stopgrad(θ) when there is no θ⁻
         keyed = t.noise == "per_sample"
         with noise.per_sample(t.seed, step, self.batches.positions(micro)) if keyed else contextlib.nullcontext():
@@ -190,7 +246,9 @@ class DenoiserTask:
 
     def export_files(self, model: nn.Module) -> dict[str, dict[str, Tensor]]:
         """A LoRA run's adapters as ``lora.safetensors`` in diffusers' key format (``cmkit.nets.lora``)."""
-        return {LORA_FILE: lora_state_dict(model)} if self.cfg.train.lora_rank else {}
+        if not self.cfg.train.lora_rank:
+            return {}
+        return {LORA_FILE: lora_state_dict(model.unet if self.cfg.model.arch == "diffusers" else model)}
 
     def _pixels(self, x: Tensor) -> Tensor:
         """A grid's samples as images: latents decoded by the autoencoder."""
@@ -202,6 +260,9 @@ class DenoiserTask:
         n = s.grid_size
         shape = (n, c.in_channels, c.img_resolution, c.img_resolution)
         cond = {"class_labels": torch.arange(n, device=device) % c.num_classes} if c.num_classes else {}
+        if self.prompts is not None:  # the captions of the first images
+            first = torch.arange(n) % len(self.batches.data)
+            cond = {"encoder_hidden_states": self._text(first)["encoder_hidden_states"]}
         if getattr(model, "takes_guidance", False):  # an LCM model: its guidance-scale input
             cond["guidance"] = torch.full((n,), s.guidance, device=device)
         gens = per_sample_generators(range(n), device)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import apply_overrides, set_value
+from ..datasets import CAPTIONS_LAYOUT
 from ..errors import CmkitError
 from ..files import read_json
 from ..formats.cifar10 import CIFAR10_TRAIN
@@ -78,7 +79,7 @@ FMNIST_LATENT_NET = {  # a UNet on fmnist-ae's latents: Fashion-MNIST padded to 
     "model.attn_resolutions": (4,),
     "model.num_classes": 10,
     "data.name": "fashion_mnist",
-    "latent.autoencoder": "runs/fmnist-ae",
+    "latent.autoencoder": "fmnist-ae",  # the shipped autoencoder (`cmkit train --preset fmnist-ae` for your own)
     "latent.image_size": 32,
     "train.batch_size": 128,
     "train.log_every": 25,
@@ -885,7 +886,37 @@ PRESETS: dict[str, Preset] = {
     # --- the latent stack in miniature (cmkit.latent): fmnist-ae's latents → a guided teacher → LCM -----------
     "fmnist-ldm": Preset(
         "class-conditional latent EDM teacher on fmnist-ae's 2×8×8 latents (10% label dropout), Heun 18; CPU",
-        {**FMNIST_LATENT_NET, **FMNIST_EDM, "loss.label_dropout": 0.1, "train.steps": 4000},
+        {**FMNIST_LATENT_NET, **FMNIST_EDM, "loss.label_dropout": 0.1, "train.steps": 2500},
+    ),
+    # --- Stable Diffusion (a local diffusers pipeline directory; the recipes of diffusers' LCM scripts) ----------
+    "sd-lcm-lora": Preset(
+        "LCM-LoRA (Luo et al. 2023): rank-64 adapters on a Stable Diffusion 1.5 pipeline's UNet (train.teacher=DIR, "
+        "a local diffusers copy) trained on captioned images (data.root=FOLDER), sampled in 2–8 steps; a GPU run",
+        {
+            "model.arch": "diffusers",  # the teacher's UNet (model.diffusers defaults to train.teacher)
+            "data.name": "captions",
+            "loss.method": "lcm",
+            "loss.grid": "teacher",  # LCM's skipping-step grid: 50 of the 1,000 timesteps (k = 20)
+            "loss.num_scales": 50,
+            "loss.solver": "euler",  # DDIM, exactly (cmkit.losses.lcm)
+            "loss.mu": 0.0,  # no EMA target for LCM-LoRA (diffusers#6505)
+            "loss.distance": "pseudo_huber",
+            "loss.huber_c": 0.001,
+            "loss.guidance_min": 6.0,  # ω ∈ [5, 15] in LCM's form x0_c + ω(x0_c − x0_u), w = 1 + ω
+            "loss.guidance_max": 16.0,
+            "train.teacher": "stable-diffusion-v1-5",
+            "train.lora_rank": 64,
+            "train.optimizer": "adam",
+            "train.lr": 1e-4,
+            "train.batch_size": 12,
+            "train.steps": 1000,
+            "train.ema_rates": (),  # the adapters as trained
+            "train.log_every": 10,
+            "train.sample_every": 250,
+            "train.ckpt_every": 250,
+            "sample.sampler": "multistep",
+            "sample.grid_size": 4,
+        },
     ),
     "fmnist-lcm": Preset(
         "latent consistency model (LCM) of fmnist-ldm: one class-conditional 1–4-step model for every guidance "
@@ -967,7 +998,7 @@ def missing_inputs(cfg: Any, raise_error: bool = False) -> list[str]:
     sections = {name: getattr(cfg, name, None) for name in ("data", "train", "loss", "model")}
     wanted: list[tuple[str, str]] = []
     data = sections["data"]
-    if data is not None and getattr(data, "name", "") in ("npz", "folder", "mnist", "shards"):
+    if data is not None and getattr(data, "name", "") in ("npz", "folder", "captions", "mnist", "shards"):
         wanted.append(("data.root", data.root))
     for key in ("train.teacher", "train.init_from"):
         section, field_name = key.split(".")
@@ -985,12 +1016,16 @@ def missing_inputs(cfg: Any, raise_error: bool = False) -> list[str]:
     for key, value in wanted:
         if not value or not (Path(value).expanduser().exists() or value in shipped_models()):
             absent.setdefault(value or f"({key} is not set)", []).append(key)
-    missing = [
-        f"{', '.join(keys)}={value}: {_maker(keys[0], value)}"
-        if not value.startswith("(")
-        else f"{value}: {_maker(keys[0], '')}"
-        for value, keys in absent.items()
-    ]
+    diffusers = getattr(sections["model"], "arch", "") == "diffusers"
+    missing = []
+    for value, keys in absent.items():
+        if keys[0] == "data.root" and getattr(data, "name", "") == "captions":
+            maker = f"captioned images, {CAPTIONS_LAYOUT}"
+        elif keys[0] == "train.teacher" and diffusers:
+            maker = "a local diffusers pipeline directory (Stable Diffusion 1.5: model_index.json, unet/, vae/, …)"
+        else:
+            maker = _maker(keys[0], "" if value.startswith("(") else value)
+        missing.append(f"{value}: {maker}" if value.startswith("(") else f"{', '.join(keys)}={value}: {maker}")
     if missing and raise_error:
         raise CmkitError(f"{len(missing)} input file(s) missing: " + "; ".join(missing))
     return missing
