@@ -157,7 +157,9 @@ def test_lcm_lora_trains_on_captioned_images_and_diffusers_samples_the_same_imag
     diffusers' ``load_lora_weights`` into ``StableDiffusionPipeline`` with ``LCMScheduler`` gives, in one step from
     the same latents, the images ``cmkit sample`` gives from the exported model."""
     from cmkit.datasets import load_captions
+    from cmkit.imageio import to_uint8
     from cmkit.nets.lora import LCM_LORA_TARGETS
+    from cmkit.serve.backend import Backend
 
     folder = write_captioned(tmp_path / "captioned")
     assert load_captions(str(folder), 16, 3).captions == ["a dog on a hill", "a cat"] * 3
@@ -184,6 +186,8 @@ def test_lcm_lora_trains_on_captioned_images_and_diffusers_samples_the_same_imag
     latents = sigma * eps / (1 + sigma**2) ** 0.5
     theirs = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt").images
     torch.testing.assert_close(ours, theirs * 2 - 1, atol=1e-4, rtol=0)
+    page = Backend(allow=[tmp_path]).sample(str(run), "auto", 1, "", 0, 2, "", None, "a cat\na dog on a hill")
+    assert np.array_equal(page.native, to_uint8(ours))  # the web page's prompt field: the same images
     pipe.unload_lora_weights()  # the adapters matter: without them diffusers gives other images
     plain = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt").images
     assert (plain - theirs).abs().amax() > 1e-3

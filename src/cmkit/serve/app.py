@@ -246,6 +246,15 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
                     "", label="σ list for multistep (e.g. 80,1.9233; empty: from steps)", elem_id="sample-sigmas"
                 )
                 s_class = gr.Textbox("", label="class label(s), conditional models only", elem_id="sample-class")
+                s_guidance = gr.Number(
+                    0,
+                    label="guidance scale w (0: the model's own; LCM models and label-dropout diffusion models)",
+                    minimum=0,
+                    elem_id="sample-guidance",
+                )
+                s_prompt = gr.Textbox(
+                    "", lines=2, label="prompts, one per line (text-to-image pipelines)", elem_id="sample-prompt"
+                )
                 s_run = gr.Button("Generate", variant="primary", elem_id="sample-run")
             with gr.Column(scale=2):
                 s_status = gr.Markdown(elem_id="sample-status")
@@ -261,8 +270,10 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
 
     model_changed = partial(_model_summary, backend)
 
-    def do_sample(ref: str, sampler: str, steps: Any, sigmas: str, seed: Any, n: Any, classes: str) -> tuple:
-        r = backend.sample(ref, sampler, steps, sigmas, seed, n, classes)
+    def do_sample(
+        ref: str, sampler: str, steps: Any, sigmas: str, seed: Any, n: Any, classes: str, w: Any, prompts: str
+    ) -> tuple:
+        r = backend.sample(ref, sampler, steps, sigmas, seed, n, classes, w, prompts)
         return r.images["grid"], r.info
 
     def do_compare(ref: str, teacher: str, tsteps: Any, seed: Any, n: Any) -> tuple:
@@ -272,7 +283,8 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
     outputs = [s_info, s_schedule, compare.teacher, s_sampler, s_steps, s_status]
     s_model.change(guarded(model_changed, len(outputs)), s_model, outputs)
     s_schedule.change(lambda v: v.split(":", 1)[1].strip() if v and ":" in v else gr.skip(), s_schedule, s_sigmas)
-    s_run.click(guarded(do_sample, 2), [s_model, s_sampler, s_steps, s_sigmas, s_seed, s_n, s_class], [s_out, s_status])
+    inputs = [s_model, s_sampler, s_steps, s_sigmas, s_seed, s_n, s_class, s_guidance, s_prompt]
+    s_run.click(guarded(do_sample, 2), inputs, [s_out, s_status])
     compare.button.click(
         guarded(do_compare, 3),
         [s_model, compare.teacher, compare.steps, s_seed, s_n],

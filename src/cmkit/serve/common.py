@@ -268,11 +268,11 @@ def as_int(value: Any, what: str, low: int, high: int) -> int:
     return v
 
 
-def as_float(value: Any, what: str, low: float, high: float) -> float:
+def as_float(value: Any, what: str, low: float, high: float, range_name: str = "the model's σ range") -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise CmkitError(f"{what} must be a number; got {value!r}") from None
     if not math.isfinite(v) or not low <= v <= high:
-        raise CmkitError(f"{what} must lie in the model's σ range [{low:g}, {high:g}]; got {value!r}")
+        raise CmkitError(f"{what} must lie in {range_name} [{low:g}, {high:g}]; got {value!r}")
     return v

@@ -9,7 +9,7 @@ from ..generate import sample_images
 from ..imageio import to_uint8
 from ..inputs import check_seed, parse_sigmas
 from ..schedules import off_grid_note
-from .common import MAX_PAGE_STEPS, MAX_SAMPLES, Result, as_int, grid_image
+from .common import MAX_PAGE_STEPS, MAX_SAMPLES, Result, as_float, as_int, grid_image
 
 
 class SampleTab:
@@ -24,8 +24,14 @@ class SampleTab:
         seed: int = 0,
         n: int = 16,
         classes: str = "",
+        guidance: float | None = None,
+        prompts: str = "",
     ) -> Result:
+        """``n`` images of model ``ref``; ``guidance`` w (None or 0: the model's own), ``prompts`` one per line
+        (cycled; a text-to-image pipeline's)."""
         n, seed = as_int(n, "number of images", 1, MAX_SAMPLES), as_int(seed, "seed", 0, 2**62)
+        w = None if guidance in (None, "", 0) else as_float(guidance, "guidance scale w", 0.0, 30.0, "the range")
+        texts = [line.strip() for line in (prompts or "").splitlines() if line.strip()] or None
         steps = None if steps in (None, "", 0) else as_int(steps, "steps", 1, MAX_PAGE_STEPS)
         check_seed(seed, count=n)
         sigma_list = parse_sigmas(sigmas) if (sigmas or "").strip() else None
@@ -41,6 +47,8 @@ class SampleTab:
             steps=steps,
             sigmas=sigma_list,
             classes=classes or None,
+            guidance=w,
+            prompts=texts,
             seed=seed,
             batch_size=MAX_SAMPLES,
             device=self.device,
