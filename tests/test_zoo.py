@@ -1,5 +1,5 @@
-"""The shipped models (five Fashion-MNIST, one colour emoji, the PD baseline): present, loadable by name,
-documented, and sampling and editing correctly."""
+"""The shipped models (Fashion-MNIST, one colour emoji, the PD baseline, the latent stack's autoencoder and LCM):
+present, loadable by name, documented, and sampling and editing correctly."""
 
 import json
 
@@ -12,12 +12,13 @@ from cmkit.load import load_model
 
 SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect", "emoji-ect", "fmnist-tcm")
 BASELINES = ("fmnist-pd",)  # progressive distillation (a diffusion model sampled in 1-4 Euler steps)
+LATENT = ("fmnist-ae", "fmnist-lcm")  # the latent stack: the autoencoder and the LCM decoded by it
 
 
 def test_the_models_are_shipped_with_recipes_under_40_mb():
-    assert set(SHIPPED + BASELINES) <= set(shipped_models())
+    assert set(SHIPPED + BASELINES + LATENT) <= set(shipped_models())
     total = 0
-    for name in SHIPPED + BASELINES:
+    for name in SHIPPED + BASELINES + LATENT:
         d = shipped_model_dir(name)
         meta = json.loads((d / "config.json").read_text())
         recipe = meta["recipe"]
@@ -35,6 +36,36 @@ def test_shipped_consistency_models_keep_the_boundary_condition(name):
     with torch.no_grad():
         out = model(x, torch.full((2,), cfg.model.sigma_min))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_the_shipped_lcm_samples_each_class_and_scale_through_the_shipped_autoencoder(tmp_path, monkeypatch):
+    """``fmnist-lcm`` names the shipped ``fmnist-ae`` (with the same weights as the autoencoder it was trained on):
+    its boundary condition holds at every w, and ``cmkit sample --class 7 --guidance 3 --steps 1|2|4`` writes
+    28×28 images decoded by it."""
+    import numpy as np
+
+    model, cfg = load_model("fmnist-lcm")
+    assert cfg.latent.autoencoder == "fmnist-ae" and cfg.latent.crop == 28 and model.takes_guidance
+    x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for w in (1.0, 4.0):
+            out = model(x, torch.full((2,), cfg.model.sigma_min), class_labels=torch.tensor([7, 7]), guidance=w)
+            torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    for steps in (1, 2, 4):
+        npz = tmp_path / f"s{steps}.npz"
+        argv = ["sample", "--model", "fmnist-lcm", "--class", "7", "--guidance", "3", "--steps", str(steps)]
+        assert main([*argv, "-n", "4", "-o", "", "--npz", str(npz)]) == 0
+        a = np.load(npz)
+        assert a["arr_0"].shape == (4, 28, 28, 1) and a["arr_0"].std() > 10 and (a["arr_1"] == 7).all()
+    from cmkit.serve.backend import Backend
+
+    monkeypatch.chdir(tmp_path)  # its recorded teacher, runs/fmnist-ldm, is not here
+    page = Backend(runs=tmp_path)
+    assert page.teacher_for("fmnist-lcm") is None  # the pixel-space fmnist-edm is not its teacher
+    # the page's guidance field is the model's w input: w = 3 is what the CLI wrote, w = 1 other images
+    three = page.sample("fmnist-lcm", "multistep", 2, "", 0, 4, "7", 3.0)
+    assert np.array_equal(three.native, np.load(tmp_path / "s2.npz")["arr_0"])
+    assert not np.array_equal(page.sample("fmnist-lcm", "multistep", 2, "", 0, 4, "7", 1.0).native, three.native)
 
 
 def test_sample_cli_takes_a_shipped_name(tmp_path):

@@ -398,6 +398,7 @@ class Config(RunConfig):
         t.init_from = t.init_from or m.diffusers
         if not Path(m.diffusers).expanduser().is_dir():
             return  # named but absent: `missing_inputs` says so, before anything is built
+        m.diffusers = str(Path(m.diffusers).expanduser().resolve())  # the exported model finds it from anywhere
         unet = unet_config(m.diffusers)
         size = unet.get("sample_size") or 0
         m.img_resolution = int(size[0] if isinstance(size, (list, tuple)) else size)

@@ -73,7 +73,7 @@ def _pipeline_latents(cfg: Any, root: Path) -> None:
         return
     vae_config = SimpleNamespace(**json.loads((vae / "config.json").read_text()))
     channels, factor = cfg.model.in_channels, 2 ** (len(vae_config.block_out_channels) - 1)
-    cfg.latent.autoencoder = str(vae)
+    cfg.latent.autoencoder = str(vae.resolve())  # a student records it: found again from any directory
     cfg.latent.image_size = cfg.model.img_resolution * factor
     cfg.latent.mean, cfg.latent.std = vae_standardisation(vae_config, channels, cfg.model.sigma_data)
 

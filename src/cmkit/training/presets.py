@@ -930,7 +930,7 @@ PRESETS: dict[str, Preset] = {
             "loss.mu": 0.95,
             "loss.guidance_min": 1.0,
             "loss.guidance_max": 4.0,
-            "train.steps": 2000,
+            "train.steps": 1500,
             "train.lr": 1e-4,
             "train.teacher": "runs/fmnist-ldm",
             "train.init_from": "runs/fmnist-ldm",
