@@ -414,10 +414,13 @@ def test_two_processes_end_with_identical_weights(preset, overrides, tmp_path):
         port,
         str(script),
         preset,
-        str(tmp_path / "run"),
-        *overrides,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):  # once more only after gloo's rare abort at teardown (seen once on a 2-core CI run)
+        proc = subprocess.run(
+            [*cmd, str(tmp_path / f"run{attempt}"), *overrides], capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     # on failure: the lines that say why (a child's abort message comes long before torchrun's summary)
     why = [
         line for line in proc.stderr.splitlines() if any(w in line for w in ("rror", "xception", "terminate", "bort"))

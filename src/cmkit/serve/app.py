@@ -246,15 +246,7 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
                     "", label="σ list for multistep (e.g. 80,1.9233; empty: from steps)", elem_id="sample-sigmas"
                 )
                 s_class = gr.Textbox("", label="class label(s), conditional models only", elem_id="sample-class")
-                s_guidance = gr.Number(
-                    0,
-                    label="guidance scale w (0: the model's own; LCM models and label-dropout diffusion models)",
-                    minimum=0,
-                    elem_id="sample-guidance",
-                )
-                s_prompt = gr.Textbox(
-                    "", lines=2, label="prompts, one per line (text-to-image pipelines)", elem_id="sample-prompt"
-                )
+                s_guidance, s_prompt = _conditioning_fields()
                 s_run = gr.Button("Generate", variant="primary", elem_id="sample-run")
             with gr.Column(scale=2):
                 s_status = gr.Markdown(elem_id="sample-status")
@@ -291,6 +283,20 @@ def _sample_tab(backend: Backend, models: _Models) -> _Tab:
         [compare.cm, compare.te, compare.status],
     )
     return _Tab(model=s_model, outputs=outputs, model_changed=model_changed)
+
+
+def _conditioning_fields() -> tuple[Any, Any]:
+    """The Sample tab's guidance scale w and prompts (one per line) fields."""
+    import gradio as gr
+
+    guidance = gr.Number(
+        0,
+        label="guidance scale w (0: the model's own; LCM models and label-dropout diffusion models)",
+        minimum=0,
+        elem_id="sample-guidance",
+    )
+    prompt = gr.Textbox("", lines=2, label="prompts, one per line (text-to-image pipelines)", elem_id="sample-prompt")
+    return guidance, prompt
 
 
 def _model_summary(backend: Backend, ref: str) -> tuple:
