@@ -138,7 +138,7 @@ class DenoiserTask:
             if not lat.mean:
                 vae_config = self.latent.ae.config
                 lat.mean, lat.std = vae_standardisation(vae_config, vae_config.latent_channels, cfg.model.sigma_data)
-                self.latent = LatentSpace.load(cfg, self.ctx.device)
+                self.latent = LatentSpace.from_autoencoder(cfg, self.latent.ae)  # the VAE already loaded
             return data
         check_latent_shape(cfg, autoencoder_config(lat.autoencoder))
         data = load_images(cfg.data.name, cfg.data.root, cfg.data.split, lat.image_size)
