@@ -51,8 +51,11 @@ CONTINUOUS = ("fmnist-sct", "fmnist-scd", "fmnist-meanflow", "fmnist-tcm")
 # sCT and sCD start from the EDM teacher re-tuned to sCM's time input c_noise = t (fmnist-trigflow); its own
 # Heun-35 row shows what that conversion costs
 SCM_TEACHER = "fmnist-trigflow"
-# one-step quality (issue 21): consistency mid-training from the teacher, then ECT at a small Δt after it
-ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect", "fmnist-cmt-tcm")
+# one-step quality (issue 21): consistency mid-training from the teacher, then ECT at a small Δt after it; Align Your
+# Flow's flow map distilled from the teacher autoguided by fmnist-edm-weak
+ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect", "fmnist-cmt-tcm", "fmnist-ayf")
+#: the two-time flow maps, also measured with their deterministic flow-map sampler (no re-noising)
+FLOW_MAPS = ("fmnist-meanflow", "fmnist-ayf")
 # the latent stack in miniature (issue 22): a class-conditional latent EDM teacher on fmnist-ae's 2×8×8 latents and
 # the LCM distilled from it (at its sample.guidance w); both decoded by the autoencoder, FD of the decoded images.
 # The teacher is sampled under classifier-free guidance at the LCM's w (two evaluations per step): what LCM distils
@@ -70,9 +73,9 @@ def settings(heun: list[int]) -> list[tuple[str, str, int]]:
     rows.append((SCM_TEACHER, "heun", 18))
     for name in CONTINUOUS:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
-    rows += [("fmnist-meanflow", "flowmap", 2), ("fmnist-meanflow", "flowmap", 4)]
     for name in ONESTEP:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
+    rows += [(name, "flowmap", s) for name in FLOW_MAPS for s in (2, 4)]
     rows.append((LATENT_TEACHER, "heun", 18))
     for name in LATENT:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]

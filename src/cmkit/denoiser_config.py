@@ -22,14 +22,14 @@ from .losses.options import options_of, parameters
 from .nets import ARCHS, build_net
 from .nets.blocks import set_checkpointing
 from .nets.edm import VEPrecond, VPPrecond
-from .precond import Precond
+from .precond import TWO_TIME_KINDS, Precond
 from .sampling import SAMPLER_NAMES
 from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 Arch = Literal[(*ARCHS, "diffusers")]  # type: ignore[valid-type]  # unet mlp adm ddpmpp ncsnpp dhariwal (cmkit.nets)
 # and diffusers (a diffusers UNet as an LCM student: cmkit.discrete_vp.lcm_student)
 Embedding = Literal["positional", "fourier"]
-PrecondKind = Literal["edm", "cm", "vp", "ve", "trigflow", "meanflow"]
+PrecondKind = Literal["edm", "cm", "vp", "ve", "trigflow", "meanflow", "flowmap"]
 Method = Literal[tuple(LOSSES)]  # type: ignore[valid-type]  # edm cd ct ict ect pd sct scd meanflow tcm (cmkit.losses)
 TimeInput = Literal["default", "t", "log_sigma"]
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # the registry of cmkit.sampling
@@ -151,8 +151,8 @@ class ModelConfig:
         )
         require(self.time_inputs in (1, 2), f"model.time_inputs must be 1 or 2, got {self.time_inputs}")
         require(
-            self.precond != "meanflow" or self.time_inputs == 2,
-            "model.precond=meanflow needs model.time_inputs=2 (a flow map takes two times)",
+            self.precond not in TWO_TIME_KINDS or self.time_inputs == 2,
+            f"model.precond={self.precond} needs model.time_inputs=2 (a flow map takes two times)",
         )
         require(
             self.time_inputs == 1 or self.arch in ("unet", "mlp", "diffusers"),
@@ -312,9 +312,16 @@ class CMTrainConfig(TrainConfig):
     init_from: str = ""  # initialise the online network from these weights (cd, ect: the teacher)
     lora_rank: int = 0  # > 0: train only rank-r adapters (LoRA) on the init_from weights (LCM-LoRA); 0 = all weights
     lora_alpha: float = 0.0  # the adapters' α (scale α/r; 0 = r, scale 1)
+    autoguide: str = ""  # a weaker version of the EDM teacher: distil D_weak + w·(D − D_weak) (autoguidance)
+    autoguide_w: float = 1.0  # w of autoguidance (1: the teacher alone)
 
     def check(self) -> None:
         super().check()
+        require(self.autoguide_w >= 1, f"train.autoguide_w must be at least 1 (1: off), got {self.autoguide_w}")
+        require(
+            self.autoguide_w == 1 or bool(self.autoguide),
+            f"train.autoguide_w={self.autoguide_w} guides the teacher by a weaker model: set train.autoguide=PATH",
+        )
         require(self.lora_rank >= 0, f"train.lora_rank must be 0 (off) or a rank ≥ 1, got {self.lora_rank}")
         require(self.lora_alpha >= 0, f"train.lora_alpha must be 0 (= the rank) or positive, got {self.lora_alpha}")
         require(
@@ -426,9 +433,10 @@ class Config(RunConfig):
             "cm": "a consistency model needs the boundary condition f(x, σ_min) = x",
             "trigflow": "sCM trains TrigFlow's f = cos t·x_t − sin t·σ_d·F_θ",
             "meanflow": "MeanFlow trains a two-time flow map (also set model.time_inputs=2)",
+            "flowmap": "AYF trains a two-time flow map in CTM's form (also set model.time_inputs=2)",
         }[want]
         require(m.precond == want, f"loss.method={method} needs model.precond={want} (got {m.precond}): {why}")
-        guidance_input = m.time_inputs == 2 and m.precond != "meanflow"
+        guidance_input = m.time_inputs == 2 and m.precond not in TWO_TIME_KINDS
         require(
             guidance_input == (method == "lcm") or m.arch == "diffusers",  # LCM-LoRA: no guidance input
             "model.time_inputs=2 outside meanflow is LCM's guidance-scale input: loss.method=lcm and "
@@ -453,6 +461,12 @@ class Config(RunConfig):
         require(
             distils or not self.train.teacher,
             f"train.teacher is only used by loss.method={users} (this run is {method})",
+        )
+        diffusion_users = [k for k, v in LOSSES.items() if v.needs_teacher and not hasattr(v, "teacher_precond")]
+        require(
+            not self.train.autoguide or method in diffusion_users,
+            f"train.autoguide guides a diffusion teacher: it applies to loss.method={', '.join(diffusion_users)} "
+            f"(this run is {method})",
         )
         for option, default in (("label_dropout", 0.0), ("guidance", 1.0)):
             value = getattr(self.loss, option)

@@ -27,6 +27,7 @@ from .guidance import Guided
 from .imageio import from_uint8, save_npz, write_npz_streamed
 from .inputs import class_labels
 from .latent import LatentSpace, RawDecoder
+from .precond import TWO_TIME_KINDS
 from .sampling import (
     SAMPLERS,
     edm_sigmas,
@@ -75,9 +76,9 @@ def resolve_sampler(
         raise CmkitError(f"this is a diffusion model: use --sampler {names}")
     if not cfg.is_diffusion() and family == "diffusion":
         raise CmkitError("this is a consistency model: use --steps 1|2|... or --sigmas")
-    if sampler == "flowmap" and c.precond != "meanflow":
+    if sampler == "flowmap" and c.precond not in TWO_TIME_KINDS:
         raise CmkitError(
-            "--sampler flowmap needs a two-time flow-map model (MeanFlow); this model has "
+            "--sampler flowmap needs a two-time flow-map model (MeanFlow, AYF); this model has "
             f"precond {c.precond}: use --steps or --sigmas"
         )
     if sampler == "onestep":

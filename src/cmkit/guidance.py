@@ -100,3 +100,31 @@ class Guided(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.denoiser, name)
+
+
+class AutoGuided(nn.Module):
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 1): a
+    diffusion model guided by a weaker version of itself (smaller, or trained for less long),
+
+        D_w(x, σ, c) = D_weak(x, σ, c) + w·(D(x, σ, c) − D_weak(x, σ, c)),
+
+    which sharpens the samples like CFG but keeps their variety, and needs no unconditional branch. Align Your
+    Flow (Sabour et al. 2025, §4) distils an autoguided teacher. w = 1 is the good model alone; each evaluation
+    costs one call of each model."""
+
+    def __init__(self, denoiser: nn.Module, weak: nn.Module, w: float):
+        super().__init__()
+        self.denoiser, self.weak, self.w = denoiser, weak, float(w)
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
+        good = self.denoiser(x, sigma, **cond)
+        if self.w == 1.0:
+            return good
+        bad = self.weak(x, sigma, **cond)
+        return bad + self.w * (good - bad)
+
+    def __getattr__(self, name: str):  # the losses read the teacher's own attributes (sigma_data, kind, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.denoiser, name)

@@ -11,6 +11,12 @@ Four kinds, one calling convention:
 - ``meanflow``: a two-time flow map of MeanFlow (Geng et al. 2025, arXiv 2505.13447): the
   backbone predicts the average velocity u(z_t, t, r) on the rectified path z_t = (1−t)·x0 + t·ε, with
   t = σ/(1+σ) and z_t = x_σ/(1+σ); as a denoiser x0 = z_t − t·u(z_t, t, 0), and ``flow_map`` jumps t → r.
+- ``flowmap``: a two-time flow map in CTM's parameterisation (Kim et al. 2024, Eq. 6), which Align Your Flow
+  distils (Sabour et al. 2025): the jump σ → σ_s is a DDIM step with a learned, s-dependent x0 estimate,
+  f(x_σ, σ, σ_s) = (σ_s/σ)·x_σ + (1 − σ_s/σ)·g_θ(x_σ, σ, σ_s), and g_θ is EDM's preconditioned denoiser whose
+  backbone also sees the target time s = σ_s/(1+σ_s) (a second, zero-initialised time input). So f(x, σ, σ) = x,
+  f(x, σ, 0) = g_θ is the consistency function, and a student initialised from an EDM teacher starts with the
+  teacher's velocity for every s (the flow-matching limit s → σ).
 
 σ arithmetic always runs in fp32, also under autocast.
 """
@@ -27,8 +33,10 @@ from .schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .tensors import append_dims, as_sigma
 from .trigflow import t_from_sigma
 
-Kind = Literal["edm", "cm", "trigflow", "meanflow"]
-PRECOND_KINDS = ("edm", "cm", "trigflow", "meanflow")
+Kind = Literal["edm", "cm", "trigflow", "meanflow", "flowmap"]
+PRECOND_KINDS = ("edm", "cm", "trigflow", "meanflow", "flowmap")
+#: The kinds whose backbone's second input is a time (a two-time flow map), not LCM's guidance scale.
+TWO_TIME_KINDS = ("meanflow", "flowmap")
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,7 +91,7 @@ class Precond(nn.Module):
             kinds such a second input is the guidance scale w the model was distilled for (LCM, Luo et al. 2023,
             §4.2: "ω as an input"); call the denoiser with ``guidance=w`` (B,) or a float.
         kind: ``"edm"`` (diffusion model / teacher), ``"cm"`` (consistency model, f(x, σ_min) = x),
-            ``"trigflow"`` (sCM) or ``"meanflow"`` (two-time flow map); see the module docstring.
+            ``"trigflow"`` (sCM), ``"meanflow"`` or ``"flowmap"`` (two-time flow maps); see the module docstring.
     """
 
     def __init__(
@@ -105,9 +113,14 @@ class Precond(nn.Module):
         self.trig_log_sigma = kind == "trigflow" and time_input == "log_sigma"
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
         #: a guidance-conditioned model (LCM): the backbone's second scalar input is w
-        self.takes_guidance = kind != "meanflow" and getattr(net, "emb_mlp2", None) is not None
+        self.takes_guidance = kind not in TWO_TIME_KINDS and getattr(net, "emb_mlp2", None) is not None
         if kind == "trigflow":
             self.logvar = AdaptiveWeight()
+
+    @property
+    def is_flow_map(self) -> bool:
+        """A two-time flow map (``meanflow``, ``flowmap``): ``flow_map(x, σ, σ_to)`` jumps between any two levels."""
+        return self.kind in TWO_TIME_KINDS
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.kind == "cm":
@@ -142,13 +155,13 @@ class Precond(nn.Module):
         """
         if param == "F" and self.kind == "trigflow":
             return self.trig_F(x, sigma, class_labels), self.logvar(self.trig_c_noise(sigma))
-        if param == "u" and self.kind == "meanflow" and r is not None:
+        if param == "u" and self.kind in TWO_TIME_KINDS and r is not None:
             return self.average_velocity(x, sigma, r, class_labels)
         if param != "x0":
             raise ValueError(f"param={param!r} does not apply to a {self.kind} model")
         x = x.float()
         sigma = as_sigma(sigma, x.shape[0], x.device)
-        if self.kind == "meanflow":
+        if self.kind in TWO_TIME_KINDS:
             return self.flow_map(x, sigma, torch.zeros_like(sigma), class_labels)
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
         F = self.net(c_in * x, self.c_noise(sigma), class_labels, *self.guidance_input(guidance, sigma))
@@ -172,16 +185,35 @@ class Precond(nn.Module):
 
     # --- MeanFlow (two-time flow map) ----------------------------------------------------------------
     def average_velocity(self, z: Tensor, t: Tensor, r: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """u_θ(z_t, t, r): the average velocity from time t back to time r ≤ t; the backbone sees (t, t − r)."""
+        """u_θ(z_t, t, r): the average velocity from time t back to time r ≤ t on the rectified path. MeanFlow's
+        backbone sees (t, t − r); a ``flowmap`` model's is u = (z_t − g_θ)/t (the slope of its DDIM step)."""
+        if self.kind == "flowmap":
+            tt = append_dims(t.float(), z.ndim)
+            sigma, sigma_to = t.float() / (1 - t.float()), r.float() / (1 - r.float())
+            return (z.float() - self.flowmap_x0(z / (1 - tt), sigma, sigma_to, class_labels)) / tt
         return self.net(z, t, class_labels, t - r).float()
+
+    def flowmap_x0(self, x: Tensor, sigma: Tensor, sigma_to: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """g_θ(x_σ, σ, σ_s) of a ``flowmap`` model: EDM's c_skip·x + c_out·F_θ(c_in·x, ln σ/4, s) with the target
+        time s = σ_s/(1+σ_s) ∈ [0, 1) as the second input (module docstring)."""
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in edm_scalings(sigma, self.sigma_data))
+        F = self.net(c_in * x, c_noise(sigma), class_labels, sigma_to / (1 + sigma_to))
+        with torch.autocast(x.device.type, enabled=False):
+            return c_skip * x + c_out * F.float()
 
     def flow_map(
         self, x: Tensor, sigma: Tensor | float, sigma_to: Tensor | float, class_labels: Tensor | None = None
     ) -> Tensor:
-        """The MeanFlow jump x_σ → x_{σ_to}: z_r = z_t − (t − r)·u(z_t, t, r), in EDM's x_σ = z/(1−t) scaling."""
+        """The jump x_σ → x_{σ_to}: MeanFlow's z_r = z_t − (t − r)·u(z_t, t, r), in EDM's x_σ = z/(1−t) scaling,
+        or a ``flowmap`` model's DDIM step (σ_to/σ)·x + (1 − σ_to/σ)·g_θ(x, σ, σ_to)."""
         x = x.float()
         sigma = as_sigma(sigma, x.shape[0], x.device)
         sigma_to = as_sigma(sigma_to, x.shape[0], x.device)
+        if self.kind == "flowmap":  # a DDIM step σ → σ_s with g_θ(x, σ, σ_s) as its x0
+            ratio = append_dims(sigma_to / sigma, x.ndim)
+            g = self.flowmap_x0(x, sigma, sigma_to, class_labels)
+            with torch.autocast(x.device.type, enabled=False):
+                return ratio * x + (1 - ratio) * g
         t, r = sigma / (1 + sigma), sigma_to / (1 + sigma_to)
         z = x / append_dims(1 + sigma, x.ndim)
         u = self.average_velocity(z, t, r, class_labels)

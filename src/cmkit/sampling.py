@@ -215,12 +215,13 @@ def sample_flowmap(
     clip: bool = True,
     **cond: Any,
 ) -> Tensor:
-    """Deterministic flow-map sampling of a two-time model (MeanFlow, ``Precond(kind="meanflow")``): from
+    """Deterministic flow-map sampling of a two-time model (MeanFlow or AYF, ``Precond(kind="meanflow")`` or
+    ``"flowmap"``): from
     x = σ_0·z, jump σ_j → σ_{j+1} with ``model.flow_map`` and finally to 0, len(sigmas) evaluations and no
     fresh noise (MeanFlow's multistep sampler; the 1-step case is x0 = z_1 − u(z_1, 1, 0))."""
     s = validate_sigmas(sigmas, sigma_min, sigma_max)
-    if getattr(model, "kind", None) != "meanflow":
-        raise ValueError("the flowmap sampler needs a two-time model (model.precond=meanflow)")
+    if not getattr(model, "is_flow_map", False):
+        raise ValueError("the flowmap sampler needs a two-time model (model.precond=meanflow or flowmap)")
     flow_map = model.flow_map
     x = s[0] * randn(shape, generator, device)
     for sigma, sigma_to in zip(s, s[1:] + [0.0]):

@@ -5,6 +5,7 @@ from those declarations and builds the loss of ``LOSSES[method]``. A new method 
 
 from __future__ import annotations
 
+from .ayf import AYFLoss
 from .base import Loss, paired_passes, weighting
 from .cd import CDLoss
 from .cmt import CMTLoss
@@ -31,9 +32,10 @@ LOSSES = {
     "tcm": TCMLoss,
     "cmt": CMTLoss,
     "lcm": LCMLoss,
+    "ayf": AYFLoss,
 }
 #: The preconditioning each method trains (``model.precond``).
-PRECOND_OF = {"edm": "edm", "pd": "edm", "sct": "trigflow", "scd": "trigflow", "meanflow": "meanflow"}
+PRECOND_OF = {"edm": "edm", "pd": "edm", "sct": "trigflow", "scd": "trigflow", "meanflow": "meanflow", "ayf": "flowmap"}
 
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "TCMLoss",
     "CMTLoss",
     "LCMLoss",
+    "AYFLoss",
     "LOSSES",
     "PRECOND_OF",
     "paired_passes",

@@ -90,6 +90,24 @@ class MeanFlowLoss:
     def stats(self, step: int) -> dict[str, float]:
         return dict(self._last)
 
+    def warmup(self, step: int) -> float:
+        """The weight of the target's JVP term (1 for MeanFlow; AYF ramps it in like sCM's tangent warm-up)."""
+        return 1.0
+
+    def velocities(
+        self,
+        model: nn.Module,
+        teacher: nn.Module | None,
+        x0: Tensor,
+        e: Tensor,
+        z: Tensor,
+        t: Tensor,
+        labels: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """(v, the JVP's direction): the conditional velocity ε − x0 for both (MeanFlow)."""
+        v = e - x0
+        return v, v
+
     def sample_times(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(t, r): two logit-normal draws sorted so r ≤ t, r = t for a fraction ``ratio_r_eq_t``."""
         a, b = (torch.sigmoid(noise.randn(batch, device) * self.P_std + self.P_mean) for _ in range(2))
@@ -116,11 +134,10 @@ class MeanFlowLoss:
         e = noise.randn_like(x0)
         tt = append_dims(t, x0.ndim)
         z = (1 - tt) * x0 + tt * e
-        v = e - x0
+        v, direction = self.velocities(bare, teacher, x0, e, z, t, labels)
         state = get_rng_state(x0.device)  # the trainable pass and the JVP pass see the same dropout masks
         u = model(z, t, labels, param="u", r=r)  # through the DDP wrapper: synchronised gradients
         set_rng_state(x0.device, state)
-        direction = v
         if self.imf:
             with torch.no_grad():
                 direction = bare.average_velocity(z, t, t, labels)
@@ -132,7 +149,7 @@ class MeanFlowLoss:
             self.jvp,
             self.fd_step,
         )
-        u_tgt = meanflow_target(v, t, r, dudt)
+        u_tgt = meanflow_target(v, t, r, self.warmup(step) * dudt)
         sq = (u.float() - u_tgt).pow(2).flatten(1).sum(1)
         self._last = {"mse": float(sq.detach().mean()) / x0[0].numel()}
         return sq / (sq.detach() + self.norm_c).pow(self.norm_p)

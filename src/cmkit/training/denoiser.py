@@ -29,6 +29,7 @@ from ..errors import CmkitError
 from ..formats.diffusers_dir import is_diffusers_vae
 from ..formats.model_dir import LORA_FILE
 from ..generate import multistep_sigmas
+from ..guidance import AutoGuided
 from ..imageio import save_grid
 from ..latent import (
     LatentSpace,
@@ -186,7 +187,28 @@ class DenoiserTask:
                 f"schedule's end); above it, up to model.sigma_max={self.cfg.model.sigma_max:g}, it is extrapolated",
                 file=sys.stderr,
             )
+        if self.cfg.train.autoguide:
+            teacher = AutoGuided(teacher, self._load_weak_teacher(tcfg), self.cfg.train.autoguide_w)
         return teacher.requires_grad_(False)
+
+    def _load_weak_teacher(self, tcfg: Config) -> nn.Module:
+        """Autoguidance's weaker model (``train.autoguide``): a diffusion model of the teacher's data, shape, classes
+        and latent space (Karras et al. 2024 use a smaller model trained for less long)."""
+        path = self.cfg.train.autoguide
+        weak, wcfg = load_denoiser(path, device=self.ctx.device)
+        if not wcfg.is_diffusion():
+            raise CmkitError(f"train.autoguide={path} is not a diffusion model: autoguidance needs a weaker teacher")
+        keys = ("img_resolution", "in_channels", "num_classes")
+        pairs = [(k, getattr(wcfg.model, k), getattr(tcfg.model, k)) for k in keys]
+        differ = [f"model.{k} {w} ≠ {t}" for k, w, t in pairs if w != t]
+        if wcfg.latent.autoencoder != tcfg.latent.autoencoder:
+            differ.append(f"latent.autoencoder {wcfg.latent.autoencoder or 'none'!r} ≠ {tcfg.latent.autoencoder!r}")
+        if differ:
+            raise CmkitError(
+                f"train.autoguide={path} does not model the teacher's data ({'; '.join(differ)}): give a weaker "
+                f"model of the same images as {self.cfg.train.teacher}"
+            )
+        return weak.requires_grad_(False)
 
     def _check_teacher_grid(self, teacher: nn.Module) -> None:
         """``loss.grid=teacher`` trains on a discrete teacher's timesteps: the student's σ range must be theirs, so

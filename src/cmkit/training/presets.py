@@ -52,6 +52,13 @@ DIGITS_NET = {
 #: ‖u − u_tgt‖² 1.5 → 15 in 150 steps, against 1.4 → 0.6 with Fourier features of scale 1); sCM §12.2 makes
 #: the same point about large Fourier scales.
 MEANFLOW_TIME = {"model.embedding": "fourier", "model.fourier_scale": 1.0}
+#: Align Your Flow (Sabour et al. 2025): a two-time flow map in CTM's form, initialised from an EDM teacher.
+AYF = {
+    "model.precond": "flowmap",
+    "model.time_inputs": 2,
+    "loss.method": "ayf",
+    "loss.tangent_warmup": 100,
+}
 #: sCM's stable noise input (§12.2): c_noise(t) = t, embedded positionally without ADM's factor 1000.
 SCM_TIME = {"model.precond": "trigflow", "model.time_input": "t", "model.positional_scale": 1.0}
 #: sCM's 2-step middle time t_mid = 1.1 (Lu & Song 2025, sCM, 2-step sampling) as σ = σ_d·tan(1.1) with σ_d = 0.5.
@@ -435,6 +442,19 @@ PRESETS: dict[str, Preset] = {
             "sample.sigmas": (80.0, 1.0),
         },
     ),
+    "digits-ayf": Preset(
+        "8×8 digits Align Your Flow: a two-time flow map distilled from digits-edm (Eulerian map distillation, JVP)",
+        {
+            **DIGITS_NET,
+            **AYF,
+            "train.steps": 1000,
+            "train.lr": 2e-4,
+            "train.teacher": "runs/digits-edm",
+            "train.init_from": "runs/digits-edm",
+            "train.ema_rates": (0.995,),
+            "sample.sigmas": (80.0, 0.8),
+        },
+    ),
     "digits-tcm": Preset(
         "8×8 digits truncated CM (stage 2 after digits-ect; t′ = 1, boundary loss)",
         {
@@ -614,6 +634,36 @@ PRESETS: dict[str, Preset] = {
             "train.init_from": "runs/fmnist-ect",
             "train.ema_rates": (0.995, 0.999),
             "sample.sigmas": (80.0, 2.226),
+        },
+    ),
+    # Align Your Flow (issue 21): a flow map distilled from fmnist-edm guided by a weaker version of itself
+    # (autoguidance), fmnist-edm-weak: a quarter-size UNet trained for 1/6 as many steps.
+    "fmnist-edm-weak": Preset(
+        "28×28 Fashion-MNIST weak EDM model (16 channels, 750 steps): autoguidance's bad version of fmnist-edm",
+        {
+            **FMNIST_NET,
+            **FMNIST_EDM,
+            "model.model_channels": 16,
+            "model.num_blocks": 1,
+            "train.steps": 750,
+            "train.bf16": False,
+        },
+    ),
+    "fmnist-ayf": Preset(
+        "28×28 Fashion-MNIST Align Your Flow: a two-time flow map distilled from fmnist-edm autoguided by "
+        "fmnist-edm-weak (w = 1.5; Eulerian map distillation, JVP)",
+        {
+            **FMNIST_NET,
+            **AYF,
+            "train.steps": 1000,
+            "train.lr": 1e-4,
+            "train.bf16": False,
+            "train.teacher": "fmnist-edm",  # the shipped teacher
+            "train.init_from": "fmnist-edm",
+            "train.autoguide": "runs/fmnist-edm-weak",
+            "train.autoguide_w": 1.5,
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 2.0),
         },
     ),
     # Consistency mid-training (issue 21): the teacher's 16-step DPM-Solver++ trajectories, each state mapped to the
@@ -1000,7 +1050,7 @@ def missing_inputs(cfg: Any, raise_error: bool = False) -> list[str]:
     data = sections["data"]
     if data is not None and getattr(data, "name", "") in ("npz", "folder", "captions", "mnist", "shards"):
         wanted.append(("data.root", data.root))
-    for key in ("train.teacher", "train.init_from"):
+    for key in ("train.teacher", "train.init_from", "train.autoguide"):
         section, field_name = key.split(".")
         value = getattr(sections[section], field_name, None)
         if value:
