@@ -655,6 +655,7 @@ PRESETS: dict[str, Preset] = {
         {
             **FMNIST_NET,
             **AYF,
+            "loss.jvp": "fd",  # a central difference: 2.9 s/step here against 4.1 for forward-mode AD (2 cores)
             "train.steps": 1000,
             "train.lr": 1e-4,
             "train.bf16": False,
