@@ -200,11 +200,14 @@ def test_digits_ayf_distils_an_autoguided_teacher_from_the_command_line(tmp_path
         assert out.stat().st_size > 0
     capsys.readouterr()
 
+    other = tmp_path / "other"  # a weak model of other data: 16×16 digits
+    train(tiny_config("digits-edm", other, "train.steps=2", "model.img_resolution=16"), progress=False)
     bad = [
         ("digits-ayf", [*common, "train.autoguide_w=2"], "set train.autoguide=PATH"),
+        ("digits-ayf", [*common, f"train.autoguide={other}"], "does not model the teacher's data"),
         ("digits-ect", [f"train.init_from={teacher_dir}", f"train.autoguide={weak}"], "train.autoguide guides"),
     ]
-    for preset, extra, message in bad:
-        assert main(["train", "--preset", preset, f"train.out_dir={tmp_path / 'x'}", *extra]) == 2
+    for i, (preset, extra, message) in enumerate(bad):
+        assert main(["train", "--preset", preset, f"train.out_dir={tmp_path / f'bad{i}'}", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

@@ -1,6 +1,6 @@
 """Preconditioning: turn a raw backbone F_θ into a denoiser ``model(x, sigma, **cond) -> x0``.
 
-Four kinds, one calling convention:
+Five kinds, one calling convention:
 
 - ``edm``: EDM (Karras et al. 2022, Table 1) for diffusion teachers.
 - ``cm``: the boundary-shifted form of Song et al. 2023 (Appendix C; ``get_scalings_for_boundary_condition``)
