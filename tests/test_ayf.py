@@ -200,8 +200,8 @@ def test_digits_ayf_distils_an_autoguided_teacher_from_the_command_line(tmp_path
         assert out.stat().st_size > 0
     capsys.readouterr()
 
-    other = tmp_path / "other"  # a weak model of other data: 16×16 digits
-    train(tiny_config("digits-edm", other, "train.steps=2", "model.img_resolution=16"), progress=False)
+    other = tmp_path / "other"  # a weak model of other data: class-conditional digits
+    train(tiny_config("digits-edm", other, "train.steps=2", "model.num_classes=10"), progress=False)
     bad = [
         ("digits-ayf", [*common, "train.autoguide_w=2"], "set train.autoguide=PATH"),
         ("digits-ayf", [*common, f"train.autoguide={other}"], "does not model the teacher's data"),
