@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..tensors import append_dims
 from .meanflow import MeanFlowLoss
 from .options import Option, at_least, option
+from .scm import tangent_ramp
 
 
 def teacher_velocity(teacher: nn.Module, z: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
@@ -75,7 +76,7 @@ class AYFLoss(MeanFlowLoss):
         self.tangent_warmup = tangent_warmup
 
     def warmup(self, step: int) -> float:
-        return min(1.0, step / self.tangent_warmup) if self.tangent_warmup > 0 else 1.0
+        return tangent_ramp(step, self.tangent_warmup)
 
     def stats(self, step: int) -> dict[str, float]:
         return {"tangent_warmup": self.warmup(step), **self._last}

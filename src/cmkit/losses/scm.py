@@ -42,6 +42,11 @@ def rms(x: Tensor) -> Tensor:
     return append_dims(x.float().pow(2).flatten(1).mean(1).sqrt(), x.ndim)
 
 
+def tangent_ramp(step: int, warmup_steps: int) -> float:
+    """sCM's tangent warm-up (§4.2): the weight min(1, step/H) of the tangent's JVP term; 1 when H = 0."""
+    return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 class SCTLoss:
     """sCT: continuous-time consistency training from data (dx_t/dt = cos t·z − sin t·x0); see the module docstring.
 
@@ -94,7 +99,7 @@ class SCTLoss:
         return None
 
     def warmup(self, step: int) -> float:
-        return min(1.0, step / self.tangent_warmup) if self.tangent_warmup > 0 else 1.0
+        return tangent_ramp(step, self.tangent_warmup)
 
     def stats(self, step: int) -> dict[str, float]:
         return {"tangent_warmup": self.warmup(step), **self._last}
