@@ -15,6 +15,7 @@ Rows: (a) the autoencoder's own decoder D(μ), (b) the consistency decoder at 1 
 
     python benchmarks/decoder_quality.py              # trains runs/fmnist-ae and runs/fmnist-cdec if missing
     python benchmarks/decoder_quality.py --ae runs/fmnist-ae --decoder runs/fmnist-cdec --n 10000
+    python benchmarks/decoder_quality.py --ae fmnist-ae --decoder fmnist-cdec   # the shipped pair
     python benchmarks/decoder_quality.py --quick                          # smoke run: tiny nets, 20 steps, /tmp output
 
 ``--quick`` trains throw-away tiny models and writes to a temporary directory, never to benchmarks/results.
@@ -36,6 +37,8 @@ import torch
 from cmkit.decoder.decoder import ConsistencyDecoder
 from cmkit.decoder.schedule import steps_to_schedule
 from cmkit.distributed import cpu_name
+from cmkit.errors import CmkitError
+from cmkit.formats.model_dir import read_model_dir, resolve_model_dir
 from cmkit.formats.run_dir import RunDir
 from cmkit.imageio import save_grid, to_uint8
 from cmkit.latent import crop_images, load_images
@@ -58,14 +61,24 @@ QUICK_DEC = [
 ]
 
 
+def has_model(path: Path) -> bool:
+    """A run directory with its model, a model directory, or a shipped model's name."""
+    try:
+        resolve_model_dir(path)
+        return True
+    except CmkitError:
+        return False
+
+
 def ensure_models(args: argparse.Namespace) -> tuple[Path, Path]:
-    """Train the autoencoder and the decoder with their presets unless their run directories hold models."""
+    """Train the autoencoder and the decoder with their presets unless they name models (run or model directories,
+    shipped names)."""
     ae_dir, dec_dir = Path(args.ae), Path(args.decoder)
     threads = [f"num_threads={args.threads}"]
-    if not RunDir(ae_dir).model.is_dir():
+    if not has_model(ae_dir):
         print(f"training the autoencoder into {ae_dir}")
         train(get_config("fmnist-ae", (QUICK_AE if args.quick else []) + threads + [f"out_dir={ae_dir}"]))
-    if not RunDir(dec_dir).model.is_dir():
+    if not has_model(dec_dir):
         print(f"training the consistency decoder into {dec_dir}")
         train(
             get_config(
@@ -112,8 +125,9 @@ def main() -> None:
     results = Path(args.results) if args.results else (tmp if tmp else RESULTS)
     ae_dir, dec_dir = ensure_models(args)
     ae = KLAutoencoder.from_pretrained(ae_dir)
-    dec = ConsistencyDecoder.from_pretrained(RunDir(dec_dir).model, channels_last=False)
-    size = RunDir(dec_dir).saved_config()["data"]["image_size"]
+    dec = ConsistencyDecoder.from_pretrained(resolve_model_dir(dec_dir), channels_last=False)
+    f = dec.config.upscale  # the autoencoder's downsampling factor: 28 is padded to a multiple of it (32)
+    size = -(-28 // f) * f
     test = load_images("fashion_mnist", "", "test", size).images[: args.n]
     x = test.float() / 127.5 - 1
     original = to_uint8(crop_images(x, 28, 28))
@@ -142,9 +156,10 @@ def main() -> None:
 
 
 def run_recipe(run: Path) -> dict:
-    """Steps and wall time of a run, from its checkpoint state."""
+    """Steps and wall time of a run, from its checkpoint state, or of a model directory, from its recipe."""
     if not RunDir(run).has_checkpoint():
-        return {}
+        recipe = read_model_dir(run).meta.get("recipe", {})
+        return {k: recipe[k] for k in ("steps", "wall_s") if k in recipe}
     s = RunDir(run).state()
     return {"steps": s["step"], "wall_s": round(s.get("wall_s", 0.0), 1)}
 

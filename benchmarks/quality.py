@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from cmkit.decoder.decoder import ConsistencyDecoder, LatentDecoder
+from cmkit.decoder.schedule import steps_to_schedule
 from cmkit.distributed import cpu_name
 from cmkit.formats.model_dir import read_model_dir
 from cmkit.formats.zoo import shipped_model_dir
@@ -61,6 +63,9 @@ FLOW_MAPS = ("fmnist-meanflow", "fmnist-ayf")
 # The teacher is sampled under classifier-free guidance at the LCM's w (two evaluations per step): what LCM distils
 LATENT_TEACHER = "fmnist-ldm"
 LATENT = ("fmnist-lcm",)
+# the same LCM decoded by the consistency decoder trained for fmnist-ae (one decoder step, t = 1008) instead of the
+# autoencoder's decoder: MODEL+DECODER, the σ levels those of MODEL's own rows (no second σ_mid search)
+DECODED = ("fmnist-lcm+fmnist-cdec",)
 
 
 def settings(heun: list[int]) -> list[tuple[str, str, int]]:
@@ -77,9 +82,27 @@ def settings(heun: list[int]) -> list[tuple[str, str, int]]:
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     rows += [(name, "flowmap", s) for name in FLOW_MAPS for s in (2, 4)]
     rows.append((LATENT_TEACHER, "heun", 18))
-    for name in LATENT:
+    for name in (*LATENT, *DECODED):
         rows += [(name, "onestep", 1), (name, "multistep", 2), (name, "multistep", 4)]
     return rows
+
+
+def decoded(name: str, local: dict[str, str]) -> tuple[str, LatentDecoder | None]:
+    """MODEL+DECODER → (MODEL, the consistency decoder at one step); a plain name → (name, None)."""
+    base, _, dec = name.partition("+")
+    if not dec:
+        return name, None
+    path = model_dir(dec, local)
+    if path is None:
+        raise SystemExit(f"{name}: the decoder {dec} is not shipped; give it with --model {dec}=DIR")
+    return base, ConsistencyDecoder.from_pretrained(path, channels_last=False).latent_decoder(steps_to_schedule(1))
+
+
+def known_mid(name: str) -> float | None:
+    """The 2-step σ_mid of ``name``'s rows in quality.json, when it has them."""
+    old = RESULTS / "quality.json"
+    rows = json.loads(old.read_text())["rows"] if old.is_file() else []
+    return next((r["sigmas"][1] for r in rows if r["model"] == name and r["steps"] == 2), None)
 
 
 def model_dir(name: str, local: dict[str, str]) -> Path | None:
@@ -87,10 +110,21 @@ def model_dir(name: str, local: dict[str, str]) -> Path | None:
     return Path(local[name]) if name in local else shipped_model_dir(name)
 
 
-def timed_generate(model, cfg, n, sampler, sigmas, steps, batch, bf16, guidance=None):
+def timed_generate(model, cfg, n, sampler, sigmas, steps, batch, bf16, guidance=None, decoder=None):
     t0 = time.perf_counter()
     x, _ = generate(
-        model, cfg, n, sampler, sigmas, steps, seed=0, batch_size=batch, progress=False, bf16=bf16, guidance=guidance
+        model,
+        cfg,
+        n,
+        sampler,
+        sigmas,
+        steps,
+        seed=0,
+        batch_size=batch,
+        progress=False,
+        bf16=bf16,
+        guidance=guidance,
+        decoder=decoder,
     )
     return x, n / (time.perf_counter() - t0)
 
@@ -132,12 +166,13 @@ def measure_speed(rows: list[dict], args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for i, r in enumerate(rows):
             if r["model"] not in models:
-                models[r["model"]] = load_model(model_dir(r["model"], args.local))
-            model, cfg = models[r["model"]]
+                base, decoder = decoded(r["model"], args.local)
+                models[r["model"]] = (*load_model(model_dir(base, args.local)), decoder)
+            model, cfg, decoder = models[r["model"]]
             bf16 = r.get("net", "bf16" if args.bf16 else "fp32") == "bf16"  # in the row's own precision
             w = r.get("guidance") if not getattr(model, "takes_guidance", False) else None  # a guided teacher's w
             _, ips = timed_generate(
-                model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"], args.speed_n, bf16, w
+                model, cfg, args.speed_n, r["sampler"], r["sigmas"], r["steps"], args.speed_n, bf16, w, decoder
             )
             best[i] = max(best.get(i, 0.0), ips)
             print(f"{r['model']} {r['sampler']} {r['steps']}: {ips:.1f} img/s")
@@ -208,7 +243,8 @@ def main() -> None:
             rows.append(done[(name, sampler, steps)])
             print(f"reused from {args.resume_log}: {name} {sampler} {steps}")
             continue
-        path = model_dir(name, args.local)
+        base, decoder = decoded(name, args.local)
+        path = model_dir(base, args.local)
         if path is None:
             print(f"skip {name}: not shipped yet")
             continue
@@ -217,13 +253,15 @@ def main() -> None:
         if sampler == "onestep":
             sigmas = [cfg.model.sigma_max]
         elif sampler in ("multistep", "flowmap"):
-            if name not in mids:
+            if name not in mids and decoder is not None:
+                mids[name] = mids.get(base) or known_mid(base)
+            if mids.get(name) is None:
                 mids[name] = search_mid(model, cfg, reference, extractor, args.search_n, args.search_iters, args.bf16)
                 print(f"{name}: searched σ_mid = {mids[name]:.4g}")
             cfg.sample.sigmas = (cfg.model.sigma_max, mids[name])
             sigmas = multistep_sigmas(cfg, steps)  # on the training grid when the model has one
         guidance = teacher_guidance(name, args.local)
-        x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch, args.bf16, guidance)
+        x, ips = timed_generate(model, cfg, args.n, sampler, sigmas, steps, args.batch, args.bf16, guidance, decoder)
         m = evaluate(to_uint8(x), reference, extractor, progress=False)
         label = f"{name} {sampler} {steps}" if sampler != "onestep" else f"{name} 1-step"
         save_grid(x[:64], grids / f"{label.replace(' ', '_')}.png", nrow=8)
@@ -245,8 +283,8 @@ def main() -> None:
             row["guidance"] = cfg.sample.guidance
         elif guidance is not None:  # a teacher under classifier-free guidance
             row["guidance"] = guidance
-        if cfg.latent.autoencoder:  # a latent model: its samples cost one evaluation of the autoencoder's decoder too
-            row["decoder"] = Path(cfg.latent.autoencoder).name
+        if cfg.latent.autoencoder:  # a latent model: its samples cost one evaluation of a decoder too
+            row["decoder"] = name.partition("+")[2] or Path(cfg.latent.autoencoder).name
         rows.append(row)
         print(json.dumps(row))
     write(rows, floor, args)
@@ -275,7 +313,7 @@ def merge(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     kept = [{"net": was, "machine": machine, **r} for r in prev["rows"] if r["model"] not in args.only]
     teachers = (TEACHER, SCM_TEACHER, LATENT_TEACHER)
     order = {m: i for i, m in enumerate((TEACHER, *STUDENTS, PD, SCM_TEACHER, *CONTINUOUS, *ONESTEP, *teachers[2:]))}
-    order.update({m: len(order) + i for i, m in enumerate(LATENT)})
+    order.update({m: len(order) + i for i, m in enumerate((*LATENT, *DECODED))})
     return sorted(
         kept + rows, key=lambda r: (order.get(r["model"], 99), r["nfe"] if r["model"] not in teachers else -r["nfe"])
     )

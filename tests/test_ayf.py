@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_config
+from exact_teacher import pf_ode_map, three_gaussians, train_exact
 from torch import nn
 
 from cmkit.cli.main import main
@@ -15,8 +16,6 @@ from cmkit.losses.ayf import AYFLoss, teacher_velocity
 from cmkit.nets.mlp import MLPNet
 from cmkit.nets.unet import UNet
 from cmkit.precond import Precond, edm_scalings
-from cmkit.schedules import karras_sigmas
-from cmkit.toy import GaussianMixture
 from cmkit.training.loop import train
 
 SD = 0.5
@@ -123,21 +122,14 @@ def test_ayf_with_the_exact_teacher_learns_the_probability_flow_map(seed, bound)
     (80 → 0), 0.016–0.023 (80 → 1); trained / untrained 0.126–0.175. Each bound is at least 1.9× the worst run.
     (sCD's one-step map on the same mixture reaches 0.1–0.12 at σ ≥ 1: a two-time map is a harder function.)"""
     torch.manual_seed(seed)
-    gm = GaussianMixture(torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7]]), torch.tensor([0.5, 0.3, 0.2]), 0.08)
+    gm = three_gaussians()
     net = MLPNet(1, 2, hidden=96, depth=3, embedding="positional", positional_scale=1.0, time_inputs=2)
     model = Precond(net, "flowmap")
     steps = 1000
     loss = AYFLoss(tangent_warmup=steps // 5)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
     before = _flow_map_errors(model, gm)
-    for step in range(steps):
-        value = loss(model, gm.sample(512), step=step, teacher=gm).mean()
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        sched.step()
-    after = _flow_map_errors(model.eval(), gm)
+    model = train_exact(model, lambda step: loss(model, gm.sample(512), step=step, teacher=gm), steps)
+    after = _flow_map_errors(model, gm)
     for (sigma, sigma_to), error, limit in zip(JUMPS, after, LIMITS):
         bound(f"RMS error of the jump {sigma} -> {sigma_to}", error, limit)
     bound("sum of errors, trained / untrained", sum(after) / sum(before), 0.35)
@@ -145,21 +137,6 @@ def test_ayf_with_the_exact_teacher_learns_the_probability_flow_map(seed, bound)
 
 JUMPS = ((0.2, 0.0), (1.0, 0.0), (5.0, 0.0), (80.0, 0.0), (80.0, 1.0))
 LIMITS = (0.15, 0.4, 0.4, 0.4, 0.05)
-
-
-def _heun(gm, x, sigma, sigma_to, n=200):
-    levels = torch.cat([karras_sigmas(n, max(sigma_to, 0.002), sigma), torch.zeros(1)])
-    if sigma_to > 0:
-        levels = levels[:-1]
-    xs = x.clone()
-    for i in range(len(levels) - 1):
-        s0, s1 = levels[i], levels[i + 1]
-        d = (xs - gm(xs, s0)) / s0
-        xn = xs + (s1 - s0) * d
-        if s1 > 0:
-            xn = xs + (s1 - s0) * (d + (xn - gm(xn, s1)) / s1) / 2
-        xs = xn
-    return xs
 
 
 def _flow_map_errors(model, gm):
@@ -170,7 +147,7 @@ def _flow_map_errors(model, gm):
         x0 = gm.sample(1000, torch.Generator().manual_seed(1))
         x = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
-            exact = _heun(gm, x, sigma, sigma_to)
+            exact = pf_ode_map(gm, x, sigma, sigma_to)
             pred = model.flow_map(x, sigma, sigma_to)
         scale = std * max(1.0, sigma_to)  # a jump to σ_to > 0 lands on data plus noise of std σ_to
         errors.append(float((pred - exact).flatten(1).pow(2).sum(1).mean().sqrt()) / math.sqrt(2) / scale)

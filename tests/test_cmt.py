@@ -1,17 +1,15 @@
 """Consistency mid-training (CMT) against closed forms: the teacher's DPM-Solver++(2M) trajectories on a Gaussian,
 whose PF-ODE is solved exactly, and a one-step map trained on the Gaussian mixture with the exact teacher."""
 
-import copy
 import math
 
 import pytest
 import torch
+from exact_teacher import check_mixture_samples, three_gaussians, train_exact
 
-from cmkit.ema import ema_update
 from cmkit.losses.cmt import CMTLoss
 from cmkit.nets.mlp import MLPNet
 from cmkit.precond import Precond
-from cmkit.sampling import sample_multistep
 from cmkit.solvers import dpm_solver_2m, euler_step, log_sigmas
 from cmkit.toy import GaussianMixture
 
@@ -91,27 +89,8 @@ def test_cmt_with_exact_teacher_gives_a_one_step_sampler_of_the_mixture(seed, bo
     ≥ 3.1×), component means within 0.012–0.024 (bound 0.06: ≥ 2.5×), max component std 0.143–0.181 (bound 0.28:
     ≥ 1.55×; the true std is 0.08)."""
     torch.manual_seed(seed)
-    gm = GaussianMixture(torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7]]), torch.tensor([0.5, 0.3, 0.2]), 0.08)
+    gm = three_gaussians()
     model = Precond(MLPNet(1, 2, hidden=96, depth=3, positional_scale=1.0), "cm")
-    ema = copy.deepcopy(model)
     loss = CMTLoss(nfe=16, distance="l2")
-    steps = 800
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
-        value = loss(model, gm.sample(512), step=step, teacher=gm).mean()
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        sched.step()
-        ema_update(ema, model, 0.99)
-    ema.eval()
-    for sigmas in ([80.0], [80.0, 0.5]):
-        x = sample_multistep(ema, (4000, 2, 1, 1), sigmas, generator=torch.Generator().manual_seed(2))
-        k = gm.assign(x)
-        props = torch.bincount(k, minlength=3).float() / len(x)
-        bound(f"{len(sigmas)}-step max |proportion - weight|", float((props - gm.weights).abs().max()), 0.03)
-        means = torch.stack([x[k == j].flatten(1).mean(0) for j in range(3)])
-        bound(f"{len(sigmas)}-step max |component mean - true mean|", float((means - gm.means).abs().max()), 0.06)
-        stds = torch.stack([x[k == j].flatten(1).std(0) for j in range(3)])
-        bound(f"{len(sigmas)}-step max component std", float(stds.max()), 0.28)
+    ema = train_exact(model, lambda step: loss(model, gm.sample(512), step=step, teacher=gm), 800, 0.99)
+    check_mixture_samples(bound, ema, gm)

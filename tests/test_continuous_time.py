@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_config
+from exact_teacher import pf_ode_map, three_gaussians, train_exact
 from torch import nn
 
 from cmkit.jvp import directional_derivative, math_attention
@@ -15,7 +16,6 @@ from cmkit.losses.tcm import TCMLoss, truncated_log_sigma
 from cmkit.nets.mlp import MLPNet
 from cmkit.nets.unet import UNet
 from cmkit.precond import Precond
-from cmkit.schedules import karras_sigmas
 from cmkit.toy import GaussianMixture
 from cmkit.trigflow import sigma_from_t, t_from_sigma, velocity_from_denoiser, x_t_from_x_sigma
 
@@ -207,22 +207,15 @@ def test_scd_with_the_exact_teacher_learns_the_probability_flow_map(seed, bound)
     sum of errors falls to 0.074–0.103 of the untrained network's (bound 0.25: margin 2.4×). CD with the same
     network after 1200 steps: 0.11, 0.2, 0.11, 0.12."""
     torch.manual_seed(seed)
-    gm = GaussianMixture(torch.tensor([[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7]]), torch.tensor([0.5, 0.3, 0.2]), 0.08)
+    gm = three_gaussians()
     model = Precond(
         MLPNet(1, 2, hidden=96, depth=3, embedding="positional", positional_scale=1.0), "trigflow", time_input="t"
     )
     steps = 1000
     loss = SCDLoss(tangent_warmup=steps // 5, P_mean=-0.5, P_std=1.6, adaptive_weight=False)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
     before = _pf_map_errors(model, gm)
-    for step in range(steps):
-        value = loss(model, gm.sample(512), step=step, teacher=gm).mean()
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        sched.step()
-    after = _pf_map_errors(model.eval(), gm)
+    model = train_exact(model, lambda step: loss(model, gm.sample(512), step=step, teacher=gm), steps)
+    after = _pf_map_errors(model, gm)
     for sigma, error in zip((0.2, 1.0, 5.0, 80.0), after):
         bound(f"RMS error at sigma={sigma}", error, 0.25)
     bound("sum of errors, trained / untrained", sum(after) / sum(before), 0.25)
@@ -235,18 +228,9 @@ def _pf_map_errors(model, gm):
     for sigma in (0.2, 1.0, 5.0, 80.0):
         x0 = gm.sample(1000, torch.Generator().manual_seed(1))
         x = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
-        levels = torch.cat([karras_sigmas(200, 0.002, sigma), torch.zeros(1)])
-        xs = x.clone()
         with torch.no_grad():
-            for i in range(len(levels) - 1):
-                s0, s1 = levels[i], levels[i + 1]
-                d = (xs - gm(xs, s0)) / s0
-                xn = xs + (s1 - s0) * d
-                if s1 > 0:
-                    xn = xs + (s1 - s0) * (d + (xn - gm(xn, s1)) / s1) / 2
-                xs = xn
-            pred = model(x, sigma)
-        errors.append(float((pred - xs).flatten(1).pow(2).sum(1).mean().sqrt()) / math.sqrt(2) / std)
+            error = model(x, sigma) - pf_ode_map(gm, x, sigma)
+        errors.append(float(error.flatten(1).pow(2).sum(1).mean().sqrt()) / math.sqrt(2) / std)
     return errors
 
 
@@ -286,6 +270,22 @@ def test_meanflow_time_proposal():
     t, r = loss.sample_times(20000, torch.device("cpu"))
     assert bool((r <= t).all()) and bool((t > 0).all()) and bool((t < 1).all())
     assert abs(float((r == t).float().mean()) - 0.75) < 0.02
+
+
+def test_meanflow_r_eq_0_takes_its_share_from_the_same_draw():
+    """``ratio_r_eq_0`` sets r = 0 for its fraction of the batch, decided by the same uniform draw as r = t: under
+    one seed the r = t rows and every t are unchanged, and only rows that had r < t get r = 0."""
+    base, ends = MeanFlowLoss(ratio_r_eq_t=0.3), MeanFlowLoss(ratio_r_eq_t=0.3, ratio_r_eq_0=0.4)
+    torch.manual_seed(0)
+    t0, r0 = base.sample_times(20000, torch.device("cpu"))
+    torch.manual_seed(0)
+    t1, r1 = ends.sample_times(20000, torch.device("cpu"))
+    assert torch.equal(t0, t1) and torch.equal(r0 == t0, r1 == t1)
+    zero = r1 == 0
+    assert abs(float(zero.float().mean()) - 0.4) < 0.02 and bool((r0[zero] < t0[zero]).all())
+    assert torch.equal(r1[~zero], r0[~zero])
+    with pytest.raises(ValueError, match="at most 1"):
+        MeanFlowLoss(ratio_r_eq_t=0.75, ratio_r_eq_0=0.5)
 
 
 # --- TCM ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from exact_teacher import train_exact
 
-from cmkit.ema import ema_update
 from cmkit.guidance import NULL_LABEL, guided
 from cmkit.losses import LCMLoss
 from cmkit.nets.mlp import MLPNet
@@ -78,20 +78,13 @@ def test_lcm_with_exact_teacher_samples_each_guidance_scale_in_one_step(seed, bo
     torch.manual_seed(seed)
     gm = mixture()
     model = Precond(MLPNet(1, 2, hidden=96, depth=3, positional_scale=1.0, num_classes=3, time_inputs=2), "cm")
-    ema = copy.deepcopy(model)
     loss = LCMLoss(num_scales=18, mu=0.0, solver="heun", distance="l2", guidance_min=0.0, guidance_max=1.0)
-    steps = 1200
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
+
+    def step_loss(step):
         x0, labels = gm.sample(512, labels=True)
-        value = loss(model, x0, step=step, target=model, teacher=gm, class_labels=labels).mean()
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        sched.step()
-        ema_update(ema, model, 0.99)
-    ema.eval()
+        return loss(model, x0, step=step, target=model, teacher=gm, class_labels=labels)
+
+    ema = train_exact(model, step_loss, 1200, 0.99)
     n = 3000
     labels = torch.arange(n) % 3
     for w in (1.0, 0.0):

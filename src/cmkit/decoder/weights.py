@@ -30,6 +30,7 @@ from torch import Tensor
 from ..errors import CmkitError
 from ..formats.model_dir import CONFIG_FILE, MODEL_FILE, cmkit_tag, read_model_dir, save_model_dir
 from ..formats.torchscript import OPENAI_DECODER_SHA256, is_torch_zip, is_torchscript, read_torch_zip
+from ..formats.zoo import shipped_model_dir
 from .config import DecoderConfig
 from .keys import check_keys, is_diffusers_vae_layout, is_openai_layout, openai_to_cmkit, strip_diffusers_prefix
 from .unet import DecoderUNet
@@ -205,9 +206,13 @@ def load_weights(
 
 
 def _weights_file(path: Path) -> Path:
-    """The weights file a user path designates: itself, or the one in its (or its config.json's) directory."""
+    """The weights file a user path designates: itself, the one in its (or its config.json's) directory, or a
+    shipped model's (a bare name such as ``fmnist-cdec``, when no such path exists)."""
     if not path.exists():
-        raise CmkitError(f"{path}: no such file or directory; expected {EXPECTED}")
+        shipped = shipped_model_dir(str(path))
+        if shipped is None:
+            raise CmkitError(f"{path}: no such file or directory; expected {EXPECTED}")
+        path = shipped
     if path.is_dir():
         return _resolve_directory(path)
     if path.name == CONFIG_FILE:

@@ -68,11 +68,20 @@ class AYFLoss(MeanFlowLoss):
         P_mean: float = -0.4,
         P_std: float = 1.6,
         ratio_r_eq_t: float = 0.25,
+        ratio_r_eq_0: float = 0.0,
         norm_p: float = 0.5,
         tangent_warmup: int = 0,
         **kwargs: Any,
     ):
-        super().__init__(*args, P_mean=P_mean, P_std=P_std, ratio_r_eq_t=ratio_r_eq_t, norm_p=norm_p, **kwargs)
+        super().__init__(
+            *args,
+            P_mean=P_mean,
+            P_std=P_std,
+            ratio_r_eq_t=ratio_r_eq_t,
+            ratio_r_eq_0=ratio_r_eq_0,
+            norm_p=norm_p,
+            **kwargs,
+        )
         self.tangent_warmup = tangent_warmup
 
     def warmup(self, step: int) -> float:

@@ -44,6 +44,8 @@ class MeanFlowLoss:
     Args:
         P_mean, P_std: the logit-normal proposal of t and r (MeanFlow's ImageNet setting: −0.4, 1.0).
         ratio_r_eq_t: fraction of the batch with r = t (MeanFlow's best: 0.75, i.e. 25% r ≠ t).
+        ratio_r_eq_0: fraction of the batch with r = 0: the one-step jump itself, where the loss is sCM's
+            continuous-time consistency loss (0 in MeanFlow; AYF trains both ends of its map).
         norm_p, norm_c: the adaptive loss normalisation ‖Δ‖² / sg(‖Δ‖² + c)^p.
         imf: take the JVP along the model's marginal velocity (improved MeanFlow).
         jvp: ``"jvp"`` (forward-mode AD) or ``"fd"`` (central difference with step ``fd_step``).
@@ -55,6 +57,7 @@ class MeanFlowLoss:
         "P_mean": P_MEAN,
         "P_std": P_STD,
         "ratio_r_eq_t": option("fraction of the batch with r = t (plain flow matching)", within(0, 1)),
+        "ratio_r_eq_0": option("fraction of the batch with r = 0 (the one-step jump)", within(0, 1)),
         "norm_p": option("power p of the adaptive loss normalisation", at_least(0)),
         "norm_c": option("constant c of the adaptive loss normalisation", positive()),
         "imf": option("improved MeanFlow: the tangent from the model's own velocity"),
@@ -67,6 +70,7 @@ class MeanFlowLoss:
         P_mean: float = -0.4,
         P_std: float = 1.0,
         ratio_r_eq_t: float = 0.75,
+        ratio_r_eq_0: float = 0.0,
         norm_p: float = 1.0,
         norm_c: float = 0.01,
         imf: bool = False,
@@ -78,7 +82,9 @@ class MeanFlowLoss:
     ):
         if jvp not in JVP_MODES:
             raise ValueError(f"unknown jvp mode {jvp!r}; expected 'jvp' or 'fd'")
-        self.P_mean, self.P_std, self.ratio_r_eq_t = P_mean, P_std, ratio_r_eq_t
+        if ratio_r_eq_t + ratio_r_eq_0 > 1:
+            raise ValueError(f"ratio_r_eq_t + ratio_r_eq_0 must be at most 1, got {ratio_r_eq_t} + {ratio_r_eq_0}")
+        self.P_mean, self.P_std, self.ratio_r_eq_t, self.ratio_r_eq_0 = P_mean, P_std, ratio_r_eq_t, ratio_r_eq_0
         self.norm_p, self.norm_c, self.imf, self.jvp, self.fd_step = norm_p, norm_c, imf, jvp, fd_step
         # the model's σ range as times t = σ/(1+σ) of the rectified path
         self.t_min, self.t_max = sigma_min / (1 + sigma_min), sigma_max / (1 + sigma_max)
@@ -109,11 +115,13 @@ class MeanFlowLoss:
         return v, v
 
     def sample_times(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(t, r): two logit-normal draws sorted so r ≤ t, r = t for a fraction ``ratio_r_eq_t``."""
+        """(t, r): two logit-normal draws sorted so r ≤ t; r = t for a fraction ``ratio_r_eq_t`` and r = 0 for a
+        fraction ``ratio_r_eq_0`` (one uniform draw decides both, so ``ratio_r_eq_0 = 0`` changes nothing)."""
         a, b = (torch.sigmoid(noise.randn(batch, device) * self.P_std + self.P_mean) for _ in range(2))
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        same = noise.rand(batch, device) < self.ratio_r_eq_t
-        r = torch.where(same, t, r)
+        u = noise.rand(batch, device)
+        r = torch.where(u < self.ratio_r_eq_t, t, r)
+        r = torch.where((u >= self.ratio_r_eq_t) & (u < self.ratio_r_eq_t + self.ratio_r_eq_0), torch.zeros_like(r), r)
         t = t.clamp(self.t_min, self.t_max)
         return t, r.clamp(min=0).minimum(t)
 

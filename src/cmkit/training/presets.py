@@ -636,6 +636,24 @@ PRESETS: dict[str, Preset] = {
             "sample.sigmas": (80.0, 2.226),
         },
     ),
+    # A longer TCM budget (issue 21): the shipped fmnist-tcm continued where its Δt schedule stopped (stage 3 + 800/400)
+    "fmnist-tcm-long": Preset(
+        "28×28 Fashion-MNIST truncated CM continued: the shipped fmnist-tcm trained 1,200 more steps from stage 5",
+        {
+            **FMNIST_NET,
+            "model.dropout": 0.1,
+            "loss.method": "tcm",
+            "loss.double_steps": 400,
+            "loss.start_stage": 5,
+            "train.steps": 1200,
+            "train.lr": 1e-4,
+            "train.bf16": False,
+            "train.teacher": "fmnist-ect",  # the shipped first stage (t < t′)
+            "train.init_from": "fmnist-tcm",
+            "train.ema_rates": (0.995, 0.999),
+            "sample.sigmas": (80.0, 2.226),
+        },
+    ),
     # Align Your Flow (issue 21): a flow map distilled from fmnist-edm guided by a weaker version of itself
     # (autoguidance), fmnist-edm-weak: a quarter-size UNet trained for 1/6 as many steps.
     "fmnist-edm-weak": Preset(
