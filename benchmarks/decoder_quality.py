@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--decoder", default=None, help="decoder run directory (default runs/fmnist-cdec)")
     ap.add_argument("--n", type=int, default=10_000, help="test images to decode")
     ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--image-size", type=int, default=32, help="the padded side the autoencoder was trained at (32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", default="1,2", help="consistency decoder step counts (default 1,2)")
     ap.add_argument("--results", default=None, help="output directory (default benchmarks/results)")
@@ -126,9 +127,7 @@ def main() -> None:
     ae_dir, dec_dir = ensure_models(args)
     ae = KLAutoencoder.from_pretrained(ae_dir)
     dec = ConsistencyDecoder.from_pretrained(resolve_model_dir(dec_dir), channels_last=False)
-    f = dec.config.upscale  # the autoencoder's downsampling factor: 28 is padded to a multiple of it (32)
-    size = -(-28 // f) * f
-    test = load_images("fashion_mnist", "", "test", size).images[: args.n]
+    test = load_images("fashion_mnist", "", "test", args.image_size).images[: args.n]
     x = test.float() / 127.5 - 1
     original = to_uint8(crop_images(x, 28, 28))
     latents = torch.cat([ae.encode(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])

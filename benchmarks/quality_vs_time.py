@@ -49,12 +49,13 @@ def stage_of(path: str | None) -> str | None:
 
 
 def ancestors(name: str) -> list[str]:
-    """``name`` and every stage it builds on (init_from and teacher, recursively), each once, earliest first."""
+    """``name`` and every stage it builds on (init_from, teacher and autoguidance's weak model, recursively), each
+    once, earliest first."""
     out: list[str] = []
 
     def visit(n: str) -> None:
         values = PRESETS[n].values
-        for key in ("train.init_from", "train.teacher"):
+        for key in ("train.init_from", "train.teacher", "train.autoguide"):  # autoguide: AYF's weak model
             parent = stage_of(values.get(key))
             if parent and parent not in out:
                 visit(parent)
