@@ -77,7 +77,18 @@ def guided_text(denoiser: nn.Module, x: Tensor, sigma: Tensor, text: Tensor, nul
     return D_u + w * (D_c - D_u)
 
 
-class Guided(nn.Module):
+class _Wrapped(nn.Module):
+    """A guided denoiser wrapping ``self.denoiser``: attributes it does not have are the wrapped model's, which the
+    samplers and losses read (sigma_data, kind, ...)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.denoiser, name)
+
+
+class Guided(_Wrapped):
     """A diffusion model sampled under classifier-free guidance: the denoiser D_w at one scale w, in the samplers'
     convention ``model(x, sigma, **cond)``. The null branch is the null label for a label-dropout model
     (``class_labels``), or ``null`` for a text model: the empty prompt's ``encoder_hidden_states`` (1, L, D), as
@@ -95,14 +106,8 @@ class Guided(nn.Module):
             raise ValueError("a guided denoiser takes class labels (or prompt embeddings with a null prompt) only")
         return guided(self.denoiser, x, sigma, cond["class_labels"], self.w)
 
-    def __getattr__(self, name: str):  # samplers read the model's own attributes (sigma_data, kind, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.denoiser, name)
 
-
-class AutoGuided(nn.Module):
+class AutoGuided(_Wrapped):
     """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 1): a
     diffusion model guided by a weaker version of itself (smaller, or trained for less long),
 
@@ -122,9 +127,3 @@ class AutoGuided(nn.Module):
             return good
         bad = self.weak(x, sigma, **cond)
         return bad + self.w * (good - bad)
-
-    def __getattr__(self, name: str):  # the losses read the teacher's own attributes (sigma_data, kind, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.denoiser, name)

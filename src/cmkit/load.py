@@ -132,8 +132,7 @@ def init_from(model: nn.Module, path: str | Path, model_cfg: Any) -> None:
         # parts a diffusion model has not, which start fresh: sCM's learned weighting w_φ (``logvar``) and an LCM
         # student's guidance-scale input or an AYF flow map's target time (the backbone's second scalar input,
         # ``emb_mlp2``; zero-initialised last layer in the UNet, so the student starts as the teacher)
-        second = getattr(model, "takes_guidance", False) or getattr(model, "kind", "") == "flowmap"
-        fresh_prefixes = ("logvar.",) + (("net.emb_mlp2.",) if second else ())
+        fresh_prefixes = ("logvar.",) + (("net.emb_mlp2.",) if getattr(model, "has_extra_input", False) else ())
         for prefix in fresh_prefixes:
             fresh = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
             if fresh and not any(k.startswith(prefix) for k in sd):

@@ -118,6 +118,13 @@ class Precond(nn.Module):
             self.logvar = AdaptiveWeight()
 
     @property
+    def has_extra_input(self) -> bool:
+        """The backbone's second scalar input is a condition added to its time embedding (LCM's guidance scale w, or
+        a ``flowmap`` model's target time), through a zero-initialised layer that a diffusion teacher lacks; a
+        MeanFlow model's second input (t − r) is part of its time instead."""
+        return self.takes_guidance or self.kind == "flowmap"
+
+    @property
     def is_flow_map(self) -> bool:
         """A two-time flow map (``meanflow``, ``flowmap``): ``flow_map(x, σ, σ_to)`` jumps between any two levels."""
         return self.kind in TWO_TIME_KINDS

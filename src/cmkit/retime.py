@@ -41,8 +41,7 @@ def embedding(model: nn.Module, sigma: Tensor) -> Tensor:
     """e(σ): the noise-embedding vector a ``Precond``'s backbone adds in its residual blocks (for an LCM model or an
     AYF flow map, the part of it that σ drives; the guidance scale or the target time adds its own)."""
     net = model.net
-    second_input = getattr(model, "takes_guidance", False) or getattr(model, "kind", "") == "flowmap"
-    two_times = getattr(net, "emb_mlp2", None) is not None and not second_input
+    two_times = getattr(net, "emb_mlp2", None) is not None and not getattr(model, "has_extra_input", False)
     if not (hasattr(net, "emb") and hasattr(net, "emb_mlp")) or two_times:
         raise CmkitError(
             f"changing the time input of a {type(net).__name__} is not supported: it needs cmkit's "
