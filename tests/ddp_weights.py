@@ -1,5 +1,5 @@
 """Run by tests/test_continuous_time.py under torchrun: train a few steps, then check every rank holds the same
-weights (the JVP pass runs outside DDP; the trainable pass must still be synchronised)."""
+weights (the JVP pass runs outside DDP; the trainable pass must still be synchronised), rCM's critic included."""
 
 import sys
 
@@ -28,7 +28,9 @@ cfg = get_config(
 )
 loop = Loop(cfg, progress=False)
 loop.run()
-flat = torch.cat([p.detach().flatten() for p in loop.model.parameters()])
+critic = getattr(loop.task, "fake", None)  # rCM's fake score trains too (its own DDP wrapper)
+params = [*loop.model.parameters(), *(critic.parameters() if critic is not None else [])]
+flat = torch.cat([p.detach().flatten() for p in params])
 gathered = dist.all_gather_tensor(flat)
 if dist.is_main():
     same = all(torch.equal(gathered[0], g) for g in gathered[1:])

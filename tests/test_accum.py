@@ -23,6 +23,7 @@ METHODS = {  # preset: the extra settings it needs (teacher, first stage)
     "digits-ect": ["init"],
     "digits-sct": ["init"],
     "digits-scd": ["teacher"],
+    "digits-rcm": ["teacher", "loss.tangent_warmup=0"],  # step 0 is a student step with the DMD term
     "digits-meanflow": [],
     "digits-tcm": ["ect"],
     "digits-cmt": ["teacher", "loss.nfe=2"],  # microbatches of 2 rows hold whole trajectories

@@ -29,6 +29,7 @@ from ..jvp import JVP_MODES, directional_derivative
 from ..schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from ..tensors import append_dims, get_rng_state, set_rng_state
 from ..trigflow import lognormal_t, sigma_from_t, velocity_from_denoiser
+from .dmd import ScoreRegulariser
 from .options import FD_STEP, JVP, P_MEAN, P_STD, Option, at_least, option, positive, within
 
 
@@ -171,6 +172,10 @@ class SCDLoss(SCTLoss):
 
     ``guidance`` w ≠ 1 distils a class-conditional teacher with classifier-free guidance: D is the guided
     denoiser D_∅ + w·(D_c − D_∅) (``cmkit.guidance``; the teacher needs label-dropout training).
+
+    ``score_reg`` > 0 is rCM (Zheng et al. 2026): sCD plus DMD's reverse-divergence term, with a fake-score critic
+    that the training task makes from the teacher and passes as ``fake_score`` (``cmkit.losses.dmd``; from step
+    ``tangent_warmup`` on, ``score_critic_steps`` critic steps follow each student step).
     """
 
     needs_teacher = True
@@ -178,11 +183,63 @@ class SCDLoss(SCTLoss):
     OPTIONS: ClassVar[dict[str, Option]] = {
         **SCTLoss.OPTIONS,
         "guidance": option("classifier-free guidance scale w of the teacher (1: none)", within(0, 20)),
+        "score_reg": option("rCM: weight of the DMD score regulariser (0: plain sCD)", at_least(0)),
+        "score_critic_steps": option("rCM: fake-score (critic) updates per student update", at_least(1)),
+        "score_sim_steps": option("rCM: most generator steps K simulated for the regulariser", at_least(1)),
+        "score_P_mean": option("rCM: mean of the regulariser's lognormal ln σ (None: ln σ_d)"),
+        "score_P_std": option("rCM: std of the regulariser's lognormal ln σ", positive()),
+        "critic_lr_scale": option("rCM: the critic's learning rate as a multiple of train.lr", positive()),
     }
 
-    def __init__(self, *args: Any, guidance: float = 1.0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        guidance: float = 1.0,
+        score_reg: float = 0.0,
+        score_critic_steps: int = 4,
+        score_sim_steps: int = 4,
+        score_P_mean: float | None = None,
+        score_P_std: float = 1.6,
+        critic_lr_scale: float = 0.2,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
-        self.guidance = guidance
+        self.guidance, self.score_reg, self.critic_lr_scale = guidance, score_reg, critic_lr_scale
+        self.regulariser = (
+            ScoreRegulariser(
+                score_reg,
+                score_critic_steps,
+                score_sim_steps,
+                score_P_mean,
+                score_P_std,
+                start=self.tangent_warmup,
+                sigma_min=self.sigma_min,
+                sigma_max=self.sigma_max,
+                sigma_data=self.sigma_data,
+            )
+            if score_reg > 0
+            else None
+        )
+
+    def trains_model(self, step: int) -> bool:
+        """False on rCM's critic steps: the student is frozen (no gradient, no EMA update)."""
+        return self.regulariser is None or not self.regulariser.is_critic_step(step)
+
+    def stats(self, step: int) -> dict[str, float]:
+        if self.regulariser is None or not self.regulariser.active(step):
+            return super().stats(step)
+        phase = {"critic_step": float(self.regulariser.is_critic_step(step))}
+        return {**super().stats(step), **phase} if self.trains_model(step) else phase
+
+    def denoise(self, teacher: nn.Module, x_sigma: Tensor, sigma: Tensor, cond: dict[str, Any]) -> Tensor:
+        """The teacher's D(x_σ, σ), guided at ``guidance`` (fp32, outside autocast)."""
+        labels = cond.get("class_labels")
+        if self.guidance != 1.0 and labels is None:
+            raise ValueError("loss.guidance needs a class-conditional model and data with labels")
+        with torch.autocast(x_sigma.device.type, enabled=False):
+            if self.guidance == 1.0:
+                return teacher(x_sigma.float(), sigma.float(), **cond)
+            return guided(teacher, x_sigma.float(), sigma.float(), labels, self.guidance)
 
     def velocity(
         self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, teacher: nn.Module | None, cond: dict[str, Any]
@@ -190,14 +247,26 @@ class SCDLoss(SCTLoss):
         if teacher is None:
             raise ValueError("sCD needs a teacher (train.teacher)")
         x_sigma = x_t / append_dims(torch.cos(t), x_t.ndim)
-        labels = cond.get("class_labels")
-        if self.guidance != 1.0 and labels is None:
-            raise ValueError("loss.guidance needs a class-conditional model and data with labels")
-        with torch.autocast(x_t.device.type, enabled=False):
-            sigma = sigma_from_t(t, self.sigma_data)
-            D = (
-                teacher(x_sigma, sigma, **cond)
-                if self.guidance == 1.0
-                else guided(teacher, x_sigma, sigma, labels, self.guidance)
-            )
-        return velocity_from_denoiser(x_t, t, D)
+        return velocity_from_denoiser(x_t, t, self.denoise(teacher, x_sigma, sigma_from_t(t, self.sigma_data), cond))
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        *,
+        step: int,
+        target: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        fake_score: nn.Module | None = None,
+        **cond: Any,
+    ) -> Tensor:
+        reg = self.regulariser
+        if reg is None or not reg.active(step):
+            return super().__call__(model, x0, step=step, target=target, teacher=teacher, **cond)
+        if fake_score is None or teacher is None:
+            raise ValueError("loss.score_reg needs the teacher and its fake-score copy (the training task makes it)")
+        real = lambda x, s, c: self.denoise(teacher, x, s, c)  # noqa: E731
+        if reg.is_critic_step(step):
+            return reg(model, fake_score, real, x0, step, cond)
+        consistency = super().__call__(model, x0, step=step, target=target, teacher=teacher, **cond)
+        return consistency + reg(model, fake_score, real, x0, step, cond)

@@ -93,6 +93,33 @@ class DenoiserTask:
             data, t.batch_size, t.seed, cfg.data.flip, ctx.rank, ctx.world, cfg.data.workers, t.accum
         )
         self.target = make_copy(self.model) if self.objective.target_mu(0) is not None else None
+        self.fake, self.fake_net = self._fake_score()
+
+    def _fake_score(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """rCM's fake-score critic (``loss.score_reg``): a trainable copy of the teacher, and the module the loss
+        calls (DDP-wrapped when distributed, so that its gradients are averaged)."""
+        if getattr(self.objective, "regulariser", None) is None:
+            return None, None
+        if self.cfg.train.parallel == "fsdp" and self.ctx.world > 1:
+            raise CmkitError("loss.score_reg trains a second network (the fake score): use train.parallel=ddp")
+        base = getattr(self.teacher, "denoiser", self.teacher)  # the network under an autoguidance wrapper
+        if not any(True for _ in base.parameters()):
+            raise CmkitError(
+                f"loss.score_reg copies the teacher as the fake score; {self.cfg.train.teacher} has no weights"
+            )
+        fake = copy.deepcopy(base).requires_grad_(True).train()
+        wrapped = nn.parallel.DistributedDataParallel(fake) if self.ctx.world > 1 else fake
+        return fake, wrapped
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups the loop's optimizer holds besides the model's: rCM's critic, at its lr scale."""
+        if self.fake is None:
+            return []
+        return [{"params": list(self.fake.parameters()), "lr_scale": self.objective.critic_lr_scale}]
+
+    def trains_model(self, step: int) -> bool:
+        """Whether ``step`` updates the model (and its EMAs): not on rCM's critic steps."""
+        return getattr(self.objective, "trains_model", lambda _: True)(step)
 
     def _backbone(self) -> nn.Module:
         """The network the LoRA adapters go on: the diffusers UNet of ``model.arch=diffusers``, else the model."""
@@ -241,7 +268,8 @@ class DenoiserTask:
         target = self.target if self.target is not None else self.model  # stopgrad(θ) when there is no θ⁻
         keyed = t.noise == "per_sample"
         with noise.per_sample(t.seed, step, self.batches.positions(micro)) if keyed else contextlib.nullcontext():
-            value = self.objective(net, x0, step=step, target=target, teacher=self.teacher, **cond).mean()
+            extra = {"fake_score": self.fake_net} if self.fake is not None else {}
+            value = self.objective(net, x0, step=step, target=target, teacher=self.teacher, **extra, **cond).mean()
         return value, self.objective.stats(step)
 
     def after_update(self, step: int) -> None:
@@ -254,8 +282,10 @@ class DenoiserTask:
             self.teacher.load_state_dict(self.model.state_dict())
 
     def extra_modules(self) -> dict[str, nn.Module]:
-        """The target network, and PD's teacher (it changes during training) for an exact resume."""
+        """The target network, rCM's fake score, and PD's teacher (it changes during training) for an exact resume."""
         extra = {"target": self.target} if self.target is not None else {}
+        if self.fake is not None:
+            extra["fake_score"] = self.fake
         return {**extra, "teacher": self.teacher} if hasattr(self.objective, "stage_ends") else extra
 
     def export_config(self) -> tuple[str, dict[str, Any], dict[str, Any]]:

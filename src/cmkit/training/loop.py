@@ -132,7 +132,8 @@ class Loop:
         ddp = world > 1 and not self.sharded
         self.net: nn.Module = nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
         self.emas = [make_copy(self.model) for _ in t.ema_rates]
-        self.optimizer = t.build_optimizer(self.model.parameters())
+        self.extra_groups = getattr(self.task, "param_groups", list)()  # a second trained network (rCM's critic)
+        self.optimizer = t.build_optimizer([{"params": list(self.model.parameters())}, *self.extra_groups])
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.fp16)  # identity unless fp16
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self.consecutive_skips = 0
@@ -237,7 +238,7 @@ class Loop:
         """One optimisation step; returns its stats. A non-finite loss or gradient skips the step entirely."""
         t = self.cfg.train
         for g in self.optimizer.param_groups:
-            g["lr"] = t.lr_at(self.step)
+            g["lr"] = t.lr_at(self.step) * g.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss, extra = self.accumulate_gradients()
         if self.sharded:  # FSDP keeps a root module whole after a forward without backward (θ⁻'s pass)
@@ -247,13 +248,16 @@ class Loop:
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = float(sharding.full(nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
         stats = {"loss": loss, "grad_norm": grad_norm, **extra}
+        if self.extra_groups:  # the second network's gradient is checked like the model's, not clipped
+            params = [p for g in self.extra_groups for p in g["params"]]
+            stats["extra_grad_norm"] = float(nn.utils.clip_grad_norm_(params, math.inf))
         if t.fp16:
             stats["loss_scale"] = self.scaler.get_scale()
         reason = (
             "non-finite loss"
             if not math.isfinite(stats["loss"])
             else "non-finite gradient norm"
-            if not math.isfinite(grad_norm)
+            if not (math.isfinite(grad_norm) and math.isfinite(stats.get("extra_grad_norm", 0.0)))
             else ""
         )
         if t.fp16 and reason == "non-finite gradient norm":
@@ -265,8 +269,9 @@ class Loop:
             return {**stats, "skipped": True, "reason": reason or "non-finite values on another process"}
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        for rate, ema in zip(t.ema_rates, self.emas):
-            ema_update(ema, self.model, rate)
+        if getattr(self.task, "trains_model", lambda _: True)(self.step):  # not on a step of the critic alone
+            for rate, ema in zip(t.ema_rates, self.emas):
+                ema_update(ema, self.model, rate)
         self.task.after_update(self.step)
         self.step += 1
         return {**stats, "skipped": False}

@@ -26,7 +26,9 @@ class Task(Protocol):
 
     Optional, for a task whose exported network is not the trained module itself (a LoRA run):
     ``export_module(model) -> nn.Module`` (what the model directory holds) and ``export_files(model)`` (safetensors
-    files written beside it: name → tensors)."""
+    files written beside it: name → tensors). Optional, for a task that trains a second network (rCM's fake
+    score): ``param_groups() -> list[dict]`` (further optimizer groups; ``lr_scale`` multiplies the step's lr) and
+    ``trains_model(step) -> bool`` (False on a step that updates only those: the model's EMAs stay)."""
 
     name: str  # progress-bar label
     model: nn.Module  # the trained (online) network θ
