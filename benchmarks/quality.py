@@ -54,8 +54,9 @@ CONTINUOUS = ("fmnist-sct", "fmnist-scd", "fmnist-meanflow", "fmnist-tcm")
 # Heun-35 row shows what that conversion costs
 SCM_TEACHER = "fmnist-trigflow"
 # one-step quality (issue 21): consistency mid-training from the teacher, then ECT at a small Δt after it; Align Your
-# Flow's flow map distilled from the teacher autoguided by fmnist-edm-weak; the shipped fmnist-tcm trained longer
-ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect", "fmnist-cmt-tcm", "fmnist-ayf", "fmnist-tcm-long")
+# Flow's flow map distilled from the teacher autoguided by fmnist-edm-weak; the shipped fmnist-tcm trained longer;
+# rCM (sCD with the DMD score regulariser) from fmnist-trigflow
+ONESTEP = ("fmnist-cmt", "fmnist-cmt-ect", "fmnist-cmt-tcm", "fmnist-ayf", "fmnist-tcm-long", "fmnist-rcm")
 #: the two-time flow maps, also measured with their deterministic flow-map sampler (no re-noising)
 FLOW_MAPS = ("fmnist-meanflow", "fmnist-ayf")
 # the latent stack in miniature (issue 22): a class-conditional latent EDM teacher on fmnist-ae's 2×8×8 latents and

@@ -20,6 +20,7 @@ Writes benchmarks/results/quality_vs_time.png and .json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from pathlib import Path
@@ -73,7 +74,9 @@ def bare_config(name: str):
 
 
 def step_flops(name: str) -> float:
-    """FLOPs of one training step of preset ``name`` at its batch size (random weights, fp32)."""
+    """FLOPs of one training step of preset ``name`` at its batch size (random weights, fp32). A run whose steps
+    differ (rCM: sCD alone up to its start, then a student step and its critic steps, 1…K simulated generator
+    steps in turn) counts the mean step of the whole run, from one full period of its schedule."""
     from torch.utils.flop_counter import FlopCounterMode
 
     values = PRESETS[name].values
@@ -87,10 +90,21 @@ def step_flops(name: str) -> float:
         teacher = bare_config(parent).model.build().eval().requires_grad_(False)
     m, b = cfg.model, cfg.train.batch_size
     x0 = torch.rand(b, m.in_channels, m.img_resolution, m.img_resolution) * 2 - 1
-    counter = FlopCounterMode(display=False)
-    with counter:
-        objective(model, x0, step=cfg.train.steps // 2, target=model, teacher=teacher).mean().backward()
-    return float(counter.get_total_flops())
+    reg = getattr(objective, "regulariser", None)
+    extra = {"fake_score": copy.deepcopy(teacher).requires_grad_(True).train()} if reg is not None else {}
+
+    def count(step: int) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            objective(model, x0, step=step, target=model, teacher=teacher, **extra).mean().backward()
+        return float(counter.get_total_flops())
+
+    if reg is None:
+        return count(cfg.train.steps // 2)
+    period = range(reg.start, reg.start + reg.max_steps * (reg.critic_steps + 1))  # the phase and n both cycle
+    mean = sum(count(step) for step in period) / len(period)
+    steps, before = cfg.train.steps, min(reg.start, cfg.train.steps)
+    return (before * count(0) + (steps - before) * mean) / steps
 
 
 def stage_steps(name: str) -> tuple[int, int]:

@@ -140,6 +140,8 @@ def test_each_network_moves_only_on_its_own_steps(tmp_path, teacher_dir, one_thr
             before = (_weights(loop.model), _weights(loop.emas[0]), _weights(fake))
             stats = loop.train_step()
             assert not stats["skipped"] and math.isfinite(stats["loss"])
+            if step >= 3:  # every log row carries the latest DMD term and critic loss, whichever step it falls on
+                assert math.isfinite(stats["dmd"]) and math.isfinite(stats["critic_loss"]), stats
             after = (_weights(loop.model), _weights(loop.emas[0]), _weights(fake))
             critic = step in (3, 4, 6)
             assert _same(before[0], after[0]) == critic, step

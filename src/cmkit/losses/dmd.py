@@ -75,6 +75,7 @@ class ScoreRegulariser:
         self.P_mean = math.log(sigma_data) if P_mean is None else P_mean
         self.P_std, self.start = P_std, start
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.last: dict[str, float] = {}  # the latest student term and critic loss (logged on every step)
 
     # --- the schedule -----------------------------------------------------------------------------------
     def active(self, step: int) -> bool:
@@ -150,9 +151,13 @@ class ScoreRegulariser:
         if self.is_critic_step(step):
             with torch.no_grad():
                 x0_hat = self.generate(model, z, n, cond, grad=False)
-            return self.critic_loss(x0_hat, fake, cond)
+            loss = self.critic_loss(x0_hat, fake, cond)
+            self.last["critic_loss"] = float(loss.detach().mean())
+            return loss
         x0_hat = self.generate(model, z, n, cond, grad=True)
-        return self.weight * self.student_loss(x0_hat, real, fake, cond)
+        loss = self.student_loss(x0_hat, real, fake, cond)
+        self.last["dmd"] = float(loss.detach().mean())
+        return self.weight * loss
 
 
 __all__ = ["ScoreRegulariser", "RealDenoiser"]

@@ -226,10 +226,12 @@ class SCDLoss(SCTLoss):
         return self.regulariser is None or not self.regulariser.is_critic_step(step)
 
     def stats(self, step: int) -> dict[str, float]:
+        """sCT's values; with the regulariser, also the latest student step's DMD term and critic loss (a log row
+        falls on one step of either kind; its ``loss`` is that step's)."""
         if self.regulariser is None or not self.regulariser.active(step):
             return super().stats(step)
         phase = {"critic_step": float(self.regulariser.is_critic_step(step))}
-        return {**super().stats(step), **phase} if self.trains_model(step) else phase
+        return {**super().stats(step), **self.regulariser.last, **phase}
 
     def denoise(self, teacher: nn.Module, x_sigma: Tensor, sigma: Tensor, cond: dict[str, Any]) -> Tensor:
         """The teacher's D(x_σ, σ), guided at ``guidance`` (fp32, outside autocast)."""
