@@ -14,12 +14,13 @@ from cmkit.metrics.idx import fmnist_available
 SHIPPED = ("fmnist-edm", "fmnist-cd", "fmnist-ict", "fmnist-ect", "emoji-ect", "fmnist-tcm")
 BASELINES = ("fmnist-pd",)  # progressive distillation (a diffusion model sampled in 1-4 Euler steps)
 LATENT = ("fmnist-ae", "fmnist-lcm", "fmnist-cdec")  # the latent stack: autoencoder, LCM, consistency decoder
+TRIGFLOW = ("fmnist-rcm",)  # sCM's parameterisation (rCM: sCD with the score regulariser), the best one-step model
 
 
 def test_the_models_are_shipped_with_recipes_under_40_mb():
-    assert set(SHIPPED + BASELINES + LATENT) <= set(shipped_models())
+    assert set(SHIPPED + BASELINES + LATENT + TRIGFLOW) <= set(shipped_models())
     total = 0
-    for name in SHIPPED + BASELINES + LATENT:
+    for name in SHIPPED + BASELINES + LATENT + TRIGFLOW:
         d = shipped_model_dir(name)
         meta = json.loads((d / "config.json").read_text())
         recipe = meta["recipe"]
@@ -37,6 +38,24 @@ def test_shipped_consistency_models_keep_the_boundary_condition(name):
     with torch.no_grad():
         out = model(x, torch.full((2,), cfg.model.sigma_min))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_the_best_one_step_model_is_a_trigflow_consistency_model_that_samples_in_one_evaluation():
+    """``BEST_ONESTEP`` (the page opens on it) is shipped; fmnist-rcm's f(x, t) = cos t·x − sin t·σ_d·F is exact at
+    t = 0 (σ = 0), and one step from σ_max·z is one call of the network and gives images in [-1, 1]."""
+    from cmkit.formats.zoo import BEST_ONESTEP
+    from cmkit.sampling import sample_multistep
+
+    assert shipped_model_dir(BEST_ONESTEP) is not None
+    model, cfg = load_model("fmnist-rcm")
+    assert cfg.model.precond == "trigflow" and cfg.loss.score_reg > 0
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.zeros(2)), x, atol=1e-6, rtol=0)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    out = sample_multistep(model, (8, 1, 28, 28), [cfg.model.sigma_max], generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and out.abs().max() <= 1 and out.std() > 0.2
 
 
 def test_the_shipped_lcm_samples_each_class_and_scale_through_the_shipped_autoencoder(tmp_path, monkeypatch):

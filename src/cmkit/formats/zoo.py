@@ -7,7 +7,7 @@ from pathlib import Path
 
 #: The shipped consistency model with the best one-step FD in benchmarks/results/quality.md: the web page's Sample
 #: tab opens on it, beside its teacher.
-BEST_ONESTEP = "fmnist-tcm"
+BEST_ONESTEP = "fmnist-rcm"
 
 
 def models_root() -> Path:
