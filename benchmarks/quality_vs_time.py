@@ -7,6 +7,7 @@ the table's protocol). Compute, not wall-clock time: the shipped models were tra
 newer ones here in fp32, so their seconds do not compare; FLOPs do. Each stage's FLOPs are one training step of its
 preset (``torch.utils.flop_counter.FlopCounterMode``, every network pass: teacher, target, JVP, forward and
 backward) × its steps × batch; a stage's steps come from its model's recipe when it is shipped, else its preset.
+A latent model's steps count its network on latents, not the frozen autoencoder that encodes each batch.
 
 Intermediate checkpoints of a run (``--snapshot NAME:STEP=DIR``, the run's ``checkpoint/`` copied at STEP) add
 points along that model's curve; they are evaluated here at 1 step on the same 10,000 samples.
@@ -89,14 +90,15 @@ def step_flops(name: str) -> float:
         parent = stage_of(values["train.teacher"])
         teacher = bare_config(parent).model.build().eval().requires_grad_(False)
     m, b = cfg.model, cfg.train.batch_size
-    x0 = torch.rand(b, m.in_channels, m.img_resolution, m.img_resolution) * 2 - 1
+    x0 = torch.rand(b, m.in_channels, m.img_resolution, m.img_resolution) * 2 - 1  # a latent model: its latents
+    cond = {"class_labels": torch.arange(b) % m.num_classes} if m.num_classes else {}
     reg = getattr(objective, "regulariser", None)
     extra = {"fake_score": copy.deepcopy(teacher).requires_grad_(True).train()} if reg is not None else {}
 
     def count(step: int) -> float:
         counter = FlopCounterMode(display=False)
         with counter:
-            objective(model, x0, step=step, target=model, teacher=teacher, **extra).mean().backward()
+            objective(model, x0, step=step, target=model, teacher=teacher, **extra, **cond).mean().backward()
         return float(counter.get_total_flops())
 
     if reg is None:
@@ -150,7 +152,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     table = json.loads((RESULTS / "quality.json").read_text())
-    onestep = {r["model"]: r["fd"] for r in table["rows"] if r["sampler"] in ("onestep", "progdist") and r["nfe"] == 1}
+    onestep = {  # a preset's rows (not MODEL+DECODER rows, whose decoder is a stage of another kind)
+        r["model"]: r["fd"]
+        for r in table["rows"]
+        if r["sampler"] in ("onestep", "progdist") and r["nfe"] == 1 and r["model"] in PRESETS
+    }
     flops: dict[str, float] = {}
     points: dict[str, list[dict]] = {}
 
