@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .. import noise
 from ..tensors import append_dims
+from .base import weighting
 
 #: The real denoiser D_real(x_σ, σ, cond) (sCD's teacher, guided as sCD guides it).
 RealDenoiser = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
@@ -130,7 +131,7 @@ class ScoreRegulariser:
         """L_φ per sample: EDM's denoising loss of the fake score on the student's samples."""
         x0_hat = x0_hat.detach().float()
         sigma = self.sample_sigma(x0_hat.shape[0], x0_hat.device)
-        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        weight = weighting("karras", sigma, self.sigma_data)  # EDM's λ(σ) = (σ² + σ_d²)/(σσ_d)²
         D = fake(x0_hat + append_dims(sigma, x0_hat.ndim) * noise.randn_like(x0_hat), sigma, **cond)
         return weight * (D.float() - x0_hat).pow(2).flatten(1).mean(1)
 
