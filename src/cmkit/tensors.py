@@ -1,11 +1,14 @@
 """Tensor helpers every layer uses: broadcasting σ over a batch, fp32 promotion, and the RNG state that drives
 dropout (captured and restored so that a student and its target, or a JVP's primal and tangent passes, see the
-same dropout masks)."""
+same dropout masks), and the evaluation-mode context in which a network is read rather than trained."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def append_dims(x: Tensor, ndim: int) -> Tensor:
@@ -41,3 +44,15 @@ def set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> 
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout draw) under ``torch.no_grad``; its train/eval flag is restored after."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was)

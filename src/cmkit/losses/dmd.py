@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import noise
-from ..tensors import append_dims
+from ..tensors import append_dims, eval_mode
 from .base import weighting
 
 #: The real denoiser D_real(x_σ, σ, cond) (sCD's teacher, guided as sCD guides it).
@@ -116,10 +116,9 @@ class ScoreRegulariser:
         sigma = self.sample_sigma(x0_hat.shape[0], x0_hat.device)
         with torch.no_grad():
             x_sigma = x0_hat.detach() + append_dims(sigma, x0_hat.ndim) * noise.randn_like(x0_hat)
-            was_training = fake.training
-            fake.eval()  # the score, not a dropout draw of it (the teacher is evaluated the same way)
+        with eval_mode(fake):  # the score, not a dropout draw of it (the teacher is evaluated the same way)
             D_fake = fake(x_sigma, sigma, **cond).float()
-            fake.train(was_training)
+        with torch.no_grad():
             D_real = real(x_sigma, sigma, cond).float()
             scale = (x0_hat.detach().float() - D_real).abs().flatten(1).mean(1).clamp(min=1e-5)
             delta = (D_fake - D_real) / append_dims(scale, D_real.ndim)

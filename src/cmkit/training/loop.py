@@ -22,8 +22,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,20 +35,10 @@ from ..errors import CmkitError
 from ..files import write_json
 from ..formats.model_dir import save_model_dir
 from ..formats.run_dir import RunDir
+from ..tensors import eval_mode
 from . import sharding
 from .kinds import run_kind
 from .task import Context, Task
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
