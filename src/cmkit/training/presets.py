@@ -642,7 +642,9 @@ PRESETS: dict[str, Preset] = {
     ),
     # rCM (Zheng et al. 2026): fmnist-scd's recipe at sCM's lower lr, plus DMD's score regulariser from step 100
     # (the tangent warm-up) with rCM's 4 critic steps per student step; the critic at the student's lr (DMD2's
-    # choice; rCM's 0.2× is for 100k steps, and here the critic has ~1,100 steps to follow the student)
+    # choice; rCM's 0.2× is for 100k steps, and here the critic has ~2,300 steps to follow the student). The shipped
+    # model ran 1,500 steps, then resumed to 3,000 (train.resume=true train.steps=3000): nothing in sCD depends on
+    # the total, so this preset repeats it step for step.
     "fmnist-rcm": Preset(
         "28×28 Fashion-MNIST rCM: sCD plus DMD's score regulariser (fake-score critic copied from the teacher)",
         {
@@ -652,12 +654,12 @@ PRESETS: dict[str, Preset] = {
             "loss.tangent_warmup": 100,
             "loss.score_reg": 1.0,
             "loss.critic_lr_scale": 1.0,
-            "train.steps": 1_500,
+            "train.steps": 3_000,
             "train.ckpt_every": 250,
             "train.lr": 1e-4,
             "train.teacher": "runs/fmnist-trigflow",
             "train.init_from": "runs/fmnist-trigflow",
-            "train.ema_rates": (0.995, 0.99),  # EMAs move on the ~380 student steps only
+            "train.ema_rates": (0.995, 0.99),  # EMAs move on the ~680 student steps only
             "sample.sigmas": (80.0, SCM_SIGMA_MID),
         },
     ),
