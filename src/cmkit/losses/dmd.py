@@ -114,11 +114,9 @@ class ScoreRegulariser:
     def student_loss(self, x0_hat: Tensor, real: RealDenoiser, fake: nn.Module, cond: dict[str, Any]) -> Tensor:
         """L_G per sample: its gradient in x̂0 is 2Δ/D, DMD's normalised score difference."""
         sigma = self.sample_sigma(x0_hat.shape[0], x0_hat.device)
-        with torch.no_grad():
+        with eval_mode(fake):  # no_grad, and the score, not a dropout draw of it (the teacher is read the same way)
             x_sigma = x0_hat.detach() + append_dims(sigma, x0_hat.ndim) * noise.randn_like(x0_hat)
-        with eval_mode(fake):  # the score, not a dropout draw of it (the teacher is evaluated the same way)
             D_fake = fake(x_sigma, sigma, **cond).float()
-        with torch.no_grad():
             D_real = real(x_sigma, sigma, cond).float()
             scale = (x0_hat.detach().float() - D_real).abs().flatten(1).mean(1).clamp(min=1e-5)
             delta = (D_fake - D_real) / append_dims(scale, D_real.ndim)

@@ -237,6 +237,20 @@ def lsun(scene: str, fids: dict[str, str], mids: dict[str, float]) -> dict[str, 
     }
 
 
+# fmnist-scd's recipe (sCD from the TrigFlow re-tune of the teacher); fmnist-scd-lowlr changes its lr only
+FMNIST_SCD = {
+    **FMNIST_NET,
+    **SCM_TIME,
+    "loss.method": "scd",
+    "loss.tangent_warmup": 100,
+    "train.steps": 1_000,
+    "train.lr": 2e-4,
+    "train.teacher": "runs/fmnist-trigflow",
+    "train.init_from": "runs/fmnist-trigflow",
+    "train.ema_rates": (0.995, 0.999),
+    "sample.sigmas": (80.0, SCM_SIGMA_MID),
+}
+
 PRESETS: dict[str, Preset] = {
     # --- 8×8 digits: minutes on a laptop CPU ---------------------------------------------------------
     "digits-edm": Preset(
@@ -606,39 +620,13 @@ PRESETS: dict[str, Preset] = {
             "sample.sigmas": (80.0, SCM_SIGMA_MID),
         },
     ),
-    "fmnist-scd": Preset(
-        "28×28 Fashion-MNIST sCD (TrigFlow continuous-time CD, JVP) from fmnist-trigflow",
-        {
-            **FMNIST_NET,
-            **SCM_TIME,
-            "loss.method": "scd",
-            "loss.tangent_warmup": 100,
-            "train.steps": 1_000,
-            "train.lr": 2e-4,
-            "train.teacher": "runs/fmnist-trigflow",
-            "train.init_from": "runs/fmnist-trigflow",
-            "train.ema_rates": (0.995, 0.999),
-            "sample.sigmas": (80.0, SCM_SIGMA_MID),
-        },
-    ),
+    "fmnist-scd": Preset("28×28 Fashion-MNIST sCD (TrigFlow continuous-time CD, JVP) from fmnist-trigflow", FMNIST_SCD),
     # Issue 21's sCD fix and rCM's ablation: fmnist-scd at sCM's lr of 1e-4 (at 2e-4 its 1-step FD peaked at step 500
     # and degraded by step 1,000), checkpointed every 250 steps for the FD-versus-step curve; fmnist-rcm without the
     # score regulariser.
     "fmnist-scd-lowlr": Preset(
         "28×28 Fashion-MNIST sCD at sCM's lr of 1e-4 (fmnist-rcm without the score regulariser)",
-        {
-            **FMNIST_NET,
-            **SCM_TIME,
-            "loss.method": "scd",
-            "loss.tangent_warmup": 100,
-            "train.steps": 1_000,
-            "train.ckpt_every": 250,
-            "train.lr": 1e-4,
-            "train.teacher": "runs/fmnist-trigflow",
-            "train.init_from": "runs/fmnist-trigflow",
-            "train.ema_rates": (0.995, 0.999),
-            "sample.sigmas": (80.0, SCM_SIGMA_MID),
-        },
+        {**FMNIST_SCD, "train.lr": 1e-4, "train.ckpt_every": 250},
     ),
     # rCM (Zheng et al. 2026): fmnist-scd's recipe at sCM's lower lr, plus DMD's score regulariser from step 100
     # (the tangent warm-up) with rCM's 4 critic steps per student step; the critic at the student's lr (DMD2's
